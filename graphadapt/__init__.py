@@ -1,0 +1,20 @@
+"""graphadapt: parameter-efficient fine-tuning by rewriting a Transformer's torch.export graph."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (CaptureError, CheckpointError, ExportError, GraphAdaptError, MergeError,
+                     PassError, SpecError, StructureError, VerificationError)
+from .spec import (AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, LoRA,
+                   MethodSpec, ParBn, SeqBn, Spec, as_spec)
+from .capture import capture
+from .structure import recognize
+
+__all__ = [
+    "__version__", "capture", "recognize",
+    "Spec", "MethodSpec", "LoRA", "Bottleneck", "SeqBn", "DoubleSeqBn", "ParBn", "AdapterPlus",
+    "Compacter", "CompacterPlusPlus", "as_spec",
+    "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
+    "CheckpointError", "ExportError", "VerificationError",
+]

@@ -1,0 +1,380 @@
+"""Capture: ``nn.Module`` → :class:`CapturedModule` (an ATen-IR ``GraphModule``).
+
+``torch.export.export(..., strict=False)`` with dynamic batch/sequence dims, then
+a portability pass that removes the dtype/device pins torch.export bakes into
+the graph (``_assert_tensor_metadata``, ``to(float32)``, ``arange(device=cpu)``,
+``finfo(float32).min`` mask fills), so ``.to(device/dtype)`` works.
+
+The captured module shares parameter *storage* with the caller's model but owns
+new ``Parameter`` objects, so freezing or re-wrapping them never changes the
+caller's ``requires_grad`` flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+import traceback
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import CaptureError
+
+__all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget"]
+
+aten = torch.ops.aten
+
+_F32_MIN = float(torch.finfo(torch.float32).min)
+_PIN_KEY = "graphadapt_pin"
+
+
+# --------------------------------------------------------------------------- inputs
+def _config(model: nn.Module):
+    return getattr(model, "config", None)
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def synthesize_inputs(model: nn.Module, batch: int = 2, seq: int = 9, decoder_seq: int = 6,
+                      seed: int = 1234) -> dict[str, Any]:
+    """Example kwargs for ``model`` built from its config (no tokenizer, no download).
+
+    Token ids for text models, pixel values for vision models; decoder-only models
+    get ``use_cache=False`` and encoder–decoder models ``decoder_input_ids``.
+    Batch and sequence lengths are distinct and >1 so torch.export does not
+    specialise them. Uses a private generator: the caller's RNG is untouched.
+    """
+    cfg = _config(model)
+    if cfg is None:
+        raise CaptureError(
+            f"{type(model).__name__} has no `.config`, so graphadapt cannot invent example inputs; "
+            "pass example_inputs=(...) or example_kwargs={...} to capture/apply.")
+    g = torch.Generator().manual_seed(seed)
+    params = _forward_params(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    kw: dict[str, Any] = {}
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if main == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        ch = getattr(cfg, "num_channels", 3)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        kw["pixel_values"] = torch.randn(batch, ch, size, size, generator=g).to(dev, dtype)
+    else:
+        vocab = getattr(cfg, "vocab_size", None) or 100
+        kw["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
+        if "attention_mask" in params:
+            kw["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=dev)
+    if getattr(cfg, "is_encoder_decoder", False):
+        vocab = getattr(cfg, "vocab_size", None) or 100
+        kw["decoder_input_ids"] = torch.randint(0, vocab, (batch, decoder_seq), generator=g).to(dev)
+    if "use_cache" in params:
+        kw["use_cache"] = False
+    return kw
+
+
+def _dynamic_shapes(kwargs: Mapping[str, Any], dynamic: bool) -> tuple[dict, dict]:
+    """Dynamic-shape spec for export plus a readable ``{input: {axis: name}}`` map."""
+    Dim = torch.export.Dim
+    spec: dict[str, Any] = {}
+    names: dict[str, dict[int, str]] = {}
+    for k, v in kwargs.items():
+        if not isinstance(v, torch.Tensor):
+            spec[k] = None
+            continue
+        axes: dict[int, str] = {}
+        if dynamic and v.dim() >= 1:
+            axes[0] = "batch"
+            # token-like inputs [B, T] (ids, masks, positions) also get a dynamic sequence
+            if v.dim() == 2 and not v.is_floating_point():
+                axes[1] = "decoder_sequence" if k.startswith("decoder_") else "sequence"
+        spec[k] = {a: Dim.AUTO for a in axes} or None
+        if axes:
+            names[k] = axes
+    return spec, names
+
+
+# --------------------------------------------------------------------------- errors
+def _describe_failure(model: nn.Module, exc: BaseException) -> str:
+    """One-paragraph diagnosis of an export failure: which module, which line, what to try."""
+    modules = {id(m): n for n, m in model.named_modules()}
+    culprit_mod, culprit_line = None, None
+    tb = exc.__traceback__
+    for frame, lineno in traceback.walk_tb(tb):
+        self_obj = frame.f_locals.get("self")
+        if isinstance(self_obj, nn.Module) and id(self_obj) in modules:
+            culprit_mod = (modules[id(self_obj)] or "<root>", type(self_obj).__name__)
+            culprit_line = f"{frame.f_code.co_filename}:{lineno} in {frame.f_code.co_name}"
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if len(first) > 400:
+        first = first[:400] + " …"
+    if re.search(r"data.dependent|GuardOnDataDependent|Could not guard|Could not extract specialized integer",
+                 text, re.I):
+        hint = ("the model branches on the *values* of a tensor (data-dependent control flow). "
+                "Rewrite that branch with torch.cond / torch.where, or move it outside forward.")
+    elif "pytree" in text and "not a known type" in text:
+        hint = ("the model returns an object torch.export cannot flatten (often a KV cache): "
+                "pass use_cache=False in example_kwargs, or register the type with torch.utils._pytree.")
+    elif "Constraints violated" in text or "specialized" in text:
+        hint = "a dimension graphadapt made dynamic is fixed by the model; try dynamic=False."
+    else:
+        hint = "check the example inputs match the model's forward signature, or try dynamic=False."
+    where = ""
+    if culprit_mod:
+        where = f" in module `{culprit_mod[0]}` ({culprit_mod[1]})"
+        if culprit_line:
+            where += f" at {culprit_line}"
+    return (f"torch.export could not capture {type(model).__name__}{where}: "
+            f"{type(exc).__name__}: {first}\nWhat to try: {hint}")
+
+
+# --------------------------------------------------------------------------- portability
+def _float_dtype(d: Any) -> bool:
+    return isinstance(d, torch.dtype) and d.is_floating_point
+
+
+def make_portable(gm: fx.GraphModule, capture_dtype: torch.dtype, capture_device: torch.device) -> bool:
+    """Remove capture-time pins; record where dtype/device/fill constants must follow the module.
+
+    before: ``_assert_tensor_metadata(x, dtype=f32, device=cpu)``; ``to(x, f32)``; ``arange(n, device=cpu)``
+    after:  assertion gone; each pinned argument annotated in ``node.meta`` so :func:`retarget`
+            can rewrite it for the dtype/device the module is moved to.
+    """
+    g = gm.graph
+    modified = False
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target in (aten._assert_tensor_metadata.default,) or str(n.target).startswith(
+                "aten._assert_tensor_metadata"):
+            if not n.users:
+                g.erase_node(n)
+                modified = True
+            continue
+        pins: dict[Any, str] = {}
+        for key, val in n.kwargs.items():
+            if key == "device" and isinstance(val, torch.device):
+                pins[("kw", key)] = "device"
+            elif key == "dtype" and val == capture_dtype and _float_dtype(val):
+                pins[("kw", key)] = "dtype"
+        for i, val in enumerate(n.args):
+            if isinstance(val, torch.dtype) and val == capture_dtype and _float_dtype(val):
+                pins[("arg", i)] = "dtype"
+            elif isinstance(val, torch.device):
+                pins[("arg", i)] = "device"
+            elif isinstance(val, float) and val == _F32_MIN and capture_dtype == torch.float32:
+                pins[("arg", i)] = "fmin"
+        if pins:
+            n.meta[_PIN_KEY] = pins
+            modified = True
+    if modified:
+        g.lint()
+        gm.recompile()
+    return modified
+
+
+def retarget(gm: fx.GraphModule, device: torch.device | None, dtype: torch.dtype | None) -> bool:
+    """Rewrite pinned arguments for a new device/float dtype. Idempotent."""
+    changed = False
+    for n in gm.graph.nodes:
+        pins = n.meta.get(_PIN_KEY)
+        if not pins:
+            continue
+        args, kwargs = list(n.args), dict(n.kwargs)
+        for (where, key), kind in pins.items():
+            if kind == "device":
+                if device is None:
+                    continue
+                new = device
+            elif kind == "dtype":
+                if dtype is None:
+                    continue
+                new = dtype
+            else:  # fmin: a mask fill of finfo(f32).min overflows to -inf in half precision
+                if dtype is None:
+                    continue
+                new = float(torch.finfo(dtype).min)
+            if where == "kw":
+                if kwargs.get(key) != new:
+                    kwargs[key] = new
+                    changed = True
+            else:
+                if args[key] != new:
+                    args[key] = new
+                    changed = True
+        n.args, n.kwargs = tuple(args), kwargs
+    if changed:
+        gm.recompile()
+    return changed
+
+
+# --------------------------------------------------------------------------- module
+class CapturedModule(fx.GraphModule):
+    """A captured model: callable like the original, movable, with a train/eval switch.
+
+    ``train()``/``eval()`` flip the ``train`` flag of every captured ``aten.dropout``
+    (torch.export records dropout with the capture-time mode baked in) and of
+    every submodule (adapters). ``.to(device/dtype)`` re-targets pinned nodes.
+    """
+
+    _graphadapt_attrs = ("input_names", "dynamic_dims", "source_class", "_example_inputs",
+                         "source_config", "_compute_dtype", "_compute_device")
+
+    def _init_capture_state(self, *, input_names, dynamic_dims, example_inputs, source,
+                            dtype, device):
+        self.input_names = list(input_names)
+        self.dynamic_dims = dynamic_dims
+        self._example_inputs = example_inputs
+        self.source_class = f"{type(source).__module__}.{type(source).__qualname__}"
+        self.source_config = getattr(source, "config", None)
+        self._compute_dtype = dtype
+        self._compute_device = device
+        self.training = False
+
+    # -- signature
+    @property
+    def config(self):
+        return self.source_config
+
+    def example_inputs(self) -> dict[str, Any]:
+        """Fresh copies of the example kwargs used at capture, on the module's device."""
+        dev = self._compute_device
+        out = {}
+        for k, v in self._example_inputs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.clone().to(dev)
+                if v.is_floating_point():
+                    v = v.to(self._compute_dtype)
+            out[k] = v
+        return out
+
+    # -- modes
+    def train(self, mode: bool = True):
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        changed = False
+        for n in self.graph.nodes:
+            if n.op == "call_function" and n.target == aten.dropout.default:
+                x, p, _ = n.args
+                if n.args[2] != mode:
+                    n.args = (x, p, mode)
+                    changed = True
+        if changed:
+            self.recompile()
+        self.training = mode
+        for m in self.children():
+            m.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- moves
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        ref = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if ref is None:
+            ref = next((b for b in self.buffers() if b.is_floating_point()), None)
+        if ref is not None and (ref.dtype != self._compute_dtype or ref.device != self._compute_device):
+            self._compute_dtype, self._compute_device = ref.dtype, ref.device
+            retarget(self, ref.device, ref.dtype)
+        return out
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        for a in self._graphadapt_attrs + ("_in_spec", "_out_spec"):
+            if a in self.__dict__:
+                setattr(res, a, copy.deepcopy(self.__dict__[a], memo) if a != "source_config"
+                        else self.__dict__[a])
+        res.training = self.training
+        return res
+
+    def __reduce__(self):  # pickling a GraphModule drops our state: refuse clearly instead
+        raise TypeError("graphadapt modules are not picklable; save adapters with "
+                        "graphadapt checkpoints (safetensors) and re-apply on the base model.")
+
+
+def _check_inputs_hook(module: CapturedModule, args, kwargs):
+    """Name unknown keyword arguments instead of failing inside generated code."""
+    unknown = [k for k in kwargs if k not in module.input_names]
+    if unknown:
+        raise TypeError(
+            f"{type(module).__name__} was captured with inputs {module.input_names}; got unexpected "
+            f"{unknown}. Re-capture with example_kwargs that include them.")
+    return None
+
+
+def _rewrap_parameters(gm: fx.GraphModule) -> None:
+    """Give the captured module its own Parameter objects over the same storage."""
+    for mod in gm.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+
+
+def capture(model: nn.Module, example_inputs: tuple | None = None,
+            example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
+            cls: type[CapturedModule] = CapturedModule) -> CapturedModule:
+    """Capture ``model`` with torch.export into a :class:`CapturedModule`.
+
+    Positional ``example_inputs`` are bound to names from the model's forward
+    signature. Without inputs they are synthesised from ``model.config``.
+    Batch and sequence dims are dynamic unless ``dynamic=False``.
+    Raises :class:`CaptureError` naming the failing module and what to try.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}.")
+    kwargs: dict[str, Any] = dict(example_kwargs or {})
+    if example_inputs is not None:
+        if not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        try:
+            sig = inspect.signature(model.forward)
+            bound = sig.bind_partial(*example_inputs)
+        except TypeError as e:
+            raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
+        kwargs = {**bound.arguments, **kwargs}
+    if not kwargs:
+        kwargs = synthesize_inputs(model)
+    elif "use_cache" in _forward_params(model) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    spec, dim_names = _dynamic_shapes(kwargs, dynamic)
+    was_training = model.training
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = ref.dtype if ref is not None else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    try:
+        model.eval()
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=spec if dynamic else None,
+                                     strict=False)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one readable CaptureError
+        raise CaptureError(_describe_failure(model, e)) from e
+    finally:
+        model.train(was_training)
+    unlifted = ep.module()
+    gm = cls(unlifted, unlifted.graph)
+    for a in ("_in_spec", "_out_spec"):
+        if hasattr(unlifted, a):
+            setattr(gm, a, getattr(unlifted, a))
+    # the unlifted module's codegen references these; GraphModule(root, graph) keeps only get_attr targets
+    _rewrap_parameters(gm)
+    tensor_inputs = [k for k, v in kwargs.items()]
+    gm._init_capture_state(input_names=tensor_inputs, dynamic_dims=dim_names,
+                           example_inputs={k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                                           for k, v in kwargs.items()},
+                           source=model, dtype=dtype, device=device)
+    make_portable(gm, dtype, device)
+    gm.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
+    return gm

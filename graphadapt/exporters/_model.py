@@ -1,0 +1,215 @@
+"""Duck-typed facts about the model being exported.
+
+Works for graphadapt's ``AdaptedModel`` (``example_inputs()``, ``input_names``,
+``dynamic_dims``, ``graphadapt_metadata()``, ``merge()``/``unmerge()``/``is_merged``),
+for a plain ``torch.export(...).module()`` and for an eager Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from graphadapt.errors import ExportError
+
+# Inputs whose axis 1 is not a sequence axis (images, spectrogram frames are fixed-size here).
+_BATCH_ONLY_INPUTS = {"pixel_values", "pixel_mask", "image", "images"}
+
+
+def _attr(model: Any, name: str) -> Any:
+    """``model.name`` or ``model.name()``; None when absent or failing."""
+    value = getattr(model, name, None)
+    if callable(value) and not isinstance(value, torch.nn.Module):
+        try:
+            value = value()
+        except TypeError:
+            return None
+    return value
+
+
+def forward_parameter_order(model: torch.nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def example_inputs(model: torch.nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:
+    """Keyword example inputs, in forward-signature order (torch.export ties dynamic shapes to that order)."""
+    inputs = given if given is not None else _attr(model, "example_inputs")
+    if inputs is None:
+        inputs = default_hf_inputs(model)
+    if inputs is None:
+        raise ExportError(
+            f"no example inputs for {type(model).__name__}: pass example_inputs={{'input_ids': ...}} "
+            "(keyword tensors as the model's forward takes them)"
+        )
+    if not isinstance(inputs, dict):
+        raise ExportError(f"example_inputs must be a dict of keyword tensors, got {type(inputs).__name__}")
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    order = forward_parameter_order(model)
+    names = _attr(model, "input_names")
+    if names:
+        order = [*names, *order]
+    rank = {n: i for i, n in reversed(list(enumerate(order)))}
+    return dict(sorted(inputs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def default_hf_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any] | None:
+    """Example inputs for an eager transformers model, from its config; None if unknown."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is None or main is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    if main == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 2) or 2)
+        inputs = {
+            "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        }
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq - 2), generator=g)
+        return inputs
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=g)}
+    return None
+
+
+def dynamic_axes(model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool) -> dict[str, dict[int, str]]:
+    """{input: {axis: name}}: ``model.dynamic_dims`` when present, else batch (+ sequence) by name."""
+    if not dynamic:
+        return {}
+    declared = _attr(model, "dynamic_dims")
+    if declared:
+        return {k: {int(a): str(n) for a, n in declared.get(k, {}).items()} for k in inputs}
+    axes: dict[str, dict[int, str]] = {}
+    for name, value in inputs.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            axes[name] = {}
+            continue
+        axes[name] = {0: "batch"}
+        if value.dim() >= 2 and name not in _BATCH_ONLY_INPUTS:
+            axes[name][1] = "decoder_sequence" if name.startswith("decoder_") else "sequence"
+    return axes
+
+
+def output_names(outputs: Any) -> list[str]:
+    """Names for the flattened outputs: ModelOutput/dict keys, ``output_<i>`` for tuples, dotted when nested."""
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    names = []
+    for path, _leaf in leaves:
+        parts = []
+        for key in path:
+            if isinstance(key, pytree.MappingKey):
+                parts.append(str(key.key))
+            elif isinstance(key, pytree.GetAttrKey):
+                parts.append(key.name)
+            elif isinstance(key, pytree.SequenceKey):
+                parts.append(str(key.idx) if parts else f"output_{key.idx}")
+            else:
+                parts.append(str(key).strip(".[]'\""))
+        names.append(".".join(parts) or "output")
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}_{seen[n] - 1}")
+    return unique
+
+
+def flat_tensors(outputs: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
+
+
+def metadata(model: torch.nn.Module) -> dict[str, str]:
+    """``metadata_props`` for the ONNX file: graphadapt version, model class, spec JSON when known."""
+    meta = {"graphadapt.version": graphadapt_version()}
+    config = getattr(model, "config", None)
+    base = type(model).__name__
+    if config is not None and getattr(config, "architectures", None):
+        base = config.architectures[0]
+    meta["graphadapt.base_model_class"] = base
+    extra = _attr(model, "graphadapt_metadata") or {}
+    for k, v in extra.items():
+        key = k if str(k).startswith("graphadapt") else f"graphadapt.{k}"
+        meta[key] = v if isinstance(v, str) else str(v)
+    return meta
+
+
+def graphadapt_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("graphadapt")
+    except Exception:  # not installed (running from a checkout)
+        return "0+unknown"
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
+def is_merged(model: Any) -> bool:
+    value = getattr(model, "is_merged", False)
+    return bool(value() if callable(value) else value)
+
+
+@contextlib.contextmanager
+def merged_for_export(model: torch.nn.Module, merge: bool) -> Iterator[bool]:
+    """Merge adapters for the duration of the export and unmerge afterwards; yields whether merged."""
+    do_merge = merge and callable(getattr(model, "merge", None)) and not is_merged(model)
+    if do_merge:
+        try:
+            model.merge()
+        except Exception as e:
+            raise ExportError(f"merging adapters before export failed ({_one_line(e)}); pass merge=False") from e
+    try:
+        yield do_merge or is_merged(model)
+    finally:
+        if do_merge and callable(getattr(model, "unmerge", None)):
+            model.unmerge()
+
+
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for eager models; a no-op for captured graphs, which refuse ``.eval()``."""
+    was_training = model.training
+    switched = False
+    if was_training:
+        try:
+            model.eval()
+            switched = True
+        except NotImplementedError:  # torch.export's unlifted module: dropout mode is baked in
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            yield
+    finally:
+        if switched:
+            model.train(was_training)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def root_cause(e: BaseException) -> BaseException:
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return e

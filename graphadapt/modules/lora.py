@@ -1,0 +1,325 @@
+"""LoRA, rsLoRA, DoRA and gated LoRA as one module that a graph pass calls at a linear site.
+
+Transform (one site, base op ``y = x W^T + b``)::
+
+    before:  y  = linear(x, W, b)
+    after:   y' = LoRAModule(x, y, W, b)
+
+with, for the channels the module owns (all of them, or ``out_slice`` of a fused
+projection such as GPT-2's ``c_attn = [q|k|v]``):
+
+* plain / rsLoRA: ``y' = y + s · B A dropout(x)``, ``s = alpha/r`` (rsLoRA: ``alpha/sqrt(r)``);
+* DoRA (PEFT's formulation): ``f = m / ||W + s·BA||_row`` (norm detached) and
+  ``y' = y + (f - 1) ⊙ (y - b) + f ⊙ s · B A x``, i.e. ``y' = f ⊙ (W + s·BA) x + b``;
+* gated (AdapterHub ``use_gating``, UniPELT): ``g = mean_seq sigmoid(x G^T + g_b)`` per
+  example and ``y' = y + g · B A dropout(x)`` — the gate *replaces* ``s``, exactly as
+  AdapterHub does (its ``LoRA.forward`` multiplies by the gate instead of ``scaling``).
+
+The parameter layout follows PEFT (``lora_A`` = ``lora_A.weight`` [r, in], ``lora_B`` =
+``lora_B.weight`` [out, r], ``lora_magnitude`` = ``lora_magnitude_vector`` [out]) and
+AdapterHub's gate (``gate.weight`` [1, in], ``gate.bias`` [1]), so checkpoints map 1:1.
+
+Chaining: the insert pass stacks modules on one site as
+``y2 = m2(x, m1(x, y0, W, b), W, b)``, always passing the *base* ``W``/``b``. For plain
+LoRA that is the sum of the deltas. For DoRA it is what PEFT does for several active
+adapters on one layer: the norm uses the base ``W`` only, and in eval (or with dropout
+0) ``(f - 1) ⊙ (y - b)`` rescales the incoming ``y`` *including earlier adapters'
+deltas*; in training with dropout > 0 PEFT (and this module) recomputes the base
+result as ``W · dropout(x)`` without the earlier adapters. Folding a chain one module
+at a time reproduces the eval forward exactly if each ``fold`` is given the running
+weight and ``base_weight=`` the original ``W`` (as PEFT's merge does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graphadapt.errors import MergeError, SpecError
+
+__all__ = ["LoRAGate", "LoRAModule"]
+
+
+class LoRAGate(nn.Module):
+    """Per-example gate ``x [..., in] → sigmoid(x G^T + g_b)`` averaged over the sequence.
+
+    Holds ``weight`` [1, in] and ``bias`` [1] (AdapterHub's ``gate`` Linear with
+    ``gating_heads=1``). Parameters start at zero; :func:`graphadapt.init.init_lora_`
+    gives them AdapterHub's init (weight N(0, 0.02), bias nn.Linear's default).
+    """
+
+    def __init__(self, in_features: int, *, dtype=None, device=None):
+        super().__init__()
+        self.in_features = in_features
+        # torch.zeros instead of nn.Linear: nn.Linear.reset_parameters draws from the global RNG.
+        self.weight = nn.Parameter(torch.zeros(1, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, S, in] → [B, 1, 1]`` (mean over S); ``[N, in] → [N, 1]`` (no sequence dim).
+
+        AdapterHub takes ``mean(dim=1)`` of ``[B, S, 1]``. For inputs with more than one
+        middle dim (``[B, S1, S2, in]``) all of them are averaged, so the gate stays one
+        scalar per example.
+        """
+        g = torch.sigmoid(F.linear(x, self.weight, self.bias))
+        if x.dim() >= 3:
+            g = g.mean(dim=tuple(range(1, x.dim() - 1)), keepdim=True)
+        return g
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, gating_heads=1"
+
+
+class LoRAModule(nn.Module):
+    """Low-rank update of one linear site: ``(x, y, W, b) → y'`` (see module docstring).
+
+    Args:
+        in_features, out_features: sizes of this module's A/B (``out_features`` is the
+            slice width for a fused projection).
+        r, alpha: rank and LoRA alpha; ``scaling = alpha / r`` (``alpha / sqrt(r)`` with
+            ``use_rslora``).
+        dropout: dropout on the LoRA path input only (``nn.Identity`` when 0, as PEFT —
+            DoRA's forward depends on that distinction).
+        use_dora, use_gating: DoRA (PEFT) or UniPELT-style gate (AdapterHub); exclusive.
+        fan_in_fan_out: base weight is ``[in, out]`` (GPT-2 ``Conv1D``) instead of ``[out, in]``.
+        out_slice, total_out: this module owns channels ``[start, end)`` of a ``total_out``
+            wide output.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        use_gating: bool = False,
+        fan_in_fan_out: bool = False,
+        out_slice: tuple[int, int] | None = None,
+        total_out: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise SpecError(f"LoRA rank r must be a positive int, got {r!r}", field="r")
+        if not 0.0 <= dropout < 1.0:
+            raise SpecError(f"LoRA dropout must be in [0, 1), got {dropout!r}", field="dropout")
+        if use_dora and use_gating:
+            # AdapterHub's gated DoRA rescales the gated branch with an undetached, unscaled
+            # norm, PEFT has no gating: there is no reference to match, so refuse it.
+            raise SpecError("use_dora and use_gating cannot be combined", field="use_gating")
+        if out_slice is None:
+            if total_out is not None and total_out != out_features:
+                raise SpecError(
+                    f"total_out={total_out} without out_slice must equal out_features={out_features}",
+                    field="total_out",
+                )
+            total_out = out_features
+        else:
+            start, end = (int(v) for v in out_slice)
+            if total_out is None:
+                raise SpecError("out_slice needs total_out (the fused output width)", field="total_out")
+            if not 0 <= start < end <= total_out or end - start != out_features:
+                raise SpecError(
+                    f"out_slice={out_slice} must satisfy 0 <= start < end <= total_out={total_out} "
+                    f"and end - start == out_features={out_features}",
+                    field="out_slice",
+                )
+            out_slice = (start, end)
+            if (start, end) == (0, total_out):
+                out_slice = None  # the whole output: take the cheaper unsliced path
+
+        self.in_features = in_features
+        self.out_features = out_features
+        self.total_out = total_out
+        self.out_slice = out_slice
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.use_dora = use_dora
+        self.use_gating = use_gating
+        self.fan_in_fan_out = fan_in_fan_out
+        self.scaling: float = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+        factory = {"dtype": dtype, "device": device}
+        # Zero-filled, no RNG: graphadapt.init.init_lora_ draws with a per-site generator.
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        if use_dora:
+            # Zero until init_dora_magnitude_ (or a checkpoint) sets it from the base weight.
+            self.lora_magnitude = nn.Parameter(torch.zeros(out_features, **factory))
+        else:
+            self.register_parameter("lora_magnitude", None)
+        self.gate = LoRAGate(in_features, **factory) if use_gating else None
+
+    # ------------------------------------------------------------------ layout helpers
+    def _rows(self, weight: Tensor) -> Tensor:
+        """Base weight (either layout, full fused shape) → this module's rows as an
+        ``[out_features, in]`` view (writes through, so fold can update a clone in place)."""
+        w = weight.t() if self.fan_in_fan_out else weight
+        if self.out_slice is not None:
+            w = w[self.out_slice[0] : self.out_slice[1]]
+        return w
+
+    def _bias_slice(self, bias: Tensor) -> Tensor:
+        if self.out_slice is None:
+            return bias
+        return bias[self.out_slice[0] : self.out_slice[1]]
+
+    def _add_into(self, y: Tensor, delta: Tensor) -> Tensor:
+        """``y [..., total_out]`` + ``delta [..., out]`` on this module's channels only."""
+        if self.out_slice is None:
+            out = y + delta
+            return out if out.dtype == y.dtype else out.to(y.dtype)
+        start, end = self.out_slice
+        mid = y[..., start:end] + delta
+        if mid.dtype != y.dtype:
+            mid = mid.to(y.dtype)
+        # cat of untouched pieces instead of an in-place slice write: stays functional
+        # (autograd, torch.export) and leaves the other channels bit-identical.
+        parts = ([y[..., :start]] if start > 0 else []) + [mid]
+        if end < self.total_out:
+            parts.append(y[..., end:])
+        return torch.cat(parts, dim=-1)
+
+    def _dora_factor(self, rows: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
+        """``m / ||rows + scaling·lora_weight||_row``, the norm detached as in DoRA §4.3 / PEFT."""
+        norm = torch.linalg.vector_norm(rows + scaling * lora_weight.detach(), dim=1).to(rows.dtype)
+        return self.lora_magnitude / norm.detach()
+
+    # ------------------------------------------------------------------ forward
+    def gate_value(self, x: Tensor) -> Tensor:
+        """The per-example gate (gated LoRA only): ``[B, S, in] → [B, 1, 1]``, ``[N, in] → [N, 1]``."""
+        if self.gate is None:
+            raise AttributeError("gate_value needs use_gating=True")
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        return self.gate(x)
+
+    def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``(x [..., in], y [..., total_out], W, b) → y'`` with this module's delta added."""
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)  # as PEFT: LoRA math in the adapter's dtype, result cast back
+
+        if self.use_dora:
+            return self._forward_dora(x, y, weight, bias)
+
+        h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        if self.gate is not None:
+            # AdapterHub: the gate is computed from the undropped input and replaces scaling.
+            h = h * self.gate(x)
+        else:
+            h = h * self.scaling
+        return self._add_into(y, h)
+
+    def _forward_dora(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        rows = self._rows(weight).to(x.dtype)
+        lora_weight = (self.lora_B @ self.lora_A).to(x.dtype)
+        factor = self._dora_factor(rows, lora_weight, self.scaling)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            # PEFT reuses the incoming result without its bias: W x (+ earlier adapters).
+            base = y[..., self.out_slice[0] : self.out_slice[1]] if self.out_slice is not None else y
+            if bias is not None:
+                base = base - self._bias_slice(bias)
+        else:
+            # With active dropout the base term must see the same dropped x as the LoRA
+            # term, so PEFT recomputes it from the base weight alone.
+            x = self.dropout(x)
+            base = F.linear(x, rows)
+        lora_out = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        delta = (factor - 1) * base + factor * lora_out * self.scaling
+        return self._add_into(y, delta)
+
+    # ------------------------------------------------------------------ merge support
+    @property
+    def mergeable(self) -> bool:
+        """False for gated LoRA, whose update depends on the input."""
+        return not self.use_gating
+
+    def _refuse_gated(self, what: str) -> None:
+        if self.use_gating:
+            raise MergeError(
+                f"cannot {what} a gated LoRA: its update is scaled by a gate computed from the "
+                "input at run time, so no fixed weight reproduces it; keep it unmerged"
+            )
+
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        """``s · B A`` in the base layout and full fused shape, zero outside ``out_slice``.
+
+        ``weight`` (optional) only supplies dtype/device. For DoRA this is the raw LoRA
+        update, not the merged change (which depends on ``m`` and ``W``): use :meth:`fold`.
+        """
+        self._refuse_gated("compute a delta weight for")
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        if self.out_slice is not None:
+            full = delta.new_zeros(self.total_out, self.in_features)
+            full[self.out_slice[0] : self.out_slice[1]] = delta
+            delta = full
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        if weight is not None:
+            delta = delta.to(dtype=weight.dtype, device=weight.device)
+        return delta
+
+    @torch.no_grad()
+    def fold(
+        self, weight: Tensor, bias: Tensor | None = None, *, base_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(W, b) → (W', b')`` (new tensors, base layout, full shape) with
+        ``linear(x, W', b') == forward(x, linear(x, W, b), W, b)`` in eval mode.
+
+        Plain/rsLoRA: ``W' = W + s·BA`` on the module's rows. DoRA (PEFT's merge):
+        ``W' = f ⊙ (W + s·BA)`` row-wise, ``f = m / ||W0 + s·BA||`` where ``W0`` is
+        ``base_weight`` (the unmerged base; defaults to ``weight``) — pass it when ``weight``
+        already holds earlier merged adapters. The bias is returned unchanged (copied).
+        Gated LoRA raises :class:`~graphadapt.errors.MergeError`.
+        """
+        self._refuse_gated("fold")
+        new_weight = weight.detach().clone()
+        new_bias = None if bias is None else bias.detach().clone()
+        rows = self._rows(new_weight)
+        delta = ((self.lora_B @ self.lora_A) * self.scaling).to(dtype=weight.dtype, device=weight.device)
+        if self.use_dora:
+            w0 = self._rows(weight if base_weight is None else base_weight).to(weight.dtype)
+            # PEFT's merge takes the norm of W0 + (s·BA)·1, forward of W0 + s·(BA): same value.
+            factor = self._dora_factor(w0, delta, 1.0).to(weight.dtype)
+            rows.copy_(factor.unsqueeze(1) * (rows + delta))
+        else:
+            rows.add_(delta)
+        return new_weight, new_bias
+
+    @torch.no_grad()
+    def init_dora_magnitude_(self, weight: Tensor) -> None:
+        """Set ``m = ||W + s·BA||_row`` from the (possibly PiSSA-residual) base weight,
+        as PEFT does when the adapter is created, so a fresh DoRA leaves ``y`` unchanged."""
+        if not self.use_dora:
+            raise AttributeError("init_dora_magnitude_ needs use_dora=True")
+        rows = self._rows(weight).to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        lora_weight = self.lora_B @ self.lora_A
+        self.lora_magnitude.copy_(torch.linalg.vector_norm(rows + self.scaling * lora_weight, dim=1))
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"r={self.r}",
+            f"alpha={self.alpha}",
+            f"scaling={self.scaling:g}",
+        ]
+        if isinstance(self.dropout, nn.Dropout):
+            parts.append(f"dropout={self.dropout.p}")
+        for flag in ("use_rslora", "use_dora", "use_gating", "fan_in_fan_out"):
+            if getattr(self, flag):
+                parts.append(f"{flag}=True")
+        if self.out_slice is not None:
+            parts.append(f"out_slice={self.out_slice}, total_out={self.total_out}")
+        return ", ".join(parts)

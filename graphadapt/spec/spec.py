@@ -1,0 +1,249 @@
+"""``Spec``: named method specs applied together, with JSON/YAML round trip.
+
+File format (JSON or YAML, same structure)::
+
+    version: 1
+    seed: 0
+    active: [task]          # or null: every adapter
+    adapters:
+      task: {method: lora, r: 8, alpha: 16, targets: [q, v]}
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import os
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from graphadapt.errors import SpecError
+
+from ._frozen import FrozenMapping
+from .base import MethodSpec, check_seed, spec_field
+
+FORMAT_VERSION = 1
+_JSON_SUFFIXES = (".json",)
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise SpecError(
+            f"adapter name {name!r} must be a valid Python identifier (letters, digits, _; not starting "
+            "with a digit; not a keyword): it becomes a submodule name in the adapted model",
+            field="adapters",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Named adapters to insert, which of them are active, and the base seed."""
+
+    adapters: Mapping[str, MethodSpec] = spec_field(
+        help="Adapter name -> method spec. Names must be Python identifiers (they name submodules)."
+    )
+    active: tuple[str, ...] | None = spec_field(
+        None, help="Names of the adapters active in the forward pass; None means all of them."
+    )
+    seed: int | None = spec_field(
+        0,
+        help="Base initialisation seed for adapters without their own; None picks a random one "
+        "when the Spec is built (not saved).",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapters, Mapping):
+            raise SpecError(
+                f"adapters must be a mapping of names to method specs, got {type(self.adapters).__name__}",
+                field="adapters",
+            )
+        if not self.adapters:
+            raise SpecError("adapters must name at least one adapter", field="adapters")
+        adapters: dict[str, MethodSpec] = {}
+        for name, method in self.adapters.items():
+            _check_name(name)
+            if isinstance(method, Mapping):
+                method = MethodSpec.from_dict(method)
+            if not isinstance(method, MethodSpec):
+                raise SpecError(
+                    f"adapters[{name!r}] must be a method spec (LoRA, Bottleneck, …) or its dict, "
+                    f"got {type(method).__name__}",
+                    field="adapters",
+                )
+            adapters[name] = method
+        object.__setattr__(self, "adapters", FrozenMapping(adapters))
+
+        active = self.active
+        if active is not None:
+            if isinstance(active, str):
+                active = (active,)
+            elif isinstance(active, Mapping) or not isinstance(active, Iterable):
+                raise SpecError(f"active must be None or a list of adapter names, got {active!r}", field="active")
+            seen: list[str] = []
+            for name in active:
+                if name not in adapters:
+                    raise SpecError(
+                        f"active names {name!r}, which is not an adapter; adapters: {', '.join(adapters)}",
+                        field="active",
+                    )
+                if name not in seen:
+                    seen.append(name)
+            active = tuple(seen)
+        object.__setattr__(self, "active", active)
+        object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        # Not a field: excluded from equality, hashing and serialisation on purpose.
+        object.__setattr__(self, "_fallback_seed", random.SystemRandom().randrange(2**31) if self.seed is None else self.seed)
+
+    # -- queries
+    @property
+    def active_names(self) -> tuple[str, ...]:
+        """Active adapter names (all adapters when ``active`` is None)."""
+        return tuple(self.adapters) if self.active is None else self.active
+
+    def effective_seed(self, name: str) -> int:
+        """Seed for adapter ``name``: its own ``seed`` if set, else the spec's."""
+        if name not in self.adapters:
+            raise SpecError(f"no adapter named {name!r}; adapters: {', '.join(self.adapters)}", field="adapters")
+        own = self.adapters[name].seed
+        return own if own is not None else self._fallback_seed  # type: ignore[attr-defined]
+
+    # -- dict / JSON / YAML
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON/YAML-safe)."""
+        return {
+            "version": FORMAT_VERSION,
+            "seed": self.seed,
+            "active": None if self.active is None else list(self.active),
+            "adapters": {name: m.to_dict() for name, m in self.adapters.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Spec:
+        """Inverse of :meth:`to_dict`; unknown keys are errors (they are usually typos)."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"a spec must be a mapping, got {type(d).__name__}", field="adapters")
+        d = dict(d)
+        version = d.pop("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise SpecError(f"unsupported spec format version {version!r}; this graphadapt reads {FORMAT_VERSION}", field="version")
+        allowed = ("adapters", "active", "seed")
+        for key in d:
+            if key not in allowed:
+                raise SpecError(f"unknown spec key {key!r}; keys: version, {', '.join(allowed)}", field=key)
+        if "adapters" not in d:
+            raise SpecError("a spec dict needs an 'adapters' mapping", field="adapters")
+        adapters = d["adapters"]
+        if not isinstance(adapters, Mapping):
+            raise SpecError("adapters must be a mapping of names to method dicts", field="adapters")
+        return cls(
+            adapters={name: MethodSpec.from_dict(m) for name, m in adapters.items()},
+            active=d.get("active"),
+            seed=d.get("seed", 0),
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Spec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Spec:
+        import yaml
+
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec is not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+    # -- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in _JSON_SUFFIXES:
+            text = self.to_json() + "\n"
+        elif suffix in _YAML_SUFFIXES:
+            text = self.to_yaml()
+        else:
+            raise SpecError(f"cannot tell the format of {str(path)!r}: use a .json, .yaml or .yml suffix")
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Spec:
+        """Read a spec saved by :meth:`save` (format chosen by suffix)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in _JSON_SUFFIXES + _YAML_SUFFIXES:
+            raise SpecError(f"cannot tell the format of {str(path)!r}: use a .json, .yaml or .yml suffix")
+        text = path.read_text(encoding="utf-8")
+        return cls.from_json(text) if suffix in _JSON_SUFFIXES else cls.from_yaml(text)
+
+
+_LOADER: Any = None
+
+
+def _yaml_loader() -> Any:
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"),
+        )
+        _LOADER = Loader
+    return _LOADER
+
+
+def as_spec(x: Any) -> Spec:
+    """Coerce ``x`` to a :class:`Spec`.
+
+    Accepts a ``Spec``; a single method spec (becomes ``Spec({"default": x})``); a
+    dict in :meth:`Spec.to_dict` form, or a single method's dict (has ``"method"``);
+    or a path to a ``.json``/``.yaml``/``.yml`` file.
+    """
+    if isinstance(x, Spec):
+        return x
+    if isinstance(x, MethodSpec):
+        return Spec({"default": x})
+    if isinstance(x, Mapping):
+        if "method" in x:
+            return Spec({"default": MethodSpec.from_dict(x)})
+        return Spec.from_dict(x)
+    if isinstance(x, (str, os.PathLike)):
+        path = Path(x)
+        if path.suffix.lower() in _JSON_SUFFIXES + _YAML_SUFFIXES:
+            if not path.is_file():
+                raise SpecError(f"spec file {str(path)!r} does not exist")
+            return Spec.load(path)
+    raise SpecError(
+        "expected a Spec, a method spec (LoRA(...), SeqBn(...), …), a spec dict, or a path to a "
+        f".json/.yaml/.yml spec file; got {x!r}"
+    )
+
+
+__all__ = ["FORMAT_VERSION", "Spec", "as_spec"]

@@ -1,0 +1,116 @@
+"""Normalise linear-like ATen forms to :class:`LinearSite`.
+
+before: ``aten.linear(x, W, b)`` | ``view(x,[-1,in]) → addmm(b, ·, W[in,out]) → view(·,[B,T,out])`` |
+        ``mm`` | either followed by ``split``/``slice`` of the output channels (fused QKV)
+after:  one ``LinearSite`` per (projection, output slice) with N-d input/output nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .types import LinearSite, Unmatched
+
+aten = torch.ops.aten
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _param(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            t = gm.get_parameter(node.target)
+        except AttributeError:
+            return None
+        return node.target, t
+    return None
+
+
+def _owner(qualname: str) -> str:
+    return qualname.rsplit(".", 1)[0] if "." in qualname else ""
+
+
+def _split_slices(out: fx.Node, width: int) -> list[tuple[int, int, fx.Node]] | None:
+    """If every user of ``out`` splits its last dim, return (start, end, node) per slice."""
+    users = [u for u in out.users]
+    if len(users) != 1:
+        return None
+    u = users[0]
+    if u.op != "call_function":
+        return None
+    rank = len(out.meta["val"].shape) if "val" in out.meta else None
+    if u.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        dim = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)
+        if rank is None or dim not in (-1, rank - 1):
+            return None
+        if u.target == aten.split.Tensor:
+            size = u.args[1]
+            sizes = [min(size, width - i) for i in range(0, width, size)]
+        else:
+            sizes = list(u.args[1])
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        got = {}
+        for g in u.users:
+            if g.op == "call_function" and g.target is operator.getitem:
+                got[g.args[1]] = g
+        if not got:
+            return None
+        return [(starts[i], starts[i] + sizes[i], got[i]) for i in sorted(got)]
+    return None
+
+
+def find_linear_sites(gm: fx.GraphModule) -> tuple[list[LinearSite], list[Unmatched]]:
+    sites: list[LinearSite] = []
+    unmatched: list[Unmatched] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target == aten.linear.default:
+            x, w = n.args[0], n.args[1]
+            b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            pw = _param(gm, w)
+            if pw is None or pw[1].dim() != 2:
+                unmatched.append(Unmatched("linear", n.name, "weight is not a 2-d parameter of the model"))
+                continue
+            pb = _param(gm, b) if b is not None else None
+            name, wt = pw
+            site = LinearSite(name=_owner(name), module_path=_owner(name), node=n, input=x, output=n,
+                              weight=name, bias=pb[0] if pb else None, in_features=wt.shape[1],
+                              out_features=wt.shape[0], layout="linear", total_out=wt.shape[0])
+        elif n.target in (aten.addmm.default, aten.mm.default):
+            if n.target == aten.addmm.default:
+                b, x2, w = n.args[0], n.args[1], n.args[2]
+            else:
+                b, (x2, w) = None, n.args[:2]
+            pw = _param(gm, w)
+            layout = "conv1d"
+            if pw is None and isinstance(w, fx.Node) and w.target == aten.t.default:
+                pw, layout = _param(gm, w.args[0]), "linear"
+            if pw is None or pw[1].dim() != 2:
+                continue  # an activation-activation product, not a projection
+            pb = _param(gm, b) if b is not None else None
+            name, wt = pw
+            inf, outf = (wt.shape[0], wt.shape[1]) if layout == "conv1d" else (wt.shape[1], wt.shape[0])
+            x = x2.args[0] if isinstance(x2, fx.Node) and x2.target in _VIEWS else x2
+            users = list(n.users)
+            out = users[0] if len(users) == 1 and users[0].target in _VIEWS else n
+            site = LinearSite(name=_owner(name), module_path=_owner(name), node=n, input=x, output=out,
+                              weight=name, bias=pb[0] if pb else None, in_features=inf,
+                              out_features=outf, layout=layout, total_out=outf)
+        else:
+            continue
+        slices = _split_slices(site.output, site.out_features)
+        if slices and len(slices) > 1:
+            total = site.out_features
+            for start, end, node in slices:
+                sites.append(LinearSite(
+                    name=f"{site.name}[{start}:{end}]", module_path=site.module_path, node=site.node,
+                    input=site.input, output=site.output, weight=site.weight, bias=site.bias,
+                    in_features=site.in_features, out_features=end - start, layout=site.layout,
+                    out_slice=(start, end), total_out=total, split_output=node))
+        else:
+            sites.append(site)
+    return sites, unmatched
