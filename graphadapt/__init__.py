@@ -10,9 +10,11 @@ from .spec import (AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, Double
                    MethodSpec, ParBn, SeqBn, Spec, as_spec)
 from .capture import capture
 from .structure import recognize
+from .model import AdaptedModel, MergeReport
+from .api import apply, inspect, merge
 
 __all__ = [
-    "__version__", "capture", "recognize",
+    "__version__", "apply", "merge", "inspect", "capture", "recognize", "AdaptedModel", "MergeReport",
     "Spec", "MethodSpec", "LoRA", "Bottleneck", "SeqBn", "DoubleSeqBn", "ParBn", "AdapterPlus",
     "Compacter", "CompacterPlusPlus", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",

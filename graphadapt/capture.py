@@ -228,12 +228,13 @@ class CapturedModule(fx.GraphModule):
     every submodule (adapters). ``.to(device/dtype)`` re-targets pinned nodes.
     """
 
-    _graphadapt_attrs = ("input_names", "dynamic_dims", "source_class", "_example_inputs",
+    _graphadapt_attrs = ("input_names", "constant_inputs", "dynamic_dims", "source_class", "_example_inputs",
                          "source_config", "_compute_dtype", "_compute_device")
 
     def _init_capture_state(self, *, input_names, dynamic_dims, example_inputs, source,
                             dtype, device):
-        self.input_names = list(input_names)
+        self.input_names = [k for k in input_names if isinstance(example_inputs[k], torch.Tensor)]
+        self.constant_inputs = {k: v for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)}
         self.dynamic_dims = dynamic_dims
         self._example_inputs = example_inputs
         self.source_class = f"{type(source).__module__}.{type(source).__qualname__}"
@@ -252,11 +253,10 @@ class CapturedModule(fx.GraphModule):
         dev = self._compute_device
         out = {}
         for k, v in self._example_inputs.items():
-            if isinstance(v, torch.Tensor):
-                v = v.clone().to(dev)
-                if v.is_floating_point():
-                    v = v.to(self._compute_dtype)
-            out[k] = v
+            if not isinstance(v, torch.Tensor):
+                continue  # captured constants are filled in by the call hook
+            v = v.clone().to(dev)
+            out[k] = v.to(self._compute_dtype) if v.is_floating_point() else v
         return out
 
     # -- modes
@@ -306,13 +306,23 @@ class CapturedModule(fx.GraphModule):
 
 
 def _check_inputs_hook(module: CapturedModule, args, kwargs):
-    """Name unknown keyword arguments instead of failing inside generated code."""
-    unknown = [k for k in kwargs if k not in module.input_names]
-    if unknown:
+    """Fill captured constants (``use_cache=False``), name unknown or missing inputs clearly."""
+    names = module.input_names
+    given = set(names[:len(args)]) | set(kwargs)
+    unknown = [k for k in kwargs if k not in names and k not in module.constant_inputs]
+    if unknown or len(args) > len(names):
         raise TypeError(
-            f"{type(module).__name__} was captured with inputs {module.input_names}; got unexpected "
-            f"{unknown}. Re-capture with example_kwargs that include them.")
-    return None
+            f"{type(module).__name__} was captured with tensor inputs {names}; got unexpected "
+            f"{unknown or f'{len(args)} positional arguments'}. Re-capture with example_kwargs that include them.")
+    missing = [k for k in names if k not in given]
+    if missing:
+        raise TypeError(f"{type(module).__name__} needs inputs {names} (as captured); missing {missing}.")
+    for k, v in module.constant_inputs.items():
+        if k in kwargs and kwargs[k] != v:
+            raise TypeError(f"{k}={kwargs[k]!r} differs from the value captured ({v!r}), which is "
+                            "baked into the graph; re-capture with the value you need.")
+    kwargs = {**dict(zip(names, args)), **kwargs, **module.constant_inputs}
+    return (), kwargs
 
 
 def _rewrap_parameters(gm: fx.GraphModule) -> None:

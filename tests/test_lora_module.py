@@ -15,8 +15,6 @@ from transformers.pytorch_utils import Conv1D
 from graphadapt.errors import MergeError, SpecError
 from graphadapt.modules import LoRAModule
 
-torch.set_default_dtype(torch.float32)
-
 
 class _Tiny(nn.Module):
     def __init__(self, lin: nn.Module):
@@ -439,3 +437,33 @@ def test_dtype_of_result_follows_y():
     out = m(x, y, W, b)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, F.linear(x, *m.fold(W, b)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(out_features=24),
+        dict(out_features=8, use_dora=True, out_slice=(8, 16), total_out=24, fan_in_fan_out=True),
+        dict(out_features=8, use_gating=True, out_slice=(0, 8), total_out=24),
+    ],
+)
+def test_torch_export_with_dynamic_batch_and_seq(kw):
+    """The insert pass's graphs are re-exported for ONNX: the module must trace with
+    symbolic batch/sequence sizes and no data-dependent control flow."""
+    from torch.export import Dim, export
+
+    class Site(nn.Module):
+        def __init__(self, m, fifo):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn((16, 24) if fifo else (24, 16)))
+            self.b = nn.Parameter(torch.randn(24))
+            self.m, self.fifo = m, fifo
+
+        def forward(self, x):
+            return self.m(x, _linear(x, self.W, self.b, self.fifo), self.W, self.b)
+
+    torch.manual_seed(12)
+    site = Site(_random_module(in_features=16, r=2, alpha=4, **kw), kw.get("fan_in_fan_out", False)).eval()
+    ep = export(site, (torch.randn(2, 5, 16),), dynamic_shapes={"x": {0: Dim("b"), 1: Dim("s")}}, strict=False)
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(ep.module()(x), site(x))

@@ -154,8 +154,9 @@ _INIT_SCHEMES = ("bert", "mam_adapter", "houlsby")
 class BottleneckAdapter(nn.Module):
     """Bottleneck adapter at one residual point: ``LN(h + r)`` → ``module(h, r, LN.weight, LN.bias)``.
 
-    See the module docstring for the exact formula, state-dict keys and AdapterHub differences. Options and
-    defaults are AdapterHub ``BnConfig``'s (``BnConfig`` defaults, not a preset's), plus:
+    See the module docstring for the exact formula, state-dict keys and AdapterHub differences. Options are
+    AdapterHub ``BnConfig``'s, with ``SeqBnConfig`` (Pfeiffer) defaults — note plain ``BnConfig`` defaults to
+    ``original_ln_before=False``; use :func:`kwargs_from_adapterhub_config` to translate a config. Plus:
 
     - ``norm_kind``: the model norm after the add — ``"layer_norm"`` (``F.layer_norm(x, (hidden,), w, b,
       norm_eps)``), ``"rms_norm"`` (``w · x · rsqrt(mean(x²) + eps)`` [+ b]), or ``None`` when the site has no

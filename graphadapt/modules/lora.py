@@ -108,6 +108,7 @@ class LoRAModule(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        self.active = True
         if not isinstance(r, int) or r <= 0:
             raise SpecError(f"LoRA rank r must be a positive int, got {r!r}", field="r")
         if not 0.0 <= dropout < 1.0:
@@ -207,6 +208,8 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(x [..., in], y [..., total_out], W, b) → y'`` with this module's delta added."""
+        if not self.active:  # AdaptedModel.set_active: an inactive adapter is the identity
+            return y
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)  # as PEFT: LoRA math in the adapter's dtype, result cast back
 

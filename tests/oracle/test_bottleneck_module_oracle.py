@@ -43,6 +43,7 @@ from graphadapt.modules.bottleneck import (  # noqa: E402
 )
 from graphadapt.modules.phm import PHMConfig, init_shared_phm_parameters, shared_phm_shapes  # noqa: E402
 
+torch.set_num_threads(1)  # tiny tensors: thread start-up dominates, and the 2 cores are shared
 H = 128  # divisible by phm_dim 4 at every preset's reduction factor that uses PHM (32 → 4)
 ATOL = RTOL = 1e-5
 BASE = dict(mh_adapter=False, output_adapter=True)
@@ -132,11 +133,13 @@ def build_pair(cfg, *, norm: str | None = "layer_norm", seed: int = 0, hidden: i
     ln_w = getattr(model_norm, "weight", None)
     ln_b = getattr(model_norm, "bias", None)
 
-    def run(h, r):
+    def run(h, r, active=True):
         ctx = ForwardContext(None)
         ctx.shared_parameters = {"a": shared} if shared is not None else {}
+        ac.active_setup = Stack("a") if active else None
         with ctx:
             expected = layer(h, r, model_norm)
+        ac.active_setup = Stack("a")
         return expected, ours(h, r, ln_w, ln_b)
 
     return layer, ours, run
@@ -148,10 +151,13 @@ def inputs(seed: int = 0, hidden: int = H):
 
 
 def check(cfg, norm="layer_norm", seed=0):
-    _, _, run = build_pair(cfg, norm=norm, seed=seed)
+    layer, _, run = build_pair(cfg, norm=norm, seed=seed)
     h, r = inputs(seed)
     expected, got = run(h, r)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    # Not a do-nothing pair: the adapter moved the output away from the un-adapted sub-block (AdapterHub's
+    # own no-active-adapter path).
+    assert not torch.allclose(expected, run(h, r, active=False)[0], atol=1e-3)
     return expected
 
 
@@ -259,12 +265,13 @@ def test_shared_phm_keys_match_adapterhub(factor_W, factor_rule):
 
 def test_post_add_without_norm():
     # AdapterHub: UnboundLocalError. graphadapt: the residual "after the add" is h + r (no norm to apply).
-    cfg = BnConfig(**BASE, reduction_factor=8, non_linearity="relu", residual_before_ln="post_add")
+    cfg = BnConfig(**BASE, reduction_factor=8, non_linearity="relu", residual_before_ln="post_add",
+                   original_ln_before=True)  # fmt: skip
     layer, ours, _ = build_pair(cfg, norm=None)
     h, r = inputs()
     with pytest.raises(UnboundLocalError):
         layer(h, r, None)
-    ref = BnConfig(**BASE, reduction_factor=8, non_linearity="relu", residual_before_ln=False)
+    ref = BnConfig(**BASE, reduction_factor=8, non_linearity="relu", residual_before_ln=False, original_ln_before=True)
     ref_layer, _, _ = build_pair(ref, norm=None)
     ref_layer.load_state_dict(layer.state_dict())
     torch.testing.assert_close(ours(h, r), ref_layer(h, r, None), atol=ATOL, rtol=RTOL)

@@ -1,0 +1,85 @@
+"""Top-level entry points: ``apply``, ``merge``, ``inspect``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .errors import SpecError
+from .init import isolated_rng
+from .model import AdaptedModel, MergeReport
+from .passes import run_pass
+from .passes.insert_lora import insert_lora
+from .passes.select import select_linear_sites
+from .spec import Spec, as_spec
+from .structure import StructureMap, recognize
+from .structure.report import structure_report
+
+
+def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
+    """Resolve every adapter's sites before anything is built (SpecError on no match)."""
+    from .passes.insert_bottleneck import select_residual_sites
+
+    plan = []
+    for name, method in spec.adapters.items():
+        if method.method == "lora":
+            plan.append((name, method, select_linear_sites(sm, method, name)))
+        elif method.method == "bottleneck":
+            plan.append((name, method, select_residual_sites(sm, method, name)))
+        else:
+            raise SpecError(f"adapter {name!r}: method {method.method!r} has no insertion pass in this "
+                            f"version of graphadapt (supported: lora, bottleneck)", field="method")
+    return plan
+
+
+def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
+          example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> AdaptedModel:
+    """Capture ``model`` and insert the adapters of ``spec``.
+
+    ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
+    Returns an :class:`AdaptedModel`: base weights frozen (sharing storage with ``model``,
+    which is never modified), adapters trainable. Initialisation draws only from generators
+    seeded by (seed, adapter name, site): the caller's RNG state is untouched.
+    """
+    spec = as_spec(spec)
+    with isolated_rng():
+        gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel)
+        sm = recognize(gm)
+        plan = _plan(sm, spec)
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        records: list[dict] = []
+        from .passes.insert_bottleneck import insert_bottleneck
+
+        for name, method, sites in plan:
+            seed = spec.effective_seed(name)
+            if method.method == "lora":
+                run_pass(f"insert_lora[{name}]", insert_lora, gm, name, method, sites, seed, records)
+            else:
+                run_pass(f"insert_bottleneck[{name}]", insert_bottleneck, gm, name, method, sites, seed,
+                         records)
+        for r in records:
+            for p in gm.get_submodule(r["target"]).parameters():
+                p.requires_grad_(True)
+        gm._init_adapted(spec, records, structure_report(sm), model)
+        if spec.active is not None:
+            gm.set_active(spec.active)
+        gm.train(model.training)
+    return gm
+
+
+def merge(adapted: AdaptedModel, names=None, safe: bool = True, strict: bool = False,
+          in_place: bool = False) -> MergeReport:
+    """Fold mergeable adapters into the base weights; see :meth:`AdaptedModel.merge`."""
+    return adapted.merge(names, safe=safe, strict=strict, in_place=in_place)
+
+
+def inspect(model: nn.Module, example_inputs: tuple | None = None,
+            example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> dict:
+    """Capture and recognise ``model``; return the structure report (see ``graphadapt inspect``)."""
+    with isolated_rng():
+        gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+        return structure_report(recognize(gm))

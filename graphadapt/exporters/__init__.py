@@ -1,0 +1,24 @@
+"""Exporters: ``AdaptedModel → ONNX (fp32/fp16/bf16) → onnxruntime-verified → Triton repository``.
+
+    report = export_onnx(model, "model.onnx", dtype="fp16")   # ExportReport
+    verify_onnx("model.onnx", model)                           # VerifyResult or VerificationError
+    export_triton(model, "repo", "bert", max_batch_size=8)     # repo/bert/{config.pbtxt,1/model.onnx}
+"""
+
+from __future__ import annotations
+
+from graphadapt.exporters.onnx import ExportReport, export_onnx
+from graphadapt.exporters.triton import export_triton, parse_config, triton_config
+from graphadapt.exporters.verify import DEFAULT_TOLERANCES, VerifyResult, fresh_inputs, verify_onnx
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "ExportReport",
+    "VerifyResult",
+    "export_onnx",
+    "export_triton",
+    "fresh_inputs",
+    "parse_config",
+    "triton_config",
+    "verify_onnx",
+]

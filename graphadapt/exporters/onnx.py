@@ -1,0 +1,362 @@
+"""ONNX export: ``nn.Module (+ adapters) → merged, dtype-converted copy → torch.onnx (dynamo) → model.onnx``.
+
+The file appears atomically: everything is written into a temporary directory
+beside ``path``, checked (``onnx.checker`` by path, so >2 GB works), verified
+with onnxruntime, and only then moved into place. Any failure (or Ctrl-C) leaves
+an earlier file at ``path`` untouched and no temporary files behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphadapt.errors import ExportError, VerificationError
+from graphadapt.exporters import _model
+from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
+from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
+
+# Above this many bytes of weights, initializers go to "<name>.data" (protobuf caps a file at 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how it checked it."""
+
+    path: Path
+    dtype: str
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    node_count: int
+    op_histogram: dict[str, int]
+    file_size: int
+    external_data: Path | None = None
+    merged: bool = False
+    verified: bool = False
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    max_rel_diff: dict[str, float] = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
+    verify_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reference_dtype: str | None = None
+    providers: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["external_data"] = str(self.external_data) if self.external_data else None
+        return d
+
+    def summary(self) -> str:
+        """A few human-readable lines (for the CLI)."""
+        mb = self.file_size / 2**20
+        lines = [
+            f"{self.path} ({self.dtype}, opset {self.opset}, {self.node_count} nodes, {mb:.1f} MiB"
+            + (f", weights in {self.external_data.name})" if self.external_data else ")"),
+            f"inputs  {self.input_names}  dynamic {self.dynamic_axes}",
+            f"outputs {self.output_names}",
+        ]
+        if self.verified:
+            worst = max(self.max_abs_diff.values(), default=0.0)
+            lines.append(
+                f"verified on {self.verify_input_shapes} with {self.providers[:1]}: "
+                f"max abs diff {worst:.2e} (atol {self.atol:g}, rtol {self.rtol:g})"
+            )
+        lines.append("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    example_inputs: dict[str, Any] | None = None,
+    dynamic: bool = True,
+    dtype: str | torch.dtype = "fp32",
+    merge: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    providers: list[str] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    external_data: bool | None = None,
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
+
+    Args:
+        model: takes keyword tensors (``input_ids=...``) and returns a tensor, tuple,
+            dict or ``ModelOutput``. Duck-typed extras of ``AdaptedModel`` are used when present.
+        example_inputs: keyword example tensors; default ``model.example_inputs()``,
+            else inputs built from a transformers ``config``.
+        dynamic: make batch and sequence axes symbolic (``model.dynamic_dims`` names them,
+            else ``batch``/``sequence``/``decoder_sequence``).
+        dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"``; a converted copy is exported, float
+            inputs are cast, integer inputs are left alone.
+        merge: fold adapters into the base weights for the export (restored afterwards).
+        opset: ONNX opset; default torch's recommended one.
+        verify: compare with PyTorch on fresh batch/sequence sizes; raise
+            :class:`VerificationError` beyond ``atol``/``rtol`` (defaults per dtype).
+        providers: onnxruntime providers for verification; default CUDA when available, else CPU.
+        external_data: weights in ``<path>.data``; default only above 1 GiB of weights.
+
+    Raises:
+        ExportError: with a one-line cause (full exception chained as ``__cause__``).
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    path = Path(path)
+    try:
+        tdtype = parse_dtype(dtype)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if not path.parent.is_dir():
+        raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
+    inputs = _model.example_inputs(model, example_inputs)
+    axes = _model.dynamic_axes(model, inputs, dynamic)
+
+    with _model.inference_mode(model), _model.merged_for_export(model, merge) as merged:
+        t = time.perf_counter()
+        export_model, export_inputs, names = _prepare(model, inputs, tdtype)
+        seconds["prepare"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
+        seconds["export"] = time.perf_counter() - t
+
+        meta = _model.metadata(model)
+        meta.update(
+            {
+                "graphadapt.dtype": DTYPE_NAMES[tdtype],
+                "graphadapt.merged": "true" if merged else "false",
+                "graphadapt.dynamic_axes": json.dumps(axes, sort_keys=True),
+            }
+        )
+        program.model.metadata_props.update(meta)
+        if external_data is None:
+            external_data = _initializer_bytes(program) > EXTERNAL_DATA_THRESHOLD
+
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            # Same file name inside the temp dir: the graph references its weights as
+            # "<name>.data", so the pair moves into place without rewriting that reference.
+            tmp = tmpdir / path.name
+            t = time.perf_counter()
+            _save(program, tmp, external_data)
+            seconds["save"] = time.perf_counter() - t
+            del program  # the saved file is the truth from here on; free the in-memory copy
+
+            t = time.perf_counter()
+            _check(tmp)
+            seconds["check"] = time.perf_counter() - t
+            report = _describe(tmp, path, tdtype, axes, meta, merged, external_data)
+
+            if verify:
+                t = time.perf_counter()
+                atol_, rtol_ = DEFAULT_TOLERANCES[tdtype]
+                result = verify_onnx(
+                    tmp,
+                    model,
+                    example_inputs=inputs,
+                    dtype=tdtype,
+                    providers=providers,
+                    atol=atol_ if atol is None else atol,
+                    rtol=rtol_ if rtol is None else rtol,
+                    reference=export_model,
+                )
+                seconds["verify"] = time.perf_counter() - t
+                report.verified = True
+                report.max_abs_diff, report.max_rel_diff = result.max_abs_diff, result.max_rel_diff
+                report.atol, report.rtol = result.atol, result.rtol
+                report.providers, report.verify_input_shapes = result.providers, result.input_shapes
+                report.reference_dtype = result.reference_dtype
+
+            t = time.perf_counter()
+            _commit(tmp, path, external_data)
+            seconds["commit"] = time.perf_counter() - t
+        except VerificationError as e:
+            e.args = (f"{e.args[0] if e.args else e} Nothing was written to {path}.", *e.args[1:])
+            raise
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - t_start
+    report.seconds = seconds
+    return report
+
+
+def _prepare(model, inputs, tdtype):
+    """(model to export, its inputs, output names): converted copy and one forward to name outputs."""
+    try:
+        export_model = converted_copy(model, tdtype, inputs)
+    except Exception as e:
+        raise ExportError(
+            f"could not convert {type(model).__name__} to {DTYPE_NAMES[tdtype]}: {_model._one_line(e)}; "
+            "export in fp32 or convert the model before capture"
+        ) from e
+    export_inputs = cast_inputs(inputs, tdtype)
+    try:
+        with torch.no_grad():
+            outputs = export_model(**export_inputs)
+    except Exception as e:
+        raise ExportError(
+            f"{type(model).__name__} fails on its example inputs {_shapes(export_inputs)}: {_model._one_line(e)}"
+        ) from e
+    if not _model.flat_tensors(outputs):
+        raise ExportError(f"{type(model).__name__} returned no tensors ({type(outputs).__name__}); nothing to export")
+    return export_model, export_inputs, _model.output_names(outputs)
+
+
+def _torch_onnx_export(model, inputs, axes, names, opset):
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" noise
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(
+                model,
+                (),
+                kwargs=inputs,
+                dynamo=True,
+                dynamic_shapes=axes or None,
+                input_names=list(inputs),
+                output_names=names,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:
+        raise ExportError(_export_failure_message(model, inputs, e)) from e
+    finally:
+        registration_log.setLevel(level)
+    outs = [v.name for v in program.model.graph.outputs]
+    if len(outs) != len(names):
+        warnings.warn(f"ONNX graph has outputs {outs}, expected {names}; kept the exporter's names", stacklevel=3)
+    return program
+
+
+def _export_failure_message(model, inputs, e: BaseException) -> str:
+    cause = _model.root_cause(e)
+    text = str(cause)
+    hint = "run torch.export.export(model, (), inputs, strict=False) to see the full error"
+    if "Constraints violated" in text or "specialized" in text.lower() or "specialize" in text.lower():
+        hint = (
+            "an axis declared dynamic was specialised to its example size; capture the model with dynamic "
+            "batch/sequence dims (torch.export.Dim.DYNAMIC), give larger example inputs, or pass dynamic=False"
+        )
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()][:2]
+        detail = f"{type(cause).__name__}: " + " ".join(lines)[:400]
+    else:
+        detail = _model._one_line(cause, limit=400)
+        if "data-dependent" in text or "DataDependent" in type(cause).__name__ or "GuardOnDataDependent" in text:
+            hint = "the forward branches on tensor values; rewrite that branch with torch.where/torch.cond"
+    return (
+        f"torch.onnx.export could not export {type(model).__name__} with inputs {_shapes(inputs)}: {detail}. "
+        f"Hint: {hint}."
+    )
+
+
+def _shapes(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in inputs.items()}
+
+
+def _initializer_bytes(program) -> int:
+    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+
+
+def _save(program, tmp: Path, external_data: bool) -> None:
+    try:
+        # ONNXProgram.save names the weights file f"{tmp.name}.data" next to tmp.
+        program.save(str(tmp), external_data=external_data)
+    except Exception as e:
+        raise ExportError(f"writing {tmp.name} failed: {_model._one_line(e)}") from e
+
+
+def _check(tmp: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(tmp))  # by path: loads external data lazily, works past 2 GB
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejected the exported model: {_model._one_line(e, limit=500)}") from e
+
+
+def _describe(tmp: Path, final: Path, tdtype, axes, meta, merged, external_data) -> ExportReport:
+    import onnx
+
+    proto = onnx.load(str(tmp), load_external_data=False)
+    histogram = collections.Counter()
+    for node in _all_nodes(proto.graph):
+        histogram[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    dims: dict[str, dict[int, str]] = {}
+    for v in [*proto.graph.input, *proto.graph.output]:
+        sym = {i: d.dim_param for i, d in enumerate(v.type.tensor_type.shape.dim) if d.HasField("dim_param")}
+        if sym:
+            dims[v.name] = sym
+    data = tmp.with_name(tmp.name + ".data")
+    size = tmp.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return ExportReport(
+        path=final,
+        dtype=DTYPE_NAMES[tdtype],
+        opset=opset,
+        input_names=[v.name for v in proto.graph.input],
+        output_names=[v.name for v in proto.graph.output],
+        dynamic_axes=dims,
+        node_count=sum(histogram.values()),
+        op_histogram=dict(histogram.most_common()),
+        file_size=size,
+        external_data=final.with_name(final.name + ".data") if data.exists() else None,
+        merged=merged,
+        metadata=meta,
+    )
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:  # If/Loop/Scan bodies
+            if attr.g is not None and attr.g.node:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+def _commit(tmp: Path, path: Path, external_data: bool) -> None:
+    """Move the checked pair into place; on failure the earlier pair is restored."""
+    tmp_data = tmp.with_name(tmp.name + ".data")
+    final_data = path.with_name(path.name + ".data")
+    if not tmp_data.exists():
+        os.replace(tmp, path)
+        return
+    # Two renames cannot be one atomic step: park the old weights in the temp dir so a
+    # failure between the renames can put them back.
+    backup = tmp.with_name(tmp.name + ".old-data")
+    had_old = final_data.exists()
+    if had_old:
+        os.replace(final_data, backup)
+    try:
+        os.replace(tmp_data, final_data)
+        os.replace(tmp, path)
+    except BaseException:
+        if had_old:
+            os.replace(backup, final_data)
+        else:
+            final_data.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,186 @@
+"""Triton model repository: ``model → <repo>/<name>/{config.pbtxt, <version>/model.onnx}``.
+
+Types and shapes in ``config.pbtxt`` are read back from the exported ONNX graph,
+never from the PyTorch side, so the config cannot drift from the file Triton loads.
+With ``max_batch_size > 0`` Triton owns the batch axis: it is left out of ``dims``
+and every input and output must have a symbolic first axis.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from graphadapt.errors import ExportError
+from graphadapt.exporters.onnx import export_onnx
+from graphadapt.exporters.verify import graph_io
+
+# onnx.TensorProto element type → Triton data type
+TRITON_TYPES = {
+    1: "TYPE_FP32",
+    2: "TYPE_UINT8",
+    3: "TYPE_INT8",
+    4: "TYPE_UINT16",
+    5: "TYPE_INT16",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    8: "TYPE_STRING",
+    9: "TYPE_BOOL",
+    10: "TYPE_FP16",
+    11: "TYPE_FP64",
+    12: "TYPE_UINT32",
+    13: "TYPE_UINT64",
+    16: "TYPE_BF16",
+}
+
+
+def export_triton(
+    model: Any,
+    repo_dir: str | os.PathLike,
+    name: str,
+    max_batch_size: int = 8,
+    dtype: str = "fp32",
+    version: int = 1,
+    dynamic_batching: bool = False,
+    **export_kwargs: Any,
+) -> Path:
+    """Write ``<repo_dir>/<name>/<version>/model.onnx`` and ``<repo_dir>/<name>/config.pbtxt``.
+
+    ``export_kwargs`` go to :func:`export_onnx` (``example_inputs``, ``verify``, ``atol`` ...).
+    Other versions already in ``<repo_dir>/<name>`` are kept; the same version is replaced.
+    Returns the model directory ``<repo_dir>/<name>``.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
+        raise ExportError(f"Triton model name {name!r} must be non-empty and use only letters, digits, '_', '-', '.'")
+    if int(version) < 1:
+        raise ExportError(f"Triton model versions start at 1, got {version}")
+    if max_batch_size < 0:
+        raise ExportError(f"max_batch_size must be >= 0, got {max_batch_size}")
+    if max_batch_size > 0 and export_kwargs.get("dynamic") is False:
+        raise ExportError("max_batch_size > 0 needs a dynamic batch axis; pass dynamic=True or max_batch_size=0")
+    repo = Path(repo_dir)
+    repo.mkdir(parents=True, exist_ok=True)
+    final = repo / name
+    version_name = str(int(version))
+
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
+    try:
+        staged = stage / name
+        (staged / version_name).mkdir(parents=True)
+        export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
+        config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching)
+        (staged / "config.pbtxt").write_text(config)
+        _install(staged, final, version_name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return final
+
+
+def _install(staged: Path, final: Path, version_name: str) -> None:
+    """Move the staged model dir (or just its version + config) into the repository."""
+    if not final.exists():
+        os.replace(staged, final)
+        return
+    target = final / version_name
+    parked = staged.parent / "old-version"  # inside the stage dir, so it is removed with it
+    if target.exists():
+        os.replace(target, parked)
+    moved = False
+    try:
+        os.replace(staged / version_name, target)
+        moved = True
+        os.replace(staged / "config.pbtxt", final / "config.pbtxt")
+    except BaseException:
+        if moved:
+            shutil.rmtree(target, ignore_errors=True)
+        if parked.exists():
+            os.replace(parked, target)
+        raise
+
+
+def triton_config(onnx_path: str | os.PathLike, name: str, max_batch_size: int, dynamic_batching: bool = False) -> str:
+    """``config.pbtxt`` text for the ONNX file at ``onnx_path`` (onnxruntime backend)."""
+    inputs, outputs = graph_io(onnx_path)
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}"]
+    for section, values in (("input", inputs), ("output", outputs)):
+        lines.append(f"{section} [")
+        entries = []
+        for v in values:
+            dims = _triton_dims(v, max_batch_size)
+            dtype = TRITON_TYPES.get(v["elem_type"])
+            if dtype is None:
+                raise ExportError(f"{section} '{v['name']}' has ONNX element type {v['elem_type']} that Triton lacks")
+            entries.append(
+                "  {\n"
+                f'    name: "{v["name"]}"\n'
+                f"    data_type: {dtype}\n"
+                f"    dims: [ {', '.join(str(d) for d in dims)} ]\n"
+                "  }"
+            )
+        lines.append(",\n".join(entries))
+        lines.append("]")
+    if dynamic_batching and max_batch_size > 0:
+        lines.append("dynamic_batching { }")
+    return "\n".join(lines) + "\n"
+
+
+def _triton_dims(v: dict[str, Any], max_batch_size: int) -> list[int]:
+    dims = [d if isinstance(d, int) and d > 0 else -1 for d in v["dims"]]
+    if max_batch_size <= 0:
+        return dims
+    if not v["dims"] or isinstance(v["dims"][0], int) and v["dims"][0] > 0:
+        raise ExportError(
+            f"'{v['name']}' has no dynamic batch axis (dims {v['dims']}), but max_batch_size={max_batch_size} "
+            "makes Triton add one; export with dynamic=True or use max_batch_size=0"
+        )
+    rest = dims[1:]
+    # Triton needs at least one dim besides the implicit batch axis
+    return rest or [1]
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """A small reader for the config.pbtxt subset this module writes (for tests and ``graphadapt inspect``)."""
+    tokens = re.findall(r'"[^"]*"|[{}\[\]:,]|[^\s{}\[\]:,]+', text)
+    pos = 0
+
+    def value() -> Any:
+        nonlocal pos
+        tok = tokens[pos]
+        if tok == "{":
+            pos += 1
+            return block("}")
+        if tok == "[":
+            pos += 1
+            items = []
+            while tokens[pos] != "]":
+                if tokens[pos] == ",":
+                    pos += 1
+                    continue
+                items.append(value())
+            pos += 1
+            return items
+        pos += 1
+        if tok.startswith('"'):
+            return tok[1:-1]
+        try:
+            return int(tok)
+        except ValueError:
+            return tok
+
+    def block(end: str | None) -> dict[str, Any]:
+        nonlocal pos
+        out: dict[str, Any] = {}
+        while pos < len(tokens) and tokens[pos] != end:
+            key = tokens[pos]
+            pos += 1
+            if tokens[pos] == ":":
+                pos += 1
+            out[key] = value()
+        pos += 1
+        return out
+
+    return block(None)

@@ -1,0 +1,332 @@
+"""Check an ONNX file against PyTorch with onnxruntime, on shapes the export never saw.
+
+``(model.onnx, model) → VerifyResult`` or :class:`~graphadapt.errors.VerificationError`.
+
+Fresh inputs take every symbolic ONNX dimension to a new size (``batch`` +1, other
+axes +3, capped at the model's position limit), so a graph that silently
+specialised an axis at export fails here rather than in serving. The PyTorch
+reference runs in the export dtype (a converted copy, see :mod:`.dtype`); if torch
+lacks a kernel for that dtype on the model's device, the reference falls back to
+fp32 and the result records ``reference_dtype="fp32"`` (the dtype tolerance then
+also absorbs rounding of the weights).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphadapt.errors import ExportError, VerificationError
+from graphadapt.exporters import _model
+from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
+
+# (atol, rtol). Measured worst case on tiny BERT/GPT-2/Llama/T5/ViT (docs/export.md):
+# fp32 ≤ 2e-6 abs, fp16 ≤ 4e-3 abs; bf16 cannot run on onnxruntime's CPU provider.
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+}
+
+_ONNX_TO_TORCH = {
+    1: torch.float32,
+    10: torch.float16,
+    16: torch.bfloat16,
+    11: torch.float64,
+    7: torch.int64,
+    6: torch.int32,
+    9: torch.bool,
+    2: torch.uint8,
+    3: torch.int8,
+}
+
+
+@dataclass
+class VerifyResult:
+    """What a verification run compared and found."""
+
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    max_rel_diff: dict[str, float] = field(default_factory=dict)
+    atol: float = 0.0
+    rtol: float = 0.0
+    providers: list[str] = field(default_factory=list)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reference_dtype: str = "fp32"
+    seconds: float = 0.0
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(
+            "verification needs onnxruntime: pip install 'graphadapt[ort]' (or [gpu]), or pass verify=False"
+        ) from e
+    return ort
+
+
+def graph_io(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Inputs and outputs of an ONNX file as ``{"name", "elem_type", "dims"}`` (dims: int, str or None)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+                for d in t.shape.dim
+            ]
+            out.append({"name": v.name, "elem_type": t.elem_type, "dims": dims})
+        return out
+
+    return describe(proto.graph.input), describe(proto.graph.output)
+
+
+def onnx_float_dtype(path: str | Path) -> torch.dtype:
+    """The float dtype an exported file computes in (from its metadata, else its float inputs/outputs)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "graphadapt.dtype" in meta:
+        return parse_dtype(meta["graphadapt.dtype"])
+    ins, outs = graph_io(path)
+    for v in [*ins, *outs]:
+        dt = _ONNX_TO_TORCH.get(v["elem_type"])
+        if dt in DTYPE_NAMES:
+            return dt
+    return torch.float32
+
+
+def fresh_inputs(
+    path: str | Path,
+    example: dict[str, Any],
+    model: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Inputs for every graph input with each symbolic axis resized (``batch`` +1, others +3).
+
+    Token ids are drawn from ``[0, config.vocab_size)`` (else below the example's max + 1);
+    masks are ones with ``i`` zeros of right padding on row ``i``; floats are ``randn``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ins, _ = graph_io(path)
+    config = getattr(model, "config", None) if model is not None else None
+    max_pos = _max_positions(config)
+    sizes: dict[str, int] = {}
+    for v in ins:  # one new size per symbol, so axes that share a name stay equal
+        ex = example.get(v["name"])
+        for axis, d in enumerate(v["dims"]):
+            if isinstance(d, str) and d not in sizes:
+                base = ex.shape[axis] if isinstance(ex, torch.Tensor) and ex.dim() > axis else (2 if axis == 0 else 8)
+                new = base + (1 if axis == 0 or "batch" in d else 3)
+                if axis > 0 and max_pos and new > max_pos:
+                    new = max(base - 1, 1) if base >= max_pos else max_pos
+                sizes[d] = new
+    out: dict[str, torch.Tensor] = {}
+    for v in ins:
+        name, ex = v["name"], example.get(v["name"])
+        shape = []
+        for axis, d in enumerate(v["dims"]):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif isinstance(d, str):
+                shape.append(sizes[d])
+            else:
+                shape.append(ex.shape[axis] if isinstance(ex, torch.Tensor) else 1)
+        tdtype = _ONNX_TO_TORCH.get(v["elem_type"], torch.float32)
+        out[name] = _make_input(name, tuple(shape), tdtype, ex, config, g)
+    return cast_inputs(out, dtype) if dtype != torch.float32 else out
+
+
+def _max_positions(config: Any) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _make_input(name, shape, dtype, example, config, g) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    lname = name.lower()
+    if "mask" in lname:
+        mask = torch.ones(shape, dtype=dtype)
+        if len(shape) >= 2:
+            for row in range(1, shape[0]):  # right padding, never a fully masked row
+                pad = min(row, shape[-1] - 1)
+                if pad:
+                    mask[row, ..., shape[-1] - pad :] = 0
+        return mask
+    if "token_type" in lname:
+        return torch.zeros(shape, dtype=dtype)
+    if "position_ids" in lname and len(shape) >= 1:
+        return torch.arange(shape[-1], dtype=dtype).expand(shape).contiguous()
+    high = getattr(config, "vocab_size", None) if "ids" in lname else None
+    if not isinstance(high, int) or high <= 0:
+        high = int(example.max()) + 1 if isinstance(example, torch.Tensor) and example.numel() else 2
+    return torch.randint(0, high, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def run_onnxruntime(
+    path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None
+) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """Run ``path`` on ``inputs``; returns (outputs, output names, providers actually used)."""
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = list(providers or default_providers())
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+        feeds = {i.name: _to_numpy(inputs[i.name]) for i in sess.get_inputs()}
+        outputs = sess.run(None, feeds)
+    except KeyError as e:
+        raise VerificationError(f"the ONNX graph needs input {e} that was not supplied") from e
+    except Exception as e:
+        raise VerificationError(
+            f"onnxruntime could not run {Path(path).name} with {providers}: {_model._one_line(e)}. "
+            "If the provider lacks kernels for this dtype (bf16 on CPU), verify on a GPU provider "
+            "(providers=['CUDAExecutionProvider']) or pass verify=False."
+        ) from e
+    return outputs, [o.name for o in sess.get_outputs()], sess.get_providers()
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        raise VerificationError("bf16 float inputs cannot be fed to onnxruntime from numpy; verify with int inputs only")
+    return t.numpy()
+
+
+def compare(
+    names: list[str],
+    reference: list[torch.Tensor],
+    actual: list[np.ndarray],
+    atol: float,
+    rtol: float,
+    context: str = "",
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Max abs / rel diff per output; raises VerificationError past ``|a - r| <= atol + rtol·|r|``.
+
+    The relative diff is ``|a - r| / (|r| + atol)`` so near-zero entries do not dominate it.
+    """
+    if len(reference) != len(actual):
+        raise VerificationError(
+            f"ONNX graph has {len(actual)} outputs {names} but PyTorch returned {len(reference)} tensors{context}"
+        )
+    max_abs, max_rel, failures = {}, {}, []
+    for name, ref, got in zip(names, reference, actual):
+        r = ref.detach().cpu().to(torch.float64).numpy()
+        a = np.asarray(got).astype(np.float64)
+        if r.shape != a.shape:
+            raise VerificationError(
+                f"output '{name}' has shape {a.shape} in onnxruntime but {r.shape} in PyTorch{context}"
+            )
+        if r.size == 0:
+            max_abs[name] = max_rel[name] = 0.0
+            continue
+        both_nan = np.isnan(r) & np.isnan(a)
+        diff = np.where(both_nan, 0.0, np.abs(a - r))
+        diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only is a failure
+        rel = diff / (np.abs(np.nan_to_num(r)) + atol)
+        max_abs[name], max_rel[name] = float(diff.max()), float(rel.max())
+        bad = diff > atol + rtol * np.abs(np.nan_to_num(r))
+        if bad.any():
+            idx = np.unravel_index(int(np.argmax(np.where(bad, diff, -1))), r.shape)
+            failures.append(
+                f"'{name}': max abs diff {max_abs[name]:.3g}, max rel diff {max_rel[name]:.3g}, "
+                f"{int(bad.sum())}/{bad.size} elements out of tolerance "
+                f"(worst at {tuple(int(i) for i in idx)}: onnx {a[idx]:.6g} vs torch {r[idx]:.6g})"
+            )
+    if failures:
+        raise VerificationError(
+            f"ONNX output disagrees with PyTorch beyond atol={atol:g}, rtol={rtol:g}{context}: "
+            + "; ".join(failures)
+            + ". If the difference is expected (low precision), pass looser atol=/rtol=."
+        )
+    return max_abs, max_rel
+
+
+def verify_onnx(
+    path: str | Path,
+    model: torch.nn.Module,
+    inputs: dict[str, Any] | None = None,
+    *,
+    example_inputs: dict[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+    providers: list[str] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    reference: torch.nn.Module | None = None,
+) -> VerifyResult:
+    """Compare the ONNX file at ``path`` with ``model`` on ``inputs`` (default: fresh shapes).
+
+    ``dtype`` defaults to the file's (``graphadapt.dtype`` metadata or its float I/O);
+    the PyTorch reference is ``model`` converted to it. ``reference`` skips that
+    conversion when the caller already holds the converted model.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no ONNX file at {path}")
+    tdtype = parse_dtype(dtype) if dtype is not None else onnx_float_dtype(path)
+    d_atol, d_rtol = DEFAULT_TOLERANCES[tdtype]
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    example = _model.example_inputs(model, example_inputs)
+    if inputs is None:
+        inputs = fresh_inputs(path, example, model, tdtype, seed)
+    else:
+        inputs = cast_inputs(dict(inputs), tdtype)
+
+    ref_model, ref_dtype = reference, tdtype
+    with _model.inference_mode(model), torch.no_grad():
+        if ref_model is None:
+            ref_model = converted_copy(model, tdtype, example)
+        device = _model.model_device(ref_model)
+        try:
+            ref_out = ref_model(**{k: v.to(device) for k, v in inputs.items()})
+        except (RuntimeError, NotImplementedError) as e:
+            if tdtype == torch.float32 or "not implemented" not in str(e).lower():
+                raise VerificationError(f"PyTorch reference failed on the fresh inputs: {_model._one_line(e)}") from e
+            # torch lacks a low-precision kernel here: compare against fp32 instead
+            ref_dtype = torch.float32
+            ref_out = model(**{k: (v.float() if v.is_floating_point() else v).to(device) for k, v in inputs.items()})
+    reference_tensors = _model.flat_tensors(ref_out)
+
+    outputs, names, used = run_onnxruntime(path, inputs, providers)
+    shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+    context = f" on inputs {shapes} with {used[0] if used else 'onnxruntime'}"
+    max_abs, max_rel = compare(names, reference_tensors, outputs, atol, rtol, context)
+    return VerifyResult(
+        max_abs_diff=max_abs,
+        max_rel_diff=max_rel,
+        atol=atol,
+        rtol=rtol,
+        providers=used,
+        input_shapes=shapes,
+        reference_dtype=DTYPE_NAMES.get(ref_dtype, str(ref_dtype)),
+        seconds=time.perf_counter() - start,
+    )

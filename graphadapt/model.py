@@ -1,0 +1,209 @@
+"""``AdaptedModel``: the captured graph plus its adapters, as one ``nn.Module``.
+
+Same call signature and output types as the source model; base parameters frozen
+(their own ``Parameter`` objects over the caller's storage), adapter parameters
+trainable under ``adapters.<name>.<site>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import CapturedModule
+from .errors import GraphAdaptError, MergeError
+from .passes import run_pass
+from .passes.merge import apply_merge, plan_merge
+
+
+@dataclass
+class MergeReport:
+    folded: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"folded {len(self.folded)} adapter module(s) into base weights"]
+        if self.kept:
+            lines.append(f"kept {len(self.kept)} in the graph:")
+            lines += [f"  {t}: {why}" for t, why in self.kept.items()]
+        return "\n".join(lines)
+
+
+class AdaptedModel(CapturedModule):
+    """A captured model with adapters inserted. Create it with :func:`graphadapt.apply`."""
+
+    _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
+        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model")
+
+    def _init_adapted(self, spec, records: list[dict], structure_report: dict, source: nn.Module):
+        self.spec = spec
+        self.adapter_records = records
+        self.structure_report = structure_report
+        self._merge_state = None
+        object.__setattr__(self, "_source_model", source)  # not a submodule: shares storage only
+
+    # ------------------------------------------------------------------ parameters
+    def adapter_names(self) -> list[str]:
+        return list(self.spec.adapters)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def base_parameter_count(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("adapters."))
+
+    def adapter_parameter_count(self, name: str | None = None) -> int:
+        prefix = "adapters." + (f"{name}." if name else "")
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+    def summary(self, print_fn=print) -> str:
+        """Table: adapter, method, sites, params, % of base, trainable."""
+        base = self.base_parameter_count()
+        rows = [("adapter", "method", "sites", "params", "% of base", "trainable", "active")]
+        active = set(self.active_adapters())
+        for name, method in self.spec.adapters.items():
+            n = self.adapter_parameter_count(name)
+            sites = sum(1 for r in self.adapter_records if r["adapter"] == name)
+            train = sum(p.numel() for pn, p in self.named_parameters()
+                        if pn.startswith(f"adapters.{name}.") and p.requires_grad)
+            rows.append((name, type(method).__name__, str(sites), f"{n:,}", f"{100 * n / max(base, 1):.3f}",
+                         f"{train:,}", "yes" if name in active else "no"))
+        rows.append(("(base)", self.source_class.rsplit(".", 1)[-1], "", f"{base:,}", "100",
+                     f"{sum(p.numel() for pn, p in self.named_parameters() if not pn.startswith('adapters.') and p.requires_grad):,}",
+                     ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.is_merged:
+            lines.append(f"merged: {len(self._merge_state['report'].folded)} module(s) folded")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # ------------------------------------------------------------------ activation
+    def _adapter_modules(self, name: str | None = None) -> list[tuple[str, nn.Module]]:
+        return [(r["target"], self.get_submodule(r["target"])) for r in self.adapter_records
+                if name is None or r["adapter"] == name]
+
+    def active_adapters(self) -> list[str]:
+        names = []
+        for name in self.spec.adapters:
+            mods = self._adapter_modules(name)
+            if mods and all(getattr(m, "active", True) for _, m in mods):
+                names.append(name)
+        return names
+
+    def set_active(self, names: str | Iterable[str] | None) -> None:
+        """Activate exactly ``names`` (``None``: all). Inactive adapters pass their input through."""
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before changing the active adapters")
+        want = set(self.spec.adapters) if names is None else ({names} if isinstance(names, str) else set(names))
+        unknown = want - set(self.spec.adapters)
+        if unknown:
+            raise GraphAdaptError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
+        for r in self.adapter_records:
+            self.get_submodule(r["target"]).active = r["adapter"] in want
+
+    # ------------------------------------------------------------------ merge
+    @property
+    def is_merged(self) -> bool:
+        return self._merge_state is not None
+
+    def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
+              in_place: bool = False) -> MergeReport:
+        """Fold LoRA/DoRA (and any module with ``fold``) into the base weights.
+
+        Memory: by default merged weights are *new* tensors (one extra copy of each merged
+        weight; the caller's model keeps the originals, which :meth:`unmerge` restores).
+        ``in_place=True`` writes into the storage shared with the caller's model — the caller's
+        model changes too — and keeps a backup copy of each merged weight for :meth:`unmerge`.
+        ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
+        """
+        if self.is_merged:
+            raise MergeError("already merged; call unmerge() first")
+        names = None if names is None else ([names] if isinstance(names, str) else list(names))
+        if names is not None:
+            unknown = set(names) - set(self.spec.adapters)
+            if unknown:
+                raise MergeError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
+        plan = plan_merge(self, names, safe=safe)
+        if strict and plan.kept:
+            raise MergeError("cannot fold every adapter (strict=True); nothing was changed:\n" +
+                             "\n".join(f"  {t}: {why}" for t, why in plan.kept.items()))
+        saved_graph = copy.deepcopy(self.graph)
+        backups: dict[str, nn.Parameter] = {}
+        for pname, value in plan.new_values.items():
+            owner, _, leaf = pname.rpartition(".")
+            mod = self.get_submodule(owner) if owner else self
+            old = mod._parameters[leaf]
+            if in_place:
+                backups[pname] = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+                with torch.no_grad():
+                    old.copy_(value)
+            else:
+                backups[pname] = old
+                mod._parameters[leaf] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        run_pass("merge_adapters", lambda gm: apply_merge(gm, plan), self)
+        report = MergeReport(plan.folded, plan.kept)
+        self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place, "report": report}
+        return report
+
+    def unmerge(self) -> None:
+        """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
+        if not self.is_merged:
+            raise MergeError("not merged")
+        st = self._merge_state
+        for pname, orig in st["backups"].items():
+            owner, _, leaf = pname.rpartition(".")
+            mod = self.get_submodule(owner) if owner else self
+            if st["in_place"]:
+                with torch.no_grad():
+                    mod._parameters[leaf].copy_(orig)
+            else:
+                mod._parameters[leaf] = orig
+        self.graph = st["graph"]
+        self.recompile()
+        self._merge_state = None
+
+    def to_base_model(self, names: Iterable[str] | None = None) -> nn.Module:
+        """A copy of the source Hugging Face model with merged weights (PEFT's ``merge_and_unload``).
+
+        Every selected adapter must fold (raises :class:`MergeError` otherwise). The
+        adapted model itself is left as it was. Memory: one full copy of the base model.
+        """
+        src = self.__dict__.get("_source_model")
+        if src is None:
+            raise MergeError("the source model is not available to copy")
+        was_merged = self.is_merged
+        if not was_merged:
+            self.merge(names, strict=True)
+        try:
+            base_sd = {k: v.detach().clone() for k, v in self.named_parameters()
+                       if not k.startswith("adapters.")}
+        finally:
+            if not was_merged:
+                self.unmerge()
+        out = copy.deepcopy(src)
+        own = dict(out.named_parameters(remove_duplicate=False))
+        missing = [k for k in base_sd if k not in own]
+        if missing:
+            raise MergeError(f"could not map merged weights onto {type(src).__name__}: {missing[:5]}")
+        with torch.no_grad():
+            for k, v in base_sd.items():
+                own[k].copy_(v.to(own[k].dtype))
+        out.train(self.training)
+        return out
+
+    # ------------------------------------------------------------------ metadata
+    def graphadapt_metadata(self) -> dict[str, str]:
+        from . import __version__
+
+        return {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
+                "source_class": self.source_class, "merged": str(self.is_merged).lower()}

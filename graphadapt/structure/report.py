@@ -1,0 +1,98 @@
+"""A JSON-able view of a :class:`StructureMap` and its table rendering (``graphadapt inspect``)."""
+
+from __future__ import annotations
+
+from .types import AttentionBlock, LinearSite, StructureMap
+
+
+def _shape(s: LinearSite) -> str:
+    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out})" if s.fused else "")
+
+
+def structure_report(sm: StructureMap) -> dict:
+    layers = []
+    for layer in sm.layers:
+        rows = []
+
+        def add_attn(blk: AttentionBlock, tag: str):
+            for role in ("q", "k", "v", "o"):
+                s = getattr(blk, role)
+                if s is not None:
+                    rows.append({"block": tag, "role": role, "module": s.name, "shape": _shape(s),
+                                 "layout": s.layout, "fused": s.fused})
+            r = blk.residual
+            rows.append({"block": tag, "role": "residual", "module": r.add.name if r else None,
+                         "placement": r.placement if r else None,
+                         "norm": (r.norm_after or r.norm_before).kind if r and (r.norm_after or r.norm_before) else None,
+                         "norm_module": _norm_path(r)})
+
+        add_attn(layer.attention, "attention")
+        if layer.cross_attention is not None:
+            add_attn(layer.cross_attention, "cross_attention")
+        if layer.ffn is not None:
+            for role in ("up", "gate", "down"):
+                s = getattr(layer.ffn, role)
+                if s is not None:
+                    rows.append({"block": "ffn", "role": role, "module": s.name, "shape": _shape(s),
+                                 "layout": s.layout, "fused": s.fused})
+            r = layer.ffn.residual
+            rows.append({"block": "ffn", "role": "residual", "module": r.add.name if r else None,
+                         "placement": r.placement if r else None,
+                         "norm": (r.norm_after or r.norm_before).kind if r and (r.norm_after or r.norm_before) else None,
+                         "norm_module": _norm_path(r), "activation": layer.ffn.activation})
+        a = layer.attention
+        layers.append({
+            "index": layer.index, "stack": sm.stacks[layer.stack] if layer.stack < len(sm.stacks) else layer.stack,
+            "index_in_stack": layer.index_in_stack, "module": layer.module_path,
+            "attention": {"form": a.form, "kind": a.kind, "heads": a.num_heads, "kv_heads": a.num_kv_heads},
+            "cross_attention": ({"form": layer.cross_attention.form, "heads": layer.cross_attention.num_heads}
+                                if layer.cross_attention is not None else None),
+            "sites": rows,
+        })
+    return {
+        "num_layers": len(sm.layers),
+        "stacks": sm.stacks,
+        "layers": layers,
+        "unmatched": [{"what": u.what, "where": u.where, "reason": u.reason} for u in sm.unmatched],
+    }
+
+
+def _norm_path(r) -> str | None:
+    if r is None:
+        return None
+    n = r.norm_after or r.norm_before
+    if n is None:
+        return None
+    return n.weight.rsplit(".", 1)[0] if n.weight else n.module_path
+
+
+def format_report(report: dict) -> str:
+    """Render the report as a table: layer, role, module path, shape."""
+    hdr = ("layer", "stack", "block", "role", "module", "shape / placement")
+    rows = [hdr]
+    for L in report["layers"]:
+        for r in L["sites"]:
+            if r["role"] == "residual":
+                extra = f"{r.get('placement')} ({r.get('norm') or 'no norm'}: {r.get('norm_module') or '-'})"
+                if r.get("activation"):
+                    extra += f", act={r['activation']}"
+                mod = ""
+            else:
+                extra = r["shape"] + (" conv1d" if r["layout"] == "conv1d" else "")
+                mod = r["module"]
+            rows.append((str(L["index"]), f"{L['stack']}[{L['index_in_stack']}]", r["block"], r["role"], mod, extra))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(hdr))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    a0 = report["layers"][0]["attention"] if report["layers"] else None
+    head = f"{report['num_layers']} layer(s) in stack(s) {', '.join(map(str, report['stacks']))}"
+    if a0:
+        head += f"; attention {a0['form']}, heads {a0['heads']}" + (
+            f" (kv {a0['kv_heads']})" if a0["kv_heads"] and a0["kv_heads"] != a0["heads"] else "")
+    lines.insert(0, head)
+    if report["unmatched"]:
+        lines.append("")
+        lines.append("not adapted by role (reason):")
+        for u in report["unmatched"]:
+            lines.append(f"  {u['what']} {u['where']}: {u['reason']}")
+    return "\n".join(lines)
