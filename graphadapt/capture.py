@@ -298,6 +298,7 @@ class CapturedModule(fx.GraphModule):
                 setattr(res, a, copy.deepcopy(self.__dict__[a], memo) if a != "source_config"
                         else self.__dict__[a])
         res.training = self.training
+        res.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)  # Module.__init__ dropped it
         return res
 
     def __reduce__(self):  # pickling a GraphModule drops our state: refuse clearly instead

@@ -52,7 +52,10 @@ def example_inputs(model: torch.nn.Module, given: dict[str, Any] | None) -> dict
         )
     if not isinstance(inputs, dict):
         raise ExportError(f"example_inputs must be a dict of keyword tensors, got {type(inputs).__name__}")
-    inputs = {k: v for k, v in inputs.items() if v is not None}
+    # Captured constants (use_cache=False) are forward parameters too; torch.export binds
+    # the signature before any pre-hook could fill them in.
+    constants = _attr(model, "constant_inputs") or {}
+    inputs = {**constants, **{k: v for k, v in inputs.items() if v is not None}}
     order = forward_parameter_order(model)
     names = _attr(model, "input_names")
     if names:
@@ -85,21 +88,26 @@ def default_hf_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> d
 
 
 def dynamic_axes(model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool) -> dict[str, dict[int, str]]:
-    """{input: {axis: name}}: ``model.dynamic_dims`` when present, else batch (+ sequence) by name."""
+    """{tensor input: {axis: name}}: ``model.dynamic_dims`` when present, else batch (+ sequence) by name."""
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     if not dynamic:
-        return {}
+        return {k: {} for k in tensors}
     declared = _attr(model, "dynamic_dims")
     if declared:
-        return {k: {int(a): str(n) for a, n in declared.get(k, {}).items()} for k in inputs}
+        return {k: {int(a): str(n) for a, n in (declared.get(k) or {}).items()} for k in tensors}
     axes: dict[str, dict[int, str]] = {}
-    for name, value in inputs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            axes[name] = {}
-            continue
-        axes[name] = {0: "batch"}
+    for name, value in tensors.items():
+        axes[name] = {0: "batch"} if value.dim() >= 1 else {}
         if value.dim() >= 2 and name not in _BATCH_ONLY_INPUTS:
             axes[name][1] = "decoder_sequence" if name.startswith("decoder_") else "sequence"
     return axes
+
+
+def export_dynamic_shapes(inputs: dict[str, Any], axes: dict[str, dict[int, str]]) -> dict[str, Any] | None:
+    """torch.export ``dynamic_shapes`` for the kwargs: ``Dim.DYNAMIC`` per named axis, None for constants."""
+    if not any(axes.values()):
+        return None
+    return {k: ({a: torch.export.Dim.DYNAMIC for a in axes.get(k, {})} or None) for k in inputs}
 
 
 def output_names(outputs: Any) -> list[str]:

@@ -23,6 +23,7 @@ shows them, instead of computing every op in fp16.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -87,12 +88,33 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
     """A deep copy of ``model`` in ``dtype``; the caller's model is never touched."""
     if dtype == torch.float32 and _float_dtypes(model) <= {torch.float32}:
         return model
-    clone = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch pytree LeafSpec deprecation on deepcopy
+        clone = copy.deepcopy(model)
     src = _dominant_float_dtype(model)
+    if isinstance(clone, torch.fx.GraphModule):
+        _keep_device_pins_only(clone)
     clone.to(dtype)  # nn.Module.to converts float params/buffers only; int buffers stay
     if isinstance(clone, torch.fx.GraphModule) and src != dtype:
         retarget_graph_dtype(clone, src, dtype, cast_inputs(example_inputs, dtype))
     return clone
+
+
+def _keep_device_pins_only(gm: torch.fx.GraphModule) -> None:
+    """Stop graphadapt.capture's ``.to()`` hook from rewriting every fp32 pin uniformly.
+
+    A ``CapturedModule`` retargets all pinned fp32 arguments on ``.to(fp16)``, which also
+    turns deliberate fp32 upcasts into fp16; on this private copy the dtype decisions are
+    left to :func:`retarget_graph_dtype` instead (device pins are still honoured).
+    """
+    try:
+        from graphadapt.capture import _PIN_KEY
+    except ImportError:
+        return
+    for n in gm.graph.nodes:
+        pins = n.meta.get(_PIN_KEY)
+        if pins:
+            n.meta[_PIN_KEY] = {k: v for k, v in pins.items() if v == "device"}
 
 
 def _float_dtypes(model: torch.nn.Module) -> set[torch.dtype]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
@@ -136,6 +137,7 @@ def export_onnx(
 
         t = time.perf_counter()
         program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
+        _rename_axes(program, axes)
         seconds["export"] = time.perf_counter() - t
 
         meta = _model.metadata(model)
@@ -225,8 +227,10 @@ def _torch_onnx_export(model, inputs, axes, names, opset):
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" noise
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"# The axis name")
+        # Fake-tensor SDPA strides differ between torch.onnx's decomposition and its
+        # type-promotion pass unless the backend is pinned; T5 then fails with "Cannot view
+        # a tensor ...". Pinning MATH only affects tracing: SDPA still becomes ONNX attention ops.
+        with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             program = torch.onnx.export(
@@ -234,8 +238,8 @@ def _torch_onnx_export(model, inputs, axes, names, opset):
                 (),
                 kwargs=inputs,
                 dynamo=True,
-                dynamic_shapes=axes or None,
-                input_names=list(inputs),
+                dynamic_shapes=_model.export_dynamic_shapes(inputs, axes),
+                input_names=[k for k, v in inputs.items() if isinstance(v, torch.Tensor)],
                 output_names=names,
                 opset_version=opset,
                 optimize=True,
@@ -249,6 +253,23 @@ def _torch_onnx_export(model, inputs, axes, names, opset):
     if len(outs) != len(names):
         warnings.warn(f"ONNX graph has outputs {outs}, expected {names}; kept the exporter's names", stacklevel=3)
     return program
+
+
+def _rename_axes(program, axes: dict[str, dict[int, str]]) -> None:
+    """Give symbolic dims the names in ``axes`` ("batch", "sequence"): the exporter calls them s0, s1 ...
+
+    Done here rather than by passing names to torch.onnx.export, whose renaming assumes every
+    kwarg is a graph input and silently skips renaming when a constant kwarg (use_cache=False) is present.
+    """
+    mapping: dict[str, str] = {}
+    for value in program.model.graph.inputs:
+        for axis, name in axes.get(value.name, {}).items():
+            dim = value.shape[axis] if value.shape is not None and axis < len(value.shape) else None
+            sym = getattr(dim, "value", None)  # onnx_ir.SymbolicDim; static dims are ints
+            if isinstance(sym, str) and sym not in mapping:
+                mapping[sym] = name
+    if mapping:
+        program.rename_axes(mapping)
 
 
 def _export_failure_message(model, inputs, e: BaseException) -> str:

@@ -301,19 +301,22 @@ def verify_onnx(
     else:
         inputs = cast_inputs(dict(inputs), tdtype)
 
+    constants = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}  # use_cache=False ...
     ref_model, ref_dtype = reference, tdtype
     with _model.inference_mode(model), torch.no_grad():
         if ref_model is None:
             ref_model = converted_copy(model, tdtype, example)
         device = _model.model_device(ref_model)
         try:
-            ref_out = ref_model(**{k: v.to(device) for k, v in inputs.items()})
+            ref_out = ref_model(**constants, **{k: v.to(device) for k, v in inputs.items()})
         except (RuntimeError, NotImplementedError) as e:
             if tdtype == torch.float32 or "not implemented" not in str(e).lower():
                 raise VerificationError(f"PyTorch reference failed on the fresh inputs: {_model._one_line(e)}") from e
             # torch lacks a low-precision kernel here: compare against fp32 instead
             ref_dtype = torch.float32
-            ref_out = model(**{k: (v.float() if v.is_floating_point() else v).to(device) for k, v in inputs.items()})
+            ref_out = model(
+                **constants, **{k: (v.float() if v.is_floating_point() else v).to(device) for k, v in inputs.items()}
+            )
     reference_tensors = _model.flat_tensors(ref_out)
 
     outputs, names, used = run_onnxruntime(path, inputs, providers)

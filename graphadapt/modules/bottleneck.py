@@ -10,7 +10,7 @@ add (``norm_kind=None`` when there is none, i.e. pre-LN models):
 Numerically identical to AdapterHub ``adapters`` 1.3.0 ``BottleneckLayer`` with one active adapter
 (``Stack(name)``: ``pre_forward`` → ``Adapter.forward`` → ``post_forward``), with AdapterHub's ``layer_norm``
 argument being the model norm, or ``None`` when ``norm_kind is None``. With ``A(x) = gate(x) · dropout(
-scaling · up(act(down(LN_before(x)))))``:
+scaling · DropPath(up(act(down(LN_before(x))))))`` (DropPath: ``stochastic_depth``, sequential only):
 
 sequential (``is_parallel=False``)::
 
@@ -29,7 +29,7 @@ are ignored, as in AdapterHub)::
 identities when off. ``gate(x) = mean_seq(sigmoid(x @ g.T + g_b))`` of shape ``(batch, 1, 1)`` (inputs are
 ``(batch, seq, hidden)``), 1 when ``use_gating=False``.
 
-Deviations from AdapterHub (all where AdapterHub raises or touches the global RNG):
+Deviations from AdapterHub (none changes the output of a configuration AdapterHub runs, given equal weights):
 
 - ``residual_before_ln="post_add"`` with no norm takes ``res = h + r`` (AdapterHub: UnboundLocalError);
   with ``original_ln_before=False`` it is rejected at construction (AdapterHub: UnboundLocalError).
@@ -382,7 +382,9 @@ class BottleneckAdapter(nn.Module):
             out = out * torch.mean(g, dim=1).unsqueeze(-1)
         return out
 
-    def forward(self, h: Tensor, residual: Tensor, ln_weight: Tensor | None = None, ln_bias: Tensor | None = None):
+    def forward(
+        self, h: Tensor, residual: Tensor, ln_weight: Tensor | None = None, ln_bias: Tensor | None = None
+    ) -> Tensor:
         """``(h, r[, LN.weight, LN.bias])`` → adapted sub-block output; replaces ``LN(h + r)`` (or ``h + r``)."""
         if self.is_parallel:
             y = self.adapter_branch(residual)

@@ -119,21 +119,17 @@ def init_phm_weight(
     distribution. ``init_weights="houlsby"`` instead draws every factor from trunc_normal(0, 1e-2, ±2e-2),
     AdapterHub's Houlsby init for Linear weights (AdapterHub itself crashes on PHM + houlsby).
     """
+    if init_weights == "houlsby":
+        fill = lambda t: nn.init.trunc_normal_(t, 0.0, 1e-2, -2e-2, 2e-2, generator=generator)  # noqa: E731
+    elif config.hypercomplex_nonlinearity == "glorot-uniform":
+        fill = lambda t: nn.init.xavier_uniform_(t, generator=generator)  # noqa: E731
+    elif config.hypercomplex_nonlinearity == "normal":
+        fill = lambda t: nn.init.normal_(t, 0.0, config.phm_init_range, generator=generator)  # noqa: E731
+    else:  # "glorot-normal", and "phm", which AdapterHub accepts and effectively treats as glorot-normal
+        fill = lambda t: nn.init.xavier_normal_(t, generator=generator)  # noqa: E731
     for w in weights:
-        n = w.shape[0]
-        slices = []
-        for _ in range(n):
-            shape = tuple(w.shape[1:])
-            if init_weights == "houlsby":
-                fill = lambda t: nn.init.trunc_normal_(t, 0.0, 1e-2, -2e-2, 2e-2, generator=generator)  # noqa: E731
-            elif config.hypercomplex_nonlinearity == "glorot-uniform":
-                fill = lambda t: nn.init.xavier_uniform_(t, generator=generator)  # noqa: E731
-            elif config.hypercomplex_nonlinearity == "normal":
-                fill = lambda t: nn.init.normal_(t, 0.0, config.phm_init_range, generator=generator)  # noqa: E731
-            else:  # "glorot-normal", and "phm", which AdapterHub accepts and effectively treats as glorot-normal
-                fill = lambda t: nn.init.xavier_normal_(t, generator=generator)  # noqa: E731
-            slices.append(_sample(shape, generator, fill))
-        _copy_(w, torch.stack(slices))
+        # Per slice W[i], so Glorot fans are those of one (in/n, out/n) block, as in AdapterHub.
+        _copy_(w, torch.stack([_sample(tuple(w.shape[1:]), generator, fill) for _ in range(w.shape[0])]))
 
 
 def _init_rule(rules: list[Tensor], config: PHMConfig, generator: torch.Generator, *, shared: bool) -> None:

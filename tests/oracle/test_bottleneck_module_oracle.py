@@ -196,12 +196,10 @@ STRUCTURE = [
 NONLIN = ["relu", "gelu", "swish", "tanh", "gelu_new", "leakyrelu"]
 
 
-@pytest.mark.parametrize(
-    "orig_before,orig_after,res_before_ln,ln_before,ln_after,adapter_res_before_ln,parallel,norm", STRUCTURE
-)
-def test_option_grid(orig_before, orig_after, res_before_ln, ln_before, ln_after, adapter_res_before_ln, parallel, norm):
-    offset = STRUCTURE.index((orig_before, orig_after, res_before_ln, ln_before, ln_after, adapter_res_before_ln,
-                              parallel, norm))  # fmt: skip
+@pytest.mark.parametrize("structure", STRUCTURE, ids=lambda s: "-".join(map(str, s)))
+def test_option_grid(structure):
+    orig_before, orig_after, res_before_ln, ln_before, ln_after, adapter_res_before_ln, parallel, norm = structure
+    offset = STRUCTURE.index(structure)  # rotates the activation across structures
     i = 0
     for scaling, gating, phm in itertools.product([1.0, 2.0, "learned", "channel"], [False, True], [False, True]):
         cfg = BnConfig(
