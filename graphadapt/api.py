@@ -61,9 +61,8 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
             else:
                 run_pass(f"insert_bottleneck[{name}]", insert_bottleneck, gm, name, method, sites, seed,
                          records)
-        for r in records:
-            for p in gm.get_submodule(r["target"]).parameters():
-                p.requires_grad_(True)
+        # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
+        # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model)
         if spec.active is not None:
             gm.set_active(spec.active)

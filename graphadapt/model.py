@@ -201,6 +201,23 @@ class AdaptedModel(CapturedModule):
         out.train(self.training)
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_adapters(self, directory, names=None):
+        """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
+        from .checkpoints import save_adapters
+
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
+        return save_adapters(self, directory, names)
+
+    def load_adapters(self, directory, strict: bool = True) -> list[str]:
+        """Load adapter weights saved by :meth:`save_adapters` into this model."""
+        from .checkpoints import load_adapter_weights
+
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before loading adapters")
+        return load_adapter_weights(self, directory, strict=strict)
+
     # ------------------------------------------------------------------ metadata
     def graphadapt_metadata(self) -> dict[str, str]:
         from . import __version__

@@ -125,6 +125,8 @@ def export_onnx(
         tdtype = parse_dtype(dtype)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; give the path of the .onnx file to write")
     if not path.parent.is_dir():
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     inputs = _model.example_inputs(model, example_inputs)
@@ -188,7 +190,10 @@ def export_onnx(
                 report.reference_dtype = result.reference_dtype
 
             t = time.perf_counter()
-            _commit(tmp, path, external_data)
+            try:
+                _commit(tmp, path, external_data)
+            except OSError as e:
+                raise ExportError(f"moving the checked model into place at {path} failed ({e}); {path} is unchanged") from e
             seconds["commit"] = time.perf_counter() - t
         except VerificationError as e:
             e.args = (f"{e.args[0] if e.args else e} Nothing was written to {path}.", *e.args[1:])

@@ -207,6 +207,7 @@ class BottleneckAdapter(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        self.active = True
         if hidden_size < 1:
             raise SpecError(f"hidden_size must be >= 1, got {hidden_size}", field="hidden_size")
         if not reduction_factor > 0:
@@ -386,6 +387,8 @@ class BottleneckAdapter(nn.Module):
         self, h: Tensor, residual: Tensor, ln_weight: Tensor | None = None, ln_bias: Tensor | None = None
     ) -> Tensor:
         """``(h, r[, LN.weight, LN.bias])`` → adapted sub-block output; replaces ``LN(h + r)`` (or ``h + r``)."""
+        if not self.active:  # AdaptedModel.set_active: behave exactly like the un-adapted sub-block
+            return self._norm(h + residual, ln_weight, ln_bias)
         if self.is_parallel:
             y = self.adapter_branch(residual)
             if self.ln_after:

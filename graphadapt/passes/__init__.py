@@ -31,7 +31,8 @@ def run_pass(name: str, fn: Callable[..., PassResult], gm: fx.GraphModule, *args
     except GraphAdaptError:
         raise
     except Exception as e:  # noqa: BLE001 - surface which pass broke the graph
-        raise PassError(f"graph pass `{name}` failed: {type(e).__name__}: {e}") from e
+        first = (str(e).strip().splitlines() or [""])[0][:500]
+        raise PassError(f"graph pass `{name}` failed: {type(e).__name__}: {first}") from e
     return res
 
 

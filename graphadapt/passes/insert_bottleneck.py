@@ -25,6 +25,7 @@ import torch.fx as fx
 from ..errors import SpecError
 from ..init import adapter_generator
 from ..modules.bottleneck import BottleneckAdapter
+from ..modules.phm import PHMConfig, init_shared_phm_parameters
 from ..structure.types import Layer, ResidualSite, StructureMap
 from . import PassResult, erase_dead, get_attr_node
 
@@ -50,6 +51,16 @@ def select_residual_sites(sm: StructureMap, method, adapter_name: str) -> list[R
         for pos in wanted:
             if pos in res:
                 out.append(ResidualTarget(layer, pos, res[pos]))
+    for t in out:
+        hidden = int(t.site.branch.meta["val"].shape[-1]) if "val" in t.site.branch.meta else None
+        if hidden is None:
+            continue
+        size = max(1, int(hidden // method.reduction_for(t.layer.index)))
+        if method.phm_layer and (size % method.phm_dim or hidden % method.phm_dim):
+            raise SpecError(
+                f"adapter {adapter_name!r}: PHM layers need hidden size ({hidden}) and bottleneck size "
+                f"({size} = {hidden} // reduction_factor {method.reduction_for(t.layer.index)}) divisible by "
+                f"phm_dim={method.phm_dim}; lower reduction_factor or change phm_dim.", field="reduction_factor")
     if not out:
         raise SpecError(
             f"adapter {adapter_name!r}: no residual point found for positions {wanted} in the selected "
@@ -71,21 +82,34 @@ def insert_bottleneck(gm: fx.GraphModule, adapter_name: str, method, targets: li
                       seed: int, records: list) -> PassResult:
     g = gm.graph
     shared = None
+    replaced_by: dict[fx.Node, fx.Node] = {}  # a later site may read a node an earlier one replaced
+
+    def live(n):
+        while n in replaced_by:
+            n = replaced_by[n]
+        return n
+
     for t in targets:
         site = t.site
-        h, stream = site.branch, site.stream
+        h, stream = live(site.branch), live(site.stream)
         hidden = h.meta["val"].shape[-1] if "val" in h.meta else None
         ref = gm.get_parameter(t.layer.attention.o.weight) if t.layer.attention.o else next(gm.parameters())
         norm = site.norm_after
         gen = adapter_generator(seed, adapter_name, t.name)
         kw = module_kwargs(method, t.layer.index)
+        if shared is None and method.phm_layer and (method.shared_phm_rule or method.shared_W_phm):
+            # Compacter shares PHM rules (and optionally W) across every layer of one adapter
+            cfg = PHMConfig(**{f.name: getattr(method, f.name) for f in fields(PHMConfig)})
+            size = max(1, int(int(hidden) // kw["reduction_factor"]))
+            shared = init_shared_phm_parameters(
+                int(hidden), size, cfg, generator=adapter_generator(seed, adapter_name, "shared_phm"),
+                init_weights=method.init_weights, dtype=ref.dtype, device=ref.device)
+            gm.add_submodule(f"adapters.{adapter_name}.shared_phm", shared)
         mod = BottleneckAdapter(
             int(hidden), **kw, shared=shared,
             norm_kind=norm.kind if norm is not None else None,
             norm_eps=norm.eps if norm is not None else 1e-12,
             generator=gen, dtype=ref.dtype, device=ref.device)
-        if shared is None and getattr(mod, "owns_shared", False):
-            shared = mod.shared
         target = f"adapters.{adapter_name}.{t.name}"
         gm.add_submodule(target, mod)
         mod.train(gm.training)
@@ -98,6 +122,7 @@ def insert_bottleneck(gm: fx.GraphModule, adapter_name: str, method, targets: li
         if "val" in replaced.meta:
             node.meta["val"] = replaced.meta["val"]
         replaced.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
+        replaced_by[replaced] = node
         erase_dead(gm, [replaced])
         records.append({"adapter": adapter_name, "method": "bottleneck", "site": t.name, "target": target,
                         "role": t.position, "layer": t.layer.index,
