@@ -292,7 +292,11 @@ class CapturedModule(fx.GraphModule):
         return out
 
     def __deepcopy__(self, memo):
-        res = super().__deepcopy__(memo)
+        import warnings
+
+        with warnings.catch_warnings():  # torch's own TreeSpec deprecation inside GraphModule deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            res = super().__deepcopy__(memo)
         for a in self._graphadapt_attrs + ("_in_spec", "_out_spec"):
             if a in self.__dict__:
                 setattr(res, a, copy.deepcopy(self.__dict__[a], memo) if a != "source_config"

@@ -37,12 +37,12 @@ def _captured(name: str):
     """(torch.export(...).module(), example kwargs) for a tiny seeded HF model."""
     if name == "bert":
         model, kw = tiny_bert(), text_inputs(2, 7)
-    elif name == "gpt2":
-        model, kw = tiny_gpt2(), text_inputs(2, 7)
-    elif name == "llama":  # a constant kwarg (use_cache=False) must survive export and verification
+    elif name == "gpt2":  # constant kwargs (use_cache=False) must survive export and verification
+        model, kw = tiny_gpt2(), {**text_inputs(2, 7), "use_cache": False}
+    elif name == "llama":
         model, kw = tiny_llama(causal_lm=True), {**text_inputs(2, 7), "use_cache": False}
     elif name == "t5":
-        model, kw = tiny_t5(), t5_inputs(2, 7, 5)
+        model, kw = tiny_t5(), {**t5_inputs(2, 7, 5), "use_cache": False}
     else:
         model, kw = tiny_vit(), vit_inputs(2)
     dyn = {

@@ -87,7 +87,7 @@ def _randomize(adapted, seed: int = 0, std: float = 0.1) -> None:
             mod.lora_magnitude.mul_(0.5 + torch.rand(mod.lora_magnitude.shape, generator=g))
 
 
-def _peft(model, target_modules, seed=0, adapter_name="default", peft_model=None, **cfg):
+def _peft(model, target_modules, seed=0, adapter_name="default", peft_model=None, std=0.1, **cfg):
     """PEFT LoRA on a deepcopy of ``model`` (or a new adapter on ``peft_model``) with random
     non-zero A, B (and DoRA magnitude) for ``adapter_name``; eval mode."""
     config = LoraConfig(r=cfg.pop("r", R), lora_alpha=cfg.pop("lora_alpha", ALPHA),
@@ -104,7 +104,7 @@ def _peft(model, target_modules, seed=0, adapter_name="default", peft_model=None
             if f".{adapter_name}." not in k:
                 continue
             if ".lora_A." in k or ".lora_B." in k:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
             elif ".lora_magnitude_vector." in k:
                 p.mul_(0.5 + torch.rand(p.shape, generator=g))
     return peft_model.eval()
@@ -144,6 +144,7 @@ _MODELS = {
               ("all-linear",)),
 }
 _VARIANTS = {
+    # name: (PEFT LoraConfig kwargs, graphadapt LoRA kwargs, expected scaling)
     "lora": (dict(), dict(), ALPHA / R),
     "rslora": (dict(use_rslora=True, init_lora_weights="gaussian"), dict(use_rslora=True, init="gaussian"),
                ALPHA / math.sqrt(R)),
@@ -151,33 +152,51 @@ _VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(_VARIANTS))
 @pytest.mark.parametrize("arch", list(_MODELS))
-def test_parity_with_peft(arch, variant):
+def test_parity_with_peft(arch):
+    """One named adapter per variant (plain, rsLoRA, DoRA) on the same sites, on both sides;
+    each compared alone (set_active / set_adapter), in eval mode, on a batch/sequence
+    length other than the capture's. One capture per architecture keeps this fast."""
     build, peft_targets, our_targets = _MODELS[arch]
-    peft_kw, our_kw, scaling = _VARIANTS[variant]
     model = build()
     inputs = text_inputs(batch=3, seq=5, pad=2, seed=7)  # capture used batch 2, seq 9
     base_out = _run(model, inputs)
 
-    pm = _peft(model, peft_targets, **peft_kw)
-    adapted = ga.apply(model, ga.LoRA(r=R, alpha=ALPHA, targets=our_targets, **our_kw)).eval()
-    n = _copy_from_peft(pm, adapted)
-    assert n == len(adapted.adapter_records) * (3 if variant == "dora" else 2)
+    pm = None
+    for i, (name, (peft_kw, _, _)) in enumerate(_VARIANTS.items()):
+        pm = _peft(model, peft_targets, seed=i, adapter_name=name, peft_model=pm, **peft_kw)
+    spec = ga.Spec({name: ga.LoRA(r=R, alpha=ALPHA, targets=our_targets, **kw)
+                    for name, (_, kw, _) in _VARIANTS.items()})
+    adapted = ga.apply(model, spec).eval()
+    n_sites = len(_sites(adapted, "lora"))
+    assert n_sites == {"bert": 6, "gpt2": 8, "llama": 14}[arch]
+    for name, (_, _, scaling) in _VARIANTS.items():
+        n = _copy_from_peft(pm, adapted, name)
+        assert n == n_sites * (3 if name == "dora" else 2)
+        for r in adapted.adapter_records:
+            if r["adapter"] != name:
+                continue
+            assert adapted.get_submodule(r["target"]).scaling == pytest.approx(scaling, rel=0, abs=1e-12)
+            peft_layer = pm.base_model.model.get_submodule(r["site"])
+            assert peft_layer.scaling[name] == pytest.approx(scaling, rel=0, abs=1e-12)
+    assert _VARIANTS["lora"][2] == 2.0 and _VARIANTS["dora"][2] == 2.0  # r=8, alpha=16
+    assert _VARIANTS["rslora"][2] == pytest.approx(16 / math.sqrt(8))
 
-    for r in adapted.adapter_records:
-        mod = adapted.get_submodule(r["target"])
-        assert mod.scaling == pytest.approx(scaling, rel=0, abs=1e-12)
-        assert pm.base_model.model.get_submodule(r["site"]).scaling["default"] == pytest.approx(scaling, abs=1e-12)
-    if variant in ("lora", "dora"):
-        assert scaling == 2.0
-    else:
-        assert scaling == pytest.approx(16 / math.sqrt(8))
+    outs = {}
+    for name in _VARIANTS:
+        adapted.set_active(name)
+        pm.base_model.set_adapter(name)
+        ref, outs[name] = _run(pm, inputs), _run(adapted, inputs)
+        assert type(outs[name]) is type(base_out)
+        assert _max_diff(outs[name], ref) <= ATOL, name
+        assert _max_diff(outs[name], base_out) > 1e-3, name  # the adapter really did something
+    assert _max_diff(outs["lora"], outs["rslora"]) > 1e-3 and _max_diff(outs["lora"], outs["dora"]) > 1e-3
 
-    ref, out = _run(pm, inputs), _run(adapted, inputs)
-    assert type(out) is type(base_out)
-    assert _max_diff(out, ref) <= ATOL
-    assert _max_diff(out, base_out) > 1e-3  # the adapters really did something
+    # All three on the same layers: adapters run in spec order, as PEFT runs its active list;
+    # DoRA (last) rescales a result that already holds the plain/rsLoRA deltas.
+    adapted.set_active(None)
+    pm.base_model.set_adapter(list(_VARIANTS))
+    assert _max_diff(_run(adapted, inputs), _run(pm, inputs)) <= ATOL
 
 
 def test_gpt2_role_targets_touch_only_q_and_v_slices():
@@ -252,14 +271,14 @@ def test_gradients_reach_only_adapter_parameters():
 
 def test_training_lowers_loss_and_leaves_callers_model_alone():
     """30 Adam steps on a teacher-student regression: the target is the logits of this adapted
-    Llama CausalLM with random LoRA weights (so it is reachable); the student restarts from
+    Llama CausalLM (LoRA on q, v) with random LoRA weights (so it is reachable); the student restarts from
     B = 0 with a different A. The caller's model is bit-identical afterwards.
 
     (Next-token cross-entropy is no good here: with the tiny model's frozen lm_head of std 0.02
     after an RMSNorm, no hidden state can push the loss far below log(vocab).)"""
     model = tiny_llama(causal_lm=True)
     snap = _snapshot(model)
-    adapted = ga.apply(model, ga.LoRA(r=8, alpha=16, targets=("all-linear",)))
+    adapted = ga.apply(model, ga.LoRA(r=8, alpha=16, targets=("q", "v")))
     _assert_unchanged(model, snap)
     adapted.train()
     batch = text_inputs(batch=4, seq=8, seed=5)
@@ -290,7 +309,7 @@ def test_training_lowers_loss_and_leaves_callers_model_alone():
         losses.append(loss.item())
     with torch.no_grad():
         final = loss_fn().item()
-    assert final < 0.2 * losses[0], losses  # measured: about 0.02 x
+    assert final < 0.2 * losses[0], losses  # measured: about 0.04 x
     _assert_unchanged(model, snap)
     assert all(p.grad is None for p in model.parameters())
 
@@ -309,7 +328,8 @@ def test_apply_does_not_modify_callers_model():
         assert ours[n] is not p and not ours[n].requires_grad
     _randomize(adapted)
     adapted.train()
-    adapted(**inputs).last_hidden_state.sum().backward()
+    adapted(**inputs).last_hidden_state.square().mean().backward()
+    assert all(p.grad is not None for p in adapted.trainable_parameters().values())
     _assert_unchanged(model, snap)
     assert all(p.grad is None for p in model.parameters())
     assert _max_diff(_run(model, inputs), before) == 0
@@ -431,7 +451,8 @@ def test_several_adapters_match_peft_multi_adapter_and_set_active():
     model = tiny_bert()
     inputs = text_inputs(batch=3, seq=5, pad=2, seed=2)
     pm = _peft(model, ["query", "value"], adapter_name="a", seed=1)
-    pm = _peft(model, ["query"], adapter_name="b", seed=2, peft_model=pm, r=4, lora_alpha=8, use_rslora=True)
+    pm = _peft(model, ["query"], adapter_name="b", seed=2, peft_model=pm, r=4, lora_alpha=8, use_rslora=True,
+               std=0.3)
     adapted = ga.apply(model, ga.Spec({"a": ga.LoRA(r=8, alpha=16, targets=("q", "v")),
                                        "b": ga.LoRA(r=4, alpha=8, targets=("q",), use_rslora=True)})).eval()
     _copy_from_peft(pm, adapted, "a")
@@ -523,7 +544,8 @@ def test_gated_lora_runs_and_gate_matters():
     # the gate trains
     adapted.train()
     adapted.get_submodule("adapters.default.encoder.layer.0.attention.self.query").gate.bias.data.fill_(0.0)
-    adapted(**inputs).last_hidden_state.sum().backward()
+    # (not .sum(): BERT ends in a LayerNorm, whose output sums to a constant)
+    adapted(**inputs).last_hidden_state.square().mean().backward()
     g = adapted.get_submodule("adapters.default.encoder.layer.0.attention.self.query").gate
     assert g.weight.grad is not None and g.weight.grad.abs().max() > 0
 

@@ -29,6 +29,14 @@ def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: Linear
     gm.add_submodule(target, module)
     w, b = _weight_args(gm, site)
     y = site.output
+    # Stack after the adapters already on this output, so they run in insertion (spec) order:
+    # m2(x, m1(x, y0, W, b), W, b). DoRA rescales its incoming y, so order matters (as in PEFT).
+    while True:
+        tail = [u for u in y.users if u.op == "call_module" and u.args[1] is y
+                and u.meta.get("graphadapt", {}).get("kind") == "linear"]
+        if not tail:
+            break
+        y = tail[0]
     with gm.graph.inserting_after(y):
         node = gm.graph.call_module(target, args=(site.input, y, w, b))
     y.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)

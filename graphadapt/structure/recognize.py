@@ -37,7 +37,7 @@ _QKV_OPS = _SHAPE_OPS | {
     aten.unbind.int, aten.stack.default,
 }
 _MASKING = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
+    aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
     aten.div.Scalar, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
     aten.where.ScalarOther, aten.where.ScalarSelf,
 } | PASSTHROUGH
@@ -203,8 +203,10 @@ class _Recognizer:
             if not _is(n, _MASKING):
                 return None
             cands = [a for a in _nodes(n.args) if a.op == "call_function"]
-            # follow the operand that came from a matmul most recently
-            n = max(cands, key=lambda a: self.order[a]) if cands else None
+            # a direct QKᵀ operand wins (T5 4.57: ``scores += position_bias``, whose bias operand
+            # is computed later than the matmul); otherwise follow the most recent operand
+            mm = [a for a in cands if _is(a, _MATMUL)]
+            n = mm[0] if mm else (max(cands, key=lambda a: self.order[a]) if cands else None)
         if qk is None:
             return None
         # forward: softmax → dropout/cast → matmul(p, v)

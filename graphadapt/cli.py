@@ -1,0 +1,217 @@
+"""``graphadapt`` command line: inspect | apply | export | verify | demo.
+
+Every stage prints one progress line; a failed verification exits non-zero, so
+``graphadapt export`` can gate a deployment pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_VERIFY = 0, 1, 3
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.n, self.quiet = total, 0, quiet
+
+    @contextmanager
+    def stage(self, name: str):
+        self.n += 1
+        if not self.quiet:
+            print(f"[{self.n}/{self.total}] {name} …", end="", flush=True)
+        t = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if not self.quiet:
+                print(" failed", flush=True)
+            raise
+        if not self.quiet:
+            print(f" done ({time.perf_counter() - t:.1f} s)", flush=True)
+
+
+def _load(args):
+    from .zoo import default_model, load_model
+
+    if args.model:
+        return args.model, load_model(args.model)
+    return default_model()
+
+
+def _spec_from_args(args):
+    from .checkpoints import read_spec
+    from .spec import as_spec
+
+    if getattr(args, "spec", None):
+        return as_spec(args.spec)
+    if getattr(args, "adapters", None):
+        return read_spec(args.adapters)
+    raise SystemExit("graphadapt: give --spec spec.yaml (or --adapters CHECKPOINT_DIR holding spec.json)")
+
+
+def _adapted(args, progress):
+    from . import apply
+    from .checkpoints import load_adapter_weights
+
+    spec = _spec_from_args(args)
+    with progress.stage("load model"):
+        name, model = _load(args)
+    with progress.stage(f"capture + rewrite ({name})"):
+        adapted = apply(model, spec)
+    if getattr(args, "adapters", None):
+        with progress.stage(f"load adapters from {args.adapters}"):
+            load_adapter_weights(adapted, args.adapters)
+    return adapted
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_inspect(args) -> int:
+    from .api import inspect
+    from .structure.report import format_report
+
+    name, model = _load(args)
+    rep = inspect(model)
+    if args.json:
+        print(json.dumps({"model": name, **rep}, indent=2))
+    else:
+        print(f"model: {name} ({type(model).__name__})")
+        print(format_report(rep))
+    return EXIT_OK
+
+
+def cmd_apply(args) -> int:
+    prog = _Progress(3 if args.save else 2)
+    adapted = _adapted(args, prog)
+    adapted.summary()
+    if args.save:
+        with prog.stage(f"save adapters to {args.save}"):
+            adapted.save_adapters(args.save)
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from .errors import VerificationError
+    from .exporters import export_onnx, export_triton
+
+    prog = _Progress(3 + (1 if args.adapters else 0) + (1 if args.merge else 0))
+    adapted = _adapted(args, prog)
+    if args.merge:
+        with prog.stage("merge"):
+            report = adapted.merge()
+        print(f"      {report}".replace("\n", "\n      "))
+    try:
+        with prog.stage(f"export {args.dtype} + verify" if args.verify else f"export {args.dtype}"):
+            if args.triton:
+                path = export_triton(adapted, args.triton, args.name, max_batch_size=args.max_batch_size,
+                                     dtype=args.dtype, merge=False, verify=args.verify)
+                rep = None
+            else:
+                rep = export_onnx(adapted, args.output, dtype=args.dtype, merge=False, verify=args.verify,
+                                  opset=args.opset)
+    except VerificationError as e:
+        print(f"verification FAILED: {e}", file=sys.stderr)
+        return EXIT_VERIFY
+    if rep is not None:
+        print(rep.summary())
+    else:
+        print(f"Triton model repository: {path}")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from .errors import VerificationError
+    from .exporters import verify_onnx
+
+    prog = _Progress(3 + (1 if args.adapters else 0))
+    adapted = _adapted(args, prog)
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(args.onnx, load_external_data=False).metadata_props}
+    if meta.get("merged", "true") == "true" or meta.get("graphadapt_merged") == "true":
+        adapted.merge()
+    try:
+        with prog.stage(f"verify {args.onnx}"):
+            res = verify_onnx(args.onnx, adapted)
+    except VerificationError as e:
+        print(f"verification FAILED: {e}", file=sys.stderr)
+        return EXIT_VERIFY
+    print(res.summary() if hasattr(res, "summary") else res)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(model_name=args.model, steps=args.steps, out_dir=Path(args.out), export=not args.no_export)
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .zoo import KNOWN
+
+    p = argparse.ArgumentParser(prog="graphadapt", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    model_help = f"a local Hugging Face model directory or one of: {', '.join(KNOWN)} (default: minilm if installed, else tiny-bert)"
+
+    s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
+    s.add_argument("--model", help=model_help)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("apply", help="apply a spec, print the adapter summary, optionally save the adapters")
+    s.add_argument("--model", help=model_help)
+    s.add_argument("--spec", help="spec file (.yaml/.json)")
+    s.add_argument("--adapters", help="adapter checkpoint directory to load")
+    s.add_argument("--save", help="write the adapters (spec.json + adapters.safetensors) here")
+    s.set_defaults(fn=cmd_apply)
+
+    s = sub.add_parser("export", help="apply, (merge,) export to ONNX and verify with onnxruntime")
+    s.add_argument("--model", help=model_help)
+    s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
+    s.add_argument("--adapters", help="adapter checkpoint directory (from `apply --save` / save_adapters)")
+    s.add_argument("--merge", dest="merge", action="store_true", default=True, help="fold LoRA into weights (default)")
+    s.add_argument("--no-merge", dest="merge", action="store_false")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--opset", type=int, default=None)
+    s.add_argument("--no-verify", dest="verify", action="store_false", default=True)
+    s.add_argument("--triton", metavar="DIR", help="write a Triton model repository here instead of -o")
+    s.add_argument("--name", default="model", help="Triton model name")
+    s.add_argument("--max-batch-size", type=int, default=8)
+    s.add_argument("-o", "--output", default="model.onnx")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("verify", help="re-check an existing ONNX file against PyTorch")
+    s.add_argument("onnx")
+    s.add_argument("--model", help=model_help)
+    s.add_argument("--spec")
+    s.add_argument("--adapters")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("demo", help="LoRA + adapter on the embedded model: train, merge, export, verify, time")
+    s.add_argument("--model", default=None, help=model_help)
+    s.add_argument("--steps", type=int, default=40)
+    s.add_argument("--out", default="out", help="where to write demo.onnx")
+    s.add_argument("--no-export", action="store_true")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    from .errors import GraphAdaptError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GraphAdaptError as e:
+        print(f"\ngraphadapt: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""``graphadapt demo``: LoRA + a bottleneck adapter on the embedded model, end to end.
+
+load → apply (LoRA on q,v + Pfeiffer adapter) → train a few steps on a built-in sentiment
+task → merge (LoRA folds, the adapter stays) → export ONNX → verify with onnxruntime →
+latency of PyTorch vs onnxruntime on the same inputs. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+POSITIVE = ["a wonderful film with great acting", "i loved every minute of it", "brilliant and moving story",
+            "the best meal i have had in years", "a delightful and charming book", "superb service and friendly staff",
+            "great value and excellent quality", "an inspiring and joyful performance", "beautiful music and a happy ending",
+            "fantastic work , highly recommended", "the team was helpful and kind", "what a lovely surprise"]
+NEGATIVE = ["a boring film with terrible acting", "i hated every minute of it", "dull and painful story",
+            "the worst meal i have had in years", "a tedious and awful book", "rude service and unfriendly staff",
+            "poor value and bad quality", "a depressing and miserable performance", "ugly music and a sad ending",
+            "horrible work , not recommended", "the team was useless and rude", "what a nasty disappointment"]
+
+
+def _tokenize(model_name: str, model: nn.Module, texts: list[str], seq: int):
+    """Real WordPiece for MiniLM; a stable word hash into the vocabulary for seeded models."""
+    if model_name == "minilm":
+        from transformers import AutoTokenizer
+
+        from .zoo import minilm_dir
+
+        tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+        enc = tok(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    vocab = model.config.vocab_size
+    ids = torch.zeros(len(texts), seq, dtype=torch.long)
+    mask = torch.zeros(len(texts), seq, dtype=torch.long)
+    for i, t in enumerate(texts):
+        words = t.split()[:seq]
+        ids[i, :len(words)] = torch.tensor([1 + zlib.crc32(w.encode()) % (vocab - 1) for w in words])
+        mask[i, :len(words)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def _median_ms(fn, runs: int = 20) -> tuple[float, float]:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(ts, n=4)
+    return statistics.median(ts), q[2] - q[0]
+
+
+def run_demo(model_name: str | None = None, steps: int = 40, out_dir: Path = Path("out"), export: bool = True) -> int:
+    from . import LoRA, SeqBn, Spec, apply
+    from .cli import EXIT_OK, EXIT_VERIFY, _Progress
+    from .errors import VerificationError
+    from .init import isolated_rng
+    from .zoo import default_model, load_model
+
+    prog = _Progress(6 if export else 4)
+    with prog.stage("load model"):
+        name, model = (model_name, load_model(model_name)) if model_name else default_model()
+    n_base = sum(p.numel() for p in model.parameters())
+    print(f"      model: {name} ({type(model).__name__}, {n_base / 1e6:.1f} M parameters)")
+
+    spec = Spec({"lora": LoRA(r=8, alpha=16, targets=("q", "v")),
+                 "adapter": SeqBn(reduction_factor=8, init_weights="mam_adapter")}, seed=0)
+    with prog.stage("capture + recognise + insert LoRA and adapter"):
+        adapted = apply(model, spec)
+    print("      " + adapted.summary(print_fn=None).replace("\n", "\n      "))
+
+    texts = POSITIVE + NEGATIVE
+    labels = torch.tensor([1] * len(POSITIVE) + [0] * len(NEGATIVE))
+    batch = _tokenize(name, model, texts, seq=16)
+    with torch.no_grad():
+        width = adapted(**batch).last_hidden_state.shape[-1]
+    with isolated_rng():
+        torch.manual_seed(0)
+        head = nn.Linear(width, 2)
+    params = list(adapted.trainable_parameters().values()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    with prog.stage(f"train {steps} steps on {len(texts)} built-in sentences"):
+        adapted.train()
+        losses = []
+        for step in range(steps):
+            logits = head(_pool(adapted(**batch).last_hidden_state, batch["attention_mask"]))
+            loss = nn.functional.cross_entropy(logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        adapted.eval()
+    with torch.no_grad():
+        acc = (head(_pool(adapted(**batch).last_hidden_state, batch["attention_mask"])).argmax(-1) == labels).float().mean()
+    n_train = sum(p.numel() for p in params)
+    print(f"      trained {n_train:,} parameters ({100 * n_train / n_base:.2f} % of the base); "
+          f"loss {losses[0]:.3f} → {losses[-1]:.3f}; train accuracy {acc:.0%}")
+
+    with torch.no_grad():
+        before = adapted(**batch).last_hidden_state
+    with prog.stage("merge"):
+        report = adapted.merge()
+    with torch.no_grad():
+        after = adapted(**batch).last_hidden_state
+    print(f"      folded {len(report.folded)} LoRA module(s), kept {len(report.kept)} adapter module(s) in the graph; "
+          f"max |merged - unmerged| = {(after - before).abs().max():.2e}")
+    if not export:
+        return EXIT_OK
+
+    from .exporters import export_onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "demo.onnx"
+    try:
+        with prog.stage(f"export ONNX + verify with onnxruntime → {path}"):
+            rep = export_onnx(adapted, path, merge=False, verify=True)
+    except VerificationError as e:
+        print(f"verification FAILED: {e}")
+        return EXIT_VERIFY
+    worst = max(rep.max_abs_diff.values(), default=float("nan"))
+    print(f"      {rep.node_count} ONNX nodes, {rep.file_size / 2**20:.1f} MiB; verified on new shapes "
+          f"{rep.verify_input_shapes}: max abs diff {worst:.2e}")
+
+    with prog.stage("latency, PyTorch vs onnxruntime (same inputs, CPU)"):
+        import numpy as np
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed_names = [i.name for i in sess.get_inputs()]
+        x = {k: batch[k] for k in feed_names}
+        feed = {k: v.numpy().astype(np.int64) for k, v in x.items()}
+        with torch.inference_mode():
+            pt_ms, pt_iqr = _median_ms(lambda: adapted(**x))
+        ort_ms, ort_iqr = _median_ms(lambda: sess.run(None, feed))
+    print(f"      batch {tuple(batch['input_ids'].shape)}: PyTorch {pt_ms:.2f} ms (IQR {pt_iqr:.2f}), "
+          f"onnxruntime {ort_ms:.2f} ms (IQR {ort_iqr:.2f}); ratio ort/PyTorch {ort_ms / pt_ms:.2f}")
+    return EXIT_OK
