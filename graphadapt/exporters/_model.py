@@ -93,7 +93,7 @@ def dynamic_axes(model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool) 
     if not dynamic:
         return {k: {} for k in tensors}
     declared = _attr(model, "dynamic_dims")
-    if declared:
+    if declared is not None:  # an empty dict is a statically captured model: keep it static
         return {k: {int(a): str(n) for a, n in (declared.get(k) or {}).items()} for k in tensors}
     axes: dict[str, dict[int, str]] = {}
     for name, value in tensors.items():

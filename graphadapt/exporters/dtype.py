@@ -85,8 +85,8 @@ def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 
 def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: dict[str, Any]) -> torch.nn.Module:
-    """A deep copy of ``model`` in ``dtype``; the caller's model is never touched."""
-    if dtype == torch.float32 and _float_dtypes(model) <= {torch.float32}:
+    """A deep copy of ``model`` in ``dtype`` (``model`` itself when already there); never converts in place."""
+    if _float_dtypes(model) <= {dtype}:
         return model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch pytree LeafSpec deprecation on deepcopy

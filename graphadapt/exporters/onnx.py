@@ -193,7 +193,7 @@ def export_onnx(
             try:
                 _commit(tmp, path, external_data)
             except OSError as e:
-                raise ExportError(f"moving the checked model into place at {path} failed ({e}); {path} is unchanged") from e
+                raise ExportError(f"moving the checked model to {path} failed ({e}); {path} is unchanged") from e
             seconds["commit"] = time.perf_counter() - t
         except VerificationError as e:
             e.args = (f"{e.args[0] if e.args else e} Nothing was written to {path}.", *e.args[1:])

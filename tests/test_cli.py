@@ -1,0 +1,84 @@
+"""The CLI as a user (or a deployment pipeline) drives it."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+import graphadapt as ga
+from graphadapt.cli import EXIT_VERIFY, main
+from graphadapt.zoo import load_model
+
+
+def test_inspect_table_and_json(capsys):
+    assert main(["inspect", "--model", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.self_attn.q_proj" in out and "gate" in out and "pre_ln" in out
+    assert main(["inspect", "--model", "tiny-t5", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["num_layers"] == 4 and len(rep["stacks"]) == 2
+    assert any(L["cross_attention"] for L in rep["layers"])
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["inspect", "--model", "no-such-model"]) == 1
+    assert "neither a known name" in capsys.readouterr().err
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    spec = ga.Spec({"task": ga.LoRA(r=4, alpha=8, targets=("q", "v")),
+                    "bn": ga.SeqBn(reduction_factor=8, init_weights="mam_adapter")})
+    spec_path = tmp_path / "spec.yaml"
+    spec.save(spec_path)
+    ckpt = tmp_path / "ckpt"
+    assert main(["apply", "--model", "tiny-bert", "--spec", str(spec_path), "--save", str(ckpt)]) == 0
+    # give the saved adapters non-zero weights, as training would
+    adapted = ga.checkpoints.load(load_model("tiny-bert"), ckpt)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for n, p in adapted.named_parameters():
+            if n.startswith("adapters."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    adapted.save_adapters(ckpt)
+    return spec_path, ckpt, adapted
+
+
+def test_export_then_verify_gate(checkpoint, tmp_path, capsys):
+    spec_path, ckpt, adapted = checkpoint
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", "tiny-bert", "--adapters", str(ckpt), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[5/5] export fp32 + verify" in text and "folded 4" in text and "kept 2" in text
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert ga.Spec.from_json(meta["graphadapt_spec"]) == ga.Spec.load(spec_path)
+    assert main(["verify", str(out), "--model", "tiny-bert", "--adapters", str(ckpt)]) == 0
+    # the same file checked against *other* adapter weights must fail the gate
+    other = tmp_path / "other"
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if n.endswith("lora_B"):
+                p.mul_(-3.0)
+    adapted.save_adapters(other)
+    assert main(["verify", str(out), "--model", "tiny-bert", "--adapters", str(other)]) == EXIT_VERIFY
+    assert "verification FAILED" in capsys.readouterr().err
+
+
+def test_export_triton(checkpoint, tmp_path):
+    _, ckpt, _ = checkpoint
+    repo = tmp_path / "repo"
+    assert main(["export", "--model", "tiny-bert", "--adapters", str(ckpt), "--triton", str(repo),
+                 "--name", "bert", "--max-batch-size", "4"]) == 0
+    assert (repo / "bert" / "1" / "model.onnx").exists()
+    cfg = (repo / "bert" / "config.pbtxt").read_text()
+    assert 'name: "input_ids"' in cfg and "max_batch_size: 4" in cfg
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--model", "tiny-bert", "--steps", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[6/6] latency" in out and "max abs diff" in out and "folded 4 LoRA" in out
+    assert (tmp_path / "demo.onnx").exists()
