@@ -30,16 +30,22 @@ from graphadapt.exporters import export_onnx  # noqa: E402
 from graphadapt.zoo import default_model, load_model  # noqa: E402
 
 
-def timed(fn, runs: int) -> tuple[float, float]:
-    for _ in range(5):
-        fn()
-    ts = []
+def timed_interleaved(fns: dict, runs: int) -> dict[str, tuple[float, float]]:
+    """Median and IQR (ms) per callable, timing them round-robin so drift hits all equally."""
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    ts = {k: [] for k in fns}
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(ts, n=4)
-    return statistics.median(ts), q[2] - q[0]
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for k, v in ts.items():
+        q = statistics.quantiles(v, n=4)
+        out[k] = (statistics.median(v), q[2] - q[0])
+    return out
 
 
 def main() -> None:
@@ -79,21 +85,19 @@ def main() -> None:
                 for k, r in reports.items()}
     feeds = {k: {i.name: x[i.name].numpy() for i in s.get_inputs()} for k, s in sessions.items()}
 
-    res = {}
-    for k, s in sessions.items():
-        res[f"ort {k}"] = timed(lambda s=s, f=feeds[k]: s.run(None, f), args.runs)
-    with torch.inference_mode():
-        res["eager base"] = timed(lambda: model(**x), args.runs)
-        res["eager graphadapt unmerged"] = timed(lambda: adapted(**x), args.runs)
+    fns = {f"ort {k}": (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+    fns["eager base"] = lambda: model(**x)
+    fns["eager graphadapt unmerged"] = lambda: adapted(**x)
     try:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["query", "key", "value", "attention.output.dense"])
         peft_model = get_peft_model(copy.deepcopy(model), cfg).eval()
-        with torch.inference_mode():
-            res["eager peft unmerged"] = timed(lambda: peft_model(**x), args.runs)
+        fns["eager peft unmerged"] = lambda: peft_model(**x)
     except Exception as e:  # noqa: BLE001 - the peer is optional
         print(f"(PEFT comparison skipped: {type(e).__name__}: {e})")
+    with torch.inference_mode():
+        res = timed_interleaved(fns, args.runs)
 
     print(f"model {name}, batch {args.batch} x seq {args.seq}, {args.threads} thread(s), median of {args.runs} (IQR)")
     for k, (med, iqr) in res.items():

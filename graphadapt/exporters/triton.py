@@ -114,11 +114,14 @@ def triton_config(onnx_path: str | os.PathLike, name: str, max_batch_size: int, 
             dtype = TRITON_TYPES.get(v["elem_type"])
             if dtype is None:
                 raise ExportError(f"{section} '{v['name']}' has ONNX element type {v['elem_type']} that Triton lacks")
+            # a per-example scalar ([batch] only) is declared [1] and reshaped back to []
+            reshape = "    reshape: { shape: [ ] }\n" if max_batch_size > 0 and len(v["dims"]) == 1 else ""
             entries.append(
                 "  {\n"
                 f'    name: "{v["name"]}"\n'
                 f"    data_type: {dtype}\n"
                 f"    dims: [ {', '.join(str(d) for d in dims)} ]\n"
+                f"{reshape}"
                 "  }"
             )
         lines.append(",\n".join(entries))
@@ -137,9 +140,7 @@ def _triton_dims(v: dict[str, Any], max_batch_size: int) -> list[int]:
             f"'{v['name']}' has no dynamic batch axis (dims {v['dims']}), but max_batch_size={max_batch_size} "
             "makes Triton add one; export with dynamic=True or use max_batch_size=0"
         )
-    rest = dims[1:]
-    # Triton needs at least one dim besides the implicit batch axis
-    return rest or [1]
+    return dims[1:] or [1]  # Triton needs a dim besides the implicit batch axis
 
 
 def parse_config(text: str) -> dict[str, Any]:

@@ -25,12 +25,14 @@ from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 
-# (atol, rtol). Measured worst case on tiny BERT/GPT-2/Llama/T5/ViT (docs/export.md):
-# fp32 ≤ 2e-6 abs, fp16 ≤ 4e-3 abs; bf16 cannot run on onnxruntime's CPU provider.
+# (atol, rtol). Worst max-abs diffs measured on the tiny BERT/GPT-2/Llama/T5/ViT test models
+# (docs/export.md): fp32 1.3e-6, fp16 3.9e-3 (against torch fp16; 2.0e-3 against fp32).
+# Defaults leave ~80x (fp32) and ~8x (fp16) headroom for deeper models. bf16 cannot run on
+# onnxruntime's CPU provider; torch bf16 vs fp32 differs by <= 2.3e-2 here, so ~4x headroom.
 DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4),
-    torch.float16: (2e-2, 2e-2),
-    torch.bfloat16: (1e-1, 5e-2),
+    torch.float16: (3e-2, 3e-2),
+    torch.bfloat16: (1e-1, 1e-1),
 }
 
 _ONNX_TO_TORCH = {
