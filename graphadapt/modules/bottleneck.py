@@ -383,6 +383,9 @@ class BottleneckAdapter(nn.Module):
             out = out * torch.mean(g, dim=1).unsqueeze(-1)
         return out
 
+    mergeable = False
+    merge_refusal = "bottleneck adapter: non-linear in its input, so it stays in the graph"
+
     def forward(
         self, h: Tensor, residual: Tensor, ln_weight: Tensor | None = None, ln_bias: Tensor | None = None
     ) -> Tensor:

@@ -248,6 +248,13 @@ class LoRAModule(nn.Module):
         """False for gated LoRA, whose update depends on the input."""
         return not self.use_gating
 
+    @property
+    def merge_refusal(self) -> str | None:
+        """Why :meth:`fold` is impossible (``None`` when mergeable); shown in merge reports."""
+        if self.use_gating:
+            return "gated LoRA: its gate depends on the input, so it cannot fold into a weight"
+        return None
+
     def _refuse_gated(self, what: str) -> None:
         if self.use_gating:
             raise MergeError(

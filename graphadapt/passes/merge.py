@@ -32,9 +32,25 @@ def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters.")]
 
 
+def _blocked_weights(gm: fx.GraphModule, nodes: list[fx.Node], names) -> dict[str, str]:
+    """Weights that must not change because an active DoRA that stays in the graph reads them
+    (its norm and base term use ``W``): folding anything else into ``W`` would alter its output."""
+    blocked = {}
+    for n in nodes:
+        if n.meta.get("graphadapt", {}).get("kind") != "linear":
+            continue
+        mod = gm.get_submodule(str(n.target))
+        stays = names is not None and str(n.target).split(".")[1] not in names
+        if getattr(mod, "use_dora", False) and getattr(mod, "active", True) and stays:
+            blocked[n.args[2].target] = (f"an active DoRA adapter on the same weight ({n.target}) is not being "
+                                         "merged and reads this weight; merge it too, or deactivate it")
+    return blocked
+
+
 def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
     plan = MergePlan()
     nodes = adapter_nodes(gm)
+    blocked = _blocked_weights(gm, nodes, names)
     for n in nodes:
         target = str(n.target)
         adapter = target.split(".")[1]
@@ -50,6 +66,9 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
             plan.kept[target] = why
             continue
         w_node, b_node = n.args[2], n.args[3]
+        if w_node.target in blocked:
+            plan.kept[target] = blocked[w_node.target]
+            continue
         w = plan.new_values.get(w_node.target)
         if w is None:
             w = gm.get_parameter(w_node.target).detach()
