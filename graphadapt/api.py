@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .capture import capture
-from .errors import SpecError
+from .errors import PassError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .passes import run_pass
@@ -32,7 +32,20 @@ def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
         else:
             raise SpecError(f"adapter {name!r}: method {method.method!r} has no insertion pass in this "
                             f"version of graphadapt (supported: lora, bottleneck)", field="method")
-    return plan
+    taken: dict[str, str] = {}
+    for name, method, sites in plan:
+        if method.method != "bottleneck":
+            continue
+        for t in sites:
+            if t.name in taken:
+                raise SpecError(
+                    f"adapters {taken[t.name]!r} and {name!r} both put a bottleneck adapter at {t.name}; "
+                    "composing bottleneck adapters at one residual point (AdapterHub's Stack/Parallel) is "
+                    "not supported yet. Use separate specs, or different layers/positions.", field="adapters")
+            taken[t.name] = name
+    # LoRA first: it only adds nodes, while a bottleneck pass replaces the norm/add it sits on,
+    # rewiring every consumer (LoRA inputs included) to the adapter's output.
+    return sorted(plan, key=lambda item: item[1].method != "lora")
 
 
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
@@ -61,6 +74,11 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
             else:
                 run_pass(f"insert_bottleneck[{name}]", insert_bottleneck, gm, name, method, sites, seed,
                          records)
+        gm.meta.pop("graphadapt_replaced", None)
+        dead = [n.target for n in gm.graph.nodes
+                if n.op == "call_module" and str(n.target).startswith("adapters.") and not n.users]
+        if dead:  # an adapter nobody reads would train and do nothing: never let that pass silently
+            raise PassError(f"internal error: adapter node(s) {dead[:3]} are disconnected from the output")
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model)

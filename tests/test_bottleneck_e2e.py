@@ -156,8 +156,9 @@ def test_core_grid_bert(ln_before, init, phm):
     if init == "mam_adapter":
         torch.testing.assert_close(got, plain, atol=ATOL, rtol=ATOL)
     elif phm:
-        # the PHM rule starts at N(0, phm_init_range=1e-4) (AdapterHub too): near-identity, but not zero
-        assert not torch.equal(got, plain)
+        # the PHM rule starts at N(0, phm_init_range=1e-4) (AdapterHub too): near-identity, yet not zero-init
+        torch.testing.assert_close(got, plain, atol=1e-3, rtol=0)
+        assert all(adapted.get_submodule(r["target"]).adapter_up.W_right.any() for r in adapted.adapter_records)
     else:
         assert (got - plain).abs().max() > 1e-6
     _randomize(adapted)
@@ -195,7 +196,8 @@ OTHER = {
                                    non_linearity="gelu_new"),
     "output_only-leave_out": _bn(mh_adapter=False, leave_out=[0], non_linearity="leakyrelu"),
     "layers": _bn(layers=[1], non_linearity="sigmoid"),
-    "phm-variants": _bn(phm_layer=True, shared_W_phm=True, factorized_phm_rule=True, phm_rank=2, phm_bias=False,
+    # original_ln_before: the tiny BERT's raw sub-block output is ~1e-2, too small to move a bias-free adapter
+    "phm-variants": _bn(phm_layer=True, original_ln_before=True, shared_W_phm=True, factorized_phm_rule=True, phm_rank=2, phm_bias=False,
                         learn_phm=False, phm_c_init="uniform", hypercomplex_nonlinearity="normal", phm_dim=2),
     "phm-unshared-unfactorized": _bn(phm_layer=True, shared_phm_rule=False, factorized_phm_W=False,
                                      hypercomplex_nonlinearity="glorot-normal"),
@@ -338,7 +340,7 @@ def test_merge_keeps_bottleneck_adapters(bert_double):
     try:
         assert report.folded == [] and set(report.kept) == targets
         assert all(isinstance(why, str) and why for why in report.kept.values())
-        assert "BottleneckAdapter" in next(iter(report.kept.values()))
+        assert all("bottleneck" in why.lower() for why in report.kept.values())
         calls = {str(n.target) for n in adapted.graph.nodes if n.op == "call_module"}
         assert targets <= calls
         torch.testing.assert_close(_out(adapted, x), before, atol=0, rtol=0)
@@ -462,3 +464,38 @@ def test_bad_bottleneck_specs_name_their_field():
     with pytest.raises(ga.SpecError) as err:
         ga.apply(tiny_bert(), _bn(layers=[5]))
     assert err.value.field == "layers"
+
+
+# --------------------------------------------------------------------------- several adapters in one spec
+@pytest.mark.parametrize("spec", [
+    ga.Spec({"bn": ga.SeqBn(reduction_factor=4), "lora": ga.LoRA(targets=("q", "v", "o", "up", "down"))}),
+    ga.Spec({"bn": ga.DoubleSeqBn(reduction_factor=4), "all": ga.LoRA(targets="all-linear"),
+             "q": ga.LoRA(targets=("q",))}),
+], ids=["seqbn+lora", "houlsby+2lora"])
+def test_mixed_specs_every_adapter_matters(spec):
+    """Bottleneck passes replace norms that LoRA inputs read; no adapter may end up disconnected."""
+    adapted = ga.apply(tiny_bert(), spec).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if n.startswith("adapters."):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    kw = text_inputs(3, 7)
+    y = adapted(**kw).last_hidden_state
+    for name in spec.adapters:
+        adapted.set_active([n for n in spec.adapters if n != name])
+        assert (adapted(**kw).last_hidden_state - y).abs().max() > 1e-4, name
+    adapted.set_active(None)
+    torch.testing.assert_close(adapted(**kw).last_hidden_state, y)
+
+
+def test_two_bottlenecks_at_one_point_is_a_spec_error():
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ga.SpecError, match="Stack/Parallel"):
+        ga.apply(model, ga.Spec({"a": ga.SeqBn(reduction_factor=4), "b": ga.SeqBn(reduction_factor=4)}))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # different positions do not collide
+    ga.apply(model, ga.Spec({"a": ga.SeqBn(reduction_factor=4),
+                             "b": ga.Bottleneck(mh_adapter=True, output_adapter=False, reduction_factor=4,
+                                                non_linearity="relu")}))

@@ -82,7 +82,8 @@ def insert_bottleneck(gm: fx.GraphModule, adapter_name: str, method, targets: li
                       seed: int, records: list) -> PassResult:
     g = gm.graph
     shared = None
-    replaced_by: dict[fx.Node, fx.Node] = {}  # a later site may read a node an earlier one replaced
+    # a later site (of this or a later bottleneck pass) may read a node an earlier one replaced
+    replaced_by: dict[fx.Node, fx.Node] = gm.meta.setdefault("graphadapt_replaced", {})
 
     def live(n):
         while n in replaced_by:
