@@ -141,3 +141,39 @@ def vit_inputs(batch: int = 3, image_size: int = 16, channels: int = 3, seed: in
     """``pixel_values`` [batch, channels, image_size, image_size] ~ N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     return {"pixel_values": torch.randn(batch, channels, image_size, image_size, generator=g).to(dtype)}
+
+
+# --------------------------------------------------------------------------- comparing outputs
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a model output (ModelOutput, tuple or tensor), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference over all tensors of two model outputs (in float64)."""
+    ta, tb = output_tensors(a), output_tensors(b)
+    assert len(ta) == len(tb) and ta, (len(ta), len(tb))
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(ta, tb))
+
+
+def run_no_grad(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)
+
+
+@torch.no_grad()
+def randomize_lora(adapted, seed: int = 0, std: float = 0.1) -> None:
+    """Non-zero A and B, a perturbed DoRA magnitude and a non-trivial gate on every LoRA module."""
+    g = torch.Generator().manual_seed(seed)
+    for r in adapted.adapter_records:
+        mod = adapted.get_submodule(r["target"])
+        for p in (mod.lora_A, mod.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        if mod.lora_magnitude is not None:
+            mod.lora_magnitude.mul_(0.5 + torch.rand(mod.lora_magnitude.shape, generator=g))
+        if mod.gate is not None:
+            mod.gate.weight.copy_(torch.randn(mod.gate.weight.shape, generator=g) * 0.5)

@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, whatever the import mode
 
 import graphadapt as ga  # noqa: E402
-from helpers import text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
+from helpers import max_diff, randomize_lora, output_tensors, run_no_grad, text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -32,24 +32,8 @@ R, ALPHA = 8, 16
 
 
 # --------------------------------------------------------------------------- helpers
-def _tensors(out) -> list[torch.Tensor]:
-    """Every tensor of a model output (ModelOutput, tuple or tensor), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def _max_diff(a, b) -> float:
-    ta, tb = _tensors(a), _tensors(b)
-    assert len(ta) == len(tb) and ta, (len(ta), len(tb))
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(ta, tb))
-
-
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)
 
 
 def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool, int]]:
@@ -74,17 +58,6 @@ def _adapter_params(adapted, name: str | None = None) -> dict[str, torch.Tensor]
 def _sites(adapted, name: str) -> set[str]:
     return {r["site"] for r in adapted.adapter_records if r["adapter"] == name}
 
-
-@torch.no_grad()
-def _randomize(adapted, seed: int = 0, std: float = 0.1) -> None:
-    """Non-zero A and B (and a perturbed DoRA magnitude) on every adapter module."""
-    g = torch.Generator().manual_seed(seed)
-    for r in adapted.adapter_records:
-        mod = adapted.get_submodule(r["target"])
-        for p in (mod.lora_A, mod.lora_B):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-        if mod.lora_magnitude is not None:
-            mod.lora_magnitude.mul_(0.5 + torch.rand(mod.lora_magnitude.shape, generator=g))
 
 
 def _peft(model, target_modules, seed=0, adapter_name="default", peft_model=None, std=0.1, **cfg):
@@ -160,7 +133,7 @@ def test_parity_with_peft(arch):
     build, peft_targets, our_targets = _MODELS[arch]
     model = build()
     inputs = text_inputs(batch=3, seq=5, pad=2, seed=7)  # capture used batch 2, seq 9
-    base_out = _run(model, inputs)
+    base_out = run_no_grad(model, inputs)
 
     pm = None
     for i, (name, (peft_kw, _, _)) in enumerate(_VARIANTS.items()):
@@ -186,17 +159,17 @@ def test_parity_with_peft(arch):
     for name in _VARIANTS:
         adapted.set_active(name)
         pm.base_model.set_adapter(name)
-        ref, outs[name] = _run(pm, inputs), _run(adapted, inputs)
+        ref, outs[name] = run_no_grad(pm, inputs), run_no_grad(adapted, inputs)
         assert type(outs[name]) is type(base_out)
-        assert _max_diff(outs[name], ref) <= ATOL, name
-        assert _max_diff(outs[name], base_out) > 1e-3, name  # the adapter really did something
-    assert _max_diff(outs["lora"], outs["rslora"]) > 1e-3 and _max_diff(outs["lora"], outs["dora"]) > 1e-3
+        assert max_diff(outs[name], ref) <= ATOL, name
+        assert max_diff(outs[name], base_out) > 1e-3, name  # the adapter really did something
+    assert max_diff(outs["lora"], outs["rslora"]) > 1e-3 and max_diff(outs["lora"], outs["dora"]) > 1e-3
 
     # All three on the same layers: adapters run in spec order, as PEFT runs its active list;
     # DoRA (last) rescales a result that already holds the plain/rsLoRA deltas.
     adapted.set_active(None)
     pm.base_model.set_adapter(list(_VARIANTS))
-    assert _max_diff(_run(adapted, inputs), _run(pm, inputs)) <= ATOL
+    assert max_diff(run_no_grad(adapted, inputs), run_no_grad(pm, inputs)) <= ATOL
 
 
 def test_gpt2_role_targets_touch_only_q_and_v_slices():
@@ -206,7 +179,7 @@ def test_gpt2_role_targets_touch_only_q_and_v_slices():
     d = model.config.n_embd
     adapted = ga.apply(model, ga.LoRA(r=R, alpha=ALPHA, targets=("q", "v"))).eval()
     assert _sites(adapted, "default") == {f"h.{i}.attn.c_attn.{s}" for i in range(2) for s in "qv"}
-    _randomize(adapted, seed=3)
+    randomize_lora(adapted, seed=3)
 
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -222,9 +195,9 @@ def test_gpt2_role_targets_touch_only_q_and_v_slices():
             ref.get_submodule(r["site"][:-2]).weight[:, start:start + d] += block
 
     inputs = text_inputs(batch=3, seq=6, seed=11)
-    out, want, base = _run(adapted, inputs), _run(ref, inputs), _run(model, inputs)
-    assert _max_diff(out, want) <= ATOL
-    assert _max_diff(out, base) > 1e-3
+    out, want, base = run_no_grad(adapted, inputs), run_no_grad(ref, inputs), run_no_grad(model, inputs)
+    assert max_diff(out, want) <= ATOL
+    assert max_diff(out, base) > 1e-3
 
 
 # --------------------------------------------------------------------------- identity / change
@@ -235,11 +208,11 @@ def test_identity_at_init_and_nonzero_b_changes_output():
     params = _adapter_params(adapted)
     assert all(p.abs().max() > 0 for n, p in params.items() if n.endswith("lora_A"))
     assert all(p.abs().max() == 0 for n, p in params.items() if n.endswith("lora_B"))
-    assert _max_diff(_run(adapted, inputs), _run(model, inputs)) <= 1e-6
+    assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) <= 1e-6
 
     with torch.no_grad():
         adapted.get_submodule("adapters.default.encoder.layer.0.attention.self.value").lora_B.fill_(0.05)
-    assert _max_diff(_run(adapted, inputs), _run(model, inputs)) > 1e-3
+    assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) > 1e-3
 
 
 # --------------------------------------------------------------------------- gradients / training
@@ -319,20 +292,20 @@ def test_apply_does_not_modify_callers_model():
     model.h[1].mlp.c_fc.weight.requires_grad_(False)  # a mixed pattern of flags must survive
     snap = _snapshot(model)
     inputs = text_inputs(batch=2, seq=5)
-    before = _run(model, inputs)
+    before = run_no_grad(model, inputs)
     adapted = ga.apply(model, ga.LoRA(r=4, targets=("q", "v", "o", "*.c_fc")))
     _assert_unchanged(model, snap)
     # adapted holds its own Parameter objects (over the same storage), frozen
     ours = dict(adapted.named_parameters())
     for n, p in model.named_parameters():
         assert ours[n] is not p and not ours[n].requires_grad
-    _randomize(adapted)
+    randomize_lora(adapted)
     adapted.train()
     adapted(**inputs).last_hidden_state.square().mean().backward()
     assert all(p.grad is not None for p in adapted.trainable_parameters().values())
     _assert_unchanged(model, snap)
     assert all(p.grad is None for p in model.parameters())
-    assert _max_diff(_run(model, inputs), before) == 0
+    assert max_diff(run_no_grad(model, inputs), before) == 0
 
 
 # --------------------------------------------------------------------------- RNG and seeds
@@ -414,33 +387,33 @@ def test_train_eval_flip_dropout(where):
     p_base = 0.2 if where == "base" else 0.0
     model = tiny_bert(hidden_dropout_prob=p_base, attention_probs_dropout_prob=p_base)
     adapted = ga.apply(model, ga.LoRA(r=4, alpha=8, targets=("q", "v"), dropout=0.0 if where == "base" else 0.5))
-    _randomize(adapted, std=0.3)
+    randomize_lora(adapted, std=0.3)
     inputs = text_inputs(batch=2, seq=6)
     assert not adapted.training
-    e1 = _run(adapted.eval(), inputs)
+    e1 = run_no_grad(adapted.eval(), inputs)
     adapted.train()
     assert adapted.training and all(m.training for m in adapted.modules())
-    t1, t2 = _run(adapted, inputs), _run(adapted, inputs)
-    assert _max_diff(t1, t2) > 1e-4
+    t1, t2 = run_no_grad(adapted, inputs), run_no_grad(adapted, inputs)
+    assert max_diff(t1, t2) > 1e-4
     adapted.eval()
     assert not any(m.training for m in adapted.modules())
-    e2, e3 = _run(adapted, inputs), _run(adapted, inputs)
-    assert _max_diff(e2, e3) == 0 and _max_diff(e1, e2) == 0
-    assert _max_diff(e2, t1) > 1e-4
+    e2, e3 = run_no_grad(adapted, inputs), run_no_grad(adapted, inputs)
+    assert max_diff(e2, e3) == 0 and max_diff(e1, e2) == 0
+    assert max_diff(e2, t1) > 1e-4
 
 
 def test_to_float64_matches_float32():
     model = tiny_llama()
     adapted = ga.apply(model, ga.LoRA(r=4, alpha=8, targets=("q", "v", "down"))).eval()
-    _randomize(adapted)
+    randomize_lora(adapted)
     inputs = text_inputs(batch=3, seq=5, pad=2)
-    f32 = _run(adapted, inputs)
+    f32 = run_no_grad(adapted, inputs)
     adapted.to(torch.float64)
-    f64 = _run(adapted, inputs)
-    assert all(t.dtype == torch.float64 for t in _tensors(f64))
+    f64 = run_no_grad(adapted, inputs)
+    assert all(t.dtype == torch.float64 for t in output_tensors(f64))
     assert all(p.dtype == torch.float64 for p in adapted.parameters())
-    assert _max_diff(f64, f32) <= ATOL
-    assert _max_diff(f64, _run(model, inputs)) > 1e-3
+    assert max_diff(f64, f32) <= ATOL
+    assert max_diff(f64, run_no_grad(model, inputs)) > 1e-3
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's copy stays
 
 
@@ -459,23 +432,23 @@ def test_several_adapters_match_peft_multi_adapter_and_set_active():
     _copy_from_peft(pm, adapted, "b")
     assert adapted.active_adapters() == ["a", "b"]
 
-    base = _run(model, inputs)
+    base = run_no_grad(model, inputs)
     pm.base_model.set_adapter(["a", "b"])
-    both = _run(adapted, inputs)
-    assert _max_diff(both, _run(pm, inputs)) <= ATOL
+    both = run_no_grad(adapted, inputs)
+    assert max_diff(both, run_no_grad(pm, inputs)) <= ATOL
     outs = {}
     for name in ("a", "b"):
         adapted.set_active(name)
         assert adapted.active_adapters() == [name]
         pm.base_model.set_adapter(name)
-        outs[name] = _run(adapted, inputs)
-        assert _max_diff(outs[name], _run(pm, inputs)) <= ATOL
-        assert _max_diff(outs[name], base) > 1e-3
-    assert _max_diff(outs["a"], outs["b"]) > 1e-3 and _max_diff(outs["a"], both) > 1e-3
+        outs[name] = run_no_grad(adapted, inputs)
+        assert max_diff(outs[name], run_no_grad(pm, inputs)) <= ATOL
+        assert max_diff(outs[name], base) > 1e-3
+    assert max_diff(outs["a"], outs["b"]) > 1e-3 and max_diff(outs["a"], both) > 1e-3
     adapted.set_active([])
-    assert adapted.active_adapters() == [] and _max_diff(_run(adapted, inputs), base) == 0
+    assert adapted.active_adapters() == [] and max_diff(run_no_grad(adapted, inputs), base) == 0
     adapted.set_active(None)
-    assert _max_diff(_run(adapted, inputs), both) == 0
+    assert max_diff(run_no_grad(adapted, inputs), both) == 0
     with pytest.raises(ga.GraphAdaptError, match="unknown"):
         adapted.set_active(["c"])
 
@@ -532,15 +505,15 @@ def test_gated_lora_runs_and_gate_matters():
     names = set(_adapter_params(adapted))
     assert "adapters.default.encoder.layer.0.attention.self.query.gate.weight" in names
     assert set(adapted.trainable_parameters()) == names
-    base = _run(model, inputs)
-    assert _max_diff(_run(adapted, inputs), base) <= 1e-6  # B = 0 at init
-    _randomize(adapted, std=0.3)
-    gated = _run(adapted, inputs)
-    assert _max_diff(gated, base) > 1e-3
+    base = run_no_grad(model, inputs)
+    assert max_diff(run_no_grad(adapted, inputs), base) <= 1e-6  # B = 0 at init
+    randomize_lora(adapted, std=0.3)
+    gated = run_no_grad(adapted, inputs)
+    assert max_diff(gated, base) > 1e-3
     with torch.no_grad():
         for r in adapted.adapter_records:
             adapted.get_submodule(r["target"]).gate.bias.fill_(-40.0)  # gate -> 0: branch off
-    assert _max_diff(_run(adapted, inputs), base) <= 1e-5
+    assert max_diff(run_no_grad(adapted, inputs), base) <= 1e-5
     # the gate trains
     adapted.train()
     adapted.get_submodule("adapters.default.encoder.layer.0.attention.self.query").gate.bias.data.fill_(0.0)
@@ -556,7 +529,7 @@ def test_pissa_keeps_output_and_changes_only_the_adapted_weight():
     inputs = text_inputs(batch=3, seq=5, pad=2)
     adapted = ga.apply(model, ga.LoRA(r=4, alpha=8, targets=("q", "v"), init="pissa")).eval()
     _assert_unchanged(model, snap)
-    assert _max_diff(_run(adapted, inputs), _run(model, inputs)) <= ATOL
+    assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) <= ATOL
     ours = dict(adapted.named_parameters())
     for r in adapted.adapter_records:
         w = r["weight"]
@@ -569,4 +542,4 @@ def test_pissa_keeps_output_and_changes_only_the_adapted_weight():
     assert torch.equal(ours[untouched], snap[untouched][0])
     with torch.no_grad():  # and the branch is live
         adapted.get_submodule("adapters.default.encoder.layer.1.attention.self.value").lora_B.mul_(1.5)
-    assert _max_diff(_run(adapted, inputs), _run(model, inputs)) > 1e-3
+    assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) > 1e-3

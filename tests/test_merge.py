@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, whatever the import mode
 
 import graphadapt as ga  # noqa: E402
-from helpers import text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
+from helpers import max_diff, randomize_lora, output_tensors, run_no_grad, text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 ATOL = 1e-5
 # bf16 (adapted.to(torch.bfloat16), then merge): folding rounds W + s·BA to bf16 once, where
@@ -41,23 +41,8 @@ _METHODS = {
 
 
 # --------------------------------------------------------------------------- helpers
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def _max_diff(a, b) -> float:
-    ta, tb = _tensors(a), _tensors(b)
-    assert len(ta) == len(tb) and ta
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(ta, tb))
-
-
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)
 
 
 def _base_params(adapted) -> dict[str, torch.Tensor]:
@@ -89,18 +74,6 @@ def _all_call_modules(gm) -> collections.Counter:
     return collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
 
 
-@torch.no_grad()
-def _randomize(adapted, seed: int = 0, std: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for r in adapted.adapter_records:
-        mod = adapted.get_submodule(r["target"])
-        for p in (mod.lora_A, mod.lora_B):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-        if mod.lora_magnitude is not None:
-            mod.lora_magnitude.mul_(0.5 + torch.rand(mod.lora_magnitude.shape, generator=g))
-        if mod.gate is not None:
-            mod.gate.weight.copy_(torch.randn(mod.gate.weight.shape, generator=g) * 0.5)
-
 
 @pytest.fixture(scope="module")
 def bases():
@@ -121,14 +94,14 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(bases, arch, method):
     model, base_ops = bases[arch]
     caller = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapted = ga.apply(model, ga.Spec(_METHODS[method](), seed=0)).eval()
-    _randomize(adapted)
+    randomize_lora(adapted)
     if arch == "gpt2":  # roles q, v on the fused c_attn: slices, not the whole projection
         assert any(r["site"].endswith("c_attn.q") for r in adapted.adapter_records)
         assert any(r["site"].endswith("c_attn.v") for r in adapted.adapter_records)
     inputs = text_inputs(batch=3, seq=5, pad=2, seed=4)
-    base_out = _run(model, inputs)
-    before = _run(adapted, inputs)
-    assert _max_diff(before, base_out) > 1e-3
+    base_out = run_no_grad(model, inputs)
+    before = run_no_grad(adapted, inputs)
+    assert max_diff(before, base_out) > 1e-3
     snap = _base_params(adapted)
     graph_modules = _call_modules(adapted)
     assert len(graph_modules) == len(adapted.adapter_records)
@@ -139,9 +112,9 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(bases, arch, method):
     merged_w = {w: adapted.get_parameter(w).detach().clone() for w in adapted_weights}
     assert sorted(report.folded) == sorted(r["target"] for r in adapted.adapter_records)
     assert report.kept == {}
-    merged = _run(adapted, inputs)
-    assert _max_diff(merged, before) <= ATOL
-    assert _max_diff(merged, base_out) > 1e-3  # fails if merge dropped the adapters
+    merged = run_no_grad(adapted, inputs)
+    assert max_diff(merged, before) <= ATOL
+    assert max_diff(merged, base_out) > 1e-3  # fails if merge dropped the adapters
     # exactly the adapted weights changed (the biases are untouched)
     assert _changed(adapted, snap) == adapted_weights
     assert _op_counts(adapted) == base_ops[0]
@@ -153,16 +126,16 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(bases, arch, method):
     assert not adapted.is_merged
     _assert_base_equal(adapted, snap)
     assert _call_modules(adapted) == graph_modules
-    assert _max_diff(_run(adapted, inputs), before) == 0
+    assert max_diff(run_no_grad(adapted, inputs), before) == 0
 
     # bf16: merge the bf16 model, compare with the bf16 unmerged model
     adapted.to(torch.bfloat16)
     snap16 = _base_params(adapted)
-    before16 = _run(adapted, inputs)
+    before16 = run_no_grad(adapted, inputs)
     adapted.merge()
-    merged16 = _run(adapted, inputs)
-    assert all(t.dtype == torch.bfloat16 for t in _tensors(merged16) if t.is_floating_point())
-    assert _max_diff(merged16, before16) <= BF16_ATOL
+    merged16 = run_no_grad(adapted, inputs)
+    assert all(t.dtype == torch.bfloat16 for t in output_tensors(merged16) if t.is_floating_point())
+    assert max_diff(merged16, before16) <= BF16_ATOL
     for w in adapted_weights:  # the bf16 fold is the fp32 fold, rounded
         scale = merged_w[w].abs().max()
         assert (adapted.get_parameter(w).float() - merged_w[w]).abs().max() <= BF16_WEIGHT_RTOL * scale, w
@@ -181,22 +154,22 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(bases, arch, method):
 def test_to_base_model_save_load_round_trip(bases, arch, spec, tmp_path):
     model, _ = bases[arch]
     adapted = ga.apply(model, ga.Spec(spec())).eval()
-    _randomize(adapted, std=0.2)
+    randomize_lora(adapted, std=0.2)
     inputs = text_inputs(batch=2, seq=7, pad=3, seed=9)
-    unmerged = _run(adapted, inputs)
+    unmerged = run_no_grad(adapted, inputs)
 
     plain = adapted.to_base_model()  # from the unmerged model: merges and unmerges internally
-    assert not adapted.is_merged and _max_diff(_run(adapted, inputs), unmerged) == 0
+    assert not adapted.is_merged and max_diff(run_no_grad(adapted, inputs), unmerged) == 0
     assert type(plain) is type(model) and plain is not model
     adapted.merge()
-    merged = _run(adapted, inputs)
-    assert _max_diff(merged, _run(model, inputs)) > 1e-3
-    assert _max_diff(_run(plain, inputs), merged) <= ATOL
+    merged = run_no_grad(adapted, inputs)
+    assert max_diff(merged, run_no_grad(model, inputs)) > 1e-3
+    assert max_diff(run_no_grad(plain, inputs), merged) <= ATOL
 
     plain.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
-    assert _max_diff(_run(loaded, inputs), merged) <= ATOL
-    assert _max_diff(_run(adapted.to_base_model(), inputs), merged) <= ATOL  # from the merged state
+    assert max_diff(run_no_grad(loaded, inputs), merged) <= ATOL
+    assert max_diff(run_no_grad(adapted.to_base_model(), inputs), merged) <= ATOL  # from the merged state
 
 
 # --------------------------------------------------------------------------- caller's model, in place
@@ -206,29 +179,29 @@ def test_merge_in_place_changes_callers_model_and_unmerge_restores_it():
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     adapted = ga.apply(model, ga.Spec({"a": ga.LoRA(targets=("q", "v")),
                                        "d": ga.LoRA(targets=("q", "up"), use_dora=True)})).eval()
-    _randomize(adapted)
+    randomize_lora(adapted)
     inputs = text_inputs(batch=3, seq=5, pad=2)
-    base_out, before = _run(model, inputs), _run(adapted, inputs)
+    base_out, before = run_no_grad(model, inputs), run_no_grad(adapted, inputs)
     snap = _base_params(adapted)
 
     adapted.merge()  # default: new tensors, the caller's weights untouched
     assert all(torch.equal(p.detach(), caller[n]) for n, p in model.named_parameters())
-    assert _max_diff(_run(model, inputs), base_out) == 0
+    assert max_diff(run_no_grad(model, inputs), base_out) == 0
     adapted.unmerge()
 
     adapted.merge(in_place=True)
-    merged = _run(adapted, inputs)
-    assert _max_diff(merged, before) <= ATOL
+    merged = run_no_grad(adapted, inputs)
+    assert max_diff(merged, before) <= ATOL
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), caller[n])}
     assert changed == {r["weight"] for r in adapted.adapter_records}
     assert all(p.data_ptr() == ptrs[n] for n, p in model.named_parameters())  # written in place
-    assert _max_diff(_run(model, inputs), merged) <= ATOL  # the caller's model *is* the merged model now
+    assert max_diff(run_no_grad(model, inputs), merged) <= ATOL  # the caller's model *is* the merged model now
     adapted.unmerge()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), caller[n]), n
     _assert_base_equal(adapted, snap)
-    assert _max_diff(_run(model, inputs), base_out) == 0
-    assert _max_diff(_run(adapted, inputs), before) == 0
+    assert max_diff(run_no_grad(model, inputs), base_out) == 0
+    assert max_diff(run_no_grad(adapted, inputs), before) == 0
 
 
 # --------------------------------------------------------------------------- what cannot fold
@@ -236,9 +209,9 @@ def test_gated_lora_strict_raises_and_default_keeps_it():
     model = tiny_gpt2()
     adapted = ga.apply(model, ga.Spec({"g": ga.LoRA(targets=("q",), use_gating=True),
                                        "p": ga.LoRA(targets=("q", "v", "down"))})).eval()
-    _randomize(adapted, std=0.2)
+    randomize_lora(adapted, std=0.2)
     inputs = text_inputs(batch=3, seq=5, pad=2)
-    before = _run(adapted, inputs)
+    before = run_no_grad(adapted, inputs)
     snap = _base_params(adapted)
     graph_modules = _call_modules(adapted)
     gated = {r["target"] for r in adapted.adapter_records if r["adapter"] == "g"}
@@ -251,7 +224,7 @@ def test_gated_lora_strict_raises_and_default_keeps_it():
     assert not adapted.is_merged
     _assert_base_equal(adapted, snap)
     assert _call_modules(adapted) == graph_modules
-    assert _max_diff(_run(adapted, inputs), before) == 0
+    assert max_diff(run_no_grad(adapted, inputs), before) == 0
     with pytest.raises(ga.MergeError):
         adapted.to_base_model()
     assert not adapted.is_merged
@@ -263,18 +236,18 @@ def test_gated_lora_strict_raises_and_default_keeps_it():
     assert "kept 2" in str(report)
     assert set(_call_modules(adapted)) == gated
     assert _changed(adapted, snap) == {r["weight"] for r in adapted.adapter_records if r["adapter"] == "p"}
-    assert _max_diff(_run(adapted, inputs), before) <= ATOL
+    assert max_diff(run_no_grad(adapted, inputs), before) <= ATOL
     adapted.unmerge()
     _assert_base_equal(adapted, snap)
-    assert _max_diff(_run(adapted, inputs), before) == 0
+    assert max_diff(run_no_grad(adapted, inputs), before) == 0
 
 
 def test_safe_merge_refuses_nan_and_changes_nothing():
     model = tiny_llama()
     adapted = ga.apply(model, ga.LoRA(targets=("q", "v"))).eval()
-    _randomize(adapted)
+    randomize_lora(adapted)
     inputs = text_inputs(batch=2, seq=6)
-    before = _run(adapted, inputs)
+    before = run_no_grad(adapted, inputs)
     snap = _base_params(adapted)
     graph_modules = _call_modules(adapted)
     target = "adapters.default.layers.1.self_attn.v_proj"
@@ -288,7 +261,7 @@ def test_safe_merge_refuses_nan_and_changes_nothing():
     assert _call_modules(adapted) == graph_modules
     with torch.no_grad():
         adapted.get_submodule(target).lora_B[3, 2] = 0.0
-    assert _max_diff(_run(adapted, inputs), before) > 0  # (it was a live weight)
+    assert max_diff(run_no_grad(adapted, inputs), before) > 0  # (it was a live weight)
     # safe=False folds anyway; unmerge still restores the exact weights
     with torch.no_grad():
         adapted.get_submodule(target).lora_B[3, 2] = float("nan")
@@ -304,9 +277,9 @@ def test_partial_merge_next_to_unmerged_dora():
     model = tiny_bert()
     adapted = ga.apply(model, ga.Spec({"p": ga.LoRA(targets=("q",)),
                                        "d": ga.LoRA(targets=("q",), use_dora=True)})).eval()
-    _randomize(adapted, std=0.3)
+    randomize_lora(adapted, std=0.3)
     inputs = text_inputs(batch=3, seq=5, pad=2)
-    before = _run(adapted, inputs)
+    before = run_no_grad(adapted, inputs)
     report = adapted.merge(names=["p"])
-    assert _max_diff(_run(adapted, inputs), before) <= ATOL
+    assert max_diff(run_no_grad(adapted, inputs), before) <= ATOL
     assert not report.folded and any("DoRA" in why for why in report.kept.values())

@@ -9,7 +9,14 @@ def _shape(s: LinearSite) -> str:
     return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out})" if s.fused else "")
 
 
-def structure_report(sm: StructureMap) -> dict:
+class StructureReport(dict):
+    """The JSON-able structure report; ``print()`` shows it as the ``graphadapt inspect`` table."""
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def structure_report(sm: StructureMap) -> StructureReport:
     layers = []
     for layer in sm.layers:
         rows = []
@@ -49,12 +56,12 @@ def structure_report(sm: StructureMap) -> dict:
                                 if layer.cross_attention is not None else None),
             "sites": rows,
         })
-    return {
+    return StructureReport({
         "num_layers": len(sm.layers),
         "stacks": sm.stacks,
         "layers": layers,
         "unmatched": [{"what": u.what, "where": u.where, "reason": u.reason} for u in sm.unmatched],
-    }
+    })
 
 
 def _norm_path(r) -> str | None:
