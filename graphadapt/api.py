@@ -37,7 +37,7 @@ def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
         if method.method != "bottleneck":
             continue
         for t in sites:
-            if t.name in taken:
+            if t.name in taken and taken[t.name] != name:
                 raise SpecError(
                     f"adapters {taken[t.name]!r} and {name!r} both put a bottleneck adapter at {t.name}; "
                     "composing bottleneck adapters at one residual point (AdapterHub's Stack/Parallel) is "

@@ -137,7 +137,11 @@ class AdaptedModel(CapturedModule):
         if strict and plan.kept:
             raise MergeError("cannot fold every adapter (strict=True); nothing was changed:\n" +
                              "\n".join(f"  {t}: {why}" for t, why in plan.kept.items()))
-        saved_graph = copy.deepcopy(self.graph)
+        import warnings
+
+        with warnings.catch_warnings():  # torch's own TreeSpec deprecation inside Graph deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            saved_graph = copy.deepcopy(self.graph)
         backups: dict[str, nn.Parameter] = {}
         for pname, value in plan.new_values.items():
             owner, _, leaf = pname.rpartition(".")

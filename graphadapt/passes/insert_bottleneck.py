@@ -49,6 +49,11 @@ def select_residual_sites(sm: StructureMap, method, adapter_name: str) -> list[R
             continue
         res = layer.residual_sites()
         for pos in wanted:
+            if pos in res and res[pos].parallel_with is not None:
+                raise SpecError(
+                    f"adapter {adapter_name!r}: layer {layer.index} is a parallel attention+FFN block "
+                    "(x + attn(ln x) + mlp(ln x), as in GPT-J/GPT-NeoX/Phi); bottleneck adapters have no "
+                    "defined placement there yet. Use LoRA on these models.", field="method")
             if pos in res:
                 out.append(ResidualTarget(layer, pos, res[pos]))
     for t in out:
@@ -78,6 +83,13 @@ def module_kwargs(method, layer_index: int) -> dict:
     return kw
 
 
+def _submodule(gm: fx.GraphModule, target: str):
+    try:
+        return gm.get_submodule(target)
+    except AttributeError:
+        return None
+
+
 def insert_bottleneck(gm: fx.GraphModule, adapter_name: str, method, targets: list[ResidualTarget],
                       seed: int, records: list) -> PassResult:
     g = gm.graph
@@ -96,6 +108,8 @@ def insert_bottleneck(gm: fx.GraphModule, adapter_name: str, method, targets: li
         hidden = h.meta["val"].shape[-1] if "val" in h.meta else None
         ref = gm.get_parameter(t.layer.attention.o.weight) if t.layer.attention.o else next(gm.parameters())
         norm = site.norm_after
+        target = f"adapters.{adapter_name}.{t.name}"
+        existing = _submodule(gm, target)
         gen = adapter_generator(seed, adapter_name, t.name)
         kw = module_kwargs(method, t.layer.index)
         if shared is None and method.phm_layer and (method.shared_phm_rule or method.shared_W_phm):
@@ -106,16 +120,20 @@ def insert_bottleneck(gm: fx.GraphModule, adapter_name: str, method, targets: li
                 int(hidden), size, cfg, generator=adapter_generator(seed, adapter_name, "shared_phm"),
                 init_weights=method.init_weights, dtype=ref.dtype, device=ref.device)
             gm.add_submodule(f"adapters.{adapter_name}.shared_phm", shared)
-        mod = BottleneckAdapter(
-            int(hidden), **kw, shared=shared,
-            norm_kind=norm.kind if norm is not None else None,
-            norm_eps=norm.eps if norm is not None else 1e-12,
-            generator=gen, dtype=ref.dtype, device=ref.device)
-        target = f"adapters.{adapter_name}.{t.name}"
-        gm.add_submodule(target, mod)
-        mod.train(gm.training)
+        if existing is None:
+            mod = BottleneckAdapter(
+                int(hidden), **kw, shared=shared,
+                norm_kind=norm.kind if norm is not None else None,
+                norm_eps=norm.eps if norm is not None else 1e-12,
+                generator=gen, dtype=ref.dtype, device=ref.device)
+            gm.add_submodule(target, mod)
+            mod.train(gm.training)
+        # else: a layer whose weights are shared (ALBERT) shares its adapter too
         replaced = norm.output if norm is not None else site.add
         ln_w = get_attr_node(gm, norm.weight) if norm is not None and norm.weight else None
+        if ln_w is not None and norm.weight_offset:  # Gemma-style (offset + w) scale
+            with g.inserting_after(ln_w):
+                ln_w = g.call_function(torch.ops.aten.add.Tensor, (ln_w, norm.weight_offset))
         ln_b = get_attr_node(gm, norm.bias) if norm is not None and norm.bias else None
         with g.inserting_after(replaced):
             node = g.call_module(target, args=(h, stream, ln_w, ln_b))

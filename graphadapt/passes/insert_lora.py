@@ -24,9 +24,10 @@ def _weight_args(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node
     return w, b
 
 
-def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: LinearSite) -> fx.Node:
-    """Add ``module`` under ``target`` and rewire ``site.output`` through it."""
-    gm.add_submodule(target, module)
+def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: LinearSite, add: bool = True) -> fx.Node:
+    """Add ``module`` under ``target`` (unless already there) and rewire ``site.output`` through it."""
+    if add:
+        gm.add_submodule(target, module)
     w, b = _weight_args(gm, site)
     y = site.output
     # Stack after the adapters already on this output, so they run in insertion (spec) order:
@@ -48,8 +49,16 @@ def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: Linear
 
 def insert_lora(gm: fx.GraphModule, adapter_name: str, method, sites: list[LinearSite], seed: int,
                 records: list) -> PassResult:
-    """Insert one LoRA adapter (``method``: a :class:`graphadapt.LoRA`) at ``sites``."""
+    """Insert one LoRA adapter (``method``: a :class:`graphadapt.LoRA`) at ``sites``.
+
+    Sites sharing a name use one weight at several places (ALBERT's shared layers): they get
+    one module, called at every use, as wrapping the shared ``nn.Linear`` would.
+    """
+    groups: dict[str, list[LinearSite]] = {}
     for site in sites:
+        groups.setdefault(site.name, []).append(site)
+    for name, group in groups.items():
+        site = group[0]
         weight = gm.get_parameter(site.weight)
         mod = LoRAModule(
             site.in_features, site.out_features, r=method.r, alpha=method.alpha, dropout=method.dropout,
@@ -63,10 +72,11 @@ def insert_lora(gm: fx.GraphModule, adapter_name: str, method, sites: list[Linea
             _replace_parameter(gm, site.weight, new_w)
         target = f"adapters.{adapter_name}.{site.name}"
         mod.train(gm.training)
-        insert_call(gm, target, mod, site)
-        records.append({"adapter": adapter_name, "method": "lora", "site": site.name, "target": target,
-                        "role": site.role, "layer": site.layer, "weight": site.weight,
-                        "bias": site.bias, "layout": site.layout})
+        for i, s in enumerate(group):
+            insert_call(gm, target, mod, s, add=i == 0)
+            records.append({"adapter": adapter_name, "method": "lora", "site": s.name, "target": target,
+                            "role": s.role, "layer": s.layer, "weight": s.weight,
+                            "bias": s.bias, "layout": s.layout})
     return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]})
 
 

@@ -51,9 +51,13 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
     plan = MergePlan()
     nodes = adapter_nodes(gm)
     blocked = _blocked_weights(gm, nodes, names)
+    folded_targets: set[str] = set()
     for n in nodes:
         target = str(n.target)
         adapter = target.split(".")[1]
+        if target in folded_targets:  # a module called at several uses of one shared weight folds once
+            plan.nodes.append(n)
+            continue
         mod = gm.get_submodule(target)
         if names is not None and adapter not in names:
             continue
@@ -94,6 +98,7 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
         if b_node is not None:
             plan.new_values[b_node.target] = b2
         plan.folded.append(target)
+        folded_targets.add(target)
         plan.nodes.append(n)
     return plan
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch.fx as fx
+
 from ..errors import SpecError
 from ..spec.lora import selector_matches
 from ..structure.types import LinearSite, StructureMap
@@ -22,7 +24,14 @@ def _whole(site: LinearSite) -> LinearSite:
 def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[LinearSite]:
     roles = method.role_targets()
     paths = method.path_targets()
-    chosen: dict[str, LinearSite] = {}
+    # name → sites: a weight shared by several layers (ALBERT) is one name used at several nodes
+    chosen: dict[str, list[LinearSite]] = {}
+
+    def take(site: LinearSite) -> None:
+        group = chosen.setdefault(site.name, [])
+        if all(site.node is not g.node or site.out_slice != g.out_slice for g in group):
+            group.append(site)
+
     layer_ok = method.includes_layer
 
     role_sites = [s for s in sm.role_sites()]
@@ -37,11 +46,11 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
                 f"Roles found in this model: {', '.join(found_roles) or 'none'}; "
                 f"layers: 0..{len(sm.layers) - 1}.", field="targets")
         for s in hits:
-            chosen[s.name] = s
+            take(s)
 
     for sel in paths:
         hits: list[LinearSite] = []
-        fused_done: set[str] = set()
+        fused_done: set[tuple[str, fx.Node]] = set()
         for s in sm.linear_sites:
             if s.layer is not None and not layer_ok(s.layer):
                 continue
@@ -49,8 +58,8 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
                 hits.append(s)
             elif selector_matches(sel, s.module_path):
                 if s.fused:
-                    if s.module_path not in fused_done:
-                        fused_done.add(s.module_path)
+                    if (s.module_path, s.node) not in fused_done:
+                        fused_done.add((s.module_path, s.node))
                         hits.append(_whole(s))
                 else:
                     hits.append(s)
@@ -63,10 +72,12 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
                 f"(q k v o up gate down), a glob such as '*.query', or 're:<regex>'.",
                 field="targets")
         for s in hits:
-            chosen[s.name] = s
+            take(s)
     # overlapping whole-module and slice selections on one fused projection would double-adapt
-    wholes = {s.module_path for s in chosen.values() if s.total_out and not s.fused and s.out_features == s.total_out}
-    for name in [n for n, s in chosen.items() if s.fused and s.module_path in wholes]:
-        raise SpecError(f"adapter {adapter_name!r} selects both the fused projection "
-                        f"{chosen[name].module_path!r} and its slice {name!r}; choose one.", field="targets")
-    return list(chosen.values())
+    flat = [s for group in chosen.values() for s in group]
+    wholes = {s.module_path for s in flat if not s.fused and any(o.fused and o.module_path == s.module_path for o in sm.linear_sites)}
+    for s in flat:
+        if s.fused and s.module_path in wholes:
+            raise SpecError(f"adapter {adapter_name!r} selects both the fused projection "
+                            f"{s.module_path!r} and its slice {s.name!r}; choose one.", field="targets")
+    return flat

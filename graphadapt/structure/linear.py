@@ -33,21 +33,48 @@ def _owner(qualname: str) -> str:
     return qualname.rsplit(".", 1)[0] if "." in qualname else ""
 
 
+def _last_dim(dim, rank) -> bool:
+    return rank is not None and dim in (-1, rank - 1)
+
+
 def _split_slices(out: fx.Node, width: int) -> list[tuple[int, int, fx.Node]] | None:
-    """If every user of ``out`` splits its last dim, return (start, end, node) per slice."""
-    users = [u for u in out.users]
-    if len(users) != 1:
+    """If ``out``'s channels are cut into pieces, return (start, end, node) per piece.
+
+    Forms: ``split``/``split_with_sizes``/``chunk`` on the last dim followed by ``getitem``
+    (GPT-2 ``c_attn``, Phi-3 ``gate_up_proj``), or several ``slice`` users on the last dim
+    (Phi-3 ``qkv_proj``). Anything else (e.g. a head-interleaved view then split, as in
+    GPT-NeoX) is not a contiguous channel split and returns ``None``.
+    """
+    users = list(out.users)
+    rank = len(out.meta["val"].shape) if "val" in out.meta else None
+    if not users or rank is None:
+        return None
+    if all(u.op == "call_function" and u.target == aten.slice.Tensor for u in users):
+        pieces = []
+        for u in users:
+            dim, start, end = (list(u.args[1:4]) + [0, None, None])[:3] if len(u.args) > 1 else (0, None, None)
+            step = u.args[4] if len(u.args) > 4 else 1
+            if not _last_dim(dim, rank) or step != 1 or not isinstance(start or 0, int) \
+                    or not isinstance(end if end is not None else width, int):
+                return None
+            start = max(0, start or 0)
+            end = width if end is None else min(end, width)
+            pieces.append((start, end, u))
+        pieces.sort(key=lambda p: p[0])
+        return pieces if len(pieces) > 1 else None
+    if len(users) != 1 or users[0].op != "call_function":
         return None
     u = users[0]
-    if u.op != "call_function":
-        return None
-    rank = len(out.meta["val"].shape) if "val" in out.meta else None
-    if u.target in (aten.split.Tensor, aten.split_with_sizes.default):
+    if u.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         dim = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)
-        if rank is None or dim not in (-1, rank - 1):
+        if not _last_dim(dim, rank):
             return None
         if u.target == aten.split.Tensor:
             size = u.args[1]
+            sizes = [min(size, width - i) for i in range(0, width, size)]
+        elif u.target == aten.chunk.default:
+            n = u.args[1]
+            size = -(-width // n)
             sizes = [min(size, width - i) for i in range(0, width, size)]
         else:
             sizes = list(u.args[1])

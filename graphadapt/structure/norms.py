@@ -37,9 +37,24 @@ def _is(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
+def _weight_of(n) -> tuple[str, float] | None:
+    """A norm's scale operand: a parameter, maybe cast, maybe offset (Gemma's ``1 + w``)."""
+    n = strip(n)
+    if _attr(n) is not None:
+        return n.target, 0.0
+    if _is(n, aten.add.Tensor, aten.add.Scalar) and isinstance(n.args[1], (int, float)):
+        base = strip(n.args[0])
+        if _attr(base) is not None:
+            return base.target, float(n.args[1])
+    return None
+
+
 def norm_at_output(node: fx.Node) -> NormSite | None:
     """If ``node`` is the output of a norm, describe it."""
     path = _path(node)
+    outer = node
+    if _is(node, *PASSTHROUGH):  # Gemma: ``type_as(normed * (1 + w), x)``
+        node = strip(node)
     if _is(node, aten.layer_norm.default):
         a = node.args
         eps = a[4] if len(a) > 4 else 1e-5
@@ -51,12 +66,13 @@ def norm_at_output(node: fx.Node) -> NormSite | None:
         eps = a[3] if len(a) > 3 and a[3] is not None else 1e-6
         return NormSite("rms_norm", a[0], node, w, None, float(eps), path)
     # decomposed RMSNorm: mul(w, normed) or just normed
-    weight = None
+    weight, offset = None, 0.0
     inner = node
     if _is(node, aten.mul.Tensor):
         for i, other in ((0, 1), (1, 0)):
-            if _attr(node.args[i]) is not None and isinstance(node.args[other], fx.Node):
-                weight, inner = node.args[i].target, node.args[other]
+            w = _weight_of(node.args[i]) if isinstance(node.args[i], fx.Node) else None
+            if w is not None and isinstance(node.args[other], fx.Node):
+                (weight, offset), inner = w, node.args[other]
                 break
     inner = strip(inner)
     if not _is(inner, aten.mul.Tensor):
@@ -77,7 +93,7 @@ def norm_at_output(node: fx.Node) -> NormSite | None:
         return None
     if strip(pw.args[0]) is not strip(x):
         return None
-    return NormSite("rms_norm", x, node, weight, None, float(add.args[1]), path)
+    return NormSite("rms_norm", x, outer, weight, None, float(add.args[1]), path, weight_offset=offset)
 
 
 def norm_consuming(node: fx.Node) -> NormSite | None:

@@ -34,7 +34,7 @@ _SHAPE_OPS = {
 _QKV_OPS = _SHAPE_OPS | {
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
     aten.sub.Tensor, aten.neg.default, aten.cat.default, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.unbind.int, aten.stack.default,
+    aten.unbind.int, aten.stack.default, aten.chunk.default,
 }
 _MASKING = {
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
@@ -42,6 +42,7 @@ _MASKING = {
     aten.where.ScalarOther, aten.where.ScalarSelf,
 } | PASSTHROUGH
 _BRANCH_TAIL = {aten.dropout.default, aten.mul.Tensor, aten.mul.Scalar, aten.native_dropout.default} | PASSTHROUGH
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _MATMUL = {aten.matmul.default, aten.bmm.default, aten.einsum.default}
 _ACTIVATIONS = {"gelu", "silu", "relu", "tanh", "sigmoid", "gelu_", "relu_", "leaky_relu", "elu",
@@ -115,10 +116,15 @@ class _Recognizer:
                     q.append(u)
         return None
 
-    def residual_after(self, out: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-        """From a projection output, follow dropout/scale to the add that closes the sub-block."""
-        n, seen = out, set()
-        frontier = [out]
+    def residual_after(self, out: fx.Node, entry: fx.Node | None = None):
+        """From a projection output, follow dropout/scale to the add that closes the sub-block.
+
+        Returns ``(add, branch, stream, sibling)``. In a parallel block (``x + attn(ln x) + mlp(ln x)``)
+        the first add joins the two branches; it is recognised by the other operand coming from a
+        projection whose own inputs read the same normed ``entry``, and the search goes on to the
+        add with the stream.
+        """
+        frontier, seen, sibling = [out], set(), None
         while frontier:
             n = frontier.pop(0)
             for u in n.users:
@@ -127,17 +133,33 @@ class _Recognizer:
                 seen.add(u)
                 if _is(u, {aten.add.Tensor}) and all(isinstance(a, fx.Node) for a in u.args[:2]):
                     branch_i = 0 if u.args[0] is n else 1
-                    return u, u.args[branch_i], u.args[1 - branch_i]
+                    other = u.args[1 - branch_i]
+                    if sibling is None and entry is not None and self._is_parallel_sibling(other, entry):
+                        sibling = other
+                        frontier = [u]
+                        break
+                    return u, u.args[branch_i], other, sibling
                 if _is(u, _BRANCH_TAIL):
                     frontier.append(u)
         return None
 
+    def _is_parallel_sibling(self, other: fx.Node, entry: fx.Node) -> bool:
+        sib = self.trace_back_to_site(other, allowed=_BRANCH_TAIL | _RESHAPES, limit=10)
+        if sib is None:
+            return False
+        def source(n):  # the stream under a norm (NeoX gives each parallel branch its own LayerNorm)
+            ns = norm_at_output(n)
+            return strip(ns.input) if ns is not None else strip(n)
+
+        feeding = self._sites_feeding(sib.input, set())
+        return any(source(s.input) is source(entry) for s, _ in feeding) or source(sib.input) is source(entry)
+
     def residual_site(self, out: fx.Node, entry: fx.Node | None) -> ResidualSite | None:
-        found = self.residual_after(out)
+        found = self.residual_after(out, entry)
         if found is None:
             return None
-        add, branch, stream = found
-        site = ResidualSite(add=add, branch=branch, stream=stream)
+        add, branch, stream, sibling = found
+        site = ResidualSite(add=add, branch=branch, stream=stream, parallel_with=sibling)
         self._place_norm(site, entry)
         return site
 
@@ -197,10 +219,10 @@ class _Recognizer:
         n = sm.args[0]
         qk = None
         for _ in range(12):
-            if _is(n, _MATMUL):
+            if _is(n, _MATMUL) or _is(n, {aten.baddbmm.default}):
                 qk = n
                 break
-            if not _is(n, _MASKING):
+            if not _is(n, _MASKING | _RESHAPES):
                 return None
             cands = [a for a in _nodes(n.args) if a.op == "call_function"]
             # a direct QKᵀ operand wins (T5 4.57: ``scores += position_bias``, whose bias operand
@@ -217,14 +239,15 @@ class _Recognizer:
                 for u in f.users:
                     if _is(u, _MATMUL) and u.args[0] is f:
                         pv = u
-                    elif _is(u, {aten.dropout.default} | PASSTHROUGH):
+                    elif _is(u, {aten.dropout.default} | PASSTHROUGH | _RESHAPES):
                         nxt.append(u)
             if pv is not None or not nxt:
                 break
             frontier = nxt
         if pv is None:
             return None
-        return pv, "eager", qk.args[0], qk.args[1], pv.args[1], sm
+        q, k = (qk.args[1], qk.args[2]) if qk.target == aten.baddbmm.default else (qk.args[0], qk.args[1])
+        return pv, "eager", q, k, pv.args[1], sm
 
     # ---------------------------------------------------------------- main
     def run(self) -> StructureMap:
@@ -238,16 +261,29 @@ class _Recognizer:
                     "attention", core.name,
                     f"no projection found upstream of the core's {'/'.join(missing)} input(s)"))
                 continue
+            fused = None
+            if q is k or k is v or q is v:
+                # never give one site two roles: keep the block (o, residual) without q/k/v
+                fused = q if q is k or q is v else k
+                self.unmatched.append(Unmatched(
+                    "attention", core.name,
+                    f"q/k/v come from one fused projection ({fused.module_path}) that is not cut into contiguous "
+                    "channel ranges (e.g. a head-interleaved layout); adapt it whole by module path"))
+                q = k = v = None
             o = self.trace_forward_to_site(core)
-            self_attn = strip(q.input) is strip(k.input) and strip(k.input) is strip(v.input)
+            src = fused.input if fused is not None else q.input
+            self_attn = fused is not None or (strip(q.input) is strip(k.input) and strip(k.input) is strip(v.input))
             blk = AttentionBlock(core=core, form=form, self_attention=self_attn, q=q, k=k, v=v, o=o,
-                                 softmax=sm)
-            self._head_counts(blk, qn)
+                                 softmax=sm, fused_qkv=fused)
+            if fused is not None:
+                used.add(id(fused))
+            else:
+                self._head_counts(blk, qn)
             if o is None:
                 self.unmatched.append(Unmatched("attention", core.name,
                                                 "no output projection consumes the attention output"))
             else:
-                blk.residual = self.residual_site(o.output, q.input)
+                blk.residual = self.residual_site(o.output, src)
                 if blk.residual is None:
                     self.unmatched.append(Unmatched("residual", o.name,
                                                     "output projection does not flow into a residual add"))
@@ -270,6 +306,12 @@ class _Recognizer:
         for layer in layers:
             last = layer.cross_attention or layer.attention
             if last.residual is None:
+                continue
+            if last.residual.parallel_with is not None:
+                layer.ffn = self._parallel_ffn(last, used)
+                if layer.ffn is None:
+                    self.unmatched.append(Unmatched("ffn", layer.attention.core.name,
+                                                    "parallel block whose feed-forward branch was not recognised"))
                 continue
             stream_out = last.residual.norm_after.output if last.residual.norm_after else last.residual.add
             ffn = self._ffn_after(stream_out, used)
@@ -315,7 +357,7 @@ class _Recognizer:
                 seen.add(u)
                 if _is(u, {aten.add.Tensor}) and all(isinstance(a, fx.Node) for a in u.args[:2]):
                     cands.append((u, n))
-                elif _is(u, PASSTHROUGH):
+                elif _is(u, PASSTHROUGH | _RESHAPES):
                     frontier.append(u)
         for add, via in sorted(cands, key=lambda c: self.order[c[0]]):
             branch = add.args[1] if add.args[0] is via else add.args[0]
@@ -341,6 +383,28 @@ class _Recognizer:
                     used.add(id(s))
             return ffn
         return None
+
+    def _parallel_ffn(self, blk: AttentionBlock, used: set[int]) -> FFNBlock | None:
+        r = blk.residual
+        down = self.trace_back_to_site(r.parallel_with, allowed=_BRANCH_TAIL | _RESHAPES, limit=10)
+        if down is None or id(down) in used:
+            return None
+        ins = self._sites_feeding(down.input, used)
+        if not ins:
+            return None
+        gated = [s for s, act in ins if act]
+        plain = [s for s, act in ins if not act]
+        ffn = FFNBlock(down=down, residual=r)
+        if len(ins) >= 2 and gated and plain:
+            ffn.gate, ffn.up = gated[0], plain[0]
+        else:
+            ffn.up = ins[0][0]
+        ffn.activation = self._activation(ffn.gate or ffn.up, down)
+        for role, s in (("up", ffn.up), ("gate", ffn.gate), ("down", ffn.down)):
+            if s is not None:
+                s.role = role
+                used.add(id(s))
+        return ffn
 
     def _sites_feeding(self, node: fx.Node, used: set[int]) -> list[tuple[LinearSite, bool]]:
         """Linear sites upstream of ``node`` before any other projection; flag those behind an activation."""
@@ -397,7 +461,7 @@ class _Recognizer:
         stack, idx = -1, 0
         for layer in layers:
             r = layer.attention.residual
-            entry = strip(r.stream) if r is not None else None
+            entry = _strip_shape(r.stream) if r is not None else None
             if prev_out is None or entry is not prev_out:
                 stack += 1
                 idx = 0
@@ -408,7 +472,7 @@ class _Recognizer:
             if last is None:
                 prev_out = None
             else:
-                prev_out = strip(last.norm_after.output if last.norm_after else last.add)
+                prev_out = _strip_shape(last.norm_after.output if last.norm_after else last.add)
             paths = [s.module_path for s in layer.linear_sites() if s.module_path]
             layer.module_path = _common_prefix(paths)
 
@@ -420,6 +484,13 @@ class _Recognizer:
             common = _common_prefix(paths)
             names.append(common or f"stack{i}")
         return names
+
+
+def _strip_shape(n):
+    """Like ``strip``, also through reshapes: the same stream, flattened or not."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in (PASSTHROUGH | _RESHAPES):
+        n = n.args[0]
+    return n
 
 
 def _common_prefix(paths: list[str]) -> str:

@@ -63,6 +63,7 @@ class NormSite:
     bias: str | None
     eps: float
     module_path: str = ""
+    weight_offset: float = 0.0     # Gemma-style norms scale by (offset + weight)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ResidualSite:
     stream: fx.Node
     norm_after: NormSite | None = None
     norm_before: NormSite | None = None
+    parallel_with: fx.Node | None = None   # parallel blocks (GPT-J, NeoX, Phi): the sibling's output
 
     @property
     def placement(self) -> Literal["post_ln", "pre_ln", "none"]:
@@ -101,6 +103,7 @@ class AttentionBlock:
     o: LinearSite | None = None
     residual: ResidualSite | None = None
     softmax: fx.Node | None = None         # eager form only
+    fused_qkv: LinearSite | None = None    # q/k/v fused without a contiguous channel split
     num_heads: int | None = None
     num_kv_heads: int | None = None
 
