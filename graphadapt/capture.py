@@ -144,6 +144,27 @@ def _float_dtype(d: Any) -> bool:
     return isinstance(d, torch.dtype) and d.is_floating_point
 
 
+def _fp32_island(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A cast whose *input* is an integer tensor (positions) or a float buffer (``inv_freq``)
+    computes something HF keeps in fp32 whatever the model dtype (rotary angles): never re-target it."""
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if src is None:
+        return False
+    val = src.meta.get("val")
+    if isinstance(val, torch.Tensor) and not val.is_floating_point():
+        return True
+    while src.op == "call_function" and src.target in (aten.unsqueeze.default, aten.expand.default,
+                                                        aten.slice.Tensor, aten.view.default):
+        src = src.args[0]
+    if src.op == "get_attr":
+        try:
+            gm.get_buffer(src.target)
+            return True
+        except AttributeError:
+            return False
+    return False
+
+
 def make_portable(gm: fx.GraphModule, capture_dtype: torch.dtype, capture_device: torch.device) -> bool:
     """Remove capture-time pins; record where dtype/device/fill constants must follow the module.
 
@@ -163,13 +184,14 @@ def make_portable(gm: fx.GraphModule, capture_dtype: torch.dtype, capture_device
                 modified = True
             continue
         pins: dict[Any, str] = {}
+        island = _fp32_island(gm, n)
         for key, val in n.kwargs.items():
             if key == "device" and isinstance(val, torch.device):
                 pins[("kw", key)] = "device"
-            elif key == "dtype" and val == capture_dtype and _float_dtype(val):
+            elif key == "dtype" and val == capture_dtype and _float_dtype(val) and not island:
                 pins[("kw", key)] = "dtype"
         for i, val in enumerate(n.args):
-            if isinstance(val, torch.dtype) and val == capture_dtype and _float_dtype(val):
+            if isinstance(val, torch.dtype) and val == capture_dtype and _float_dtype(val) and not island:
                 pins[("arg", i)] = "dtype"
             elif isinstance(val, torch.device):
                 pins[("arg", i)] = "device"

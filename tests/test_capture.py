@@ -139,3 +139,26 @@ def test_capture_rejects_non_modules_and_missing_config():
         ga.capture(lambda x: x)
     with pytest.raises(ga.CaptureError, match="example_inputs"):
         ga.capture(torch.nn.Linear(4, 4))
+
+
+def test_low_precision_keeps_rotary_in_fp32():
+    """HF computes rotary angles in fp32 whatever the model dtype (positions up to 1e4+ do not fit
+    bf16's 8-bit mantissa): casts of integer positions and of the inv_freq buffer must stay fp32."""
+    gm = copy.deepcopy(ga.capture(tiny_llama())).to(torch.bfloat16)
+    islands = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.to.dtype, torch.ops.aten.to.device):
+            src = n.args[0]
+            val = src.meta.get("val")
+            from_int = val is not None and not val.is_floating_point()
+            from_buffer = src.op == "get_attr"
+            to_float = any(isinstance(a, torch.dtype) and a.is_floating_point for a in n.args)
+            if to_float and (from_int or from_buffer):
+                islands.append(n)
+                assert torch.float32 in n.args, (n.name, n.args)
+    assert len(islands) >= 2  # the position cast and the inv_freq cast
+    # and the cast of cos/sin back to the model dtype does follow the move
+    follows = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.to.dtype
+               and "rotary" in str(list((n.meta.get("nn_module_stack") or {"": ("",)}).values())[-1][0])
+               and n not in islands]
+    assert follows and all(torch.bfloat16 in n.args for n in follows)
