@@ -52,6 +52,8 @@ def _spec_from_args(args):
         return as_spec(args.spec)
     if getattr(args, "adapters", None):
         return read_spec(args.adapters)
+    if getattr(args, "peft", None):
+        return None
     raise SystemExit("graphadapt: give --spec spec.yaml (or --adapters CHECKPOINT_DIR holding spec.json)")
 
 
@@ -62,6 +64,11 @@ def _adapted(args, progress):
     spec = _spec_from_args(args)
     with progress.stage("load model"):
         name, model = _load(args)
+    if spec is None:
+        from .checkpoints.peft import import_peft
+
+        with progress.stage(f"capture + rewrite + import PEFT checkpoint {args.peft} ({name})"):
+            return import_peft(model, args.peft)
     with progress.stage(f"capture + rewrite ({name})"):
         adapted = apply(model, spec)
     if getattr(args, "adapters", None):
@@ -168,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help=model_help)
     s.add_argument("--spec", help="spec file (.yaml/.json)")
     s.add_argument("--adapters", help="adapter checkpoint directory to load")
+    s.add_argument("--peft", help="a PEFT LoRA checkpoint directory to import")
     s.add_argument("--save", help="write the adapters (spec.json + adapters.safetensors) here")
     s.set_defaults(fn=cmd_apply)
 
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help=model_help)
     s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
     s.add_argument("--adapters", help="adapter checkpoint directory (from `apply --save` / save_adapters)")
+    s.add_argument("--peft", help="a PEFT LoRA checkpoint directory (adapter_config.json + adapter_model.safetensors)")
     s.add_argument("--merge", dest="merge", action="store_true", default=True, help="fold LoRA into weights (default)")
     s.add_argument("--no-merge", dest="merge", action="store_false")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -191,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help=model_help)
     s.add_argument("--spec")
     s.add_argument("--adapters")
+    s.add_argument("--peft", help="a PEFT LoRA checkpoint directory")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("demo", help="LoRA + adapter on the embedded model: train, merge, export, verify, time")
