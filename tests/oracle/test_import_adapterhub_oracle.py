@@ -21,7 +21,7 @@ import graphadapt as ga
 from graphadapt.checkpoints.adapterhub import from_adapterhub_config, import_adapterhub
 from graphadapt.errors import CheckpointError
 from graphadapt.spec.bottleneck import adapterhub_config_dict
-from helpers import text_inputs, tiny_bert, tiny_gpt2
+from helpers import t5_inputs, text_inputs, tiny_bert, tiny_gpt2, tiny_t5
 
 torch.set_num_threads(1)
 ATOL = RTOL = 1e-5
@@ -46,19 +46,23 @@ def _randomize(model, name: str = "a", seed: int = 1) -> int:
 
 
 def _inputs(kind: str):
+    if kind == "t5":
+        x = t5_inputs(batch=3, seq=6, dec_seq=4, seed=7)
+        x["attention_mask"] = text_inputs(3, 6, seed=7, pad=2)["attention_mask"]
+        return x
     x = text_inputs(batch=3, seq=6, seed=7, pad=2)
     if kind == "gpt2":
         x["use_cache"] = False
     return x
 
 
-def _save(ah_model, cfg, path, name: str = "a"):
+def _save(ah_model, cfg, path, name: str = "a", **save_kwargs):
     adapters.init(ah_model)
     ah_model.add_adapter(name, config=cfg)
     assert _randomize(ah_model, name) > 0
     ah_model.set_active_adapters(name)
     ah_model.eval()
-    ah_model.save_adapter(str(path), name)
+    ah_model.save_adapter(str(path), name, **save_kwargs)
     return ah_model
 
 
@@ -80,13 +84,15 @@ CASES = {
     "bert-ParBn": ("bert", ParBnConfig()),
     "gpt2-DoubleSeqBn": ("gpt2", DoubleSeqBnConfig(reduction_factor=4, ln_before=True, leave_out=[1])),
     "gpt2-ParBn": ("gpt2", ParBnConfig(scaling="learned")),
+    # T5: layer.0 → mh, layer.1 (encoder) / layer.2 (decoder) → output; leave_out uses global indices (dec = 2, 3)
+    "t5-DoubleSeqBn": ("t5", DoubleSeqBnConfig(reduction_factor=4, leave_out=[1, 2])),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_adapterhub(case, tmp_path):
     kind, cfg = CASES[case]
-    build = {"bert": tiny_bert, "gpt2": tiny_gpt2}[kind]
+    build = {"bert": tiny_bert, "gpt2": tiny_gpt2, "t5": tiny_t5}[kind]
     ah = _save(build(seed=0), cfg, tmp_path)
     base = build(seed=0)
     adapted = import_adapterhub(base, tmp_path)
@@ -96,9 +102,16 @@ def test_import_matches_adapterhub(case, tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["config"]
     ours = adapterhub_config_dict(spec)
     assert {k: ours[k] for k in ours} == {k: saved[k] for k in ours}
-    want = {(i, r) for i in range(2) if i not in set(cfg.leave_out) for r in
+    want = {(i, r) for i in range(4 if kind == "t5" else 2) if i not in set(cfg.leave_out) for r in
             (("mh", "output") if cfg.mh_adapter else ("output",))}
     assert {(r["layer"], r["role"]) for r in adapted.adapter_records} == want
+
+
+def test_safetensors(tmp_path):
+    ah = _save(tiny_bert(seed=0), SeqBnConfig(reduction_factor=4), tmp_path, use_safetensors=True)
+    assert not (tmp_path / "pytorch_adapter.bin").exists()
+    base = tiny_bert(seed=0)
+    _check(import_adapterhub(base, tmp_path), ah, base, "bert")
 
 
 def test_rename_and_head_model_to_bare_compacter(tmp_path):
