@@ -367,34 +367,16 @@ class _Recognizer:
             ins = self._sites_feeding(down.input, used)
             if not ins:
                 continue
-            ffn = FFNBlock(down=down)
-            ffn.residual = ResidualSite(add=add, branch=branch, stream=via)
-            self._place_norm(ffn.residual, ins[0][0].input)
-            gated = [s for s, act in ins if act]
-            plain = [s for s, act in ins if not act]
-            if len(ins) >= 2 and gated and plain:
-                ffn.gate, ffn.up = gated[0], plain[0]
-            else:
-                ffn.up = ins[0][0]
-            ffn.activation = self._activation(ffn.gate or ffn.up, down)
-            for role, s in (("up", ffn.up), ("gate", ffn.gate), ("down", ffn.down)):
-                if s is not None:
-                    s.role = role
-                    used.add(id(s))
-            return ffn
+            residual = ResidualSite(add=add, branch=branch, stream=via)
+            self._place_norm(residual, ins[0][0].input)
+            return self._ffn_block(down, ins, residual, used)
         return None
 
-    def _parallel_ffn(self, blk: AttentionBlock, used: set[int]) -> FFNBlock | None:
-        r = blk.residual
-        down = self.trace_back_to_site(r.parallel_with, allowed=_BRANCH_TAIL | _RESHAPES, limit=10)
-        if down is None or id(down) in used:
-            return None
-        ins = self._sites_feeding(down.input, used)
-        if not ins:
-            return None
+    def _ffn_block(self, down: LinearSite, ins, residual: ResidualSite, used: set[int]) -> FFNBlock:
+        """up/gate/down roles from the sites feeding ``down``: the one behind an activation is the gate."""
+        ffn = FFNBlock(down=down, residual=residual)
         gated = [s for s, act in ins if act]
         plain = [s for s, act in ins if not act]
-        ffn = FFNBlock(down=down, residual=r)
         if len(ins) >= 2 and gated and plain:
             ffn.gate, ffn.up = gated[0], plain[0]
         else:
@@ -405,6 +387,14 @@ class _Recognizer:
                 s.role = role
                 used.add(id(s))
         return ffn
+
+    def _parallel_ffn(self, blk: AttentionBlock, used: set[int]) -> FFNBlock | None:
+        r = blk.residual
+        down = self.trace_back_to_site(r.parallel_with, allowed=_BRANCH_TAIL | _RESHAPES, limit=10)
+        if down is None or id(down) in used:
+            return None
+        ins = self._sites_feeding(down.input, used)
+        return self._ffn_block(down, ins, r, used) if ins else None
 
     def _sites_feeding(self, node: fx.Node, used: set[int]) -> list[tuple[LinearSite, bool]]:
         """Linear sites upstream of ``node`` before any other projection; flag those behind an activation."""

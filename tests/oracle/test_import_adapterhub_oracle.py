@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import adapters
-from adapters import CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, PrefixTuningConfig, SeqBnConfig
+from adapters import (CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig, ParBnConfig, PrefixTuningConfig,
+                      SeqBnConfig)
 
 import graphadapt as ga
 from graphadapt.checkpoints.adapterhub import from_adapterhub_config, import_adapterhub
