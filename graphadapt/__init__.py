@@ -14,7 +14,8 @@ from .model import AdaptedModel, MergeReport
 from .api import apply, inspect, merge
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
-         "load": "checkpoints", "save_adapters": "checkpoints", "import_peft": "checkpoints.peft"}
+         "load": "checkpoints", "save_adapters": "checkpoints", "import_peft": "checkpoints.peft",
+         "import_adapterhub": "checkpoints.adapterhub"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -31,5 +32,5 @@ __all__ = [
     "Compacter", "CompacterPlusPlus", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
-    "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft",
+    "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub",
 ]
