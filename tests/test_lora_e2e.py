@@ -543,3 +543,29 @@ def test_pissa_keeps_output_and_changes_only_the_adapted_weight():
     with torch.no_grad():  # and the branch is live
         adapted.get_submodule("adapters.default.encoder.layer.1.attention.self.value").lora_B.mul_(1.5)
     assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) > 1e-3
+
+
+def test_plain_torch_model_by_module_name():
+    """Any torch.export-able module works with path targets; '*.fc1' selects a top-level fc1."""
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mlp = MLP().eval()
+    with pytest.raises(ga.SpecError, match=r"\*\.fc1"):
+        ga.LoRA(targets=("fc1",))  # a bare word is taken for a mistyped role; the message shows the fix
+    adapted = ga.apply(mlp, ga.LoRA(r=2, targets=("*.fc1",)), example_inputs=(torch.randn(3, 8),))
+    assert [r["site"] for r in adapted.adapter_records] == ["fc1"]
+    randomize_lora(adapted)
+    x = torch.randn(5, 8)
+    y = adapted(x)
+    assert (y - mlp(x)).abs().max() > 1e-3
+    adapted.merge()
+    torch.testing.assert_close(adapted(x), y, atol=1e-6, rtol=0)

@@ -81,7 +81,9 @@ def selector_matches(selector: str, module_path: str) -> bool:
     if selector.startswith("re:"):
         return re.fullmatch(selector[3:], module_path) is not None
     if _GLOB_CHARS & set(selector):
-        return fnmatch.fnmatchcase(module_path, selector)
+        # '*.fc1' also selects a top-level 'fc1' (the error for a bare word suggests that form)
+        return fnmatch.fnmatchcase(module_path, selector) or (
+            selector.startswith("*.") and fnmatch.fnmatchcase("." + module_path, selector))
     return module_path == selector or module_path.endswith("." + selector)
 
 
