@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import (CaptureError, CheckpointError, ExportError, GraphAdaptError, MergeError,
                      PassError, SpecError, StructureError, VerificationError)
-from .spec import (AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, LoRA,
+from .spec import (IA3, AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, LoRA,
                    MethodSpec, ParBn, SeqBn, Spec, as_spec)
 from .capture import capture
 from .structure import recognize
@@ -28,7 +28,7 @@ def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on firs
 
 __all__ = [
     "__version__", "apply", "merge", "inspect", "capture", "recognize", "AdaptedModel", "MergeReport",
-    "Spec", "MethodSpec", "LoRA", "Bottleneck", "SeqBn", "DoubleSeqBn", "ParBn", "AdapterPlus",
+    "Spec", "MethodSpec", "LoRA", "IA3", "Bottleneck", "SeqBn", "DoubleSeqBn", "ParBn", "AdapterPlus",
     "Compacter", "CompacterPlusPlus", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",

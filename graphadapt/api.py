@@ -12,6 +12,7 @@ from .errors import PassError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .passes import run_pass
+from .passes.insert_ia3 import insert_ia3
 from .passes.insert_lora import insert_lora
 from .passes.select import select_linear_sites
 from .spec import Spec, as_spec
@@ -25,13 +26,13 @@ def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
 
     plan = []
     for name, method in spec.adapters.items():
-        if method.method == "lora":
+        if method.method in ("lora", "ia3"):
             plan.append((name, method, select_linear_sites(sm, method, name)))
         elif method.method == "bottleneck":
             plan.append((name, method, select_residual_sites(sm, method, name)))
         else:
             raise SpecError(f"adapter {name!r}: method {method.method!r} has no insertion pass in this "
-                            f"version of graphadapt (supported: lora, bottleneck)", field="method")
+                            f"version of graphadapt (supported: lora, ia3, bottleneck)", field="method")
     taken: dict[str, str] = {}
     for name, method, sites in plan:
         if method.method != "bottleneck":
@@ -43,9 +44,9 @@ def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
                     "composing bottleneck adapters at one residual point (AdapterHub's Stack/Parallel) is "
                     "not supported yet. Use separate specs, or different layers/positions.", field="adapters")
             taken[t.name] = name
-    # LoRA first: it only adds nodes, while a bottleneck pass replaces the norm/add it sits on,
-    # rewiring every consumer (LoRA inputs included) to the adapter's output.
-    return sorted(plan, key=lambda item: item[1].method != "lora")
+    # linear-site methods first (they only add nodes, in spec order: sorted is stable), while a
+    # bottleneck pass replaces the norm/add it sits on, rewiring every consumer to the adapter.
+    return sorted(plan, key=lambda item: item[1].method == "bottleneck")
 
 
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
@@ -71,6 +72,8 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
             seed = spec.effective_seed(name)
             if method.method == "lora":
                 run_pass(f"insert_lora[{name}]", insert_lora, gm, name, method, sites, seed, records)
+            elif method.method == "ia3":
+                run_pass(f"insert_ia3[{name}]", insert_ia3, gm, name, method, sites, seed, records)
             else:
                 run_pass(f"insert_bottleneck[{name}]", insert_bottleneck, gm, name, method, sites, seed,
                          records)

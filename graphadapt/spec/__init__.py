@@ -22,6 +22,7 @@ from .bottleneck import (
     SeqBn,
     adapterhub_config_dict,
 )
+from .ia3 import IA3
 from .lora import ALL_LINEAR, LORA_INITS, ROLES, LoRA, selector_matches, target_kind
 from .spec import FORMAT_VERSION, Spec, as_spec
 
@@ -36,6 +37,7 @@ __all__ = [
     "DoubleSeqBn",
     "FORMAT_VERSION",
     "FrozenMapping",
+    "IA3",
     "LORA_INITS",
     "LoRA",
     "MethodSpec",

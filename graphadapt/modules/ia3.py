@@ -1,0 +1,160 @@
+"""IA3 as one module that a graph pass calls at a linear site (PEFT semantics).
+
+Transform (one site, base op ``y = x W^T + b``)::
+
+    before:  y  = linear(x, W, b)
+    after:   y' = IA3Module(x, y, W, b)
+
+* output scaling (``feedforward=False``): ``y' = l ⊙ y`` on the channels the module owns
+  (all of them, or ``out_slice`` of a fused projection such as GPT-2's ``c_attn``; the
+  other channels pass through bit-identical); ``l`` is ``ia3_l`` [out, 1].
+* feedforward (input) scaling: ``y' = y + (x ⊙ (l - 1)) W_rows^T`` on the owned channels,
+  which equals ``linear(x ⊙ l, W, b)`` (PEFT's ``base_layer(x * l)``) while keeping what
+  earlier adapters stacked on the same site added to ``y``; ``l`` is ``ia3_l`` [1, in].
+
+``ia3_l`` has PEFT's shape, so ``base_model.model.<path>.ia3_l.<adapter>`` copies directly.
+``fold`` gives ``(W', b')``: output scaling multiplies the owned rows of ``W`` and ``b`` by
+``l``; feedforward scaling multiplies the input columns of the owned rows (bias unchanged).
+GPT-2 ``Conv1D`` weights (``fan_in_fan_out``, ``[in, out]``) are handled in their layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graphadapt.errors import SpecError
+
+__all__ = ["IA3Module"]
+
+
+class IA3Module(nn.Module):
+    """Learned per-channel scaling of one linear site: ``(x, y, W, b) → y'``.
+
+    Args:
+        in_features, out_features: the site's sizes (``out_features`` is the slice width
+            for a fused projection).
+        feedforward: scale the input (``ia3_l`` [1, in]) instead of the output ([out, 1]).
+        fan_in_fan_out: base weight is ``[in, out]`` (GPT-2 ``Conv1D``).
+        out_slice, total_out: this module owns channels ``[start, end)`` of a
+            ``total_out`` wide output.
+    """
+
+    mergeable = True
+    merge_refusal = None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        feedforward: bool,
+        fan_in_fan_out: bool = False,
+        out_slice: tuple[int, int] | None = None,
+        total_out: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.active = True
+        if out_slice is None:
+            if total_out is not None and total_out != out_features:
+                raise SpecError(f"total_out={total_out} without out_slice must equal out_features={out_features}",
+                                field="total_out")
+            total_out = out_features
+        else:
+            start, end = (int(v) for v in out_slice)
+            if total_out is None:
+                raise SpecError("out_slice needs total_out (the fused output width)", field="total_out")
+            if not 0 <= start < end <= total_out or end - start != out_features:
+                raise SpecError(f"out_slice={out_slice} must satisfy 0 <= start < end <= total_out={total_out} "
+                                f"and end - start == out_features={out_features}", field="out_slice")
+            out_slice = None if (start, end) == (0, total_out) else (start, end)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.total_out = total_out
+        self.out_slice = out_slice
+        self.feedforward = bool(feedforward)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        shape = (1, in_features) if self.feedforward else (out_features, 1)
+        # Ones (identity) without RNG; graphadapt.passes.insert_ia3 redraws when init_ia3_weights=False.
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
+
+    # ------------------------------------------------------------------ layout helpers
+    def _rows(self, weight: Tensor) -> Tensor:
+        """Base weight (either layout, full fused shape) → this module's rows as an
+        ``[out_features, in]`` view (writes through)."""
+        w = weight.t() if self.fan_in_fan_out else weight
+        if self.out_slice is not None:
+            w = w[self.out_slice[0]: self.out_slice[1]]
+        return w
+
+    def _bias_slice(self, bias: Tensor) -> Tensor:
+        return bias if self.out_slice is None else bias[self.out_slice[0]: self.out_slice[1]]
+
+    def _replace_slice(self, y: Tensor, mid: Tensor) -> Tensor:
+        if mid.dtype != y.dtype:
+            mid = mid.to(y.dtype)
+        if self.out_slice is None:
+            return mid
+        start, end = self.out_slice
+        parts = ([y[..., :start]] if start > 0 else []) + [mid]
+        if end < self.total_out:
+            parts.append(y[..., end:])
+        return torch.cat(parts, dim=-1)  # functional: other channels stay bit-identical
+
+    def _own(self, y: Tensor) -> Tensor:
+        return y if self.out_slice is None else y[..., self.out_slice[0]: self.out_slice[1]]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``(x [..., in], y [..., total_out], W, b) → y'`` (see module docstring)."""
+        if not self.active:
+            return y
+        l = self.ia3_l
+        if not self.feedforward:
+            return self._replace_slice(y, self._own(y) * l.flatten())
+        if x.dtype != l.dtype:
+            x = x.to(l.dtype)
+        rows = self._rows(weight)
+        delta = F.linear(x * (l.flatten() - 1), rows.to(l.dtype))
+        return self._replace_slice(y, self._own(y) + delta)
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def fold(self, weight: Tensor, bias: Tensor | None = None, *,
+             base_weight: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(W, b) → (W', b')`` (new tensors, base layout, full shape) with
+        ``linear(x, W', b') == forward(x, linear(x, W, b), W, b)`` in eval mode.
+
+        Output scaling: the owned rows of ``W`` and entries of ``b`` times ``l``.
+        Feedforward: the owned rows' input columns times ``l``, ``b`` unchanged. When
+        ``weight`` already holds earlier merged adapters, give the un-merged ``base_weight``:
+        feedforward then adds ``W0 ⊙ (l - 1)`` (what the forward adds) instead of rescaling
+        the earlier adapters' updates.
+        """
+        new_weight = weight.detach().clone()
+        new_bias = None if bias is None else bias.detach().clone()
+        l = self.ia3_l.detach().to(dtype=weight.dtype, device=weight.device)
+        rows = self._rows(new_weight)
+        if not self.feedforward:
+            rows.mul_(l)  # [out, 1] broadcasts over the input columns
+            if new_bias is not None:
+                self._bias_slice(new_bias).mul_(l.flatten().to(new_bias.dtype))
+            return new_weight, new_bias
+        if base_weight is None or torch.equal(base_weight, weight):
+            rows.mul_(l)  # [1, in] broadcasts over the rows
+        else:
+            w0 = self._rows(base_weight.detach().to(dtype=weight.dtype, device=weight.device))
+            rows.add_(w0 * (l - 1))
+        return new_weight, new_bias
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"feedforward={self.feedforward}"]
+        if self.fan_in_fan_out:
+            parts.append("fan_in_fan_out=True")
+        if self.out_slice is not None:
+            parts.append(f"out_slice={self.out_slice}, total_out={self.total_out}")
+        return ", ".join(parts)
