@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import re
 import traceback
 from typing import Any, Mapping

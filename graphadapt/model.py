@@ -8,12 +8,10 @@ trainable under ``adapters.<name>.<site>``.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .capture import CapturedModule
