@@ -205,6 +205,15 @@ def make_portable(gm: fx.GraphModule, capture_dtype: torch.dtype, capture_device
     return modified
 
 
+def drop_dtype_pins(gm: fx.GraphModule) -> None:
+    """Forget the dtype pins (keep device pins): for a copy whose dtype another pass decides
+    (the exporter's :func:`graphadapt.passes.retarget_dtype.retarget_graph_dtype`)."""
+    for n in gm.graph.nodes:
+        pins = n.meta.get(_PIN_KEY)
+        if pins:
+            n.meta[_PIN_KEY] = {k: v for k, v in pins.items() if v == "device"}
+
+
 def retarget(gm: fx.GraphModule, device: torch.device | None, dtype: torch.dtype | None) -> bool:
     """Rewrite pinned arguments for a new device/float dtype. Idempotent."""
     changed = False

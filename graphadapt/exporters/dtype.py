@@ -1,23 +1,8 @@
 """Low-precision copies of a model for export: ``model → deepcopy(model).to(fp16|bf16)``.
 
-An eager model handles dtype itself. A captured graph (``torch.export(...).module()``)
-does not: capture bakes the capture dtype into ``_assert_tensor_metadata`` checks,
-``.to(float32)`` casts, factory calls and ``finfo(float32).min`` scalars, and it
-specialises away dtype-dependent branches (T5's ``if weight.dtype == fp16: cast``).
-:func:`retarget_graph_dtype` rewrites those, by running the graph once on example
-inputs so each decision sees the dtypes of the *new* program:
-
-* ``_assert_tensor_metadata`` → removed (it only guards the capture dtype);
-* cast to fp32 of an fp16 value → kept (a deliberate upcast: norm statistics, rotary);
-* cast to fp32 of a value that is already fp32, or of a factory → cast to fp16
-  (at capture it meant "back to the model dtype");
-* factory ``dtype=float32`` → fp16; scalars ``±finfo(float32).max/min`` → ``finfo(fp16)``;
-* a matmul-like op (linear, matmul, SDPA, conv, norm, adapter ``call_module``) that
-  receives fp32 and fp16 float tensors → the fp32 ones are cast to fp16 (repairs
-  the specialised-away casts); graph float outputs → fp16.
-
-This keeps HF's fp32 islands (RMSNorm variance, rotary angles) where the graph
-shows them, instead of computing every op in fp16.
+A captured graph has the capture dtype baked in; the copy's graph is rewritten by
+:func:`graphadapt.passes.retarget_dtype.retarget_graph_dtype`, which keeps HF's fp32
+islands (norm statistics, rotary angles) where the graph shows them.
 """
 
 from __future__ import annotations
@@ -29,7 +14,8 @@ from typing import Any
 import torch
 import torch.fx
 
-aten = torch.ops.aten
+from graphadapt.capture import drop_dtype_pins
+from graphadapt.passes.retarget_dtype import retarget_graph_dtype
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -42,29 +28,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-_CAST_POSITIONAL = {aten.to.dtype: 1, aten.to.device: 2}
-_CAST_KEYWORD = {aten.to.dtype_layout, aten._to_copy.default}
-# Ops whose float operands must share a dtype (no type promotion in the kernel).
-_SAME_DTYPE_OPS = {
-    aten.linear.default,
-    aten.matmul.default,
-    aten.mm.default,
-    aten.bmm.default,
-    aten.addmm.default,
-    aten.baddbmm.default,
-    aten.scaled_dot_product_attention.default,
-    aten.conv1d.default,
-    aten.conv2d.default,
-    aten.conv3d.default,
-    aten.convolution.default,
-    aten.layer_norm.default,
-    aten.group_norm.default,
-    aten.native_layer_norm.default,
-    aten.batch_norm.default,
-    aten.rms_norm.default,
-}
-
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"fp16"``/``"float16"``/``torch.float16`` → ``torch.float16`` (fp32, fp16, bf16 only)."""
@@ -93,28 +56,11 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         clone = copy.deepcopy(model)
     src = _dominant_float_dtype(model)
     if isinstance(clone, torch.fx.GraphModule):
-        _keep_device_pins_only(clone)
+        drop_dtype_pins(clone)  # dtype decisions belong to retarget_graph_dtype; device pins stay
     clone.to(dtype)  # nn.Module.to converts float params/buffers only; int buffers stay
     if isinstance(clone, torch.fx.GraphModule) and src != dtype:
         retarget_graph_dtype(clone, src, dtype, cast_inputs(example_inputs, dtype))
     return clone
-
-
-def _keep_device_pins_only(gm: torch.fx.GraphModule) -> None:
-    """Stop graphadapt.capture's ``.to()`` hook from rewriting every fp32 pin uniformly.
-
-    A ``CapturedModule`` retargets all pinned fp32 arguments on ``.to(fp16)``, which also
-    turns deliberate fp32 upcasts into fp16; on this private copy the dtype decisions are
-    left to :func:`retarget_graph_dtype` instead (device pins are still honoured).
-    """
-    try:
-        from graphadapt.capture import _PIN_KEY
-    except ImportError:
-        return
-    for n in gm.graph.nodes:
-        pins = n.meta.get(_PIN_KEY)
-        if pins:
-            n.meta[_PIN_KEY] = {k: v for k, v in pins.items() if v == "device"}
 
 
 def _float_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
@@ -129,109 +75,3 @@ def _dominant_float_dtype(model: torch.nn.Module) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def retarget_graph_dtype(
-    gm: torch.fx.GraphModule, src: torch.dtype, dst: torch.dtype, example_inputs: dict[str, Any]
-) -> torch.fx.GraphModule:
-    """Rewrite, in place, a captured graph from ``src`` to ``dst`` float dtype (see module doc).
-
-    ``gm``'s parameters must already be in ``dst``; ``example_inputs`` are keyword
-    inputs matching the graph's placeholders by name.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    missing = [n.target for n in placeholders if n.target not in example_inputs]
-    if missing:
-        raise ValueError(f"example inputs lack {missing} needed to retarget the graph dtype")
-    interp = _Retarget(gm, src, dst)
-    with torch.no_grad():
-        interp.run(*[example_inputs[n.target] for n in placeholders])
-    for n in interp.dead:
-        gm.graph.erase_node(n)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-class _Retarget(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, src: torch.dtype, dst: torch.dtype):
-        # no value GC: inserted cast nodes are unknown to the interpreter's last-use table
-        super().__init__(gm, garbage_collect_values=False)
-        self.src, self.dst = src, dst
-        self.dead: list[torch.fx.Node] = []
-        s, d = torch.finfo(src), torch.finfo(dst)
-        self.scalar_map = {s.min: d.min, s.max: d.max, -s.max: -d.max}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op == "call_function":
-            if n.target is aten._assert_tensor_metadata.default:
-                self.dead.append(n)  # erased after the run; erasing while iterating is unsafe
-                return None
-            self._retarget_call(n)
-        if n.op in ("call_function", "call_module", "call_method"):
-            self._repair_mixed(n)
-        if n.op == "output":
-            self._cast_outputs(n)
-        return super().run_node(n)
-
-    # -- helpers -----------------------------------------------------------
-    def _val(self, a: Any) -> Any:
-        return self.env.get(a) if isinstance(a, torch.fx.Node) else a
-
-    def _retarget_call(self, n: torch.fx.Node) -> None:
-        if n.target in _CAST_POSITIONAL:
-            i = _CAST_POSITIONAL[n.target]
-            if len(n.args) > i and n.args[i] == self.src and self._is_downcast(n.args[0]):
-                n.update_arg(i, self.dst)
-        elif n.target in _CAST_KEYWORD:
-            if n.kwargs.get("dtype") == self.src and self._is_downcast(n.args[0]):
-                n.update_kwarg("dtype", self.dst)
-        elif n.kwargs.get("dtype") == self.src:  # factories: full, zeros, arange, scalar_tensor ...
-            n.update_kwarg("dtype", self.dst)
-        # finfo(src).min as a mask fill would overflow (or error) in dst
-        n.args = tuple(self._map_scalar(a) for a in n.args)
-        n.kwargs = {k: self._map_scalar(v) for k, v in n.kwargs.items()}
-
-    def _is_downcast(self, arg: Any) -> bool:
-        """A cast to ``src`` means "to the model dtype" unless it upcasts a ``dst`` value or an int."""
-        v = self._val(arg)
-        if not isinstance(v, torch.Tensor):
-            return True
-        return v.dtype == self.src
-
-    def _map_scalar(self, a: Any) -> Any:
-        if isinstance(a, float) and a in self.scalar_map:
-            return self.scalar_map[a]
-        return a
-
-    def _repair_mixed(self, n: torch.fx.Node) -> None:
-        if n.op == "call_function" and n.target not in _SAME_DTYPE_OPS:
-            return
-        if n.op == "call_method":
-            return
-        float_args = [
-            a for a in n.all_input_nodes if isinstance(self._val(a), torch.Tensor) and self._val(a).is_floating_point()
-        ]
-        dtypes = {self._val(a).dtype for a in float_args}
-        if n.op == "call_module":
-            sub = self.module.get_submodule(n.target)
-            dtypes |= {p.dtype for p in sub.parameters() if p.is_floating_point()}
-        if not (self.src in dtypes and self.dst in dtypes):
-            return
-        for a in float_args:
-            if self._val(a).dtype == self.src:
-                n.replace_input_with(a, self._insert_cast(a, n))
-
-    def _insert_cast(self, a: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
-        with self.module.graph.inserting_before(before):
-            c = self.module.graph.call_function(aten.to.dtype, (a, self.dst))
-        self.env[c] = self._val(a).to(self.dst)
-        return c
-
-    def _cast_outputs(self, n: torch.fx.Node) -> None:
-        def fix(a: Any) -> Any:
-            if isinstance(a, torch.fx.Node):
-                v = self._val(a)
-                if isinstance(v, torch.Tensor) and v.dtype == self.src:
-                    return self._insert_cast(a, n)
-            return a
-
-        n.args = torch.fx.node.map_aggregate(n.args, fix)
