@@ -345,13 +345,15 @@ def _check_inputs_hook(module: CapturedModule, args, kwargs):
     names = module.input_names
     given = set(names[:len(args)]) | set(kwargs)
     unknown = [k for k in kwargs if k not in names and k not in module.constant_inputs]
+    what = f"this graphadapt model (captured from {module.source_class.rsplit('.', 1)[-1]})"
     if unknown or len(args) > len(names):
+        extra = unknown or [f"{len(args)} positional arguments"]
         raise TypeError(
-            f"{type(module).__name__} was captured with tensor inputs {names}; got unexpected "
-            f"{unknown or f'{len(args)} positional arguments'}. Re-capture with example_kwargs that include them.")
+            f"{what} takes the tensor inputs it was captured with, {names}; got unexpected {extra}. "
+            f"Capture them too: graphadapt.apply(model, spec, example_kwargs={{..., {extra[0]!r}: <example>}}).")
     missing = [k for k in names if k not in given]
     if missing:
-        raise TypeError(f"{type(module).__name__} needs inputs {names} (as captured); missing {missing}.")
+        raise TypeError(f"{what} needs the inputs {names} (as captured); missing {missing}.")
     for k, v in module.constant_inputs.items():
         if k in kwargs and kwargs[k] != v:
             raise TypeError(f"{k}={kwargs[k]!r} differs from the value captured ({v!r}), which is "

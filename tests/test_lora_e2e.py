@@ -569,3 +569,21 @@ def test_plain_torch_model_by_module_name():
     assert (y - mlp(x)).abs().max() > 1e-3
     adapted.merge()
     torch.testing.assert_close(adapted(x), y, atol=1e-6, rtol=0)
+
+
+def test_task_model_with_labels_in_the_graph():
+    """Inputs like ``labels`` are captured on request; the HF loss is then computed in the graph."""
+    model = tiny_bert(num_labels=2)
+    x, y = text_inputs(4, 7), torch.tensor([0, 1, 1, 0])
+    plain = ga.apply(model, ga.LoRA(r=4, targets=("q", "v")))
+    with pytest.raises(TypeError, match=r"example_kwargs=\{\.\.\., 'labels'"):
+        plain(**x, labels=y)
+    adapted = ga.apply(model, ga.LoRA(r=4, targets=("q", "v")), example_kwargs={**x, "labels": y})
+    assert adapted.dynamic_dims["labels"] == {0: "batch"}
+    out = adapted(**text_inputs(6, 9), labels=torch.tensor([0, 1, 1, 0, 1, 0]))  # new batch and length
+    ref = model(**text_inputs(6, 9), labels=torch.tensor([0, 1, 1, 0, 1, 0]))
+    assert type(out).__name__ == "SequenceClassifierOutput"
+    torch.testing.assert_close(out.loss, ref.loss)  # B = 0 at init: the same loss as the base model
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in adapted.named_parameters() if n.endswith("lora_A") or n.endswith("lora_B"))
+    assert all(p.grad is None for n, p in adapted.named_parameters() if not n.startswith("adapters."))
