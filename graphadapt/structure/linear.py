@@ -17,6 +17,7 @@ from .types import LinearSite, Unmatched
 aten = torch.ops.aten
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default}
 
 
 def _param(gm: fx.GraphModule, node) -> tuple[str, torch.Tensor] | None:
@@ -127,6 +128,20 @@ def find_linear_sites(gm: fx.GraphModule) -> tuple[list[LinearSite], list[Unmatc
             site = LinearSite(name=_owner(name), module_path=_owner(name), node=n, input=x, output=out,
                               weight=name, bias=pb[0] if pb else None, in_features=inf,
                               out_features=outf, layout=layout, total_out=outf)
+        elif n.target == aten.matmul.default:
+            # ``x @ W.T`` written by hand (Falcon's FalconLinear): matmul with a (transposed) parameter
+            x, w = n.args[0], n.args[1]
+            layout = "conv1d"
+            if isinstance(w, fx.Node) and w.op == "call_function" and w.target in _TRANSPOSES:
+                w, layout = w.args[0], "linear"
+            pw = _param(gm, w)
+            if pw is None or pw[1].dim() != 2:
+                continue  # activation @ activation (attention scores), not a projection
+            name, wt = pw
+            inf, outf = (wt.shape[0], wt.shape[1]) if layout == "conv1d" else (wt.shape[1], wt.shape[0])
+            site = LinearSite(name=_owner(name), module_path=_owner(name), node=n, input=x, output=n,
+                              weight=name, bias=None, in_features=inf, out_features=outf, layout=layout,
+                              total_out=outf)
         else:
             continue
         slices = _split_slices(site.output, site.out_features)

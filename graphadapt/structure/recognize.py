@@ -34,7 +34,7 @@ _SHAPE_OPS = {
 _QKV_OPS = _SHAPE_OPS | {
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
     aten.sub.Tensor, aten.neg.default, aten.cat.default, aten.split.Tensor, aten.split_with_sizes.default,
-    aten.unbind.int, aten.stack.default, aten.chunk.default,
+    aten.unbind.int, aten.stack.default, aten.chunk.default, aten.index.Tensor, aten.lift_fresh_copy.default,
 }
 _MASKING = {
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
@@ -42,6 +42,7 @@ _MASKING = {
     aten.where.ScalarOther, aten.where.ScalarSelf,
 } | PASSTHROUGH
 _BRANCH_TAIL = {aten.dropout.default, aten.mul.Tensor, aten.mul.Scalar, aten.native_dropout.default} | PASSTHROUGH
+_ADDS = {aten.add.Tensor, aten.add_.Tensor}  # Falcon sums its parallel branches in place
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _MATMUL = {aten.matmul.default, aten.bmm.default, aten.einsum.default}
@@ -131,7 +132,7 @@ class _Recognizer:
                 if u in seen:
                     continue
                 seen.add(u)
-                if _is(u, {aten.add.Tensor}) and all(isinstance(a, fx.Node) for a in u.args[:2]):
+                if _is(u, _ADDS) and all(isinstance(a, fx.Node) for a in u.args[:2]):
                     branch_i = 0 if u.args[0] is n else 1
                     other = u.args[1 - branch_i]
                     if sibling is None and entry is not None and self._is_parallel_sibling(other, entry):
