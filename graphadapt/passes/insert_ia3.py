@@ -17,7 +17,7 @@ from ..init import adapter_generator, normal_, ones_
 from ..modules.ia3 import IA3Module
 from ..structure.types import LinearSite
 from . import PassResult
-from .insert_lora import insert_call
+from .insert_lora import insert_per_site
 
 
 def insert_ia3(gm: fx.GraphModule, adapter_name: str, method, sites: list[LinearSite], seed: int,
@@ -28,12 +28,7 @@ def insert_ia3(gm: fx.GraphModule, adapter_name: str, method, sites: list[Linear
     every use. ``init_ia3_weights=True``: ones (identity); ``False``: N(0, 1) (PEFT's
     ``torch.randn``) drawn from ``adapter_generator(seed, adapter_name, site)`` only.
     """
-    groups: dict[str, list[LinearSite]] = {}
-    for site in sites:
-        groups.setdefault(site.name, []).append(site)
-    for name, group in groups.items():
-        site = group[0]
-        weight = gm.get_parameter(site.weight)
+    def build(site: LinearSite, weight: torch.Tensor) -> IA3Module:
         mod = IA3Module(site.in_features, site.out_features, feedforward=method.is_feedforward(site),
                         fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
                         total_out=site.total_out, dtype=weight.dtype, device=weight.device)
@@ -42,14 +37,9 @@ def insert_ia3(gm: fx.GraphModule, adapter_name: str, method, sites: list[Linear
                 ones_(mod.ia3_l)
             else:
                 normal_(mod.ia3_l, 1.0, adapter_generator(seed, adapter_name, site.name))
-        target = f"adapters.{adapter_name}.{site.name}"
-        mod.train(gm.training)
-        for i, s in enumerate(group):
-            insert_call(gm, target, mod, s, add=i == 0)
-            records.append({"adapter": adapter_name, "method": "ia3", "site": s.name, "target": target,
-                            "role": s.role, "layer": s.layer, "weight": s.weight,
-                            "bias": s.bias, "layout": s.layout})
-    return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]})
+        return mod
+
+    return insert_per_site(gm, adapter_name, "ia3", sites, records, build)
 
 
 __all__ = ["insert_ia3"]

@@ -49,17 +49,8 @@ def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: Linear
 
 def insert_lora(gm: fx.GraphModule, adapter_name: str, method, sites: list[LinearSite], seed: int,
                 records: list) -> PassResult:
-    """Insert one LoRA adapter (``method``: a :class:`graphadapt.LoRA`) at ``sites``.
-
-    Sites sharing a name use one weight at several places (ALBERT's shared layers): they get
-    one module, called at every use, as wrapping the shared ``nn.Linear`` would.
-    """
-    groups: dict[str, list[LinearSite]] = {}
-    for site in sites:
-        groups.setdefault(site.name, []).append(site)
-    for name, group in groups.items():
-        site = group[0]
-        weight = gm.get_parameter(site.weight)
+    """Insert one LoRA adapter (``method``: a :class:`graphadapt.LoRA`) at ``sites``."""
+    def build(site: LinearSite, weight: torch.Tensor) -> nn.Module:
         mod = LoRAModule(
             site.in_features, site.out_features, r=method.r, alpha=method.alpha, dropout=method.dropout,
             use_rslora=method.use_rslora, use_dora=method.use_dora, use_gating=method.use_gating,
@@ -70,11 +61,29 @@ def insert_lora(gm: fx.GraphModule, adapter_name: str, method, sites: list[Linea
             new_w = init_lora_(mod, method.init, gen, base_weight=weight.detach())
         if new_w is not None:  # PiSSA moves the principal part of W into the adapter
             _replace_parameter(gm, site.weight, new_w)
-        target = f"adapters.{adapter_name}.{site.name}"
+        return mod
+
+    return insert_per_site(gm, adapter_name, "lora", sites, records, build)
+
+
+def insert_per_site(gm: fx.GraphModule, adapter_name: str, method_name: str, sites: list[LinearSite],
+                    records: list, build) -> PassResult:
+    """Install ``build(site, base_weight)`` at every linear site, one module per site name.
+
+    Sites sharing a name use one weight at several places (ALBERT's shared layers): they get
+    one module, called at every use, as wrapping the shared ``nn.Linear`` would.
+    """
+    groups: dict[str, list[LinearSite]] = {}
+    for site in sites:
+        groups.setdefault(site.name, []).append(site)
+    for name, group in groups.items():
+        site = group[0]
+        mod = build(site, gm.get_parameter(site.weight))
+        target = f"adapters.{adapter_name}.{name}"
         mod.train(gm.training)
         for i, s in enumerate(group):
             insert_call(gm, target, mod, s, add=i == 0)
-            records.append({"adapter": adapter_name, "method": "lora", "site": s.name, "target": target,
+            records.append({"adapter": adapter_name, "method": method_name, "site": s.name, "target": target,
                             "role": s.role, "layer": s.layer, "weight": s.weight,
                             "bias": s.bias, "layout": s.layout})
     return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]})
