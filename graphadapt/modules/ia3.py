@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphadapt.errors import SpecError
+from graphadapt.modules._sliced import SlicedSiteModule
 
 __all__ = ["IA3Module"]
 
 
-class IA3Module(nn.Module):
+class IA3Module(SlicedSiteModule):
     """Learned per-channel scaling of one linear site: ``(x, y, W, b) → y'``.
 
     Args:
@@ -58,54 +58,11 @@ class IA3Module(nn.Module):
     ):
         super().__init__()
         self.active = True
-        if out_slice is None:
-            if total_out is not None and total_out != out_features:
-                raise SpecError(f"total_out={total_out} without out_slice must equal out_features={out_features}",
-                                field="total_out")
-            total_out = out_features
-        else:
-            start, end = (int(v) for v in out_slice)
-            if total_out is None:
-                raise SpecError("out_slice needs total_out (the fused output width)", field="total_out")
-            if not 0 <= start < end <= total_out or end - start != out_features:
-                raise SpecError(f"out_slice={out_slice} must satisfy 0 <= start < end <= total_out={total_out} "
-                                f"and end - start == out_features={out_features}", field="out_slice")
-            out_slice = None if (start, end) == (0, total_out) else (start, end)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.total_out = total_out
-        self.out_slice = out_slice
+        self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out)
         self.feedforward = bool(feedforward)
-        self.fan_in_fan_out = bool(fan_in_fan_out)
         shape = (1, in_features) if self.feedforward else (out_features, 1)
         # Ones (identity) without RNG; graphadapt.passes.insert_ia3 redraws when init_ia3_weights=False.
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
-
-    # ------------------------------------------------------------------ layout helpers
-    def _rows(self, weight: Tensor) -> Tensor:
-        """Base weight (either layout, full fused shape) → this module's rows as an
-        ``[out_features, in]`` view (writes through)."""
-        w = weight.t() if self.fan_in_fan_out else weight
-        if self.out_slice is not None:
-            w = w[self.out_slice[0]: self.out_slice[1]]
-        return w
-
-    def _bias_slice(self, bias: Tensor) -> Tensor:
-        return bias if self.out_slice is None else bias[self.out_slice[0]: self.out_slice[1]]
-
-    def _replace_slice(self, y: Tensor, mid: Tensor) -> Tensor:
-        if mid.dtype != y.dtype:
-            mid = mid.to(y.dtype)
-        if self.out_slice is None:
-            return mid
-        start, end = self.out_slice
-        parts = ([y[..., :start]] if start > 0 else []) + [mid]
-        if end < self.total_out:
-            parts.append(y[..., end:])
-        return torch.cat(parts, dim=-1)  # functional: other channels stay bit-identical
-
-    def _own(self, y: Tensor) -> Tensor:
-        return y if self.out_slice is None else y[..., self.out_slice[0]: self.out_slice[1]]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphadapt.errors import MergeError, SpecError
+from graphadapt.modules._sliced import SlicedSiteModule
 
 __all__ = ["LoRAGate", "LoRAModule"]
 
@@ -74,7 +75,7 @@ class LoRAGate(nn.Module):
         return f"in_features={self.in_features}, gating_heads=1"
 
 
-class LoRAModule(nn.Module):
+class LoRAModule(SlicedSiteModule):
     """Low-rank update of one linear site: ``(x, y, W, b) → y'`` (see module docstring).
 
     Args:
@@ -117,37 +118,12 @@ class LoRAModule(nn.Module):
             # AdapterHub's gated DoRA rescales the gated branch with an undetached, unscaled
             # norm, PEFT has no gating: there is no reference to match, so refuse it.
             raise SpecError("use_dora and use_gating cannot be combined", field="use_gating")
-        if out_slice is None:
-            if total_out is not None and total_out != out_features:
-                raise SpecError(
-                    f"total_out={total_out} without out_slice must equal out_features={out_features}",
-                    field="total_out",
-                )
-            total_out = out_features
-        else:
-            start, end = (int(v) for v in out_slice)
-            if total_out is None:
-                raise SpecError("out_slice needs total_out (the fused output width)", field="total_out")
-            if not 0 <= start < end <= total_out or end - start != out_features:
-                raise SpecError(
-                    f"out_slice={out_slice} must satisfy 0 <= start < end <= total_out={total_out} "
-                    f"and end - start == out_features={out_features}",
-                    field="out_slice",
-                )
-            out_slice = (start, end)
-            if (start, end) == (0, total_out):
-                out_slice = None  # the whole output: take the cheaper unsliced path
-
-        self.in_features = in_features
-        self.out_features = out_features
-        self.total_out = total_out
-        self.out_slice = out_slice
+        self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out)
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.use_dora = use_dora
         self.use_gating = use_gating
-        self.fan_in_fan_out = fan_in_fan_out
         self.scaling: float = alpha / math.sqrt(r) if use_rslora else alpha / r
 
         factory = {"dtype": dtype, "device": device}
@@ -163,34 +139,9 @@ class LoRAModule(nn.Module):
         self.gate = LoRAGate(in_features, **factory) if use_gating else None
 
     # ------------------------------------------------------------------ layout helpers
-    def _rows(self, weight: Tensor) -> Tensor:
-        """Base weight (either layout, full fused shape) → this module's rows as an
-        ``[out_features, in]`` view (writes through, so fold can update a clone in place)."""
-        w = weight.t() if self.fan_in_fan_out else weight
-        if self.out_slice is not None:
-            w = w[self.out_slice[0] : self.out_slice[1]]
-        return w
-
-    def _bias_slice(self, bias: Tensor) -> Tensor:
-        if self.out_slice is None:
-            return bias
-        return bias[self.out_slice[0] : self.out_slice[1]]
-
     def _add_into(self, y: Tensor, delta: Tensor) -> Tensor:
         """``y [..., total_out]`` + ``delta [..., out]`` on this module's channels only."""
-        if self.out_slice is None:
-            out = y + delta
-            return out if out.dtype == y.dtype else out.to(y.dtype)
-        start, end = self.out_slice
-        mid = y[..., start:end] + delta
-        if mid.dtype != y.dtype:
-            mid = mid.to(y.dtype)
-        # cat of untouched pieces instead of an in-place slice write: stays functional
-        # (autograd, torch.export) and leaves the other channels bit-identical.
-        parts = ([y[..., :start]] if start > 0 else []) + [mid]
-        if end < self.total_out:
-            parts.append(y[..., end:])
-        return torch.cat(parts, dim=-1)
+        return self._replace_slice(y, self._own(y) + delta)
 
     def _dora_factor(self, rows: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
         """``m / ||rows + scaling·lora_weight||_row``, the norm detached as in DoRA §4.3 / PEFT."""
