@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from graphadapt.errors import SpecError
 
 from .base import MethodSpec, check_bool, check_layer_indices, register_method, spec_field
-from .lora import _TARGET_HELP, ALL_LINEAR, ROLES, LoRA, _normalise_targets, selector_matches, target_kind
+from .lora import _TARGET_HELP, ALL_LINEAR, ROLES, LoRA, _normalise_targets, expand_roles, selector_matches, target_kind
 
 
 @register_method
@@ -56,13 +56,7 @@ class IA3(MethodSpec):
 
     def feedforward_roles(self) -> tuple[str, ...]:
         """Roles whose input is scaled (``"all-linear"`` in ``feedforward`` expands to every role)."""
-        wanted = set()
-        for t in self.feedforward:
-            if t == ALL_LINEAR:
-                wanted.update(ROLES)
-            elif t in ROLES:
-                wanted.add(t)
-        return tuple(r for r in ROLES if r in wanted)
+        return expand_roles(self.feedforward)
 
     def is_feedforward(self, site: Any) -> bool:
         """Whether ``site`` (a :class:`~graphadapt.structure.types.LinearSite`) scales its input.

@@ -70,6 +70,17 @@ def target_kind(target: str) -> str:
     )
 
 
+def expand_roles(targets) -> tuple[str, ...]:
+    """The roles among ``targets`` (``"all-linear"`` expanded; path selectors ignored), in role order."""
+    wanted = set()
+    for t in targets:
+        if t == ALL_LINEAR:
+            wanted.update(ROLES)
+        elif t in ROLES:
+            wanted.add(t)
+    return tuple(r for r in ROLES if r in wanted)
+
+
 def selector_matches(selector: str, module_path: str) -> bool:
     """Whether a module-path selector picks ``module_path``.
 
@@ -138,13 +149,7 @@ class LoRA(MethodSpec):
 
     def role_targets(self) -> tuple[str, ...]:
         """The structural roles targeted (``"all-linear"`` expanded), in canonical role order."""
-        wanted = set()
-        for t in self.targets:
-            if t == ALL_LINEAR:
-                wanted.update(ROLES)
-            elif t in ROLES:
-                wanted.add(t)
-        return tuple(r for r in ROLES if r in wanted)
+        return expand_roles(self.targets)
 
     def path_targets(self) -> tuple[str, ...]:
         """The module-path selectors (globs, ``re:`` regexes, dotted paths), as given."""
