@@ -166,24 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     model_help = f"a local Hugging Face model directory or one of: {', '.join(KNOWN)} (default: minilm if installed, else tiny-bert)"
 
+    def adapter_source(s):
+        """The model and where its adapters come from (a spec, a checkpoint, or a PEFT checkpoint)."""
+        s.add_argument("--model", help=model_help)
+        s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
+        s.add_argument("--adapters", help="graphadapt adapter checkpoint directory (from `apply --save`)")
+        s.add_argument("--peft", help="a PEFT LoRA checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+
     s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
     s.add_argument("--model", help=model_help)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("apply", help="apply a spec, print the adapter summary, optionally save the adapters")
-    s.add_argument("--model", help=model_help)
-    s.add_argument("--spec", help="spec file (.yaml/.json)")
-    s.add_argument("--adapters", help="adapter checkpoint directory to load")
-    s.add_argument("--peft", help="a PEFT LoRA checkpoint directory to import")
+    adapter_source(s)
     s.add_argument("--save", help="write the adapters (spec.json + adapters.safetensors) here")
     s.set_defaults(fn=cmd_apply)
 
     s = sub.add_parser("export", help="apply, (merge,) export to ONNX and verify with onnxruntime")
-    s.add_argument("--model", help=model_help)
-    s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
-    s.add_argument("--adapters", help="adapter checkpoint directory (from `apply --save` / save_adapters)")
-    s.add_argument("--peft", help="a PEFT LoRA checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+    adapter_source(s)
     s.add_argument("--merge", dest="merge", action="store_true", default=True, help="fold LoRA into weights (default)")
     s.add_argument("--no-merge", dest="merge", action="store_false")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -197,10 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="re-check an existing ONNX file against PyTorch")
     s.add_argument("onnx")
-    s.add_argument("--model", help=model_help)
-    s.add_argument("--spec")
-    s.add_argument("--adapters")
-    s.add_argument("--peft", help="a PEFT LoRA checkpoint directory")
+    adapter_source(s)
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("demo", help="LoRA + adapter on the embedded model: train, merge, export, verify, time")
