@@ -35,9 +35,7 @@ deviation, covered in ``test_bottleneck_module_oracle.py``).
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Mapping
-import types
 
 import pytest
 import torch
@@ -52,7 +50,6 @@ from adapters import (
     ParBnConfig,
     SeqBnConfig,
 )
-from adapters.methods import modeling as ah_modeling
 from adapters.methods.bottleneck import BottleneckLayer
 
 import graphadapt as ga
@@ -64,36 +61,8 @@ torch.set_num_threads(1)  # tiny tensors; the 2 cores are shared
 ATOL = RTOL = 1e-5
 
 
-# AdapterHub's DropPath (AdapterPlus: stochastic_depth) imports torchvision, absent here. A faithful stand-in of
-# torchvision.ops.StochasticDepth(mode="row") lets the config build; in eval mode it is the identity on both sides.
-class _StochasticDepth(torch.nn.Module):
-    def __init__(self, p, mode):
-        super().__init__()
-        assert mode == "row"
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fake_torchvision():
-    mods = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.stochastic_depth")}
-    mods["torchvision.ops.stochastic_depth"].StochasticDepth = _StochasticDepth
-    saved = {n: sys.modules.get(n) for n in mods}
-    sys.modules.update(mods)
-    orig = ah_modeling.is_torchvision_available
-    ah_modeling.is_torchvision_available = lambda: True
-    yield
-    ah_modeling.is_torchvision_available = orig
-    for n, m in saved.items():
-        if m is None:
-            sys.modules.pop(n, None)
-        else:
-            sys.modules[n] = m
+# AdapterHub's DropPath needs torchvision: conftest.fake_torchvision installs a faithful stand-in.
+pytestmark = pytest.mark.usefixtures("fake_torchvision")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers

@@ -49,39 +49,8 @@ ATOL = RTOL = 1e-5
 BASE = dict(mh_adapter=False, output_adapter=True)
 
 
-# AdapterHub's DropPath needs torchvision (absent here): a faithful stand-in of
-# torchvision.ops.StochasticDepth(mode="row") lets AdapterPlus (stochastic_depth=0.1) be built.
-class _StochasticDepth(torch.nn.Module):
-    def __init__(self, p, mode):
-        super().__init__()
-        assert mode == "row"
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        survival = 1.0 - self.p
-        noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(survival)
-        if survival > 0.0:
-            noise.div_(survival)
-        return x * noise
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fake_torchvision():
-    mods = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.stochastic_depth")}
-    mods["torchvision.ops.stochastic_depth"].StochasticDepth = _StochasticDepth
-    saved = {n: sys.modules.get(n) for n in mods}
-    sys.modules.update(mods)
-    orig = ah_modeling.is_torchvision_available
-    ah_modeling.is_torchvision_available = lambda: True
-    yield
-    ah_modeling.is_torchvision_available = orig
-    for n, m in saved.items():
-        if m is None:
-            sys.modules.pop(n, None)
-        else:
-            sys.modules[n] = m
+# AdapterHub's DropPath needs torchvision: conftest.fake_torchvision installs a faithful stand-in.
+pytestmark = pytest.mark.usefixtures("fake_torchvision")
 
 
 def build_pair(cfg, *, norm: str | None = "layer_norm", seed: int = 0, hidden: int = H):
