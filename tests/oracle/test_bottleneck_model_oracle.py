@@ -55,7 +55,8 @@ from adapters.methods.bottleneck import BottleneckLayer
 import graphadapt as ga
 from graphadapt.modules.bottleneck import BottleneckAdapter, load_adapterhub_state_dict
 from graphadapt.spec.bottleneck import adapterhub_config_dict
-from helpers import t5_inputs, text_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from adapterhub_helpers import oracle_inputs, randomize_adapterhub
+from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 torch.set_num_threads(1)  # tiny tensors; the 2 cores are shared
 ATOL = RTOL = 1e-5
@@ -66,26 +67,6 @@ pytestmark = pytest.mark.usefixtures("fake_torchvision")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def _randomize_adapterhub(model, name: str = "a", seed: int = 0) -> int:
-    """Non-zero random values in every AdapterHub tensor of adapter ``name``; returns how many were set."""
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    for pname, p in model.named_parameters():
-        if f".adapters.{name}." not in f".{pname}" and not pname.startswith(f"shared_parameters.{name}."):
-            continue
-        if "norm" in pname:  # LayerNorm-like: stay near 1 / 0
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g) if pname.endswith("weight")
-                    else 0.2 * torch.randn(p.shape, generator=g))
-        elif pname.endswith("scaling"):
-            p.copy_(0.5 + 2.0 * torch.rand(p.shape, generator=g))
-        else:
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        assert (p != 0).all(), pname
-        n += 1
-    return n
-
-
 def _adapterhub_sites(model, name: str = "a") -> dict[tuple[int, str], str]:
     """``(layer_idx, "mh"|"output")`` → state-dict prefix of AdapterHub's per-site adapter ``name``."""
     out = {}
@@ -125,17 +106,6 @@ def _copy_weights(ah_model, adapted, name: str = "a") -> dict[str, str]:
     return mapping
 
 
-def _inputs(kind: str):
-    if kind == "t5":
-        out = t5_inputs(batch=3, seq=6, dec_seq=4, seed=7)
-        out["attention_mask"] = text_inputs(3, 6, seed=7, pad=2)["attention_mask"]
-        return out
-    out = text_inputs(batch=3, seq=6, seed=7, pad=2)  # capture used batch 2, sequence 9, no padding
-    if kind in ("gpt2", "llama"):
-        out["use_cache"] = False
-    return out
-
-
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "t5": tiny_t5}
 
 
@@ -149,13 +119,13 @@ def check_parity(spec: ga.Bottleneck, ah_config=None, kind: str = "bert", seed: 
     ah.add_adapter("a", config=ah_config)
     ah.set_active_adapters("a")
     ah.eval()
-    assert _randomize_adapterhub(ah, "a", seed=seed + 1) > 0
+    assert randomize_adapterhub(ah, "a", seed=seed + 1) > 0
 
     adapted = ga.apply(base, ga.Spec({"a": spec}, seed=0))
     adapted.eval()
     mapping = _copy_weights(ah, adapted, "a")
 
-    x = _inputs(kind)
+    x = oracle_inputs(kind)
     with torch.no_grad():
         expected = ah(**x).last_hidden_state
         got = adapted(**x).last_hidden_state
@@ -203,7 +173,7 @@ def test_key_names():
     # the shared rule really is shared: one tensor read by all four sites
     phm_rule = adapted.get_parameter("adapters.a.shared_phm.phm_rule")
     with torch.no_grad():
-        x = _inputs("bert")
+        x = oracle_inputs("bert")
         before = adapted(**x).last_hidden_state
         phm_rule.mul_(2.0)
         assert not torch.allclose(adapted(**x).last_hidden_state, before, atol=1e-4)
@@ -324,7 +294,7 @@ def test_pre_ln_models(case):
 def test_inactive_adapter_matches_adapterhub_base():
     """Switching the adapter off on both sides gives the base model on both sides."""
     adapted, ah, _ = check_parity(ga.DoubleSeqBn(reduction_factor=4))
-    x = _inputs("bert")
+    x = oracle_inputs("bert")
     ah.set_active_adapters(None)
     adapted.set_active([])
     with torch.no_grad():

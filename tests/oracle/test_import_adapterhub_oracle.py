@@ -22,45 +22,17 @@ import graphadapt as ga
 from graphadapt.checkpoints.adapterhub import from_adapterhub_config, import_adapterhub
 from graphadapt.errors import CheckpointError
 from graphadapt.spec.bottleneck import adapterhub_config_dict
-from helpers import t5_inputs, text_inputs, tiny_bert, tiny_gpt2, tiny_t5
+from adapterhub_helpers import oracle_inputs, randomize_adapterhub
+from helpers import tiny_bert, tiny_gpt2, tiny_t5
 
 torch.set_num_threads(1)
 ATOL = RTOL = 1e-5
 
 
-@torch.no_grad()
-def _randomize(model, name: str = "a", seed: int = 1) -> int:
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    for pname, p in model.named_parameters():
-        if f".adapters.{name}." not in f".{pname}" and f"shared_parameters.{name}." not in pname:
-            continue
-        if "norm" in pname:
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g) if pname.endswith("weight")
-                    else 0.2 * torch.randn(p.shape, generator=g))
-        elif pname.endswith("scaling"):
-            p.copy_(0.5 + 2.0 * torch.rand(p.shape, generator=g))
-        else:
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        n += 1
-    return n
-
-
-def _inputs(kind: str):
-    if kind == "t5":
-        x = t5_inputs(batch=3, seq=6, dec_seq=4, seed=7)
-        x["attention_mask"] = text_inputs(3, 6, seed=7, pad=2)["attention_mask"]
-        return x
-    x = text_inputs(batch=3, seq=6, seed=7, pad=2)
-    if kind == "gpt2":
-        x["use_cache"] = False
-    return x
-
-
 def _save(ah_model, cfg, path, name: str = "a", **save_kwargs):
     adapters.init(ah_model)
     ah_model.add_adapter(name, config=cfg)
-    assert _randomize(ah_model, name) > 0
+    assert randomize_adapterhub(ah_model, name, seed=1) > 0
     ah_model.set_active_adapters(name)
     ah_model.eval()
     ah_model.save_adapter(str(path), name, **save_kwargs)
@@ -69,7 +41,7 @@ def _save(ah_model, cfg, path, name: str = "a", **save_kwargs):
 
 def _check(adapted, expected_model, base, kind):
     adapted.eval()
-    x = _inputs(kind)
+    x = oracle_inputs(kind)
     with torch.no_grad():
         expected = expected_model(**x).last_hidden_state
         got = adapted(**x).last_hidden_state
