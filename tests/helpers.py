@@ -177,3 +177,12 @@ def randomize_lora(adapted, seed: int = 0, std: float = 0.1) -> None:
             mod.lora_magnitude.mul_(0.5 + torch.rand(mod.lora_magnitude.shape, generator=g))
         if mod.gate is not None:
             mod.gate.weight.copy_(torch.randn(mod.gate.weight.shape, generator=g) * 0.5)
+
+
+def upstream(node, depth: int) -> set:
+    """``node`` and every graph node within ``depth`` input hops above it."""
+    out, frontier = {node}, [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        out |= set(frontier)
+    return out

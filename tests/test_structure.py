@@ -12,7 +12,7 @@ import torch
 import graphadapt as ga
 from graphadapt.structure import recognize
 
-from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, tiny_vit
+from helpers import upstream, tiny_bert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, tiny_vit
 
 # name: (builder, layers per stack, stacks, placement, norm kind, expected role → path template,
 #        ffn gate?, fused qkv?, heads, kv heads)
@@ -94,8 +94,8 @@ def test_recognition_table(name, maps):
             # the branch is the sub-block output, the stream the residual input
             assert site.add.args[:2] in ((site.branch, site.stream), (site.stream, site.branch))
         # the attention branch comes from o, the FFN branch from down (through dropout only)
-        assert a.o.output in _upstream(a.residual.branch, 3)
-        assert layer.ffn.down.output in _upstream(layer.ffn.residual.branch, 3)
+        assert a.o.output in upstream(a.residual.branch, 3)
+        assert layer.ffn.down.output in upstream(layer.ffn.residual.branch, 3)
     if name == "t5":
         dec = [l for l in sm.layers if l.stack == 1]
         assert all(l.cross_attention is not None and not l.cross_attention.self_attention for l in dec)
@@ -106,14 +106,6 @@ def test_recognition_table(name, maps):
             assert x.residual.placement == "pre_ln"
     else:
         assert all(l.cross_attention is None for l in sm.layers)
-
-
-def _upstream(node, depth):
-    out, frontier = {node}, [node]
-    for _ in range(depth):
-        frontier = [a for n in frontier for a in n.all_input_nodes]
-        out |= set(frontier)
-    return out
 
 
 def test_gpt2_fused_qkv_slices(maps):

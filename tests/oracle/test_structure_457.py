@@ -17,7 +17,7 @@ import transformers as T
 
 import graphadapt as ga
 from graphadapt.structure import recognize
-from helpers import build_seeded, t5_inputs, text_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit, vit_inputs
+from helpers import upstream, build_seeded, t5_inputs, text_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit, vit_inputs
 
 torch.set_num_threads(1)
 ATOL = RTOL = 1e-5
@@ -119,14 +119,6 @@ def captured():
     return get
 
 
-def _upstream(node, depth):
-    out, frontier = {node}, [node]
-    for _ in range(depth):
-        frontier = [a for n in frontier for a in n.all_input_nodes]
-        out |= set(frontier)
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_recognition(name, captured):
     _, _, _, per_stack, placement, norm_kind, form, roles, norms = CASES[name]
@@ -144,7 +136,7 @@ def test_recognition(name, captured):
         assert a.num_heads == 4
         if form == "eager":
             assert a.softmax is not None and a.core.target == torch.ops.aten.matmul.default
-            assert a.softmax in _upstream(a.core, 4)
+            assert a.softmax in upstream(a.core, 4)
         self_sites = [a.q, a.k, a.v, a.o] + [s for s in (layer.ffn.up, layer.ffn.gate, layer.ffn.down) if s]
         got = {s.role: s.name for s in self_sites}
         assert set(got) == want_roles, got
@@ -159,8 +151,8 @@ def test_recognition(name, captured):
             assert norm.kind == norm_kind
             assert norm.weight.rsplit(".", 1)[0] == norms[pos].format(**fmt), (pos, norm.weight)
             assert site.add.args[:2] in ((site.branch, site.stream), (site.stream, site.branch))
-        assert a.o.output in _upstream(a.residual.branch, 3)
-        assert layer.ffn.down.output in _upstream(layer.ffn.residual.branch, 3)
+        assert a.o.output in upstream(a.residual.branch, 3)
+        assert layer.ffn.down.output in upstream(layer.ffn.residual.branch, 3)
         if decoder and layer.stack == 1:
             x = layer.cross_attention
             assert x is not None and not x.self_attention and x.form == form
