@@ -11,6 +11,7 @@ from .errors import PassError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .passes import run_pass
+from .passes.insert_bottleneck import insert_bottleneck, select_residual_sites
 from .passes.insert_ia3 import insert_ia3
 from .passes.insert_lora import insert_lora
 from .passes.select import select_linear_sites
@@ -21,8 +22,6 @@ from .structure.report import structure_report
 
 def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
     """Resolve every adapter's sites before anything is built (SpecError on no match)."""
-    from .passes.insert_bottleneck import select_residual_sites
-
     plan = []
     for name, method in spec.adapters.items():
         if method.method in ("lora", "ia3"):
@@ -65,8 +64,6 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         for p in gm.parameters():
             p.requires_grad_(False)
         records: list[dict] = []
-        from .passes.insert_bottleneck import insert_bottleneck
-
         for name, method, sites in plan:
             seed = spec.effective_seed(name)
             if method.method == "lora":
