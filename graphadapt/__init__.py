@@ -6,16 +6,18 @@ __version__ = "0.1.0"
 
 from .errors import (CaptureError, CheckpointError, ExportError, GraphAdaptError, MergeError,
                      PassError, SpecError, StructureError, VerificationError)
-from .spec import (IA3, AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, LoRA,
-                   MethodSpec, ParBn, SeqBn, Spec, as_spec)
+from .spec import MethodSpec, Spec, as_spec
+from . import methods  # noqa: F401  (registers the built-in method plugins)
+from .methods.bottleneck import AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, ParBn, SeqBn
+from .methods.ia3 import IA3
+from .methods.lora import LoRA
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
-from .api import apply, inspect, merge
+from .api import apply, import_adapterhub, import_peft, inspect, load, merge, plan
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
-         "load": "checkpoints", "save_adapters": "checkpoints", "import_peft": "checkpoints.peft",
-         "import_adapterhub": "checkpoints.adapterhub"}
+         "save_adapters": "checkpoints"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -27,7 +29,7 @@ def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on firs
 
 
 __all__ = [
-    "__version__", "apply", "merge", "inspect", "capture", "recognize", "AdaptedModel", "MergeReport",
+    "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
     "Spec", "MethodSpec", "LoRA", "IA3", "Bottleneck", "SeqBn", "DoubleSeqBn", "ParBn", "AdapterPlus",
     "Compacter", "CompacterPlusPlus", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",

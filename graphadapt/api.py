@@ -1,50 +1,34 @@
-"""Top-level entry points: ``apply``, ``merge``, ``inspect``."""
+"""Top-level entry points: ``apply``, ``merge``, ``inspect``, ``load`` and the checkpoint importers.
+
+``apply`` is the pipeline in one place::
+
+    capture ─▶ recognize ─▶ build_plan (data) ─▶ one insertion pass per planned adapter ─▶ AdaptedModel
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from torch import nn
 
 from .capture import capture
-from .errors import PassError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
-from .passes import run_pass
-from .passes.insert_bottleneck import insert_bottleneck, select_residual_sites
-from .passes.insert_ia3 import insert_ia3
-from .passes.insert_lora import insert_lora
-from .passes.select import select_linear_sites
+from .passes import InsertContext, run_pass
+from .plan import Plan, build_plan
 from .spec import Spec, as_spec
-from .structure import StructureMap, recognize
+from .structure import recognize
 from .structure.report import structure_report
 
 
-def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
-    """Resolve every adapter's sites before anything is built (SpecError on no match)."""
-    plan = []
-    for name, method in spec.adapters.items():
-        if method.method in ("lora", "ia3"):
-            plan.append((name, method, select_linear_sites(sm, method, name)))
-        elif method.method == "bottleneck":
-            plan.append((name, method, select_residual_sites(sm, method, name)))
-        else:
-            raise SpecError(f"adapter {name!r}: method {method.method!r} has no insertion pass in this "
-                            f"version of graphadapt (supported: lora, ia3, bottleneck)", field="method")
-    taken: dict[str, str] = {}
-    for name, method, sites in plan:
-        if method.method != "bottleneck":
-            continue
-        for t in sites:
-            if t.name in taken and taken[t.name] != name:
-                raise SpecError(
-                    f"adapters {taken[t.name]!r} and {name!r} both put a bottleneck adapter at {t.name}; "
-                    "composing bottleneck adapters at one residual point (AdapterHub's Stack/Parallel) is "
-                    "not supported yet. Use separate specs, or different layers/positions.", field="adapters")
-            taken[t.name] = name
-    # linear-site methods first (they only add nodes, in spec order: sorted is stable), while a
-    # bottleneck pass replaces the norm/add it sits on, rewiring every consumer to the adapter.
-    return sorted(plan, key=lambda item: item[1].method == "bottleneck")
+def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
+         example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> Plan:
+    """What :func:`apply` would insert where (adapters → sites, shared sites → combination), without building it."""
+    spec = as_spec(spec)
+    with isolated_rng():
+        gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
+        return build_plan(recognize(gm), spec)
 
 
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
@@ -60,27 +44,18 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     with isolated_rng():
         gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel)
         sm = recognize(gm)
-        plan = _plan(sm, spec)
+        the_plan = build_plan(sm, spec)
         for p in gm.parameters():
             p.requires_grad_(False)
-        records: list[dict] = []
-        for name, method, sites in plan:
-            seed = spec.effective_seed(name)
-            if method.method == "lora":
-                run_pass(f"insert_lora[{name}]", insert_lora, gm, name, method, sites, seed, records)
-            elif method.method == "ia3":
-                run_pass(f"insert_ia3[{name}]", insert_ia3, gm, name, method, sites, seed, records)
-            else:
-                run_pass(f"insert_bottleneck[{name}]", insert_bottleneck, gm, name, method, sites, seed,
-                         records)
-        gm.meta.pop("graphadapt_replaced", None)
-        dead = [n.target for n in gm.graph.nodes
-                if n.op == "call_module" and str(n.target).startswith("adapters.") and not n.users]
-        if dead:  # an adapter nobody reads would train and do nothing: never let that pass silently
-            raise PassError(f"internal error: adapter node(s) {dead[:3]} are disconnected from the output")
+        ctx = InsertContext()
+        records = []
+        for a in the_plan.adapters:
+            res = run_pass(f"insert_{a.method.name}[{a.name}]", a.method.insert, gm, ctx, a.name, a.spec,
+                           list(a.sites), a.seed)
+            records.extend(res.records)
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
-        gm._init_adapted(spec, records, structure_report(sm), model)
+        gm._init_adapted(spec, records, structure_report(sm), model, the_plan)
         if spec.active is not None:
             gm.set_active(spec.active)
         gm.train(model.training)
@@ -99,3 +74,47 @@ def inspect(model: nn.Module, example_inputs: tuple | None = None,
     with isolated_rng():
         gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic)
         return structure_report(recognize(gm))
+
+
+def load(model: nn.Module, directory: str | os.PathLike, **apply_kwargs) -> AdaptedModel:
+    """Re-apply a saved spec (``save_adapters``) to ``model`` and load the saved adapter weights."""
+    from .checkpoints import load_adapter_weights, read_spec
+
+    adapted = apply(model, read_spec(directory), **apply_kwargs)
+    load_adapter_weights(adapted, directory)
+    return adapted
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                ignore_modules_to_save: bool = False, **apply_kwargs) -> AdaptedModel:
+    """Apply the adapter saved in a PEFT checkpoint directory to ``model``, with its weights.
+
+    The method comes from the checkpoint's ``peft_type`` (any registered plugin with that
+    ``peft_type``); adapted module paths come from the checkpoint's keys. ``modules_to_save``
+    raise :class:`~graphadapt.errors.CheckpointError` unless ``ignore_modules_to_save=True``.
+    """
+    from .checkpoints.peft import read_peft
+
+    spec, fill = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save)
+    adapted = apply(model, Spec({name: spec}), **apply_kwargs)
+    fill(adapted)
+    return adapted
+
+
+def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
+                      strict: bool = True, **apply_kwargs) -> AdaptedModel:
+    """Apply the adapter saved by AdapterHub ``model.save_adapter(dir, name)`` to ``model``, with its weights.
+
+    ``name``: graphadapt adapter name (default: the saved name). ``strict``: every AdapterHub tensor
+    must land in a graphadapt tensor and every graphadapt tensor must be filled.
+    """
+    from .checkpoints.adapterhub import read_adapterhub_adapter
+
+    spec, saved, fill = read_adapterhub_adapter(directory)
+    ours = name or saved
+    adapted = apply(model, Spec({ours: spec}), **apply_kwargs)
+    fill(adapted, ours, strict)
+    return adapted
+
+
+__all__ = ["apply", "import_adapterhub", "import_peft", "inspect", "load", "merge", "plan"]

@@ -9,31 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_VERIFY = 0, 1, 3
-
-
-class _Progress:
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.n, self.quiet = total, 0, quiet
-
-    @contextmanager
-    def stage(self, name: str):
-        self.n += 1
-        if not self.quiet:
-            print(f"[{self.n}/{self.total}] {name} …", end="", flush=True)
-        t = time.perf_counter()
-        try:
-            yield
-        except BaseException:
-            if not self.quiet:
-                print(" failed", flush=True)
-            raise
-        if not self.quiet:
-            print(f" done ({time.perf_counter() - t:.1f} s)", flush=True)
+from .console import EXIT_ERROR, EXIT_OK, EXIT_VERIFY  # noqa: F401  (re-exported: scripts test the codes)
+from .console import Progress as _Progress
 
 
 def _load(args):
@@ -58,15 +37,13 @@ def _spec_from_args(args):
 
 
 def _adapted(args, progress):
-    from . import apply
+    from .api import apply, import_peft
     from .checkpoints import load_adapter_weights
 
     spec = _spec_from_args(args)
     with progress.stage("load model"):
         name, model = _load(args)
     if spec is None:
-        from .checkpoints.peft import import_peft
-
         with progress.stage(f"capture + rewrite + import PEFT checkpoint {args.peft} ({name})"):
             return import_peft(model, args.peft)
     with progress.stage(f"capture + rewrite ({name})"):

@@ -64,7 +64,8 @@ def _median_ms(fn, runs: int = 20) -> tuple[float, float]:
 
 def run_demo(model_name: str | None = None, steps: int = 40, out_dir: Path = Path("out"), export: bool = True) -> int:
     from . import LoRA, SeqBn, Spec, apply
-    from .cli import EXIT_OK, EXIT_VERIFY, _Progress
+    from .console import EXIT_OK, EXIT_VERIFY
+    from .console import Progress as _Progress
     from .errors import VerificationError
     from .init import isolated_rng
     from .zoo import default_model, load_model

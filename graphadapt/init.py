@@ -4,7 +4,7 @@ Transform: ``zero-filled module → initialised module`` (in place), drawing onl
 per-site generator::
 
     g = adapter_generator(seed, adapter_name, site)   # hash(seed, name, site) → CPU generator
-    new_W = init_lora_(module, "lora", g, base_weight=W)
+    normal_(module.weight, 0.02, g)                    # method-specific schemes live in methods/<m>/
 
 Why: the same ``(seed, adapter_name, site)`` must give bit-identical weights whatever
 other adapters exist and in whatever order they are added, and adding an adapter must
@@ -29,14 +29,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from graphadapt.errors import SpecError
 
 __all__ = [
-    "LORA_INIT_SCHEMES",
     "adapter_generator",
     "derive_seed",
     "init_bert_",
-    "init_lora_",
     "isolated_rng",
     "kaiming_uniform_",
     "linear_default_",
@@ -46,9 +43,6 @@ __all__ = [
     "xavier_uniform_",
     "zeros_",
 ]
-
-LORA_INIT_SCHEMES = ("lora", "gaussian", "bert", "pissa")
-
 
 # ---------------------------------------------------------------------- generators
 def derive_seed(seed: int, adapter_name: str, site: str) -> int:
@@ -151,83 +145,3 @@ def zeros_(tensor: Tensor) -> Tensor:
 def ones_(tensor: Tensor) -> Tensor:
     """``tensor ← 1`` (no RNG)."""
     return tensor.fill_(1.0)
-
-
-# ---------------------------------------------------------------------- LoRA
-@torch.no_grad()
-def _pissa_(module, base_weight: Tensor) -> Tensor:
-    """PiSSA (PEFT ``init_lora_weights="pissa"``, exact SVD): ``W = U S V^T`` on the module's
-    rows; ``A = sqrt(S_r/s) V_r^T``, ``B = U_r sqrt(S_r/s)``, residual ``W - s·BA``."""
-    rows = module._rows(base_weight).to(torch.float32)
-    if module.r > min(rows.shape):
-        raise SpecError(
-            f"pissa needs r <= min(out, in) = {min(rows.shape)}, got r={module.r}", field="r"
-        )
-    u, s, vh = torch.linalg.svd(rows, full_matrices=False)
-    root = torch.sqrt(s[: module.r] / module.scaling)
-    lora_a = root.unsqueeze(1) * vh[: module.r]  # diag(root) @ Vh_r
-    lora_b = u[:, : module.r] * root.unsqueeze(0)  # U_r @ diag(root)
-    module.lora_A.copy_(lora_a)
-    module.lora_B.copy_(lora_b)
-    new_weight = base_weight.detach().clone()
-    module._rows(new_weight).copy_(rows - module.scaling * (lora_b @ lora_a))
-    return new_weight
-
-
-def init_lora_(
-    module,
-    scheme: str,
-    generator: torch.Generator,
-    base_weight: Tensor | None = None,
-) -> Tensor | None:
-    """Initialise a zero-filled :class:`~graphadapt.modules.lora.LoRAModule` in place.
-
-    Schemes:
-
-    * ``"lora"`` — A kaiming-uniform(a=sqrt(5)) (nn.Linear / PEFT default), B = 0;
-    * ``"gaussian"`` — PEFT's: A ~ N(0, (1/r)²), B = 0;
-    * ``"bert"`` — AdapterHub LoRA ``init_weights="bert"``: A, B ~ N(0, 0.02²) (PEFT has no
-      "bert" LoRA init). Not a no-op at init: the adapted model differs from the base;
-    * ``"pissa"`` — PEFT's PiSSA (exact SVD, no randomness): A, B from the top-r singular
-      triplets of the module's rows of ``base_weight`` and the **base weight changes** to
-      the residual ``W_res = W - s·BA`` (so ``W_res + s·BA = W``). The new base weight (full
-      fused shape, base layout, other rows untouched) is returned for the caller to
-      install; keep the original ``W`` to unmerge or to export a plain LoRA later.
-
-    Draw order from ``generator``: A, then B, then (gated) gate weight ~ N(0, 0.02²) and gate
-    bias ~ U(±1/sqrt(in)) — AdapterHub's gate: ``nn.Linear`` default bias, re-drawn weight.
-    DoRA: the magnitude is then set to ``||W + s·BA||_row`` from the (new) base weight, so
-    ``base_weight`` is required.
-
-    Returns the new base weight for ``"pissa"``, else ``None``.
-    """
-    if scheme not in LORA_INIT_SCHEMES:
-        raise SpecError(f"unknown LoRA init {scheme!r}; expected one of {LORA_INIT_SCHEMES}", field="init")
-    _check_generator(generator)
-    if (scheme == "pissa" or module.use_dora) and base_weight is None:
-        raise SpecError(f"LoRA init {scheme!r}{' with DoRA' if module.use_dora else ''} needs base_weight", field="init")
-    if scheme == "pissa" and module.use_gating:
-        # The gate replaces s, so W_res + g·BA != W and the model would change at init.
-        raise SpecError("pissa init cannot be combined with gated LoRA", field="init")
-
-    new_weight = None
-    if scheme == "lora":
-        kaiming_uniform_(module.lora_A, math.sqrt(5), generator)
-        zeros_(module.lora_B)
-    elif scheme == "gaussian":
-        normal_(module.lora_A, 1.0 / module.r, generator)
-        zeros_(module.lora_B)
-    elif scheme == "bert":
-        init_bert_(module.lora_A, generator)
-        init_bert_(module.lora_B, generator)
-    else:
-        new_weight = _pissa_(module, base_weight)
-
-    if module.gate is not None:
-        init_bert_(module.gate.weight, generator)
-        bound = 1.0 / math.sqrt(module.in_features)
-        uniform_(module.gate.bias, -bound, bound, generator)
-
-    if module.use_dora:
-        module.init_dora_magnitude_(new_weight if new_weight is not None else base_weight)
-    return new_weight

@@ -18,6 +18,7 @@ from .capture import CapturedModule
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import apply_merge, plan_merge
+from .vocab import adapter_prefix
 
 
 @dataclass
@@ -37,11 +38,12 @@ class AdaptedModel(CapturedModule):
     """A captured model with adapters inserted. Create it with :func:`graphadapt.apply`."""
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
-        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model")
+        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "plan")
 
-    def _init_adapted(self, spec, records: list[dict], structure_report: dict, source: nn.Module):
+    def _init_adapted(self, spec, records: list, structure_report: dict, source: nn.Module, plan=None):
         self.spec = spec
-        self.adapter_records = records
+        self.adapter_records = records      # list[graphadapt.passes.AdapterRecord]
+        self.plan = plan                    # graphadapt.plan.Plan: what apply inserted where
         self.structure_report = structure_report
         self._merge_state = None
         object.__setattr__(self, "_source_model", source)  # not a submodule: shares storage only
@@ -54,10 +56,10 @@ class AdaptedModel(CapturedModule):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def base_parameter_count(self) -> int:
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("adapters."))
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(adapter_prefix()))
 
     def adapter_parameter_count(self, name: str | None = None) -> int:
-        prefix = "adapters." + (f"{name}." if name else "")
+        prefix = adapter_prefix(name)
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
 
     def summary(self, print_fn=print) -> str:
@@ -69,11 +71,11 @@ class AdaptedModel(CapturedModule):
             n = self.adapter_parameter_count(name)
             sites = sum(1 for r in self.adapter_records if r["adapter"] == name)
             train = sum(p.numel() for pn, p in self.named_parameters()
-                        if pn.startswith(f"adapters.{name}.") and p.requires_grad)
+                        if pn.startswith(adapter_prefix(name)) and p.requires_grad)
             rows.append((name, type(method).__name__, str(sites), f"{n:,}", f"{100 * n / max(base, 1):.3f}",
                          f"{train:,}", "yes" if name in active else "no"))
         rows.append(("(base)", self.source_class.rsplit(".", 1)[-1], "", f"{base:,}", "100",
-                     f"{sum(p.numel() for pn, p in self.named_parameters() if not pn.startswith('adapters.') and p.requires_grad):,}",
+                     f"{sum(p.numel() for pn, p in self.named_parameters() if not pn.startswith(adapter_prefix()) and p.requires_grad):,}",
                      ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -116,7 +118,7 @@ class AdaptedModel(CapturedModule):
 
     def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False) -> MergeReport:
-        """Fold LoRA/DoRA (and any module with ``fold``) into the base weights.
+        """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
 
         Memory: by default merged weights are *new* tensors (one extra copy of each merged
         weight; the caller's model keeps the originals, which :meth:`unmerge` restores).
@@ -188,7 +190,7 @@ class AdaptedModel(CapturedModule):
             self.merge(names, strict=True)
         try:
             base_sd = {k: v.detach().clone() for k, v in self.named_parameters()
-                       if not k.startswith("adapters.")}
+                       if not k.startswith(adapter_prefix())}
         finally:
             if not was_merged:
                 self.unmerge()

@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, whatever the import mode
 
 import graphadapt as ga  # noqa: E402
-from graphadapt.checkpoints import load as load_checkpoint  # noqa: E402
-from graphadapt.modules.bottleneck import BottleneckAdapter  # noqa: E402
+from graphadapt import load as load_checkpoint  # noqa: E402
+from graphadapt.methods.bottleneck.module import BottleneckAdapter  # noqa: E402
 from helpers import (  # noqa: E402
     t5_inputs, text_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit, vit_inputs,
 )

@@ -1,4 +1,4 @@
-"""graphadapt.modules.bottleneck / phm: init, identity, RNG isolation, checkpoints, export (main venv).
+"""graphadapt.methods.bottleneck (module, phm): init, identity, RNG isolation, checkpoints, export (main venv).
 
 Numerical parity with AdapterHub lives in tests/oracle/test_bottleneck_module_oracle.py.
 """
@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphadapt.errors import CheckpointError, SpecError
-from graphadapt.modules.bottleneck import (
+from graphadapt.methods.bottleneck.module import (
     ACTIVATIONS,
     BottleneckAdapter,
     adapterhub_key_map,
     kwargs_from_adapterhub_config,
     load_adapterhub_state_dict,
 )
-from graphadapt.modules.phm import PHMConfig, PHMLinear, init_shared_phm_parameters, kronecker_sum
+from graphadapt.methods.bottleneck.phm import PHMConfig, PHMLinear, init_shared_phm_parameters, kronecker_sum
 
 H = 64
 INITS = ["bert", "mam_adapter", "houlsby"]

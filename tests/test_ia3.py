@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, whatever
 
 import graphadapt as ga  # noqa: E402
 from graphadapt.errors import SpecError  # noqa: E402
-from graphadapt.modules.ia3 import IA3Module  # noqa: E402
-from graphadapt.spec.ia3 import IA3  # noqa: E402
+from graphadapt.methods.ia3.module import IA3Module  # noqa: E402
+from graphadapt.methods.ia3 import IA3  # noqa: E402
 from helpers import max_diff, run_no_grad, text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 ATOL = 1e-5

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import graphadapt as ga
-from graphadapt.checkpoints.peft import import_peft
+from graphadapt import import_peft
 
 from helpers import max_diff, text_inputs, tiny_bert, tiny_gpt2, tiny_llama
 

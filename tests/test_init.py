@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphadapt.errors import SpecError
+from graphadapt.methods.lora import init_lora_
 from graphadapt.init import (
     adapter_generator,
     derive_seed,
     init_bert_,
-    init_lora_,
     isolated_rng,
     kaiming_uniform_,
     linear_default_,
@@ -24,7 +24,7 @@ from graphadapt.init import (
     xavier_uniform_,
     zeros_,
 )
-from graphadapt.modules import LoRAModule
+from graphadapt.methods.lora import LoRAModule
 
 
 def _make(scheme="lora", seed=0, name="task", site="layers.0.q", base=None, **kw):

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from graphadapt.errors import MergeError, SpecError
-from graphadapt.modules import LoRAModule
+from graphadapt.methods.lora import LoRAModule
 
 
 class _Tiny(nn.Module):

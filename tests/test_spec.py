@@ -9,7 +9,7 @@ import math
 import pytest
 
 from graphadapt.errors import SpecError
-from graphadapt.spec import (
+from graphadapt.methods.bottleneck import (
     ACTIVATIONS,
     PRESETS,
     AdapterPlus,
@@ -17,15 +17,12 @@ from graphadapt.spec import (
     Compacter,
     CompacterPlusPlus,
     DoubleSeqBn,
-    LoRA,
-    MethodSpec,
     ParBn,
     SeqBn,
-    Spec,
     adapterhub_config_dict,
-    as_spec,
-    selector_matches,
 )
+from graphadapt.methods.lora import LoRA
+from graphadapt.spec import MethodSpec, Spec, as_spec, selector_matches
 
 BN_REQUIRED = dict(mh_adapter=True, output_adapter=False, reduction_factor=8, non_linearity="relu")
 

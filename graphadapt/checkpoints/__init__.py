@@ -1,5 +1,7 @@
 """Adapter checkpoints: ``spec.json`` + ``adapters.safetensors`` in one directory.
 
+(Loading onto a model — apply the saved spec, then these weights — is :func:`graphadapt.load`.)
+
 Writes are atomic (temp files, then ``os.replace``): an interrupted save leaves any earlier
 checkpoint intact.
 """
@@ -12,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError
+from ..vocab import adapter_prefix
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -40,7 +42,7 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    prefixes = tuple(f"adapters.{n}." for n in (names or adapted.spec.adapters))
+    prefixes = tuple(adapter_prefix(n) for n in (names or adapted.spec.adapters))
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items() if k.startswith(prefixes)}
     spec = adapted.spec.to_dict()
     meta = {"graphadapt_version": __version__, "source_class": adapted.source_class,
@@ -68,7 +70,7 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
         raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}")
     saved = load_file(str(p))
     own = adapted.state_dict()
-    ours = {k for k in own if k.startswith("adapters.")}
+    ours = {k for k in own if k.startswith(adapter_prefix())}
     unknown = sorted(set(saved) - ours)
     missing = sorted(ours - set(saved))
     if strict and (unknown or missing):
@@ -85,12 +87,3 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
             if k in own:
                 own[k].copy_(v.to(own[k].dtype))
     return [k for k in saved if k in own]
-
-
-def load(model: nn.Module, directory: str | os.PathLike, **apply_kwargs):
-    """Re-apply a saved spec to ``model`` and load the saved adapter weights."""
-    from ..api import apply
-
-    adapted = apply(model, read_spec(directory), **apply_kwargs)
-    load_adapter_weights(adapted, directory)
-    return adapted

@@ -1,20 +1,12 @@
-"""Import bottleneck adapters saved by AdapterHub (``adapters``) ``model.save_adapter(dir, name)``.
+"""Import adapters saved by AdapterHub (``adapters``) ``model.save_adapter(dir, name)``.
 
-AdapterHub writes ``adapter_config.json`` (``{"config": {...BnConfig...}, "name": ..., "model_class": ...}``) and
-``pytorch_adapter.bin`` (or ``adapter.safetensors``). Per-site keys look like::
+before: an AdapterHub adapter directory (``adapter_config.json`` + ``pytorch_adapter.bin`` or
+        ``adapter.safetensors``)
+after:  ``graphadapt.apply(model, spec)`` with AdapterHub's weights in place — the same outputs.
 
-    BERT   [bert.]encoder.layer.{i}.attention.output.adapters.<name>.*   (mh)
-           [bert.]encoder.layer.{i}.output.adapters.<name>.*             (output)
-    GPT-2  [transformer.]h.{i}.attention_adapters.adapters.<name>.*      (mh)
-           [transformer.]h.{i}.output_adapters.adapters.<name>.*         (output)
-    T5     {encoder,decoder}.block.{j}.layer.0.adapters.<name>.*         (mh; layer.{1|2}: output)
-    shared [<base>.]shared_parameters.<name>.<key>                       (Compacter PHM)
-
-Each site is matched to graphadapt's record whose layer module path it contains (so a checkpoint saved from
-``BertForSequenceClassification`` loads into ``BertModel`` and vice versa) and to the record's role.
-
-Note: AdapterHub 1.3 saves ``shared_parameters`` only when the base model sits under a prefix (a model with a
-head); a bare ``BertModel`` Compacter checkpoint has no shared PHM rule, so ``strict`` import fails for it.
+This module is generic: it reads the directory, finds the method plugin whose
+``adapterhub_architectures`` holds the config's ``architecture`` and lets it translate the
+config (``adapterhub_spec``) and load the tensors (``load_adapterhub``).
 """
 
 from __future__ import annotations
@@ -23,33 +15,20 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, SpecError
+from ..errors import CheckpointError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors", "pytorch_adapter.bin")
 
-# AdapterHub string identifiers of bottleneck configs → graphadapt preset names.
-_PRESET_ALIASES = {
-    "seq_bn": "seq_bn", "pfeiffer": "seq_bn", "double_seq_bn": "double_seq_bn", "houlsby": "double_seq_bn",
-    "par_bn": "par_bn", "parallel": "par_bn", "scaled_pa": "par_bn", "compacter": "compacter",
-    "compacter++": "compacter++", "adapter_plus": "adapter_plus",
-}
-# BnConfig keys with no graphadapt field (cross_adapter / inv_adapter must be off; the seed is irrelevant).
-_IGNORED = {"init_weights_seed", "cross_adapter", "inv_adapter", "inv_adapter_reduction_factor", "architecture"}
-
-# Site path after the layer module path → role (BERT/RoBERTa/ViT, GPT-2/Llama-style mixins, T5 "layer.<k>").
-_MH = re.compile(r"(^|\.)(attention\.output|attention_adapters|attn_adapters|(layer\.)?0)$")
-_OUT = re.compile(r"(^|\.)(output|output_adapters|ffn_adapters|(layer\.)?[1-9])$")
-
-__all__ = ["import_adapterhub", "from_adapterhub_config", "read_adapterhub"]
+__all__ = ["from_adapterhub_config", "read_adapterhub", "read_adapterhub_adapter"]
 
 
 def _method_name(cfg: Mapping) -> str:
+    """A readable method name for an AdapterHub config (its LoRA family shares ``architecture="lora"``)."""
     arch = cfg.get("architecture")
     if arch == "lora" and cfg.get("composition_mode") == "scale":
         return "ia3"
@@ -58,45 +37,45 @@ def _method_name(cfg: Mapping) -> str:
     return str(arch)
 
 
-def from_adapterhub_config(config: Mapping | str):
-    """AdapterHub bottleneck config (``BnConfig`` dict, whole ``adapter_config.json`` dict, or a preset name such
-    as ``"seq_bn"``) → graphadapt :class:`~graphadapt.spec.Bottleneck`.
-
-    Raises :class:`CheckpointError` for other methods (LoRA, IA3, prefix tuning, unions, …) and for bottleneck
-    options graphadapt does not model (``cross_adapter``, invertible adapters).
-    """
-    from ..spec.bottleneck import PRESETS, Bottleneck
+def _plugin_for(config: Mapping | str):
+    from ..methods import registered
 
     if isinstance(config, str):
-        preset = _PRESET_ALIASES.get(config.lower())
-        if preset is None:
-            raise CheckpointError(f"AdapterHub config {config!r} is not a bottleneck preset the importer knows "
-                                  f"(known: {', '.join(sorted(_PRESET_ALIASES))})")
-        return PRESETS[preset]()
-    if not isinstance(config, Mapping):
-        raise CheckpointError(f"AdapterHub config must be a dict or a preset name, got {type(config).__name__}")
-    if isinstance(config.get("config"), (Mapping, str)):  # whole adapter_config.json
-        config = config["config"]
-        if isinstance(config, str):
-            return from_adapterhub_config(config)
+        return [m for m in registered() if m.adapterhub_architectures], None
     arch = config.get("architecture")
-    if arch not in (None, "bottleneck"):
+    hits = [m for m in registered() if arch in m.adapterhub_architectures]
+    if not hits:
+        known = sorted({str(a) for m in registered() for a in m.adapterhub_architectures if a})
         raise CheckpointError(f"AdapterHub {_method_name(config)!r} adapters are not supported by the importer yet "
-                              "(only bottleneck adapters: SeqBn, DoubleSeqBn, ParBn, AdapterPlus, Compacter, …)")
-    for k in ("cross_adapter", "inv_adapter"):
-        if config.get(k):
-            raise CheckpointError(f"AdapterHub option {k}={config[k]!r} is not supported by the importer yet")
-    names = {f.name for f in fields(Bottleneck)} - {"seed", "layers"}
-    unknown = sorted(set(config) - names - _IGNORED)
-    if unknown:
-        raise CheckpointError(f"AdapterHub config has options graphadapt does not know: {unknown}")
-    kw = {k: v for k, v in config.items() if k in names}
-    if isinstance(kw.get("leave_out"), list):
-        kw["leave_out"] = tuple(kw["leave_out"])
-    try:
-        return Bottleneck(**kw)
-    except (SpecError, TypeError) as e:
-        raise CheckpointError(f"AdapterHub config does not translate to a graphadapt Bottleneck: {e}") from e
+                              f"(supported architectures: {', '.join(known)})")
+    return hits, arch
+
+
+def _inner_config(config):
+    if isinstance(config, Mapping) and isinstance(config.get("config"), (Mapping, str)):  # whole adapter_config.json
+        return config["config"]
+    return config
+
+
+def from_adapterhub_config(config: Mapping | str):
+    """AdapterHub config (config dict, whole ``adapter_config.json`` dict, or a preset name such as ``"seq_bn"``)
+    → the equivalent graphadapt method spec. Raises :class:`CheckpointError` when no method plugin takes it."""
+    config = _inner_config(config)
+    if not isinstance(config, (Mapping, str)):
+        raise CheckpointError(f"AdapterHub config must be a dict or a preset name, got {type(config).__name__}")
+    plugins, _ = _plugin_for(config)
+    errors = []
+    for m in plugins:
+        try:
+            spec = m.adapterhub_spec(config)
+        except CheckpointError as e:
+            errors.append(e)
+            continue
+        if spec is not None:
+            return spec
+    if errors:
+        raise errors[0]
+    raise CheckpointError(f"AdapterHub config {config!r} is not one the importer knows")
 
 
 def read_adapterhub(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -116,42 +95,12 @@ def read_adapterhub(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
     raise CheckpointError(f"no AdapterHub weights in {directory} (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _role(rest: str) -> str | None:
-    if _MH.search(rest):
-        return "mh"
-    if _OUT.search(rest):
-        return "output"
-    return None
+def read_adapterhub_adapter(directory: str | os.PathLike):
+    """``(spec, saved adapter name, fill(adapted, name, strict))`` for an AdapterHub adapter directory.
 
-
-def _layer_path(target: str, adapter: str) -> str:
-    # adapters.<name>.<layer module path>.<role>_adapter → <layer module path>
-    return target[len(f"adapters.{adapter}."):].rsplit(".", 1)[0]
-
-
-def _match_site(site: str, layer_paths: dict[str, list[dict]]) -> tuple[str, str] | None:
-    """(layer path, rest of the site after it) for the longest layer path contained in ``site`` at dot bounds."""
-    best = None
-    dotted = f".{site}."
-    for lp in layer_paths:
-        i = dotted.find(f".{lp}.")
-        if i >= 0 and (best is None or len(lp) > len(best[0])):
-            best = (lp, site[i + len(lp):].lstrip("."))
-    return best
-
-
-def import_adapterhub(model: torch.nn.Module, directory: str | os.PathLike, name: str | None = None,
-                      strict: bool = True, **apply_kwargs):
-    """Apply the AdapterHub bottleneck adapter saved in ``directory`` to ``model`` and load its weights.
-
-    ``name``: graphadapt adapter name (default: the saved name). ``apply_kwargs`` go to :func:`graphadapt.apply`.
-    ``strict``: every AdapterHub adapter tensor must land in a graphadapt tensor and every graphadapt adapter
-    tensor must be filled, else :class:`CheckpointError` (with ``strict=False`` unfilled tensors keep their
-    initial values and unmatched AdapterHub tensors are ignored). Returns the :class:`AdaptedModel`.
-    """
-    from ..api import apply
-    from ..modules.bottleneck import BottleneckAdapter, load_adapterhub_state_dict
-    from ..spec import Spec
+    :func:`graphadapt.import_adapterhub` applies the spec and calls ``fill``, which hands the
+    tensors to the method plugin (``load_adapterhub``)."""
+    from ..methods import get_method
 
     meta, sd = read_adapterhub(directory)
     spec = from_adapterhub_config(meta)
@@ -163,74 +112,8 @@ def import_adapterhub(model: torch.nn.Module, directory: str | os.PathLike, name
             raise CheckpointError(f"{directory}: cannot tell the adapter name (adapter_config.json has no 'name'; "
                                   f"keys name {sorted(found)})")
         saved = found.pop()
-    ours_name = name or saved
-    adapted = apply(model, Spec({ours_name: spec}), **apply_kwargs)
 
-    records = [r for r in adapted.adapter_records if r["adapter"] == ours_name]
-    by_path: dict[str, list[dict]] = {}
-    for r in records:
-        by_path.setdefault(_layer_path(r["target"], ours_name), []).append(r)
+    def fill(adapted, ours_name: str, strict: bool = True) -> None:
+        get_method(spec).load_adapterhub(adapted, ours_name, saved, sd, strict, directory)
 
-    # group AdapterHub keys by site prefix
-    site_re = re.compile(rf"^(.*?)\.adapters\.{re.escape(saved)}\.(.+)$")
-    shared_re = re.compile(rf"^(?:.*\.)?shared_parameters\.{re.escape(saved)}\.(.+)$")
-    sites: dict[str, dict[str, torch.Tensor]] = {}
-    shared_sd: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for k, v in sd.items():
-        m = shared_re.match(k)
-        if m:
-            shared_sd[m.group(1)] = v
-            continue
-        m = site_re.match(k)
-        if m:
-            sites.setdefault(m.group(1), {})[m.group(2)] = v
-        else:
-            unexpected.append(k)
-
-    filled: set[str] = set()
-    loaded: dict[str, str] = {}  # graphadapt target → AdapterHub site
-    for site, tensors in sites.items():
-        hit = _match_site(site, by_path)
-        role = _role(hit[1]) if hit else None
-        rec = next((r for r in by_path[hit[0]] if r["role"] == role), None) if hit and role else None
-        if rec is None or rec["target"] in loaded:
-            unexpected.extend(f"{site}.adapters.{saved}.{k}" for k in tensors)
-            continue
-        mod = adapted.get_submodule(rec["target"])
-        assert isinstance(mod, BottleneckAdapter)
-        try:
-            load_adapterhub_state_dict(mod, tensors, strict=strict)
-        except RuntimeError as e:  # size mismatch from load_state_dict
-            raise CheckpointError(f"AdapterHub site {site} does not fit {rec['target']}: {e}") from e
-        loaded[rec["target"]] = site
-        filled.update(f"{rec['target']}.{k}" for k, _ in mod.named_parameters())
-
-    shared_prefix = f"adapters.{ours_name}.shared_phm"
-    try:
-        shared = adapted.get_submodule(shared_prefix)
-    except AttributeError:
-        shared = None
-    with torch.no_grad():
-        for k, v in shared_sd.items():
-            if shared is None or k not in shared:
-                unexpected.append(f"shared_parameters.{saved}.{k}")
-                continue
-            if shared[k].shape != v.shape:
-                raise CheckpointError(f"shared PHM tensor {k}: checkpoint {tuple(v.shape)} vs model "
-                                      f"{tuple(shared[k].shape)}")
-            shared[k].copy_(v.to(shared[k].dtype))
-            filled.add(f"{shared_prefix}.{k}")
-
-    ours = [k for k, _ in adapted.named_parameters() if k.startswith(f"adapters.{ours_name}.")]
-    ours += [k for k, _ in adapted.named_buffers() if k.startswith(f"adapters.{ours_name}.shared_phm.")]
-    missing = sorted(set(ours) - filled)
-    if strict and (missing or unexpected):
-        hint = (" AdapterHub does not save shared_parameters of a bare base model (no head prefix); pass "
-                "strict=False to keep graphadapt's initial shared PHM tensors."
-                if any(".shared_phm." in k for k in missing) else "")
-        raise CheckpointError(
-            f"AdapterHub checkpoint {directory} does not match this model's adapter {ours_name!r}: "
-            f"{len(missing)} graphadapt tensors not filled (e.g. {missing[:3]}), {len(unexpected)} AdapterHub "
-            f"tensors unused (e.g. {sorted(unexpected)[:3]}). Was it saved for the same architecture?" + hint)
-    return adapted
+    return spec, saved, fill

@@ -1,28 +1,27 @@
-"""Import a PEFT LoRA checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``).
+"""Read PEFT checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) for import.
 
-before: a directory written by ``peft_model.save_pretrained(dir)`` for a LoRA/rsLoRA/DoRA adapter
-after:  ``graphadapt.apply(model, LoRA(...))`` with PEFT's weights in place — the same outputs.
+before: a directory written by ``peft_model.save_pretrained(dir)``
+after:  ``(spec, fill)``: :func:`graphadapt.import_peft` applies ``spec`` and ``fill`` copies
+        PEFT's tensors in — the same outputs as PEFT.
 
-The adapted module paths are read from the checkpoint's keys (not re-derived from
-``target_modules``), so what PEFT adapted is exactly what graphadapt adapts, even when the
-checkpoint was trained on a wrapper of ``model`` (``bert.encoder…`` vs ``encoder…``).
+Generic over methods: the plugin whose ``peft_type`` equals the config's translates the
+config (``peft_spec``) and names each tensor (``peft_key``). The adapted module paths are
+read from the checkpoint's keys (not re-derived from ``target_modules``), so what PEFT
+adapted is exactly what graphadapt adapts, even when the checkpoint was trained on a
+wrapper of ``model`` (``bert.encoder…`` vs ``encoder…``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)"
-                  r"(?:\.(?P<adapter>[A-Za-z_][\w]*))?(?:\.weight)?$")
-_OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude_vector": "lora_magnitude"}
+from ..vocab import adapter_prefix
 
 
 def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -54,74 +53,70 @@ def _resolve(ckpt_path: str, module_names: set[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def peft_lora_spec(cfg: dict, targets: tuple[str, ...]):
-    """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
-    from ..spec import LoRA
+def _plugin(cfg: dict):
+    from ..methods import registered
 
-    if cfg.get("peft_type") != "LORA":
-        raise CheckpointError(f"PEFT adapter type {cfg.get('peft_type')!r} is not supported by the importer "
-                              "(only LORA, with rsLoRA/DoRA)")
-    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)}
-    if cfg.get("bias", "none") != "none":
-        unsupported["bias"] = cfg["bias"]
-    if unsupported:
-        raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}")
-    return LoRA(r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
-                targets=targets, use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
+    ptype = cfg.get("peft_type")
+    for m in registered():
+        if m.peft_type is not None and m.peft_type == ptype:
+            return m
+    known = sorted(m.peft_type for m in registered() if m.peft_type)
+    raise CheckpointError(f"PEFT adapter type {ptype!r} is not supported by the importer (supported: "
+                          f"{', '.join(known)})")
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-                ignore_modules_to_save: bool = False, **apply_kwargs):
-    """Apply the LoRA adapter saved in a PEFT checkpoint directory to ``model``; returns an AdaptedModel.
-
-    ``modules_to_save`` (fully trained copies of e.g. a classifier head) are not adapters; they
-    raise :class:`CheckpointError` unless ``ignore_modules_to_save=True``.
-    """
-    from ..api import apply
-    from ..spec import Spec
-
+def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+              ignore_modules_to_save: bool = False):
+    """``(spec, fill(adapted))`` for the PEFT checkpoint in ``directory`` applied to ``model``."""
     d = Path(directory)
     cfg, weights = _read(d)
+    method = _plugin(cfg)
     if cfg.get("modules_to_save") and not ignore_modules_to_save:
         raise CheckpointError(
             f"the checkpoint also trains whole modules {cfg['modules_to_save']} (modules_to_save); graphadapt "
-            "imports the LoRA adapter only. Load those weights into the base model first, then pass "
+            "imports the adapter only. Load those weights into the base model first, then pass "
             "ignore_modules_to_save=True.")
     module_names = {n for n, _ in model.named_modules() if n}
     mapped: dict[str, tuple[str, str]] = {}      # checkpoint key → (module path, our tensor name)
     unresolved = []
     for key in weights:
-        m = _KEY.match(key)
-        if m is None:
-            if ".modules_to_save." in key or "modules_to_save" in key:
+        hit = method.peft_key(key)
+        if hit is None:
+            if "modules_to_save" in key:
                 continue
-            raise CheckpointError(f"unexpected key {key!r} in {d}; is this a LoRA checkpoint?")
-        path = _resolve(m["path"], module_names)
+            raise CheckpointError(f"unexpected key {key!r} in {d}; is this a {method.peft_type} checkpoint?")
+        path = _resolve(hit[0], module_names)
         if path is None:
-            unresolved.append(m["path"])
+            unresolved.append(hit[0])
             continue
-        mapped[key] = (path, _OURS[m["kind"]])
+        mapped[key] = (path, hit[1])
     if unresolved:
         raise CheckpointError(f"{len(set(unresolved))} adapted module(s) of the checkpoint do not exist in "
                               f"{type(model).__name__}, e.g. {sorted(set(unresolved))[:3]}; was it trained on "
                               "another architecture?")
     if not mapped:
-        raise CheckpointError(f"no LoRA tensors in {d}")
+        raise CheckpointError(f"no {method.peft_type} tensors in {d}")
     targets = tuple(sorted({p for p, _ in mapped.values()}))
-    adapted = apply(model, Spec({name: peft_lora_spec(cfg, targets)}), **apply_kwargs)
-    params = dict(adapted.named_parameters())
-    filled = set()
-    with torch.no_grad():
-        for key, (path, kind) in mapped.items():
-            ours = f"adapters.{name}.{path}.{kind}"
-            if ours not in params:
-                raise CheckpointError(f"{key} has no counterpart {ours} in the adapted model")
-            p, v = params[ours], weights[key]
-            if p.shape != v.shape:
-                raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(v.shape)} vs {tuple(p.shape)}")
-            p.copy_(v.to(p.dtype))
-            filled.add(ours)
-    empty = sorted(n for n in params if n.startswith(f"adapters.{name}.") and n not in filled)
-    if empty:
-        raise CheckpointError(f"the checkpoint has no values for {empty[:3]} ({len(empty)} in all)")
-    return adapted
+    spec = method.peft_spec(cfg, targets)
+
+    def fill(adapted) -> None:
+        params = dict(adapted.named_parameters())
+        filled = set()
+        with torch.no_grad():
+            for key, (path, kind) in mapped.items():
+                ours = f"{adapter_prefix(name)}{path}.{kind}"
+                if ours not in params:
+                    raise CheckpointError(f"{key} has no counterpart {ours} in the adapted model")
+                p, v = params[ours], weights[key]
+                if p.shape != v.shape:
+                    raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(v.shape)} vs {tuple(p.shape)}")
+                p.copy_(v.to(p.dtype))
+                filled.add(ours)
+        empty = sorted(n for n in params if n.startswith(adapter_prefix(name)) and n not in filled)
+        if empty:
+            raise CheckpointError(f"the checkpoint has no values for {empty[:3]} ({len(empty)} in all)")
+
+    return spec, fill
+
+
+__all__ = ["read_peft"]

@@ -1,17 +1,64 @@
-"""Graph passes: graph surgery only. Modules (``graphadapt.modules``) hold the math.
+"""Graph passes: graph surgery only. Method modules (``graphadapt.methods``) hold the math.
 
-A pass returns :class:`PassResult`; :func:`run_pass` lints and recompiles after it
-and names the pass when anything fails.
+One contract for every pass (insertion, merge, dtype re-targeting, portability):
+
+* a pass is a function ``fn(gm, *args) -> PassResult``; ``PassResult.modified`` is truthful and
+  ``PassResult.records`` lists typed :class:`AdapterRecord`\\ s for the adapter nodes it placed;
+* it is run through :func:`run_pass`, which checks the pass's ``requires`` before and its
+  ``ensures`` after (always: ``graph.lint()`` and no disconnected adapter node), recompiles, and
+  names the pass in a :class:`~graphadapt.errors.PassError` when anything fails;
+* state shared between passes travels in an explicit :class:`InsertContext`, never through
+  ``gm.meta``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch.fx as fx
 
 from ..errors import GraphAdaptError, PassError
+from ..vocab import ADAPTERS
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One adapter module placed at one site of the graph.
+
+    ``kind`` is the site kind (``"linear"``: ``(x, y, W, b) → y'`` after a linear op;
+    ``"residual"``: ``(h, r, ln_w, ln_b) → out`` at a residual point). ``details`` holds
+    site facts a method or importer may need (``weight``, ``bias``, ``layout``, ``placement``).
+    Records read like dicts too (``r["role"]``), for callers that keep them as JSON.
+    """
+
+    adapter: str
+    method: str
+    site: str
+    target: str
+    kind: str
+    role: str | None = None
+    layer: int | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in _RECORD_FIELDS:
+            return getattr(self, key)
+        return self.details[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f: getattr(self, f) for f in _RECORD_FIELDS if f != "details"}
+        return {**d, **dict(self.details)}
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterRecord))
 
 
 @dataclass
@@ -19,21 +66,92 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: bool
     info: dict[str, Any] = field(default_factory=dict)
+    records: list[AdapterRecord] = field(default_factory=list)
 
 
-def run_pass(name: str, fn: Callable[..., PassResult], gm: fx.GraphModule, *args, **kwargs) -> PassResult:
-    """Run one pass, then ``graph.lint()`` and ``recompile()``; wrap failures in :class:`PassError`."""
+@dataclass
+class InsertContext:
+    """State shared by the insertion passes of one ``apply``.
+
+    ``replaced`` maps a node a pass removed to the node that now computes its value (a
+    residual-point pass replaces ``LN(h + r)`` by the adapter call), so a later pass that
+    planned on the original node finds the live one with :meth:`live`.
+    """
+
+    replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)
+
+    def live(self, node: fx.Node) -> fx.Node:
+        while node in self.replaced:
+            node = self.replaced[node]
+        return node
+
+
+# ------------------------------------------------------------------ checks
+def adapter_call_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every ``call_module`` node that calls an adapter module."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(ADAPTERS + ".")]
+
+
+def _check_lint(gm: fx.GraphModule) -> str | None:
+    gm.graph.lint()
+    return None
+
+
+def _check_connected(gm: fx.GraphModule) -> str | None:
+    dead = [str(n.target) for n in adapter_call_nodes(gm) if not n.users]
+    # an adapter nobody reads would train and do nothing: never let that pass silently
+    return f"adapter node(s) {dead[:3]} are disconnected from the output" if dead else None
+
+
+def _check_targets_exist(gm: fx.GraphModule) -> str | None:
+    missing = []
+    for n in adapter_call_nodes(gm):
+        try:
+            gm.get_submodule(str(n.target))
+        except AttributeError:
+            missing.append(str(n.target))
+    return f"adapter node(s) call missing modules {missing[:3]}" if missing else None
+
+
+CHECKS: dict[str, Callable[[fx.GraphModule], str | None]] = {
+    "lint": _check_lint,
+    "adapters_connected": _check_connected,
+    "adapter_modules_exist": _check_targets_exist,
+}
+ALWAYS = ("lint", "adapters_connected", "adapter_modules_exist")
+
+
+def run_pass(name: str, fn: Callable[..., PassResult], gm: fx.GraphModule, *args,
+             requires: Iterable[str] = (), ensures: Iterable[str] = (), **kwargs) -> PassResult:
+    """Run one pass under the contract: check ``requires``, run, recompile, check ``ensures``
+    (plus :data:`ALWAYS`); wrap any failure in :class:`PassError` naming the pass."""
+    def check(names, when):
+        for c in names:
+            if c not in CHECKS:
+                raise PassError(f"graph pass `{name}` declares unknown check {c!r}; known: {sorted(CHECKS)}")
+            why = CHECKS[c](gm)
+            if why:
+                raise PassError(f"graph pass `{name}`: {when} check {c!r} failed: {why}")
+
+    check(requires, "required")
     try:
         res = fn(gm, *args, **kwargs)
+        if not isinstance(res, PassResult):
+            raise PassError(f"graph pass `{name}` returned {type(res).__name__}, not PassResult")
         if res.modified:
-            res.graph_module.graph.lint()
             res.graph_module.recompile()
+        check(tuple(ALWAYS) + tuple(c for c in ensures if c not in ALWAYS), "post-pass")
     except GraphAdaptError:
         raise
     except Exception as e:  # noqa: BLE001 - surface which pass broke the graph
         first = (str(e).strip().splitlines() or [""])[0][:500]
         raise PassError(f"graph pass `{name}` failed: {type(e).__name__}: {first}") from e
     return res
+
+
+def register_check(name: str, fn: Callable[[fx.GraphModule], str | None]) -> None:
+    """Add a named post-condition passes may declare in ``requires``/``ensures``."""
+    CHECKS[name] = fn
 
 
 def get_attr_node(gm: fx.GraphModule, target: str) -> fx.Node:
@@ -62,4 +180,5 @@ def erase_dead(gm: fx.GraphModule, roots) -> int:
     return erased
 
 
-__all__ = ["PassResult", "run_pass", "get_attr_node", "erase_dead"]
+__all__ = ["ALWAYS", "AdapterRecord", "CHECKS", "InsertContext", "PassResult", "adapter_call_nodes", "erase_dead",
+           "get_attr_node", "register_check", "run_pass"]

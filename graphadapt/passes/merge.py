@@ -4,8 +4,9 @@ before: ``y' = call_module(adapter)(x, y, W, b)`` after ``y = op(x, W, b)``
 after:  ``y = op(x, W', b')`` with ``(W', b') = adapter.fold(W, b)``; the call is gone, so the
         merged graph has exactly the base graph's operators.
 
-The pass asks each module for its fold (``mergeable`` / ``fold(W, b)``), so LoRA, DoRA and
-later IA3 plug in without changing it. Several adapters on one weight fold in graph order.
+The pass asks each module for its fold (``mergeable`` / ``fold(W, b[, base_weight])``), so any
+method plugs in without changing it; a module whose forward reads the base weight
+(``reads_base_weight``, e.g. DoRA's norm) and stays in the graph blocks folding into that weight. Several adapters on one weight fold in graph order.
 Modules that cannot fold (bottleneck, gated LoRA, …) stay in the graph and are reported.
 """
 
@@ -17,7 +18,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import MergeError
-from . import PassResult
+from ..vocab import adapter_of
+from . import PassResult, adapter_call_nodes
 
 
 @dataclass
@@ -29,20 +31,23 @@ class MergePlan:
 
 
 def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters.")]
+    return adapter_call_nodes(gm)
 
 
 def _blocked_weights(gm: fx.GraphModule, nodes: list[fx.Node], names) -> dict[str, str]:
-    """Weights that must not change because an active DoRA that stays in the graph reads them
-    (its norm and base term use ``W``): folding anything else into ``W`` would alter its output."""
+    """Weights that must not change because an active module that stays in the graph reads them
+    (``reads_base_weight``: DoRA's norm and base term use ``W``): folding anything else into ``W``
+    would alter its output."""
     blocked = {}
     for n in nodes:
         if n.meta.get("graphadapt", {}).get("kind") != "linear":
             continue
         mod = gm.get_submodule(str(n.target))
-        stays = names is not None and str(n.target).split(".")[1] not in names
-        if getattr(mod, "use_dora", False) and getattr(mod, "active", True) and stays:
-            blocked[n.args[2].target] = (f"an active DoRA adapter on the same weight ({n.target}) is not being "
+        stays = names is not None and adapter_of(str(n.target)) not in names
+        reader = getattr(mod, "reads_base_weight", None)
+        if reader and getattr(mod, "active", True) and stays:
+            label = reader if isinstance(reader, str) else type(mod).__name__
+            blocked[n.args[2].target] = (f"an active {label} adapter on the same weight ({n.target}) is not being "
                                          "merged and reads this weight; merge it too, or deactivate it")
     return blocked
 
@@ -54,7 +59,7 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
     folded_targets: set[str] = set()
     for n in nodes:
         target = str(n.target)
-        adapter = target.split(".")[1]
+        adapter = adapter_of(target)
         if target in folded_targets:  # a module called at several uses of one shared weight folds once
             plan.nodes.append(n)
             continue

@@ -1,4 +1,7 @@
-"""Resolve a method's ``targets``/``layers`` to the linear sites of a :class:`StructureMap`.
+"""Resolve a linear-site method's ``targets``/``layers`` to the linear sites of a :class:`StructureMap`.
+
+Any spec with the :class:`~graphadapt.spec.targets.LinearTargets` API (``role_targets``,
+``path_targets``, ``targets``, ``includes_layer``) is served.
 
 A target that matches nothing raises :class:`SpecError` listing what exists, before
 any adapter is built.
@@ -11,7 +14,8 @@ import dataclasses
 import torch.fx as fx
 
 from ..errors import SpecError
-from ..spec.lora import selector_matches
+from ..spec.targets import selector_matches
+from ..vocab import ROLES
 from ..structure.types import LinearSite, StructureMap
 
 
@@ -35,7 +39,7 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
     layer_ok = method.includes_layer
 
     role_sites = [s for s in sm.role_sites()]
-    found_roles = sorted({s.role for s in role_sites}, key=lambda r: "q k v o up gate down".split().index(r))
+    found_roles = sorted({s.role for s in role_sites}, key=ROLES.index)
     for role in roles:
         hits = [s for s in role_sites if s.role == role and layer_ok(s.layer)]
         explicit = role in getattr(method, "targets", ())

@@ -1,53 +1,32 @@
-"""Adapter specs: frozen, validated, hashable dataclasses with JSON/YAML round trip.
+"""Spec core: frozen, validated method specs, the spec registry, ``Spec`` with JSON/YAML round trip,
+and the target vocabulary of linear-site methods.
 
-    from graphadapt.spec import LoRA, SeqBn, Spec
-    spec = Spec({"task": LoRA(r=8, alpha=16, targets=("q", "v"))})
-    Spec.from_yaml(spec.to_yaml()) == spec
+Method specs themselves (``LoRA``, ``IA3``, ``SeqBn`` …) live in their method folders
+(``graphadapt.methods.<m>``) and are re-exported by ``graphadapt``::
+
+    import graphadapt as ga
+    spec = ga.Spec({"task": ga.LoRA(r=8, alpha=16, targets=("q", "v"))})
+    ga.Spec.from_yaml(spec.to_yaml()) == spec
 """
 
 from __future__ import annotations
 
 from ._frozen import FrozenMapping
 from .base import MethodSpec, register_method, registered_methods, registered_presets
-from .bottleneck import (
-    ACTIVATIONS,
-    BN_INITS,
-    PRESETS,
-    AdapterPlus,
-    Bottleneck,
-    Compacter,
-    CompacterPlusPlus,
-    DoubleSeqBn,
-    ParBn,
-    SeqBn,
-    adapterhub_config_dict,
-)
-from .ia3 import IA3
-from .lora import ALL_LINEAR, LORA_INITS, ROLES, LoRA, selector_matches, target_kind
 from .spec import FORMAT_VERSION, Spec, as_spec
+from .targets import ALL_LINEAR, ROLES, TARGET_HELP, LinearTargets, expand_roles, selector_matches, target_kind
 
 __all__ = [
-    "ACTIVATIONS",
     "ALL_LINEAR",
-    "AdapterPlus",
-    "BN_INITS",
-    "Bottleneck",
-    "Compacter",
-    "CompacterPlusPlus",
-    "DoubleSeqBn",
     "FORMAT_VERSION",
     "FrozenMapping",
-    "IA3",
-    "LORA_INITS",
-    "LoRA",
+    "LinearTargets",
     "MethodSpec",
-    "PRESETS",
-    "ParBn",
     "ROLES",
-    "SeqBn",
     "Spec",
-    "adapterhub_config_dict",
+    "TARGET_HELP",
     "as_spec",
+    "expand_roles",
     "register_method",
     "registered_methods",
     "registered_presets",

@@ -13,8 +13,9 @@ from typing import Literal
 
 import torch.fx as fx
 
+from ..vocab import ROLES
+
 Role = Literal["q", "k", "v", "o", "up", "gate", "down"]
-ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down")
 
 
 @dataclass

@@ -53,8 +53,8 @@ from adapters import (
 from adapters.methods.bottleneck import BottleneckLayer
 
 import graphadapt as ga
-from graphadapt.modules.bottleneck import BottleneckAdapter, load_adapterhub_state_dict
-from graphadapt.spec.bottleneck import adapterhub_config_dict
+from graphadapt.methods.bottleneck.module import BottleneckAdapter, load_adapterhub_state_dict
+from graphadapt.methods.bottleneck import adapterhub_config_dict
 from adapterhub_helpers import oracle_inputs, randomize_adapterhub
 from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 

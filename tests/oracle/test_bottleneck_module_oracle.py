@@ -1,4 +1,4 @@
-"""Parity of graphadapt.modules.bottleneck / phm with AdapterHub ``adapters`` 1.3.0 (oracle venv).
+"""Parity of graphadapt.methods.bottleneck (module, phm) with AdapterHub ``adapters`` 1.3.0 (oracle venv).
 
 AdapterHub side: a standalone ``BottleneckLayer`` with one adapter active as ``Stack("a")`` — exactly what a
 model's sub-block calls (``pre_forward`` → ``Adapter.forward`` → ``post_forward``). Every AdapterHub tensor is
@@ -34,14 +34,14 @@ from adapters.methods import modeling as ah_modeling  # noqa: E402
 from adapters.methods.bottleneck import BottleneckLayer  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
-from graphadapt.modules.bottleneck import (  # noqa: E402
+from graphadapt.methods.bottleneck.module import (  # noqa: E402
     ACTIVATIONS,
     BottleneckAdapter,
     adapterhub_key_map,
     kwargs_from_adapterhub_config,
     load_adapterhub_state_dict,
 )
-from graphadapt.modules.phm import PHMConfig, init_shared_phm_parameters, shared_phm_shapes  # noqa: E402
+from graphadapt.methods.bottleneck.phm import PHMConfig, init_shared_phm_parameters, shared_phm_shapes  # noqa: E402
 
 torch.set_num_threads(1)  # tiny tensors: thread start-up dominates, and the 2 cores are shared
 H = 128  # divisible by phm_dim 4 at every preset's reduction factor that uses PHM (32 → 4)

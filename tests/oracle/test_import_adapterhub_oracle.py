@@ -19,9 +19,10 @@ from adapters import (CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig,
                       SeqBnConfig)
 
 import graphadapt as ga
-from graphadapt.checkpoints.adapterhub import from_adapterhub_config, import_adapterhub
+from graphadapt import import_adapterhub
+from graphadapt.checkpoints.adapterhub import from_adapterhub_config
 from graphadapt.errors import CheckpointError
-from graphadapt.spec.bottleneck import adapterhub_config_dict
+from graphadapt.methods.bottleneck import adapterhub_config_dict
 from adapterhub_helpers import oracle_inputs, randomize_adapterhub
 from helpers import tiny_bert, tiny_gpt2, tiny_t5
 

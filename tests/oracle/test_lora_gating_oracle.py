@@ -18,7 +18,7 @@ adapters = pytest.importorskip("adapters")
 from adapters import LoRAConfig  # noqa: E402
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model  # noqa: E402
 
-from graphadapt.modules import LoRAModule  # noqa: E402
+from graphadapt.methods.lora import LoRAModule  # noqa: E402
 
 R, ALPHA = 4, 16  # scaling 4: a gate that forgot to replace it would be caught
 

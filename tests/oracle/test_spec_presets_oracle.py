@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, witho
 
 adapters = pytest.importorskip("adapters")
 
-from graphadapt.spec import (  # noqa: E402
+from graphadapt.methods.bottleneck import (  # noqa: E402
     ACTIVATIONS,
     AdapterPlus,
     Bottleneck,

@@ -4,7 +4,7 @@
     feedforward site:  y = W x + b  →  y = W (l ⊙ x) + b          (l: [in])
 
 ``targets`` says where (roles, ``"all-linear"`` or module-path selectors, exactly as
-:class:`~graphadapt.spec.LoRA`); ``feedforward`` lists which of those targets scale the
+LoRA (:mod:`graphadapt.spec.targets`)); ``feedforward`` lists which of those targets scale the
 layer *input* (PEFT's ``feedforward_modules``); every other target scales the output.
 """
 
@@ -16,18 +16,20 @@ from typing import Any, ClassVar
 
 from graphadapt.errors import SpecError
 
-from .base import MethodSpec, check_bool, check_layer_indices, register_method, spec_field
-from .lora import _TARGET_HELP, ALL_LINEAR, ROLES, LoRA, _normalise_targets, expand_roles, selector_matches, target_kind
+from graphadapt.spec.base import MethodSpec, check_bool, check_layer_indices, register_method, spec_field
+from graphadapt.spec.targets import (TARGET_HELP, LinearTargets, expand_roles, normalise_targets, selector_matches,
+                                     target_kind)
+from graphadapt.vocab import ALL_LINEAR, ROLES
 
 
 @register_method
 @dataclass(frozen=True)
-class IA3(MethodSpec):
+class IA3(LinearTargets, MethodSpec):
     """Infused Adapter by Inhibiting and Amplifying Inner Activations (PEFT semantics)."""
 
     method: ClassVar[str] = "ia3"
 
-    targets: tuple[str, ...] = spec_field(("k", "v", "down"), help="Where to insert IA3: " + _TARGET_HELP + ".")
+    targets: tuple[str, ...] = spec_field(("k", "v", "down"), help="Where to insert IA3: " + TARGET_HELP + ".")
     feedforward: tuple[str, ...] = spec_field(
         ("down",),
         help="Targets (a subset of targets: the same role or selector strings; a role is also allowed when "
@@ -43,16 +45,11 @@ class IA3(MethodSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        set_("targets", _normalise_targets(self.targets))
+        set_("targets", normalise_targets(self.targets))
         set_("feedforward", _normalise_feedforward(self.feedforward, self.targets))
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
         set_("init_ia3_weights", check_bool("init_ia3_weights", self.init_ia3_weights))
-
-    # Same target API as LoRA (what passes.select.select_linear_sites reads): reuse its code.
-    role_targets = LoRA.role_targets
-    path_targets = LoRA.path_targets
-    selects_path = LoRA.selects_path
 
     def feedforward_roles(self) -> tuple[str, ...]:
         """Roles whose input is scaled (``"all-linear"`` in ``feedforward`` expands to every role)."""

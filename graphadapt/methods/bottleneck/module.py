@@ -36,7 +36,7 @@ Deviations from AdapterHub (none changes the output of a configuration AdapterHu
 - ``scaling`` may be an int (AdapterHub rejects ``4``, accepts ``4.0``).
 - Initialisation draws from an explicit ``torch.Generator``; AdapterHub uses (and with ``init_weights_seed``
   reseeds) the global RNG. PHM layers accept ``mam_adapter``/``houlsby`` (AdapterHub: AttributeError) and honour
-  ``hypercomplex_nonlinearity`` (see :mod:`graphadapt.modules.phm`).
+  ``hypercomplex_nonlinearity`` (see :mod:`graphadapt.methods.bottleneck.phm`).
 - With ``ln_before=True``, ``mam_adapter``/``houlsby`` initialise the down projection and leave the new
   LayerNorm at weight 1 / bias 0 — the same as AdapterHub 1.3.0, which also picks the Linear inside its
   ``adapter_down`` Sequential.
@@ -55,11 +55,12 @@ State-dict keys (AdapterHub per-site ``Adapter`` key → graphadapt key, see :fu
     scaling                             → scaling                             ("learned"/"channel" only)
 
 AdapterHub's model-level ``shared_parameters.<adapter>.<key>`` map 1:1 onto the keys of the caller-owned
-``shared`` dict (:func:`graphadapt.modules.phm.init_shared_phm_parameters`).
+``shared`` dict (:func:`graphadapt.methods.bottleneck.phm.init_shared_phm_parameters`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Literal
@@ -69,7 +70,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphadapt.errors import CheckpointError, SpecError
-from graphadapt.modules.phm import PHMConfig, PHMLinear
+
+from .phm import PHMConfig, PHMLinear
 
 __all__ = [
     "BottleneckAdapter",
@@ -79,6 +81,7 @@ __all__ = [
     "adapterhub_key_map",
     "load_adapterhub_state_dict",
     "kwargs_from_adapterhub_config",
+    "module_kwargs",
 ]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -92,6 +95,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_accurate": lambda x: 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3)))),
     "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3.0)))),
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
     "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "swish": F.silu,
@@ -164,7 +169,7 @@ class BottleneckAdapter(nn.Module):
       every place AdapterHub would call the norm degrades exactly as AdapterHub's ``layer_norm=None`` does.
     - ``stochastic_depth``: AdapterHub's DropPath (row mode, training only, sequential adapters only).
     - ``shared``: caller-owned ``nn.ParameterDict`` of shared PHM tensors (required when ``phm_layer`` and
-      ``shared_phm_rule`` or ``shared_W_phm``; see :mod:`graphadapt.modules.phm`). Not registered here.
+      ``shared_phm_rule`` or ``shared_W_phm``; see :mod:`graphadapt.methods.bottleneck.phm`). Not registered here.
     - ``generator``: CPU ``torch.Generator`` for initialisation; ``None`` means a fresh one seeded 0. The global
       RNG is never used (see :meth:`reset_parameters`).
     """
@@ -515,3 +520,15 @@ def kwargs_from_adapterhub_config(config: Mapping, layer_idx: int | None = None)
         if v is not None:
             kwargs[k] = v
     return kwargs
+
+
+_MODULE_PARAMS = set(inspect.signature(BottleneckAdapter.__init__).parameters) - {"self"}
+
+
+def module_kwargs(spec, layer_index: int) -> dict:
+    """``BottleneckAdapter`` keyword arguments from a Bottleneck spec, for layer ``layer_index``."""
+    import dataclasses
+
+    kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name in _MODULE_PARAMS}
+    kw["reduction_factor"] = spec.reduction_for(layer_index)
+    return kw

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 from graphadapt.errors import SpecError
 
-from ._frozen import FrozenMapping
-from .base import (
+from graphadapt.spec._frozen import FrozenMapping
+from graphadapt.spec.base import (
     MethodSpec,
     check_bool,
     check_choice,
@@ -31,16 +31,12 @@ from .base import (
     spec_field,
 )
 
-# What AdapterHub's Activation_Function_Class accepts: "leakyrelu" (its own
-# special case) plus transformers' ACT2CLS keys (4.57; transformers 5 adds more,
-# which AdapterHub on 4.57 would reject). Names are matched lower-cased, as
-# AdapterHub does.
-ACTIVATIONS: tuple[str, ...] = (
-    "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh",
-    "gelu_python_tanh", "gelu_accurate", "laplace", "leaky_relu", "leakyrelu", "linear",
-    "mish", "quick_gelu", "relu", "relu2", "relu6", "sigmoid", "silu", "swish", "tanh",
-    "prelu", "xielu",
-)
+from .module import ACTIVATIONS as _MODULE_ACTIVATIONS
+
+# One source of truth: exactly the activations the module implements (AdapterHub's
+# Activation_Function_Class names without learned parameters; matched lower-cased, as
+# AdapterHub does). prelu/xielu carry parameters and are not offered.
+ACTIVATIONS: tuple[str, ...] = tuple(sorted(_MODULE_ACTIVATIONS))
 # AdapterHub v1 name for exact GELU (renamed when loading old checkpoints).
 ACTIVATION_ALIASES: dict[str, str] = {"gelu_orig": "gelu"}
 

@@ -277,7 +277,7 @@ class PHMLinear(nn.Module):
             raise SpecError(
                 f"PHM layer shares {sorted(need)} (shared_W_phm={c.shared_W_phm}, shared_phm_rule="
                 f"{c.shared_phm_rule}) but shared=None; build one dict per adapter with "
-                "graphadapt.modules.phm.init_shared_phm_parameters(...) and pass it to every layer",
+                "graphadapt.methods.phm.init_shared_phm_parameters(...) and pass it to every layer",
                 field="shared",
             )
         for k, s in need.items():

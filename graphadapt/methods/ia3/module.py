@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphadapt.modules._sliced import SlicedSiteModule
+from graphadapt.methods.sliced import SlicedSiteModule
 
 __all__ = ["IA3Module"]
 
@@ -61,7 +61,7 @@ class IA3Module(SlicedSiteModule):
         self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out)
         self.feedforward = bool(feedforward)
         shape = (1, in_features) if self.feedforward else (out_features, 1)
-        # Ones (identity) without RNG; graphadapt.passes.insert_ia3 redraws when init_ia3_weights=False.
+        # Ones (identity) without RNG; the IA3 plugin (graphadapt.methods.ia3) redraws when init_ia3_weights=False.
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
 
     # ------------------------------------------------------------------ forward

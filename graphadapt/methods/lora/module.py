@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphadapt.errors import MergeError, SpecError
-from graphadapt.modules._sliced import SlicedSiteModule
+from graphadapt.methods.sliced import SlicedSiteModule
 
 __all__ = ["LoRAGate", "LoRAModule"]
 
@@ -194,6 +194,11 @@ class LoRAModule(SlicedSiteModule):
         return self._add_into(y, delta)
 
     # ------------------------------------------------------------------ merge support
+    @property
+    def reads_base_weight(self) -> str | None:
+        """DoRA's forward reads ``W`` (its norm): merge must not fold other adapters into ``W`` under it."""
+        return "DoRA" if self.use_dora else None
+
     @property
     def mergeable(self) -> bool:
         """False for gated LoRA, whose update depends on the input."""

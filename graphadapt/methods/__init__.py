@@ -1,0 +1,19 @@
+"""Method plugins: one folder per method, one registry entry each.
+
+    graphadapt/methods/lora/        LoRA, rsLoRA, DoRA, gated LoRA
+    graphadapt/methods/ia3/         IA3
+    graphadapt/methods/bottleneck/  bottleneck adapters and presets (SeqBn, ParBn, Compacter, …)
+
+A third-party method is a package of the same shape that calls :func:`register` — see
+``docs/architecture.md`` ("Adding a method").
+"""
+
+from __future__ import annotations
+
+from .base import LinearSiteMethod, Method, ResidualSiteMethod
+from .registry import get_method, register, registered, unregister
+
+# the built-in plugins register themselves on import
+from . import bottleneck, ia3, lora  # noqa: E402,F401  isort: skip
+
+__all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]

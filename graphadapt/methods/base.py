@@ -1,0 +1,155 @@
+"""What a method plugin is: one :class:`Method` subclass, registered once.
+
+A method folder (``graphadapt/methods/<m>/``, or any package of yours) holds its spec (a
+registered :class:`~graphadapt.spec.MethodSpec`), its module(s) — the math, called from
+``call_module`` nodes — and one :class:`Method` subclass that says
+
+* **where**: ``site_kind`` (``"linear"``: after a linear op, module called ``(x, y, W, b) → y'``;
+  ``"residual"``: at a sub-block's residual point, ``(h, r, ln_w, ln_b) → out``) and
+  :meth:`Method.select` (spec + structure map → sites);
+* **what**: :meth:`Method.build` (a seeded, initialised module for one site);
+* **how adapters sharing a site combine**: ``combine`` (``"chain"``: each reads the previous
+  one's output; ``None``: not combinable yet, the plan refuses it);
+* optionally, **checkpoint interop**: PEFT / AdapterHub config and key translation hooks.
+
+``apply``, ``merge``, ``set_active``, save/load and the importers only talk to this interface;
+nothing outside a method's folder names a method. Merge asks the *module*: ``mergeable`` and
+``fold(W, b[, base_weight])`` (and ``reads_base_weight`` if its forward reads ``W``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..passes import InsertContext, PassResult
+from ..passes import linear as linear_pass
+from ..passes import residual as residual_pass
+from ..passes.select import select_linear_sites
+from ..spec.base import MethodSpec
+
+if TYPE_CHECKING:
+    from ..structure.types import StructureMap
+
+
+class Method:
+    """Base class of method plugins. Subclasses set the class attributes and implement :meth:`build`."""
+
+    name: ClassVar[str] = ""
+    """Registry key; equals ``spec_class.method``."""
+    spec_class: ClassVar[type[MethodSpec]]
+    site_kind: ClassVar[str] = "linear"
+    combine: ClassVar[str | None] = "chain"
+    phase: ClassVar[int] = 0
+    """Plan order: passes that only add nodes (linear sites) run before passes that replace nodes."""
+
+    # -- where
+    def select(self, sm: StructureMap, spec: MethodSpec, adapter: str) -> list:
+        raise NotImplementedError
+
+    def site_key(self, site) -> str:
+        raise NotImplementedError
+
+    # -- what
+    def build(self, spec: MethodSpec, adapter: str, site, seed: int, **site_facts) -> nn.Module:
+        raise NotImplementedError
+
+    def insert(self, gm, ctx: InsertContext, adapter: str, spec: MethodSpec, sites: list, seed: int) -> PassResult:
+        raise NotImplementedError
+
+    # -- checkpoint interop (optional)
+    peft_type: ClassVar[str | None] = None
+    """PEFT ``peft_type`` this method imports (``"LORA"``, ``"IA3"``…), or None."""
+
+    def peft_spec(self, config: Mapping[str, Any], targets: tuple[str, ...]) -> MethodSpec:
+        """The spec equivalent to a PEFT adapter config applied at ``targets`` (module paths)."""
+        raise NotImplementedError
+
+    def peft_key(self, key: str) -> tuple[str, str] | None:
+        """A PEFT state-dict key → ``(module path, tensor name in our module)``, or None if not ours."""
+        return None
+
+    adapterhub_architectures: ClassVar[tuple[str | None, ...]] = ()
+    """AdapterHub config ``architecture`` values this method imports."""
+
+    def adapterhub_spec(self, config: Mapping[str, Any] | str) -> MethodSpec | None:
+        """The spec equivalent to an AdapterHub config dict (or preset name), or None if not ours."""
+        return None
+
+    def load_adapterhub(self, adapted, adapter: str, saved_name: str, state_dict: dict[str, torch.Tensor],
+                        strict: bool, directory: str) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<method {self.name!r}: {type(self).__qualname__}>"
+
+
+class LinearSiteMethod(Method):
+    """A method whose modules sit after linear ops and read ``(x, y, W, b)``.
+
+    Its spec has the :class:`~graphadapt.spec.targets.LinearTargets` API; :meth:`build` gets
+    the site and the base weight and returns an initialised module. Returning a new base
+    weight as ``(module, new_weight)`` installs it as a new Parameter (PiSSA).
+    """
+
+    site_kind = linear_pass.KIND
+    combine = "chain"
+    phase = 0
+
+    def select(self, sm, spec, adapter):
+        return select_linear_sites(sm, spec, adapter)
+
+    def site_key(self, site) -> str:
+        return linear_pass.site_key(site)
+
+    def insert(self, gm, ctx, adapter, spec, sites, seed):
+        def build(site, weight):
+            out = self.build(spec, adapter, site, seed, weight=weight)
+            if isinstance(out, tuple):
+                mod, new_w = out
+                if new_w is not None:
+                    linear_pass.replace_parameter(gm, site.weight, new_w)
+                return mod
+            return out
+
+        return linear_pass.insert_linear_adapter(gm, adapter, self.name, sites, build)
+
+
+class ResidualSiteMethod(Method):
+    """A method whose modules replace a residual point and read ``(h, r, ln_w, ln_b)``.
+
+    Its spec says ``positions`` (a tuple of ``"mh"``/``"output"``) and ``includes_layer``.
+    :meth:`build` gets the target, the hidden size, the model's norm after the add (or None)
+    and a reference base parameter (dtype/device). :meth:`prepare` may add shared modules.
+    """
+
+    site_kind = residual_pass.KIND
+    combine = None
+    phase = 10
+
+    def positions(self, spec) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def select(self, sm, spec, adapter):
+        return residual_pass.select_residual_points(sm, self.positions(spec), spec.includes_layer, adapter,
+                                                    self.name)
+
+    def site_key(self, site) -> str:
+        return residual_pass.site_key(site)
+
+    def prepare(self, gm, adapter: str, spec, targets: list, seed: int) -> dict:
+        """Hook before insertion (e.g. parameters shared by every site); returns extra build kwargs."""
+        return {}
+
+    def insert(self, gm, ctx, adapter, spec, sites, seed):
+        extra = self.prepare(gm, adapter, spec, sites, seed)
+
+        def build(t, hidden, norm, ref):
+            return self.build(spec, adapter, t, seed, hidden=hidden, norm=norm, ref=ref, **extra)
+
+        return residual_pass.insert_residual_adapter(gm, ctx, adapter, self.name, sites, build)
+
+
+__all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod"]

@@ -1,0 +1,46 @@
+"""LoRA as a method plugin: spec (:mod:`.spec`), module (:mod:`.module`), init (:mod:`.init`),
+PEFT interop (:mod:`.peft`), and the registry entry below.
+
+before: ``y = linear(x, W, b)``  →  after: ``y' = LoRAModule(x, y, W, b) = y + s·B·A·dropout(x)``
+(DoRA / gated variants: see :mod:`.module`). Mergeable through ``LoRAModule.fold``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphadapt.init import adapter_generator
+from graphadapt.methods.base import LinearSiteMethod
+from graphadapt.methods.registry import register
+
+from .init import LORA_INIT_SCHEMES, init_lora_
+from .module import LoRAGate, LoRAModule
+from .peft import peft_key, peft_lora_spec
+from .spec import LORA_INITS, LoRA
+
+
+@register
+class LoRAMethod(LinearSiteMethod):
+    name = "lora"
+    spec_class = LoRA
+    peft_type = "LORA"
+
+    def build(self, spec: LoRA, adapter, site, seed, weight=None):
+        mod = LoRAModule(
+            site.in_features, site.out_features, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+            use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating,
+            fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
+            total_out=site.total_out, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            new_w = init_lora_(mod, spec.init, adapter_generator(seed, adapter, site.name),
+                               base_weight=weight.detach())
+        return mod, new_w  # PiSSA moves the principal part of W into the adapter
+
+    def peft_spec(self, config, targets):
+        return peft_lora_spec(config, targets)
+
+    def peft_key(self, key):
+        return peft_key(key)
+
+
+__all__ = ["LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]

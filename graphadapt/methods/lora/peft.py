@@ -1,0 +1,37 @@
+"""PEFT LoRA checkpoints ↔ graphadapt LoRA: config translation and tensor names.
+
+PEFT keys: ``[base_model.model.]<module path>.{lora_A,lora_B,lora_magnitude_vector}[.<adapter>][.weight]``;
+ours: ``adapters.<name>.<module path>.{lora_A,lora_B,lora_magnitude}`` (same shapes).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from graphadapt.errors import CheckpointError
+
+from .spec import LoRA
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)"
+                  r"(?:\.(?P<adapter>[A-Za-z_][\w]*))?(?:\.weight)?$")
+_OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude_vector": "lora_magnitude"}
+
+
+def peft_key(key: str) -> tuple[str, str] | None:
+    m = _KEY.match(key)
+    return None if m is None else (m["path"], _OURS[m["kind"]])
+
+
+def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
+    """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
+    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)}
+    if cfg.get("bias", "none") != "none":
+        unsupported["bias"] = cfg["bias"]
+    if unsupported:
+        raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}")
+    return LoRA(r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
+                targets=targets, use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
+
+
+__all__ = ["peft_key", "peft_lora_spec"]

@@ -1,0 +1,36 @@
+"""One source of truth for the words graphadapt's layers share.
+
+Structural roles (what recognition assigns and what specs target) and the module prefix
+under which every adapter module lives in an adapted model. Everything else that names
+these imports them from here.
+"""
+
+from __future__ import annotations
+
+ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down")
+"""Linear-site roles found from dataflow: attention q/k/v/o and feed-forward up/gate/down."""
+
+ALL_LINEAR = "all-linear"
+"""Target word meaning every role."""
+
+ADAPTERS = "adapters"
+"""Submodule under which adapter modules live: ``adapters.<adapter name>.<site>``."""
+
+
+def adapter_target(adapter: str, site: str) -> str:
+    """Qualified module name of ``adapter``'s module at ``site``."""
+    return f"{ADAPTERS}.{adapter}.{site}"
+
+
+def adapter_prefix(adapter: str | None = None) -> str:
+    """State-dict prefix of one adapter's tensors (or of every adapter's, when ``adapter`` is None)."""
+    return f"{ADAPTERS}." if adapter is None else f"{ADAPTERS}.{adapter}."
+
+
+def adapter_of(target: str) -> str | None:
+    """The adapter name in a qualified module/parameter name, or None when it is not an adapter's."""
+    parts = target.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == ADAPTERS else None
+
+
+__all__ = ["ADAPTERS", "ALL_LINEAR", "ROLES", "adapter_of", "adapter_prefix", "adapter_target"]
