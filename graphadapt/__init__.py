@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .errors import (CaptureError, CheckpointError, ExportError, GraphAdaptError, MergeError,
                      PassError, SpecError, StructureError, VerificationError)

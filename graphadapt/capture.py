@@ -23,13 +23,13 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import CaptureError
+from .passes import run_pass
+from .passes.portability import make_portable, retarget
 
 __all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget"]
 
 aten = torch.ops.aten
 
-_F32_MIN = float(torch.finfo(torch.float32).min)
-_PIN_KEY = "graphadapt_pin"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -136,117 +136,6 @@ def _describe_failure(model: nn.Module, exc: BaseException) -> str:
             where += f" at {culprit_line}"
     return (f"torch.export could not capture {type(model).__name__}{where}: "
             f"{type(exc).__name__}: {first}\nWhat to try: {hint}")
-
-
-# --------------------------------------------------------------------------- portability
-def _float_dtype(d: Any) -> bool:
-    return isinstance(d, torch.dtype) and d.is_floating_point
-
-
-def _fp32_island(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """A cast whose *input* is an integer tensor (positions) or a float buffer (``inv_freq``)
-    computes something HF keeps in fp32 whatever the model dtype (rotary angles): never re-target it."""
-    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    if src is None:
-        return False
-    val = src.meta.get("val")
-    if isinstance(val, torch.Tensor) and not val.is_floating_point():
-        return True
-    while src.op == "call_function" and src.target in (aten.unsqueeze.default, aten.expand.default,
-                                                        aten.slice.Tensor, aten.view.default):
-        src = src.args[0]
-    if src.op == "get_attr":
-        try:
-            gm.get_buffer(src.target)
-            return True
-        except AttributeError:
-            return False
-    return False
-
-
-def make_portable(gm: fx.GraphModule, capture_dtype: torch.dtype, capture_device: torch.device) -> bool:
-    """Remove capture-time pins; record where dtype/device/fill constants must follow the module.
-
-    before: ``_assert_tensor_metadata(x, dtype=f32, device=cpu)``; ``to(x, f32)``; ``arange(n, device=cpu)``
-    after:  assertion gone; each pinned argument annotated in ``node.meta`` so :func:`retarget`
-            can rewrite it for the dtype/device the module is moved to.
-    """
-    g = gm.graph
-    modified = False
-    for n in list(g.nodes):
-        if n.op != "call_function":
-            continue
-        if n.target in (aten._assert_tensor_metadata.default,) or str(n.target).startswith(
-                "aten._assert_tensor_metadata"):
-            if not n.users:
-                g.erase_node(n)
-                modified = True
-            continue
-        pins: dict[Any, str] = {}
-        island = _fp32_island(gm, n)
-        for key, val in n.kwargs.items():
-            if key == "device" and isinstance(val, torch.device):
-                pins[("kw", key)] = "device"
-            elif key == "dtype" and val == capture_dtype and _float_dtype(val) and not island:
-                pins[("kw", key)] = "dtype"
-        for i, val in enumerate(n.args):
-            if isinstance(val, torch.dtype) and val == capture_dtype and _float_dtype(val) and not island:
-                pins[("arg", i)] = "dtype"
-            elif isinstance(val, torch.device):
-                pins[("arg", i)] = "device"
-            elif isinstance(val, float) and val == _F32_MIN and capture_dtype == torch.float32:
-                pins[("arg", i)] = "fmin"
-        if pins:
-            n.meta[_PIN_KEY] = pins
-            modified = True
-    if modified:
-        g.lint()
-        gm.recompile()
-    return modified
-
-
-def drop_dtype_pins(gm: fx.GraphModule) -> None:
-    """Forget the dtype pins (keep device pins): for a copy whose dtype another pass decides
-    (the exporter's :func:`graphadapt.passes.retarget_dtype.retarget_graph_dtype`)."""
-    for n in gm.graph.nodes:
-        pins = n.meta.get(_PIN_KEY)
-        if pins:
-            n.meta[_PIN_KEY] = {k: v for k, v in pins.items() if v == "device"}
-
-
-def retarget(gm: fx.GraphModule, device: torch.device | None, dtype: torch.dtype | None) -> bool:
-    """Rewrite pinned arguments for a new device/float dtype. Idempotent."""
-    changed = False
-    for n in gm.graph.nodes:
-        pins = n.meta.get(_PIN_KEY)
-        if not pins:
-            continue
-        args, kwargs = list(n.args), dict(n.kwargs)
-        for (where, key), kind in pins.items():
-            if kind == "device":
-                if device is None:
-                    continue
-                new = device
-            elif kind == "dtype":
-                if dtype is None:
-                    continue
-                new = dtype
-            else:  # fmin: a mask fill of finfo(f32).min overflows to -inf in half precision
-                if dtype is None:
-                    continue
-                new = float(torch.finfo(dtype).min)
-            if where == "kw":
-                if kwargs.get(key) != new:
-                    kwargs[key] = new
-                    changed = True
-            else:
-                if args[key] != new:
-                    args[key] = new
-                    changed = True
-        n.args, n.kwargs = tuple(args), kwargs
-    if changed:
-        gm.recompile()
-    return changed
 
 
 # --------------------------------------------------------------------------- module
@@ -422,6 +311,6 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
                            example_inputs={k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                                            for k, v in kwargs.items()},
                            source=model, dtype=dtype, device=device)
-    make_portable(gm, dtype, device)
+    run_pass("make_portable", make_portable, gm, dtype, device)
     gm.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
     return gm

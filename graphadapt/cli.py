@@ -111,13 +111,14 @@ def cmd_export(args) -> int:
 def cmd_verify(args) -> int:
     from .errors import VerificationError
     from .exporters import verify_onnx
+    from .exporters.onnx import MERGED_KEY
 
     prog = _Progress(3 + (1 if args.adapters else 0))
     adapted = _adapted(args, prog)
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(args.onnx, load_external_data=False).metadata_props}
-    if meta.get("merged", "true") == "true" or meta.get("graphadapt_merged") == "true":
+    if meta.get(MERGED_KEY) == "true":  # compare like with like: fold only if the export did
         adapted.merge()
     try:
         with prog.stage(f"verify {args.onnx}"):
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help=model_help)
         s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
         s.add_argument("--adapters", help="graphadapt adapter checkpoint directory (from `apply --save`)")
-        s.add_argument("--peft", help="a PEFT LoRA checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+        s.add_argument("--peft", help="a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors)")
 
     s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
     s.add_argument("--model", help=model_help)
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="apply, (merge,) export to ONNX and verify with onnxruntime")
     adapter_source(s)
-    s.add_argument("--merge", dest="merge", action="store_true", default=True, help="fold LoRA into weights (default)")
+    s.add_argument("--merge", dest="merge", action="store_true", default=True, help="fold mergeable adapters (LoRA, IA3, …) into the weights (default)")
     s.add_argument("--no-merge", dest="merge", action="store_false")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     s.add_argument("--opset", type=int, default=None)

@@ -224,7 +224,7 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ metadata
     def graphadapt_metadata(self) -> dict[str, str]:
-        from . import __version__
+        from .version import __version__
 
         return {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
                 "source_class": self.source_class, "merged": str(self.is_merged).lower()}

@@ -37,7 +37,7 @@ def checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     assert main(["apply", "--model", "tiny-bert", "--spec", str(spec_path), "--save", str(ckpt)]) == 0
     # give the saved adapters non-zero weights, as training would
-    adapted = ga.checkpoints.load(load_model("tiny-bert"), ckpt)
+    adapted = ga.load(load_model("tiny-bert"), ckpt)
     with torch.no_grad():
         g = torch.Generator().manual_seed(3)
         for n, p in adapted.named_parameters():
@@ -82,3 +82,19 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[6/6] latency" in out and "max abs diff" in out and "folded 4 LoRA" in out
     assert (tmp_path / "demo.onnx").exists()
+
+
+@pytest.mark.parametrize("merge_flag,expect_merged", [("--merge", True), ("--no-merge", False)])
+def test_verify_merges_only_when_the_export_did(checkpoint, tmp_path, monkeypatch, merge_flag, expect_merged):
+    """Regression: verify read metadata key ``merged`` while the exporter writes ``graphadapt.merged``, so it
+    always merged. It must compare like with like: merge exactly when the ONNX file holds folded weights."""
+    _, ckpt, _ = checkpoint
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", "tiny-bert", "--adapters", str(ckpt), merge_flag, "-o", str(out)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert meta["graphadapt.merged"] == ("true" if expect_merged else "false")
+    calls = []
+    real = ga.AdaptedModel.merge
+    monkeypatch.setattr(ga.AdaptedModel, "merge", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert main(["verify", str(out), "--model", "tiny-bert", "--adapters", str(ckpt)]) == 0
+    assert bool(calls) == expect_merged

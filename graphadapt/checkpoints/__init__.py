@@ -38,7 +38,7 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
     """Save the adapters (weights + spec) of ``adapted`` to ``directory``."""
     from safetensors.torch import save_file
 
-    from .. import __version__
+    from ..version import __version__
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

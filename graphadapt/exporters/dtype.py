@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphadapt.capture import drop_dtype_pins
-from graphadapt.passes.retarget_dtype import retarget_graph_dtype
+from graphadapt.passes.portability import drop_dtype_pins
+from graphadapt.passes import run_pass
+from graphadapt.passes.retarget_dtype import retarget_dtype_pass
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -59,7 +60,7 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         drop_dtype_pins(clone)  # dtype decisions belong to retarget_graph_dtype; device pins stay
     clone.to(dtype)  # nn.Module.to converts float params/buffers only; int buffers stay
     if isinstance(clone, torch.fx.GraphModule) and src != dtype:
-        retarget_graph_dtype(clone, src, dtype, cast_inputs(example_inputs, dtype))
+        run_pass("retarget_dtype", retarget_dtype_pass, clone, src, dtype, cast_inputs(example_inputs, dtype))
     return clone
 
 

@@ -29,6 +29,8 @@ from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy,
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
 
 # Above this many bytes of weights, initializers go to "<name>.data" (protobuf caps a file at 2 GB).
+MERGED_KEY = "graphadapt.merged"
+"""ONNX metadata key saying whether the adapters were folded into the exported weights."""
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
@@ -146,7 +148,7 @@ def export_onnx(
         meta.update(
             {
                 "graphadapt.dtype": DTYPE_NAMES[tdtype],
-                "graphadapt.merged": "true" if merged else "false",
+                MERGED_KEY: "true" if merged else "false",
                 "graphadapt.dynamic_axes": json.dumps(axes, sort_keys=True),
             }
         )

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from . import PassResult
+
 aten = torch.ops.aten
 
 _CAST_POSITIONAL = {aten.to.dtype: 1, aten.to.device: 2}
@@ -72,6 +74,14 @@ def retarget_graph_dtype(
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def retarget_dtype_pass(gm: torch.fx.GraphModule, src: torch.dtype, dst: torch.dtype,
+                        example_inputs: dict[str, Any]) -> PassResult:
+    """:func:`retarget_graph_dtype` under the pass contract (run it with :func:`graphadapt.passes.run_pass`)."""
+    before = len(gm.graph.nodes)
+    retarget_graph_dtype(gm, src, dst, example_inputs)
+    return PassResult(gm, True, {"nodes_before": before, "nodes_after": len(gm.graph.nodes)})
 
 
 class _Retarget(torch.fx.Interpreter):
