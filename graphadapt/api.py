@@ -15,8 +15,8 @@ from torch import nn
 from .capture import capture
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
-from .passes import InsertContext, run_pass
-from .plan import Plan, build_plan
+from .model import fusion_dropout
+from .plan import Plan, build_plan, execute_plan
 from .spec import Spec, as_spec
 from .structure import recognize
 from .structure.report import structure_report
@@ -43,21 +43,17 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     spec = as_spec(spec)
     with isolated_rng():
         gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel)
+        base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)
         for p in gm.parameters():
             p.requires_grad_(False)
-        ctx = InsertContext()
-        records = []
-        for a in the_plan.adapters:
-            res = run_pass(f"insert_{a.method.name}[{a.name}]", a.method.insert, gm, ctx, a.name, a.spec,
-                           list(a.sites), a.seed)
-            records.extend(res.records)
+        records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
-        gm._init_adapted(spec, records, structure_report(sm), model, the_plan)
-        if spec.active is not None:
-            gm.set_active(spec.active)
+        gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph)
+        if spec.active is not None and spec.composition is None:
+            gm._set_flags(spec.active_names)
         gm.train(model.training)
     return gm
 

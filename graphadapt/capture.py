@@ -139,6 +139,9 @@ def _describe_failure(model: nn.Module, exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- module
+_SHARED_ON_COPY = ("source_config",)
+
+
 class CapturedModule(fx.GraphModule):
     """A captured model: callable like the original, movable, with a train/eval switch.
 
@@ -218,8 +221,8 @@ class CapturedModule(fx.GraphModule):
             res = super().__deepcopy__(memo)
         for a in self._graphadapt_attrs + ("_in_spec", "_out_spec"):
             if a in self.__dict__:
-                setattr(res, a, copy.deepcopy(self.__dict__[a], memo) if a != "source_config"
-                        else self.__dict__[a])
+                # the config is shared, not copied
+                setattr(res, a, self.__dict__[a] if a in _SHARED_ON_COPY else copy.deepcopy(self.__dict__[a], memo))
         res.training = self.training
         res.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)  # Module.__init__ dropped it
         return res

@@ -34,19 +34,47 @@ class MergeReport:
         return "\n".join(lines)
 
 
+class _Shared:
+    """Attributes kept by reference when the model is deep-copied (they hold read-only graphs)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def fusion_dropout(gm) -> float:
+    """AdapterFusion's score dropout: the model's attention dropout, as AdapterHub takes it."""
+    cfg = getattr(gm, "source_config", None)
+    for key in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "dropout_rate"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return 0.0
+
+
 class AdaptedModel(CapturedModule):
     """A captured model with adapters inserted. Create it with :func:`graphadapt.apply`."""
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
-        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "plan")
+        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning")
 
-    def _init_adapted(self, spec, records: list, structure_report: dict, source: nn.Module, plan=None):
+    def _init_adapted(self, spec, records: list, structure_report: dict, source: nn.Module, plan=None,
+                      base_graph=None):
         self.spec = spec
         self.adapter_records = records      # list[graphadapt.passes.AdapterRecord]
-        self.plan = plan                    # graphadapt.plan.Plan: what apply inserted where
+        # the plan (what apply inserted where) and the captured graph before insertion (set_active re-plans
+        # from it); both point into graphs that are only read, so copies of the model share them
+        self._planning = _Shared(plan=plan, base_graph=base_graph)
         self.structure_report = structure_report
         self._merge_state = None
         object.__setattr__(self, "_source_model", source)  # not a submodule: shares storage only
+
+    @property
+    def plan(self):
+        """The :class:`graphadapt.plan.Plan` this model's graph was built from."""
+        return self._planning.plan
 
     # ------------------------------------------------------------------ parameters
     def adapter_names(self) -> list[str]:
@@ -93,6 +121,8 @@ class AdaptedModel(CapturedModule):
                 if name is None or r["adapter"] == name]
 
     def active_adapters(self) -> list[str]:
+        if self.spec.composition is not None:
+            return list(self.spec.composition.names())
         names = []
         for name in self.spec.adapters:
             mods = self._adapter_modules(name)
@@ -100,16 +130,111 @@ class AdaptedModel(CapturedModule):
                 names.append(name)
         return names
 
-    def set_active(self, names: str | Iterable[str] | None) -> None:
-        """Activate exactly ``names`` (``None``: all). Inactive adapters pass their input through."""
+    @property
+    def active(self):
+        """The active setup: a composition block, or the tuple of active adapter names."""
+        return self.spec.composition or tuple(self.active_adapters())
+
+    def set_active(self, names) -> None:
+        """Activate exactly ``names`` (``None``: all; inactive adapters pass their input through), or a
+        composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``).
+
+        A block — or leaving one — re-plans from the captured base graph (no re-capture): trained
+        adapter weights (and fusion layers) are kept, composition modules rebuilt. A setup the plan
+        refuses raises :class:`~graphadapt.errors.SpecError` and leaves the model as it was.
+        """
         if self.is_merged:
             raise GraphAdaptError("unmerge() before changing the active adapters")
-        want = set(self.spec.adapters) if names is None else ({names} if isinstance(names, str) else set(names))
+        from .spec.composition import Block, block_from_dict
+
+        if isinstance(names, dict):
+            names = block_from_dict(names)
+        if isinstance(names, Block) or self.spec.composition is not None:
+            active = names if isinstance(names, Block) or names is None else (
+                (names,) if isinstance(names, str) else tuple(names))
+            self._replan(self.spec.replace(active=active))
+            if not isinstance(names, Block):
+                self._set_flags(self.spec.active_names)
+            return
+        want = tuple(self.spec.adapters) if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        self._set_flags(want)
+
+    def _set_flags(self, names) -> None:
+        want = set(names)
         unknown = want - set(self.spec.adapters)
         if unknown:
             raise GraphAdaptError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
         for r in self.adapter_records:
-            self.get_submodule(r["target"]).active = r["adapter"] in want
+            if r["adapter"] in self.spec.adapters:
+                self.get_submodule(r["target"]).active = r["adapter"] in want
+
+    def _replan(self, spec) -> None:
+        """Rebuild the adapted graph from the base graph for ``spec`` (modules already built are reused)."""
+        from .passes.portability import retarget
+        from .plan import build_plan, execute_plan
+        from .structure import recognize
+        from .vocab import ADAPTERS
+
+        if self._planning.base_graph is None:
+            raise GraphAdaptError("this model keeps no base graph to re-plan from (built by an older graphadapt)")
+        old_graph, old_modules = self.graph, dict(self.get_submodule(ADAPTERS).named_children())
+        try:
+            self.graph = self.snapshot_graph(self._planning.base_graph)
+            the_plan = build_plan(recognize(self), spec)
+            records = execute_plan(self, the_plan, dropout=fusion_dropout(self), base_seed=spec.effective_seed(None))
+        except BaseException:
+            holder = self.get_submodule(ADAPTERS)
+            for name in list(holder._modules):
+                if name not in old_modules:
+                    del holder._modules[name]
+            self.graph = old_graph
+            self.recompile()
+            raise
+        retarget(self, self._compute_device, self._compute_dtype)
+        self.spec, self.adapter_records = spec, records
+        self._planning = _Shared(plan=the_plan, base_graph=self._planning.base_graph)
+        composed = set(spec.composition.names()) if spec.composition is not None else set(spec.adapters)
+        for r in records:
+            if r["adapter"] in spec.adapters:
+                self.get_submodule(r["target"]).active = r["adapter"] in composed
+        self.train(self.training)
+
+    # ------------------------------------------------------------------ fusion
+    def fusion_layers(self) -> dict[str, nn.Module]:
+        """``{qualified name: FusionLayer}`` of every AdapterFusion layer in the active composition."""
+        return {r["target"]: self.get_submodule(r["target"]) for r in self.adapter_records if r["method"] == "fusion"}
+
+    def train_fusion(self, unfreeze_adapters: bool = False) -> None:
+        """Training mode for AdapterFusion: only the fusion layers train (and the fused adapters too
+        with ``unfreeze_adapters=True``); the base stays frozen. Like AdapterHub's ``train_adapter_fusion``."""
+        fusion = {r["target"] for r in self.adapter_records if r["method"] == "fusion"}
+        if not fusion:
+            raise GraphAdaptError("no fusion layer: set_active(Fuse(...)) first")
+        fused = set(self.spec.composition.names()) if self.spec.composition is not None else set()
+        for n, p in self.named_parameters():
+            if not n.startswith(adapter_prefix()):
+                continue
+            in_fusion = any(n.startswith(t + ".") for t in fusion)
+            owner = n.split(".")[1]
+            p.requires_grad_(in_fusion or (unfreeze_adapters and owner in fused))
+        self.train()
+
+    def fusion_regularization(self):
+        """AdapterHub's fusion regularisation ``Σ 0.01·‖I − V‖²`` over the fusion layers with a trainable
+        value matrix (a scalar tensor; 0 when there is none). Add it to the training loss."""
+        terms = [t for m in self.fusion_layers().values() if (t := m.regularization()) is not None]
+        if not terms:
+            ref = next(self.parameters())
+            return torch.zeros((), dtype=ref.dtype, device=ref.device)
+        return torch.stack(terms).sum()
+
+    def snapshot_graph(self, graph=None):
+        """A deep copy of ``graph`` (default: the current one) with its node metadata."""
+        import warnings
+
+        with warnings.catch_warnings():  # torch's own TreeSpec deprecation inside Graph deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(self.graph if graph is None else graph)
 
     # ------------------------------------------------------------------ merge
     @property
@@ -137,11 +262,7 @@ class AdaptedModel(CapturedModule):
         if strict and plan.kept:
             raise MergeError("cannot fold every adapter (strict=True); nothing was changed:\n" +
                              "\n".join(f"  {t}: {why}" for t, why in plan.kept.items()))
-        import warnings
-
-        with warnings.catch_warnings():  # torch's own TreeSpec deprecation inside Graph deepcopy
-            warnings.simplefilter("ignore", FutureWarning)
-            saved_graph = copy.deepcopy(self.graph)
+        saved_graph = self.snapshot_graph()
         backups: dict[str, nn.Parameter] = {}
         for pname, value in plan.new_values.items():
             owner, _, leaf = pname.rpartition(".")

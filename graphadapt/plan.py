@@ -6,18 +6,22 @@
 
 Every site of every adapter is resolved first (a target that matches nothing is a
 :class:`SpecError` naming what exists), and every site shared by several adapters gets an
-explicit combination entry, taken from the methods' ``combine`` policy. Adapters whose
-method declares no policy for sharing (``combine=None``, e.g. two bottleneck adapters at
-one residual point) are refused here, before anything is built. Composition blocks add
-new combination modes on top of this table.
+explicit combination entry: with an active composition block (``Spec.active = Stack(…)``,
+``Fuse(…)``, …) the block pruned to the adapters at the site (``"compose"``); otherwise the
+methods' own ``combine`` policy (``"chain"``). Adapters whose method declares no policy for
+sharing (``combine=None``, e.g. two bottleneck adapters at one residual point) and no block
+saying how they combine are refused here, before anything is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .composition.insert import insert_compositions, replicate_inputs
+from .composition.site import describe, prune
 from .errors import SpecError
 from .methods import Method, get_method
+from .passes import InsertContext, run_pass
 from .spec import MethodSpec, Spec
 from .structure.types import StructureMap
 
@@ -39,22 +43,29 @@ class PlannedAdapter:
 
 @dataclass(frozen=True)
 class Combination:
-    """Several adapters at one site, applied in ``adapters`` order, combined by ``mode``.
+    """Several adapters at one site, combined by ``mode``.
 
-    ``"chain"``: each adapter's module reads the previous one's output (LoRA deltas add up;
-    IA3 scales what came before; DoRA rescales it, as PEFT does for several active adapters).
+    ``"chain"``: each adapter's module reads the previous one's output, in ``adapters`` order (LoRA
+    deltas add up; IA3 scales what came before; DoRA rescales it, as PEFT does for several active
+    adapters). ``"compose"``: the active composition block, pruned to the adapters at this site
+    (``tree``, see :mod:`graphadapt.composition.site`), is evaluated by one composition module.
+    ``"select"``: adapters that cannot share a site, of which at most one is active: only
+    ``adapters[0]`` is wired, the others are built but dormant.
     """
 
     site: str
     kind: str
     adapters: tuple[str, ...]
     mode: str
+    tree: tuple | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
     adapters: tuple[PlannedAdapter, ...]
     combinations: tuple[Combination, ...]
+    parallel_channels: int = 1
+    """> 1 when the composition holds a ``Parallel``: batched inputs are replicated this many times."""
 
     def __str__(self) -> str:
         lines = [f"{len(self.adapters)} adapter(s):"]
@@ -62,8 +73,32 @@ class Plan:
             lines.append(f"  {a.name}: {a.method.name} at {len(a.site_keys)} {a.method.site_kind} site(s), seed {a.seed}")
         if self.combinations:
             lines.append(f"{len(self.combinations)} shared site(s):")
-            lines += [f"  {c.site}: {' → '.join(c.adapters)} ({c.mode})" for c in self.combinations]
+            lines += [f"  {c.site}: " + _describe_combination(c) for c in self.combinations]
+        if self.parallel_channels > 1:
+            lines.append(f"batched inputs replicated x{self.parallel_channels} (Parallel)")
         return "\n".join(lines)
+
+    @property
+    def composed(self) -> tuple[Combination, ...]:
+        return tuple(c for c in self.combinations if c.mode == "compose")
+
+    def site(self, kind: str, key: str):
+        """The site object (``LinearSite`` / ``ResidualTarget``) of ``(kind, key)``."""
+        for a in self.adapters:
+            if a.method.site_kind != kind:
+                continue
+            for s in a.sites:
+                if a.method.site_key(s) == key:
+                    return s
+        raise KeyError((kind, key))
+
+
+def _describe_combination(c: Combination) -> str:
+    if c.mode == "chain":
+        return f"{' → '.join(c.adapters)} (chain)"
+    if c.mode == "select":
+        return f"{c.adapters[0]} wired, other adapters there dormant (select)"
+    return f"{describe(c.tree)} (compose)"
 
 
 def build_plan(sm: StructureMap, spec: Spec) -> Plan:
@@ -81,19 +116,58 @@ def build_plan(sm: StructureMap, spec: Spec) -> Plan:
     for a in planned:
         for key in a.site_keys:
             at.setdefault((a.method.site_kind, key), []).append(a)
+    block = spec.composition
     combos = []
     for (kind, key), users in at.items():
+        tree = None if block is None else prune(block, [u.name for u in users])
+        composed = tree is not None and (len(users) > 1 or tree[0] != "name")
+        if composed:
+            _check_composable(users, kind, key)
+            combos.append(Combination(key, kind, tuple(u.name for u in users), "compose", tree))
+            continue
         if len(users) < 2:
             continue
         modes = {u.method.combine for u in users}
+        live = [u for u in users if u.name in spec.active_names]
+        if None in modes and spec.active is not None and len(live) <= 1:
+            # dormant adapters share the site with (at most) one active one: wire only that one
+            combos.append(Combination(key, kind, tuple(u.name for u in (live or users[:1])), "select"))
+            continue
         if None in modes or len(modes) != 1:
             first, second = users[0], users[1]
             raise SpecError(
                 f"adapters {first.name!r} ({first.method.name}) and {second.name!r} ({second.method.name}) both "
-                f"put an adapter at {key}; composing them at one {kind} site (AdapterHub's Stack/Parallel) is not "
-                "supported yet. Use separate specs, or different layers/positions.", field="adapters")
+                f"put an adapter at {key}; at one {kind} site they need a composition block saying how they "
+                f"combine: Spec(..., active=Stack/Fuse/Parallel/BatchSplit/Average(...)) (AdapterHub's "
+                "Stack/Parallel).", field="adapters")
         combos.append(Combination(key, kind, tuple(u.name for u in users), modes.pop()))
-    return Plan(tuple(planned), tuple(combos))
+    return Plan(tuple(planned), tuple(combos), block.parallel_channels if block is not None else 1)
 
 
-__all__ = ["Combination", "Plan", "PlannedAdapter", "build_plan"]
+def _check_composable(users, kind: str, key: str) -> None:
+    for u in users:
+        if not getattr(u.method, "composable", True):
+            raise SpecError(f"adapter {u.name!r} ({u.method.name}) at {key} cannot take part in a composition "
+                            f"block at a {kind} site", field="active")
+
+
+def execute_plan(gm, plan: Plan, dropout: float = 0.0, base_seed: int = 0) -> list:
+    """Run the plan's insertion passes on ``gm`` (modules already present are reused) and wire the
+    composed sites; returns the :class:`~graphadapt.passes.AdapterRecord`\\ s."""
+    ctx = InsertContext(attach_only={c.site: frozenset() if c.mode == "compose" else frozenset(c.adapters)
+                                     for c in plan.combinations if c.mode in ("compose", "select")})
+    records = []
+    for a in plan.adapters:
+        res = run_pass(f"insert_{a.method.name}[{a.name}]", a.method.insert, gm, ctx, a.name, a.spec,
+                       list(a.sites), a.seed)
+        records.extend(res.records)
+    if plan.composed:
+        sites = {(c.kind, c.site): plan.site(c.kind, c.site) for c in plan.composed}
+        res = run_pass("insert_compositions", insert_compositions, gm, ctx, plan.composed, sites, base_seed, dropout)
+        records.extend(res.records)
+    if plan.parallel_channels > 1:
+        run_pass("replicate_inputs", replicate_inputs, gm, plan.parallel_channels)
+    return records
+
+
+__all__ = ["Combination", "Plan", "PlannedAdapter", "build_plan", "execute_plan"]

@@ -114,7 +114,7 @@ class LinearSiteMethod(Method):
                 return mod
             return out
 
-        return linear_pass.insert_linear_adapter(gm, adapter, self.name, sites, build)
+        return linear_pass.insert_linear_adapter(gm, adapter, self.name, sites, build, ctx)
 
 
 class ResidualSiteMethod(Method):
@@ -140,7 +140,8 @@ class ResidualSiteMethod(Method):
         return residual_pass.site_key(site)
 
     def prepare(self, gm, adapter: str, spec, targets: list, seed: int) -> dict:
-        """Hook before insertion (e.g. parameters shared by every site); returns extra build kwargs."""
+        """Hook before insertion (e.g. parameters shared by every site; reuse them if already there);
+        returns extra build kwargs."""
         return {}
 
     def insert(self, gm, ctx, adapter, spec, sites, seed):

@@ -79,6 +79,14 @@ class InsertContext:
     """
 
     replaced: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    attach_only: dict[str, frozenset] = field(default_factory=dict)
+    """Site key → the adapters whose modules may be wired there (absent key: all). At a composed site
+    the set is empty: passes build and register the modules but the composition pass wires the site;
+    at a site shared by dormant adapters only the active one is wired."""
+
+    def attaches(self, adapter: str, key: str) -> bool:
+        allowed = self.attach_only.get(key)
+        return allowed is None or adapter in allowed
 
     def live(self, node: fx.Node) -> fx.Node:
         while node in self.replaced:

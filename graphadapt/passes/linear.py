@@ -20,7 +20,7 @@ from torch import nn
 
 from ..structure.types import LinearSite
 from ..vocab import adapter_target
-from . import AdapterRecord, PassResult, get_attr_node
+from . import AdapterRecord, InsertContext, PassResult, get_attr_node
 
 KIND = "linear"
 
@@ -57,24 +57,39 @@ def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: Linear
 Builder = Callable[[LinearSite, torch.Tensor], nn.Module]
 
 
+def _existing(gm: fx.GraphModule, target: str):
+    try:
+        return gm.get_submodule(target)
+    except AttributeError:
+        return None
+
+
 def insert_linear_adapter(gm: fx.GraphModule, adapter_name: str, method_name: str, sites: list[LinearSite],
-                          build: Builder) -> PassResult:
+                          build: Builder, ctx: InsertContext | None = None) -> PassResult:
     """Install ``build(site, base_weight)`` at every linear site, one module per site name.
 
     Sites sharing a name use one weight at several places (ALBERT's shared layers): they get
-    one module, called at every use, as wrapping the shared ``nn.Linear`` would.
+    one module, called at every use, as wrapping the shared ``nn.Linear`` would. A module
+    already at its target (re-planning after ``set_active``) is reused, trained weights and all.
+    Where ``ctx`` says another party wires the site (a composition), the module is built but not wired.
     """
+    ctx = ctx if ctx is not None else InsertContext()
     groups: dict[str, list[LinearSite]] = {}
     for site in sites:
         groups.setdefault(site.name, []).append(site)
     records: list[AdapterRecord] = []
     for name, group in groups.items():
         site = group[0]
-        mod = build(site, gm.get_parameter(site.weight))
         target = adapter_target(adapter_name, name)
-        mod.train(gm.training)
-        for i, s in enumerate(group):
-            insert_call(gm, target, mod, s, add=i == 0)
+        mod = _existing(gm, target)
+        fresh = mod is None
+        if fresh:
+            mod = build(site, gm.get_parameter(site.weight))
+            mod.train(gm.training)
+            gm.add_submodule(target, mod)
+        for s in group:
+            if ctx.attaches(adapter_name, site_key(s)):
+                insert_call(gm, target, mod, s, add=False)
             records.append(AdapterRecord(
                 adapter=adapter_name, method=method_name, site=s.name, target=target, kind=KIND, role=s.role,
                 layer=s.layer, details={"weight": s.weight, "bias": s.bias, "layout": s.layout}))

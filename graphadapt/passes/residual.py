@@ -87,13 +87,14 @@ def insert_residual_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_name
     """Replace each residual point by a call of ``build(target, hidden, norm, ref)`` (one module per target name;
     ``norm`` is the model's norm after the add or None, ``ref`` a base parameter giving dtype/device).
 
-    A target name seen twice (a layer whose weights are shared, ALBERT) reuses the first module.
+    A target name seen twice (a layer whose weights are shared, ALBERT), or already present (re-planning
+    after ``set_active``), reuses the module. Where ``ctx`` says another party wires the site (a
+    composition, or the one active adapter of several), the module is built but not wired.
     """
-    g = gm.graph
     records: list[AdapterRecord] = []
     for t in targets:
         site = t.site
-        h, stream = ctx.live(site.branch), ctx.live(site.stream)
+        h = ctx.live(site.branch)
         hidden = h.meta["val"].shape[-1] if "val" in h.meta else None
         norm = site.norm_after
         target = adapter_target(adapter_name, t.name)
@@ -101,24 +102,39 @@ def insert_residual_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_name
             mod = build(t, int(hidden), norm, reference_parameter(gm, t))
             gm.add_submodule(target, mod)
             mod.train(gm.training)
-        replaced = norm.output if norm is not None else site.add
-        ln_w = get_attr_node(gm, norm.weight) if norm is not None and norm.weight else None
-        if ln_w is not None and norm.weight_offset:  # Gemma-style (offset + w) scale
-            with g.inserting_after(ln_w):
-                ln_w = g.call_function(torch.ops.aten.add.Tensor, (ln_w, norm.weight_offset))
-        ln_b = get_attr_node(gm, norm.bias) if norm is not None and norm.bias else None
-        with g.inserting_after(replaced):
-            node = g.call_module(target, args=(h, stream, ln_w, ln_b))
-        node.meta["graphadapt"] = {"site": t.name, "kind": KIND}
-        if "val" in replaced.meta:
-            node.meta["val"] = replaced.meta["val"]
-        replaced.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
-        ctx.replaced[replaced] = node
-        erase_dead(gm, [replaced])
+        if not ctx.attaches(adapter_name, site_key(t)):  # a composition (or another adapter) is wired here
+            records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=t.name, target=target,
+                                         kind=KIND, role=t.position, layer=t.layer.index,
+                                         details={"placement": site.placement, "wired": False}))
+            continue
+        wire_residual(gm, ctx, target, t)
         records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=t.name, target=target,
                                      kind=KIND, role=t.position, layer=t.layer.index,
                                      details={"placement": site.placement}))
     return PassResult(gm, bool(targets), {"sites": [t.name for t in targets]}, records)
+
+
+def wire_residual(gm: fx.GraphModule, ctx: InsertContext, target: str, t: ResidualTarget) -> fx.Node:
+    """Replace ``t``'s residual point (``LN(h + r)`` or ``h + r``) by ``call_module(target)(h, r, LN.w, LN.b)``."""
+    g = gm.graph
+    site = t.site
+    h, stream = ctx.live(site.branch), ctx.live(site.stream)
+    norm = site.norm_after
+    replaced = ctx.live(norm.output if norm is not None else site.add)
+    ln_w = get_attr_node(gm, norm.weight) if norm is not None and norm.weight else None
+    if ln_w is not None and norm.weight_offset:  # Gemma-style (offset + w) scale
+        with g.inserting_after(ln_w):
+            ln_w = g.call_function(torch.ops.aten.add.Tensor, (ln_w, norm.weight_offset))
+    ln_b = get_attr_node(gm, norm.bias) if norm is not None and norm.bias else None
+    with g.inserting_after(replaced):
+        node = g.call_module(target, args=(h, stream, ln_w, ln_b))
+    node.meta["graphadapt"] = {"site": t.name, "kind": KIND}
+    if "val" in replaced.meta:
+        node.meta["val"] = replaced.meta["val"]
+    replaced.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
+    ctx.replaced[replaced] = node
+    erase_dead(gm, [replaced])
+    return node
 
 
 def site_key(t: ResidualTarget) -> str:
@@ -126,4 +142,4 @@ def site_key(t: ResidualTarget) -> str:
 
 
 __all__ = ["KIND", "POSITIONS", "ResidualTarget", "insert_residual_adapter", "reference_parameter",
-           "select_residual_points", "site_key"]
+           "select_residual_points", "site_key", "wire_residual"]

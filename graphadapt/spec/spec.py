@@ -25,6 +25,7 @@ from graphadapt.errors import SpecError
 
 from ._frozen import FrozenMapping
 from .base import MethodSpec, check_seed, spec_field
+from .composition import BLOCKS, Block, Fuse, block_from_dict
 
 FORMAT_VERSION = 1
 _JSON_SUFFIXES = (".json",)
@@ -48,8 +49,10 @@ class Spec:
     adapters: Mapping[str, MethodSpec] = spec_field(
         help="Adapter name -> method spec. Names must be Python identifiers (they name submodules)."
     )
-    active: tuple[str, ...] | None = spec_field(
-        None, help="Names of the adapters active in the forward pass; None means all of them."
+    active: tuple[str, ...] | Block | None = spec_field(
+        None, help="The adapters active in the forward pass: None (all), a list of names (several at one linear "
+        "site chain in spec order), or a composition block (Stack, Fuse, Parallel, BatchSplit, Average) over "
+        "adapter names."
     )
     seed: int | None = spec_field(
         0,
@@ -80,7 +83,18 @@ class Spec:
         object.__setattr__(self, "adapters", FrozenMapping(adapters))
 
         active = self.active
-        if active is not None:
+        if isinstance(active, Mapping) and any(k in BLOCKS for k in active):
+            active = block_from_dict(active)
+        if isinstance(active, Block):
+            unknown = [n for n in active.names() if n not in adapters]
+            if unknown:
+                raise SpecError(f"active composition names {unknown[0]!r}, which is not an adapter; adapters: "
+                                f"{', '.join(adapters)}", field="active")
+            for blk in active.blocks():
+                if isinstance(blk, Fuse) and blk.fusion_name in adapters:
+                    raise SpecError(f"Fuse name {blk.fusion_name!r} collides with an adapter name; pass "
+                                    "Fuse(..., name=...)", field="active")
+        elif active is not None:
             if isinstance(active, str):
                 active = (active,)
             elif isinstance(active, Mapping) or not isinstance(active, Iterable):
@@ -103,15 +117,33 @@ class Spec:
     # -- queries
     @property
     def active_names(self) -> tuple[str, ...]:
-        """Active adapter names (all adapters when ``active`` is None)."""
-        return tuple(self.adapters) if self.active is None else self.active
+        """Active adapter names (all adapters when ``active`` is None; every name in a composition)."""
+        if self.active is None:
+            return tuple(self.adapters)
+        return self.active.names() if isinstance(self.active, Block) else self.active
 
-    def effective_seed(self, name: str) -> int:
-        """Seed for adapter ``name``: its own ``seed`` if set, else the spec's."""
+    @property
+    def composition(self) -> Block | None:
+        """The active composition block, or None when ``active`` is None or a list of names."""
+        return self.active if isinstance(self.active, Block) else None
+
+    def effective_seed(self, name: str | None) -> int:
+        """Seed for adapter ``name``: its own ``seed`` if set, else the spec's (``None``: the spec's)."""
+        if name is None:
+            return self._fallback_seed  # type: ignore[attr-defined]
         if name not in self.adapters:
             raise SpecError(f"no adapter named {name!r}; adapters: {', '.join(self.adapters)}", field="adapters")
         own = self.adapters[name].seed
         return own if own is not None else self._fallback_seed  # type: ignore[attr-defined]
+
+    def replace(self, **changes: Any) -> Spec:
+        """A copy with ``changes`` applied (re-validated); the seed drawn for ``seed=None`` is kept."""
+        import dataclasses
+
+        new = dataclasses.replace(self, **changes)
+        if self.seed is None and "seed" not in changes:
+            object.__setattr__(new, "_fallback_seed", self._fallback_seed)  # type: ignore[attr-defined]
+        return new
 
     # -- dict / JSON / YAML
     def to_dict(self) -> dict[str, Any]:
@@ -119,7 +151,8 @@ class Spec:
         return {
             "version": FORMAT_VERSION,
             "seed": self.seed,
-            "active": None if self.active is None else list(self.active),
+            "active": None if self.active is None else (
+                self.active.to_dict() if isinstance(self.active, Block) else list(self.active)),
             "adapters": {name: m.to_dict() for name, m in self.adapters.items()},
         }
 

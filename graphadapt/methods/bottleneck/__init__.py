@@ -53,6 +53,11 @@ class BottleneckMethod(ResidualSiteMethod):
         # Compacter shares PHM rules (and optionally W) across every layer of one adapter
         from graphadapt.passes.residual import reference_parameter
 
+        try:  # re-planning (set_active): keep the trained shared parameters
+            return {"shared": gm.get_submodule(f"adapters.{adapter}.{SHARED}")}
+        except AttributeError:
+            pass
+
         t = targets[0]
         hidden = int(t.hidden_size)
         ref = reference_parameter(gm, t)

@@ -377,16 +377,62 @@ class BottleneckAdapter(nn.Module):
 
     def adapter_branch(self, x: Tensor) -> Tensor:
         """``x → gate(x) · dropout(scaling · DropPath(up(act(down(LN_before(x))))))`` (``A(x)``)."""
+        return self._branch(x)[0]
+
+    def _branch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A(x), up)`` with ``up = scaling · DropPath(up(act(down(·))))`` before dropout and gate —
+        AdapterHub's ``bottleneck_up``, the quantity AdapterFusion attends over."""
         z = self.adapter_norm_before(x) if self.ln_before else x
         up = self.adapter_up(self._act(self.adapter_down(z)))
         if not self.is_parallel:  # AdapterHub's ParallelAdapter has no DropPath
             up = _stochastic_depth(up, self.stochastic_depth, self.training)
-        out = F.dropout(up * self.scaling, self.dropout, self.training)
+        up = up * self.scaling
+        out = F.dropout(up, self.dropout, self.training)
         if self.use_gating:
             # AdapterHub: one gate per sequence, averaged over the sequence dim of (batch, seq, hidden) inputs.
             g = torch.sigmoid(self.gate(x))
             out = out * torch.mean(g, dim=1).unsqueeze(-1)
-        return out
+        return out, up
+
+    # The three steps below are AdapterHub's pre_forward / forward / post_forward; composition
+    # (graphadapt.composition) calls them to evaluate Stack/Fuse/BatchSplit/Parallel/Average trees.
+    def pre(self, h: Tensor, residual: Tensor, ln_weight=None, ln_bias=None,
+            query_before_ln: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(h, r) → (x, query, res)``: the adapter input, the fusion query, the adapter's residual."""
+        if self.is_parallel:
+            return residual, residual, residual
+        x, res, query = h, h, h if query_before_ln else None
+        if self.original_ln_before:
+            x = h + residual
+            if self.residual_before_ln == "post_add":
+                res = x
+            x = self._norm(x, ln_weight, ln_bias)
+        if self.residual_before_ln is False:
+            res = x
+        if not query_before_ln:
+            query = x
+        return x, query, res
+
+    def core(self, x: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, res) → (hidden, up)``: the adapter itself (with its residual unless parallel)."""
+        y, up = self._branch(x)
+        if self.is_parallel:
+            return (self.adapter_norm_after(y) if self.ln_after else y), up
+        if self.adapter_residual_before_ln:
+            y = y + res
+        if self.ln_after:
+            y = self.adapter_norm_after(y)
+        if not self.adapter_residual_before_ln:
+            y = y + res
+        return y, up
+
+    def post(self, hidden: Tensor, h: Tensor, residual: Tensor, ln_weight=None, ln_bias=None) -> Tensor:
+        """``hidden → out``: the parallel adapter adds the block output; then the model's residual (+ LN)."""
+        if self.is_parallel:
+            hidden = hidden + h
+        if self.original_ln_after:
+            hidden = self._norm(hidden + residual, ln_weight, ln_bias)
+        return hidden
 
     mergeable = False
     merge_refusal = "bottleneck adapter: non-linear in its input, so it stays in the graph"
@@ -397,31 +443,9 @@ class BottleneckAdapter(nn.Module):
         """``(h, r[, LN.weight, LN.bias])`` → adapted sub-block output; replaces ``LN(h + r)`` (or ``h + r``)."""
         if not self.active:  # AdaptedModel.set_active: behave exactly like the un-adapted sub-block
             return self._norm(h + residual, ln_weight, ln_bias)
-        if self.is_parallel:
-            y = self.adapter_branch(residual)
-            if self.ln_after:
-                y = self.adapter_norm_after(y)
-            y = y + h
-        else:
-            x = h
-            res = h
-            if self.original_ln_before:
-                x = h + residual
-                if self.residual_before_ln == "post_add":
-                    res = x
-                x = self._norm(x, ln_weight, ln_bias)
-            if self.residual_before_ln is False:
-                res = x
-            y = self.adapter_branch(x)
-            if self.adapter_residual_before_ln:
-                y = y + res
-            if self.ln_after:
-                y = self.adapter_norm_after(y)
-            if not self.adapter_residual_before_ln:
-                y = y + res
-        if self.original_ln_after:
-            y = self._norm(y + residual, ln_weight, ln_bias)
-        return y
+        x, _, res = self.pre(h, residual, ln_weight, ln_bias)
+        y, _ = self.core(x, res)
+        return self.post(y, h, residual, ln_weight, ln_bias)
 
     def extra_repr(self) -> str:
         return (

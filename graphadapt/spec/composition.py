@@ -1,0 +1,275 @@
+"""Composition blocks: how active adapters combine, as plain data (validated, JSON/YAML-safe).
+
+    Stack("a", "b")                    each adapter sees the previous one's output at each site
+    Fuse("a", "b", fusion="dynamic")   AdapterFusion: attention over the children's outputs at each site
+    Parallel("a", "b")                 the batch is replicated, one copy (and one output) per child
+    BatchSplit("a", "b", batch_sizes=[2, 3])   rows 0-1 go through a, rows 2-4 through b
+    Average("a", "b", weights=[.7, .3])        weighted average of the children's outputs
+
+Blocks nest (``Stack("unipelt", Fuse("a", "b"))``); :data:`ALLOWED_NESTINGS` says which
+nestings have a defined meaning. A block is checked against the adapters of a :class:`Spec`
+when the spec is built, so an unknown name or a bad nesting is a :class:`SpecError` before
+anything is captured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from graphadapt.errors import SpecError
+
+from .base import check_bool, is_int, is_real
+
+Child = Union[str, "Block"]
+
+FUSION_OPTIONS = ("key", "query", "value", "query_before_ln", "regularization", "residual_before", "temperature",
+                  "value_before_softmax", "value_initialized")
+# AdapterHub 1.3 DynamicAdapterFusionConfig / StaticAdapterFusionConfig
+FUSION_PRESETS: dict[str, dict[str, bool]] = {
+    "dynamic": dict(key=True, query=True, value=True, query_before_ln=False, regularization=True,
+                    residual_before=False, temperature=False, value_before_softmax=True, value_initialized=True),
+    "static": dict(key=True, query=True, value=False, query_before_ln=False, regularization=False,
+                   residual_before=False, temperature=False, value_before_softmax=True, value_initialized=False),
+}
+
+
+def _children(kind: str, children: Iterable[Any]) -> tuple[Child, ...]:
+    out = []
+    for c in children:
+        if isinstance(c, Mapping):
+            c = block_from_dict(c)
+        if isinstance(c, Block):
+            if type(c).__name__ not in ALLOWED_NESTINGS[kind]:
+                raise SpecError(f"{kind} cannot contain a {type(c).__name__} block (allowed inside {kind}: "
+                                f"{', '.join(ALLOWED_NESTINGS[kind])})", field="active")
+        elif not isinstance(c, str) or not c:
+            raise SpecError(f"{kind} children must be adapter names or blocks, got {c!r}", field="active")
+        out.append(c)
+    if not out:
+        raise SpecError(f"{kind} needs at least one child", field="active")
+    return tuple(out)
+
+
+@dataclass(frozen=True, init=False)
+class Block:
+    """Base of composition blocks: ordered children (adapter names or blocks)."""
+
+    kind: ClassVar[str] = ""
+    children: tuple[Child, ...] = ()
+
+    def __init__(self, *children: Child):
+        object.__setattr__(self, "children", _children(self.kind, children))
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    # -- queries
+    def names(self) -> tuple[str, ...]:
+        """Every adapter name in the tree, in order, without repeats."""
+        out: list[str] = []
+        for c in self.children:
+            for n in (c.names() if isinstance(c, Block) else (c,)):
+                if n not in out:
+                    out.append(n)
+        return tuple(out)
+
+    def blocks(self) -> Iterable[Block]:
+        """This block and every nested block, depth first."""
+        yield self
+        for c in self.children:
+            if isinstance(c, Block):
+                yield from c.blocks()
+
+    @property
+    def parallel_channels(self) -> int:
+        own = len(self.children) if isinstance(self, Parallel) else 1
+        return max([own] + [c.parallel_channels for c in self.children if isinstance(c, Block)])
+
+    # -- serialisation
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: [c.to_dict() if isinstance(c, Block) else c for c in self.children], **self._options()}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(c) for c in self.children)
+        opts = "".join(f", {k}={v!r}" for k, v in self._options().items())
+        return f"{type(self).__name__}({inner}{opts})"
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Stack(Block):
+    """Each child reads the previous child's output at every site (AdapterHub's ``Stack``)."""
+
+    kind: ClassVar[str] = "stack"
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Parallel(Block):
+    """The batch is replicated once per child; copy ``i`` goes through child ``i`` (outputs stacked on the batch)."""
+
+    kind: ClassVar[str] = "parallel"
+
+    def _validate(self) -> None:
+        if len(self.children) < 2:
+            raise SpecError("Parallel needs at least two children", field="active")
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class BatchSplit(Block):
+    """Rows ``[sum(sizes[:i]), sum(sizes[:i+1]))`` of the batch go through child ``i``."""
+
+    kind: ClassVar[str] = "batch_split"
+    batch_sizes: tuple[int, ...] = ()
+
+    def __init__(self, *children: Child, batch_sizes: Iterable[int]):
+        object.__setattr__(self, "batch_sizes", tuple(batch_sizes) if isinstance(batch_sizes, Iterable) else batch_sizes)
+        super().__init__(*children)
+
+    def _validate(self) -> None:
+        sizes = self.batch_sizes
+        if not isinstance(sizes, tuple) or not all(is_int(s) and s > 0 for s in sizes):
+            raise SpecError(f"BatchSplit batch_sizes must be a list of integers > 0, got {sizes!r}", field="active")
+        if len(sizes) != len(self.children):
+            raise SpecError(f"BatchSplit has {len(self.children)} children but {len(sizes)} batch_sizes {list(sizes)}",
+                            field="active")
+
+    def _options(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes)}
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Average(Block):
+    """``Σ wᵢ · outᵢ`` with weights normalised to sum 1 (a true weighted average).
+
+    ``adapterhub_mean=True`` reproduces AdapterHub 1.3, which normalises the weights and then
+    also takes the mean over the children, i.e. ``Σ wᵢ · outᵢ / N``.
+    """
+
+    kind: ClassVar[str] = "average"
+    weights: tuple[float, ...] | None = None
+    normalize_weights: bool = field(default=True, compare=False)  # applied at construction
+    adapterhub_mean: bool = False
+
+    def __init__(self, *children: Child, weights: Iterable[float] | None = None, normalize_weights: bool = True,
+                 adapterhub_mean: bool = False):
+        object.__setattr__(self, "weights", None if weights is None else tuple(weights))
+        object.__setattr__(self, "normalize_weights", check_bool("normalize_weights", normalize_weights))
+        object.__setattr__(self, "adapterhub_mean", check_bool("adapterhub_mean", adapterhub_mean))
+        super().__init__(*children)
+
+    def _validate(self) -> None:
+        w = self.weights
+        n = len(self.children)
+        if w is None:
+            w = tuple(1.0 / n for _ in range(n))
+        elif len(w) != n or not all(is_real(x) and math.isfinite(x) for x in w):
+            raise SpecError(f"Average weights must be {n} finite numbers (one per child), got {list(w)}", field="active")
+        elif self.normalize_weights:
+            total = float(sum(w))
+            if total == 0:
+                raise SpecError("Average weights sum to 0; they cannot be normalised", field="active")
+            w = tuple(float(x) / total for x in w)
+        object.__setattr__(self, "weights", tuple(float(x) for x in w))
+
+    def effective_weights(self) -> tuple[float, ...]:
+        n = len(self.children)
+        return tuple(x / n for x in self.weights) if self.adapterhub_mean else self.weights
+
+    def _options(self) -> dict[str, Any]:
+        return {"weights": list(self.weights), "normalize_weights": False, "adapterhub_mean": self.adapterhub_mean}
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Fuse(Block):
+    """AdapterFusion (Pfeiffer et al., 2021) over the children at every site they share.
+
+    ``fusion``: ``"dynamic"`` (query, key, value matrices; value initialised near identity;
+    regularisation towards identity) or ``"static"`` (no value matrix), AdapterHub's presets;
+    any option of :data:`FUSION_OPTIONS` overrides the preset. ``temperature=True`` anneals the
+    softmax temperature from 50 to 1 in steps of 0.05 per training call, as AdapterHub does.
+    ``name``: the adapter name the fusion parameters live under (default: children joined by ``_``).
+    """
+
+    kind: ClassVar[str] = "fuse"
+    fusion: str = "dynamic"
+    options: tuple[tuple[str, bool], ...] = ()
+    name: str | None = None
+
+    def __init__(self, *children: Child, fusion: str = "dynamic", name: str | None = None, **options: bool):
+        object.__setattr__(self, "fusion", fusion)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
+        super().__init__(*children)
+
+    def _validate(self) -> None:
+        if self.fusion not in FUSION_PRESETS:
+            raise SpecError(f"Fuse fusion must be one of {', '.join(FUSION_PRESETS)}, got {self.fusion!r}",
+                            field="active")
+        for k, v in self.options:
+            if k not in FUSION_OPTIONS:
+                raise SpecError(f"Fuse has no option {k!r}; options: {', '.join(FUSION_OPTIONS)}", field="active")
+            check_bool(k, v)
+        if len(self.children) < 2:
+            raise SpecError("Fuse needs at least two children (fusing one adapter is that adapter)", field="active")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.isidentifier()):
+            raise SpecError(f"Fuse name must be a Python identifier, got {self.name!r}", field="active")
+
+    @property
+    def config(self) -> dict[str, bool]:
+        return {**FUSION_PRESETS[self.fusion], **dict(self.options)}
+
+    @property
+    def fusion_name(self) -> str:
+        return self.name or "_".join(self.names())
+
+    def _options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fusion": self.fusion, **dict(self.options)}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average)}
+ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {
+    "stack": ("Stack", "Fuse", "Parallel", "BatchSplit", "Average"),
+    "fuse": ("Stack",),
+    "parallel": ("Stack", "BatchSplit", "Average"),
+    "batch_split": ("Stack", "BatchSplit", "Average"),
+    "average": ("Stack", "BatchSplit"),
+}
+
+
+def block_from_dict(d: Mapping[str, Any]) -> Block:
+    """Inverse of :meth:`Block.to_dict` (``{"stack": [...]}``, ``{"fuse": [...], "fusion": "static"}``, …)."""
+    kinds = [k for k in d if k in BLOCKS]
+    if len(kinds) != 1:
+        raise SpecError(f"a composition dict needs exactly one of {', '.join(BLOCKS)}; got keys {list(d)}",
+                        field="active")
+    kind = kinds[0]
+    children = d[kind]
+    if isinstance(children, (str, Mapping)) or not isinstance(children, Iterable):
+        raise SpecError(f"{kind}: children must be a list, got {children!r}", field="active")
+    opts = {k: v for k, v in d.items() if k != kind}
+    try:
+        return BLOCKS[kind](*children, **opts)
+    except TypeError as e:
+        raise SpecError(f"{kind}: {e}", field="active") from e
+
+
+def as_block(active: Any) -> Block | None:
+    """A block from a block, its dict, or None."""
+    if active is None or isinstance(active, Block):
+        return active
+    if isinstance(active, Mapping):
+        return block_from_dict(active)
+    raise SpecError(f"expected a composition block, got {active!r}", field="active")
+
+
+__all__ = ["ALLOWED_NESTINGS", "Average", "BLOCKS", "BatchSplit", "Block", "FUSION_OPTIONS", "FUSION_PRESETS", "Fuse",
+           "Parallel", "Stack", "as_block", "block_from_dict"]
