@@ -74,10 +74,13 @@ def explain_findings(sm: StructureMap) -> list[dict[str, Any]]:
         layer_of[L.attention.core] = (L, "attention")
         if L.cross_attention is not None:
             layer_of[L.cross_attention.core] = (L, "cross_attention")
+    by_core: dict[Any, list] = {}
+    for f in sm.findings:
+        by_core.setdefault(f.core, []).append(f)
     cores = sorted({f.core for f in sm.findings if f.role == "attention"}, key=lambda n: order.get(n, -1))
     position, pos = {}, -1
     for c in cores:
-        att = [f for f in sm.findings if f.core is c and f.role == "attention"]
+        att = [f for f in by_core[c] if f.role == "attention"]
         if not att[0].result:       # a softmax that is not an attention core has no layer position
             continue
         if c in layer_of and layer_of[c][1] == "cross_attention" and pos >= 0:
@@ -90,14 +93,14 @@ def explain_findings(sm: StructureMap) -> list[dict[str, Any]]:
         L, kind = layer_of.get(c, (None, "attention"))
         dropped = None
         if L is None and c in position:
-            missing = [f.role for f in sm.findings if f.core is c and f.role in "qkv" and not f.result]
+            missing = [f.role for f in by_core[c] if f.role in ("q", "k", "v") and not f.result]
             dropped = f"no projection found upstream of the core's {'/'.join(missing) or 'q/k/v'} argument"
         blocks = [(kind, _ATTN_ROLES)]
         if kind == "attention" and position.get(c) is not None:
             blocks.append(("ffn", _FFN_ROLES))
         for block, roles in blocks:
             for role in roles:
-                ev = [f.result for f in sm.findings if f.core is c and f.block == block and (
+                ev = [f.result for f in by_core[c] if f.block == block and (
                     f.role == role or (block == "ffn" and role in ("up", "down", "residual") and f.role == "ffn")
                     or (block == "ffn" and role == "up" and f.role == "gate"))]
                 entry = {"layer": position.get(c), "recognised_layer": L.index if L is not None else None,

@@ -19,6 +19,10 @@ Catalogue (``PATTERNS``):
   ``o_trace`` (downstream), ``branch_trace``, ``down_trace``;
 - residual points: ``residual_add``, ``parallel_sibling``, ``pre_ln``, ``post_ln``;
 - feed-forward: ``ffn``, ``ffn_parallel``, ``ffn_gate``.
+
+Patterns that follow dataflow take a context ``ctx`` (the recogniser) with ``matcher``, ``order``
+(node → position), ``by_output`` (node → linear sites whose output it is), ``by_input_chain``
+(node → sites reading it) and ``site_of_node`` (the site's own ATen node → site).
 """
 
 from __future__ import annotations
