@@ -442,6 +442,9 @@ def test_why_found_roles_residual_and_ffn(broken_report):
     ffn = rep.why("ffn", layer=0)
     assert "found layers.0.down" in ffn and "found layers.0.up" in ffn and "up, no gate" in ffn
     assert "pattern sdpa matched" in rep.why("attention")
+    gates = rep.why_entries("gate")
+    assert [e["layer"] for e in gates] == [0, 1, 2] and not any(e["found"] for e in gates)
+    assert gates[0]["evidence"][0]["pattern"] == "ffn_gate" and not gates[1]["evidence"]
     assert rep.why("q", layer=9).startswith("no layer 9")
     with pytest.raises(ga.GraphAdaptError, match="unknown role 'qq'"):
         rep.why("qq")
@@ -450,12 +453,11 @@ def test_why_found_roles_residual_and_ffn(broken_report):
 def test_cli_inspect_why(capsys):
     from graphadapt.cli import main
 
-    assert main(["inspect", "--model", "tiny-llama", "--why", "q", "--layer", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "layers.1.self_attn.q_proj" in out and "pattern q_trace matched" in out and "layer 0" not in out
-    assert main(["inspect", "--model", "tiny-llama", "--why", "gate", "--json"]) == 0
+    assert main(["inspect", "--model", "tiny-llama", "--why", "q", "--layer", "1", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["why"] == "gate" and [e["layer"] for e in rep["entries"]] == [0, 1]
-    assert all(e["found"] and e["evidence"][0]["pattern"] == "ffn_gate" for e in rep["entries"])
+    assert rep["why"] == "q" and rep["layer"] == 1
+    assert "layers.1.self_attn.q_proj" in rep["answer"] and "pattern q_trace matched" in rep["answer"]
+    (entry,) = rep["entries"]
+    assert entry["found"] and entry["site"] == "layers.1.self_attn.q_proj" and entry["site_pattern"] == "linear"
     with pytest.raises(SystemExit):
         main(["inspect", "--model", "tiny-llama", "--why", "nope"])
