@@ -61,6 +61,18 @@ def cmd_inspect(args) -> int:
 
     name, model = _load(args)
     rep = inspect(model)
+    if args.why:
+        answer = rep.why(args.why, args.layer)
+        if args.json:
+            print(json.dumps({"model": name, "why": args.why, "layer": args.layer, "answer": answer,
+                              "entries": rep.why_entries(args.why, args.layer)}, indent=2))
+        else:
+            print(f"model: {name} ({type(model).__name__}); why {args.why}"
+                  + (f" in layer {args.layer}" if args.layer is not None else ""))
+            print(answer)
+        return EXIT_OK
+    if args.layer is not None:
+        raise SystemExit("graphadapt inspect: --layer goes with --why ROLE")
     if args.json:
         print(json.dumps({"model": name, **rep}, indent=2))
     else:
@@ -138,6 +150,7 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .structure.explain import WHY_ROLES
     from .zoo import KNOWN
 
     p = argparse.ArgumentParser(prog="graphadapt", description=__doc__.splitlines()[0])
@@ -154,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
     s.add_argument("--model", help=model_help)
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--why", metavar="ROLE", choices=WHY_ROLES,
+                   help=f"say which node and pattern decided ROLE per layer ({', '.join(WHY_ROLES)})")
+    s.add_argument("--layer", type=int, default=None, help="with --why: only this layer (graph order, from 0)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("apply", help="apply a spec, print the adapter summary, optionally save the adapters")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .explain import explain_findings
 from .types import AttentionBlock, LinearSite, StructureMap
 
 
@@ -10,10 +11,29 @@ def _shape(s: LinearSite) -> str:
 
 
 class StructureReport(dict):
-    """The JSON-able structure report; ``print()`` shows it as the ``graphadapt inspect`` table."""
+    """The JSON-able structure report; ``print()`` shows it as the ``graphadapt inspect`` table.
+
+    ``why(role, layer=None)`` (alias ``explain``) says which node and which pattern decided
+    whether ``role`` (q k v o up gate down, attention, residual, ffn) was found in each layer.
+    """
+
+    explanations: list = []   # plain entries from structure.explain.explain_findings
 
     def __str__(self) -> str:
         return format_report(self)
+
+    def why(self, role: str, layer: int | None = None) -> str:
+        from .explain import render_why
+
+        return render_why(self.explanations, role, layer)
+
+    explain = why
+
+    def why_entries(self, role: str, layer: int | None = None) -> list[dict]:
+        """The JSON-able entries behind :meth:`why`."""
+        from .explain import select
+
+        return select(self.explanations, role, layer)
 
 
 def structure_report(sm: StructureMap) -> StructureReport:
@@ -26,7 +46,7 @@ def structure_report(sm: StructureMap) -> StructureReport:
                 s = getattr(blk, role)
                 if s is not None:
                     rows.append({"block": tag, "role": role, "module": s.name, "shape": _shape(s),
-                                 "layout": s.layout, "fused": s.fused})
+                                 "layout": s.layout, "fused": s.fused, "pattern": s.pattern})
             r = blk.residual
             rows.append({"block": tag, "role": "residual", "module": r.add.name if r else None,
                          "placement": r.placement if r else None,
@@ -41,7 +61,7 @@ def structure_report(sm: StructureMap) -> StructureReport:
                 s = getattr(layer.ffn, role)
                 if s is not None:
                     rows.append({"block": "ffn", "role": role, "module": s.name, "shape": _shape(s),
-                                 "layout": s.layout, "fused": s.fused})
+                                 "layout": s.layout, "fused": s.fused, "pattern": s.pattern})
             r = layer.ffn.residual
             rows.append({"block": "ffn", "role": "residual", "module": r.add.name if r else None,
                          "placement": r.placement if r else None,
@@ -56,12 +76,16 @@ def structure_report(sm: StructureMap) -> StructureReport:
                                 if layer.cross_attention is not None else None),
             "sites": rows,
         })
-    return StructureReport({
+    rep = StructureReport({
         "num_layers": len(sm.layers),
         "stacks": sm.stacks,
         "layers": layers,
         "unmatched": [{"what": u.what, "where": u.where, "reason": u.reason} for u in sm.unmatched],
+        "pattern_stats": {name: {"tried": st.tried, "matched": st.matched}
+                          for name, st in sorted(sm.pattern_stats.items())},
     })
+    rep.explanations = explain_findings(sm)
+    return rep
 
 
 def _norm_path(r) -> str | None:

@@ -9,7 +9,7 @@ name and read reports).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch.fx as fx
 
@@ -47,6 +47,7 @@ class LinearSite:
     split_output: fx.Node | None = None  # fused only: the node holding this slice after the split
     role: str | None = None        # q k v o up gate down, once recognised
     layer: int | None = None       # global layer index, once recognised
+    pattern: str | None = None     # the linear-form pattern that matched (``structure.patterns``)
 
     @property
     def fused(self) -> bool:
@@ -163,11 +164,36 @@ class Unmatched:
 
 
 @dataclass
+class Finding:
+    """Evidence for one role of one attention candidate: a pattern's ``Match`` or ``MatchFailure``.
+
+    ``core`` is the attention core the role belongs to (for a softmax that did not form an
+    attention core, that softmax); ``block`` is ``attention``, ``cross_attention`` or ``ffn``;
+    ``role`` one of ``attention q k v o residual ffn up gate down``.
+    """
+
+    core: fx.Node
+    block: str
+    role: str
+    result: Any    # structure.patterns.Match | MatchFailure
+
+
+@dataclass
 class StructureMap:
     layers: list[Layer] = field(default_factory=list)
     linear_sites: list[LinearSite] = field(default_factory=list)   # every linear-like site
     unmatched: list[Unmatched] = field(default_factory=list)
     stacks: list[str] = field(default_factory=list)                 # "encoder", "decoder", "stack"
+    findings: list[Finding] = field(default_factory=list)          # per candidate and role, for why()
+    pattern_stats: dict[str, Any] = field(default_factory=dict)     # pattern name → PatternStats
+
+    def why(self, role: str, layer: int | None = None) -> str:
+        """Why ``role`` was (or was not) found, per layer: the node and pattern that decided it."""
+        from .explain import explain_findings, render_why
+
+        return render_why(explain_findings(self), role, layer)
+
+    explain = why
 
     def sites_by_name(self) -> dict[str, LinearSite]:
         return {s.name: s for s in self.linear_sites}
