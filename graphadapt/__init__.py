@@ -14,7 +14,7 @@ from .methods.lora import LoRA
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
-from .api import apply, import_adapterhub, import_peft, inspect, load, merge, plan
+from .api import apply, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "save_adapters": "checkpoints"}
@@ -34,5 +34,5 @@ __all__ = [
     "Compacter", "CompacterPlusPlus", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
-    "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub",
+    "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion",
 ]

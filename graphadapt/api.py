@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .capture import capture
+from .errors import CheckpointError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .model import fusion_dropout
@@ -113,4 +114,29 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     return adapted
 
 
-__all__ = ["apply", "import_adapterhub", "import_peft", "inspect", "load", "merge", "plan"]
+def import_adapterhub_fusion(model: nn.Module, fusion_directory: str | os.PathLike, adapter_directories,
+                             name: str | None = None, strict: bool = True, **apply_kwargs) -> AdaptedModel:
+    """Apply AdapterHub adapters (``save_adapter`` directories) and their AdapterFusion (a
+    ``save_adapter_fusion`` directory) to ``model``: the adapters keep their saved names, the
+    fusion is active as ``Fuse(...)`` with its saved options, all weights loaded."""
+    from .checkpoints.adapterhub import read_adapterhub_adapter, read_adapterhub_fusion
+    from .methods import get_method
+
+    block, fill_fusion = read_adapterhub_fusion(fusion_directory, name)
+    specs, fills = {}, []
+    for d in adapter_directories:
+        spec, saved, fill = read_adapterhub_adapter(d)
+        specs[saved] = spec
+        fills.append((saved, fill))
+    missing = [n for n in block.names() if n not in specs]
+    if missing:
+        raise CheckpointError(f"the fusion {fusion_directory} fuses {list(block.names())}, but no adapter directory "
+                              f"holds {missing}")
+    adapted = apply(model, Spec(specs, active=block), **apply_kwargs)
+    for saved, fill in fills:
+        fill(adapted, saved, strict)
+    fill_fusion(adapted, get_method(specs[block.names()[-1]]), strict)
+    return adapted
+
+
+__all__ = ["apply", "import_adapterhub", "import_adapterhub_fusion", "import_peft", "inspect", "load", "merge", "plan"]

@@ -24,7 +24,10 @@ from ..errors import CheckpointError
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors", "pytorch_adapter.bin")
 
-__all__ = ["from_adapterhub_config", "read_adapterhub", "read_adapterhub_adapter"]
+__all__ = ["from_adapterhub_config", "read_adapterhub", "read_adapterhub_adapter", "read_adapterhub_fusion"]
+
+FUSION_CONFIG_FILE = "adapter_fusion_config.json"
+FUSION_WEIGHT_FILES = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
 
 
 def _method_name(cfg: Mapping) -> str:
@@ -117,3 +120,39 @@ def read_adapterhub_adapter(directory: str | os.PathLike):
         get_method(spec).load_adapterhub(adapted, ours_name, saved, sd, strict, directory)
 
     return spec, saved, fill
+
+
+def read_adapterhub_fusion(directory: str | os.PathLike, name: str | None = None):
+    """``(Fuse block, fill(adapted, plugin, strict))`` for an AdapterHub ``save_adapter_fusion`` directory.
+
+    The block fuses the adapters the checkpoint names (``"a,b"`` → ``Fuse("a", "b")``) with its
+    fusion options; its fusion layers are named ``name`` (default: the adapters joined by ``_``)."""
+    from ..spec.composition import FUSION_OPTIONS, Fuse
+
+    d = Path(directory)
+    if not (d / FUSION_CONFIG_FILE).exists():
+        raise CheckpointError(f"{directory} is not an AdapterHub fusion directory (no {FUSION_CONFIG_FILE})")
+    meta = json.loads((d / FUSION_CONFIG_FILE).read_text())
+    saved = meta.get("name")
+    if not isinstance(saved, str) or not saved:
+        raise CheckpointError(f"{d / FUSION_CONFIG_FILE} names no fusion")
+    cfg = meta.get("config") or {}
+    options = {k: bool(v) for k, v in cfg.items() if k in FUSION_OPTIONS}
+    block = Fuse(*saved.split(","), name=name, **options)
+    for fname in FUSION_WEIGHT_FILES:
+        p = d / fname
+        if p.exists():
+            if fname.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                sd = load_file(str(p))
+            else:
+                sd = torch.load(p, map_location="cpu", weights_only=True)
+            break
+    else:
+        raise CheckpointError(f"no AdapterHub fusion weights in {directory} (looked for {', '.join(FUSION_WEIGHT_FILES)})")
+
+    def fill(adapted, plugin, strict: bool = True) -> None:
+        plugin.load_adapterhub_fusion(adapted, block.fusion_name, saved, sd, strict, directory)
+
+    return block, fill

@@ -82,6 +82,11 @@ class Method:
                         strict: bool, directory: str) -> None:
         raise NotImplementedError
 
+    def load_adapterhub_fusion(self, adapted, fusion_name: str, saved_name: str, state_dict: dict[str, torch.Tensor],
+                               strict: bool, directory: str) -> None:
+        """Load an AdapterHub ``save_adapter_fusion`` state dict into the fusion layers over this method's sites."""
+        raise NotImplementedError(f"AdapterHub fusion checkpoints over {self.name} adapters are not supported")
+
     def __repr__(self) -> str:
         return f"<method {self.name!r}: {type(self).__qualname__}>"
 

@@ -13,11 +13,12 @@ fourth layer of the model even when it is missing from the report.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StructureError
 from .ops import module_path, op_name, short_op
-from .types import Layer, StructureMap
+if TYPE_CHECKING:  # annotations only: types.py calls into this module
+    from .types import Layer, StructureMap
 
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",),

@@ -82,6 +82,9 @@ class BottleneckMethod(ResidualSiteMethod):
     def load_adapterhub(self, adapted, adapter, saved_name, state_dict, strict, directory):
         _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
+    def load_adapterhub_fusion(self, adapted, fusion_name, saved_name, state_dict, strict, directory):
+        _ah.load_fusion_weights(adapted, fusion_name, saved_name, state_dict, strict, directory)
+
 
 __all__ = ["ACTIVATIONS", "BN_INITS", "PRESETS", "AdapterPlus", "Bottleneck", "BottleneckAdapter", "BottleneckMethod",
            "Compacter", "CompacterPlusPlus", "DoubleSeqBn", "ParBn", "SeqBn", "adapterhub_config_dict"]

@@ -179,4 +179,42 @@ def load_weights(adapted, ours_name: str, saved: str, sd: dict, strict: bool, di
             f"tensors unused (e.g. {sorted(unexpected)[:3]}). Was it saved for the same architecture?" + hint)
 
 
-__all__ = ["load_weights", "spec_from_config"]
+_FUSION_KEY = re.compile(r"^(.*?)\.adapter_fusion_layer\.([^.]+)\.(.+)$")
+
+
+def load_fusion_weights(adapted, fusion_name: str, saved: str, sd: dict, strict: bool, directory) -> None:
+    """Copy an AdapterHub ``save_adapter_fusion`` state dict (fusion saved as ``saved``, e.g. ``"a,b"``) into
+    ``adapted``'s fusion layers ``adapters.<fusion_name>.<site>`` (sites matched as for adapters)."""
+    records = [r for r in adapted.adapter_records if r["adapter"] == fusion_name and r["method"] == "fusion"]
+    if not records:
+        raise CheckpointError(f"the model has no fusion layers named {fusion_name!r}; activate the Fuse block first")
+    by_path: dict[str, list] = {}
+    for r in records:
+        by_path.setdefault(_layer_path(r["target"], fusion_name), []).append(r)
+    params = dict(adapted.named_parameters())
+    filled, unexpected = set(), []
+    with torch.no_grad():
+        for k, v in sd.items():
+            m = _FUSION_KEY.match(k)
+            if m is None or m.group(2) != saved:
+                unexpected.append(k)
+                continue
+            hit = _match_site(m.group(1), by_path)
+            role = _role(hit[1]) if hit else None
+            rec = next((r for r in by_path[hit[0]] if r["role"] == role), None) if hit and role else None
+            ours = f"{rec['target']}.{m.group(3)}" if rec is not None else None
+            if ours not in params:
+                unexpected.append(k)
+                continue
+            if params[ours].shape != v.shape:
+                raise CheckpointError(f"fusion tensor {k}: checkpoint {tuple(v.shape)} vs model {tuple(params[ours].shape)}")
+            params[ours].copy_(v.to(params[ours].dtype))
+            filled.add(ours)
+    missing = sorted(n for n in params if n.startswith(adapter_prefix(fusion_name)) and n not in filled)
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"AdapterHub fusion checkpoint {directory} does not match fusion {fusion_name!r}: "
+                              f"{len(missing)} tensors not filled (e.g. {missing[:3]}), {len(unexpected)} unused "
+                              f"(e.g. {unexpected[:3]})")
+
+
+__all__ = ["load_fusion_weights", "load_weights", "spec_from_config"]
