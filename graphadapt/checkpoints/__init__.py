@@ -42,7 +42,7 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    prefixes = tuple(adapter_prefix(n) for n in (names or adapted.spec.adapters))
+    prefixes = tuple(adapter_prefix(n) for n in (names or adapted.spec.module_owners))
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items() if k.startswith(prefixes)}
     spec = adapted.spec.to_dict()
     meta = {"graphadapt_version": __version__, "source_class": adapted.source_class,

@@ -37,19 +37,20 @@ FUSION_PRESETS: dict[str, dict[str, bool]] = {
 
 
 def _children(kind: str, children: Iterable[Any]) -> tuple[Child, ...]:
+    label = BLOCKS[kind].__name__ if kind in BLOCKS else kind
     out = []
     for c in children:
         if isinstance(c, Mapping):
             c = block_from_dict(c)
         if isinstance(c, Block):
             if type(c).__name__ not in ALLOWED_NESTINGS[kind]:
-                raise SpecError(f"{kind} cannot contain a {type(c).__name__} block (allowed inside {kind}: "
+                raise SpecError(f"{label} cannot contain a {type(c).__name__} block (allowed inside {label}: "
                                 f"{', '.join(ALLOWED_NESTINGS[kind])})", field="active")
         elif not isinstance(c, str) or not c:
-            raise SpecError(f"{kind} children must be adapter names or blocks, got {c!r}", field="active")
+            raise SpecError(f"{label} children must be adapter names or blocks, got {c!r}", field="active")
         out.append(c)
     if not out:
-        raise SpecError(f"{kind} needs at least one child", field="active")
+        raise SpecError(f"{label} needs at least one child", field="active")
     return tuple(out)
 
 

@@ -123,6 +123,13 @@ class Spec:
         return self.active.names() if isinstance(self.active, Block) else self.active
 
     @property
+    def module_owners(self) -> tuple[str, ...]:
+        """Names that own modules under ``adapters.``: every adapter, plus the fusion layers of the active
+        composition (each ``Fuse`` block's ``fusion_name``)."""
+        fusions = [b.fusion_name for b in self.composition.blocks() if isinstance(b, Fuse)] if self.composition else []
+        return tuple(self.adapters) + tuple(f for f in fusions if f not in self.adapters)
+
+    @property
     def composition(self) -> Block | None:
         """The active composition block, or None when ``active`` is None or a list of names."""
         return self.active if isinstance(self.active, Block) else None
