@@ -4,6 +4,7 @@ AdapterHub keys (``model.save_adapter``)::
 
     [<base>.]prefix_tuning.prefix_tunings.<name>.<location>.{wte.weight, control_trans.{0,2}.{weight,bias}}
     [<base>.]prefix_tuning.prefix_tunings.<name>.<location>.control_trans            (flat)
+    <attention module path>.prefix_tuning.pool.prefix_tunings.<name>.…               (the same pool, once per layer)
     <attention module path>.prefix_tuning.prefix_gates.<name>.{weight,bias}         (use_gating)
 
 ours: ``adapters.<name>.prefix.generators.<location>.…`` and ``adapters.<name>.<layer path>.<location>.gate.…``.
@@ -31,7 +32,7 @@ _FIELDS = ("prefix_length", "bottleneck_size", "non_linearity", "flat", "dropout
            "leave_out", "use_gating", "shared_gating")
 _IGNORED = {"architecture", "init_weights_seed"}
 _PRESETS = {"prefix_tuning": {}, "prefix_tuning_flat": {"flat": True}}
-_CROSS = re.compile(r"(^|\.)(crossattention|EncDecAttention|encoder_attn|layer\.1)(\.|$)")
+_CROSS = re.compile(r"(^|\.)(crossattention|EncDecAttention|encoder_attn)(\.|$)")
 
 
 def spec_from_adapterhub(config: Mapping | str) -> PrefixTuning | None:
@@ -56,7 +57,7 @@ def _records(adapted, adapter: str) -> list:
 
 def load_adapterhub(adapted, adapter: str, saved: str, sd: dict, strict: bool, directory) -> None:
     """Copy AdapterHub prefix tuning tensors (adapter saved as ``saved``) into ``adapted``'s ``adapter``."""
-    pool_re = re.compile(rf"^(?:.*\.)?prefix_tuning\.prefix_tunings\.{re.escape(saved)}\.(\w+)\.(.+)$")
+    pool_re = re.compile(rf"^(?:.*\.)?prefix_tuning\.(?:pool\.)?prefix_tunings\.{re.escape(saved)}\.(\w+)\.(.+)$")
     gate_re = re.compile(rf"^(.*)\.prefix_tuning\.prefix_gates\.{re.escape(saved)}\.(weight|bias)$")
     pre = adapter_prefix(adapter)
     params = {k: p for k, p in adapted.named_parameters() if k.startswith(pre)}
