@@ -103,8 +103,11 @@ class UnionMethod(Method):
             if spec is None:
                 raise CheckpointError(f"AdapterHub union member {c!r} does not translate to a graphadapt method")
             members.append(spec)
+        def norm(m):  # a preset member (ParBn) equals its plain translation (Bottleneck with ParBn's values)
+            return {k: v for k, v in m.to_dict().items() if k != "preset"}
+
         for preset in (UniPELT, MAM):
-            if tuple(members) == preset().members:
+            if [norm(m) for m in members] == [norm(m) for m in preset().members]:
                 return preset()
         return Union(*members)
 
