@@ -91,3 +91,9 @@ def test_prefix_weight_copy_matches_adapterhub():
                 ours[f"adapters.a.encoder.layer.{layer}.self_prefix.gate.{k.rsplit('.', 1)[1]}"].copy_(v)
     x = oracle_inputs("bert")
     torch.testing.assert_close(_out(adapted, x), _out(ah, x), atol=ATOL, rtol=RTOL)
+
+
+def test_prefix_checkpoint_for_another_architecture_is_refused(tmp_path):
+    _ah("gpt2", PrefixTuningConfig(prefix_length=4, flat=True)).save_adapter(str(tmp_path), "a")
+    with pytest.raises(ga.CheckpointError, match="does not fit|not filled|unused"):
+        ga.import_adapterhub(tiny_llama(seed=0), tmp_path)  # kv heads 2, not GPT-2's 4

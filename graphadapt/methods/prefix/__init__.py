@@ -91,14 +91,34 @@ def eject_prefix(adapted, name: str | None = None) -> int:
     """Replace the reparametrisation MLP of prefix adapter ``name`` (every adapter when None; unions
     included) by its output — a directly stored prefix — for inference. Outputs are unchanged; the MLP's
     parameters are gone (save the adapter first if you want to keep training it). Returns how many
-    prefix modules were ejected."""
+    prefix modules were ejected. The adapter's spec becomes ``flat=True``, so ``save_adapters`` → ``load``
+    rebuilds the ejected form."""
     if getattr(adapted, "is_merged", False):
         raise GraphAdaptError("unmerge() before eject_prefix()")
     if name is not None and name not in adapted.spec.adapters:
         raise GraphAdaptError(f"unknown adapter {name!r}; this model has {list(adapted.spec.adapters)}")
     prefix = adapter_prefix(name)
-    return sum(mod.eject() for mname, mod in adapted.named_modules()
-               if isinstance(mod, PrefixPool) and mname.startswith(prefix))
+    done = {}
+    for mname, mod in adapted.named_modules():
+        if isinstance(mod, PrefixPool) and mname.startswith(prefix):
+            done[mname.split(".")[1]] = done.get(mname.split(".")[1], 0) + mod.eject()
+    changed = {n: _flat_spec(adapted.spec.adapters[n]) for n, k in done.items() if k}
+    if changed:  # the spec follows the modules, so save_adapters → load rebuilds the ejected form
+        from graphadapt.spec import Spec
+
+        old = adapted.spec
+        adapted.spec = Spec({n: changed.get(n, s) for n, s in old.adapters.items()}, active=old.active,
+                            seed=old.seed)
+    return sum(done.values())
+
+
+def _flat_spec(spec):
+    if isinstance(spec, PrefixTuning):
+        return spec.replace(flat=True)
+    members = getattr(spec, "members", None)
+    if members is not None:
+        return type(spec)(members=tuple(_flat_spec(m) for m in members), seed=spec.seed)
+    return spec
 
 
 __all__ = ["FlatPrefix", "PrefixAttention", "PrefixGenerator", "PrefixPool", "PrefixTuning", "PrefixTuningMethod",

@@ -76,7 +76,8 @@ class UnionMethod(Method):
             mine = [s.site for s in sites if s.member == i]
             if not mine:
                 continue
-            res = plugin.insert(gm, ctx, _member_name(adapter, key), m, mine, seed)
+            own = m.seed if m.seed is not None else seed  # a member's own seed wins, as an adapter's does
+            res = plugin.insert(gm, ctx, _member_name(adapter, key), m, mine, own)
             modified |= res.modified
             records += [dataclasses.replace(r, adapter=adapter, details={**dict(r.details), "member": key})
                         for r in res.records]
