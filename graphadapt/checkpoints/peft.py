@@ -71,6 +71,9 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
     d = Path(directory)
     cfg, weights = _read(d)
     method = _plugin(cfg)
+    custom = method.peft_read(model, cfg, weights, name, d)
+    if custom is not None:
+        return custom
     if cfg.get("modules_to_save") and not ignore_modules_to_save:
         raise CheckpointError(
             f"the checkpoint also trains whole modules {cfg['modules_to_save']} (modules_to_save); graphadapt "

@@ -71,6 +71,11 @@ class Method:
         """A PEFT state-dict key → ``(module path, tensor name in our module)``, or None if not ours."""
         return None
 
+    def peft_read(self, model, config: Mapping[str, Any], weights: dict[str, torch.Tensor], name: str, directory):
+        """Optional: ``(spec, fill(adapted))`` for a PEFT checkpoint whose tensors are not per-module
+        (prefix tuning's ``prompt_embeddings``); None uses the per-module reader (``peft_key``/``peft_spec``)."""
+        return None
+
     adapterhub_architectures: ClassVar[tuple[str | None, ...]] = ()
     """AdapterHub config ``architecture`` values this method imports."""
 

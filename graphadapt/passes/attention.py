@@ -1,0 +1,304 @@
+"""Insert adapter modules at attention cores (methods that change what attention attends to).
+
+before (SDPA):  ``o = sdpa(q, k, v, mask[, is_causal])``
+before (eager): ``s = matmul(q, kᵀ) → (scale, + mask/bias) → softmax → (dropout) → matmul(·, v)``
+after:          ``k', v', mask'… = call_module(adapters.<name>.<layer>.<loc>)(kv, k, v, x, q, [mask…])``
+                and the core reads ``k'``, ``v'`` and the new masks; ``is_causal`` becomes an explicit mask.
+
+``kv`` is the output of one shared module (``adapters.<name>.prefix``, called once at the graph's
+start) for the core's *location* (AdapterHub's words: ``self_prefix``; ``encoder_prefix`` for the
+encoder of an encoder-decoder model; ``cross_prefix``); ``x`` is the attention block's input
+hidden states (for gates), ``q`` the core's query. Masks are listed with their kind so the module
+pads them for whatever it prepends: ``"bool"`` (True attends), ``"additive"`` (0 attends) or
+``"fill"`` (``masked_fill`` mask: False attends). ``k``/``v`` are in the layout the core reads
+(``[B, H, T, d]``, after GQA's repeat; ``n_rep`` says how many query heads share a key/value head).
+What the module computes is the method's business; this pass does *where*.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import SpecError
+from ..structure.types import AttentionBlock, Layer, StructureMap
+from ..vocab import adapter_target
+from . import AdapterRecord, InsertContext, PassResult
+
+KIND = "attention"
+LOCATIONS = ("self_prefix", "encoder_prefix", "cross_prefix")
+
+aten = torch.ops.aten
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default}
+_PASS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default, aten.contiguous.default,
+         aten.alias.default, aten.type_as.default}
+_ADD = {aten.add.Tensor, aten.add_.Tensor}
+_SCALE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+
+
+@dataclass
+class AttentionSite:
+    """One attention core an adapter acts on."""
+
+    layer: Layer
+    block: AttentionBlock
+    location: str              # self_prefix | encoder_prefix | cross_prefix
+    index: int                 # position among the selected cores of this location (graph order)
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int           # width of the block's input hidden states
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer.module_path or f'layer{self.layer.index}'}.{self.location}"
+
+
+@dataclass
+class _Rewire:
+    """Where the core reads k, v and masks, found before anything changes."""
+
+    k: fx.Node
+    v: fx.Node
+    q: fx.Node
+    set_k: Callable[[fx.Node], None]
+    set_v: Callable[[fx.Node], None]
+    masks: list[tuple[fx.Node, str, Callable[[fx.Node], None]]] = field(default_factory=list)
+    causal: bool = False
+    anchor: fx.Node | None = None
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _is(n, targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def locations_of(sm: StructureMap) -> dict[int, tuple[str, ...]]:
+    """Layer index → locations of its attention blocks (self/encoder first, then cross)."""
+    enc_dec = any(layer.cross_attention is not None for layer in sm.layers)
+    with_cross = {layer.stack for layer in sm.layers if layer.cross_attention is not None}
+    out = {}
+    for layer in sm.layers:
+        first = "encoder_prefix" if enc_dec and layer.stack not in with_cross else "self_prefix"
+        out[layer.index] = (first, "cross_prefix") if layer.cross_attention is not None else (first,)
+    return out
+
+
+def select_attention_sites(sm: StructureMap, locations: tuple[str, ...], includes_layer: Callable[[int], bool],
+                           adapter_name: str, method_label: str) -> list[AttentionSite]:
+    """The attention cores at ``locations`` in the layers ``includes_layer`` accepts (SpecError if none)."""
+    out: list[AttentionSite] = []
+    count: dict[str, int] = {}
+    for layer in sm.layers:
+        if not includes_layer(layer.index):
+            continue
+        for loc, blk in zip(locations_of(sm)[layer.index], (layer.attention, layer.cross_attention)):
+            if loc not in locations or blk is None:
+                continue
+            if blk.k is None or blk.v is None:
+                raise SpecError(
+                    f"adapter {adapter_name!r}: layer {layer.index}'s attention has no recognised key/value "
+                    f"projection (fused head-interleaved QKV?); {method_label} needs them to size its prefix. "
+                    "Use LoRA on this model.", field="method")
+            head_dim = None
+            if blk.num_kv_heads:
+                head_dim = blk.k.out_features // blk.num_kv_heads
+            elif blk.form == "sdpa" and _val(blk.core.args[0]) is not None:
+                head_dim = int(_val(blk.core.args[0]).shape[-1])
+            if not head_dim or blk.k.out_features % head_dim:
+                raise SpecError(f"adapter {adapter_name!r}: cannot tell the head size of layer {layer.index}'s "
+                                "attention from the graph", field="method")
+            hidden = blk.q.in_features if blk.q is not None else blk.k.in_features
+            out.append(AttentionSite(layer, blk, loc, count.get(loc, 0), blk.k.out_features // head_dim,
+                                     head_dim, hidden))
+            count[loc] = count.get(loc, 0) + 1
+    if not out:
+        raise SpecError(
+            f"adapter {adapter_name!r}: no attention core found at {list(locations)} in the selected layers "
+            f"(model has {len(sm.layers)} recognised layers); see `graphadapt inspect`.", field="layers")
+    return out
+
+
+# ------------------------------------------------------------------ finding the core's inputs
+def _set_arg(node: fx.Node, i: int):
+    def set_(new):
+        args = list(node.args)
+        args[i] = new
+        node.args = tuple(args)
+    return set_
+
+
+def _set_kwarg(node: fx.Node, key: str):
+    def set_(new):
+        node.kwargs = {**node.kwargs, key: new}
+    return set_
+
+
+def _sdpa(core: fx.Node) -> _Rewire:
+    r = _Rewire(k=core.args[1], v=core.args[2], q=core.args[0], set_k=_set_arg(core, 1), set_v=_set_arg(core, 2),
+                anchor=core)
+    mask, set_mask = None, None
+    if len(core.args) > 3:
+        mask, set_mask = core.args[3], _set_arg(core, 3)
+    elif "attn_mask" in core.kwargs:
+        mask, set_mask = core.kwargs["attn_mask"], _set_kwarg(core, "attn_mask")
+    causal = core.args[5] if len(core.args) > 5 else core.kwargs.get("is_causal", False)
+    if isinstance(mask, fx.Node):
+        val = _val(mask)
+        r.masks.append((mask, "bool" if val is not None and val.dtype == torch.bool else "additive", set_mask))
+    if causal:
+        r.causal = True
+        if len(core.args) > 5:
+            _set_arg(core, 5)(False)
+        else:
+            core.kwargs = {**core.kwargs, "is_causal": False}
+        if mask is None:  # the module returns the explicit causal mask (+ prefix) as an extra output
+            def set_mask(new, core=core):
+                if len(core.args) > 3:
+                    _set_arg(core, 3)(new)
+                else:
+                    core.kwargs = {**core.kwargs, "attn_mask": new}
+            r.masks.append((None, "bool", set_mask))
+    return r
+
+
+def _eager(blk: AttentionBlock, where: str) -> _Rewire:
+    sm, pv = blk.softmax, blk.core
+    order = {n: i for i, n in enumerate(sm.graph.nodes)}
+    chain, n = [], sm.args[0]
+    for _ in range(16):
+        if _is(n, _MATMUL):
+            break
+        if not _is(n, _ADD | _SCALE | _FILL | _PASS):
+            raise SpecError(f"attention at {where}: eager scores pass through {getattr(n, 'target', n)}, which the "
+                            "attention pass cannot extend for prepended keys", field="method")
+        chain.append(n)
+        cands = [a for a in n.all_input_nodes if a.op == "call_function"]
+        mm = [a for a in cands if _is(a, _MATMUL)]
+        n = mm[0] if mm else (max(cands, key=lambda a: order[a]) if cands else None)
+    qk = n
+    if not _is(qk, _MATMUL):
+        raise SpecError(f"attention at {where}: QKᵀ matmul not found before the softmax", field="method")
+    kt = qk.args[1]
+    if not (_is(kt, {aten.transpose.int}) and sorted(a % 4 for a in kt.args[1:3]) == [2, 3]):
+        raise SpecError(f"attention at {where}: the key enters QKᵀ as {getattr(kt, 'target', kt)}, not a transpose "
+                        "of the last two dims; this eager layout is not supported", field="method")
+    r = _Rewire(k=kt.args[0], v=pv.args[1], q=qk.args[0], set_k=_set_arg(kt, 0), set_v=_set_arg(pv, 1),
+                anchor=kt)
+    on_path = set(chain) | {qk}
+    for c in chain:
+        for i, a in enumerate(c.args):
+            if not isinstance(a, fx.Node) or a in on_path:
+                continue
+            val = _val(a)
+            if val is None or val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] == 1):
+                continue  # scalars and operands broadcast along the key axis need nothing
+            if _is(c, _ADD):
+                r.masks.append((a, "additive", _set_arg(c, i)))
+            elif _is(c, _FILL) and i == 1:
+                r.masks.append((a, "fill", _set_arg(c, i)))
+            else:
+                raise SpecError(f"attention at {where}: operand {a.name} of {c.target} spans the key axis; the "
+                                "attention pass cannot extend it", field="method")
+    return r
+
+
+def _rewire_plan(site: AttentionSite) -> _Rewire:
+    blk = site.block
+    where = f"layer {site.layer.index} ({site.location})"
+    return _sdpa(blk.core) if blk.form == "sdpa" else _eager(blk, where)
+
+
+# ------------------------------------------------------------------ insertion
+def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_name: str, method_name: str,
+                             sites: list[AttentionSite], pool_target: str, pool: nn.Module,
+                             build: Callable[[AttentionSite, dict], nn.Module]) -> PassResult:
+    """Add ``pool`` under ``pool_target`` (called once, at the graph's start; it returns one tensor per
+    location, in ``pool.locations`` order) and one ``build(site, facts)`` module per core, which reads the
+    pool's tensor for its location and rewrites the core's k, v and masks. ``facts``: ``n_rep``, ``mask_kinds``,
+    ``causal``."""
+    g = gm.graph
+    gm.add_submodule(pool_target, pool)
+    pool.train(gm.training)
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    with g.inserting_after(placeholders[-1] if placeholders else next(iter(g.nodes))):
+        pool_node = g.call_module(pool_target, ())
+    pool_node.meta["graphadapt"] = {"site": "prefix", "kind": KIND}
+    per_loc: dict[str, fx.Node] = {}
+    with g.inserting_after(pool_node):
+        for i, loc in reversed(list(enumerate(pool.locations))):
+            per_loc[loc] = g.call_function(operator.getitem, (pool_node, i))
+    records: list[AdapterRecord] = []
+    for site in sites:
+        rw = _rewire_plan(site)
+        k, v, q = ctx.live(rw.k), ctx.live(rw.v), ctx.live(rw.q)
+        kval = _val(k)
+        n_rep = int(kval.shape[1]) // site.num_kv_heads if kval is not None else 1
+        if kval is not None and int(kval.shape[1]) % site.num_kv_heads:
+            raise SpecError(f"layer {site.layer.index}: the core's key has {kval.shape[1]} heads, not a multiple of "
+                            f"the {site.num_kv_heads} key/value heads", field="method")
+        blk = site.block
+        x = ctx.live(blk.q.input) if blk.q is not None else None
+        facts = {"n_rep": n_rep, "mask_kinds": tuple(kind for _, kind, _ in rw.masks), "causal": rw.causal}
+        mod = build(site, facts)
+        target = adapter_target(adapter_name, site.name)
+        gm.add_submodule(target, mod)
+        mod.train(gm.training)
+        masks = [ctx.live(m) if m is not None else None for m, _, _ in rw.masks]
+        anchor = rw.anchor
+        with g.inserting_before(anchor):
+            node = g.call_module(target, (per_loc[site.location], k, v, x, q, masks))
+            node.meta["graphadapt"] = {"site": site.name, "kind": KIND}
+            outs = [g.call_function(operator.getitem, (node, i)) for i in range(2 + len(masks))]
+        rw.set_k(outs[0])
+        rw.set_v(outs[1])
+        for (_, _, set_mask), new in zip(rw.masks, outs[2:]):
+            set_mask(new)
+        records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=site.name, target=target,
+                                     kind=KIND, role=site.location, layer=site.layer.index,
+                                     details={"index": site.index, "form": blk.form}))
+    _reorder(g)
+    return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]}, records)
+
+
+def _reorder(g: fx.Graph) -> None:
+    """Stable topological re-sort: the module call sits before the core, but some of its inputs (the value
+    projection, an eager mask operand) may come later in the graph; move them up, keeping the rest in place."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    out, done = [], set()
+    for n in list(g.nodes):
+        stack = [(n, False)]
+        while stack:
+            m, expanded = stack.pop()
+            if m in done:
+                continue
+            if expanded:
+                done.add(m)
+                out.append(m)
+                continue
+            stack.append((m, True))
+            for a in sorted(m.all_input_nodes, key=lambda a: -order[a]):
+                if a not in done:
+                    stack.append((a, False))
+    prev = g._root
+    for n in out:
+        if n.prev is not prev:
+            prev.append(n)
+        prev = n
+
+
+def site_key(site: AttentionSite) -> str:
+    return site.name
+
+
+__all__ = ["AttentionSite", "KIND", "LOCATIONS", "insert_attention_adapter", "locations_of",
+           "select_attention_sites", "site_key"]
