@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from .composition.insert import insert_compositions, replicate_inputs
 from .composition.site import describe, prune
+from .passes import linear as _linear
+from .passes import residual as _residual
 from .errors import SpecError
 from .methods import Method, get_method
 from .passes import InsertContext, run_pass
@@ -40,6 +42,15 @@ class PlannedAdapter:
     def site_keys(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.method.site_key(s) for s in self.sites))
 
+    @property
+    def physical(self) -> tuple:
+        """Every module position of this adapter (a union's members' sites), one per (kind, key)."""
+        seen: dict = {}
+        for s in self.sites:
+            for p in self.method.physical_sites(self.name, s):
+                seen.setdefault((p.kind, p.key), p)
+        return tuple(seen.values())
+
 
 @dataclass(frozen=True)
 class Combination:
@@ -58,6 +69,11 @@ class Combination:
     adapters: tuple[str, ...]
     mode: str
     tree: tuple | None = None
+    owners: tuple[str, ...] = ()
+    """Module owner of each adapter here (``adapters.<owner>.<site>``): the adapter, or a union's member."""
+
+    def owner(self, adapter: str) -> str:
+        return dict(zip(self.adapters, self.owners or self.adapters))[adapter]
 
 
 @dataclass(frozen=True)
@@ -85,12 +101,13 @@ class Plan:
     def site(self, kind: str, key: str):
         """The site object (``LinearSite`` / ``ResidualTarget``) of ``(kind, key)``."""
         for a in self.adapters:
-            if a.method.site_kind != kind:
-                continue
-            for s in a.sites:
-                if a.method.site_key(s) == key:
-                    return s
+            for p in a.physical:
+                if (p.kind, p.key) == (kind, key):
+                    return p.site
         raise KeyError((kind, key))
+
+
+COMPOSABLE_KINDS = (_linear.KIND, _residual.KIND)
 
 
 def _describe_combination(c: Combination) -> str:
@@ -112,26 +129,35 @@ def build_plan(sm: StructureMap, spec: Spec) -> Plan:
     # replace a node (residual points) run after, rewiring every consumer to the adapter
     planned.sort(key=lambda a: a.method.phase)
 
-    at: dict[tuple[str, str], list[PlannedAdapter]] = {}
+    at: dict[tuple[str, str], list] = {}
     for a in planned:
-        for key in a.site_keys:
-            at.setdefault((a.method.site_kind, key), []).append(a)
+        for p in a.physical:
+            at.setdefault((p.kind, p.key), []).append((a, p))
     block = spec.composition
     combos = []
-    for (kind, key), users in at.items():
-        tree = None if block is None else prune(block, [u.name for u in users])
+    for (kind, key), here in at.items():
+        users = [a for a, _ in here]
+        owners = tuple(p.owner for _, p in here)
+        names = tuple(u.name for u in users)
+        tree = None if block is None else prune(block, names)
         composed = tree is not None and (len(users) > 1 or tree[0] != "name")
+        if composed and kind not in COMPOSABLE_KINDS:
+            if len(users) > 1:
+                raise SpecError(f"adapters {list(names)} share the {kind} site {key}; composition blocks are defined "
+                                f"at linear sites and residual points only, not at {kind} sites", field="active")
+            composed = False  # a lone prefix/prompt adapter applies as it is inside any block
         if composed:
-            _check_composable(users, kind, key)
-            combos.append(Combination(key, kind, tuple(u.name for u in users), "compose", tree))
+            combos.append(Combination(key, kind, names, "compose", tree, owners))
             continue
         if len(users) < 2:
             continue
-        modes = {u.method.combine for u in users}
-        live = [u for u in users if u.name in spec.active_names]
+        modes = {p.combine for _, p in here}
+        live = [(u, p) for u, p in here if u.name in spec.active_names]
         if None in modes and spec.active is not None and len(live) <= 1:
             # dormant adapters share the site with (at most) one active one: wire only that one
-            combos.append(Combination(key, kind, tuple(u.name for u in (live or users[:1])), "select"))
+            pick = live or here[:1]
+            combos.append(Combination(key, kind, tuple(u.name for u, _ in pick), "select", None,
+                                      tuple(p.owner for _, p in pick)))
             continue
         if None in modes or len(modes) != 1:
             first, second = users[0], users[1]
@@ -140,21 +166,14 @@ def build_plan(sm: StructureMap, spec: Spec) -> Plan:
                 f"put an adapter at {key}; at one {kind} site they need a composition block saying how they "
                 f"combine: Spec(..., active=Stack/Fuse/Parallel/BatchSplit/Average(...)) (AdapterHub's "
                 "Stack/Parallel).", field="adapters")
-        combos.append(Combination(key, kind, tuple(u.name for u in users), modes.pop()))
+        combos.append(Combination(key, kind, names, modes.pop(), None, owners))
     return Plan(tuple(planned), tuple(combos), block.parallel_channels if block is not None else 1)
-
-
-def _check_composable(users, kind: str, key: str) -> None:
-    for u in users:
-        if not getattr(u.method, "composable", True):
-            raise SpecError(f"adapter {u.name!r} ({u.method.name}) at {key} cannot take part in a composition "
-                            f"block at a {kind} site", field="active")
 
 
 def execute_plan(gm, plan: Plan, dropout: float = 0.0, base_seed: int = 0) -> list:
     """Run the plan's insertion passes on ``gm`` (modules already present are reused) and wire the
     composed sites; returns the :class:`~graphadapt.passes.AdapterRecord`\\ s."""
-    ctx = InsertContext(attach_only={c.site: frozenset() if c.mode == "compose" else frozenset(c.adapters)
+    ctx = InsertContext(attach_only={c.site: frozenset() if c.mode == "compose" else frozenset(c.owners or c.adapters)
                                      for c in plan.combinations if c.mode in ("compose", "select")})
     records = []
     for a in plan.adapters:

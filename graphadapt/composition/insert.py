@@ -69,7 +69,7 @@ def insert_compositions(gm: fx.GraphModule, ctx: InsertContext, combos, sites: d
     records: list[AdapterRecord] = []
     for c in combos:
         site = sites[(c.kind, c.site)]
-        mods = {n: gm.get_submodule(adapter_target(n, c.site)) for n in tree_names(c.tree)}
+        mods = {n: gm.get_submodule(adapter_target(c.owner(n), c.site)) for n in tree_names(c.tree)}
         target = f"{ADAPTERS}.{COMPOSE}.{c.site}"
         if c.kind == linear_pass.KIND:
             w = gm.get_parameter(site.weight)

@@ -19,6 +19,7 @@ nothing outside a method's folder names a method. Merge asks the *module*: ``mer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
@@ -32,6 +33,17 @@ from ..spec.base import MethodSpec
 
 if TYPE_CHECKING:
     from ..structure.types import StructureMap
+
+
+@dataclass(frozen=True)
+class PhysicalSite:
+    """One module position: site kind and key, the module's owner name, the site object, its combine policy."""
+
+    kind: str
+    key: str
+    owner: str
+    site: Any
+    combine: str | None
 
 
 class Method:
@@ -51,6 +63,11 @@ class Method:
 
     def site_key(self, site) -> str:
         raise NotImplementedError
+
+    def physical_sites(self, adapter: str, site) -> list[PhysicalSite]:
+        """Where in the graph ``site`` puts a module, and who owns it (``adapters.<owner>.<key>``). A method
+        made of others (a union) reports its members' sites, so the plan sees every real overlap."""
+        return [PhysicalSite(self.site_kind, self.site_key(site), adapter, site, self.combine)]
 
     # -- what
     def build(self, spec: MethodSpec, adapter: str, site, seed: int, **site_facts) -> nn.Module:
@@ -163,4 +180,4 @@ class ResidualSiteMethod(Method):
         return residual_pass.insert_residual_adapter(gm, ctx, adapter, self.name, sites, build)
 
 
-__all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod"]
+__all__ = ["LinearSiteMethod", "Method", "PhysicalSite", "ResidualSiteMethod"]

@@ -34,6 +34,7 @@ class MemberSite:
     key: str
     site: Any
     site_key: str
+    spec: Any = None
 
 
 def _member_name(adapter: str, key: str) -> str:
@@ -61,11 +62,14 @@ class UnionMethod(Method):
                         f"adapter {adapter!r}: union members {j} ({other}) and {i} ({key}) both claim the "
                         f"{where[0]} site {where[1]}; give them different positions/targets/layers", field="members")
                 owner[where] = (i, key)
-                out.append(MemberSite(i, key, site, where[1]))
+                out.append(MemberSite(i, key, site, where[1], m))
         return out
 
     def site_key(self, site: MemberSite) -> str:
         return f"{site.key}:{site.site_key}"
+
+    def physical_sites(self, adapter, site: MemberSite):
+        return get_method(site.spec).physical_sites(_member_name(adapter, site.key), site.site)
 
     def insert(self, gm, ctx, adapter, spec: Union, sites, seed):
         records, modified = [], False
