@@ -11,6 +11,7 @@ from . import methods  # noqa: F401  (registers the built-in method plugins)
 from .methods.bottleneck import AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, ParBn, SeqBn
 from .methods.ia3 import IA3
 from .methods.lora import LoRA
+from .methods.prompt import PromptTuning
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
@@ -31,7 +32,7 @@ def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on firs
 __all__ = [
     "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
     "Spec", "MethodSpec", "LoRA", "IA3", "Bottleneck", "SeqBn", "DoubleSeqBn", "ParBn", "AdapterPlus",
-    "Compacter", "CompacterPlusPlus", "as_spec",
+    "Compacter", "CompacterPlusPlus", "PromptTuning", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub",

@@ -3,6 +3,7 @@
     graphadapt/methods/lora/        LoRA, rsLoRA, DoRA, gated LoRA
     graphadapt/methods/ia3/         IA3
     graphadapt/methods/bottleneck/  bottleneck adapters and presets (SeqBn, ParBn, Compacter, …)
+    graphadapt/methods/prompt/      prompt tuning (soft tokens at the input embeddings)
 
 A third-party method is a package of the same shape that calls :func:`register` — see
 ``docs/architecture.md`` ("Adding a method").
@@ -14,6 +15,6 @@ from .base import LinearSiteMethod, Method, ResidualSiteMethod
 from .registry import get_method, register, registered, unregister
 
 # the built-in plugins register themselves on import
-from . import bottleneck, ia3, lora  # noqa: E402,F401  isort: skip
+from . import bottleneck, ia3, lora, prompt  # noqa: E402,F401  isort: skip
 
 __all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]

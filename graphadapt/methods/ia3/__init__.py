@@ -17,8 +17,7 @@ from graphadapt.init import adapter_generator, init_bert_, normal_, ones_, unifo
 from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
-from graphadapt.methods.lora import adapterhub as _ah
-
+from . import adapterhub as _ah
 from .module import IA3Module
 from .peft import peft_ia3_spec, peft_key
 from .spec import IA3

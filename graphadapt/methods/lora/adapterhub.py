@@ -39,7 +39,7 @@ IA3_DEFAULTS = {**LORA_DEFAULTS, "intermediate_lora": True, "r": 1, "alpha": 1, 
 _PRESETS = {"lora": LORA_DEFAULTS, "ia3": IA3_DEFAULTS}
 
 
-def _config(config: Mapping | str, mode: str) -> dict | None:
+def config_dict(config: Mapping | str, mode: str) -> dict | None:
     """The full LoRAConfig dict if it is ``mode`` ("add"/"scale"), else None (another plugin's)."""
     if isinstance(config, str):
         preset = _PRESETS.get(config.lower())
@@ -49,7 +49,7 @@ def _config(config: Mapping | str, mode: str) -> dict | None:
     if not isinstance(config, Mapping):
         raise CheckpointError(f"AdapterHub config must be a dict or a preset name, got {type(config).__name__}")
     if isinstance(config.get("config"), (Mapping, str)):  # whole adapter_config.json
-        return _config(config["config"], mode)
+        return config_dict(config["config"], mode)
     if config.get("architecture") != "lora":
         return None
     cfg = {**LORA_DEFAULTS, **config}
@@ -70,7 +70,7 @@ def _config(config: Mapping | str, mode: str) -> dict | None:
     return cfg
 
 
-def _targets(cfg: dict) -> tuple[str, ...]:
+def targets(cfg: dict) -> tuple[str, ...]:
     attn = cfg["attn_matrices"]
     if isinstance(attn, str) or not all(a in ("q", "k", "v") for a in attn):
         raise CheckpointError(f"AdapterHub attn_matrices must be a list of 'q', 'k', 'v'; got {attn!r}")
@@ -85,7 +85,7 @@ def _targets(cfg: dict) -> tuple[str, ...]:
     return tuple(roles)
 
 
-def _leave_out(cfg: dict) -> tuple[int, ...]:
+def leave_out(cfg: dict) -> tuple[int, ...]:
     return tuple(cfg.get("leave_out") or ())
 
 
@@ -94,38 +94,17 @@ def lora_spec_from_config(config: Mapping | str):
     None for other configs."""
     from .spec import LoRA
 
-    cfg = _config(config, "add")
+    cfg = config_dict(config, "add")
     if cfg is None:
         return None
     if cfg["init_weights"] not in ("lora", "bert"):
         raise CheckpointError(f"AdapterHub LoRA init_weights={cfg['init_weights']!r} has no graphadapt LoRA "
                               "equivalent (supported: 'lora', 'bert')")
     try:
-        return LoRA(r=cfg["r"], alpha=cfg["alpha"], dropout=float(cfg["dropout"]), targets=_targets(cfg),
-                    leave_out=_leave_out(cfg), init=cfg["init_weights"], use_gating=bool(cfg["use_gating"]))
+        return LoRA(r=cfg["r"], alpha=cfg["alpha"], dropout=float(cfg["dropout"]), targets=targets(cfg),
+                    leave_out=leave_out(cfg), init=cfg["init_weights"], use_gating=bool(cfg["use_gating"]))
     except SpecError as e:
         raise CheckpointError(f"AdapterHub LoRA config does not translate to a graphadapt LoRA: {e}") from e
-
-
-def ia3_spec_from_config(config: Mapping | str):
-    """AdapterHub IA3 (``LoRAConfig`` with ``composition_mode="scale"``, dict or ``"ia3"``) →
-    :class:`~graphadapt.IA3` with AdapterHub's semantics (output scaling ``alpha·l`` at every site, or
-    ``g·l`` gated), None for other configs. ``init_weights`` other than ``"ia3"`` (ones) only matter
-    at AdapterHub's initialisation; graphadapt starts at ones, and an import replaces them anyway."""
-    from graphadapt.methods.ia3.spec import IA3
-
-    cfg = _config(config, "scale")
-    if cfg is None:
-        return None
-    if cfg["r"] != 1:
-        raise CheckpointError(f"AdapterHub IA3 (composition_mode='scale') needs r=1, got r={cfg['r']}")
-    if cfg["dropout"]:
-        raise CheckpointError(f"AdapterHub IA3 does not support dropout, got {cfg['dropout']}")
-    try:
-        return IA3(targets=_targets(cfg), feedforward=(), leave_out=_leave_out(cfg), alpha=cfg["alpha"],
-                   use_gating=bool(cfg["use_gating"]))
-    except SpecError as e:
-        raise CheckpointError(f"AdapterHub IA3 config does not translate to a graphadapt IA3: {e}") from e
 
 
 _FFN_LEAF_ROLE = {"up_proj": "up", "down_proj": "down"}
@@ -239,5 +218,5 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
             f"tensors unused (e.g. {sorted(unexpected)[:3]}). Was it saved for the same architecture?")
 
 
-__all__ = ["IA3_DEFAULTS", "LORA_DEFAULTS", "checkpoint_spec", "ia3_spec_from_config", "load_weights",
-           "lora_spec_from_config"]
+__all__ = ["IA3_DEFAULTS", "LORA_DEFAULTS", "checkpoint_spec", "config_dict", "leave_out", "load_weights",
+           "lora_spec_from_config", "targets"]
