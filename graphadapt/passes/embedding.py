@@ -56,12 +56,16 @@ class EmbeddingSite:
     lookup: fx.Node                             # aten.embedding(W, input_ids)
     weight: str                                 # qualified name of W (the word embeddings)
     output: fx.Node                             # the stream entering the first layer
-    hidden: int
+    hidden: int                                 # width of the word embeddings
+    output_hidden: int                          # width of the first layer's input (differs: ALBERT)
     padded: tuple[tuple[fx.Node, int], ...]     # (sequence input placeholder, fill value)
     name: str = SITE
 
     def node(self, at: str) -> fx.Node:
         return self.lookup if at == "word_embeddings" else self.output
+
+    def width(self, at: str) -> int:
+        return self.hidden if at == "word_embeddings" else self.output_hidden
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -109,8 +113,10 @@ def find_embedding_site(gm: fx.GraphModule, sm: StructureMap, adapter: str) -> E
     for name, axes in dims.items():
         if axes.get(1) == "sequence" and name in phs:
             padded.append((phs[name], 1 if name == MASK_INPUT else 0))
+    val = output.meta.get("val")
+    out_hidden = int(val.shape[-1]) if hasattr(val, "shape") else int(w.shape[-1])
     return EmbeddingSite(ids=ids, lookup=lookup, weight=str(lookup.args[0].target), output=output,
-                         hidden=int(w.shape[-1]), padded=tuple(padded))
+                         hidden=int(w.shape[-1]), output_hidden=out_hidden, padded=tuple(padded))
 
 
 def getattr_path(gm: nn.Module, name: str):

@@ -44,10 +44,16 @@ class PromptTuningMethod(Method):
         return embedding_pass.site_key(site)
 
     def build(self, spec: PromptTuning, adapter, site, seed, weight=None):
-        mod = PromptTuningModule(spec.prompt_length, site.hidden, spec.combine, dtype=weight.dtype,
+        width = site.width(spec.insert_at)
+        mod = PromptTuningModule(spec.prompt_length, width, spec.combine, dtype=weight.dtype,
                                  device=weight.device)
         with torch.no_grad():
             if spec.prompt_init == "from_string":
+                if width != weight.shape[1]:
+                    raise SpecError(f"prompt_init='from_string' copies word embeddings ({weight.shape[1]} wide), but "
+                                    f"the embedding output is {width} wide (a projected embedding, as ALBERT's); use "
+                                    "insert_at='word_embeddings' or prompt_init='random_uniform'",
+                                    field="prompt_init")
                 ids = spec.init_ids()
                 if max(ids) >= weight.shape[0]:
                     raise SpecError(f"prompt_init_ids has id {max(ids)}, but the vocabulary has {weight.shape[0]} "
