@@ -185,3 +185,35 @@ def test_adapterhub_llama_ffn_naming_follows_checkpoint(tmp_path):
     adapted = ga.import_adapterhub(tiny_llama(), tmp_path)
     got = adapted.get_parameter("adapters.a.layers.1.mlp.down_proj.lora_A")
     torch.testing.assert_close(got, sd["layers.1.mlp.down_proj.loras.a.lora_A"])
+
+
+def _write_ah(path, cfg, sd):
+    (path / "adapter_config.json").write_text(json.dumps({"config": cfg, "name": "a"}))
+    torch.save(sd, path / "pytorch_adapter.bin")
+
+
+def test_adapterhub_lora_keys_with_a_head_prefix_and_clear_mismatch_errors(tmp_path):
+    cfg = {"architecture": "lora", "r": 2, "alpha": 4, "attn_matrices": ["q"]}
+    sd = {f"bert.encoder.layer.{i}.attention.self.query.loras.a.{t}": torch.randn(s)
+          for i in range(2) for t, s in (("lora_A", (2, 32)), ("lora_B", (32, 2)))}
+    _write_ah(tmp_path, cfg, sd)  # saved from BertForSequenceClassification: "bert." prefix
+    adapted = ga.import_adapterhub(tiny_bert(), tmp_path)
+    torch.testing.assert_close(adapted.get_parameter("adapters.a.encoder.layer.1.attention.self.query.lora_B"),
+                               sd["bert.encoder.layer.1.attention.self.query.loras.a.lora_B"])
+    bad = dict(sd, **{"bert.encoder.layer.0.attention.self.query.loras.a.lora_A": torch.randn(3, 32)})
+    _write_ah(tmp_path, cfg, bad)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ga.import_adapterhub(tiny_bert(), tmp_path)
+    _write_ah(tmp_path, cfg, {k: v for k, v in sd.items() if ".layer.1." not in k})
+    with pytest.raises(CheckpointError, match="2 graphadapt tensors not filled"):
+        ga.import_adapterhub(tiny_bert(), tmp_path)
+
+
+def test_peft_prompt_tuning_for_two_stacks_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2, "num_transformer_submodules": 2}))
+    save_file({"prompt_embeddings": torch.randn(4, 32)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="num_transformer_submodules=2"):
+        ga.import_peft(tiny_bert(), tmp_path)
