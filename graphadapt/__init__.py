@@ -13,6 +13,7 @@ from .methods.ia3 import IA3
 from .methods.lora import LoRA
 from .methods.prefix import PrefixTuning, eject_prefix
 from .methods.union import MAM, UniPELT, Union
+from .methods.prompt import PromptTuning
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
@@ -34,7 +35,7 @@ __all__ = [
     "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
     "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Average", "LoRA", "IA3", "Bottleneck", "SeqBn",
     "DoubleSeqBn", "ParBn", "AdapterPlus", "Compacter", "CompacterPlusPlus", "PrefixTuning", "Union", "UniPELT", "MAM",
-    "eject_prefix", "as_spec",
+    "PromptTuning", "eject_prefix", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion",

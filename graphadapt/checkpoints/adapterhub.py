@@ -115,6 +115,10 @@ def read_adapterhub_adapter(directory: str | os.PathLike):
             raise CheckpointError(f"{directory}: cannot tell the adapter name (adapter_config.json has no 'name'; "
                                   f"keys name {sorted(found)})")
         saved = found.pop()
+    # optional plugin hook: settle what the config alone leaves open from the checkpoint's own names
+    refine = getattr(get_method(spec), "adapterhub_checkpoint_spec", None)
+    if refine is not None:
+        spec = refine(spec, sd, saved)
 
     def fill(adapted, ours_name: str, strict: bool = True) -> None:
         get_method(spec).load_adapterhub(adapted, ours_name, saved, sd, strict, directory)

@@ -88,7 +88,8 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
             if "modules_to_save" in key:
                 continue
             raise CheckpointError(f"unexpected key {key!r} in {d}; is this a {method.peft_type} checkpoint?")
-        path = _resolve(hit[0], module_names)
+        # an empty path: a tensor of the adapter itself, not of a module of the model (a soft prompt)
+        path = _resolve(hit[0], module_names) if hit[0] else ""
         if path is None:
             unresolved.append(hit[0])
             continue
@@ -99,7 +100,7 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
                               "another architecture?")
     if not mapped:
         raise CheckpointError(f"no {method.peft_type} tensors in {d}")
-    targets = tuple(sorted({p for p, _ in mapped.values()}))
+    targets = tuple(sorted({p for p, _ in mapped.values() if p}))
     spec = method.peft_spec(cfg, targets)
 
     def fill(adapted) -> None:
@@ -107,7 +108,7 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
         filled = set()
         with torch.no_grad():
             for key, (path, kind) in mapped.items():
-                ours = f"{adapter_prefix(name)}{path}.{kind}"
+                ours = f"{adapter_prefix(name)}{path}.{kind}" if path else f"{adapter_prefix(name)}{kind}"
                 if ours not in params:
                     raise CheckpointError(f"{key} has no counterpart {ours} in the adapted model")
                 p, v = params[ours], weights[key]

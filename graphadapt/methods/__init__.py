@@ -5,6 +5,7 @@
     graphadapt/methods/bottleneck/  bottleneck adapters and presets (SeqBn, ParBn, Compacter, …)
     graphadapt/methods/prefix/      prefix tuning (attention-core site kind)
     graphadapt/methods/union/       unions of methods as one adapter (Union, UniPELT, MAM)
+    graphadapt/methods/prompt/      prompt tuning (soft tokens at the input embeddings)
 
 A third-party method is a package of the same shape that calls :func:`register` — see
 ``docs/architecture.md`` ("Adding a method").
@@ -16,6 +17,6 @@ from .base import LinearSiteMethod, Method, ResidualSiteMethod
 from .registry import get_method, register, registered, unregister
 
 # the built-in plugins register themselves on import
-from . import bottleneck, ia3, lora, prefix, union  # noqa: E402,F401  isort: skip
+from . import bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
 
 __all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]

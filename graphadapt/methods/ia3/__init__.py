@@ -9,13 +9,17 @@ drawn from ``adapter_generator(seed, adapter, site)`` only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from graphadapt.init import adapter_generator, normal_, ones_
+from graphadapt.init import adapter_generator, init_bert_, normal_, ones_, uniform_
 from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
+from . import adapterhub as _ah
 from .module import IA3Module
+from .peft import peft_ia3_spec, peft_key
 from .spec import IA3
 
 
@@ -23,17 +27,40 @@ from .spec import IA3
 class IA3Method(LinearSiteMethod):
     name = "ia3"
     spec_class = IA3
+    peft_type = "IA3"
+    adapterhub_architectures = ("lora",)  # AdapterHub's IA3 is a LoRAConfig with composition_mode="scale"
 
     def build(self, spec: IA3, adapter, site, seed, weight=None):
         mod = IA3Module(site.in_features, site.out_features, feedforward=spec.is_feedforward(site),
                         fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
-                        total_out=site.total_out, dtype=weight.dtype, device=weight.device)
+                        total_out=site.total_out, alpha=spec.alpha, use_gating=spec.use_gating,
+                        dtype=weight.dtype, device=weight.device)
+        g = adapter_generator(seed, adapter, site.name)
         with torch.no_grad():
             if spec.init_ia3_weights:
                 ones_(mod.ia3_l)
             else:
-                normal_(mod.ia3_l, 1.0, adapter_generator(seed, adapter, site.name))
+                normal_(mod.ia3_l, 1.0, g)
+            if mod.gate is not None:  # AdapterHub's gate init: weight N(0, 0.02²), bias nn.Linear's U(±1/sqrt(in))
+                init_bert_(mod.gate.weight, g)
+                bound = 1.0 / math.sqrt(site.in_features)
+                uniform_(mod.gate.bias, -bound, bound, g)
         return mod
+
+    def peft_spec(self, config, targets):
+        return peft_ia3_spec(config, targets)
+
+    def peft_key(self, key):
+        return peft_key(key)
+
+    def adapterhub_spec(self, config):
+        return _ah.ia3_spec_from_config(config)
+
+    def adapterhub_checkpoint_spec(self, spec, state_dict, saved_name):
+        return _ah.checkpoint_spec(spec, state_dict, saved_name)
+
+    def load_adapterhub(self, adapted, adapter, saved_name, state_dict, strict, directory):
+        _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
 __all__ = ["IA3", "IA3Method", "IA3Module"]

@@ -12,6 +12,11 @@ Transform (one site, base op ``y = x W^T + b``)::
   which equals ``linear(x ⊙ l, W, b)`` (PEFT's ``base_layer(x * l)``) while keeping what
   earlier adapters stacked on the same site added to ``y``; ``l`` is ``ia3_l`` [1, in].
 
+AdapterHub's IA3 (``LoRAConfig(composition_mode="scale")``) scales outputs only, by
+``alpha · l`` (``alpha`` folds like ``l``), or with ``use_gating`` by ``g · l`` where the gate
+``g = mean_seq sigmoid(x G^T + g_b)`` (one scalar per example, from the site input) replaces
+``alpha`` — not mergeable. AdapterHub's ``lora_B`` [out, 1] is ``ia3_l``.
+
 ``ia3_l`` has PEFT's shape, so ``base_model.model.<path>.ia3_l.<adapter>`` copies directly.
 ``fold`` gives ``(W', b')``: output scaling multiplies the owned rows of ``W`` and ``b`` by
 ``l``; feedforward scaling multiplies the input columns of the owned rows (bias unchanged).
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphadapt.errors import MergeError, SpecError
+from graphadapt.methods.lora.module import LoRAGate
 from graphadapt.methods.sliced import SlicedSiteModule
 
 __all__ = ["IA3Module"]
@@ -39,10 +46,9 @@ class IA3Module(SlicedSiteModule):
         fan_in_fan_out: base weight is ``[in, out]`` (GPT-2 ``Conv1D``).
         out_slice, total_out: this module owns channels ``[start, end)`` of a
             ``total_out`` wide output.
+        alpha: constant factor on ``ia3_l`` (AdapterHub's IA3 alpha).
+        use_gating: AdapterHub's gate replaces ``alpha`` (output scaling only).
     """
-
-    mergeable = True
-    merge_refusal = None
 
     def __init__(
         self,
@@ -53,6 +59,8 @@ class IA3Module(SlicedSiteModule):
         fan_in_fan_out: bool = False,
         out_slice: tuple[int, int] | None = None,
         total_out: int | None = None,
+        alpha: float = 1.0,
+        use_gating: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -63,13 +71,33 @@ class IA3Module(SlicedSiteModule):
         shape = (1, in_features) if self.feedforward else (out_features, 1)
         # Ones (identity) without RNG; the IA3 plugin (graphadapt.methods.ia3) redraws when init_ia3_weights=False.
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
+        self.alpha = float(alpha)
+        if use_gating and self.feedforward:
+            raise SpecError("a gated IA3 module scales its output; feedforward must be False", field="use_gating")
+        self.gate = LoRAGate(in_features, dtype=dtype, device=device) if use_gating else None
+
+    @property
+    def mergeable(self) -> bool:
+        """False when gated: the gate depends on the input."""
+        return self.gate is None
+
+    @property
+    def merge_refusal(self) -> str | None:
+        return "gated IA3: its gate depends on the input, so it cannot fold into a weight" if self.gate else None
+
+    def _scale(self) -> Tensor:
+        return self.ia3_l if self.alpha == 1.0 else self.ia3_l * self.alpha
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(x [..., in], y [..., total_out], W, b) → y'`` (see module docstring)."""
         if not self.active:
             return y
-        l = self.ia3_l
+        if self.gate is not None:
+            if x.dtype != self.ia3_l.dtype:
+                x = x.to(self.ia3_l.dtype)
+            return self._replace_slice(y, self._own(y) * (self.ia3_l.flatten() * self.gate(x)))
+        l = self._scale()
         if not self.feedforward:
             return self._replace_slice(y, self._own(y) * l.flatten())
         if x.dtype != l.dtype:
@@ -91,9 +119,11 @@ class IA3Module(SlicedSiteModule):
         feedforward then adds ``W0 ⊙ (l - 1)`` (what the forward adds) instead of rescaling
         the earlier adapters' updates.
         """
+        if self.gate is not None:
+            raise MergeError("cannot fold a gated IA3 module: its gate depends on the input; keep it unmerged")
         new_weight = weight.detach().clone()
         new_bias = None if bias is None else bias.detach().clone()
-        l = self.ia3_l.detach().to(dtype=weight.dtype, device=weight.device)
+        l = self._scale().detach().to(dtype=weight.dtype, device=weight.device)
         rows = self._rows(new_weight)
         if not self.feedforward:
             rows.mul_(l)  # [out, 1] broadcasts over the input columns
@@ -110,6 +140,10 @@ class IA3Module(SlicedSiteModule):
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"feedforward={self.feedforward}"]
+        if self.alpha != 1.0:
+            parts.append(f"alpha={self.alpha:g}")
+        if self.gate is not None:
+            parts.append("use_gating=True")
         if self.fan_in_fan_out:
             parts.append("fan_in_fan_out=True")
         if self.out_slice is not None:

@@ -3,6 +3,9 @@
     output site:       y = W x + b  →  y = l ⊙ (W x + b)          (l: [out])
     feedforward site:  y = W x + b  →  y = W (l ⊙ x) + b          (l: [in])
 
+(``l`` times ``alpha``, or times a learned gate with ``use_gating`` — AdapterHub's form, where
+every site scales its output.)
+
 ``targets`` says where (roles, ``"all-linear"`` or module-path selectors, exactly as
 LoRA (:mod:`graphadapt.spec.targets`)); ``feedforward`` lists which of those targets scale the
 layer *input* (PEFT's ``feedforward_modules``); every other target scales the output.
@@ -10,13 +13,14 @@ layer *input* (PEFT's ``feedforward_modules``); every other target scales the ou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from graphadapt.errors import SpecError
 
-from graphadapt.spec.base import MethodSpec, check_bool, check_layer_indices, register_method, spec_field
+from graphadapt.spec.base import MethodSpec, check_bool, check_layer_indices, is_real, register_method, spec_field
 from graphadapt.spec.targets import (TARGET_HELP, LinearTargets, expand_roles, normalise_targets, selector_matches,
                                      target_kind)
 from graphadapt.vocab import ALL_LINEAR, ROLES
@@ -41,6 +45,11 @@ class IA3(LinearTargets, MethodSpec):
     init_ia3_weights: bool = spec_field(
         True, help="True: scaling vectors start at ones (identity, PEFT's default); False: standard normal draws."
     )
+    alpha: float = spec_field(
+        1.0, help="Constant factor on the scaling vector: l becomes alpha·l (AdapterHub's IA3 alpha; PEFT has none: 1).")
+    use_gating: bool = spec_field(
+        False, help="AdapterHub gating: a learned sigmoid gate (mean over the sequence) replaces alpha, "
+        "y' = g·l ⊙ y. Output scaling only (needs feedforward=()); not mergeable.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +59,14 @@ class IA3(LinearTargets, MethodSpec):
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
         set_("init_ia3_weights", check_bool("init_ia3_weights", self.init_ia3_weights))
+        if not is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha == 0:
+            raise SpecError(f"alpha must be a non-zero finite number, got {self.alpha!r}", field="alpha")
+        set_("alpha", float(self.alpha))
+        set_("use_gating", check_bool("use_gating", self.use_gating))
+        if self.use_gating and self.feedforward:
+            raise SpecError(
+                f"use_gating=True scales layer outputs only (AdapterHub's gated IA3), but feedforward={list(self.feedforward)} "
+                "asks for input scaling; pass feedforward=()", field="use_gating")
 
     def feedforward_roles(self) -> tuple[str, ...]:
         """Roles whose input is scaled (``"all-linear"`` in ``feedforward`` expands to every role)."""

@@ -1,5 +1,5 @@
 """LoRA as a method plugin: spec (:mod:`.spec`), module (:mod:`.module`), init (:mod:`.init`),
-PEFT interop (:mod:`.peft`), and the registry entry below.
+PEFT interop (:mod:`.peft`), AdapterHub interop (:mod:`.adapterhub`, shared with IA3), and the registry entry below.
 
 before: ``y = linear(x, W, b)``  →  after: ``y' = LoRAModule(x, y, W, b) = y + s·B·A·dropout(x)``
 (DoRA / gated variants: see :mod:`.module`). Mergeable through ``LoRAModule.fold``.
@@ -13,6 +13,7 @@ from graphadapt.init import adapter_generator
 from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
+from . import adapterhub as _ah
 from .init import LORA_INIT_SCHEMES, init_lora_
 from .module import LoRAGate, LoRAModule
 from .peft import peft_key, peft_lora_spec
@@ -24,6 +25,7 @@ class LoRAMethod(LinearSiteMethod):
     name = "lora"
     spec_class = LoRA
     peft_type = "LORA"
+    adapterhub_architectures = ("lora",)
 
     def build(self, spec: LoRA, adapter, site, seed, weight=None):
         mod = LoRAModule(
@@ -41,6 +43,15 @@ class LoRAMethod(LinearSiteMethod):
 
     def peft_key(self, key):
         return peft_key(key)
+
+    def adapterhub_spec(self, config):
+        return _ah.lora_spec_from_config(config)
+
+    def adapterhub_checkpoint_spec(self, spec, state_dict, saved_name):
+        return _ah.checkpoint_spec(spec, state_dict, saved_name)
+
+    def load_adapterhub(self, adapted, adapter, saved_name, state_dict, strict, directory):
+        _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
 __all__ = ["LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]

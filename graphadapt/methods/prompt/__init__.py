@@ -1,0 +1,88 @@
+"""Prompt tuning as a method plugin: spec (:mod:`.spec`), module (:mod:`.module`), interop (:mod:`.interop`).
+
+Site kind ``"embedding"`` (:mod:`graphadapt.passes.embedding`): the prompt is added at the input embeddings and
+the inputs grow by ``prompt_length`` tokens (mask extended with ones), so the output sequence is
+``prompt_length`` longer. Not mergeable.
+
+Init (seeded: ``adapter_generator(seed, adapter, "embeddings")`` only): ``random_uniform`` draws
+U(±random_uniform_scale); ``from_string`` copies the word-embedding rows of ``prompt_init_ids``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphadapt.errors import SpecError
+from graphadapt.init import adapter_generator, uniform_
+from graphadapt.methods.base import Method
+from graphadapt.methods.registry import register
+from graphadapt.passes import embedding as embedding_pass
+
+from . import interop as _io
+from .module import PromptTuningModule
+from .spec import COMBINES, INSERT_AT, PROMPT_INITS, PromptTuning
+
+
+@register
+class PromptTuningMethod(Method):
+    name = "prompt_tuning"
+    spec_class = PromptTuning
+    site_kind = embedding_pass.KIND
+    combine = None   # two prompts at one input: not defined (AdapterHub uses the first active one)
+    phase = 20       # after linear and residual passes: it re-creates the embedding subgraph
+    peft_type = "PROMPT_TUNING"
+    adapterhub_architectures = ("prompt_tuning",)
+
+    def select(self, sm, spec, adapter):
+        nodes = [s.node for s in sm.linear_sites]
+        if not nodes:
+            raise SpecError(f"adapter {adapter!r}: no linear layers recognised; prompt tuning needs a transformer "
+                            "with token inputs", field="method")
+        return [embedding_pass.find_embedding_site(nodes[0].graph.owning_module, sm, adapter)]
+
+    def site_key(self, site) -> str:
+        return embedding_pass.site_key(site)
+
+    def build(self, spec: PromptTuning, adapter, site, seed, weight=None):
+        width = site.width(spec.insert_at)
+        mod = PromptTuningModule(spec.prompt_length, width, spec.combine, dtype=weight.dtype,
+                                 device=weight.device)
+        with torch.no_grad():
+            if spec.prompt_init == "from_string":
+                if width != weight.shape[1]:
+                    raise SpecError(f"prompt_init='from_string' copies word embeddings ({weight.shape[1]} wide), but "
+                                    f"the embedding output is {width} wide (a projected embedding, as ALBERT's); use "
+                                    "insert_at='word_embeddings' or prompt_init='random_uniform'",
+                                    field="prompt_init")
+                ids = spec.init_ids()
+                if max(ids) >= weight.shape[0]:
+                    raise SpecError(f"prompt_init_ids has id {max(ids)}, but the vocabulary has {weight.shape[0]} "
+                                    "tokens", field="prompt_init_ids")
+                mod.prompt_embeddings.copy_(weight.detach()[torch.tensor(ids, device=weight.device)])
+            else:
+                s = spec.random_uniform_scale
+                uniform_(mod.prompt_embeddings, -s, s, adapter_generator(seed, adapter, site.name))
+        return mod
+
+    def insert(self, gm, ctx, adapter, spec, sites, seed):
+        site = sites[0]
+        weight = embedding_pass.getattr_path(gm, site.weight)
+        return embedding_pass.insert_embedding_adapter(
+            gm, ctx, adapter, self.name, site, spec.insert_at,
+            lambda s: self.build(spec, adapter, s, seed, weight=weight))
+
+    # -- interop
+    def peft_spec(self, config, targets):
+        return _io.peft_spec(config)
+
+    def peft_key(self, key):
+        return _io.peft_key(key)
+
+    def adapterhub_spec(self, config):
+        return _io.adapterhub_spec(config)
+
+    def load_adapterhub(self, adapted, adapter, saved_name, state_dict, strict, directory):
+        _io.load_adapterhub(adapted, adapter, saved_name, state_dict, strict, directory)
+
+
+__all__ = ["COMBINES", "INSERT_AT", "PROMPT_INITS", "PromptTuning", "PromptTuningMethod", "PromptTuningModule"]
