@@ -174,15 +174,21 @@ def test_peft_prefix_tuning_checkpoint_parity(tmp_path):
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
         pm.eval().save_pretrained(tmp_path / str(i))
         adapted = ga.import_peft(build(), tmp_path / str(i)).eval()
-        assert adapted.spec.adapters["default"] == PrefixTuning(prefix_length=4, flat=True)
-        # PEFT feeds the prefix as past_key_values and counts the real tokens' positions from 4; graphadapt (as
-        # AdapterHub) from 0. PEFT adds 4 to position_ids it is given, so -4… gives the same positions.
-        pos = (torch.arange(6) - 4).expand(3, -1)
+        assert adapted.spec.adapters["default"] == PrefixTuning(prefix_length=4, flat=True, position_offset=True)
         with torch.no_grad():
-            want = pm(**x, position_ids=pos).logits
+            want = pm(**x).logits
         got = _out(adapted, x)
         torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
         assert (got - _out(build(), x)).abs().max() > 1e-2
+        # AdapterHub's form (positions from 0) is PEFT called with position_ids -4… (PEFT adds 4 back)
+        ah_form = ga.apply(build(), PrefixTuning(prefix_length=4, flat=True)).eval()
+        ah_form.load_state_dict({k: v for k, v in adapted.state_dict().items() if k.startswith("adapters.")},
+                                strict=False)
+        with torch.no_grad():
+            shifted = pm(**x, position_ids=(torch.arange(6) - 4).expand(3, -1)).logits
+        torch.testing.assert_close(_out(ah_form, x)[keep], shifted[keep], atol=1e-5, rtol=1e-5)
+        adapted.set_active([])  # the position shift is part of the adapter: inactive = base model
+        torch.testing.assert_close(_out(adapted, x), _out(build(), x), atol=0, rtol=0)
 
 
 def test_onnx_export_of_prefix_and_union(tmp_path):
