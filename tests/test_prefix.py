@@ -200,3 +200,31 @@ def test_onnx_export_of_prefix_and_union(tmp_path):
     rep = ga.export_onnx(adapted, tmp_path / "union.onnx", merge=True, verify=True)
     assert rep.verified and rep.merged and max(rep.max_abs_diff.values()) < 1e-4
     assert not adapted.is_merged  # export merged a copy of the state and restored it
+
+
+def test_causal_core_gets_an_explicit_mask_that_shows_the_prefix():
+    """An ``is_causal`` SDPA core (no mask tensor) becomes causal-over-the-tokens plus a fully visible prefix."""
+    from graphadapt.methods.prefix import PrefixAttention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, p, d = 2, 4, 5, 3, 8
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+    kv = torch.randn(2, 2, p, d, generator=g)  # one layer, 2 kv heads → n_rep 2
+    mod = PrefixAttention(0, p, n_rep=2, mask_kinds=("bool",)).eval()
+    k2, v2, mask = mod(kv, k, v, None, q, [None])
+    assert mask.shape == (t, p + t) and mask[:, :p].all() and torch.equal(mask[:, p:], torch.ones(t, t).tril().bool())
+    got = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+    pk, pv = (x.repeat_interleave(2, dim=0).expand(b, -1, -1, -1) for x in (kv[0], kv[1]))
+    scores = torch.cat([q @ pk.transpose(-1, -2), (q @ k.transpose(-1, -2)).masked_fill(
+        ~torch.ones(t, t).tril().bool(), float("-inf"))], dim=-1) / d ** 0.5
+    want = scores.softmax(-1) @ torch.cat([pv, v], dim=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mod.active = False  # inactive: the plain causal mask, keys untouched
+    k3, _, mask3 = mod(kv, k, v, None, q, [None])
+    assert k3 is k and torch.equal(mask3, torch.ones(t, t).tril().bool())
+
+
+def test_position_offset_needs_position_ids_computed_in_the_graph():
+    with pytest.raises(ga.SpecError, match="position_offset") as e:
+        ga.apply(tiny_bert(), PrefixTuning(prefix_length=2, position_offset=True))  # BERT: positions from a buffer
+    assert e.value.field == "position_offset"
