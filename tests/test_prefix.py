@@ -174,15 +174,21 @@ def test_peft_prefix_tuning_checkpoint_parity(tmp_path):
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
         pm.eval().save_pretrained(tmp_path / str(i))
         adapted = ga.import_peft(build(), tmp_path / str(i)).eval()
-        assert adapted.spec.adapters["default"] == PrefixTuning(prefix_length=4, flat=True)
-        # PEFT feeds the prefix as past_key_values and counts the real tokens' positions from 4; graphadapt (as
-        # AdapterHub) from 0. PEFT adds 4 to position_ids it is given, so -4… gives the same positions.
-        pos = (torch.arange(6) - 4).expand(3, -1)
+        assert adapted.spec.adapters["default"] == PrefixTuning(prefix_length=4, flat=True, position_offset=True)
         with torch.no_grad():
-            want = pm(**x, position_ids=pos).logits
+            want = pm(**x).logits
         got = _out(adapted, x)
         torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
         assert (got - _out(build(), x)).abs().max() > 1e-2
+        # AdapterHub's form (positions from 0) is PEFT called with position_ids -4… (PEFT adds 4 back)
+        ah_form = ga.apply(build(), PrefixTuning(prefix_length=4, flat=True)).eval()
+        ah_form.load_state_dict({k: v for k, v in adapted.state_dict().items() if k.startswith("adapters.")},
+                                strict=False)
+        with torch.no_grad():
+            shifted = pm(**x, position_ids=(torch.arange(6) - 4).expand(3, -1)).logits
+        torch.testing.assert_close(_out(ah_form, x)[keep], shifted[keep], atol=1e-5, rtol=1e-5)
+        adapted.set_active([])  # the position shift is part of the adapter: inactive = base model
+        torch.testing.assert_close(_out(adapted, x), _out(build(), x), atol=0, rtol=0)
 
 
 def test_onnx_export_of_prefix_and_union(tmp_path):
@@ -194,3 +200,31 @@ def test_onnx_export_of_prefix_and_union(tmp_path):
     rep = ga.export_onnx(adapted, tmp_path / "union.onnx", merge=True, verify=True)
     assert rep.verified and rep.merged and max(rep.max_abs_diff.values()) < 1e-4
     assert not adapted.is_merged  # export merged a copy of the state and restored it
+
+
+def test_causal_core_gets_an_explicit_mask_that_shows_the_prefix():
+    """An ``is_causal`` SDPA core (no mask tensor) becomes causal-over-the-tokens plus a fully visible prefix."""
+    from graphadapt.methods.prefix import PrefixAttention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, p, d = 2, 4, 5, 3, 8
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+    kv = torch.randn(2, 2, p, d, generator=g)  # one layer, 2 kv heads → n_rep 2
+    mod = PrefixAttention(0, p, n_rep=2, mask_kinds=("bool",)).eval()
+    k2, v2, mask = mod(kv, k, v, None, q, [None])
+    assert mask.shape == (t, p + t) and mask[:, :p].all() and torch.equal(mask[:, p:], torch.ones(t, t).tril().bool())
+    got = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=mask)
+    pk, pv = (x.repeat_interleave(2, dim=0).expand(b, -1, -1, -1) for x in (kv[0], kv[1]))
+    scores = torch.cat([q @ pk.transpose(-1, -2), (q @ k.transpose(-1, -2)).masked_fill(
+        ~torch.ones(t, t).tril().bool(), float("-inf"))], dim=-1) / d ** 0.5
+    want = scores.softmax(-1) @ torch.cat([pv, v], dim=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    mod.active = False  # inactive: the plain causal mask, keys untouched
+    k3, _, mask3 = mod(kv, k, v, None, q, [None])
+    assert k3 is k and torch.equal(mask3, torch.ones(t, t).tril().bool())
+
+
+def test_position_offset_needs_position_ids_computed_in_the_graph():
+    with pytest.raises(ga.SpecError, match="position_offset") as e:
+        ga.apply(tiny_bert(), PrefixTuning(prefix_length=2, position_offset=True))  # BERT: positions from a buffer
+    assert e.value.field == "position_offset"

@@ -296,9 +296,67 @@ def _reorder(g: fx.Graph) -> None:
         prev = n
 
 
+_POS_PATH = {aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.expand.default,
+             aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.add.Tensor, aten.mul.Tensor,
+             aten.matmul.default, aten.bmm.default, aten.transpose.int, aten.cat.default}
+
+
+def _feeds_positions(n: fx.Node, depth: int = 8) -> bool:
+    """Whether ``n`` reaches a position embedding lookup or rotary ``cos``/``sin`` through shape/cast/scale ops."""
+    frontier = [n]
+    for _ in range(depth):
+        nxt = []
+        for f in frontier:
+            for u in f.users:
+                if _is(u, {aten.cos.default, aten.sin.default}):
+                    return True
+                if _is(u, {aten.embedding.default}) and u.args[1] is f:
+                    return True
+                if _is(u, _POS_PATH):
+                    nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def insert_position_offset(gm: fx.GraphModule, adapter_name: str, method_name: str, target: str,
+                           module: nn.Module) -> PassResult:
+    """Route the model's position ids through ``module`` (``adapters.<name>.positions``).
+
+    The position ids are the ``arange(T)`` (+ past length) computed in the graph that feeds the position
+    embedding lookup or the rotary ``cos``/``sin`` (HF's ``cache_position``); SpecError unless exactly one
+    is found. Used for PEFT's prefix form, where the prefix acts as a KV cache before the real tokens."""
+    g = gm.graph
+    srcs = []
+    for n in g.nodes:
+        if not _is(n, {aten.arange.default, aten.arange.start, aten.arange.start_step}):
+            continue
+        out = n
+        if len(n.users) == 1:
+            u = next(iter(n.users))
+            if _is(u, {aten.add.Tensor}) and u.args[0] is n and not isinstance(u.args[1], fx.Node):
+                out = u  # arange(T) + past_length
+        if _feeds_positions(out):
+            srcs.append(out)
+    if len(srcs) != 1:
+        raise SpecError(f"adapter {adapter_name!r}: position_offset needs the model's position ids computed in the "
+                        f"graph (one arange feeding the position embedding or RoPE); found {len(srcs)}",
+                        field="position_offset")
+    src = srcs[0]
+    gm.add_submodule(target, module)
+    with g.inserting_after(src):
+        node = g.call_module(target, (src,))
+    src.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
+    node.meta["graphadapt"] = {"site": "positions", "kind": KIND}
+    if "val" in src.meta:
+        node.meta["val"] = src.meta["val"]
+    rec = AdapterRecord(adapter=adapter_name, method=method_name, site="positions", target=target, kind=KIND,
+                        role="positions", details={"source": src.name})
+    return PassResult(gm, True, {"positions": src.name}, [rec])
+
+
 def site_key(site: AttentionSite) -> str:
     return site.name
 
 
-__all__ = ["AttentionSite", "KIND", "LOCATIONS", "insert_attention_adapter", "locations_of",
+__all__ = ["AttentionSite", "KIND", "LOCATIONS", "insert_attention_adapter", "insert_position_offset", "locations_of",
            "select_attention_sites", "site_key"]

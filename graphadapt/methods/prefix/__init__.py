@@ -19,7 +19,7 @@ from graphadapt.passes import attention as attention_pass
 from graphadapt.vocab import adapter_prefix, adapter_target
 
 from . import interop as _io
-from .module import FlatPrefix, PrefixAttention, PrefixGenerator, PrefixPool
+from .module import FlatPrefix, PositionOffset, PrefixAttention, PrefixGenerator, PrefixPool
 from .spec import PrefixTuning
 
 POOL = "prefix"
@@ -72,9 +72,14 @@ class PrefixTuningMethod(Method):
                             "projection), which was not recognised", field="use_gating")
         ref = gm.get_parameter(sites[0].block.k.weight)
         pool = self.build_pool(spec, adapter, sites, seed, ref)
-        return attention_pass.insert_attention_adapter(
+        res = attention_pass.insert_attention_adapter(
             gm, ctx, adapter, self.name, sites, adapter_target(adapter, POOL), pool,
             lambda site, facts: self.build(spec, adapter, site, seed, facts=facts, ref=ref))
+        if spec.position_offset:
+            pos = attention_pass.insert_position_offset(gm, adapter, self.name, adapter_target(adapter, "positions"),
+                                                        PositionOffset(spec.prefix_length))
+            res.records.extend(pos.records)
+        return res
 
     # -- interop
     def adapterhub_spec(self, config):
@@ -121,5 +126,5 @@ def _flat_spec(spec):
     return spec
 
 
-__all__ = ["FlatPrefix", "PrefixAttention", "PrefixGenerator", "PrefixPool", "PrefixTuning", "PrefixTuningMethod",
+__all__ = ["FlatPrefix", "PositionOffset", "PrefixAttention", "PrefixGenerator", "PrefixPool", "PrefixTuning", "PrefixTuningMethod",
            "eject_prefix"]

@@ -11,9 +11,8 @@ ours: ``adapters.<name>.prefix.generators.<location>.…`` and ``adapters.<name>
 
 PEFT keeps one tensor, ``prompt_embeddings`` ``[num_virtual_tokens, layers·2·kv_heads·head_dim]`` — the
 projected prefix when ``prefix_projection`` — which is a flat prefix. PEFT feeds it as ``past_key_values``,
-so the real tokens' positions start at ``num_virtual_tokens``; graphadapt (like AdapterHub) keeps them at
-0. Outputs agree when the PEFT model is called with ``position_ids`` counting from 0; with default
-positions they differ for position-dependent models (GPT-2's learned positions, RoPE).
+so the real tokens' positions start at ``num_virtual_tokens`` (AdapterHub keeps them at 0): the imported
+spec sets ``position_offset=True``, which shifts the position ids computed in the graph the same way.
 """
 
 from __future__ import annotations
@@ -118,7 +117,7 @@ def read_peft_prefix(model, cfg: Mapping, weights: dict, name: str, directory):
     if emb.dim() != 2 or emb.shape[0] != p:
         raise CheckpointError(f"{directory}: prompt_embeddings has shape {tuple(emb.shape)}, expected "
                               f"[{p}, layers·2·kv_heads·head_dim]")
-    spec = PrefixTuning(prefix_length=p, flat=True)
+    spec = PrefixTuning(prefix_length=p, flat=True, position_offset=True)
 
     def fill(adapted) -> None:
         target = f"{adapter_prefix(name)}prefix.generators.self_prefix.control_trans"

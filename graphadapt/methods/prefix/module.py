@@ -174,4 +174,22 @@ class PrefixAttention(nn.Module):
                 f"masks={self.mask_kinds}, gated={self.gate is not None}")
 
 
-__all__ = ["FlatPrefix", "PrefixAttention", "PrefixGenerator", "PrefixPool"]
+class PositionOffset(nn.Module):
+    """PEFT's prefix form: the model's position ids shifted by the prefix length (when active)."""
+
+    mergeable = False
+    merge_refusal = _REFUSAL
+
+    def __init__(self, offset: int):
+        super().__init__()
+        self.offset = offset
+        self.active = True
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return positions + self.offset if self.active else positions
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset}"
+
+
+__all__ = ["FlatPrefix", "PositionOffset", "PrefixAttention", "PrefixGenerator", "PrefixPool"]

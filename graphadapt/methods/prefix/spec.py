@@ -48,6 +48,9 @@ class PrefixTuning(MethodSpec):
     shared_gating: bool = spec_field(True, help="One gate for keys and values (else one each); with use_gating.")
     layers: tuple[int, ...] | None = spec_field(
         None, help="Layer indices (0-based) to adapt; None means every layer (leave_out still applies).")
+    position_offset: bool = spec_field(
+        False, help="PEFT's form: count the real tokens' positions from prefix_length, as if the prefix were a "
+        "KV cache before them (decoder models whose position ids are computed in the graph).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,7 +62,7 @@ class PrefixTuning(MethodSpec):
             raise SpecError(f"non_linearity must be one of {', '.join(ACTIVATIONS)}; got {self.non_linearity!r}",
                             field="non_linearity")
         set_("non_linearity", name)
-        for f in ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shared_gating"):
+        for f in ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shared_gating", "position_offset"):
             check_bool(f, getattr(self, f))
         set_("dropout", check_real("dropout", self.dropout, 0.0, 1.0))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))

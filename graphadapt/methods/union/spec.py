@@ -8,7 +8,6 @@ sequential bottleneck, gated LoRA) and :class:`MAM` (prefix tuning + parallel bo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -117,4 +116,3 @@ class MAM(Union):
 
 
 __all__ = ["MAM", "UniPELT", "Union"]
-_ = dataclasses  # keep the import for type checkers
