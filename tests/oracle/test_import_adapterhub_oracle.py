@@ -118,7 +118,7 @@ def test_wrong_architecture_is_strict_error(tmp_path):
         import_adapterhub(tiny_bert(seed=0), tmp_path)
 
 
-@pytest.mark.parametrize("cfg,method", [(LoReftConfig(), "loreft")])  # every other AdapterHub method imports now
+@pytest.mark.parametrize("cfg,method", [(LoReftConfig(), "reft")])  # every other AdapterHub method imports now
 def test_unsupported_methods(cfg, method, tmp_path):
     m = tiny_bert(seed=0)
     adapters.init(m)
