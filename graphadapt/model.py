@@ -203,6 +203,17 @@ class AdaptedModel(CapturedModule):
         out.train(self.training)
         return out
 
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Decode with a KV cache (causal LMs); see :func:`graphadapt.generation.generate`.
+
+        On a model captured without ``cache=True`` the first call builds a cached capture that
+        shares this model's parameters (adapters, active set and merge state are mirrored).
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, directory, names=None):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
