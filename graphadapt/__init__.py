@@ -14,6 +14,7 @@ from .model import AdaptedModel, MergeReport
 from .api import apply, inspect, merge
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
+         "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
          "load": "checkpoints", "save_adapters": "checkpoints", "import_peft": "checkpoints.peft",
          "import_adapterhub": "checkpoints.adapterhub"}
 
@@ -32,5 +33,5 @@ __all__ = [
     "Compacter", "CompacterPlusPlus", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
-    "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub",
+    "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load", "save_adapters", "import_peft", "import_adapterhub",
 ]

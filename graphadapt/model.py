@@ -235,5 +235,10 @@ class AdaptedModel(CapturedModule):
     def graphadapt_metadata(self) -> dict[str, str]:
         from . import __version__
 
-        return {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
+        meta = {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
                 "source_class": self.source_class, "merged": str(self.is_merged).lower()}
+        if getattr(self, "decoder_cache", None):
+            import json
+
+            meta["graphadapt.decoder_cache"] = json.dumps(self.decoder_cache, sort_keys=True)
+        return meta
