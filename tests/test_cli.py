@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import onnx
 import pytest
@@ -82,3 +83,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[6/6] latency" in out and "max abs diff" in out and "folded 4 LoRA" in out
     assert (tmp_path / "demo.onnx").exists()
+
+
+def test_generate_demo_learns_to_count_and_onnx_agrees(tmp_path, capsys):
+    assert main(["demo", "--task", "generate", "--steps", "40", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime tokens agree with PyTorch: True" in out
+    assert "merged model generates the same tokens: True" in out
+    before, after = (float(x) for x in re.search(r"before training (\d+)%, after (\d+)%", out).groups())
+    assert after > before and after >= 75
+    assert (tmp_path / "decoder.onnx").exists()
