@@ -379,7 +379,8 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     Positional ``example_inputs`` are bound to names from the model's forward
     signature. Without inputs they are synthesised from ``model.config``.
     Batch and sequence dims are dynamic unless ``dynamic=False``; ``dynamic_axes``
-    (``{input: {axis: name}}``) replaces that default choice (e.g. a KV cache's past axis).
+    (``{input: {axis: name}}``, or the model's ``graphadapt_dynamic_axes``) replaces that
+    default choice (e.g. a KV cache's past axis).
     Raises :class:`CaptureError` naming the failing module and what to try.
     """
     if not isinstance(model, nn.Module):
@@ -399,6 +400,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     elif "use_cache" in _forward_params(model) and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     spec, dim_names = _dynamic_shapes(kwargs, dynamic)
+    dynamic_axes = dynamic_axes if dynamic_axes is not None else getattr(model, "graphadapt_dynamic_axes", None)
     if dynamic and dynamic_axes is not None:
         dim_names = {k: dict(v) for k, v in dynamic_axes.items() if v}
         spec = {k: ({a: torch.export.Dim.AUTO for a in dim_names.get(k, {})} or None) for k in kwargs}

@@ -229,7 +229,9 @@ def run_generate_demo(steps: int = 60, out_dir: Path = Path("out"), export: bool
     except VerificationError as e:
         print(f"verification FAILED: {e}")
         return EXIT_VERIFY
-    layout = adapted.__dict__["_generation_twin"].decoder_cache
+    from .generation import cached_twin
+
+    layout = cached_twin(adapted).decoder_cache
     ort_ids, _ = ort_greedy(_ort_session(path, ["CPUExecutionProvider"]), prompt, mask, new_tokens, layout,
                             np.float32)
     agree = bool((ort_ids == merged.numpy()).all())

@@ -34,8 +34,8 @@ def prompts(batch=3, seq=6, seed=0):
 
 
 def hf_greedy(model, ids, mask, n, **kw):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                          pad_token_id=kw.pop("pad_token_id", 0), **kw)
+    """transformers' greedy generate with its own defaults (eos/pad from the generation config)."""
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -191,6 +191,41 @@ def test_bad_input_is_refused(lm):
         adapted.generate(ids.float(), mask)
 
 
-def test_encoder_decoder_cache_is_refused_clearly():
-    with pytest.raises(CaptureError, match="encoder-decoder"):
+def tiny_t5_lm(seed=0):
+    import transformers as T
+
+    from helpers import HEADS, HIDDEN, INTERMEDIATE, LAYERS, VOCAB, build_seeded
+
+    cfg = T.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=INTERMEDIATE, num_layers=LAYERS,
+                     num_decoder_layers=LAYERS, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0,
+                     eos_token_id=1)
+    return build_seeded(lambda: T.T5ForConditionalGeneration(cfg), seed)
+
+
+def test_t5_greedy_equals_hf_generate_padded_unmerged_and_merged():
+    model = tiny_t5_lm()
+    adapted = ga.apply(model, ga.LoRA(r=4, targets=("q", "k", "v", "o")))
+    randomize_lora(adapted, seed=1, std=0.5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 99, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    mask[2, 3:] = 0
+    want = hf_greedy(adapted.to_base_model(), ids, mask, 8)
+    assert not torch.equal(want, hf_greedy(model, ids, mask, 8)), "LoRA must change the tokens"
+    got = adapted.generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(got, want)
+    enc, step = adapted.__dict__["_generation_twins"]
+    assert all(r["target"].split(".")[2] == "encoder" for r in enc.adapter_records)
+    assert {r["target"].split(".")[7] for r in step.adapter_records} == {"SelfAttention", "EncDecAttention"}
+    adapted.merge()
+    assert torch.equal(adapted.generate(ids, mask, max_new_tokens=8), want)
+    a = adapted.generate(ids, mask, max_new_tokens=8, do_sample=True, seed=1)
+    assert torch.equal(a, adapted.generate(ids, mask, max_new_tokens=8, do_sample=True, seed=1))
+
+
+def test_encoder_decoder_cache_capture_points_to_generate():
+    with pytest.raises(CaptureError, match="adapted.generate"):
+        ga.apply(tiny_t5_lm(), ga.LoRA(r=2), cache=True)
+    with pytest.raises(CaptureError, match="did not return logits"):  # T5Model: no LM head
         ga.apply(tiny_t5(), ga.LoRA(r=2), cache=True)
