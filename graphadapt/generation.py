@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import CaptureError, GraphAdaptError
 
-__all__ = ["cached_decoder", "generate", "kv_layout", "past_input_name", "onnx_io_names"]
+__all__ = ["cached_decoder", "cached_twin", "generate", "kv_layout", "past_input_name", "onnx_io_names"]
 
 
 def past_input_name(layer: int, kind: str) -> str:
