@@ -229,3 +229,22 @@ def test_encoder_decoder_cache_capture_points_to_generate():
         ga.apply(tiny_t5_lm(), ga.LoRA(r=2), cache=True)
     with pytest.raises(CaptureError, match="did not return logits"):  # T5Model: no LM head
         ga.apply(tiny_t5(), ga.LoRA(r=2), cache=True)
+
+
+def test_fp16_generate_matches_hf_fp16_and_checkpoints_interchange(tmp_path):
+    model = tiny_llama(causal_lm=True)
+    ids, mask = prompts(batch=2)
+    plain = ga.apply(model, ga.LoRA(r=4))
+    randomize_lora(plain, seed=2, std=0.3)
+    plain.save_adapters(tmp_path / "ck")
+    cached = ga.apply(model, ga.LoRA(r=4), cache=True)
+    cached.load_adapters(tmp_path / "ck")  # same adapter names with and without the cache
+    assert torch.equal(cached.generate(ids, mask, max_new_tokens=6), plain.generate(ids, mask, max_new_tokens=6))
+    base = cached.to_base_model().half()
+    cached.to(torch.float16)
+    got, scores = cached.generate(ids, mask, max_new_tokens=6, output_scores=True)
+    ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                        output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(got, ref.sequences)
+    assert (scores - torch.stack(ref.scores).float()).abs().max() < 3e-2
+    assert not torch.equal(got, hf_greedy(model, ids, mask, 6))
