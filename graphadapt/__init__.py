@@ -20,6 +20,7 @@ from .model import AdaptedModel, MergeReport
 from .api import apply, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
+         "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
          "save_adapters": "checkpoints"}
 
 
@@ -38,5 +39,6 @@ __all__ = [
     "PromptTuning", "eject_prefix", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
-    "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion",
+    "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",
+    "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion",
 ]

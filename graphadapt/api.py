@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .capture import capture
-from .errors import CheckpointError
+from .errors import CaptureError, CheckpointError, PassError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .model import fusion_dropout
@@ -33,17 +33,31 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 
 
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
-          example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> AdaptedModel:
+          example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
+          cache: bool = False) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
 
     ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
     Returns an :class:`AdaptedModel`: base weights frozen (sharing storage with ``model``,
     which is never modified), adapters trainable. Initialisation draws only from generators
     seeded by (seed, adapter name, site): the caller's RNG state is untouched.
+
+    ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
+    :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
     """
     spec = as_spec(spec)
+    target, axes = model, None
+    if cache:
+        from .generation import cached_decoder
+
+        if example_inputs is not None:
+            raise CaptureError("with cache=True pass example_kwargs={'input_ids': ...}, not example_inputs")
+        target, example_kwargs, axes = cached_decoder(model, example_kwargs)
     with isolated_rng():
-        gm = capture(model, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel)
+        gm = capture(target, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel,
+                     dynamic_axes=axes)
+        if cache:
+            gm.decoder_cache = dict(target.layout)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)

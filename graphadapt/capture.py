@@ -151,7 +151,7 @@ class CapturedModule(fx.GraphModule):
     """
 
     _graphadapt_attrs = ("input_names", "constant_inputs", "dynamic_dims", "source_class", "_example_inputs",
-                         "source_config", "_compute_dtype", "_compute_device")
+                         "source_config", "_compute_dtype", "_compute_device", "decoder_cache")
 
     def _init_capture_state(self, *, input_names, dynamic_dims, example_inputs, source,
                             dtype, device):
@@ -264,12 +264,15 @@ def _rewrap_parameters(gm: fx.GraphModule) -> None:
 
 def capture(model: nn.Module, example_inputs: tuple | None = None,
             example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
-            cls: type[CapturedModule] = CapturedModule) -> CapturedModule:
+            cls: type[CapturedModule] = CapturedModule,
+            dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> CapturedModule:
     """Capture ``model`` with torch.export into a :class:`CapturedModule`.
 
     Positional ``example_inputs`` are bound to names from the model's forward
     signature. Without inputs they are synthesised from ``model.config``.
-    Batch and sequence dims are dynamic unless ``dynamic=False``.
+    Batch and sequence dims are dynamic unless ``dynamic=False``; ``dynamic_axes``
+    (``{input: {axis: name}}``, or the model's ``graphadapt_dynamic_axes``) replaces that
+    default choice (e.g. a KV cache's past axis).
     Raises :class:`CaptureError` naming the failing module and what to try.
     """
     if not isinstance(model, nn.Module):
@@ -289,6 +292,10 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     elif "use_cache" in _forward_params(model) and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     spec, dim_names = _dynamic_shapes(kwargs, dynamic)
+    dynamic_axes = dynamic_axes if dynamic_axes is not None else getattr(model, "graphadapt_dynamic_axes", None)
+    if dynamic and dynamic_axes is not None:
+        dim_names = {k: dict(v) for k, v in dynamic_axes.items() if v}
+        spec = {k: ({a: torch.export.Dim.AUTO for a in dim_names.get(k, {})} or None) for k in kwargs}
     was_training = model.training
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = ref.dtype if ref is not None else torch.float32
@@ -313,7 +320,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     gm._init_capture_state(input_names=tensor_inputs, dynamic_dims=dim_names,
                            example_inputs={k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                                            for k, v in kwargs.items()},
-                           source=model, dtype=dtype, device=device)
+                           source=getattr(model, "graphadapt_source", model), dtype=dtype, device=device)
     run_pass("make_portable", make_portable, gm, dtype, device)
     gm.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
     return gm

@@ -143,9 +143,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_generate_demo
 
-    return run_demo(model_name=args.model, steps=args.steps, out_dir=Path(args.out), export=not args.no_export)
+    if args.task == "generate":
+        return run_generate_demo(steps=args.steps if args.steps is not None else 60, out_dir=Path(args.out),
+                                 export=not args.no_export)
+    return run_demo(model_name=args.model, steps=args.steps if args.steps is not None else 40, out_dir=Path(args.out), export=not args.no_export)
 
 
 # --------------------------------------------------------------------------- parser
@@ -196,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("demo", help="LoRA + adapter on the embedded model: train, merge, export, verify, time")
+    s.add_argument("--task", default="classify", choices=["classify", "generate"],
+                   help="classify: the default demo; generate: a small causal LM learns to count with LoRA, "
+                        "decodes with a KV cache, exports a decoder ONNX with past key/values")
     s.add_argument("--model", default=None, help=model_help)
-    s.add_argument("--steps", type=int, default=40)
+    s.add_argument("--steps", type=int, default=None, help="training steps (default 40; 60 for --task generate)")
     s.add_argument("--out", default="out", help="where to write demo.onnx")
     s.add_argument("--no-export", action="store_true")
     s.set_defaults(fn=cmd_demo)

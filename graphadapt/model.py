@@ -326,6 +326,17 @@ class AdaptedModel(CapturedModule):
         out.train(self.training)
         return out
 
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Decode with a KV cache (causal LMs); see :func:`graphadapt.generation.generate`.
+
+        On a model captured without ``cache=True`` the first call builds a cached capture that
+        shares this model's parameters (adapters, active set and merge state are mirrored).
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, directory, names=None):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
@@ -347,5 +358,10 @@ class AdaptedModel(CapturedModule):
     def graphadapt_metadata(self) -> dict[str, str]:
         from .version import __version__
 
-        return {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
+        meta = {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
                 "source_class": self.source_class, "merged": str(self.is_merged).lower()}
+        if getattr(self, "decoder_cache", None):
+            import json
+
+            meta["graphadapt.decoder_cache"] = json.dumps(self.decoder_cache, sort_keys=True)
+        return meta

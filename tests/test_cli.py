@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import onnx
 import pytest
@@ -98,3 +99,13 @@ def test_verify_merges_only_when_the_export_did(checkpoint, tmp_path, monkeypatc
     monkeypatch.setattr(ga.AdaptedModel, "merge", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     assert main(["verify", str(out), "--model", "tiny-bert", "--adapters", str(ckpt)]) == 0
     assert bool(calls) == expect_merged
+
+
+def test_generate_demo_learns_to_count_and_onnx_agrees(tmp_path, capsys):
+    assert main(["demo", "--task", "generate", "--steps", "40", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime tokens agree with PyTorch: True" in out
+    assert "merged model generates the same tokens: True" in out
+    before, after = (float(x) for x in re.search(r"before training (\d+)%, after (\d+)%", out).groups())
+    assert after > before and after >= 75
+    assert (tmp_path / "decoder.onnx").exists()

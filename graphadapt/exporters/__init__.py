@@ -3,11 +3,13 @@
     report = export_onnx(model, "model.onnx", dtype="fp16")   # ExportReport
     verify_onnx("model.onnx", model)                           # VerifyResult or VerificationError
     export_triton(model, "repo", "bert", max_batch_size=8)     # repo/bert/{config.pbtxt,1/model.onnx}
+    export_decoder_onnx(lm, "decoder.onnx")                    # causal LM with past key/values in and out
 """
 
 from __future__ import annotations
 
 from graphadapt.exporters.onnx import ExportReport, export_onnx
+from graphadapt.exporters.decoder import export_decoder_onnx, verify_decoder_onnx
 from graphadapt.exporters.triton import export_triton, parse_config, triton_config
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, VerifyResult, fresh_inputs, verify_onnx
 
@@ -15,10 +17,12 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "ExportReport",
     "VerifyResult",
+    "export_decoder_onnx",
     "export_onnx",
     "export_triton",
     "fresh_inputs",
     "parse_config",
     "triton_config",
+    "verify_decoder_onnx",
     "verify_onnx",
 ]

@@ -98,6 +98,8 @@ def export_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     external_data: bool | None = None,
+    io_names: dict[str, str] | None = None,
+    verify_fn: Any = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -116,6 +118,9 @@ def export_onnx(
             :class:`VerificationError` beyond ``atol``/``rtol`` (defaults per dtype).
         providers: onnxruntime providers for verification; default CUDA when available, else CPU.
         external_data: weights in ``<path>.data``; default only above 1 GiB of weights.
+        io_names: rename graph inputs (``{"past_key_values_0_key": "past_key_values.0.key"}``).
+        verify_fn: ``(onnx_path, reference_model) -> VerifyResult`` replacing the default check
+            (the decoder exporter runs a greedy decode); runs before the file is moved into place.
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -142,6 +147,10 @@ def export_onnx(
         t = time.perf_counter()
         program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
         _rename_axes(program, axes)
+        if io_names:
+            for value in program.model.graph.inputs:
+                value.name = io_names.get(value.name, value.name)
+            axes = {io_names.get(k, k): v for k, v in axes.items()}
         seconds["export"] = time.perf_counter() - t
 
         meta = _model.metadata(model)
@@ -174,7 +183,7 @@ def export_onnx(
             if verify:
                 t = time.perf_counter()
                 atol_, rtol_ = DEFAULT_TOLERANCES[tdtype]
-                result = verify_onnx(
+                result = verify_fn(tmp, export_model) if verify_fn is not None else verify_onnx(
                     tmp,
                     model,
                     example_inputs=inputs,
