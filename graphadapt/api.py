@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .capture import capture
-from .errors import CaptureError, CheckpointError, PassError, SpecError
+from .errors import CaptureError, CheckpointError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .model import fusion_dropout
@@ -48,7 +48,7 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     spec = as_spec(spec)
     target, axes = model, None
     if cache:
-        from .generation import cached_decoder
+        from .kvcache import cached_decoder
 
         if example_inputs is not None:
             raise CaptureError("with cache=True pass example_kwargs={'input_ids': ...}, not example_inputs")

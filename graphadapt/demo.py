@@ -168,7 +168,8 @@ def run_generate_demo(steps: int = 60, out_dir: Path = Path("out"), export: bool
     import transformers as T
 
     from . import LoRA, Spec, apply
-    from .cli import EXIT_OK, EXIT_VERIFY, _Progress
+    from .console import EXIT_OK, EXIT_VERIFY
+    from .console import Progress as _Progress
     from .errors import VerificationError
     from .init import isolated_rng
 

@@ -34,6 +34,11 @@ class MergeReport:
         return "\n".join(lines)
 
 
+EXTENSIONS: dict = {}
+"""Features that live in higher layers and plug methods into AdaptedModel (``"generate"``:
+:func:`graphadapt.generation.generate`, registered when that module is imported)."""
+
+
 class _Shared:
     """Attributes kept by reference when the model is deep-copied (they hold read-only graphs)."""
 
@@ -333,8 +338,9 @@ class AdaptedModel(CapturedModule):
         On a model captured without ``cache=True`` the first call builds a cached capture that
         shares this model's parameters (adapters, active set and merge state are mirrored).
         """
-        from .generation import generate
-
+        generate = EXTENSIONS.get("generate")
+        if generate is None:
+            raise GraphAdaptError("generation is not loaded: import graphadapt.generation (import graphadapt does)")
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..spec.composition import Average, BatchSplit, Block, Fuse, Parallel, Stack
+from ..spec.composition import Average, BatchSplit, Fuse, Parallel, Stack
 
 
 def prune(node: Any, present: Iterable[str]) -> tuple | None:
