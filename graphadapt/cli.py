@@ -106,6 +106,10 @@ def cmd_export(args) -> int:
     from .errors import VerificationError
     from .exporters import export_onnx, export_triton
 
+    if args.triton:  # refuse a bad name before seconds of model loading
+        from .exporters.triton import check_model_name
+
+        check_model_name(args.name)
     prog = _Progress(3 + (1 if args.adapters else 0) + (1 if args.merge else 0))
     adapted = _adapted(args, prog)
     if args.merge:

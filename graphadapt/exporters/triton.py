@@ -54,8 +54,7 @@ def export_triton(
     Other versions already in ``<repo_dir>/<name>`` are kept; the same version is replaced.
     Returns the model directory ``<repo_dir>/<name>``.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
-        raise ExportError(f"Triton model name {name!r} must be non-empty and use only letters, digits, '_', '-', '.'")
+    check_model_name(name)
     if int(version) < 1:
         raise ExportError(f"Triton model versions start at 1, got {version}")
     if max_batch_size < 0:
@@ -63,8 +62,15 @@ def export_triton(
     if max_batch_size > 0 and export_kwargs.get("dynamic") is False:
         raise ExportError("max_batch_size > 0 needs a dynamic batch axis; pass dynamic=True or max_batch_size=0")
     repo = Path(repo_dir)
-    repo.mkdir(parents=True, exist_ok=True)
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the Triton repository {repo}: {e}") from e
+    if not os.access(repo, os.W_OK | os.X_OK):
+        raise ExportError(f"the Triton repository {repo} is not writable; choose another directory")
     final = repo / name
+    if final.resolve().parent != repo.resolve():  # a symlinked <name> pointing elsewhere, or a name escaping repo
+        raise ExportError(f"{final} resolves outside the repository {repo}; refusing to write there")
     version_name = str(int(version))
 
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
@@ -78,6 +84,22 @@ def export_triton(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return final
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_model_name(name: Any) -> str:
+    """``name`` if it is a safe Triton model directory name, else :class:`ExportError`.
+
+    One path component: letters, digits, ``_``, ``-``, ``.``, not starting with ``.`` or ``-``
+    (so never ``.``, ``..``, a hidden or a nested directory), at most 255 characters.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 255:
+        raise ExportError(
+            f"Triton model name {name!r} must be one directory name: letters, digits, '_', '-', '.', "
+            "not starting with '.' or '-' (no '/', '..' or hidden names), at most 255 characters")
+    return name
 
 
 def _install(staged: Path, final: Path, version_name: str) -> None:
