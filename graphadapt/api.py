@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .capture import capture
+from .capture import capture, serialised
 from .errors import PassError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
@@ -47,6 +47,7 @@ def _plan(sm: StructureMap, spec: Spec) -> list[tuple[str, Any, Any]]:
     return sorted(plan, key=lambda item: item[1].method == "bottleneck")
 
 
+@serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
@@ -87,12 +88,14 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     return gm
 
 
+@serialised
 def merge(adapted: AdaptedModel, names=None, safe: bool = True, strict: bool = False,
           in_place: bool = False) -> MergeReport:
     """Fold mergeable adapters into the base weights; see :meth:`AdaptedModel.merge`."""
     return adapted.merge(names, safe=safe, strict=strict, in_place=in_place)
 
 
+@serialised
 def inspect(model: nn.Module, example_inputs: tuple | None = None,
             example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> dict:
     """Capture and recognise ``model``; return the structure report (see ``graphadapt inspect``)."""

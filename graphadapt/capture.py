@@ -13,8 +13,10 @@ caller's ``requires_grad`` flags.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import re
+import threading
 import traceback
 from typing import Any, Mapping
 
@@ -24,7 +26,22 @@ from torch import nn
 
 from .errors import CaptureError
 
-__all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget"]
+__all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget", "GRAPH_LOCK", "serialised"]
+
+# torch.export / torch.onnx.export keep global tracing state (mode stacks, the fake-tensor
+# mode, symbolic shape envs) and fork the global RNG: two captures in two threads corrupt each
+# other. Every graphadapt entry point that traces, merges or flips a caller's train/eval mode
+# holds this (re-entrant) lock, so concurrent calls run one after another instead.
+GRAPH_LOCK = threading.RLock()
+
+
+def serialised(fn):
+    """Run ``fn`` holding :data:`GRAPH_LOCK`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with GRAPH_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
 
 aten = torch.ops.aten
 
@@ -370,6 +387,7 @@ def _rewrap_parameters(gm: fx.GraphModule) -> None:
                 mod._parameters[name] = nn.Parameter(p.data, requires_grad=p.requires_grad)
 
 
+@serialised
 def capture(model: nn.Module, example_inputs: tuple | None = None,
             example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
             cls: type[CapturedModule] = CapturedModule) -> CapturedModule:

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .capture import CapturedModule
+from .capture import CapturedModule, serialised
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import apply_merge, plan_merge
@@ -114,6 +114,7 @@ class AdaptedModel(CapturedModule):
     def is_merged(self) -> bool:
         return self._merge_state is not None
 
+    @serialised
     def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False) -> MergeReport:
         """Fold LoRA/DoRA (and any module with ``fold``) into the base weights.
@@ -157,6 +158,7 @@ class AdaptedModel(CapturedModule):
         self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place, "report": report}
         return report
 
+    @serialised
     def unmerge(self) -> None:
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         if not self.is_merged:

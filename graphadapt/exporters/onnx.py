@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
@@ -83,6 +84,7 @@ class ExportReport:
         return "\n".join(lines)
 
 
+@serialised
 def export_onnx(
     model: torch.nn.Module,
     path: str | os.PathLike,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
@@ -273,6 +274,7 @@ def compare(
     return max_abs, max_rel
 
 
+@serialised
 def verify_onnx(
     path: str | Path,
     model: torch.nn.Module,
