@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_VERIFY = 0, 1, 3
+EXIT_TERMINATED = 128 + 15  # the shell's status for SIGTERM
 
 
 class _Progress:
@@ -93,6 +94,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    if args.save:  # before seconds of loading and capture
+        from .checkpoints import check_save_target
+
+        check_save_target(args.save)
     prog = _Progress(3 if args.save else 2)
     adapted = _adapted(args, prog)
     adapted.summary()
@@ -138,7 +143,9 @@ def cmd_export(args) -> int:
 def cmd_verify(args) -> int:
     from .errors import VerificationError
     from .exporters import verify_onnx
+    from .exporters.verify import check_onnx_file
 
+    check_onnx_file(args.onnx)  # a missing or non-ONNX file fails before the model is loaded
     prog = _Progress(3 + (1 if args.adapters else 0))
     adapted = _adapted(args, prog)
     import onnx
@@ -159,6 +166,8 @@ def cmd_verify(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.steps < 0:
+        raise SystemExit(f"graphadapt demo: --steps must be >= 0, got {args.steps}")
     return run_demo(model_name=args.model, steps=args.steps, out_dir=Path(args.out), export=not args.no_export)
 
 
@@ -173,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     def adapter_source(s):
         """The model and where its adapters come from (a spec, a checkpoint, or a PEFT checkpoint)."""
         s.add_argument("--model", help=model_help)
-        s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
-        s.add_argument("--adapters", help="graphadapt adapter checkpoint directory (from `apply --save`)")
-        s.add_argument("--peft", help="a PEFT LoRA checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+        # one source only: a spec's alpha/targets with a checkpoint's weights would give wrong numbers
+        src = s.add_mutually_exclusive_group()
+        src.add_argument("--spec", help="spec file (.yaml/.json); not with --adapters (which carries its spec.json) "
+                                        "or --peft")
+        src.add_argument("--adapters", help="graphadapt adapter checkpoint directory (from `apply --save`)")
+        src.add_argument("--peft", help="a PEFT LoRA checkpoint directory (adapter_config.json + "
+                                        "adapter_model.safetensors)")
 
     s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
     s.add_argument("--model", help=model_help)
@@ -217,12 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .errors import GraphAdaptError
 
+    from ._io import Terminated
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except GraphAdaptError as e:
         print(f"\ngraphadapt: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated as e:  # SIGTERM during a write: temp files are gone, earlier files untouched
+        print(f"\ngraphadapt: {e}", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

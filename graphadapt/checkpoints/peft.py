@@ -10,7 +10,6 @@ checkpoint was trained on a wrapper of ``model`` (``bert.encoder…`` vs ``encod
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -25,18 +24,18 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_
 _OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude_vector": "lora_magnitude"}
 
 
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(directory: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    from . import read_json, read_tensors
+
     cfg_path = directory / "adapter_config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{directory} is not a PEFT checkpoint (no adapter_config.json)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path)
     st, binf = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if st.exists():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(st))
-    elif binf.exists():
-        weights = torch.load(str(binf), map_location="cpu", weights_only=True)
+        weights = read_tensors(st)
+    elif binf.exists():  # a pickle: refused unless allow_pickle (docs/reliability.md)
+        weights = read_tensors(binf, allow_pickle=allow_pickle)
     else:
         raise CheckpointError(f"no adapter_model.safetensors or adapter_model.bin in {directory}")
     return cfg, weights
@@ -61,27 +60,42 @@ def peft_lora_spec(cfg: dict, targets: tuple[str, ...]):
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"PEFT adapter type {cfg.get('peft_type')!r} is not supported by the importer "
                               "(only LORA, with rsLoRA/DoRA)")
-    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)}
-    if cfg.get("bias", "none") != "none":
+    # options that change what the adapter computes: importing without them would give wrong numbers
+    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+                                            "trainable_token_indices", "megatron_config", "use_qalora",
+                                            "alora_invocation_tokens") if cfg.get(k)}
+    if cfg.get("bias", "none") not in ("none", None):
         unsupported["bias"] = cfg["bias"]
     if unsupported:
-        raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}")
-    return LoRA(r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
-                targets=targets, use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
+        raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}; re-train "
+                              "without them or merge the adapter with PEFT (merge_and_unload) instead.")
+    missing = [k for k in ("r", "lora_alpha") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"adapter_config.json lacks {missing}; is it a PEFT LoraConfig?")
+    try:
+        r, _ = int(cfg["r"]), float(cfg["lora_alpha"])
+        dropout = float(cfg.get("lora_dropout") or 0.0)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"adapter_config.json: r/lora_alpha/lora_dropout must be numbers ({e})") from e
+    return LoRA(r=r, alpha=cfg["lora_alpha"], dropout=dropout, targets=targets,
+                use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-                ignore_modules_to_save: bool = False, **apply_kwargs):
+                ignore_modules_to_save: bool = False, allow_pickle: bool = False, **apply_kwargs):
     """Apply the LoRA adapter saved in a PEFT checkpoint directory to ``model``; returns an AdaptedModel.
 
     ``modules_to_save`` (fully trained copies of e.g. a classifier head) are not adapters; they
-    raise :class:`CheckpointError` unless ``ignore_modules_to_save=True``.
+    raise :class:`CheckpointError` unless ``ignore_modules_to_save=True``. A pickled
+    ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with ``weights_only=True``).
     """
     from ..api import apply
     from ..spec import Spec
+    from . import check_tensor
 
     d = Path(directory)
-    cfg, weights = _read(d)
+    cfg, weights = _read(d, allow_pickle=allow_pickle)
+    peft_lora_spec(cfg, ("q",))  # unsupported options are named before any key is judged
     if cfg.get("modules_to_save") and not ignore_modules_to_save:
         raise CheckpointError(
             f"the checkpoint also trains whole modules {cfg['modules_to_save']} (modules_to_save); graphadapt "
@@ -117,8 +131,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
             if ours not in params:
                 raise CheckpointError(f"{key} has no counterpart {ours} in the adapted model")
             p, v = params[ours], weights[key]
-            if p.shape != v.shape:
-                raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(v.shape)} vs {tuple(p.shape)}")
+            check_tensor(key, v, p, d)
             p.copy_(v.to(p.dtype))
             filled.add(ours)
     empty = sorted(n for n in params if n.startswith(f"adapters.{name}.") and n not in filled)

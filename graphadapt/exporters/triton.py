@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.errors import ExportError
 from graphadapt.exporters.onnx import export_onnx
 from graphadapt.exporters.verify import graph_io
@@ -66,23 +67,23 @@ def export_triton(
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"cannot create the Triton repository {repo}: {e}") from e
-    if not os.access(repo, os.W_OK | os.X_OK):
-        raise ExportError(f"the Triton repository {repo} is not writable; choose another directory")
+    check_writable(repo, ExportError, "Triton repository")
     final = repo / name
     if final.resolve().parent != repo.resolve():  # a symlinked <name> pointing elsewhere, or a name escaping repo
         raise ExportError(f"{final} resolves outside the repository {repo}; refusing to write there")
     version_name = str(int(version))
 
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
-    try:
-        staged = stage / name
-        (staged / version_name).mkdir(parents=True)
-        export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
-        config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching)
-        (staged / "config.pbtxt").write_text(config)
-        _install(staged, final, version_name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with signals_as_exceptions():  # SIGTERM runs the finally below: no staging dir is left behind
+        stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
+        try:
+            staged = stage / name
+            (staged / version_name).mkdir(parents=True)
+            export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
+            config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching)
+            (staged / "config.pbtxt").write_text(config)
+            _install(staged, final, version_name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return final
 
 
