@@ -2,7 +2,7 @@
 
 For every spec drawn: ``apply`` leaves the caller's model (weights, requires_grad flags,
 train/eval mode) and the global RNG untouched; merge∘unmerge and save∘load are the identity;
-every error raised is a graphadapt error. ~15 examples per property keep the file under a minute.
+every error raised is a graphadapt error. 10-15 examples per property keep the file near a minute.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import tempfile
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 import graphadapt as ga
 
 from helpers import max_diff, run_no_grad, text_inputs, tiny_bert
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+# no shrinking phase: one apply takes ~1 s, and a failure report with the drawn spec is enough
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 ROLES = ["q", "k", "v", "o", "up", "down"]
 
@@ -27,8 +28,8 @@ lora = st.builds(
     targets=st.lists(st.sampled_from(ROLES), min_size=1, max_size=3, unique=True).map(tuple),
     use_rslora=st.booleans(), use_dora=st.booleans(),
     layers=st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=1, max_size=2, unique=True).map(tuple)))
-ia3 = st.builds(ga.IA3, targets=st.lists(st.sampled_from(["k", "v", "down"]), min_size=1, max_size=3,
-                                          unique=True).map(tuple))
+ia3 = st.lists(st.sampled_from(["k", "v", "down"]), min_size=1, max_size=3, unique=True).map(
+    lambda t: ga.IA3(targets=tuple(t), feedforward=tuple(x for x in t if x == "down")))
 seqbn = st.builds(
     ga.SeqBn, reduction_factor=st.sampled_from([2, 4, 8, 16]),
     non_linearity=st.sampled_from(["relu", "gelu", "swish", "tanh"]), ln_before=st.booleans(),
@@ -73,8 +74,10 @@ def test_apply_merge_save_properties(base, spec, train, frozen):
         try:
             adapted = ga.apply(base, spec)
         except ga.GraphAdaptError:
+            event("refused with a GraphAdaptError")
             assert _same(before, _snapshot(base))
             return
+        event("applied")
         assert _same(before, _snapshot(base)), "apply mutated the caller's model"
         assert torch.equal(rng, torch.get_rng_state()), "apply moved the global RNG"
         assert adapted.training == train
@@ -93,11 +96,14 @@ def test_apply_merge_save_properties(base, spec, train, frozen):
 
         with tempfile.TemporaryDirectory() as d:
             adapted.save_adapters(d)
-            again = ga.checkpoints.load(base, d)
-        ours = {k: v for k, v in adapted.state_dict().items() if k.startswith("adapters.")}
-        theirs = {k: v for k, v in again.state_dict().items() if k.startswith("adapters.")}
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-        assert max_diff(run_no_grad(again.eval(), x), out) == 0.0
+            with torch.no_grad():  # wipe the adapters, then load them back from disk
+                for n, p in adapted.named_parameters():
+                    if n.startswith("adapters."):
+                        p.zero_()
+            assert max_diff(run_no_grad(adapted, x), out) > 0
+            adapted.load_adapters(d)
+        assert all(torch.equal(v, state[k]) for k, v in adapted.state_dict().items())
+        assert max_diff(run_no_grad(adapted, x), out) == 0.0
     finally:
         base.eval()
         base.embeddings.word_embeddings.weight.requires_grad_(True)
@@ -108,7 +114,7 @@ junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow
                  st.text(max_size=4), st.lists(st.integers(-2, 5), max_size=3))
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=15)
 @given(method=st.sampled_from(["lora", "ia3", "bottleneck"]),
        field=st.sampled_from(["r", "alpha", "targets", "layers", "leave_out", "dropout", "reduction_factor",
                               "non_linearity", "mh_adapter", "init_weights", "seed"]),
@@ -119,7 +125,8 @@ def test_any_error_is_a_graphadapt_error(base, method, field, value, name):
     try:
         adapted = ga.apply(base, {"adapters": {name: d}})
     except ga.GraphAdaptError:
-        pass
+        event("refused with a GraphAdaptError")
     else:
+        event("applied")
         assert isinstance(adapted, ga.AdaptedModel)
     assert _same(before, _snapshot(base))
