@@ -472,6 +472,10 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}.")
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise CaptureError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    if not isinstance(dynamic, bool):
+        raise CaptureError(f"dynamic must be True or False, got {dynamic!r}")
     kwargs: dict[str, Any] = dict(example_kwargs or {})
     if example_inputs is not None:
         if not isinstance(example_inputs, (tuple, list)):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_VERIFY = 0, 1, 3
 EXIT_TERMINATED = 128 + 15  # the shell's status for SIGTERM
+EXIT_INTERRUPTED = 128 + 2  # ... and for SIGINT (Ctrl-C)
 
 
 class _Progress:
@@ -241,6 +242,9 @@ def main(argv=None) -> int:
     except Terminated as e:  # SIGTERM during a write: temp files are gone, earlier files untouched
         print(f"\ngraphadapt: {e}", file=sys.stderr)
         return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print("\ngraphadapt: interrupted; files being written were left as they were before", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -127,6 +127,13 @@ class AdaptedModel(CapturedModule):
         """
         if self.is_merged:
             raise MergeError("already merged; call unmerge() first")
+        if names is not None and not isinstance(names, str):
+            try:
+                names = list(names)
+            except TypeError:
+                names = [names]
+            if not all(isinstance(n, str) for n in names):
+                raise MergeError(f"names must be an adapter name or a list of names, got {names!r}")
         names = None if names is None else ([names] if isinstance(names, str) else list(names))
         if names is not None:
             unknown = set(names) - set(self.spec.adapters)

@@ -57,6 +57,14 @@ def test_triton_name_cannot_escape_the_repository(tmp_path, name):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("kw", [{"version": 0}, {"version": "1/../.."}, {"version": 1.5}, {"max_batch_size": -1},
+                                {"max_batch_size": "8"}])
+def test_triton_version_and_batch_size_are_validated(tmp_path, kw):
+    with pytest.raises(ExportError, match="version|max_batch_size"):
+        export_triton(Toy(), tmp_path / "repo", "m", example_inputs=toy_inputs(), **kw)
+    assert not (tmp_path / "repo" / "m").exists()
+
+
 def test_triton_symlinked_model_dir_is_refused(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "1").mkdir(parents=True)
@@ -659,3 +667,28 @@ def test_disk_full_during_save_is_a_checkpoint_error(tmp_path, monkeypatch):
     with pytest.raises(ga.CheckpointError, match="No space left"):
         adapted.save_adapters(tmp_path / "ckpt")
     assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda m: ga.apply(m, ga.LoRA(r=2), example_kwargs=[1, 2]), ga.CaptureError),
+    (lambda m: ga.apply(m, ga.LoRA(r=2), dynamic="yes"), ga.CaptureError),
+    (lambda m: ga.apply(m, ga.LoRA(r=2)).merge(names=3), ga.MergeError),
+    (lambda m: export_onnx(m, 5), ExportError),
+])
+def test_wrongly_typed_arguments_are_graphadapt_errors(call, error):
+    from helpers import tiny_bert
+
+    with pytest.raises(error):
+        call(tiny_bert())
+
+
+def test_cli_interrupt_and_terminate_exit_codes(monkeypatch, capsys):
+    import graphadapt.cli as cli
+    from graphadapt._io import Terminated
+
+    for exc, code in ((KeyboardInterrupt(), 130), (Terminated("terminated by signal 15"), 143)):
+        def boom(args, exc=exc):
+            raise exc
+        monkeypatch.setattr(cli, "cmd_inspect", boom)
+        assert cli.main(["inspect"]) == code
+        assert "graphadapt:" in capsys.readouterr().err

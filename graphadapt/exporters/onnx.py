@@ -130,6 +130,8 @@ def export_onnx(
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     try:
         tdtype = parse_dtype(dtype)

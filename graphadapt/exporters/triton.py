@@ -56,10 +56,10 @@ def export_triton(
     Returns the model directory ``<repo_dir>/<name>``.
     """
     check_model_name(name)
-    if int(version) < 1:
-        raise ExportError(f"Triton model versions start at 1, got {version}")
-    if max_batch_size < 0:
-        raise ExportError(f"max_batch_size must be >= 0, got {max_batch_size}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"Triton model versions are integers from 1, got {version!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
+        raise ExportError(f"max_batch_size must be an integer >= 0, got {max_batch_size!r}")
     if max_batch_size > 0 and export_kwargs.get("dynamic") is False:
         raise ExportError("max_batch_size > 0 needs a dynamic batch axis; pass dynamic=True or max_batch_size=0")
     repo = Path(repo_dir)
