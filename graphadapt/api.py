@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .capture import capture
+from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
@@ -23,6 +23,7 @@ from .structure import recognize
 from .structure.report import structure_report
 
 
+@serialised
 def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
          example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> Plan:
     """What :func:`apply` would insert where (adapters → sites, shared sites → combination), without building it."""
@@ -32,6 +33,7 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         return build_plan(recognize(gm), spec)
 
 
+@serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
           cache: bool = False) -> AdaptedModel:
@@ -73,12 +75,14 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     return gm
 
 
+@serialised
 def merge(adapted: AdaptedModel, names=None, safe: bool = True, strict: bool = False,
           in_place: bool = False) -> MergeReport:
     """Fold mergeable adapters into the base weights; see :meth:`AdaptedModel.merge`."""
     return adapted.merge(names, safe=safe, strict=strict, in_place=in_place)
 
 
+@serialised
 def inspect(model: nn.Module, example_inputs: tuple | None = None,
             example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True) -> dict:
     """Capture and recognise ``model``; return the structure report (see ``graphadapt inspect``)."""
@@ -97,16 +101,18 @@ def load(model: nn.Module, directory: str | os.PathLike, **apply_kwargs) -> Adap
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-                ignore_modules_to_save: bool = False, **apply_kwargs) -> AdaptedModel:
+                ignore_modules_to_save: bool = False, allow_pickle: bool = False, **apply_kwargs) -> AdaptedModel:
     """Apply the adapter saved in a PEFT checkpoint directory to ``model``, with its weights.
 
     The method comes from the checkpoint's ``peft_type`` (any registered plugin with that
     ``peft_type``); adapted module paths come from the checkpoint's keys. ``modules_to_save``
-    raise :class:`~graphadapt.errors.CheckpointError` unless ``ignore_modules_to_save=True``.
+    raise :class:`~graphadapt.errors.CheckpointError` unless ``ignore_modules_to_save=True``. A pickled
+    ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with ``weights_only=True``).
     """
     from .checkpoints.peft import read_peft
 
-    spec, fill = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save)
+    spec, fill = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
+                           allow_pickle=allow_pickle)
     adapted = apply(model, Spec({name: spec}), **apply_kwargs)
     fill(adapted)
     return adapted

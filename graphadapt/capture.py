@@ -12,9 +12,15 @@ caller's ``requires_grad`` flags.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
+import io
+import logging
+import os
 import re
+import threading
 import traceback
 from typing import Any, Mapping
 
@@ -26,7 +32,22 @@ from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
 
-__all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget"]
+__all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget", "GRAPH_LOCK", "serialised"]
+
+# torch.export / torch.onnx.export keep global tracing state (mode stacks, the fake-tensor
+# mode, symbolic shape envs) and fork the global RNG: two captures in two threads corrupt each
+# other. Every graphadapt entry point that traces, merges or flips a caller's train/eval mode
+# holds this (re-entrant) lock, so concurrent calls run one after another instead.
+GRAPH_LOCK = threading.RLock()
+
+
+def serialised(fn):
+    """Run ``fn`` holding :data:`GRAPH_LOCK`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with GRAPH_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
 
 aten = torch.ops.aten
 
@@ -103,6 +124,59 @@ def _dynamic_shapes(kwargs: Mapping[str, Any], dynamic: bool) -> tuple[dict, dic
     return spec, names
 
 
+def _widen_unit_axes(kwargs: dict[str, Any], names: dict[str, dict[int, str]]) -> dict[str, Any]:
+    """Repeat example inputs along dynamic axes whose every example has size 1.
+
+    torch.export specialises a size-1 dim (broadcasting rules make 1 special), so a model
+    captured on batch 1 or sequence 1 would then only accept that size. Size 2 keeps it dynamic;
+    repeating the example's own values keeps them valid (token ids, masks, pixels).
+    """
+    sizes: dict[str, int] = {}
+    for k, axes in names.items():
+        for a, dim in axes.items():
+            sizes[dim] = max(sizes.get(dim, 0), kwargs[k].shape[a])
+    out = dict(kwargs)
+    for k, axes in names.items():
+        for a, dim in axes.items():
+            if sizes[dim] == 1 and out[k].shape[a] == 1:
+                out[k] = torch.cat([out[k], out[k]], dim=a)
+    return out
+
+
+def _static_axes(gm: fx.GraphModule) -> dict[str, dict[int, int]]:
+    """``{input: {axis: size}}`` for every axis torch.export fixed (not symbolic) in the graph."""
+    out: dict[str, dict[int, int]] = {}
+    for n in gm.graph.nodes:
+        val = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            fixed = {a: int(d) for a, d in enumerate(val.shape) if not isinstance(d, torch.SymInt)}
+            out[str(n.target)] = {"rank": val.dim(), **fixed}
+    return out
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """Silence torch's loggers and stderr for the block (a failed torch.export prints its partial
+    graph, hundreds of lines, to stderr before raising).
+
+    ``GRAPHADAPT_DEBUG=1`` in the environment keeps them. Callers hold :data:`GRAPH_LOCK`.
+    """
+    if os.environ.get("GRAPHADAPT_DEBUG", "") not in ("", "0"):
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+               if n == "torch" or n.startswith(("torch.", "torch_", "onnxscript"))]
+    saved = [(lg, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, disabled in saved:
+            lg.disabled = disabled
+
+
 # --------------------------------------------------------------------------- errors
 def _describe_failure(model: nn.Module, exc: BaseException) -> str:
     """One-paragraph diagnosis of an export failure: which module, which line, what to try."""
@@ -135,7 +209,8 @@ def _describe_failure(model: nn.Module, exc: BaseException) -> str:
         if culprit_line:
             where += f" at {culprit_line}"
     return (f"torch.export could not capture {type(model).__name__}{where}: "
-            f"{type(exc).__name__}: {first}\nWhat to try: {hint}")
+            f"{type(exc).__name__}: {first}\nWhat to try: {hint}"
+            "\n(Set GRAPHADAPT_DEBUG=1 to see torch.export's own log.)")
 
 
 # --------------------------------------------------------------------------- module
@@ -151,7 +226,7 @@ class CapturedModule(fx.GraphModule):
     """
 
     _graphadapt_attrs = ("input_names", "constant_inputs", "dynamic_dims", "source_class", "_example_inputs",
-                         "source_config", "_compute_dtype", "_compute_device", "decoder_cache")
+                         "source_config", "_compute_dtype", "_compute_device", "decoder_cache", "static_axes")
 
     def _init_capture_state(self, *, input_names, dynamic_dims, example_inputs, source,
                             dtype, device):
@@ -235,6 +310,9 @@ class CapturedModule(fx.GraphModule):
 def _check_inputs_hook(module: CapturedModule, args, kwargs):
     """Fill captured constants (``use_cache=False``), name unknown or missing inputs clearly."""
     names = module.input_names
+    twice = [k for k in names[:len(args)] if k in kwargs]
+    if twice:  # Python's own rule for a call: never silently pick one of the two values
+        raise TypeError(f"got multiple values for argument {twice[0]!r} (positionally and by keyword)")
     given = set(names[:len(args)]) | set(kwargs)
     unknown = [k for k in kwargs if k not in names and k not in module.constant_inputs]
     what = f"this graphadapt model (captured from {module.source_class.rsplit('.', 1)[-1]})"
@@ -251,6 +329,17 @@ def _check_inputs_hook(module: CapturedModule, args, kwargs):
             raise TypeError(f"{k}={kwargs[k]!r} differs from the value captured ({v!r}), which is "
                             "baked into the graph; re-capture with the value you need.")
     kwargs = {**dict(zip(names, args)), **kwargs, **module.constant_inputs}
+    for k, fixed in getattr(module, "static_axes", {}).items():
+        v = kwargs.get(k)
+        if not isinstance(v, torch.Tensor):
+            continue
+        bad = v.dim() != fixed["rank"] or any(v.shape[a] != n for a, n in fixed.items() if a != "rank")
+        if bad:
+            want = ["*" if a not in fixed else str(fixed[a]) for a in range(fixed["rank"])]
+            raise CaptureError(
+                f"{k} has shape {tuple(v.shape)} but {what} accepts only [{', '.join(want)}] (* = any size): "
+                "those sizes were fixed at capture (dynamic=False, or the model specialised them). "
+                "Re-capture with dynamic=True and example inputs of the sizes you need.")
     return (), kwargs
 
 
@@ -262,6 +351,7 @@ def _rewrap_parameters(gm: fx.GraphModule) -> None:
                 mod._parameters[name] = nn.Parameter(p.data, requires_grad=p.requires_grad)
 
 
+@serialised
 def capture(model: nn.Module, example_inputs: tuple | None = None,
             example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
             cls: type[CapturedModule] = CapturedModule,
@@ -277,6 +367,10 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}.")
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise CaptureError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
+    if not isinstance(dynamic, bool):
+        raise CaptureError(f"dynamic must be True or False, got {dynamic!r}")
     kwargs: dict[str, Any] = dict(example_kwargs or {})
     if example_inputs is not None:
         if not isinstance(example_inputs, (tuple, list)):
@@ -296,13 +390,15 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     if dynamic and dynamic_axes is not None:
         dim_names = {k: dict(v) for k, v in dynamic_axes.items() if v}
         spec = {k: ({a: torch.export.Dim.AUTO for a in dim_names.get(k, {})} or None) for k in kwargs}
+    elif dynamic:  # the default choice of axes: size-1 examples would be specialised, widen them
+        kwargs = _widen_unit_axes(kwargs, dim_names)
     was_training = model.training
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = ref.dtype if ref is not None else torch.float32
     device = ref.device if ref is not None else torch.device("cpu")
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch_logs():
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=spec if dynamic else None,
                                      strict=False)
     except Exception as e:  # noqa: BLE001 - every failure becomes one readable CaptureError
@@ -321,6 +417,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
                            example_inputs={k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
                                            for k, v in kwargs.items()},
                            source=getattr(model, "graphadapt_source", model), dtype=dtype, device=device)
+    gm.static_axes = _static_axes(unlifted)
     run_pass("make_portable", make_portable, gm, dtype, device)
     gm.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
     return gm

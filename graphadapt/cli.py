@@ -14,6 +14,9 @@ from pathlib import Path
 from .console import EXIT_ERROR, EXIT_OK, EXIT_VERIFY  # noqa: F401  (re-exported: scripts test the codes)
 from .console import Progress as _Progress
 
+EXIT_TERMINATED = 128 + 15  # the shell's status for SIGTERM
+EXIT_INTERRUPTED = 128 + 2  # ... and for SIGINT (Ctrl-C)
+
 
 def _load(args):
     from .zoo import default_model, load_model
@@ -82,6 +85,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    if args.save:  # before seconds of loading and capture
+        from .checkpoints import check_save_target
+
+        check_save_target(args.save)
     prog = _Progress(3 if args.save else 2)
     adapted = _adapted(args, prog)
     adapted.summary()
@@ -95,6 +102,10 @@ def cmd_export(args) -> int:
     from .errors import VerificationError
     from .exporters import export_onnx, export_triton
 
+    if args.triton:  # refuse a bad name before seconds of model loading
+        from .exporters.triton import check_model_name
+
+        check_model_name(args.name)
     prog = _Progress(3 + (1 if args.adapters else 0) + (1 if args.merge else 0))
     adapted = _adapted(args, prog)
     if args.merge:
@@ -124,7 +135,9 @@ def cmd_verify(args) -> int:
     from .errors import VerificationError
     from .exporters import verify_onnx
     from .exporters.onnx import MERGED_KEY
+    from .exporters.verify import check_onnx_file
 
+    check_onnx_file(args.onnx)  # a missing or non-ONNX file fails before the model is loaded
     prog = _Progress(3 + (1 if args.adapters else 0))
     adapted = _adapted(args, prog)
     import onnx
@@ -145,6 +158,8 @@ def cmd_verify(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo, run_generate_demo
 
+    if args.steps is not None and args.steps < 0:
+        raise SystemExit(f"graphadapt demo: --steps must be >= 0, got {args.steps}")
     if args.task == "generate":
         return run_generate_demo(steps=args.steps if args.steps is not None else 60, out_dir=Path(args.out),
                                  export=not args.no_export)
@@ -163,9 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     def adapter_source(s):
         """The model and where its adapters come from (a spec, a checkpoint, or a PEFT checkpoint)."""
         s.add_argument("--model", help=model_help)
-        s.add_argument("--spec", help="spec file (.yaml/.json); default: the checkpoint's spec.json")
-        s.add_argument("--adapters", help="graphadapt adapter checkpoint directory (from `apply --save`)")
-        s.add_argument("--peft", help="a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+        # one source only: a spec's alpha/targets with a checkpoint's weights would give wrong numbers
+        src = s.add_mutually_exclusive_group()
+        src.add_argument("--spec", help="spec file (.yaml/.json); not with --adapters (which carries its spec.json) "
+                                        "or --peft")
+        src.add_argument("--adapters", help="graphadapt adapter checkpoint directory (from `apply --save`)")
+        src.add_argument("--peft", help="a PEFT checkpoint directory (adapter_config.json + "
+                                        "adapter_model.safetensors)")
 
     s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
     s.add_argument("--model", help=model_help)
@@ -213,12 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .errors import GraphAdaptError
 
+    from ._io import Terminated
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except GraphAdaptError as e:
         print(f"\ngraphadapt: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated as e:  # SIGTERM during a write: temp files are gone, earlier files untouched
+        print(f"\ngraphadapt: {e}", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print("\ngraphadapt: interrupted; files being written were left as they were before", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .capture import CapturedModule
+from .capture import CapturedModule, serialised
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import apply_merge, plan_merge
@@ -140,6 +140,7 @@ class AdaptedModel(CapturedModule):
         """The active setup: a composition block, or the tuple of active adapter names."""
         return self.spec.composition or tuple(self.active_adapters())
 
+    @serialised
     def set_active(self, names) -> None:
         """Activate exactly ``names`` (``None``: all; inactive adapters pass their input through), or a
         composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``).
@@ -246,6 +247,7 @@ class AdaptedModel(CapturedModule):
     def is_merged(self) -> bool:
         return self._merge_state is not None
 
+    @serialised
     def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False) -> MergeReport:
         """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
@@ -258,6 +260,13 @@ class AdaptedModel(CapturedModule):
         """
         if self.is_merged:
             raise MergeError("already merged; call unmerge() first")
+        if names is not None and not isinstance(names, str):
+            try:
+                names = list(names)
+            except TypeError:
+                names = [names]
+            if not all(isinstance(n, str) for n in names):
+                raise MergeError(f"names must be an adapter name or a list of names, got {names!r}")
         names = None if names is None else ([names] if isinstance(names, str) else list(names))
         if names is not None:
             unknown = set(names) - set(self.spec.adapters)
@@ -285,6 +294,7 @@ class AdaptedModel(CapturedModule):
         self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place, "report": report}
         return report
 
+    @serialised
     def unmerge(self) -> None:
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         if not self.is_merged:

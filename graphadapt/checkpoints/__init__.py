@@ -23,52 +23,175 @@ WEIGHTS_FILE = "adapters.safetensors"
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    from .._io import signals_as_exceptions
+
+    with signals_as_exceptions():  # SIGTERM → exception, so the temp file is removed below
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, Exception) and not isinstance(e, CheckpointError):  # ENOSPC, EROFS, ...
+                why = getattr(e, "strerror", None) or e
+                raise CheckpointError(f"writing {path} failed ({why}); any earlier {path.name} is unchanged") from e
+            raise
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; :class:`CheckpointError` if it is unreadable or not a JSON object."""
+    p = Path(path)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {p}: {type(e).__name__}: {e}. Is the file truncated or "
+                              "hand-edited? Re-create it.") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` (or, with ``allow_pickle=True``, a ``.bin``) file, validated.
+
+    Raises :class:`CheckpointError` for an unreadable, truncated or empty file, a non-tensor
+    entry, or a float tensor holding NaN/inf (corrupted bytes), naming the file and the key.
+    ``.bin`` files are pickles: refused unless ``allow_pickle=True``, and even then read with
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
+    """
+    p = Path(path)
+    if p.suffix == ".bin" and not allow_pickle:
+        raise CheckpointError(
+            f"{p} is a pickle (.bin) checkpoint; graphadapt reads .safetensors by default. Convert it "
+            "(safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors')) or, "
+            "if you trust its origin, pass allow_pickle=True (read with torch.load(weights_only=True)).")
+    try:
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"{p} is empty (0 bytes): an interrupted download or save? Re-create it.")
+        if p.suffix == ".bin":
+            tensors = torch.load(str(p), map_location="cpu", weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(p))
+    except CheckpointError:
         raise
+    except Exception as e:  # SafetensorError, UnpicklingError, OSError, ...: one clear error
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"cannot read {p}: {type(e).__name__}: {first}. The file is truncated, corrupted "
+                              "or not a tensor file; re-create it.") from e
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{p} holds a {type(tensors).__name__}, not a dict of named tensors")
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{p}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{p}: tensor {k!r} holds NaN or inf values (corrupted bytes or a diverged "
+                                  "training run); refusing to load it.")
+    return tensors
+
+
+def check_tensor(key: str, value: torch.Tensor, target: torch.Tensor, source) -> None:
+    """A saved ``value`` may be copied into ``target``: same shape, same dtype kind (float/int/bool)."""
+    def kind(t):
+        return "float" if t.is_floating_point() else "complex" if t.is_complex() else \
+            "bool" if t.dtype == torch.bool else "integer"
+
+    if kind(value) != kind(target):
+        raise CheckpointError(f"{source}: tensor {key!r} is {value.dtype} but the model expects a {kind(target)} "
+                              f"tensor ({target.dtype}); refusing to cast it. Is this the right checkpoint?")
+    if value.shape != target.shape:
+        raise CheckpointError(f"{source}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model "
+                              f"{tuple(target.shape)}")
+
+
+def check_save_target(directory: str | os.PathLike) -> Path:
+    """``directory`` as a Path if adapters can be saved there (created if missing), else CheckpointError."""
+    from .._io import check_writable
+
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d} is an existing file; adapters are saved to a directory "
+                              f"({SPEC_FILE} + {WEIGHTS_FILE}). Give a directory path.")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the checkpoint directory {d}: {e.strerror or e}") from e
+    check_writable(d, CheckpointError, "checkpoint directory")
+    return d
 
 
 def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
-    """Save the adapters (weights + spec) of ``adapted`` to ``directory``."""
+    """Save the adapters (weights + spec) of ``adapted`` to ``directory``.
+
+    Each file is written to a temp file and renamed into place; SIGTERM, Ctrl-C or a full
+    disk leave any earlier checkpoint intact and no temp files behind.
+    """
     from safetensors.torch import save_file
 
     from ..version import __version__
 
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    d = check_save_target(directory)
     prefixes = tuple(adapter_prefix(n) for n in (names or adapted.spec.module_owners))
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items() if k.startswith(prefixes)}
     spec = adapted.spec.to_dict()
     meta = {"graphadapt_version": __version__, "source_class": adapted.source_class,
             "format": "graphadapt-adapters/1"}
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta))
-    _atomic_write(d / SPEC_FILE, lambda p: Path(p).write_text(json.dumps({"spec": spec, **meta}, indent=2)))
+    # the spec names the weights file's hash: a save interrupted between the two renames leaves a
+    # pair that load_adapter_weights refuses instead of mixing new weights with an old spec
+    digest = _sha256(d / WEIGHTS_FILE)
+    _atomic_write(d / SPEC_FILE, lambda p: Path(p).write_text(
+        json.dumps({"spec": spec, **meta, "weights_sha256": digest}, indent=2)))
     return d
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_spec(directory: str | os.PathLike):
     from ..spec import Spec
 
+    from ..errors import SpecError
+
     p = Path(directory) / SPEC_FILE
     if not p.exists():
         raise CheckpointError(f"{directory} is not a graphadapt adapter checkpoint (no {SPEC_FILE})")
-    return Spec.from_dict(json.loads(p.read_text())["spec"])
+    data = read_json(p)
+    if not isinstance(data.get("spec"), dict):
+        raise CheckpointError(f"{p} has no 'spec' object; is it a graphadapt adapter checkpoint's {SPEC_FILE}?")
+    try:
+        return Spec.from_dict(data["spec"])
+    except SpecError as e:
+        raise CheckpointError(f"{p} holds an invalid spec: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{p} holds a malformed spec ({type(e).__name__}: {e}); re-save the adapters") from e
 
 
 def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = True) -> list[str]:
-    """Copy saved adapter tensors into ``adapted``; returns the keys loaded."""
-    from safetensors.torch import load_file
+    """Copy saved adapter tensors into ``adapted``; returns the keys loaded.
 
+    Every tensor is checked (readable, finite, same shape and dtype kind) before any is copied.
+    """
     p = Path(directory) / WEIGHTS_FILE
     if not p.exists():
         raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}")
-    saved = load_file(str(p))
+    spec_path = Path(directory) / SPEC_FILE
+    if spec_path.exists():
+        want = read_json(spec_path).get("weights_sha256")
+        if want is not None and want != _sha256(p):
+            raise CheckpointError(f"{p} does not belong to {spec_path} (hash mismatch): the checkpoint was "
+                                  "modified or a save was interrupted between its two files; save it again.")
+    saved = read_tensors(p)
     own = adapted.state_dict()
     ours = {k for k in own if k.startswith(adapter_prefix())}
     unknown = sorted(set(saved) - ours)
@@ -78,10 +201,9 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
             f"checkpoint {directory} does not match this model's adapters: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unknown)} unexpected (e.g. {unknown[:3]}). "
             "Was it saved for the same base model and spec?")
-    bad = [k for k in saved if k in own and own[k].shape != saved[k].shape]
-    if bad:
-        raise CheckpointError(f"shape mismatch for {bad[:3]}: checkpoint {tuple(saved[bad[0]].shape)} vs "
-                              f"model {tuple(own[bad[0]].shape)}")
+    for k in saved:
+        if k in own:
+            check_tensor(k, saved[k], own[k], p)
     with torch.no_grad():
         for k, v in saved.items():
             if k in own:

@@ -11,7 +11,6 @@ config (``adapterhub_spec``) and load the tensors (``load_adapterhub``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from . import read_json, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors", "pytorch_adapter.bin")
@@ -86,15 +86,17 @@ def read_adapterhub(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
     d = Path(directory)
     if not (d / CONFIG_FILE).exists():
         raise CheckpointError(f"{directory} is not an AdapterHub adapter directory (no {CONFIG_FILE})")
-    meta = json.loads((d / CONFIG_FILE).read_text())
+    meta = read_json(d / CONFIG_FILE)
     for fname in WEIGHT_FILES:
         p = d / fname
         if p.exists():
-            if fname.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return meta, load_file(str(p))
-            return meta, torch.load(p, map_location="cpu", weights_only=True)
+            # pytorch_adapter.bin is AdapterHub's default format: read, but only with weights_only=True
+            sd = read_tensors(p, allow_pickle=True)
+            bad = [k for k, v in sd.items() if not v.is_floating_point()]
+            if bad:
+                raise CheckpointError(f"{p}: adapter tensor {bad[0]!r} is {sd[bad[0]].dtype}, not floating point; "
+                                      "refusing to cast it. Is this an AdapterHub adapter checkpoint?")
+            return meta, sd
     raise CheckpointError(f"no AdapterHub weights in {directory} (looked for {', '.join(WEIGHT_FILES)})")
 
 
@@ -136,7 +138,7 @@ def read_adapterhub_fusion(directory: str | os.PathLike, name: str | None = None
     d = Path(directory)
     if not (d / FUSION_CONFIG_FILE).exists():
         raise CheckpointError(f"{directory} is not an AdapterHub fusion directory (no {FUSION_CONFIG_FILE})")
-    meta = json.loads((d / FUSION_CONFIG_FILE).read_text())
+    meta = read_json(d / FUSION_CONFIG_FILE)
     saved = meta.get("name")
     if not isinstance(saved, str) or not saved:
         raise CheckpointError(f"{d / FUSION_CONFIG_FILE} names no fusion")
@@ -146,12 +148,7 @@ def read_adapterhub_fusion(directory: str | os.PathLike, name: str | None = None
     for fname in FUSION_WEIGHT_FILES:
         p = d / fname
         if p.exists():
-            if fname.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                sd = load_file(str(p))
-            else:
-                sd = torch.load(p, map_location="cpu", weights_only=True)
+            sd = read_tensors(p, allow_pickle=True)  # AdapterHub's default .bin: weights_only=True
             break
     else:
         raise CheckpointError(f"no AdapterHub fusion weights in {directory} (looked for {', '.join(FUSION_WEIGHT_FILES)})")

@@ -13,7 +13,6 @@ wrapper of ``model`` (``bert.encoder…`` vs ``encoder…``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -24,18 +23,18 @@ from ..errors import CheckpointError
 from ..vocab import adapter_prefix
 
 
-def _read(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(directory: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    from . import read_json, read_tensors
+
     cfg_path = directory / "adapter_config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{directory} is not a PEFT checkpoint (no adapter_config.json)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path)
     st, binf = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if st.exists():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(st))
-    elif binf.exists():
-        weights = torch.load(str(binf), map_location="cpu", weights_only=True)
+        weights = read_tensors(st)
+    elif binf.exists():  # a pickle: refused unless allow_pickle (docs/reliability.md)
+        weights = read_tensors(binf, allow_pickle=allow_pickle)
     else:
         raise CheckpointError(f"no adapter_model.safetensors or adapter_model.bin in {directory}")
     return cfg, weights
@@ -66,11 +65,21 @@ def _plugin(cfg: dict):
 
 
 def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-              ignore_modules_to_save: bool = False):
-    """``(spec, fill(adapted))`` for the PEFT checkpoint in ``directory`` applied to ``model``."""
+              ignore_modules_to_save: bool = False, allow_pickle: bool = False):
+    """``(spec, fill(adapted))`` for the PEFT checkpoint in ``directory`` applied to ``model``.
+
+    A pickled ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with
+    ``weights_only=True``)."""
+    from ..errors import SpecError
+    from . import check_tensor
+
     d = Path(directory)
-    cfg, weights = _read(d)
+    cfg, weights = _read(d, allow_pickle=allow_pickle)
     method = _plugin(cfg)
+    try:  # options the method cannot express are named before any key is judged
+        method.peft_spec(cfg, ("q",))
+    except (SpecError, NotImplementedError, KeyError, TypeError, ValueError):
+        pass
     custom = method.peft_read(model, cfg, weights, name, d)
     if custom is not None:
         return custom
@@ -112,8 +121,7 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
                 if ours not in params:
                     raise CheckpointError(f"{key} has no counterpart {ours} in the adapted model")
                 p, v = params[ours], weights[key]
-                if p.shape != v.shape:
-                    raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(v.shape)} vs {tuple(p.shape)}")
+                check_tensor(key, v, p, d)
                 p.copy_(v.to(p.dtype))
                 filled.add(ours)
         empty = sorted(n for n in params if n.startswith(adapter_prefix(name)) and n not in filled)

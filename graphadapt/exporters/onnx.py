@@ -23,10 +23,15 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from graphadapt._io import check_writable, signals_as_exceptions
+from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
+
+# Opsets below this need a lossy down-conversion of the dynamo exporter's graph (LayerNormalization is 17).
+MIN_OPSET = 17
 
 # Above this many bytes of weights, initializers go to "<name>.data" (protobuf caps a file at 2 GB).
 MERGED_KEY = "graphadapt.merged"
@@ -59,6 +64,8 @@ class ExportReport:
     providers: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    rel_rms_diff: dict[str, float] = field(default_factory=dict)
+    rms_tol: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,6 +92,7 @@ class ExportReport:
         return "\n".join(lines)
 
 
+@serialised
 def export_onnx(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -100,6 +108,7 @@ def export_onnx(
     external_data: bool | None = None,
     io_names: dict[str, str] | None = None,
     verify_fn: Any = None,
+    rms_tol: float | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -121,12 +130,15 @@ def export_onnx(
         io_names: rename graph inputs (``{"past_key_values_0_key": "past_key_values.0.key"}``).
         verify_fn: ``(onnx_path, reference_model) -> VerifyResult`` replacing the default check
             (the decoder exporter runs a greedy decode); runs before the file is moved into place.
+        rms_tol: bound on RMS(onnx - torch) / RMS(torch) per output (see :func:`verify_onnx`).
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     try:
         tdtype = parse_dtype(dtype)
@@ -136,6 +148,8 @@ def export_onnx(
         raise ExportError(f"{path} is a directory; give the path of the .onnx file to write")
     if not path.parent.is_dir():
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
+    _check_opset(opset)
+    check_writable(path.parent, ExportError, "output directory")
     inputs = _model.example_inputs(model, example_inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
 
@@ -165,55 +179,76 @@ def export_onnx(
         if external_data is None:
             external_data = _initializer_bytes(program) > EXTERNAL_DATA_THRESHOLD
 
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            # Same file name inside the temp dir: the graph references its weights as
-            # "<name>.data", so the pair moves into place without rewriting that reference.
-            tmp = tmpdir / path.name
-            t = time.perf_counter()
-            _save(program, tmp, external_data)
-            seconds["save"] = time.perf_counter() - t
-            del program  # the saved file is the truth from here on; free the in-memory copy
-
-            t = time.perf_counter()
-            _check(tmp)
-            seconds["check"] = time.perf_counter() - t
-            report = _describe(tmp, path, tdtype, axes, meta, merged, external_data)
-
-            if verify:
-                t = time.perf_counter()
-                atol_, rtol_ = DEFAULT_TOLERANCES[tdtype]
-                result = verify_fn(tmp, export_model) if verify_fn is not None else verify_onnx(
-                    tmp,
-                    model,
-                    example_inputs=inputs,
-                    dtype=tdtype,
-                    providers=providers,
-                    atol=atol_ if atol is None else atol,
-                    rtol=rtol_ if rtol is None else rtol,
-                    reference=export_model,
-                )
-                seconds["verify"] = time.perf_counter() - t
-                report.verified = True
-                report.max_abs_diff, report.max_rel_diff = result.max_abs_diff, result.max_rel_diff
-                report.atol, report.rtol = result.atol, result.rtol
-                report.providers, report.verify_input_shapes = result.providers, result.input_shapes
-                report.reference_dtype = result.reference_dtype
-
-            t = time.perf_counter()
+        # SIGTERM becomes an exception here, so the finally removes the temp dir as for Ctrl-C
+        with signals_as_exceptions():
+            tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
             try:
-                _commit(tmp, path, external_data)
-            except OSError as e:
-                raise ExportError(f"moving the checked model to {path} failed ({e}); {path} is unchanged") from e
-            seconds["commit"] = time.perf_counter() - t
-        except VerificationError as e:
-            e.args = (f"{e.args[0] if e.args else e} Nothing was written to {path}.", *e.args[1:])
-            raise
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+                # Same file name inside the temp dir: the graph references its weights as
+                # "<name>.data", so the pair moves into place without rewriting that reference.
+                tmp = tmpdir / path.name
+                t = time.perf_counter()
+                _save(program, tmp, external_data)
+                seconds["save"] = time.perf_counter() - t
+                del program  # the saved file is the truth from here on; free the in-memory copy
+
+                t = time.perf_counter()
+                _check(tmp)
+                seconds["check"] = time.perf_counter() - t
+                report = _describe(tmp, path, tdtype, axes, meta, merged, external_data)
+                if opset is not None and report.opset != opset:
+                    raise ExportError(f"asked for opset {opset} but the exporter produced opset {report.opset} "
+                                      f"(its version conversion failed); use opset={report.opset} or leave it unset")
+
+                if verify:
+                    t = time.perf_counter()
+                    atol_, rtol_ = DEFAULT_TOLERANCES[tdtype]
+                    result = verify_fn(tmp, export_model) if verify_fn is not None else verify_onnx(
+                        tmp,
+                        model,
+                        example_inputs=inputs,
+                        dtype=tdtype,
+                        providers=providers,
+                        atol=atol_ if atol is None else atol,
+                        rtol=rtol_ if rtol is None else rtol,
+                        reference=export_model,
+                        rms_tol=rms_tol,
+                    )
+                    seconds["verify"] = time.perf_counter() - t
+                    report.verified = True
+                    report.max_abs_diff, report.max_rel_diff = result.max_abs_diff, result.max_rel_diff
+                    report.atol, report.rtol = result.atol, result.rtol
+                    # a custom verify_fn (decoder greedy decode) may not measure RMS
+                    report.rel_rms_diff = getattr(result, "rel_rms_diff", report.rel_rms_diff)
+                    report.rms_tol = getattr(result, "rms_tol", report.rms_tol)
+                    report.providers, report.verify_input_shapes = result.providers, result.input_shapes
+                    report.reference_dtype = result.reference_dtype
+
+                t = time.perf_counter()
+                try:
+                    _commit(tmp, path, external_data)
+                except OSError as e:
+                    raise ExportError(f"moving the checked model to {path} failed ({e}); {path} is unchanged") from e
+                seconds["commit"] = time.perf_counter() - t
+            except VerificationError as e:
+                e.args = (f"{e.args[0] if e.args else e} Nothing was written to {path}.", *e.args[1:])
+                raise
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = seconds
     return report
+
+
+def _check_opset(opset) -> None:
+    """Refuse an opset the exporter cannot write, before any work."""
+    if opset is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset must be an integer from {MIN_OPSET} to {newest} (this onnx), got {opset!r}; "
+                          "leave it unset for torch's recommended opset")
 
 
 def _prepare(model, inputs, tdtype):

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.errors import ExportError
 from graphadapt.exporters.onnx import export_onnx
 from graphadapt.exporters.verify import graph_io
@@ -54,30 +55,52 @@ def export_triton(
     Other versions already in ``<repo_dir>/<name>`` are kept; the same version is replaced.
     Returns the model directory ``<repo_dir>/<name>``.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
-        raise ExportError(f"Triton model name {name!r} must be non-empty and use only letters, digits, '_', '-', '.'")
-    if int(version) < 1:
-        raise ExportError(f"Triton model versions start at 1, got {version}")
-    if max_batch_size < 0:
-        raise ExportError(f"max_batch_size must be >= 0, got {max_batch_size}")
+    check_model_name(name)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"Triton model versions are integers from 1, got {version!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
+        raise ExportError(f"max_batch_size must be an integer >= 0, got {max_batch_size!r}")
     if max_batch_size > 0 and export_kwargs.get("dynamic") is False:
         raise ExportError("max_batch_size > 0 needs a dynamic batch axis; pass dynamic=True or max_batch_size=0")
     repo = Path(repo_dir)
-    repo.mkdir(parents=True, exist_ok=True)
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the Triton repository {repo}: {e}") from e
+    check_writable(repo, ExportError, "Triton repository")
     final = repo / name
+    if final.resolve().parent != repo.resolve():  # a symlinked <name> pointing elsewhere, or a name escaping repo
+        raise ExportError(f"{final} resolves outside the repository {repo}; refusing to write there")
     version_name = str(int(version))
 
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
-    try:
-        staged = stage / name
-        (staged / version_name).mkdir(parents=True)
-        export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
-        config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching)
-        (staged / "config.pbtxt").write_text(config)
-        _install(staged, final, version_name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with signals_as_exceptions():  # SIGTERM runs the finally below: no staging dir is left behind
+        stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))
+        try:
+            staged = stage / name
+            (staged / version_name).mkdir(parents=True)
+            export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
+            config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching)
+            (staged / "config.pbtxt").write_text(config)
+            _install(staged, final, version_name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return final
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_model_name(name: Any) -> str:
+    """``name`` if it is a safe Triton model directory name, else :class:`ExportError`.
+
+    One path component: letters, digits, ``_``, ``-``, ``.``, not starting with ``.`` or ``-``
+    (so never ``.``, ``..``, a hidden or a nested directory), at most 255 characters.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 255:
+        raise ExportError(
+            f"Triton model name {name!r} must be one directory name: letters, digits, '_', '-', '.', "
+            "not starting with '.' or '-' (no '/', '..' or hidden names), at most 255 characters")
+    return name
 
 
 def _install(staged: Path, final: Path, version_name: str) -> None:

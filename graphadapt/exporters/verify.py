@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
@@ -33,6 +34,18 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (3e-2, 3e-2),
     torch.bfloat16: (1e-1, 1e-1),
+}
+
+# Systematic-error gate: RMS of (onnx - torch) over RMS of torch, per output. Rounding noise is
+# small on average while a wrong adapter shifts every element, so this separates the two where
+# the per-element (atol, rtol) bound cannot: on tiny BERT with LoRA + SeqBn, fp16 rounding gives
+# 0.0007-0.0009 while adapter weights off by 3% give 0.0045 and by 5% 0.0074 (max abs diff 0.038,
+# inside fp16's atol) — docs/reliability.md. fp16 noise on the five tiny test models is at most
+# 1.1e-3 (BERT pooler): 3.6x headroom.
+DEFAULT_RMS_TOLERANCES: dict[torch.dtype, float] = {
+    torch.float32: 1e-4,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
 }
 
 _ONNX_TO_TORCH = {
@@ -56,6 +69,8 @@ class VerifyResult:
     max_rel_diff: dict[str, float] = field(default_factory=dict)
     atol: float = 0.0
     rtol: float = 0.0
+    rel_rms_diff: dict[str, float] = field(default_factory=dict)
+    rms_tol: float | None = None
     providers: list[str] = field(default_factory=list)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference_dtype: str = "fp32"
@@ -75,10 +90,40 @@ def _import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ExportError(
-            "verification needs onnxruntime: pip install 'graphadapt[ort]' (or [gpu]), or pass verify=False"
-        ) from e
+        if _interrupted(e):  # Ctrl-C while a C extension loaded surfaces as ImportError: keep it Ctrl-C
+            raise KeyboardInterrupt from e
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "onnxruntime":
+            raise ExportError(
+                "verification needs onnxruntime: pip install 'graphadapt[ort]' (or [gpu]), or pass verify=False"
+            ) from e
+        raise ExportError(f"onnxruntime is installed but failed to import ({_model._one_line(e)}); "
+                          "reinstall it, or pass verify=False") from e
     return ort
+
+
+def _interrupted(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def check_onnx_file(path: str | Path) -> None:
+    """:class:`ExportError` unless ``path`` is a readable ONNX model file (cheap: graph only, no weights)."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"no ONNX file at {p}" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # DecodeError, OSError ...
+        raise ExportError(f"{p} is not a readable ONNX model ({_model._one_line(e)})") from e
+    if not proto.graph.node and not proto.graph.output:
+        raise ExportError(f"{p} is not an ONNX model (no graph); give the .onnx file written by export")
 
 
 def graph_io(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -231,10 +276,14 @@ def compare(
     atol: float,
     rtol: float,
     context: str = "",
+    rms_tol: float | None = None,
+    rel_rms: dict[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Max abs / rel diff per output; raises VerificationError past ``|a - r| <= atol + rtol·|r|``.
 
     The relative diff is ``|a - r| / (|r| + atol)`` so near-zero entries do not dominate it.
+    With ``rms_tol``, also fails when ``rms(a - r) > rms_tol · max(rms(r), atol)`` (a systematic
+    difference such as other adapter weights); ``rel_rms`` (a dict) receives that ratio per output.
     """
     if len(reference) != len(actual):
         raise VerificationError(
@@ -257,6 +306,15 @@ def compare(
         rel = diff / (np.abs(np.nan_to_num(r)) + atol)
         max_abs[name], max_rel[name] = float(diff.max()), float(rel.max())
         bad = diff > atol + rtol * np.abs(np.nan_to_num(r))
+        ratio = float(np.sqrt(np.mean(diff**2)) / max(float(np.sqrt(np.mean(np.nan_to_num(r) ** 2))), atol))
+        if rel_rms is not None:
+            rel_rms[name] = ratio
+        if rms_tol is not None and not bad.any() and not ratio <= rms_tol:
+            failures.append(
+                f"'{name}': every element is within atol/rtol but the RMS difference is {ratio:.3g} of the "
+                f"output's RMS (limit {rms_tol:g}): a systematic difference (other weights or adapters?), "
+                "not rounding"
+            )
         if bad.any():
             idx = np.unravel_index(int(np.argmax(np.where(bad, diff, -1))), r.shape)
             failures.append(
@@ -273,6 +331,7 @@ def compare(
     return max_abs, max_rel
 
 
+@serialised
 def verify_onnx(
     path: str | Path,
     model: torch.nn.Module,
@@ -285,21 +344,24 @@ def verify_onnx(
     rtol: float | None = None,
     seed: int = 0,
     reference: torch.nn.Module | None = None,
+    rms_tol: float | None = None,
 ) -> VerifyResult:
     """Compare the ONNX file at ``path`` with ``model`` on ``inputs`` (default: fresh shapes).
 
     ``dtype`` defaults to the file's (``graphadapt.dtype`` metadata or its float I/O);
     the PyTorch reference is ``model`` converted to it. ``reference`` skips that
-    conversion when the caller already holds the converted model.
+    conversion when the caller already holds the converted model. ``rms_tol`` bounds the
+    RMS difference relative to the output's RMS (default per dtype,
+    :data:`DEFAULT_RMS_TOLERANCES`; ``float("inf")`` disables it).
     """
     start = time.perf_counter()
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"no ONNX file at {path}")
+    check_onnx_file(path)
     tdtype = parse_dtype(dtype) if dtype is not None else onnx_float_dtype(path)
     d_atol, d_rtol = DEFAULT_TOLERANCES[tdtype]
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
+    rms_tol = DEFAULT_RMS_TOLERANCES[tdtype] if rms_tol is None else rms_tol
     try:
         example = _model.example_inputs(model, example_inputs)
     except ExportError:
@@ -332,12 +394,15 @@ def verify_onnx(
     outputs, names, used = run_onnxruntime(path, inputs, providers)
     shapes = {k: tuple(v.shape) for k, v in inputs.items()}
     context = f" on inputs {shapes} with {used[0] if used else 'onnxruntime'}"
-    max_abs, max_rel = compare(names, reference_tensors, outputs, atol, rtol, context)
+    rel_rms: dict[str, float] = {}
+    max_abs, max_rel = compare(names, reference_tensors, outputs, atol, rtol, context, rms_tol, rel_rms)
     return VerifyResult(
         max_abs_diff=max_abs,
         max_rel_diff=max_rel,
         atol=atol,
         rtol=rtol,
+        rel_rms_diff=rel_rms,
+        rms_tol=rms_tol,
         providers=used,
         input_shapes=shapes,
         reference_dtype=DTYPE_NAMES.get(ref_dtype, str(ref_dtype)),

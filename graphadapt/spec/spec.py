@@ -32,6 +32,13 @@ _JSON_SUFFIXES = (".json",)
 _YAML_SUFFIXES = (".yaml", ".yml")
 
 
+def _module_attributes() -> frozenset[str]:
+    """Names an ``nn.Module`` already uses (``training``, ``forward``, ``_parameters`` ...)."""
+    from torch import nn
+
+    return frozenset(dir(nn.Module())) | frozenset(vars(nn.Module()))
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise SpecError(
@@ -39,6 +46,10 @@ def _check_name(name: Any) -> str:
             "with a digit; not a keyword): it becomes a submodule name in the adapted model",
             field="adapters",
         )
+    if name in _module_attributes():
+        raise SpecError(
+            f"adapter name {name!r} is an attribute of torch.nn.Module (the adapter would shadow it); "
+            f"choose another name, e.g. {name + '_adapter'!r}", field="adapters")
     return name
 
 
@@ -234,7 +245,10 @@ class Spec:
         suffix = path.suffix.lower()
         if suffix not in _JSON_SUFFIXES + _YAML_SUFFIXES:
             raise SpecError(f"cannot tell the format of {str(path)!r}: use a .json, .yaml or .yml suffix")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read spec file {str(path)!r}: {type(e).__name__}: {e}") from e
         return cls.from_json(text) if suffix in _JSON_SUFFIXES else cls.from_yaml(text)
 
 

@@ -25,13 +25,25 @@ def peft_key(key: str) -> tuple[str, str] | None:
 
 def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
     """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
-    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)}
-    if cfg.get("bias", "none") != "none":
+    # options that change what the adapter computes: importing without them would give wrong numbers
+    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+                                            "trainable_token_indices", "megatron_config", "use_qalora",
+                                            "alora_invocation_tokens") if cfg.get(k)}
+    if cfg.get("bias", "none") not in ("none", None):
         unsupported["bias"] = cfg["bias"]
     if unsupported:
-        raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}")
-    return LoRA(r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout") or 0.0),
-                targets=targets, use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
+        raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}; re-train "
+                              "without them or merge the adapter with PEFT (merge_and_unload) instead.")
+    missing = [k for k in ("r", "lora_alpha") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"adapter_config.json lacks {missing}; is it a PEFT LoraConfig?")
+    try:
+        r, _ = int(cfg["r"]), float(cfg["lora_alpha"])
+        dropout = float(cfg.get("lora_dropout") or 0.0)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"adapter_config.json: r/lora_alpha/lora_dropout must be numbers ({e})") from e
+    return LoRA(r=r, alpha=cfg["lora_alpha"], dropout=dropout, targets=targets,
+                use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
 
 
 __all__ = ["peft_key", "peft_lora_spec"]
