@@ -216,7 +216,7 @@ def test_integer_and_nonfinite_checkpoint_tensors_are_refused(bert_ckpt, tmp_pat
     ints = _copy_ckpt(ckpt, tmp_path / "ints")
     _rewrite_weights(ints, lambda sd: {**sd, key: (sd[key] * 100).to(torch.int32)})
     with pytest.raises(ga.CheckpointError, match=r"lora_B.*int32.*float"):
-        ga.checkpoints.load(tiny_bert(), ints)
+        ga.load(tiny_bert(), ints)
     for bad in (float("nan"), float("inf")):
         nan = _copy_ckpt(ckpt, tmp_path / f"nan{bad}")
 
@@ -226,7 +226,7 @@ def test_integer_and_nonfinite_checkpoint_tensors_are_refused(bert_ckpt, tmp_pat
             return sd
         _rewrite_weights(nan, poison)
         with pytest.raises(ga.CheckpointError, match="NaN or inf") as info:
-            ga.checkpoints.load(tiny_bert(), nan)
+            ga.load(tiny_bert(), nan)
         assert key in str(info.value)
 
 
@@ -246,7 +246,7 @@ def test_checkpoint_weights_from_another_save_are_refused(bert_ckpt, tmp_path):
         _perturb(adapted, seed=9, scale=-0.05)  # undo for the other tests of this module
     shutil.copy(other / "adapters.safetensors", mixed / "adapters.safetensors")
     with pytest.raises(ga.CheckpointError, match="hash mismatch"):
-        ga.checkpoints.load(tiny_bert(), mixed)
+        ga.load(tiny_bert(), mixed)
 
 
 def test_opset_is_honoured_or_refused(tmp_path):
@@ -270,7 +270,7 @@ def test_fp16_verify_tells_adapters_apart(bert_ckpt, tmp_path):
     path = tmp_path / "m16.onnx"
     rep = export_onnx(adapted, path, dtype="fp16", merge=False)
     assert rep.verified and max(rep.rel_rms_diff.values()) < rep.rms_tol / 2
-    wrong = ga.checkpoints.load(tiny_bert(), ckpt)
+    wrong = ga.load(tiny_bert(), ckpt)
     with torch.no_grad():
         for n, p in wrong.named_parameters():
             if n.startswith("adapters."):
@@ -278,7 +278,7 @@ def test_fp16_verify_tells_adapters_apart(bert_ckpt, tmp_path):
     with pytest.raises(ga.VerificationError, match="RMS difference") as info:
         verify_onnx(path, wrong)
     assert "systematic" in str(info.value)
-    ok = verify_onnx(path, ga.checkpoints.load(tiny_bert(), ckpt))
+    ok = verify_onnx(path, ga.load(tiny_bert(), ckpt))
     assert max(ok.rel_rms_diff.values()) < ok.rms_tol / 2
 
 
@@ -328,7 +328,7 @@ def test_bit_flip_in_tensor_bytes_is_caught(bert_ckpt, tmp_path):
     (d / "spec.json").write_text((d / "spec.json").read_text().replace('"weights_sha256"', '"_unused"'))
     assert torch.isnan(load_file(str(w))[key]).any()  # safetensors itself loads it happily
     with pytest.raises(ga.CheckpointError, match="NaN or inf") as info:
-        ga.checkpoints.load(tiny_bert(), d)
+        ga.load(tiny_bert(), d)
     assert key in str(info.value)
 
 
