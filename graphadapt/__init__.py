@@ -15,7 +15,7 @@ from .api import apply, inspect, merge
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "load": "checkpoints", "save_adapters": "checkpoints", "import_peft": "checkpoints.peft",
-         "import_adapterhub": "checkpoints.adapterhub"}
+         "import_adapterhub": "checkpoints.adapterhub", "save_merged": "checkpoints.merged"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -33,4 +33,5 @@ __all__ = [
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "load", "save_adapters", "import_peft", "import_adapterhub",
+    "save_merged",
 ]

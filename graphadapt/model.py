@@ -267,6 +267,17 @@ class AdaptedModel(CapturedModule):
         out.train(self.training)
         return out
 
+    def save_merged(self, directory, names: Iterable[str] | None = None, *, max_shard_size="5GB",
+                    dtype=None, safe: bool = True) -> list:
+        """Write the merged model as a Hugging Face checkpoint (``config.json`` + safetensors,
+        sharded above ``max_shard_size``) into ``directory``, loadable by the source class's
+        ``from_pretrained``. Streams one tensor at a time: extra memory is one merged weight;
+        this model and the caller's are not changed. See :func:`graphadapt.checkpoints.merged.save_merged`.
+        """
+        from .checkpoints.merged import save_merged
+
+        return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe)
+
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, directory, names=None):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""

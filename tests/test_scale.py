@@ -91,3 +91,102 @@ def test_in_place_merge_overflow_never_installs_non_finite(keep_backup):
         assert not torch.equal(now[first_w].detach(), caller[first_w])  # merged before the failure
         assert torch.equal(now[adapted.adapter_records[-1]["weight"]].detach(),
                            caller[adapted.adapter_records[-1]["weight"]])  # the bad one untouched
+
+
+# --------------------------------------------------------------------------- save_merged
+def _round_trip(adapted, cls, directory, inputs, **kw):
+    files = adapted.save_merged(directory, **kw)
+    loaded = cls.from_pretrained(directory).eval()
+    return files, loaded, max_diff(run_no_grad(adapted, inputs), run_no_grad(loaded, inputs))
+
+
+@pytest.mark.parametrize("shard", [None, 20_000])
+def test_save_merged_llama_tied_round_trip(tmp_path, shard):
+    import transformers as T
+
+    model = tiny_llama(causal_lm=True, tie_word_embeddings=True)
+    caller = _params(model)
+    adapted = ga.apply(model, ga.LoRA(targets=("all-linear",))).eval()
+    randomize_lora(adapted)
+    inputs = text_inputs(batch=2, seq=6)
+    kw = {} if shard is None else {"max_shard_size": shard}
+    files, loaded, diff = _round_trip(adapted, T.LlamaForCausalLM, tmp_path / "m", inputs, **kw)
+    assert diff <= ATOL
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again on load
+    names = {f.name for f in files}
+    if shard is None:
+        assert "model.safetensors" in names and "model.safetensors.index.json" not in names
+    else:
+        assert "model.safetensors.index.json" in names and sum(n.startswith("model-0") for n in names) > 1
+    from safetensors import safe_open
+
+    keys = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as st:
+                keys |= set(st.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # written once
+    assert not adapted.is_merged
+    assert all(torch.equal(p.detach(), caller[n]) for n, p in model.named_parameters())  # untouched
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(names)  # no temp files left
+    # merged weights really differ from the base ones
+    assert not torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, caller["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_save_merged_bert_and_gpt2_and_resave_replaces_shards(tmp_path):
+    import transformers as T
+
+    inputs = text_inputs(batch=2, seq=5, pad=1)
+    bert = ga.apply(tiny_bert(), ga.LoRA(targets=("q", "v", "up"))).eval()
+    randomize_lora(bert)
+    _, _, diff = _round_trip(bert, T.BertModel, tmp_path / "b", inputs, max_shard_size=30_000)
+    assert diff <= ATOL
+    _, _, diff = _round_trip(bert, T.BertModel, tmp_path / "b", inputs)  # unsharded over the sharded save
+    assert diff <= ATOL
+    assert not list((tmp_path / "b").glob("model-0*")) and not (tmp_path / "b" / "model.safetensors.index.json").exists()
+
+    gpt2 = ga.apply(tiny_gpt2(causal_lm=True), ga.LoRA(targets=("q", "v", "o"))).eval()  # fused c_attn, Conv1D
+    randomize_lora(gpt2)
+    _, loaded, diff = _round_trip(gpt2, T.GPT2LMHeadModel, tmp_path / "g", text_inputs(batch=2, seq=5),
+                                  dtype="fp32")
+    assert diff <= ATOL and loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_save_merged_streams_one_weight_at_a_time(tmp_path, monkeypatch):
+    import weakref
+
+    from graphadapt.passes import merge as merge_pass
+
+    adapted = ga.apply(tiny_llama(), ga.LoRA(targets=("all-linear",))).eval()
+    randomize_lora(adapted)
+    live, peak, real = [], [0], merge_pass.fold_chain
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        live.append(weakref.ref(out[0]))
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+        return out
+
+    monkeypatch.setattr(merge_pass, "fold_chain", counting)
+    adapted.save_merged(tmp_path / "m", dtype=torch.float16)
+    assert len(live) == 14 and peak[0] == 1  # 7 linears x 2 layers, never two merged weights alive
+
+
+def test_save_merged_refuses_unfoldable_and_bad_adapters_writing_nothing(tmp_path):
+    adapted = ga.apply(tiny_llama(), ga.Spec({"l": ga.LoRA(targets=("q",)), "b": ga.SeqBn()})).eval()
+    with pytest.raises(ga.MergeError, match="do not fold"):
+        adapted.save_merged(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    adapted.save_merged(tmp_path / "m", names=["l"])  # the foldable one alone is fine
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+    lora = ga.apply(tiny_llama(), ga.LoRA(targets=("q",))).eval()
+    randomize_lora(lora)
+    with torch.no_grad():
+        lora.get_submodule(lora.adapter_records[0]["target"]).lora_B[0, 0] = float("nan")
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+    with pytest.raises(ga.MergeError, match="non-finite"):
+        lora.save_merged(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before  # earlier save intact
+    with pytest.raises(ga.CheckpointError, match="max_shard_size"):
+        lora.save_merged(tmp_path / "x", max_shard_size="lots")
