@@ -176,7 +176,7 @@ class AdaptedModel(CapturedModule):
 
     def _merge_in_place(self, plan, safe: bool, backups: dict | None) -> None:
         """Fold each chain into its weight's own storage, one weight at a time."""
-        from .passes.merge import fold_chain
+        from .passes.merge import fold_chain, scratch_like
 
         done: list[str] = []
         scratch: dict = {}
@@ -193,8 +193,9 @@ class AdaptedModel(CapturedModule):
                         # the write: a failure restores from the backups
                         w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b,
                                             into_weight=True, scratch=scratch)
-                    else:  # no backup: fold into a temporary and check it before writing
-                        w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b)
+                    else:  # no backup: fold into a reused buffer and check it before writing
+                        w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b, scratch=scratch,
+                                            out=scratch_like(scratch, w))
                     bad = [] if not safe else [n for n, t in ((chain.weight, w2), (chain.bias, b2))
                                                if t is not None and t is not b and not _finite(t)]
                     if bad and backups is None:

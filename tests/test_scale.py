@@ -190,3 +190,83 @@ def test_save_merged_refuses_unfoldable_and_bad_adapters_writing_nothing(tmp_pat
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before  # earlier save intact
     with pytest.raises(ga.CheckpointError, match="max_shard_size"):
         lora.save_merged(tmp_path / "x", max_shard_size="lots")
+
+
+# --------------------------------------------------------------------------- export memory
+class _BigFloatTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records real (not fake/meta) tensors of ``dtype`` with at least ``numel`` elements in new
+    memory (not views or in-place results) that torch ops create, and how many were alive at once."""
+
+    def __init__(self, dtype, numel):
+        import weakref
+
+        super().__init__()
+        self.dtype, self.numel, self.live, self.made, self.most_alive = dtype, numel, weakref.WeakValueDictionary(), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        out = func(*args, **(kwargs or {}))
+        inputs = set()
+        for x in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x.device.type != "meta":
+                try:
+                    inputs.add(x.untyped_storage().data_ptr())
+                except RuntimeError:  # tensors without real storage (tracing)
+                    pass
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.device.type != "meta"
+                    and t.dtype == self.dtype and t.numel() >= self.numel
+                    and _storage_ptr(t) not in inputs):  # new memory, not a view / in place
+                if self.live.get(id(t)) is not t:
+                    self.made += 1
+                    self.live[id(t)] = t
+                self.most_alive = max(self.most_alive, len(self.live))
+        return out
+
+
+def _storage_ptr(t):
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _wide_llama(dtype=torch.float32):
+    model = tiny_llama(hidden_size=64, intermediate_size=512)
+    return model.to(dtype)
+
+
+def test_half_model_exports_without_fp32_copies_and_reports_peak_memory(tmp_path):
+    from graphadapt.exporters import export_onnx
+
+    model = _wide_llama(torch.float16)
+    adapted = ga.apply(model, ga.LoRA(targets=("all-linear",))).eval()
+    randomize_lora(adapted, std=0.02)
+    big = max(p.numel() for p in model.parameters())  # 64 x 512 MLP weights
+    watch = _BigFloatTensors(torch.float32, big)
+    with watch:
+        report = export_onnx(adapted, tmp_path / "m.onnx", dtype="fp16")
+    assert report.verified and report.merged
+    assert watch.made == 0  # merged in fp16, no fp32 round trip of any weight
+    assert not adapted.is_merged  # the export merged a copy, never the model
+    assert set(report.peak_rss) >= {"prepare", "export", "save", "verify"}
+    assert report.rss_start > 0 and report.peak_rss_delta >= 0
+    assert all(v >= report.rss_start // 2 for v in report.peak_rss.values())
+    assert "peak memory" in report.summary()
+
+
+def test_fp32_to_fp16_export_converts_one_weight_at_a_time(tmp_path):
+    """The fp16 export copy is made tensor by tensor: never two fp32 weight-sized temporaries
+    alive at once (a deepcopy-then-convert, the old way, held the whole fp32 model twice)."""
+    from graphadapt.exporters import export_onnx
+
+    model = _wide_llama(torch.float32)
+    adapted = ga.apply(model, ga.LoRA(targets=("all-linear",))).eval()
+    randomize_lora(adapted, std=0.02)
+    big = max(p.numel() for p in model.parameters())
+    watch = _BigFloatTensors(torch.float32, big)
+    with watch:
+        report = export_onnx(adapted, tmp_path / "m.onnx", dtype="fp16", verify=False)
+    assert report.merged
+    assert watch.made >= 2 and watch.most_alive == 1  # each merged fp32 weight, freed before the next

@@ -14,8 +14,8 @@ split lets callers fold one weight at a time (streaming ``save_merged``, export 
 dtype) with extra memory bounded by the largest weight.
 
 Speed: plain LoRA (no DoRA, no gate, full rows, ``[out, in]`` layout) is folded here as
-``W' = (B @ A) · s + W`` computed inside the one new ``B @ A`` buffer — the same arithmetic
-as PEFT's merge and one allocation per weight; other modules use their ``fold``. The
+``W' = W + s · (B @ A)`` in one ``addmm`` (one pass, one allocation per weight, none in
+place); other modules use their ``fold``. The
 finiteness check (``safe=True``) costs one read of the result (a sum; the exact elementwise
 scan runs only when that sum is not finite), instead of an ``isfinite`` tensor per weight.
 """
@@ -137,12 +137,21 @@ def _plain_lora(mod) -> bool:
 
 
 def _lora_delta_plus(mod, w: torch.Tensor, out: torch.Tensor | None = None, scratch: dict | None = None) -> torch.Tensor:
-    """``(B @ A) · s + W`` (PEFT's merge arithmetic). Without ``out`` the result lives in the
-    new ``B @ A`` buffer (no other allocation when dtypes match); with ``out`` it is added
-    into ``out`` (which may be ``w`` itself), ``B @ A`` going to a buffer reused across calls
-    through ``scratch`` (fresh memory costs page faults on every weight)."""
+    """``W + s · (B @ A)``. Without ``out``: a new tensor; with ``out``: written into ``out``
+    (which may be ``w`` itself, or a scratch buffer the caller reuses).
+
+    Same dtype and device: one fused ``addmm`` (one pass over ``W``, no temporary; it may
+    round ``s · BA + W`` once where PEFT's ``W + (BA)·s`` rounds twice: ≤ 1 ulp apart).
+    Otherwise ``B @ A`` (in a buffer reused through ``scratch``) is scaled, cast and added.
+    """
     A, B = mod.lora_A.detach(), mod.lora_B.detach()
-    if out is not None and scratch is not None:
+    if A.dtype == w.dtype and A.device == w.device and B.dtype == w.dtype:
+        if out is None:
+            return torch.addmm(w, B, A, alpha=mod.scaling)
+        if out is w:
+            return w.addmm_(B, A, alpha=mod.scaling)
+        return torch.addmm(w, B, A, alpha=mod.scaling, out=out)
+    if scratch is not None:
         key = (B.shape[0], A.shape[1], A.dtype, A.device)
         buf = scratch.get(key)
         if buf is None:
@@ -159,16 +168,27 @@ def _lora_delta_plus(mod, w: torch.Tensor, out: torch.Tensor | None = None, scra
     return delta.add_(w)
 
 
+def scratch_like(scratch: dict, t: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped like ``t`` kept in ``scratch`` across calls (one at a time)."""
+    key = ("out", tuple(t.shape), t.dtype, t.device)
+    if key not in scratch:
+        for k in [k for k in scratch if k[0] == "out"]:
+            del scratch[k]
+        scratch[key] = torch.empty_like(t)
+    return scratch[key]
+
+
 @torch.no_grad()
 def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, into_weight: bool = False,
-               scratch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               scratch: dict | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merged ``(W', b')`` of one chain (the model's parameters are read, never written): ``W'`` a
     new tensor, ``b'`` new or the unchanged base bias itself.
 
     ``weight``/``bias`` override the base values read from ``gm`` (e.g. a dtype-converted copy).
     ``into_weight=True`` folds plain LoRA in place into ``weight`` (the caller owns it), with
-    ``scratch`` (a dict kept across calls) holding a reusable ``B @ A`` buffer.
+    ``scratch`` (a dict kept across calls) holding reusable buffers; ``out`` receives a chain
+    of plain LoRA instead of a new tensor (a scratch buffer the caller copies from).
     Raises :class:`MergeError` when ``safe`` and a result is not finite.
     """
     base_w = gm.get_parameter(chain.weight).detach() if weight is None else weight
@@ -181,7 +201,8 @@ def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weigh
     owned = into_weight and all(_plain_lora(m) for m in mods)
     for target, mod in zip(chain.targets, mods):
         if _plain_lora(mod):
-            w = _lora_delta_plus(mod, w, out=w if owned else None, scratch=scratch)
+            dest = w if owned else (out if out is not None and all(_plain_lora(m) for m in mods) else None)
+            w = _lora_delta_plus(mod, w, out=dest, scratch=scratch)
             owned = True
             continue
         w, b2 = mod.fold(w, b, base_weight=base_w) if _takes_base(mod) else mod.fold(w, b)
