@@ -22,7 +22,7 @@ from .api import apply, import_adapterhub, import_adapterhub_fusion, import_peft
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
-         "save_adapters": "checkpoints"}
+         "save_adapters": "checkpoints", "save_merged": "checkpoints.merged"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -41,5 +41,5 @@ __all__ = [
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",
-    "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion",
+    "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
 ]

@@ -77,9 +77,9 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 
 @serialised
 def merge(adapted: AdaptedModel, names=None, safe: bool = True, strict: bool = False,
-          in_place: bool = False) -> MergeReport:
+          in_place: bool = False, keep_backup: bool = True) -> MergeReport:
     """Fold mergeable adapters into the base weights; see :meth:`AdaptedModel.merge`."""
-    return adapted.merge(names, safe=safe, strict=strict, in_place=in_place)
+    return adapted.merge(names, safe=safe, strict=strict, in_place=in_place, keep_backup=keep_backup)
 
 
 @serialised

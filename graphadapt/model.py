@@ -17,6 +17,7 @@ from torch import nn
 from .capture import CapturedModule, serialised
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
+from .passes.merge import _is_finite as _finite
 from .passes.merge import apply_merge, plan_merge
 from .vocab import adapter_prefix
 
@@ -249,17 +250,32 @@ class AdaptedModel(CapturedModule):
 
     @serialised
     def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
-              in_place: bool = False) -> MergeReport:
+              in_place: bool = False, keep_backup: bool = True) -> MergeReport:
         """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
 
-        Memory: by default merged weights are *new* tensors (one extra copy of each merged
-        weight; the caller's model keeps the originals, which :meth:`unmerge` restores).
-        ``in_place=True`` writes into the storage shared with the caller's model — the caller's
-        model changes too — and keeps a backup copy of each merged weight for :meth:`unmerge`.
+        Memory (see docs/scale.md):
+
+        * default: merged weights are *new* tensors (one extra copy of each merged weight);
+          the caller's model keeps the originals, which :meth:`unmerge` re-installs.
+        * ``in_place=True``: writes into the storage shared with the caller's model — the
+          caller's model changes too — and keeps a backup copy of each merged weight for
+          :meth:`unmerge` (same extra memory as the default).
+        * ``in_place=True, keep_backup=False``: writes into that storage with no backup: no
+          extra memory beyond one weight at a time, but *irreversible* — the caller's model
+          stays merged and :meth:`unmerge` raises :class:`MergeError`.
+
+        ``safe=True`` never installs a non-finite weight: non-finite adapter parameters are
+        refused before anything changes; a merged weight that overflows is refused before it
+        is written (reversible modes then restore every weight; without a backup the weights
+        merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
         if self.is_merged:
-            raise MergeError("already merged; call unmerge() first")
+            raise MergeError("already merged; call unmerge() first" if self._merge_state.get("reversible", True)
+                             else "already merged in place without a backup (keep_backup=False); reload the model")
+        if not keep_backup and not in_place:
+            raise MergeError("keep_backup=False needs in_place=True (a merge into new tensors always keeps the "
+                             "originals, which belong to your model)")
         if names is not None and not isinstance(names, str):
             try:
                 names = list(names)
@@ -272,27 +288,70 @@ class AdaptedModel(CapturedModule):
             unknown = set(names) - set(self.spec.adapters)
             if unknown:
                 raise MergeError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
-        plan = plan_merge(self, names, safe=safe)
+        plan = plan_merge(self, names, safe=safe, compute=not in_place)
         if strict and plan.kept:
             raise MergeError("cannot fold every adapter (strict=True); nothing was changed:\n" +
                              "\n".join(f"  {t}: {why}" for t, why in plan.kept.items()))
-        saved_graph = self.snapshot_graph()
+        saved_graph = self.snapshot_graph() if keep_backup else None
         backups: dict[str, nn.Parameter] = {}
-        for pname, value in plan.new_values.items():
-            owner, _, leaf = pname.rpartition(".")
-            mod = self.get_submodule(owner) if owner else self
-            old = mod._parameters[leaf]
-            if in_place:
-                backups[pname] = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
-                with torch.no_grad():
-                    old.copy_(value)
-            else:
+        if in_place:
+            self._merge_in_place(plan, safe, backups if keep_backup else None)
+        else:
+            for pname, value in plan.new_values.items():
+                owner, _, leaf = pname.rpartition(".")
+                mod = self.get_submodule(owner) if owner else self
+                old = mod._parameters[leaf]
                 backups[pname] = old
-                mod._parameters[leaf] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+                mod._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
         run_pass("merge_adapters", lambda gm: apply_merge(gm, plan), self)
         report = MergeReport(plan.folded, plan.kept)
-        self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place, "report": report}
+        self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place,
+                             "reversible": keep_backup, "report": report}
         return report
+
+    def _merge_in_place(self, plan, safe: bool, backups: dict | None) -> None:
+        """Fold each chain into its weight's own storage, one weight at a time."""
+        from .passes.merge import fold_chain, scratch_like
+
+        done: list[str] = []
+        scratch: dict = {}
+        try:
+            for chain in plan.chains.values():
+                for pname in (chain.weight, chain.bias):
+                    if pname is not None and backups is not None:
+                        backups[pname] = self.get_parameter(pname).detach().clone()
+                w = self.get_parameter(chain.weight)
+                b = self.get_parameter(chain.bias) if chain.bias is not None else None
+                with torch.no_grad():
+                    if backups is not None or not safe:
+                        # fold straight into the storage (plain LoRA adds in place); checked after
+                        # the write: a failure restores from the backups
+                        w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b,
+                                            into_weight=True, scratch=scratch)
+                    else:  # no backup: fold into a reused buffer and check it before writing
+                        w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b, scratch=scratch,
+                                            out=scratch_like(scratch, w))
+                    bad = [] if not safe else [n for n, t in ((chain.weight, w2), (chain.bias, b2))
+                                               if t is not None and t is not b and not _finite(t)]
+                    if bad and backups is None:
+                        raise MergeError(
+                            f"merging {', '.join(chain.targets)} gives non-finite values in {bad}; it was not "
+                            f"written. Merged in place without a backup before it (your model changed): "
+                            f"{done or 'none'}. Reload the model, check the adapter weights (or pass safe=False).")
+                    if w2.data_ptr() != w.data_ptr():
+                        w.detach().copy_(w2)
+                    if b is not None and b2 is not b and b2.data_ptr() != b.data_ptr():
+                        b.detach().copy_(b2)
+                    done.append(chain.weight)
+                    if bad:
+                        raise MergeError(f"merging {', '.join(chain.targets)} gives non-finite values in {bad}; "
+                                         "nothing was changed. Check the adapter weights (or pass safe=False).")
+        except BaseException:
+            if backups is not None:
+                with torch.no_grad():
+                    for pname, orig in backups.items():
+                        self.get_parameter(pname).detach().copy_(orig)
+            raise
 
     @serialised
     def unmerge(self) -> None:
@@ -300,6 +359,10 @@ class AdaptedModel(CapturedModule):
         if not self.is_merged:
             raise MergeError("not merged")
         st = self._merge_state
+        if not st.get("reversible", True):
+            raise MergeError("this model was merged in place without a backup (merge(in_place=True, "
+                             "keep_backup=False)): the original weights are gone, so it cannot be unmerged; "
+                             "reload the base model and its adapters")
         for pname, orig in st["backups"].items():
             owner, _, leaf = pname.rpartition(".")
             mod = self.get_submodule(owner) if owner else self
@@ -352,6 +415,17 @@ class AdaptedModel(CapturedModule):
         if generate is None:
             raise GraphAdaptError("generation is not loaded: import graphadapt.generation (import graphadapt does)")
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def save_merged(self, directory, names: Iterable[str] | None = None, *, max_shard_size="5GB",
+                    dtype=None, safe: bool = True) -> list:
+        """Write the merged model as a Hugging Face checkpoint (``config.json`` + safetensors,
+        sharded above ``max_shard_size``) into ``directory``, loadable by the source class's
+        ``from_pretrained``. Streams one tensor at a time: extra memory is one merged weight;
+        this model and the caller's are not changed. See :func:`graphadapt.checkpoints.merged.save_merged`.
+        """
+        from .checkpoints.merged import save_merged
+
+        return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe)
 
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, directory, names=None):

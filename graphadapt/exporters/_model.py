@@ -173,6 +173,13 @@ def is_merged(model: Any) -> bool:
     return bool(value() if callable(value) else value)
 
 
+def merges_into_copy(model: Any) -> bool:
+    """A graphadapt ``AdaptedModel`` (not merged yet): the exporter folds its adapters into the
+    export copy (:func:`graphadapt.exporters.dtype.converted_copy`) instead of merging it."""
+    return (isinstance(model, torch.fx.GraphModule) and hasattr(model, "adapter_records")
+            and callable(getattr(model, "merge", None)) and not is_merged(model))
+
+
 @contextlib.contextmanager
 def merged_for_export(model: torch.nn.Module, merge: bool) -> Iterator[bool]:
     """Merge adapters for the duration of the export and unmerge afterwards; yields whether merged."""

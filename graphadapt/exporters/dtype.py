@@ -48,20 +48,96 @@ def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: dict[str, Any]) -> torch.nn.Module:
-    """A deep copy of ``model`` in ``dtype`` (``model`` itself when already there); never converts in place."""
-    if _float_dtypes(model) <= {dtype}:
+def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: dict[str, Any],
+                   merge: bool = False) -> torch.nn.Module:
+    """A copy of ``model`` in ``dtype`` (``model`` itself when already there and nothing to merge);
+    never converts or merges ``model`` itself.
+
+    Memory: the copy's modules and graph are new, but its tensors are converted one at a
+    time from ``model``'s (each fp32 tensor is read, its half copy made, nothing else kept),
+    and tensors already in ``dtype`` are shared, not copied. ``merge=True`` (a graphadapt
+    ``AdaptedModel`` that is not merged) also folds every foldable adapter into the copy:
+    each merged weight is folded in the model's dtype and converted right away, so the
+    extra memory is the copy in ``dtype`` plus one weight. Unfoldable adapters stay in the
+    copy's graph (like ``merge()``); ``copy.graphadapt_merge_report`` says what was folded.
+    """
+    plan = None
+    if merge and callable(getattr(model, "merge", None)) and not getattr(model, "is_merged", False) \
+            and isinstance(model, torch.fx.GraphModule):
+        from graphadapt.passes.merge import plan_merge
+
+        plan = plan_merge(model, None, safe=True, compute=False)  # checks adapter factors
+        if not plan.chains:
+            plan = None
+    if plan is None and _float_dtypes(model) <= {dtype}:
         return model
+    src = _dominant_float_dtype(model)
+    originals = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    memo = dict(originals)  # deepcopy shares every tensor: nothing is copied here
+    source = getattr(model, "__dict__", {}).get("_source_model")
+    if source is not None:  # an AdaptedModel's reference to the caller's model: shared, never copied
+        memo[id(source)] = source
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch pytree LeafSpec deprecation on deepcopy
-        clone = copy.deepcopy(model)
-    src = _dominant_float_dtype(model)
+        clone = copy.deepcopy(model, memo)
+    if source is not None and clone._modules.get("_source_model") is source:
+        # GraphModule's deepcopy re-registers it as a submodule: keep it a plain reference
+        del clone._modules["_source_model"]
+        object.__setattr__(clone, "_source_model", source)
+    _convert_tensors(model, clone, dtype, plan)
+    if plan is not None:
+        from graphadapt.passes.merge import apply_merge, plan_merge
+
+        clone_plan = plan_merge(clone, None, safe=False, compute=False)  # same nodes, in the copy's graph
+        run_pass("merge_adapters", lambda gm: apply_merge(gm, clone_plan), clone)
+        clone.graphadapt_merge_report = {"folded": clone_plan.folded, "kept": clone_plan.kept}
     if isinstance(clone, torch.fx.GraphModule):
         drop_dtype_pins(clone)  # dtype decisions belong to retarget_graph_dtype; device pins stay
-    clone.to(dtype)  # nn.Module.to converts float params/buffers only; int buffers stay
-    if isinstance(clone, torch.fx.GraphModule) and src != dtype:
-        run_pass("retarget_dtype", retarget_dtype_pass, clone, src, dtype, cast_inputs(example_inputs, dtype))
+        if src != dtype:
+            run_pass("retarget_dtype", retarget_dtype_pass, clone, src, dtype, cast_inputs(example_inputs, dtype))
     return clone
+
+
+def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torch.dtype, plan) -> None:
+    """Put converted (and, with ``plan``, merged) tensors into ``clone``, one at a time.
+
+    ``clone`` shares ``model``'s tensor objects (tied weights stay tied: one conversion per tensor)."""
+    from graphadapt.passes.merge import fold_chain
+
+    chains = {} if plan is None else {c.weight: c for c in plan.chains.values()}
+    by_bias = {c.bias: c for c in chains.values() if c.bias is not None}
+    pending: dict[str, torch.Tensor | None] = {}  # folded values not yet placed (a bias met after its weight)
+
+    def folded(name: str, chain) -> torch.Tensor | None:
+        if name not in pending:
+            w2, b2 = fold_chain(model, chain, safe=True)
+            base_b = model.get_parameter(chain.bias) if chain.bias is not None else None
+            pending[chain.weight] = w2.to(dtype)
+            del w2
+            if chain.bias is not None:
+                pending[chain.bias] = None if b2 is base_b else b2.to(dtype)
+        return pending.pop(name)
+
+    done: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for mname, mod in clone.named_modules(remove_duplicate=False):
+            for table in (mod._parameters, mod._buffers):
+                for leaf, t in list(table.items()):
+                    if t is None:
+                        continue
+                    full = f"{mname}.{leaf}" if mname else leaf
+                    if id(t) not in done:
+                        chain = chains.get(full) or by_bias.get(full)
+                        value = folded(full, chain) if chain is not None else None
+                        if value is None and t.is_floating_point() and t.dtype != dtype:
+                            value = t.detach().to(dtype)
+                        if value is None:
+                            done[id(t)] = t  # already in dtype, unchanged: shared
+                        elif isinstance(t, torch.nn.Parameter):
+                            done[id(t)] = torch.nn.Parameter(value, requires_grad=t.requires_grad)
+                        else:
+                            done[id(t)] = value
+                    table[leaf] = done[id(t)]
 
 
 def _float_dtypes(model: torch.nn.Module) -> set[torch.dtype]:

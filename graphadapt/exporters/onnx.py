@@ -25,18 +25,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.capture import serialised
-from graphadapt.errors import ExportError, VerificationError
+from graphadapt.errors import ExportError, MergeError, VerificationError
 from graphadapt.exporters import _model
+from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
 
 # Opsets below this need a lossy down-conversion of the dynamo exporter's graph (LayerNormalization is 17).
 MIN_OPSET = 17
 
-# Above this many bytes of weights, initializers go to "<name>.data" (protobuf caps a file at 2 GB).
 MERGED_KEY = "graphadapt.merged"
 """ONNX metadata key saying whether the adapters were folded into the exported weights."""
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Above this many bytes of weights, initializers go to "<name>.data" (protobuf caps a file at 2 GB,
+# and saving inline serializes the weights in memory twice more: external data streams them).
+EXTERNAL_DATA_THRESHOLD = 128 << 20
 
 
 @dataclass
@@ -66,6 +68,17 @@ class ExportReport:
     seconds: dict[str, float] = field(default_factory=dict)
     rel_rms_diff: dict[str, float] = field(default_factory=dict)
     rms_tol: float | None = None
+    # resident memory of this process (bytes): at the start, and the peak of each phase
+    # (prepare/export/save/check/verify); None where /proc is unavailable
+    rss_start: int | None = None
+    peak_rss: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_rss_delta(self) -> int | None:
+        """Largest peak over all phases minus the resident memory at the start (bytes)."""
+        if self.rss_start is None or not self.peak_rss:
+            return None
+        return max(self.peak_rss.values()) - self.rss_start
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -89,6 +102,10 @@ class ExportReport:
                 f"max abs diff {worst:.2e} (atol {self.atol:g}, rtol {self.rtol:g})"
             )
         lines.append("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
+        if self.peak_rss_delta is not None:
+            gib = 2**30
+            lines.append(f"peak memory {max(self.peak_rss.values()) / gib:.2f} GiB (+{self.peak_rss_delta / gib:.2f} "
+                         "over the start; " + ", ".join(f"{k} {v / gib:.2f}" for k, v in self.peak_rss.items()) + ")")
         return "\n".join(lines)
 
 
@@ -126,7 +143,8 @@ def export_onnx(
         verify: compare with PyTorch on fresh batch/sequence sizes; raise
             :class:`VerificationError` beyond ``atol``/``rtol`` (defaults per dtype).
         providers: onnxruntime providers for verification; default CUDA when available, else CPU.
-        external_data: weights in ``<path>.data``; default only above 1 GiB of weights.
+        external_data: weights in ``<path>.data``; default above 128 MiB of weights (written
+            tensor by tensor; inline weights are serialized in memory).
         io_names: rename graph inputs (``{"past_key_values_0_key": "past_key_values.0.key"}``).
         verify_fn: ``(onnx_path, reference_model) -> VerifyResult`` replacing the default check
             (the decoder exporter runs a greedy decode); runs before the file is moved into place.
@@ -153,18 +171,25 @@ def export_onnx(
     inputs = _model.example_inputs(model, example_inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
 
-    with _model.inference_mode(model), _model.merged_for_export(model, merge) as merged:
+    memory = PeakRSS()
+    # a graphadapt model is merged into the export copy, weight by weight, and never itself;
+    # other models with merge()/unmerge() are merged for the export and restored afterwards
+    into_copy = merge and _model.merges_into_copy(model)
+    with _model.inference_mode(model), _model.merged_for_export(model, merge and not into_copy) as merged:
+        merged = merged or into_copy
         t = time.perf_counter()
-        export_model, export_inputs, names = _prepare(model, inputs, tdtype)
+        with memory.phase("prepare"):
+            export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy)
         seconds["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
-        _rename_axes(program, axes)
-        if io_names:
-            for value in program.model.graph.inputs:
-                value.name = io_names.get(value.name, value.name)
-            axes = {io_names.get(k, k): v for k, v in axes.items()}
+        with memory.phase("export"):
+            program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
+            _rename_axes(program, axes)
+            if io_names:
+                for value in program.model.graph.inputs:
+                    value.name = io_names.get(value.name, value.name)
+                axes = {io_names.get(k, k): v for k, v in axes.items()}
         seconds["export"] = time.perf_counter() - t
 
         meta = _model.metadata(model)
@@ -187,12 +212,16 @@ def export_onnx(
                 # "<name>.data", so the pair moves into place without rewriting that reference.
                 tmp = tmpdir / path.name
                 t = time.perf_counter()
-                _save(program, tmp, external_data)
+                with memory.phase("save"):
+                    _save(program, tmp, external_data)
+                    _drop_weights(program)
+                    del program  # the saved file is the truth from here on; free the in-memory copy
+                    release_memory()
                 seconds["save"] = time.perf_counter() - t
-                del program  # the saved file is the truth from here on; free the in-memory copy
 
                 t = time.perf_counter()
-                _check(tmp)
+                with memory.phase("check"):
+                    _check(tmp)
                 seconds["check"] = time.perf_counter() - t
                 report = _describe(tmp, path, tdtype, axes, meta, merged, external_data)
                 if opset is not None and report.opset != opset:
@@ -202,17 +231,22 @@ def export_onnx(
                 if verify:
                     t = time.perf_counter()
                     atol_, rtol_ = DEFAULT_TOLERANCES[tdtype]
-                    result = verify_fn(tmp, export_model) if verify_fn is not None else verify_onnx(
-                        tmp,
-                        model,
-                        example_inputs=inputs,
-                        dtype=tdtype,
-                        providers=providers,
-                        atol=atol_ if atol is None else atol,
-                        rtol=rtol_ if rtol is None else rtol,
-                        reference=export_model,
-                        rms_tol=rms_tol,
-                    )
+                    # verify_onnx takes the reference from the box, runs it, and drops it before
+                    # onnxruntime loads the file: the two copies of the weights never coexist
+                    box = [export_model]
+                    del export_model
+                    with memory.phase("verify"):
+                        result = verify_fn(tmp, box.pop()) if verify_fn is not None else verify_onnx(
+                            tmp,
+                            model,
+                            example_inputs=inputs,
+                            dtype=tdtype,
+                            providers=providers,
+                            atol=atol_ if atol is None else atol,
+                            rtol=rtol_ if rtol is None else rtol,
+                            reference=box.pop,
+                            rms_tol=rms_tol,
+                        )
                     seconds["verify"] = time.perf_counter() - t
                     report.verified = True
                     report.max_abs_diff, report.max_rel_diff = result.max_abs_diff, result.max_rel_diff
@@ -234,6 +268,7 @@ def export_onnx(
                 raise
             finally:
                 shutil.rmtree(tmpdir, ignore_errors=True)
+    report.rss_start, report.peak_rss = memory.start, dict(memory.peaks)
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = seconds
     return report
@@ -251,10 +286,12 @@ def _check_opset(opset) -> None:
                           "leave it unset for torch's recommended opset")
 
 
-def _prepare(model, inputs, tdtype):
-    """(model to export, its inputs, output names): converted copy and one forward to name outputs."""
+def _prepare(model, inputs, tdtype, merge: bool):
+    """(model to export, its inputs, output names): converted (and merged) copy, one forward to name outputs."""
     try:
-        export_model = converted_copy(model, tdtype, inputs)
+        export_model = converted_copy(model, tdtype, inputs, merge=merge)
+    except MergeError as e:
+        raise ExportError(f"merging adapters before export failed ({_model._one_line(e)}); pass merge=False") from e
     except Exception as e:
         raise ExportError(
             f"could not convert {type(model).__name__} to {DTYPE_NAMES[tdtype]}: {_model._one_line(e)}; "
@@ -358,6 +395,32 @@ def _save(program, tmp: Path, external_data: bool) -> None:
         program.save(str(tmp), external_data=external_data)
     except Exception as e:
         raise ExportError(f"writing {tmp.name} failed: {_model._one_line(e)}") from e
+
+
+def _drop_weights(program) -> None:
+    """Unhook the export model's tensors from the in-memory ONNX graph once it is saved.
+
+    onnxscript's rewrite-rule matchers (module-level objects) keep a reference to the last
+    graph they matched, so the graph — and through its initializers every weight of the
+    export copy — would outlive ``program``; verification then held two copies of the weights."""
+    graph = program.model.graph
+    values = [*graph.initializers.values(), *graph.inputs]
+    for node in graph.all_nodes():
+        values += [v for v in node.inputs if v is not None]
+    for value in values:
+        if value.const_value is not None:
+            value.const_value = None
+    try:  # the matchers may hold an intermediate graph of the optimizer, not this one: let go of it
+        import gc
+
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_current_node", "_match"):
+                if getattr(obj, attr, None) is not None:
+                    setattr(obj, attr, None)
 
 
 def _check(tmp: Path) -> None:

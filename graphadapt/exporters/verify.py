@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -243,6 +243,11 @@ def run_onnxruntime(
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # no arena, no memory-pattern planning, no pre-packed weight copies: verification
+    # runs a few inputs once, and these would hold extra copies of the weights
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     providers = list(providers or default_providers())
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
@@ -343,15 +348,18 @@ def verify_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
-    reference: torch.nn.Module | None = None,
+    reference: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
     rms_tol: float | None = None,
 ) -> VerifyResult:
     """Compare the ONNX file at ``path`` with ``model`` on ``inputs`` (default: fresh shapes).
 
     ``dtype`` defaults to the file's (``graphadapt.dtype`` metadata or its float I/O);
     the PyTorch reference is ``model`` converted to it. ``reference`` skips that
-    conversion when the caller already holds the converted model. ``rms_tol`` bounds the
-    RMS difference relative to the output's RMS (default per dtype,
+    conversion when the caller already holds the converted model; a function returning it
+    lets this drop the model after its forward, before onnxruntime loads the weights.
+    Memory: the reference model's forward, then the onnxruntime session (without a CPU
+    arena, memory patterns or pre-packed weights, which would copy the weights again).
+    ``rms_tol`` bounds the RMS difference relative to the output's RMS (default per dtype,
     :data:`DEFAULT_RMS_TOLERANCES`; ``float("inf")`` disables it).
     """
     start = time.perf_counter()
@@ -374,6 +382,8 @@ def verify_onnx(
         inputs = cast_inputs(dict(inputs), tdtype)
 
     constants = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}  # use_cache=False ...
+    if reference is not None and not isinstance(reference, torch.nn.Module):
+        reference = reference()
     ref_model, ref_dtype = reference, tdtype
     with _model.inference_mode(model), torch.no_grad():
         if ref_model is None:
@@ -389,7 +399,11 @@ def verify_onnx(
             ref_out = model(
                 **constants, **{k: (v.float() if v.is_floating_point() else v).to(device) for k, v in inputs.items()}
             )
-    reference_tensors = _model.flat_tensors(ref_out)
+    reference_tensors = [t.detach().clone() for t in _model.flat_tensors(ref_out)]
+    del ref_model, reference, ref_out
+    from graphadapt.exporters._memory import release_memory
+
+    release_memory()
 
     outputs, names, used = run_onnxruntime(path, inputs, providers)
     shapes = {k: tuple(v.shape) for k, v in inputs.items()}

@@ -8,6 +8,17 @@ The pass asks each module for its fold (``mergeable`` / ``fold(W, b[, base_weigh
 method plugs in without changing it; a module whose forward reads the base weight
 (``reads_base_weight``, e.g. DoRA's norm) and stays in the graph blocks folding into that weight. Several adapters on one weight fold in graph order.
 Modules that cannot fold (bottleneck, gated LoRA, …) stay in the graph and are reported.
+
+Planning (:func:`plan_merge` with ``compute=False``) only groups the adapters per base
+weight (:class:`FoldChain`); :func:`fold_chain` computes one weight's merged value. That
+split lets callers fold one weight at a time (streaming ``save_merged``, export in another
+dtype) with extra memory bounded by the largest weight.
+
+Speed: plain LoRA (no DoRA, no gate, full rows, ``[out, in]`` layout) is folded here as
+``W' = W + s · (B @ A)`` in one ``addmm`` (one pass, one allocation per weight, none in
+place); other modules use their ``fold``. The
+finiteness check (``safe=True``) costs one read of the result (a sum; the exact elementwise
+scan runs only when that sum is not finite), instead of an ``isfinite`` tensor per weight.
 """
 
 from __future__ import annotations
@@ -23,11 +34,21 @@ from . import PassResult, adapter_call_nodes
 
 
 @dataclass
+class FoldChain:
+    """One base weight (and bias) and the adapter modules folded into it, in graph order."""
+
+    weight: str
+    bias: str | None
+    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
 class MergePlan:
     folded: list[str] = field(default_factory=list)                # module targets
     kept: dict[str, str] = field(default_factory=dict)             # target → reason
     new_values: dict[str, torch.Tensor] = field(default_factory=dict)   # param name → value
     nodes: list[fx.Node] = field(default_factory=list)
+    chains: dict[str, FoldChain] = field(default_factory=dict)     # weight name → chain
 
 
 def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -52,7 +73,9 @@ def _blocked_weights(gm: fx.GraphModule, nodes: list[fx.Node], names) -> dict[st
     return blocked
 
 
-def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
+def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True, compute: bool = True) -> MergePlan:
+    """Which adapters fold into which weights; with ``compute`` also every merged value
+    (``plan.new_values``, new tensors; the model is not changed)."""
     plan = MergePlan()
     nodes = adapter_nodes(gm)
     blocked = _blocked_weights(gm, nodes, names)
@@ -78,34 +101,128 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True) -> MergePlan:
         if w_node.target in blocked:
             plan.kept[target] = blocked[w_node.target]
             continue
-        w = plan.new_values.get(w_node.target)
-        if w is None:
-            w = gm.get_parameter(w_node.target).detach()
-        b = None
-        if b_node is not None:
-            b = plan.new_values.get(b_node.target)
-            if b is None:
-                b = gm.get_parameter(b_node.target).detach()
-        base_w = gm.get_parameter(w_node.target).detach()
-        with torch.no_grad():
-            # DoRA's norm comes from the un-merged weight even when folded after another adapter
-            w2, b2 = mod.fold(w, b, base_weight=base_w) if _takes_base(mod) else mod.fold(w, b)
-        if b_node is None and b2 is not None:
-            plan.kept[target] = "its fold creates a bias the base layer does not have"
-            continue
-        if safe:
-            bad = [nm for nm, t in ((w_node.target, w2), (getattr(b_node, "target", None), b2))
-                   if t is not None and not torch.isfinite(t).all()]
-            if bad:
-                raise MergeError(f"merging {target} gives non-finite values in {bad}; nothing was "
-                                 "changed. Check the adapter weights (or pass safe=False).")
-        plan.new_values[w_node.target] = w2
-        if b_node is not None:
-            plan.new_values[b_node.target] = b2
+        chain = plan.chains.setdefault(w_node.target, FoldChain(w_node.target, getattr(b_node, "target", None)))
+        chain.targets.append(target)
         plan.folded.append(target)
         folded_targets.add(target)
         plan.nodes.append(n)
+    if safe:
+        check_factors(gm, plan)
+    if compute:
+        for chain in plan.chains.values():
+            w2, b2 = fold_chain(gm, chain, safe=safe)
+            plan.new_values[chain.weight] = w2
+            if chain.bias is not None and b2 is not gm.get_parameter(chain.bias):
+                plan.new_values[chain.bias] = b2  # unchanged biases (LoRA) are not replaced
     return plan
+
+
+def check_factors(gm: fx.GraphModule, plan: MergePlan) -> None:
+    """Raise :class:`MergeError` before anything is computed if an adapter to fold has a
+    non-finite parameter (cheap: adapter parameters are small)."""
+    for chain in plan.chains.values():
+        for target in chain.targets:
+            for pname, p in gm.get_submodule(target).named_parameters():
+                if not bool(torch.isfinite(p.detach()).all()):
+                    raise MergeError(f"merging {target} gives non-finite values in {chain.weight} (its {pname} "
+                                     "is not finite); nothing was changed. Check the adapter weights "
+                                     "(or pass safe=False).")
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    """All elements finite; one read (a sum) unless that sum is not finite, then the exact scan."""
+    s = t.sum()
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
+
+
+def _plain_lora(mod) -> bool:
+    return (hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and not getattr(mod, "use_dora", True)
+            and not getattr(mod, "use_gating", True) and getattr(mod, "out_slice", 1) is None
+            and getattr(mod, "fan_in_fan_out", True) is False)
+
+
+def _lora_delta_plus(mod, w: torch.Tensor, out: torch.Tensor | None = None, scratch: dict | None = None) -> torch.Tensor:
+    """``W + s · (B @ A)``. Without ``out``: a new tensor; with ``out``: written into ``out``
+    (which may be ``w`` itself, or a scratch buffer the caller reuses).
+
+    Same dtype and device: one fused ``addmm`` (one pass over ``W``, no temporary; it may
+    round ``s · BA + W`` once where PEFT's ``W + (BA)·s`` rounds twice: ≤ 1 ulp apart).
+    Otherwise ``B @ A`` (in a buffer reused through ``scratch``) is scaled, cast and added.
+    """
+    A, B = mod.lora_A.detach(), mod.lora_B.detach()
+    if A.dtype == w.dtype and A.device == w.device and B.dtype == w.dtype:
+        if out is None:
+            return torch.addmm(w, B, A, alpha=mod.scaling)
+        if out is w:
+            return w.addmm_(B, A, alpha=mod.scaling)
+        return torch.addmm(w, B, A, alpha=mod.scaling, out=out)
+    if scratch is not None:
+        key = (B.shape[0], A.shape[1], A.dtype, A.device)
+        buf = scratch.get(key)
+        if buf is None:
+            scratch.clear()  # one buffer at a time: bounded by the largest weight
+            buf = scratch[key] = torch.empty(key[:2], dtype=A.dtype, device=A.device)
+        delta = torch.matmul(B, A, out=buf)
+    else:
+        delta = B @ A
+    delta.mul_(mod.scaling)
+    if delta.dtype != w.dtype or delta.device != w.device:
+        delta = delta.to(dtype=w.dtype, device=w.device)
+    if out is not None:
+        return out.add_(delta) if out is w else torch.add(w, delta, out=out)
+    return delta.add_(w)
+
+
+def scratch_like(scratch: dict, t: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped like ``t`` kept in ``scratch`` across calls (one at a time)."""
+    key = ("out", tuple(t.shape), t.dtype, t.device)
+    if key not in scratch:
+        for k in [k for k in scratch if k[0] == "out"]:
+            del scratch[k]
+        scratch[key] = torch.empty_like(t)
+    return scratch[key]
+
+
+@torch.no_grad()
+def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, into_weight: bool = False,
+               scratch: dict | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Merged ``(W', b')`` of one chain (the model's parameters are read, never written): ``W'`` a
+    new tensor, ``b'`` new or the unchanged base bias itself.
+
+    ``weight``/``bias`` override the base values read from ``gm`` (e.g. a dtype-converted copy).
+    ``into_weight=True`` folds plain LoRA in place into ``weight`` (the caller owns it), with
+    ``scratch`` (a dict kept across calls) holding reusable buffers; ``out`` receives a chain
+    of plain LoRA instead of a new tensor (a scratch buffer the caller copies from).
+    Raises :class:`MergeError` when ``safe`` and a result is not finite.
+    """
+    base_w = gm.get_parameter(chain.weight).detach() if weight is None else weight
+    base_b = None
+    if chain.bias is not None:
+        base_b = gm.get_parameter(chain.bias) if bias is None else bias
+    w, b = base_w, base_b
+    mods = [gm.get_submodule(t) for t in chain.targets]
+    # whether ``w`` is ours to write into; a later DoRA/IA3 must still see the unmerged base
+    owned = into_weight and all(_plain_lora(m) for m in mods)
+    for target, mod in zip(chain.targets, mods):
+        if _plain_lora(mod):
+            dest = w if owned else (out if out is not None and all(_plain_lora(m) for m in mods) else None)
+            w = _lora_delta_plus(mod, w, out=dest, scratch=scratch)
+            owned = True
+            continue
+        w, b2 = mod.fold(w, b, base_weight=base_w) if _takes_base(mod) else mod.fold(w, b)
+        owned = True
+        if chain.bias is None and b2 is not None:
+            raise MergeError(f"cannot merge {target}: its fold creates a bias the base layer does not have; "
+                             "keep it unmerged (merge(names=...) without it)")
+        b = b2
+    if safe:
+        bad = [nm for nm, t in ((chain.weight, w), (chain.bias, b)) if t is not None and t is not base_b
+               and not _is_finite(t)]
+        if bad:
+            raise MergeError(f"merging {', '.join(chain.targets)} gives non-finite values in {bad}; nothing was "
+                             "changed. Check the adapter weights (or pass safe=False).")
+    return w, b
 
 
 def _takes_base(mod) -> bool:
