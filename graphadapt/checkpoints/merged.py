@@ -63,7 +63,7 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
     ``torch.bfloat16``) as they are written; default each tensor's own dtype.
     Memory: one merged weight at a time (the model is not changed, nothing else is copied).
     """
-    from ..exporters.dtype import parse_dtype
+    from ..dtypes import parse_dtype
 
     src = adapted.__dict__.get("_source_model")
     config = getattr(src, "config", None)

@@ -14,30 +14,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphadapt.passes.portability import drop_dtype_pins
+from graphadapt.dtypes import DTYPE_NAMES, DTYPES, parse_dtype  # noqa: F401  (re-exported)
 from graphadapt.passes import run_pass
+from graphadapt.passes.portability import drop_dtype_pins
 from graphadapt.passes.retarget_dtype import retarget_dtype_pass
-
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"fp16"``/``"float16"``/``torch.float16`` → ``torch.float16`` (fp32, fp16, bf16 only)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPE_NAMES:
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower() in DTYPES:
-        return DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be one of 'fp32', 'fp16', 'bf16' (or the torch dtype), got {dtype!r}")
 
 
 def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
