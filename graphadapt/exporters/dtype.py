@@ -65,6 +65,8 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         del clone._modules["_source_model"]
         object.__setattr__(clone, "_source_model", source)
     _convert_tensors(model, clone, dtype, plan)
+    if "_compute_dtype" in getattr(clone, "__dict__", {}):  # tensors converted directly, not through .to()
+        clone._compute_dtype = dtype
     if plan is not None:
         from graphadapt.passes.merge import apply_merge, plan_merge
 
