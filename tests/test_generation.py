@@ -248,3 +248,27 @@ def test_fp16_generate_matches_hf_fp16_and_checkpoints_interchange(tmp_path):
     assert torch.equal(got, ref.sequences)
     assert (scores - torch.stack(ref.scores).float()).abs().max() < 3e-2
     assert not torch.equal(got, hf_greedy(model, ids, mask, 6))
+
+
+def test_prefix_tuning_generates_with_the_kv_cache():
+    """Prefix tuning on the cached graph: greedy decoding with the cache gives the tokens of a full-recompute
+    loop over the uncached adapted graph, and differs from the base model's."""
+    lm = tiny_gpt2(causal_lm=True)
+    adapted = ga.apply(lm, ga.Spec({"p": ga.PrefixTuning(prefix_length=3)}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if n.startswith("adapters."):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    adapted.eval()
+    ids = torch.randint(3, 100, (2, 5), generator=g)
+    out = adapted.generate(ids, torch.ones_like(ids), max_new_tokens=6)
+    out = out[0] if isinstance(out, tuple) else out
+    cur = ids
+    for _ in range(6):
+        with torch.no_grad():
+            logits = adapted(input_ids=cur, attention_mask=torch.ones_like(cur)).logits
+        cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, cur)
+    base = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(base, cur)
