@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..init import adapter_generator
-from ..passes import AdapterRecord, InsertContext, PassResult
+from ..passes import AdapterRecord, InsertContext, PassResult, submodule_or_none
 from ..passes import linear as linear_pass
 from ..passes import residual as residual_pass
 from ..vocab import ADAPTERS, adapter_target
@@ -27,16 +27,9 @@ from .site import LinearComposition, ResidualComposition, describe, fusions, tre
 COMPOSE = "_compose"
 
 
-def _submodule(gm, target):
-    try:
-        return gm.get_submodule(target)
-    except AttributeError:
-        return None
-
-
 def _fusion_layer(gm, name: str, key: str, config: dict, hidden: int, seed: int, dropout: float, ref: torch.Tensor):
     target = adapter_target(name, key)
-    mod = _submodule(gm, target)
+    mod = submodule_or_none(gm, target)
     if mod is None:
         mod = FusionLayer(hidden, config, dropout, adapter_generator(seed, name, key), dtype=ref.dtype,
                           device=ref.device)
@@ -77,7 +70,7 @@ def insert_compositions(gm: fx.GraphModule, ctx: InsertContext, combos, sites: d
             fl = {name: _fusion_layer(gm, name, c.site, cfg, hidden, seed, dropout, w) for name, cfg in fusions(c.tree)}
             mod = LinearComposition(c.tree, mods, fl)
             gm.add_submodule(target, mod)
-            linear_pass.insert_call(gm, target, mod, site, add=False)
+            linear_pass.insert_call(gm, target, site)
             layer, role = site.layer, site.role
         else:
             hidden = site.hidden_size

@@ -180,4 +180,18 @@ class ResidualSiteMethod(Method):
         return residual_pass.insert_residual_adapter(gm, ctx, adapter, self.name, sites, build)
 
 
-__all__ = ["LinearSiteMethod", "Method", "PhysicalSite", "ResidualSiteMethod"]
+def group_adapterhub_keys(state_dict: Mapping[str, torch.Tensor], pattern) -> tuple[dict, list[str]]:
+    """AdapterHub keys grouped by site: ``pattern`` (a compiled regex) captures ``(site, tensor name)``;
+    returns ``({site: {tensor name: tensor}}, keys it did not match)``. Shared by the plugins' readers."""
+    sites: dict[str, dict[str, torch.Tensor]] = {}
+    rest: list[str] = []
+    for k, v in state_dict.items():
+        m = pattern.match(k)
+        if m:
+            sites.setdefault(m.group(1), {})[m.group(2)] = v
+        else:
+            rest.append(k)
+    return sites, rest
+
+
+__all__ = ["LinearSiteMethod", "Method", "PhysicalSite", "ResidualSiteMethod", "group_adapterhub_keys"]

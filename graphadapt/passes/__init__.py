@@ -162,6 +162,14 @@ def register_check(name: str, fn: Callable[[fx.GraphModule], str | None]) -> Non
     CHECKS[name] = fn
 
 
+def submodule_or_none(gm: fx.GraphModule, target: str):
+    """The submodule at ``target``, or None when there is none (an adapter module not built yet)."""
+    try:
+        return gm.get_submodule(target)
+    except AttributeError:
+        return None
+
+
 def get_attr_node(gm: fx.GraphModule, target: str) -> fx.Node:
     """The ``get_attr`` node for ``target``, created at the graph's start if absent."""
     for n in gm.graph.nodes:
@@ -189,4 +197,4 @@ def erase_dead(gm: fx.GraphModule, roots) -> int:
 
 
 __all__ = ["ALWAYS", "AdapterRecord", "CHECKS", "InsertContext", "PassResult", "adapter_call_nodes", "erase_dead",
-           "get_attr_node", "register_check", "run_pass"]
+           "get_attr_node", "register_check", "run_pass", "submodule_or_none"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..structure.types import LinearSite
 from ..vocab import adapter_target
-from . import AdapterRecord, InsertContext, PassResult, get_attr_node
+from . import AdapterRecord, InsertContext, PassResult, get_attr_node, submodule_or_none
 
 KIND = "linear"
 
@@ -31,10 +31,8 @@ def _weight_args(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node
     return w, b
 
 
-def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: LinearSite, add: bool = True) -> fx.Node:
-    """Add ``module`` under ``target`` (unless already there) and rewire ``site.output`` through it."""
-    if add:
-        gm.add_submodule(target, module)
+def insert_call(gm: fx.GraphModule, target: str, site: LinearSite) -> fx.Node:
+    """Rewire ``site.output`` through the module registered at ``target``."""
     w, b = _weight_args(gm, site)
     y = site.output
     # Chain after the adapters already on this output, so they run in plan order:
@@ -57,13 +55,6 @@ def insert_call(gm: fx.GraphModule, target: str, module: nn.Module, site: Linear
 Builder = Callable[[LinearSite, torch.Tensor], nn.Module]
 
 
-def _existing(gm: fx.GraphModule, target: str):
-    try:
-        return gm.get_submodule(target)
-    except AttributeError:
-        return None
-
-
 def insert_linear_adapter(gm: fx.GraphModule, adapter_name: str, method_name: str, sites: list[LinearSite],
                           build: Builder, ctx: InsertContext | None = None) -> PassResult:
     """Install ``build(site, base_weight)`` at every linear site, one module per site name.
@@ -81,7 +72,7 @@ def insert_linear_adapter(gm: fx.GraphModule, adapter_name: str, method_name: st
     for name, group in groups.items():
         site = group[0]
         target = adapter_target(adapter_name, name)
-        mod = _existing(gm, target)
+        mod = submodule_or_none(gm, target)
         fresh = mod is None
         if fresh:
             mod = build(site, gm.get_parameter(site.weight))
@@ -89,7 +80,7 @@ def insert_linear_adapter(gm: fx.GraphModule, adapter_name: str, method_name: st
             gm.add_submodule(target, mod)
         for s in group:
             if ctx.attaches(adapter_name, site_key(s)):
-                insert_call(gm, target, mod, s, add=False)
+                insert_call(gm, target, s)
             records.append(AdapterRecord(
                 adapter=adapter_name, method=method_name, site=s.name, target=target, kind=KIND, role=s.role,
                 layer=s.layer, details={"weight": s.weight, "bias": s.bias, "layout": s.layout}))

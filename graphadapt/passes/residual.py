@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import SpecError
 from ..structure.types import Layer, ResidualSite, StructureMap
 from ..vocab import adapter_target
-from . import AdapterRecord, InsertContext, PassResult, erase_dead, get_attr_node
+from . import AdapterRecord, InsertContext, PassResult, erase_dead, get_attr_node, submodule_or_none
 
 KIND = "residual"
 POSITIONS = ("mh", "output")
@@ -69,13 +69,6 @@ def select_residual_points(sm: StructureMap, positions: tuple[str, ...], include
     return out
 
 
-def _submodule(gm: fx.GraphModule, target: str):
-    try:
-        return gm.get_submodule(target)
-    except AttributeError:
-        return None
-
-
 def reference_parameter(gm: fx.GraphModule, t: ResidualTarget) -> torch.Tensor:
     """A base parameter of ``t``'s layer: new modules take its dtype and device."""
     return gm.get_parameter(t.layer.attention.o.weight) if t.layer.attention.o else next(gm.parameters())
@@ -98,7 +91,7 @@ def insert_residual_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_name
         hidden = h.meta["val"].shape[-1] if "val" in h.meta else None
         norm = site.norm_after
         target = adapter_target(adapter_name, t.name)
-        if _submodule(gm, target) is None:
+        if submodule_or_none(gm, target) is None:
             mod = build(t, int(hidden), norm, reference_parameter(gm, t))
             gm.add_submodule(target, mod)
             mod.train(gm.training)

@@ -14,6 +14,8 @@ from graphadapt.errors import SpecError
 from graphadapt.init import adapter_generator
 from graphadapt.methods.base import ResidualSiteMethod
 from graphadapt.methods.registry import register
+from graphadapt.passes import submodule_or_none
+from graphadapt.vocab import adapter_target
 
 from . import adapterhub as _ah
 from .module import BottleneckAdapter, module_kwargs
@@ -53,10 +55,9 @@ class BottleneckMethod(ResidualSiteMethod):
         # Compacter shares PHM rules (and optionally W) across every layer of one adapter
         from graphadapt.passes.residual import reference_parameter
 
-        try:  # re-planning (set_active): keep the trained shared parameters
-            return {"shared": gm.get_submodule(f"adapters.{adapter}.{SHARED}")}
-        except AttributeError:
-            pass
+        kept = submodule_or_none(gm, adapter_target(adapter, SHARED))
+        if kept is not None:  # re-planning (set_active): keep the trained shared parameters
+            return {"shared": kept}
 
         t = targets[0]
         hidden = int(t.hidden_size)
@@ -66,7 +67,7 @@ class BottleneckMethod(ResidualSiteMethod):
         shared = init_shared_phm_parameters(
             hidden, size, cfg, generator=adapter_generator(seed, adapter, SHARED),
             init_weights=spec.init_weights, dtype=ref.dtype, device=ref.device)
-        gm.add_submodule(f"adapters.{adapter}.{SHARED}", shared)
+        gm.add_submodule(adapter_target(adapter, SHARED), shared)
         return {"shared": shared}
 
     def build(self, spec: Bottleneck, adapter, t, seed, hidden=None, norm=None, ref=None, shared=None):

@@ -26,6 +26,7 @@ from dataclasses import fields
 import torch
 
 from graphadapt.errors import CheckpointError, SpecError
+from graphadapt.methods.base import group_adapterhub_keys
 from graphadapt.vocab import adapter_prefix
 
 from .module import BottleneckAdapter, load_adapterhub_state_dict
@@ -117,19 +118,8 @@ def load_weights(adapted, ours_name: str, saved: str, sd: dict, strict: bool, di
     # group AdapterHub keys by site prefix
     site_re = re.compile(rf"^(.*?)\.adapters\.{re.escape(saved)}\.(.+)$")
     shared_re = re.compile(rf"^(?:.*\.)?shared_parameters\.{re.escape(saved)}\.(.+)$")
-    sites: dict[str, dict[str, torch.Tensor]] = {}
-    shared_sd: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for k, v in sd.items():
-        m = shared_re.match(k)
-        if m:
-            shared_sd[m.group(1)] = v
-            continue
-        m = site_re.match(k)
-        if m:
-            sites.setdefault(m.group(1), {})[m.group(2)] = v
-        else:
-            unexpected.append(k)
+    shared_sd = {m.group(1): v for k, v in sd.items() if (m := shared_re.match(k))}
+    sites, unexpected = group_adapterhub_keys({k: v for k, v in sd.items() if not shared_re.match(k)}, site_re)
 
     filled: set[str] = set()
     loaded: dict[str, str] = {}  # graphadapt target → AdapterHub site

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from graphadapt.errors import CheckpointError, SpecError
+from graphadapt.methods.base import group_adapterhub_keys
 
 # AdapterHub's LoRAConfig / IA3Config defaults (adapters 1.3), for preset names and omitted keys.
 LORA_DEFAULTS = {
@@ -166,14 +167,7 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
         group.sort(key=lambda tm: (tm[1].out_slice or (0, 0))[0])  # fused slices in channel (q, k, v) order
 
     site_re = _site_re(saved)
-    sites: dict[str, dict[str, torch.Tensor]] = {}
-    unexpected: list[str] = []
-    for k, v in sd.items():
-        m = site_re.match(k)
-        if m:
-            sites.setdefault(m.group(1), {})[m.group(2)] = v
-        else:
-            unexpected.append(k)
+    sites, unexpected = group_adapterhub_keys(sd, site_re)
 
     filled: set[str] = set()
     done: set[str] = set()
