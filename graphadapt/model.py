@@ -177,6 +177,7 @@ class AdaptedModel(CapturedModule):
 
     def _replan(self, spec) -> None:
         """Rebuild the adapted graph from the base graph for ``spec`` (modules already built are reused)."""
+        from .composition.insert import COMPOSE
         from .passes.portability import retarget
         from .plan import build_plan, execute_plan
         from .structure import recognize
@@ -185,6 +186,8 @@ class AdaptedModel(CapturedModule):
         if self._planning.base_graph is None:
             raise GraphAdaptError("this model keeps no base graph to re-plan from (built by an older graphadapt)")
         old_graph, old_modules = self.graph, dict(self.get_submodule(ADAPTERS).named_children())
+        compose = old_modules.get(COMPOSE)  # the composition pass replaces modules under it in place
+        old_compose = {n: m for n, m in compose.named_modules() if n and not m._modules} if compose else {}
         try:
             self.graph = self.snapshot_graph(self._planning.base_graph)
             the_plan = build_plan(recognize(self), spec)
@@ -194,6 +197,8 @@ class AdaptedModel(CapturedModule):
             for name in list(holder._modules):
                 if name not in old_modules:
                     del holder._modules[name]
+            for name, mod in old_compose.items():  # the old graph calls these composition modules
+                self.add_submodule(f"{ADAPTERS}.{COMPOSE}.{name}", mod)
             self.graph = old_graph
             self.recompile()
             raise

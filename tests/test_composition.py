@@ -188,3 +188,22 @@ def test_fuse_children_absent_at_a_position_are_pruned():
     kinds = {c.site.rsplit(".", 1)[-1]: c.mode for c in adapted.plan.combinations}
     assert kinds == {"output_adapter": "compose"}
     assert torch.isfinite(_out(adapted)).all()
+
+
+def test_a_replan_failing_after_the_composition_pass_restores_the_old_composition(monkeypatch):
+    """The composition pass replaces ``adapters._compose.<site>`` in place; a failure later in the re-plan must
+    put the old composition modules back, or the restored graph would call the new ones."""
+    plan_mod = sys.modules["graphadapt.plan"]  # the module (ga.plan is the function of the same name)
+
+    spec = ga.Spec({"a": ga.SeqBn(reduction_factor=4), "b": ga.SeqBn(reduction_factor=4)}, active=ga.Fuse("a", "b"))
+    adapted = ga.apply(tiny_bert(), spec)
+    before = _out(adapted)
+
+    def boom(*a, **k):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(plan_mod, "replicate_inputs", boom)
+    with pytest.raises(ga.PassError, match="injected failure"):
+        adapted.set_active(ga.Parallel("a", "b"))
+    assert adapted.spec.active == spec.active
+    torch.testing.assert_close(_out(adapted), before, atol=0, rtol=0)
