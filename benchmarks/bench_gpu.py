@@ -233,6 +233,62 @@ def decoder_section(a, dev):
     out("")
 
 
+def profile_section(a, dev):
+    """Where the time goes: top kernels of one forward (ours vs PEFT vs base) and of one decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    b, s = (4, 16) if a.small else (32, 128)
+    base = bert(a.small, dev, dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = {"input_ids": torch.randint(0, base.config.vocab_size, (b, s), generator=g).to(dev),
+         "attention_mask": torch.ones(b, s, dtype=torch.long, device=dev)}
+    from peft import LoraConfig, get_peft_model
+
+    ours = ga.apply(base, ga.LoRA(r=8, targets=("q", "v")))
+    seq = ga.apply(base, ga.SeqBn(reduction_factor=16))
+    peft = get_peft_model(bert(a.small, dev, dtype), LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"]))
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    for name, m in [("base", base), ("graphadapt LoRA", ours), ("graphadapt SeqBn", seq), ("PEFT LoRA", peft.eval())]:
+        with torch.no_grad():
+            for _ in range(3):
+                m(**x)
+            sync(dev)
+            with profile(activities=acts) as prof:
+                for _ in range(5):
+                    m(**x)
+                sync(dev)
+        out(f"### profile: {name}, 5 forwards")
+        out("```")
+        out(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=70))
+        out("```")
+    # one greedy generate at batch 8, 16 new tokens: HF on the base vs ours merged
+    cfg = T.LlamaConfig(hidden_size=64 if a.small else 2048, num_hidden_layers=2 if a.small else 4,
+                        num_attention_heads=4 if a.small else 32, num_key_value_heads=2 if a.small else 8,
+                        intermediate_size=128 if a.small else 5632, vocab_size=1000 if a.small else 32000)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        lm = T.LlamaForCausalLM(cfg).to(dtype).eval()
+    adapted = ga.apply(lm, ga.LoRA(r=8, targets="all-linear"), cache=True)
+    adapted.merge()
+    ids = torch.randint(3, cfg.vocab_size, (8, 32), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    for name, fn in [("HF generate (base)", lambda: lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16,
+                                                                min_new_tokens=16, do_sample=False)),
+                     ("graphadapt generate (merged)", lambda: adapted.generate(ids, mask, max_new_tokens=16))]:
+        with torch.no_grad():
+            fn()
+            sync(dev)
+            with profile(activities=acts) as prof:
+                fn()
+                sync(dev)
+        out(f"### profile: {name}, batch 8, 16 new tokens")
+        out("```")
+        out(prof.key_averages().table(sort_by=key, row_limit=16, max_name_column_width=70))
+        out("```")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -257,6 +313,11 @@ def main() -> int:
             onnx_section(a, dev, *enc)
         except Exception:
             out("onnx section failed:\n```\n" + traceback.format_exc() + "```")
+    if "profile" in sections:
+        try:
+            profile_section(a, dev)
+        except Exception:
+            out("profile section failed:\n```\n" + traceback.format_exc() + "```")
     if "decoder" in sections:
         try:
             decoder_section(a, dev)

@@ -401,3 +401,14 @@ def test_fresh_inputs_respect_vocab_and_padding(tmp_path):
     assert mask[0].all() and (mask[1:, 0] == 1).all() and mask[1:, -1].eq(0).all()
     ids = np.asarray(fresh["input_ids"])
     assert ids.dtype == np.int64
+
+
+def test_verification_turns_tf32_off_on_the_cuda_ep_unless_told():
+    """onnxruntime's CUDA EP uses TF32 for fp32 by default (1.4e-3 off on an H200); PyTorch does not."""
+    from graphadapt.exporters.verify import verification_providers
+
+    assert verification_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    mine = ("CUDAExecutionProvider", {"use_tf32": "1", "device_id": "1"})
+    assert verification_providers([mine]) == [mine]
+    assert verification_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]

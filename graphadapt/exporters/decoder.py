@@ -26,7 +26,7 @@ import torch
 from graphadapt.errors import ExportError, GraphAdaptError, VerificationError
 from graphadapt.exporters.dtype import DTYPE_NAMES, converted_copy, parse_dtype
 from graphadapt.exporters.onnx import ExportReport, export_onnx
-from graphadapt.exporters.verify import (DEFAULT_TOLERANCES, VerifyResult, compare, default_providers,
+from graphadapt.exporters.verify import (DEFAULT_TOLERANCES, VerifyResult, compare, verification_providers,
                                          onnx_float_dtype)
 
 __all__ = ["export_decoder_onnx", "verify_decoder_onnx", "default_prompt"]
@@ -96,7 +96,7 @@ def _ort_session(path, providers):
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=providers or default_providers())
+    return ort.InferenceSession(str(path), opts, providers=verification_providers(providers))
 
 
 def ort_greedy(session, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
