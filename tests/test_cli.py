@@ -48,7 +48,7 @@ def checkpoint(tmp_path):
     return spec_path, ckpt, adapted
 
 
-def test_export_then_verify_gate(checkpoint, tmp_path, capsys):
+def test_export_then_verify_gate(checkpoint, tmp_path, capsys, monkeypatch):
     spec_path, ckpt, adapted = checkpoint
     out = tmp_path / "m.onnx"
     assert main(["export", "--model", "tiny-bert", "--adapters", str(ckpt), "-o", str(out)]) == 0
@@ -56,7 +56,13 @@ def test_export_then_verify_gate(checkpoint, tmp_path, capsys):
     assert "[5/5] export fp32 + verify" in text and "folded 4" in text and "kept 2" in text
     meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
     assert ga.Spec.from_json(meta["graphadapt_spec"]) == ga.Spec.load(spec_path)
+    assert meta["graphadapt.merged"] == "true"  # merged by default; verify must merge too (regression below)
+    calls = []
+    real = ga.AdaptedModel.merge
+    monkeypatch.setattr(ga.AdaptedModel, "merge", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     assert main(["verify", str(out), "--model", "tiny-bert", "--adapters", str(ckpt)]) == 0
+    assert calls, "verify must merge when the export merged"
+    monkeypatch.undo()
     # the same file checked against *other* adapter weights must fail the gate
     other = tmp_path / "other"
     with torch.no_grad():
@@ -85,7 +91,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo.onnx").exists()
 
 
-@pytest.mark.parametrize("merge_flag,expect_merged", [("--merge", True), ("--no-merge", False)])
+@pytest.mark.parametrize("merge_flag,expect_merged", [("--no-merge", False)])  # "--merge": the gate test above
 def test_verify_merges_only_when_the_export_did(checkpoint, tmp_path, monkeypatch, merge_flag, expect_merged):
     """Regression: verify read metadata key ``merged`` while the exporter writes ``graphadapt.merged``, so it
     always merged. It must compare like with like: merge exactly when the ONNX file holds folded weights."""

@@ -31,9 +31,10 @@ def adapted_models():
     return {}
 
 
+# every architecture both merged and unmerged and in both dtypes, without the full cross product
+# (each export costs seconds): fp32 unmerged (the adapter graph exactly) and fp16 merged
 @pytest.mark.parametrize("name", list(BUILDERS))
-@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("dtype,merge", [("fp32", False), ("fp16", True)], ids=["fp32-unmerged", "fp16-merged"])
 def test_roundtrip(name, merge, dtype, tmp_path, adapted_models):
     if name not in adapted_models:
         adapted_models[name] = _adapted(name)
@@ -51,7 +52,7 @@ def test_roundtrip(name, merge, dtype, tmp_path, adapted_models):
     assert sum(ops.values()) == rep.node_count
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])  # Conv1D and Linear; BERT's linears are Llama's kind
 def test_merged_lora_has_base_node_count(name, tmp_path):
     model = BUILDERS[name]()
     base = export_onnx(ga.capture(model), tmp_path / "base.onnx", verify=False)
