@@ -65,8 +65,10 @@ EXPECTED_OUTPUTS = {
 ONNX_FLOAT = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16}
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "t5", "vit"])
+# fp32 on every architecture; fp16 on one token model and on ViT (float inputs follow the dtype).
+# fp16 exports of GPT-2, Llama and T5 run in test_export_adapted.py (merged adapters).
+@pytest.mark.parametrize("name,dtype", [(n, "fp32") for n in ("bert", "gpt2", "llama", "t5", "vit")]
+                         + [("bert", "fp16"), ("vit", "fp16")])
 def test_roundtrip(name, dtype, tmp_path):
     gm, kw = _captured(name)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
