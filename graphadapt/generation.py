@@ -20,7 +20,8 @@ import torch
 from .errors import GraphAdaptError
 from .kvcache import _seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
 
-__all__ = ["cached_decoder", "cached_twin", "generate", "kv_layout", "past_input_name", "onnx_io_names"]
+__all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
+           "onnx_io_names"]
 
 
 def cached_twin(adapted) -> Any:
@@ -34,9 +35,15 @@ def cached_twin(adapted) -> Any:
         return adapted
     twins = _twins(adapted)
     if len(twins) != 1:
-        raise GraphAdaptError("decoder ONNX export supports decoder-only causal LMs; encoder-decoder models "
-                              "generate in PyTorch only (adapted.generate)")
+        raise GraphAdaptError("an encoder-decoder model has two cached captures (encoder, decoder step): "
+                              "use generation_twins(adapted)")
     return twins[0]
+
+
+def generation_twins(adapted) -> list:
+    """``[decoder]`` (causal LM) or ``[encoder, decoder step]`` (encoder-decoder LM): the cached captures
+    ``generate`` runs, synced with ``adapted`` (``adapted`` itself when captured with ``cache=True``)."""
+    return [adapted] if getattr(adapted, "decoder_cache", None) else _twins(adapted)
 
 
 def _twins(adapted) -> list:
@@ -103,6 +110,8 @@ def _sync(twin, adapted) -> None:
 # --------------------------------------------------------------------------- generate
 def _generation_config(model):
     """The source model's ``generation_config`` (else its config): default eos/pad ids, as transformers."""
+    if isinstance(model, tuple):
+        model = model[-1]
     src = model.__dict__.get("_source_model")
     return getattr(src, "generation_config", None) or getattr(model, "config", None)
 
@@ -164,7 +173,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams)
     _check_beam_args(num_beams, num_return_sequences, do_sample, early_stopping)
-    twins = [model] if getattr(model, "decoder_cache", None) else _twins(model)
+    # a tuple of prepared twins (e.g. dtype-converted copies, as the ONNX verification builds) is taken as is
+    twins = list(model) if isinstance(model, tuple) else generation_twins(model)
     cached = twins[-1]
     layout = cached.decoder_cache
     seq2seq = bool(layout.get("encoder_decoder"))
