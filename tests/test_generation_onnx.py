@@ -143,3 +143,13 @@ def test_t5_encoder_and_decoder_with_past_greedy_equals_pytorch(t5_export):
         a.unmerge()
     with pytest.raises(ExportError, match="give a directory"):
         export_decoder_onnx(a, out / "model.onnx")
+    saved = {n: p.detach().clone() for n, p in a.named_parameters() if n.startswith("adapters.")}
+    randomize_lora(a, seed=9, std=0.5)  # the file no longer matches the model: caught
+    try:
+        with pytest.raises(VerificationError, match="differ|disagrees"):
+            verify_decoder_onnx(out, a, max_new_tokens=8)
+    finally:
+        with torch.no_grad():
+            for n, p in a.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])

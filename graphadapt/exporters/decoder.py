@@ -158,8 +158,10 @@ def _export_seq2seq(twins, path, tdtype, merge, verify, max_new_tokens, input_id
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     if input_ids is None:
         input_ids, attention_mask = default_prompt(vocab=_vocab(step), side="right")
+    created = not path.exists()
     path.mkdir(exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=".encoder.tmp-", dir=path))
+    ok = False
     try:
         enc_tmp = tmpdir / ENCODER_FILE
         enc_report = export_onnx(enc, enc_tmp, dtype=tdtype, merge=merge, opset=opset, verify=verify,
@@ -175,8 +177,11 @@ def _export_seq2seq(twins, path, tdtype, merge, verify, max_new_tokens, input_id
                              io_names=seq2seq_io_names(layout["num_layers"]), verify_fn=check)
         for f in sorted(tmpdir.iterdir()):
             os.replace(f, path / f.name)
+        ok = True
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if created and not ok:  # a failed export leaves no empty directory behind
+            shutil.rmtree(path, ignore_errors=True)
     enc_report.path = path / ENCODER_FILE
     report.parts["encoder"] = enc_report
     report.metadata.setdefault("graphadapt.decoder_cache", json.dumps(layout, sort_keys=True))
