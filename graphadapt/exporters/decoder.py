@@ -37,7 +37,7 @@ import torch
 
 from graphadapt.errors import ExportError, GraphAdaptError, VerificationError
 from graphadapt.exporters.dtype import DTYPE_NAMES, converted_copy, parse_dtype
-from graphadapt.exporters.onnx import ExportReport, export_onnx
+from graphadapt.exporters.onnx import MERGED_KEY, ExportReport, export_onnx
 from graphadapt.exporters.verify import (DEFAULT_TOLERANCES, VerifyResult, compare, default_providers,
                                          onnx_float_dtype)
 
@@ -91,6 +91,14 @@ def seq2seq_io_names(num_layers: int) -> dict[str, str]:
             names[f"past_key_values_{i}_{kv}"] = f"past_key_values.{i}.decoder.{kv}"
             names[f"present.{i}.{kv}"] = f"present.{i}.decoder.{kv}"
     return names
+
+
+def _file_merged(path) -> bool:
+    """Whether an exported file holds folded adapters (its ``graphadapt.merged`` metadata)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(p.key == MERGED_KEY and p.value == "true" for p in proto.metadata_props)
 
 
 def _start_token(cached) -> int:
@@ -306,8 +314,8 @@ def verify_decoder_onnx(path: str | Path, model, input_ids: torch.Tensor | None 
                         atol: float | None = None, rtol: float | None = None, reference=None) -> VerifyResult:
     """Greedy-decode ``max_new_tokens`` in onnxruntime and in PyTorch; tokens must be equal, logits close.
 
-    The PyTorch reference is ``model`` (its cached capture) converted to the file's dtype;
-    ``reference`` skips that conversion. ``max_abs_diff`` holds the worst logits difference.
+    The PyTorch reference is ``model`` (its cached capture) converted to the file's dtype and,
+    when the file holds merged adapters, merged the same way; ``reference`` skips that conversion. ``max_abs_diff`` holds the worst logits difference.
     For an encoder-decoder model ``path`` is the export directory (both graphs run in
     onnxruntime) and ``input_ids``/``attention_mask`` are the encoder input (default right-padded).
     """
@@ -327,8 +335,9 @@ def verify_decoder_onnx(path: str | Path, model, input_ids: torch.Tensor | None 
         tdtype = parse_dtype(dtype) if dtype is not None else onnx_float_dtype(dec_path)
         if input_ids is None:
             input_ids, attention_mask = default_prompt(vocab=_vocab(cached), side="right")
+        merged = _file_merged(dec_path)  # fold like the file did, so rounding matches
         ref = reference if reference is not None else tuple(
-            converted_copy(t, tdtype, t.example_inputs()) for t in twins)
+            converted_copy(t, tdtype, t.example_inputs(), merge=merged) for t in twins)
         return _verify_seq2seq(enc_path, dec_path, ref, input_ids, attention_mask, max_new_tokens, tdtype,
                                providers, atol, rtol)
     if not path.is_file():
@@ -341,7 +350,8 @@ def verify_decoder_onnx(path: str | Path, model, input_ids: torch.Tensor | None 
         input_ids, attention_mask = default_prompt(vocab=_vocab(cached))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    ref = reference if reference is not None else converted_copy(cached, tdtype, cached.example_inputs())
+    ref = reference if reference is not None else converted_copy(cached, tdtype, cached.example_inputs(),
+                                                                 merge=_file_merged(path))
     # eos_token_id=[]: the reference decodes exactly max_new_tokens, as the onnxruntime loop does
     want_ids, want_scores = generate(ref, input_ids, attention_mask, max_new_tokens=max_new_tokens, output_scores=True,
                                      eos_token_id=[])
