@@ -109,10 +109,12 @@ def test_beam_search_equals_hf_generate_left_padded(lm):
         kw = dict(kw)
         if "eos" in kw:
             kw["eos_token_id"] = [eos_of[c] for c in kw.pop("eos")]
-        want = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **kw)
+        ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            return_dict_in_generate=True, output_scores=True, **kw)
         got, scores = adapted.generate(ids, mask, max_new_tokens=8, output_scores=True, **kw)
-        assert torch.equal(got, want), kw
-        assert got.shape[0] == 3 * kw.get("num_return_sequences", 1) and scores.shape == (got.shape[0],)
+        assert torch.equal(got, ref.sequences), kw
+        assert got.shape[0] == 3 * kw.get("num_return_sequences", 1)
+        torch.testing.assert_close(scores, ref.sequences_scores, atol=1e-4, rtol=1e-5)
         if "eos_token_id" in kw:  # some returned beam ended with eos before the length limit
             new = got[:, ids.shape[1]:-1]
             stopped |= bool(torch.isin(new, torch.tensor(kw["eos_token_id"])).any())
