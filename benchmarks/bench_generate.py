@@ -1,6 +1,6 @@
 """Decoding latency of an adapted causal LM, measured side by side in one run (ratios, not absolutes).
 
-    python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10]
+    python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10] [--beams 4]
 
 A seeded Llama-style model (GQA) built from a config, LoRA (r=8) on q/v with non-zero weights.
 Reports:
@@ -8,7 +8,9 @@ Reports:
     n + 1 tokens) for growing n: the uncached step grows with n (O(n) per token, O(n²) per
     sequence), the cached one stays nearly flat;
   * per-token latency of ``AdaptedModel.generate`` (unmerged and merged) ÷ Hugging Face
-    ``generate`` on the same weights (``to_base_model()``), greedy, same prompts, same tokens.
+    ``generate`` on the same weights (``to_base_model()``), greedy, same prompts, same tokens;
+  * the same for beam search (``--beams``, default 4; eos disabled on both sides so every beam
+    runs ``--new`` tokens).
 Median of --runs after warm-up, with the interquartile range.
 """
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--contexts", default="32,128,512")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--beams", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -132,6 +135,24 @@ def main() -> None:
           f"ratio {per['ga'][0] / per['hf'][0]:.2f}   same tokens: {same}")
     print(f"{'graphadapt generate, merged':>36} {per['ga_merged'][0]:8.3f} ± {per['ga_merged'][1]:.3f}   "
           f"ratio {per['ga_merged'][0] / per['hf'][0]:.2f}   same tokens: {same_merged}")
+
+    beams = args.beams
+    print(f"\nbeam search (num_beams={beams}, no eos), {args.new} new tokens: per-token ms")
+
+    def hf_beams():
+        with torch.inference_mode():
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
+                               num_beams=beams, do_sample=False, pad_token_id=0)
+
+    def ga_beams():
+        return cached.generate(ids, mask, max_new_tokens=args.new, num_beams=beams, eos_token_id=[])
+
+    same_beams = torch.equal(hf_beams(), ga_beams())
+    r = timed_interleaved({"hf": hf_beams, "ga": ga_beams}, max(3, args.runs // 2))
+    per = {k: (v[0] / args.new, v[1] / args.new) for k, v in r.items()}
+    print(f"{'HF generate (merged weights)':>36} {per['hf'][0]:8.3f} ± {per['hf'][1]:.3f}")
+    print(f"{'graphadapt generate, unmerged LoRA':>36} {per['ga'][0]:8.3f} ± {per['ga'][1]:.3f}   "
+          f"ratio {per['ga'][0] / per['hf'][0]:.2f}   same tokens: {same_beams}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import torch
 from .errors import GraphAdaptError
 from .kvcache import _seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
 
-__all__ = ["cached_decoder", "cached_twin", "generate", "kv_layout", "past_input_name", "onnx_io_names"]
+__all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
+           "onnx_io_names"]
 
 
 def cached_twin(adapted) -> Any:
@@ -34,9 +35,15 @@ def cached_twin(adapted) -> Any:
         return adapted
     twins = _twins(adapted)
     if len(twins) != 1:
-        raise GraphAdaptError("decoder ONNX export supports decoder-only causal LMs; encoder-decoder models "
-                              "generate in PyTorch only (adapted.generate)")
+        raise GraphAdaptError("an encoder-decoder model has two cached captures (encoder, decoder step): "
+                              "use generation_twins(adapted)")
     return twins[0]
+
+
+def generation_twins(adapted) -> list:
+    """``[decoder]`` (causal LM) or ``[encoder, decoder step]`` (encoder-decoder LM): the cached captures
+    ``generate`` runs, synced with ``adapted`` (``adapted`` itself when captured with ``cache=True``)."""
+    return [adapted] if getattr(adapted, "decoder_cache", None) else _twins(adapted)
 
 
 def _twins(adapted) -> list:
@@ -103,6 +110,8 @@ def _sync(twin, adapted) -> None:
 # --------------------------------------------------------------------------- generate
 def _generation_config(model):
     """The source model's ``generation_config`` (else its config): default eos/pad ids, as transformers."""
+    if isinstance(model, tuple):
+        model = model[-1]
     src = model.__dict__.get("_source_model")
     return getattr(src, "generation_config", None) or getattr(model, "config", None)
 
@@ -124,9 +133,6 @@ def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
 
 
 def _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams):
-    if num_beams not in (None, 1):
-        raise GraphAdaptError("beam search is not implemented in graphadapt.generate (num_beams must be 1); "
-                              "use to_base_model() and Hugging Face generate for beams")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GraphAdaptError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if do_sample:
@@ -144,7 +150,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              top_k: int | None = 50, top_p: float | None = 1.0, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, decoder_start_token_id: int | None = None,
              generator: torch.Generator | None = None, seed: int | None = None,
-             num_beams: int = 1, output_scores: bool = False):
+             num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float | None = None,
+             early_stopping: bool | str | None = None, output_scores: bool = False):
     """Decode ``max_new_tokens`` tokens with the KV cache; returns ids like transformers' ``generate``.
 
     ``model``: an :class:`~graphadapt.AdaptedModel` — a causal LM captured with ``cache=True`` or a
@@ -157,11 +164,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     the source model's generation config, as in transformers (``eos_token_id=[]``: never stop);
     after eos a sequence is filled with pad (default: the eos id); decoding stops once every
     sequence has finished.
-    ``output_scores=True`` also returns the per-step logits ``[new, B, V]`` (before warping).
-    Beam search is not implemented.
+    ``num_beams > 1``: beam search as transformers runs it (``length_penalty`` and
+    ``early_stopping`` default to the generation config: 1.0 and ``False``; ``True``/``False``/
+    ``"never"``), returning the best ``num_return_sequences`` per prompt (``[B * n, …]``); the flat
+    cache is reordered by beam each step.
+    ``output_scores=True`` also returns the per-step logits ``[new, B, V]`` (before warping), or with
+    beams the final beam scores ``[B * num_return_sequences]`` (transformers' ``sequences_scores``).
     """
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams)
-    twins = [model] if getattr(model, "decoder_cache", None) else _twins(model)
+    _check_beam_args(num_beams, num_return_sequences, do_sample, early_stopping)
+    # a tuple of prepared twins (e.g. dtype-converted copies, as the ONNX verification builds) is taken as is
+    twins = list(model) if isinstance(model, tuple) else generation_twins(model)
     cached = twins[-1]
     layout = cached.decoder_cache
     seq2seq = bool(layout.get("encoder_decoder"))
@@ -171,7 +184,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise GraphAdaptError("input_ids needs at least one prompt token per sequence")
     dev, dt = cached._compute_device, cached._compute_dtype
     ids = input_ids.to(dev)
-    b = ids.shape[0]
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev).long()
     if mask.shape != ids.shape:
         raise GraphAdaptError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
@@ -187,10 +199,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     if do_sample and generator is None:
         generator = torch.Generator(device=dev).manual_seed(0 if seed is None else seed)
-    eos_t = torch.tensor(eos, device=dev, dtype=ids.dtype)
+    if num_beams > 1:  # every prompt row repeated num_beams times, as transformers expands before the prefill
+        ids, mask = ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
+    b = ids.shape[0]
 
-    past = {past_input_name(i, kv): torch.zeros(b, layout["kv_heads"], 0, layout["head_dim"], device=dev, dtype=dt)
-            for i in range(layout["num_layers"]) for kv in ("key", "value")}
     if seq2seq:
         start = decoder_start_token_id
         if start is None:
@@ -201,22 +213,30 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             raise GraphAdaptError("pass decoder_start_token_id= (the config has none)")
         with torch.no_grad():
             enc = twins[0](input_ids=ids, attention_mask=mask)["last_hidden_state"]
+        stepper = _Seq2SeqStepper(cached, enc, mask)
         out_ids = torch.full((b, 1), int(start), dtype=ids.dtype, device=dev)
-
-        def step(step_ids, past):
-            return cached(decoder_input_ids=step_ids, encoder_hidden_states=enc, attention_mask=mask, **past)
     else:
+        stepper = _CausalStepper(cached, mask)
         out_ids = ids
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    past = {past_input_name(i, kv): torch.zeros(b, layout["kv_heads"], 0, layout["head_dim"], device=dev, dtype=dt)
+            for i in range(layout["num_layers"]) for kv in ("key", "value")}
+    if num_beams > 1:
+        cfg_lp = getattr(gen_cfg, "length_penalty", None)
+        cfg_es = getattr(gen_cfg, "early_stopping", None)
+        return _beam_search(stepper, out_ids, past, layout["num_layers"], num_beams, max_new_tokens,
+                            num_return_sequences, eos, pad,
+                            float(length_penalty if length_penalty is not None else (cfg_lp if cfg_lp is not None
+                                                                                     else 1.0)),
+                            early_stopping if early_stopping is not None else (cfg_es if cfg_es is not None
+                                                                               else False),
+                            output_scores)
 
-        def step(step_ids, past):
-            return cached(input_ids=step_ids, attention_mask=mask, position_ids=pos, **past)
-
+    eos_t = torch.tensor(eos, device=dev, dtype=ids.dtype)
     step_ids = out_ids
     unfinished = torch.ones(b, dtype=torch.bool, device=dev)
     scores = []
     for _ in range(max_new_tokens):
-        out = step(step_ids, past)
+        out = stepper(step_ids, past)
         logits = out["logits"][:, -1, :].float()
         if output_scores:
             scores.append(logits)
@@ -232,15 +252,151 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             unfinished &= ~torch.isin(nxt, eos_t)
             if not bool(unfinished.any()):
                 break
-        past = {past_input_name(i, kv): out[f"present.{i}.{kv}"]
-                for i in range(layout["num_layers"]) for kv in ("key", "value")}
-        if not seq2seq:
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            pos = pos[:, -1:] + 1
+        past = _presents(out, layout["num_layers"])
+        stepper.advance()
         step_ids = nxt[:, None]
     if output_scores:
         return out_ids, torch.stack(scores) if scores else torch.empty(0, b, 0)
     return out_ids
+
+
+def _presents(out, num_layers: int, order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The step's ``present.{i}.key/value`` as the next step's past inputs (rows reordered by ``order``)."""
+    return {past_input_name(i, kv): (t if order is None else t.index_select(0, order))
+            for i in range(num_layers) for kv in ("key", "value") for t in (out[f"present.{i}.{kv}"],)}
+
+
+class _CausalStepper:
+    """One decoder-only step: mask grows by one column, positions ``cumsum(mask) - 1`` as transformers."""
+
+    def __init__(self, cached, mask):
+        self.cached, self.mask = cached, mask
+        self.pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+    def __call__(self, step_ids, past):
+        return self.cached(input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos, **past)
+
+    def advance(self):
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.pos = self.pos[:, -1:] + 1
+
+
+class _Seq2SeqStepper:
+    """One decoder step of an encoder-decoder LM over a fixed encoder output and mask."""
+
+    def __init__(self, cached, enc, mask):
+        self.cached, self.enc, self.mask = cached, enc, mask
+
+    def __call__(self, step_ids, past):
+        return self.cached(decoder_input_ids=step_ids, encoder_hidden_states=self.enc, attention_mask=self.mask,
+                           **past)
+
+    def advance(self):
+        pass
+
+
+def _check_beam_args(num_beams, num_return_sequences, do_sample, early_stopping):
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise GraphAdaptError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+        raise GraphAdaptError(f"num_return_sequences must be an int in [1, num_beams={num_beams}], "
+                              f"got {num_return_sequences!r}")
+    if num_beams > 1 and do_sample:
+        raise GraphAdaptError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; "
+                              "use num_beams=1 to sample, or do_sample=False for beam search")
+    if early_stopping not in (None, True, False, "never"):
+        raise GraphAdaptError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+
+
+def _beam_search(stepper, prompt, past, num_layers, num_beams, max_new_tokens, num_return, eos, pad,
+                 length_penalty, early_stopping, output_scores):
+    """Beam search over the flat cache, step for step as transformers' vectorised ``_beam_search``.
+
+    ``prompt`` is ``[B * num_beams, T]`` (each prompt repeated); every step keeps the best
+    ``max(2, 1 + len(eos)) * num_beams`` continuations per prompt, moves those ending in eos (or at
+    the length limit) among the top ``num_beams`` to the finished set (scored with the length
+    penalty), continues the best unfinished ``num_beams`` and gathers the cache rows of their parents.
+    """
+    dev = prompt.device
+    bk, t0 = prompt.shape
+    b, k = bk // num_beams, num_beams
+    max_len = t0 + max_new_tokens
+    if max_new_tokens == 0:
+        out = prompt.view(b, k, t0)[:, :num_return].reshape(b * num_return, t0)
+        return (out, torch.zeros(b * num_return, device=dev)) if output_scores else out
+    keep = max(2, 1 + len(eos)) * k
+    top_mask = torch.arange(keep, device=dev) < k
+    fill = (pad if pad else eos[0]) if eos else -1  # transformers: `pad or eos[0]` (a pad id of 0 counts as unset)
+    eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
+    running = torch.full((b, k, max_len), fill, dtype=torch.long, device=dev)
+    running[:, :, :t0] = prompt.view(b, k, t0)
+    finished_seqs = running.clone()
+    run_scores = torch.zeros(b, k, device=dev)
+    run_scores[:, 1:] = -1e9  # only the first copy of each prompt seeds the beams
+    fin_scores = torch.full((b, k), -1e9, device=dev)
+    is_finished = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    run_parent = torch.full((b, k, max_new_tokens), -1, dtype=torch.int32, device=dev)
+    fin_parent = run_parent.clone()
+    offset = torch.arange(b, device=dev).view(-1, 1) * k
+    cur, step_ids = t0, prompt
+
+    def take(x, idx):
+        while idx.dim() < x.dim():
+            idx = idx.unsqueeze(-1)
+        return torch.take_along_dim(x, idx, dim=1)
+
+    while True:
+        out = stepper(step_ids, past)
+        logp = torch.log_softmax(out["logits"][:, -1, :].float(), dim=-1)
+        vocab = logp.shape[-1]
+        logp = (logp.view(b, k, vocab) + run_scores[:, :, None]).reshape(b, k * vocab)
+        cand_scores, cand = torch.topk(logp, keep)
+        parent = cand // vocab
+        cand_parent = take(run_parent, parent)
+        cand_seqs = take(running, parent)
+        token = cand % vocab
+        cand_seqs[:, :, cur] = token
+        cand_parent[:, :, cur - t0] = parent + offset
+        stop = torch.isin(token, eos_t) | (cur + 1 >= max_len)
+
+        # the best num_beams candidates that did not stop continue
+        live = cand_scores + stop.to(torch.float32) * -1.0e9
+        nxt = torch.topk(live, k)[1]
+        running, run_scores, run_parent = take(cand_seqs, nxt), take(live, nxt), take(cand_parent, nxt)
+
+        # candidates among the top num_beams that stopped compete with the finished set
+        done_now = stop & top_mask[None, :]
+        scored = cand_scores / ((cur + 1 - t0) ** length_penalty)
+        scored = scored + (is_finished.all(-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * -1.0e9
+        scored = scored + (~improvable).to(torch.float32) * -1.0e9
+        scored = scored + (~done_now) * -1.0e9
+        best = torch.topk(torch.cat([fin_scores, scored], 1), k)[1]
+        finished_seqs = take(torch.cat([finished_seqs, cand_seqs], 1), best)
+        fin_scores = take(torch.cat([fin_scores, scored], 1), best)
+        fin_parent = take(torch.cat([fin_parent, cand_parent], 1), best)
+        is_finished = take(torch.cat([is_finished, done_now], 1), best)
+
+        past = _presents(out, num_layers, run_parent[..., cur - t0].reshape(-1).long())
+        cur += 1
+        # can a running beam still beat the worst finished one? (transformers' heuristic)
+        hyp_len = (max_len if early_stopping == "never" and length_penalty > 0.0 else cur) - t0
+        best_running = run_scores[:, :1] / (hyp_len ** length_penalty)
+        worst_done = torch.where(is_finished, fin_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
+        if not (bool(improvable.any()) and not (bool(is_finished.all()) and early_stopping is True)
+                and not bool(stop.all())):
+            break
+        stepper.advance()
+        step_ids = running[:, :, cur - 1].reshape(bk, 1)
+
+    seqs = finished_seqs[:, :num_return].reshape(b * num_return, max_len)
+    parents = fin_parent[:, :num_return].reshape(b * num_return, max_new_tokens)
+    out_len = t0 + int((parents + 1).bool().sum(1).max())
+    seqs = seqs[:, :out_len]
+    if output_scores:
+        return seqs, fin_scores[:, :num_return].reshape(-1)
+    return seqs
 
 
 def _register() -> None:

@@ -90,6 +90,45 @@ def test_greedy_equals_hf_generate_left_padded(lm, merged):
     assert torch.equal(got, want)
 
 
+BEAMS = [dict(num_beams=3),
+         dict(num_beams=4, num_return_sequences=3, length_penalty=0.5),
+         dict(num_beams=3, early_stopping=True, eos="a"),
+         dict(num_beams=3, num_return_sequences=2, length_penalty=2.0, eos="b", pad_token_id=5),
+         dict(num_beams=2, early_stopping="never", length_penalty=-1.0, eos="ab")]
+
+
+def test_beam_search_equals_hf_generate_left_padded(lm):
+    """Beam search (length penalty, early stopping modes, several eos ids, n returned) = transformers' tokens."""
+    _, _, adapted = lm
+    base = adapted.to_base_model()
+    ids, mask = prompts()
+    free = adapted.generate(ids, mask, max_new_tokens=6)
+    eos_of = {"a": int(free[0, ids.shape[1] + 1]), "b": int(free[1, ids.shape[1] + 1])}
+    stopped = False
+    for kw in BEAMS:
+        kw = dict(kw)
+        if "eos" in kw:
+            kw["eos_token_id"] = [eos_of[c] for c in kw.pop("eos")]
+        ref = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            return_dict_in_generate=True, output_scores=True, **kw)
+        got, scores = adapted.generate(ids, mask, max_new_tokens=8, output_scores=True, **kw)
+        assert torch.equal(got, ref.sequences), kw
+        assert got.shape[0] == 3 * kw.get("num_return_sequences", 1)
+        torch.testing.assert_close(scores, ref.sequences_scores, atol=1e-4, rtol=1e-5)
+        if "eos_token_id" in kw:  # some returned beam ended with eos before the length limit
+            new = got[:, ids.shape[1]:-1]
+            stopped |= bool(torch.isin(new, torch.tensor(kw["eos_token_id"])).any())
+    assert stopped, "an eos must end some beam early"
+    greedy = adapted.generate(ids, mask, max_new_tokens=8)
+    assert not torch.equal(adapted.generate(ids, mask, max_new_tokens=8, num_beams=4), greedy)
+    adapted.merge()
+    try:
+        assert torch.equal(adapted.generate(ids, mask, max_new_tokens=8, num_beams=3),
+                           base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=3))
+    finally:
+        adapted.unmerge()
+
+
 def test_eos_and_pad_like_hf(lm):
     _, _, adapted = lm
     base = adapted.to_base_model()
@@ -183,8 +222,12 @@ def test_bad_input_is_refused(lm):
     right = torch.flip(mask, [1])
     with pytest.raises(GraphAdaptError, match="pad prompts on the left"):
         adapted.generate(ids, right, max_new_tokens=2)
-    with pytest.raises(GraphAdaptError, match="beam search"):
-        adapted.generate(ids, mask, num_beams=2)
+    with pytest.raises(GraphAdaptError, match="num_return_sequences"):
+        adapted.generate(ids, mask, num_beams=2, num_return_sequences=3)
+    with pytest.raises(GraphAdaptError, match="beam sampling"):
+        adapted.generate(ids, mask, num_beams=2, do_sample=True)
+    with pytest.raises(GraphAdaptError, match="early_stopping"):
+        adapted.generate(ids, mask, num_beams=2, early_stopping="sometimes")
     with pytest.raises(GraphAdaptError, match="temperature"):
         adapted.generate(ids, mask, do_sample=True, temperature=0.0)
     with pytest.raises(GraphAdaptError, match="input_ids"):
@@ -218,6 +261,9 @@ def test_t5_greedy_equals_hf_generate_padded_unmerged_and_merged():
     enc, step = adapted.__dict__["_generation_twins"]
     assert all(r["target"].split(".")[2] == "encoder" for r in enc.adapter_records)
     assert {r["target"].split(".")[7] for r in step.adapter_records} == {"SelfAttention", "EncDecAttention"}
+    beams = dict(num_beams=3, num_return_sequences=2, length_penalty=0.5, eos_token_id=int(got[0, 3]))
+    want_beams = adapted.to_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **beams)
+    assert torch.equal(adapted.generate(ids, mask, max_new_tokens=8, **beams), want_beams)
     adapted.merge()
     assert torch.equal(adapted.generate(ids, mask, max_new_tokens=8), want)
     a = adapted.generate(ids, mask, max_new_tokens=8, do_sample=True, seed=1)

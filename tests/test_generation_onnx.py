@@ -93,3 +93,63 @@ def test_export_refuses_non_adapted_and_encoder_models(tmp_path):
     with pytest.raises(ga.GraphAdaptError, match="causal LM|encoder"):
         export_decoder_onnx(bert, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def t5_export(tmp_path_factory):
+    """T5 with LoRA on every attention q/k/v/o (encoder self, decoder self, cross), exported once, unmerged."""
+    from test_generation import tiny_t5_lm
+
+    model = tiny_t5_lm()
+    a = ga.apply(model, ga.LoRA(r=4, targets=("q", "k", "v", "o")))
+    randomize_lora(a, seed=1, std=0.5)
+    out = tmp_path_factory.mktemp("t5") / "t5-decoder"
+    return model, a, out, export_decoder_onnx(a, out, merge=False, max_new_tokens=8)
+
+
+def test_t5_encoder_and_decoder_with_past_greedy_equals_pytorch(t5_export):
+    """Optimum's seq2seq layout; 32 greedy tokens from onnxruntime (encoder + decoder-with-past) equal
+    PyTorch's at batch 1 and 4 with right-padded encoder input, logits within fp32 tolerance."""
+    import numpy as np
+
+    from graphadapt.exporters.decoder import DECODER_FILE, ENCODER_FILE, ort_greedy_seq2seq
+
+    model, a, out, report = t5_export
+    assert sorted(p.name for p in out.iterdir()) == sorted([ENCODER_FILE, DECODER_FILE])
+    assert report.verified and not report.merged and report.path == out / DECODER_FILE
+    assert report.input_names == ["input_ids", "encoder_hidden_states", "encoder_attention_mask",
+                                  "past_key_values.0.decoder.key", "past_key_values.0.decoder.value",
+                                  "past_key_values.1.decoder.key", "past_key_values.1.decoder.value"]
+    assert report.output_names == ["logits", "present.0.decoder.key", "present.0.decoder.value",
+                                   "present.1.decoder.key", "present.1.decoder.value"]
+    enc = report.parts["encoder"]
+    assert enc.path == out / ENCODER_FILE and enc.input_names == ["input_ids", "attention_mask"]
+    assert enc.output_names == ["last_hidden_state"] and enc.verified
+    for batch in (1, 4):
+        ids, mask = default_prompt(batch=batch, seq=7, seed=batch, side="right")
+        res = verify_decoder_onnx(out, a, ids, mask, max_new_tokens=32)
+        assert res.max_abs_diff["logits"] <= DEFAULT_TOLERANCES[torch.float32][0]
+        got, _ = ort_greedy_seq2seq(_ort_session(out / ENCODER_FILE, None), _ort_session(out / DECODER_FILE, None),
+                                    ids, mask, 32, a.__dict__["_generation_twins"][1].decoder_cache, 0, np.float32)
+        want = a.generate(ids, mask, max_new_tokens=32, eos_token_id=[])
+        assert torch.equal(torch.from_numpy(got), want)
+        base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=[])
+        assert not torch.equal(want, base), "the adapter must change the decoded tokens"
+    a.merge()  # the merged PyTorch model decodes the unmerged file's tokens (folding rounds differently: 1e-3)
+    try:
+        verify_decoder_onnx(out, a, *default_prompt(batch=4, seq=7, seed=4, side="right"), max_new_tokens=32,
+                            atol=1e-3, rtol=1e-3)
+    finally:
+        a.unmerge()
+    with pytest.raises(ExportError, match="give a directory"):
+        export_decoder_onnx(a, out / "model.onnx")
+    saved = {n: p.detach().clone() for n, p in a.named_parameters() if n.startswith("adapters.")}
+    randomize_lora(a, seed=9, std=0.5)  # the file no longer matches the model: caught
+    try:
+        with pytest.raises(VerificationError, match="differ|disagrees"):
+            verify_decoder_onnx(out, a, max_new_tokens=8)
+    finally:
+        with torch.no_grad():
+            for n, p in a.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])

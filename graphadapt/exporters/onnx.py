@@ -72,6 +72,8 @@ class ExportReport:
     # (prepare/export/save/check/verify); None where /proc is unavailable
     rss_start: int | None = None
     peak_rss: dict[str, int] = field(default_factory=dict)
+    # other graphs written with this one (the encoder of an encoder-decoder decoder export)
+    parts: dict[str, "ExportReport"] = field(default_factory=dict)
 
     @property
     def peak_rss_delta(self) -> int | None:
@@ -84,6 +86,7 @@ class ExportReport:
         d = asdict(self)
         d["path"] = str(self.path)
         d["external_data"] = str(self.external_data) if self.external_data else None
+        d["parts"] = {k: v.to_dict() for k, v in self.parts.items()}
         return d
 
     def summary(self) -> str:
@@ -145,7 +148,7 @@ def export_onnx(
         providers: onnxruntime providers for verification; default CUDA when available, else CPU.
         external_data: weights in ``<path>.data``; default above 128 MiB of weights (written
             tensor by tensor; inline weights are serialized in memory).
-        io_names: rename graph inputs (``{"past_key_values_0_key": "past_key_values.0.key"}``).
+        io_names: rename graph inputs and outputs (``{"past_key_values_0_key": "past_key_values.0.key"}``).
         verify_fn: ``(onnx_path, reference_model) -> VerifyResult`` replacing the default check
             (the decoder exporter runs a greedy decode); runs before the file is moved into place.
         rms_tol: bound on RMS(onnx - torch) / RMS(torch) per output (see :func:`verify_onnx`).
@@ -187,7 +190,7 @@ def export_onnx(
             program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
             _rename_axes(program, axes)
             if io_names:
-                for value in program.model.graph.inputs:
+                for value in [*program.model.graph.inputs, *program.model.graph.outputs]:
                     value.name = io_names.get(value.name, value.name)
                 axes = {io_names.get(k, k): v for k, v in axes.items()}
         seconds["export"] = time.perf_counter() - t
