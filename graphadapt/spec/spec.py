@@ -276,18 +276,22 @@ def _yaml_loader() -> Any:
 def as_spec(x: Any) -> Spec:
     """Coerce ``x`` to a :class:`Spec`.
 
-    Accepts a ``Spec``; a single method spec (becomes ``Spec({"default": x})``); a
-    dict in :meth:`Spec.to_dict` form, or a single method's dict (has ``"method"``);
-    or a path to a ``.json``/``.yaml``/``.yml`` file.
+    Accepts a ``Spec``; a single method spec (becomes ``Spec({"default": x})``); a dict of
+    adapter names to method specs or their dicts (``{"task": LoRA()}``, as ``Spec(x)``); a
+    dict in :meth:`Spec.to_dict` form (has an ``"adapters"`` mapping), or a single method's
+    dict (has ``"method"``); or a path to a ``.json``/``.yaml``/``.yml`` file.
     """
     if isinstance(x, Spec):
         return x
     if isinstance(x, MethodSpec):
         return Spec({"default": x})
     if isinstance(x, Mapping):
-        if "method" in x:
+        if isinstance(x.get("method"), str):
             return Spec({"default": MethodSpec.from_dict(x)})
-        return Spec.from_dict(x)
+        a = x.get("adapters")
+        to_dict_form = isinstance(a, Mapping) and "method" not in a
+        named = any(isinstance(v, MethodSpec) or (isinstance(v, Mapping) and "method" in v) for v in x.values())
+        return Spec(dict(x)) if named and not to_dict_form else Spec.from_dict(x)
     if isinstance(x, (str, os.PathLike)):
         path = Path(x)
         if path.suffix.lower() in _JSON_SUFFIXES + _YAML_SUFFIXES:
