@@ -66,6 +66,10 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         for p in gm.parameters():
             p.requires_grad_(False)
         records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
+        if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
+            from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
+
+            install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph)
