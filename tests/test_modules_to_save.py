@@ -96,3 +96,23 @@ def test_tied_lm_head_is_a_copy_equal_at_init():
     assert torch.equal(base.transformer.wte.weight, wte)
     assert torch.equal(adapted.get_parameter("transformer.wte.weight"), wte)  # embedding frozen
     assert not torch.equal(adapted.get_parameter("lm_head.weight"), wte)       # head trained
+
+
+def test_import_peft_modules_to_save(tmp_path):
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(tiny_bert(num_labels=3), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                      modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    pm.save_pretrained(tmp_path)
+    pm.eval()
+    x = text_inputs()
+    ours = ga.import_peft(tiny_bert(num_labels=3), tmp_path)
+    assert ours.spec.modules_to_save == ("classifier",)
+    with torch.no_grad():
+        assert max_diff(ours(**x), pm(**x)) < 1e-6
+        skipped = ga.import_peft(tiny_bert(num_labels=3), tmp_path, ignore_modules_to_save=True)
+        assert skipped.spec.modules_to_save == ()
+        assert max_diff(skipped(**x), pm(**x)) > 1e-3  # the base's classifier, not PEFT's trained one
