@@ -66,6 +66,10 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         for p in gm.parameters():
             p.requires_grad_(False)
         records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
+        if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
+            from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
+
+            install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph)
@@ -106,14 +110,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
     The method comes from the checkpoint's ``peft_type`` (any registered plugin with that
     ``peft_type``); adapted module paths come from the checkpoint's keys. ``modules_to_save``
-    raise :class:`~graphadapt.errors.CheckpointError` unless ``ignore_modules_to_save=True``. A pickled
+    (whole modules PEFT trained, e.g. the classifier) are imported as ``Spec.modules_to_save`` (trainable
+    copies with the saved weights); ``ignore_modules_to_save=True`` skips them (the base's own modules stay). A pickled
     ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with ``weights_only=True``).
     """
     from .checkpoints.peft import read_peft
 
-    spec, fill = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
-                           allow_pickle=allow_pickle)
-    adapted = apply(model, Spec({name: spec}), **apply_kwargs)
+    spec, fill, modules = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
+                                    allow_pickle=allow_pickle)
+    adapted = apply(model, Spec({name: spec}, modules_to_save=modules), **apply_kwargs)
     fill(adapted)
     return adapted
 

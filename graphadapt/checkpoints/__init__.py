@@ -135,7 +135,11 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
 
     d = check_save_target(directory)
     prefixes = tuple(adapter_prefix(n) for n in (names or adapted.spec.module_owners))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items() if k.startswith(prefixes)}
+    from .trainable import trainable_module_keys
+
+    keep = set(trainable_module_keys(adapted))  # Spec.modules_to_save: saved with the adapters
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items()
+               if k.startswith(prefixes) or k in keep}
     spec = adapted.spec.to_dict()
     meta = {"graphadapt_version": __version__, "source_class": adapted.source_class,
             "format": "graphadapt-adapters/1"}
@@ -193,7 +197,9 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
                                   "modified or a save was interrupted between its two files; save it again.")
     saved = read_tensors(p)
     own = adapted.state_dict()
-    ours = {k for k in own if k.startswith(adapter_prefix())}
+    from .trainable import trainable_module_keys
+
+    ours = {k for k in own if k.startswith(adapter_prefix())} | set(trainable_module_keys(adapted))
     unknown = sorted(set(saved) - ours)
     missing = sorted(ours - set(saved))
     if strict and (unknown or missing):
