@@ -9,7 +9,7 @@ import graphadapt as ga
 from graphadapt import cli
 from graphadapt.cli import main
 from graphadapt.zoo import load_model, load_model_with_source
-from tests.helpers import HIDDEN, VOCAB, text_inputs, tiny_bert, tiny_gpt2
+from helpers import HIDDEN, VOCAB, text_inputs, tiny_bert, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
