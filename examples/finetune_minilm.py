@@ -12,9 +12,20 @@ copy of the head; the caller's model is untouched). Then: test accuracy before a
 (LoRA folds into the weights; the bottleneck adapter stays in the graph), ONNX export verified by
 onnxruntime, and the ONNX model's test-set predictions compared with PyTorch's.
 
-Measured on the shared 2-core CPU (real MiniLM weights, seed 0, 30 steps of batch 32)::
+One run (real MiniLM weights, seed 0, defaults: 30 steps of batch 32, lr 2e-3), output abridged::
 
-    RESULTS-PLACEHOLDER
+    model: all-MiniLM-L6-v2; 192 training / 96 test sentences, 4 topics; 30 steps of batch 32
+    lora   trainable 75,268 (0.33 % of the base, classifier included); test accuracy 13.5% -> 100.0%;
+           merge: 12 folded, 0 kept, same predictions True; ONNX verified (max abs diff 1.6e-06),
+           same test predictions True
+    seqbn  trainable 114,580 (0.50 % of the base, classifier included); test accuracy 14.6% -> 100.0%;
+           merge: 0 folded, 6 kept, same predictions True; ONNX verified (max abs diff 1.2e-06),
+           same test predictions True
+
+That run took 170 s of CPU time (811 s wall on a shared 2-core machine at load average ~10, so the
+training seconds it printed, 273 s and 270 s, say little).
+The task is easy for a pretrained sentence encoder: both adapters reach 100 % on the held-out
+templates; before training the fresh classifier is at chance or below (4 classes).
 """
 
 from __future__ import annotations
