@@ -226,3 +226,21 @@ def test_to_peft_round_trip(method, tmp_path):
         assert max_diff(back(**x), ours) == 0.0
     with pytest.raises(CheckpointError, match="no PEFT format"):
         ga.apply(tiny_bert(), ga.Spec({"b": ga.SeqBn(reduction_factor=4)})).to_peft(tmp_path / "bn")
+
+
+def test_load_maps_module_path_targets_across_heads(tmp_path):
+    import transformers as T
+
+    cls = tiny_bert(num_labels=3)
+    adapted = ga.apply(cls, ga.Spec({"t": ga.LoRA(r=2, targets=("bert.encoder.layer.1.attention.self.query",))}))
+    _perturb(adapted)
+    adapted.save_adapters(tmp_path)
+    bare = T.BertModel(cls.config)
+    bare.load_state_dict(cls.bert.state_dict())
+    bare.eval()
+    enc = ga.load(bare, tmp_path)
+    assert enc.spec.adapters["t"].targets == ("encoder.layer.1.attention.self.query",)
+    x = text_inputs()
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(enc(**x).pooler_output, cls.classifier.weight, cls.classifier.bias)
+        assert max_diff(logits, adapted(**x).logits) == 0.0
