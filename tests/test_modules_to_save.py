@@ -116,3 +116,16 @@ def test_import_peft_modules_to_save(tmp_path):
         skipped = ga.import_peft(tiny_bert(num_labels=3), tmp_path, ignore_modules_to_save=True)
         assert skipped.spec.modules_to_save == ()
         assert max_diff(skipped(**x), pm(**x)) > 1e-3  # the base's classifier, not PEFT's trained one
+
+
+def test_onnx_export_uses_the_trained_classifier(trained_cls, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    base, _, adapted, x = trained_cls
+    ga.export_onnx(adapted, tmp_path / "m.onnx", merge=True, verify=False)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
+    logits = torch.from_numpy(sess.run(None, feeds)[0])
+    with torch.no_grad():
+        assert torch.allclose(logits, adapted(**x).logits, atol=1e-5)
+        assert not torch.allclose(logits, base(**x).logits, atol=1e-3)
+    assert not adapted.is_merged  # export merged a copy / restored

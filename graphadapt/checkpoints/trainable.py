@@ -54,14 +54,16 @@ def install_trainable_copies(model: nn.Module, paths) -> None:
                     sub._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
 
 
+def trainable_module_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``"<path>."`` of every trainable module copy of an adapted model (``spec.modules_to_save``)."""
+    names = getattr(getattr(model, "spec", None), "modules_to_save", ())
+    return tuple(p + "." for p in resolve_modules_to_save(model, names, strict=False)) if names else ()
+
+
 def trainable_module_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the trainable module copies of an adapted model (``spec.modules_to_save``)."""
-    names = getattr(getattr(model, "spec", None), "modules_to_save", ())
-    if not names:
-        return []
-    paths = resolve_modules_to_save(model, names, strict=False)
-    prefixes = tuple(p + "." for p in paths)
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
+    prefixes = trainable_module_prefixes(model)
+    return [k for k in model.state_dict() if k.startswith(prefixes)] if prefixes else []
 
 
 def trainable_module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
