@@ -536,9 +536,12 @@ class AdaptedModel(CapturedModule):
         Accepts the arguments Hugging Face's ``Trainer`` passes: ``state_dict`` (ignored: the weights come
         from this model, which is what Trainer passes anyway), ``safe_serialization`` (only ``True``:
         graphadapt writes safetensors), ``is_main_process`` (``False``: write nothing); other keyword
-        arguments (``max_shard_size``, ``push_to_hub``…) are refused by name."""
+        arguments (``max_shard_size``, ``push_to_hub``…) are refused by name. ``names`` (or PEFT's
+        ``selected_adapters``): save only those adapters."""
         from .checkpoints.pretrained import write_pretrained
 
+        if "selected_adapters" in kwargs and names is None:  # PEFT's spelling
+            names = kwargs.pop("selected_adapters")
         if kwargs:
             raise GraphAdaptError(f"save_pretrained does not support {sorted(kwargs)} (adapter checkpoints are one "
                                   "small safetensors file, written locally)")

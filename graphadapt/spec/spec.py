@@ -7,6 +7,7 @@ File format (JSON or YAML, same structure)::
     active: [task]          # or null: every adapter
     adapters:
       task: {method: lora, r: 8, alpha: 16, targets: [q, v]}
+    modules_to_save: [classifier]   # optional: base modules trained whole (docs/lifecycle.md)
 """
 
 from __future__ import annotations
