@@ -18,7 +18,7 @@ from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
 from . import generation  # noqa: F401,E402  (registers AdaptedModel.generate)
-from .api import apply, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
+from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
@@ -41,5 +41,5 @@ __all__ = [
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",
-    "save_adapters", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
+    "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .capture import capture, serialised
-from .errors import CaptureError, CheckpointError
+from .errors import CaptureError, CheckpointError, SpecError
 from .init import isolated_rng
 from .model import AdaptedModel, MergeReport
 from .model import fusion_dropout
@@ -66,6 +66,10 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         for p in gm.parameters():
             p.requires_grad_(False)
         records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
+        if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
+            from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
+
+            install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph)
@@ -92,12 +96,73 @@ def inspect(model: nn.Module, example_inputs: tuple | None = None,
 
 
 def load(model: nn.Module, directory: str | os.PathLike, **apply_kwargs) -> AdaptedModel:
-    """Re-apply a saved spec (``save_adapters``) to ``model`` and load the saved adapter weights."""
-    from .checkpoints import load_adapter_weights, read_spec
+    """Re-apply a saved spec (``save_adapters``) to ``model`` and load the saved adapter weights.
 
-    adapted = apply(model, read_spec(directory), **apply_kwargs)
-    load_adapter_weights(adapted, directory)
+    The checkpoint may come from another head/wrapper of the same structure (saved on
+    ``BertForSequenceClassification``, loaded onto ``BertModel`` or back): module paths are mapped
+    through the recognised structure. Saved ``modules_to_save`` that ``model`` lacks (a classifier, onto
+    a headless model) are skipped with a warning."""
+    import warnings
+
+    from .checkpoints import load_adapter_weights, read_spec
+    from .checkpoints.trainable import resolve_modules_to_save
+
+    spec = read_spec(directory)
+    have = [n for n in spec.modules_to_save if resolve_modules_to_save(model, [n], strict=False)]
+    if len(have) < len(spec.modules_to_save):
+        warnings.warn(f"{directory}: modules_to_save {[n for n in spec.modules_to_save if n not in have]} do not "
+                      f"exist in {type(model).__name__}; their saved weights are not loaded", stacklevel=2)
+        spec = spec.replace(modules_to_save=tuple(have))
+    try:
+        adapted = apply(model, spec, **apply_kwargs)
+    except SpecError:
+        moved = _retarget_paths(model, spec, directory, apply_kwargs)
+        if moved is None:
+            raise
+        adapted = apply(model, moved, **apply_kwargs)
+    load_adapter_weights(adapted, directory, skip_modules_to_save=len(have) < len(read_spec(directory).modules_to_save))
     return adapted
+
+
+def _retarget_paths(model, spec, directory, apply_kwargs):
+    """``spec`` with its module-path ``targets`` mapped onto ``model`` through the recognised structure
+    (saved on ``BertForSequenceClassification``, loaded onto ``BertModel``), or None when nothing maps."""
+    import dataclasses
+
+    from .checkpoints import SPEC_FILE, read_json
+    from .checkpoints.pretrained import prefix_rule, structure_paths
+    from .spec.targets import target_kind
+
+    saved = read_json(os.path.join(directory, SPEC_FILE)).get("structure_paths")
+    if not saved:
+        return None
+    kw = {k: apply_kwargs[k] for k in ("example_inputs", "example_kwargs", "dynamic") if k in apply_kwargs}
+    rule = prefix_rule(saved, structure_paths(inspect(model, **kw)))
+    if rule is None:
+        return None
+    old, new = rule
+
+    def move(t: str) -> str:
+        if target_kind(t) not in ("path", "glob") or (old and not t.startswith(old + ".")):
+            return t
+        rest = t[len(old) + 1:] if old else t
+        return f"{new}.{rest}" if new else rest
+
+    adapters = {n: dataclasses.replace(m, targets=tuple(move(t) for t in m.targets)) if hasattr(m, "targets") else m
+                for n, m in spec.adapters.items()}
+    return spec.replace(adapters=adapters)
+
+
+def from_pretrained(model: nn.Module, directory: str | os.PathLike, **apply_kwargs) -> AdaptedModel:
+    """Load a directory written by :meth:`AdaptedModel.save_pretrained` onto ``model`` (a base model of the
+    same recognised structure; ``adapter_config.json``'s fingerprint must match, else
+    :class:`~graphadapt.errors.CheckpointError`). Same as :func:`load`, plus that check."""
+    from .checkpoints.pretrained import read_pretrained_config
+
+    if read_pretrained_config(directory) is None:
+        raise CheckpointError(f"{directory} has no adapter_config.json: not written by save_pretrained "
+                              "(a save_adapters directory loads with graphadapt.load)")
+    return load(model, directory, **apply_kwargs)
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
@@ -106,14 +171,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
     The method comes from the checkpoint's ``peft_type`` (any registered plugin with that
     ``peft_type``); adapted module paths come from the checkpoint's keys. ``modules_to_save``
-    raise :class:`~graphadapt.errors.CheckpointError` unless ``ignore_modules_to_save=True``. A pickled
+    (whole modules PEFT trained, e.g. the classifier) are imported as ``Spec.modules_to_save`` (trainable
+    copies with the saved weights); ``ignore_modules_to_save=True`` skips them (the base's own modules stay). A pickled
     ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with ``weights_only=True``).
     """
     from .checkpoints.peft import read_peft
 
-    spec, fill = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
-                           allow_pickle=allow_pickle)
-    adapted = apply(model, Spec({name: spec}), **apply_kwargs)
+    spec, fill, modules = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
+                                    allow_pickle=allow_pickle)
+    adapted = apply(model, Spec({name: spec}, modules_to_save=modules), **apply_kwargs)
     fill(adapted)
     return adapted
 
@@ -159,4 +225,4 @@ def import_adapterhub_fusion(model: nn.Module, fusion_directory: str | os.PathLi
     return adapted
 
 
-__all__ = ["apply", "import_adapterhub", "import_adapterhub_fusion", "import_peft", "inspect", "load", "merge", "plan"]
+__all__ = ["apply", "from_pretrained", "import_adapterhub", "import_adapterhub_fusion", "import_peft", "inspect", "load", "merge", "plan"]

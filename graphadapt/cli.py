@@ -19,11 +19,25 @@ EXIT_INTERRUPTED = 128 + 2  # ... and for SIGINT (Ctrl-C)
 
 
 def _load(args):
-    from .zoo import default_model, load_model
+    """(name, model, how the class was chosen); the head follows ``--task`` or the config's architectures."""
+    from .zoo import default_model, load_model_with_source
 
+    task = getattr(args, "task", None)
     if args.model:
-        return args.model, load_model(args.model)
-    return default_model()
+        model, how = load_model_with_source(args.model, task)
+        return args.model, model, how
+    if task is not None:
+        from .zoo import minilm_dir
+
+        name = "minilm" if minilm_dir() is not None else "tiny-bert"
+        model, how = load_model_with_source(name, task)
+        return name, model, how
+    name, model = default_model()
+    return name, model, "default model"
+
+
+def _say_loaded(model, how: str) -> None:
+    print(f"      loaded {type(model).__name__} ({how})")
 
 
 def _spec_from_args(args):
@@ -45,7 +59,8 @@ def _adapted(args, progress):
 
     spec = _spec_from_args(args)
     with progress.stage("load model"):
-        name, model = _load(args)
+        name, model, how = _load(args)
+    _say_loaded(model, how)
     if spec is None:
         with progress.stage(f"capture + rewrite + import PEFT checkpoint {args.peft} ({name})"):
             return import_peft(model, args.peft)
@@ -62,7 +77,7 @@ def cmd_inspect(args) -> int:
     from .api import inspect
     from .structure.report import format_report
 
-    name, model = _load(args)
+    name, model, how = _load(args)
     rep = inspect(model)
     if args.why:
         answer = rep.why(args.why, args.layer)
@@ -70,16 +85,16 @@ def cmd_inspect(args) -> int:
             print(json.dumps({"model": name, "why": args.why, "layer": args.layer, "answer": answer,
                               "entries": rep.why_entries(args.why, args.layer)}, indent=2))
         else:
-            print(f"model: {name} ({type(model).__name__}); why {args.why}"
+            print(f"model: {name} ({type(model).__name__}, {how}); why {args.why}"
                   + (f" in layer {args.layer}" if args.layer is not None else ""))
             print(answer)
         return EXIT_OK
     if args.layer is not None:
         raise SystemExit("graphadapt inspect: --layer goes with --why ROLE")
     if args.json:
-        print(json.dumps({"model": name, **rep}, indent=2))
+        print(json.dumps({"model": name, "class": type(model).__name__, **rep}, indent=2))
     else:
-        print(f"model: {name} ({type(model).__name__})")
+        print(f"model: {name} ({type(model).__name__}, {how})")
         print(format_report(rep))
     return EXIT_OK
 
@@ -169,15 +184,19 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .structure.explain import WHY_ROLES
-    from .zoo import KNOWN
+    from .zoo import KNOWN, TASKS
 
     p = argparse.ArgumentParser(prog="graphadapt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     model_help = f"a local Hugging Face model directory or one of: {', '.join(KNOWN)} (default: minilm if installed, else tiny-bert)"
+    task_help = (f"which head to load: {', '.join(TASKS)} (default: the class named in the directory's config.json "
+                 "`architectures`, so a causal LM keeps its LM head and a classifier its classifier; the tiny-* "
+                 "names are base models)")
 
     def adapter_source(s):
         """The model and where its adapters come from (a spec, a checkpoint, or a PEFT checkpoint)."""
         s.add_argument("--model", help=model_help)
+        s.add_argument("--task", choices=list(TASKS), default=None, help=task_help)
         # one source only: a spec's alpha/targets with a checkpoint's weights would give wrong numbers
         src = s.add_mutually_exclusive_group()
         src.add_argument("--spec", help="spec file (.yaml/.json); not with --adapters (which carries its spec.json) "
@@ -188,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="show the recognised structure (layers, roles, residuals)")
     s.add_argument("--model", help=model_help)
+    s.add_argument("--task", choices=list(TASKS), default=None, help=task_help)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--why", metavar="ROLE", choices=WHY_ROLES,
                    help=f"say which node and pattern decided ROLE per layer ({', '.join(WHY_ROLES)})")

@@ -211,6 +211,77 @@ class AdaptedModel(CapturedModule):
                 self.get_submodule(r["target"]).active = r["adapter"] in composed
         self.train(self.training)
 
+    def train(self, mode: bool = True):
+        """Training mode; refused on a merged model (the folded adapters no longer run): unmerge() first."""
+        if mode and getattr(self, "_merge_state", None) is not None:
+            raise MergeError("this model is merged: adapters folded into the base weights receive no gradients. "
+                             "Call unmerge() before training (or train, then merge).")
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ lifecycle
+    @serialised
+    def add_adapter(self, name: str, method) -> None:
+        """Insert a new adapter ``name`` (a method spec, e.g. ``LoRA(r=8)``) by re-planning from the captured
+        base graph; existing adapters keep their trained weights and activation. The new adapter starts
+        inactive (as in PEFT): ``set_active`` it to train or use it. A plan that refuses leaves the model as it was."""
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before adding an adapter")
+        if name in self.spec.adapters or name in self.spec.module_owners:
+            raise GraphAdaptError(f"adapter {name!r} already exists; this model has {list(self.spec.adapters)}")
+        active = self.active_adapters()
+        spec = self.spec.replace(adapters={**self.spec.adapters, name: method})
+        self._replan(spec)
+        if spec.composition is None:
+            self._set_flags(active)
+
+    @serialised
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (its modules and weights) by re-planning from the captured base graph."""
+        from .vocab import ADAPTERS
+
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before deleting an adapter")
+        if name not in self.spec.adapters:
+            raise GraphAdaptError(f"unknown adapter {name!r}; this model has {list(self.spec.adapters)}")
+        if len(self.spec.adapters) == 1:
+            raise GraphAdaptError(f"{name!r} is the only adapter; use to_base_model() or the base model instead")
+        comp = self.spec.composition
+        if comp is not None and name in comp.names():
+            raise GraphAdaptError(f"adapter {name!r} is part of the active composition {comp}; set_active(...) "
+                                  "without it first")
+        active = [n for n in self.active_adapters() if n != name]
+        kept = self.spec.active if comp is not None or self.spec.active is None else \
+            tuple(n for n in self.spec.active if n != name)
+        spec = self.spec.replace(adapters={k: v for k, v in self.spec.adapters.items() if k != name}, active=kept)
+        self._replan(spec)
+        holder = self.get_submodule(ADAPTERS)
+        if name in holder._modules:
+            del holder._modules[name]
+        if comp is None:
+            self._set_flags(active)
+
+    def disable_adapters(self):
+        """Context manager: inside it every adapter passes its input through (outputs equal the base
+        model's); the previous activation is restored on exit, also on an exception."""
+        from .checkpoints.lifecycle import adapters_disabled
+
+        return adapters_disabled(self)
+
+    def print_trainable_parameters(self, print_fn=print) -> str:
+        """PEFT's one-line summary: ``trainable params: X || all params: Y || trainable%: Z``."""
+        seen, total, train = set(), 0, 0
+        for p in self.parameters():
+            key = (p.data_ptr(), p.shape, p.dtype)  # storage shared by tied weights counts once
+            if key in seen:
+                continue
+            seen.add(key)
+            total += p.numel()
+            train += p.numel() if p.requires_grad else 0
+        line = f"trainable params: {train:,d} || all params: {total:,d} || trainable%: {100 * train / max(total, 1):.4f}"
+        if print_fn is not None:
+            print_fn(line)
+        return line
+
     # ------------------------------------------------------------------ fusion
     def fusion_layers(self) -> dict[str, nn.Module]:
         """``{qualified name: FusionLayer}`` of every AdapterFusion layer in the active composition."""
@@ -310,8 +381,12 @@ class AdaptedModel(CapturedModule):
                 mod._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
         run_pass("merge_adapters", lambda gm: apply_merge(gm, plan), self)
         report = MergeReport(plan.folded, plan.kept)
+        # folded modules no longer run: freeze them while merged so no optimizer trains them silently
+        frozen = [(p, p.requires_grad) for t in plan.folded for p in self.get_submodule(t).parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
         self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place,
-                             "reversible": keep_backup, "report": report}
+                             "reversible": keep_backup, "report": report, "frozen": frozen}
         return report
 
     def _merge_in_place(self, plan, safe: bool, backups: dict | None) -> None:
@@ -378,6 +453,8 @@ class AdaptedModel(CapturedModule):
                 mod._parameters[leaf] = orig
         self.graph = st["graph"]
         self.recompile()
+        for p, flag in st.get("frozen", ()):
+            p.requires_grad_(flag)
         self._merge_state = None
 
     def to_base_model(self, names: Iterable[str] | None = None) -> nn.Module:
@@ -390,6 +467,16 @@ class AdaptedModel(CapturedModule):
         if src is None:
             raise MergeError("the source model is not available to copy")
         was_merged = self.is_merged
+        if was_merged:  # every adapter the merged graph still runs would be dropped: refuse, as unmerged
+            report = self._merge_state["report"]
+            kept = dict(report.kept)
+            kept.update({r["target"]: "not merged (merge() was given other names)" for r in self.adapter_records
+                         if r["target"] not in report.folded and r["target"] not in kept
+                         and getattr(self.get_submodule(r["target"]), "active", True)})
+            if kept:
+                raise MergeError("cannot fold every adapter into the base model (the merged graph still runs "
+                                 "them):\n" + "\n".join(f"  {t}: {why}" for t, why in kept.items()) +
+                                 "\nDelete or deactivate them first, or export the merged graph with export_onnx.")
         if not was_merged:
             self.merge(names, strict=True)
         try:
@@ -440,6 +527,50 @@ class AdaptedModel(CapturedModule):
         if self.is_merged:
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
         return save_adapters(self, directory, names)
+
+    def save_pretrained(self, save_directory, names=None, state_dict=None, safe_serialization: bool = True,
+                        is_main_process: bool = True, **kwargs):
+        """Write the adapters (and ``modules_to_save``; never the base weights) with an ``adapter_config.json``
+        naming the base model class and its structure fingerprint; load with :func:`graphadapt.from_pretrained`.
+
+        Accepts the arguments Hugging Face's ``Trainer`` passes: ``state_dict`` (ignored: the weights come
+        from this model, which is what Trainer passes anyway), ``safe_serialization`` (only ``True``:
+        graphadapt writes safetensors), ``is_main_process`` (``False``: write nothing); other keyword
+        arguments (``max_shard_size``, ``push_to_hub``…) are refused by name. ``names`` (or PEFT's
+        ``selected_adapters``): save only those adapters."""
+        from .checkpoints.pretrained import write_pretrained
+
+        if "selected_adapters" in kwargs and names is None:  # PEFT's spelling
+            names = kwargs.pop("selected_adapters")
+        if kwargs:
+            raise GraphAdaptError(f"save_pretrained does not support {sorted(kwargs)} (adapter checkpoints are one "
+                                  "small safetensors file, written locally)")
+        if not safe_serialization:
+            raise GraphAdaptError("graphadapt writes safetensors only (safe_serialization=False is not supported)")
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
+        if not is_main_process:
+            return None
+        return write_pretrained(self, save_directory, names)
+
+    def to_peft(self, directory, name: str | None = None):
+        """Write adapter ``name`` (default: the only one) and the ``modules_to_save`` in PEFT's format, for
+        ``peft.PeftModel.from_pretrained(base, directory)``; LoRA (incl. rsLoRA, DoRA) and IA3 at whole
+        linear layers. See :mod:`graphadapt.checkpoints.peft_export`."""
+        from .checkpoints.peft_export import write_peft
+
+        return write_peft(self, directory, name)
+
+    def trainable_state_dict(self, enabled: bool = True) -> AdaptedModel:
+        """With ``enabled``, ``state_dict()`` holds only the adapters and ``modules_to_save`` and
+        ``load_state_dict`` does not report the base weights as missing: Hugging Face ``Trainer`` checkpoints
+        of this model (``model.safetensors``, written from ``state_dict()`` for any model that is not a
+        ``PreTrainedModel``) then hold no base weights, and ``resume_from_checkpoint`` restores them exactly.
+        Returns the model."""
+        from .checkpoints.trainer import set_trainable_state_dict
+
+        set_trainable_state_dict(self, enabled)
+        return self
 
     def load_adapters(self, directory, strict: bool = True) -> list[str]:
         """Load adapter weights saved by :meth:`save_adapters` into this model."""

@@ -57,11 +57,49 @@ def minilm_dir() -> Path | None:
 
 KNOWN = ("minilm", "tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-vit")
 
+#: ``--task`` → the transformers auto class that loads the model with that head ("base": no head).
+TASKS = {
+    "base": "AutoModel",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
 
-def load_model(name_or_dir: str) -> nn.Module:
-    """Load a known name (see :data:`KNOWN`) or a local Hugging Face model directory."""
+
+def _head_class(config, task: str | None, where: str):
+    """(class to load with, how it was chosen): ``task``'s auto class, else the config's ``architectures``."""
+    import transformers as T
+
+    if task is not None:
+        if task not in TASKS:
+            raise GraphAdaptError(f"--task {task!r} is not one of: {', '.join(TASKS)}")
+        auto = getattr(T, TASKS[task])
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None and type(config) not in mapping:
+            raise GraphAdaptError(f"--task {task}: transformers has no {TASKS[task]} class for the "
+                                  f"{config.model_type!r} model in {where}; choose another --task (e.g. base)")
+        return auto, f"--task {task}"
+    archs = list(getattr(config, "architectures", None) or [])
+    cls = getattr(T, archs[0], None) if archs else None
+    if isinstance(cls, type) and issubclass(cls, T.PreTrainedModel):
+        return cls, "config.json architectures"
+    why = f"architectures {archs} names no transformers class" if archs else "config.json has no architectures"
+    return T.AutoModel, f"{why}; base model without a head (--task to choose one)"
+
+
+def load_model_with_source(name_or_dir: str, task: str | None = None) -> tuple[nn.Module, str]:
+    """:func:`load_model`, also saying how the class was chosen (for the CLI's output)."""
+    import transformers as T
+
     if name_or_dir.startswith("tiny-") and name_or_dir in KNOWN:
-        return _tiny(name_or_dir)
+        base = _tiny(name_or_dir)
+        if task in (None, "base"):
+            return base, "seeded from a config" + (" (--task base)" if task else "")
+        cls, how = _head_class(base.config, task, name_or_dir)
+        return _seeded(lambda: cls.from_config(base.config)), f"seeded from a config, {how}"
     if name_or_dir == "minilm":
         d = minilm_dir()
         if d is None:
@@ -72,10 +110,20 @@ def load_model(name_or_dir: str) -> nn.Module:
     if not (p / "config.json").exists():
         raise GraphAdaptError(f"--model {name_or_dir!r} is neither a known name ({', '.join(KNOWN)}) nor a "
                               "directory with a Hugging Face config.json")
-    import transformers as T
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return T.AutoModel.from_pretrained(str(p), local_files_only=True).eval()
+    config = T.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    cls, how = _head_class(config, task, name_or_dir)
+    return cls.from_pretrained(str(p), local_files_only=True).eval(), how
+
+
+def load_model(name_or_dir: str, task: str | None = None) -> nn.Module:
+    """Load a known name (see :data:`KNOWN`) or a local Hugging Face model directory.
+
+    ``task`` (a key of :data:`TASKS`) picks the head's auto class; by default a directory loads
+    the class its ``config.json`` names in ``architectures`` (so a causal LM keeps its LM head, a
+    classifier its classifier), and the ``tiny-*`` names are base models.
+    """
+    return load_model_with_source(name_or_dir, task)[0]
 
 
 def default_model() -> tuple[str, nn.Module]:

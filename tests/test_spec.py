@@ -415,6 +415,15 @@ def test_as_spec(tmp_path):
     assert as_spec(spec.to_dict()) == spec
     assert as_spec(lora.to_dict()) == spec
     assert as_spec(str(spec.save(tmp_path / "s.yml"))) == spec
+    # a dict of adapter names to methods (or their dicts), as the docs show apply(model, {"x": LoRA()})
+    two = Spec({"x": lora, "adapters": SeqBn()})
+    assert as_spec({"x": lora, "adapters": SeqBn()}) == two
+    assert as_spec({"x": lora.to_dict(), "adapters": SeqBn().to_dict()}) == two
+    assert as_spec(two.to_dict()) == two
+    with pytest.raises(SpecError, match=r"adapters\['y'\] must be a method spec"):
+        as_spec({"x": lora, "y": 3})
+    with pytest.raises(SpecError, match="needs an 'adapters' mapping"):
+        as_spec({"seed": 0})
     for bad in (42, None, ["q"], "lora", tmp_path / "missing.json", tmp_path / "spec.toml"):
         with pytest.raises(SpecError) as info:
             as_spec(bad)

@@ -133,19 +133,50 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
 
     from ..version import __version__
 
+    spec_obj = saved_spec(adapted, names)
     d = check_save_target(directory)
-    prefixes = tuple(adapter_prefix(n) for n in (names or adapted.spec.module_owners))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items() if k.startswith(prefixes)}
-    spec = adapted.spec.to_dict()
+    prefixes = tuple(adapter_prefix(n) for n in spec_obj.module_owners)
+    from .trainable import trainable_module_keys
+
+    keep = set(trainable_module_keys(adapted))  # Spec.modules_to_save: saved with the adapters
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapted.state_dict().items()
+               if k.startswith(prefixes) or k in keep}
+    spec = spec_obj.to_dict()
     meta = {"graphadapt_version": __version__, "source_class": adapted.source_class,
             "format": "graphadapt-adapters/1"}
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta))
     # the spec names the weights file's hash: a save interrupted between the two renames leaves a
     # pair that load_adapter_weights refuses instead of mixing new weights with an old spec
     digest = _sha256(d / WEIGHTS_FILE)
+    from .pretrained import structure_fingerprint, structure_paths
+
+    where = {"structure_fingerprint": structure_fingerprint(adapted.structure_report),
+             "structure_paths": structure_paths(adapted.structure_report)}
     _atomic_write(d / SPEC_FILE, lambda p: Path(p).write_text(
-        json.dumps({"spec": spec, **meta, "weights_sha256": digest}, indent=2)))
+        json.dumps({"spec": spec, **meta, "weights_sha256": digest, **where}, indent=2)))
     return d
+
+
+def saved_spec(adapted, names=None):
+    """The spec a checkpoint of ``adapted`` holds: the adapters ``names`` (default: all; unknown names raise
+    :class:`CheckpointError`), with the current activation (the active names, or the composition when
+    every adapter it names is saved)."""
+    spec = adapted.spec
+    if names is not None:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in spec.adapters]
+        if unknown or not names:
+            raise CheckpointError(f"cannot save adapter(s) {unknown or names}: this model has {list(spec.adapters)}")
+    keep = list(spec.adapters) if names is None else [n for n in spec.adapters if n in names]
+    comp = spec.composition
+    if comp is not None and all(n in keep for n in comp.names()):
+        active = comp
+    else:
+        now = adapted.active_adapters()
+        active = tuple(n for n in now if n in keep)
+        if comp is None and spec.active is None and len(active) == len(keep):
+            active = None  # everything active: keep the spec's default
+    return spec.replace(adapters={n: spec.adapters[n] for n in keep}, active=active)
 
 
 def _sha256(path: Path) -> str:
@@ -177,23 +208,42 @@ def read_spec(directory: str | os.PathLike):
         raise CheckpointError(f"{p} holds a malformed spec ({type(e).__name__}: {e}); re-save the adapters") from e
 
 
-def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = True) -> list[str]:
+def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = True,
+                         skip_modules_to_save: bool = False) -> list[str]:
     """Copy saved adapter tensors into ``adapted``; returns the keys loaded.
 
     Every tensor is checked (readable, finite, same shape and dtype kind) before any is copied.
+    A checkpoint saved on the same structure under other module paths (``BertForSequenceClassification``
+    → ``BertModel``) is mapped through the recognised structure; a different structure is refused.
+    ``skip_modules_to_save``: ignore saved whole-module tensors (``modules_to_save``) this model lacks.
     """
     p = Path(directory) / WEIGHTS_FILE
     if not p.exists():
         raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}")
     spec_path = Path(directory) / SPEC_FILE
+    rule = None
     if spec_path.exists():
-        want = read_json(spec_path).get("weights_sha256")
+        from .pretrained import check_structure
+
+        info = read_json(spec_path)
+        want = info.get("weights_sha256")
         if want is not None and want != _sha256(p):
             raise CheckpointError(f"{p} does not belong to {spec_path} (hash mismatch): the checkpoint was "
                                   "modified or a save was interrupted between its two files; save it again.")
+        if "structure_fingerprint" in info:
+            info.setdefault("base_model_class", info.get("source_class"))
+            rule = check_structure(info, adapted, directory)
     saved = read_tensors(p)
+    if rule is not None:
+        from .pretrained import rewrite_key
+
+        saved = {rewrite_key(k, rule): v for k, v in saved.items()}
+    if skip_modules_to_save:
+        saved = {k: v for k, v in saved.items() if k.startswith(adapter_prefix()) or k in adapted.state_dict()}
     own = adapted.state_dict()
-    ours = {k for k in own if k.startswith(adapter_prefix())}
+    from .trainable import trainable_module_keys
+
+    ours = {k for k in own if k.startswith(adapter_prefix())} | set(trainable_module_keys(adapted))
     unknown = sorted(set(saved) - ours)
     missing = sorted(ours - set(saved))
     if strict and (unknown or missing):

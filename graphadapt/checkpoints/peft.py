@@ -14,6 +14,7 @@ wrapper of ``model`` (``bert.encoder…`` vs ``encoder…``).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -66,7 +67,10 @@ def _plugin(cfg: dict):
 
 def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default",
               ignore_modules_to_save: bool = False, allow_pickle: bool = False):
-    """``(spec, fill(adapted))`` for the PEFT checkpoint in ``directory`` applied to ``model``.
+    """``(spec, fill(adapted), modules_to_save)`` for the PEFT checkpoint in ``directory`` applied to ``model``.
+
+    ``modules_to_save`` (whole modules PEFT trained, e.g. a classifier) are imported as
+    ``Spec.modules_to_save`` unless ``ignore_modules_to_save=True`` (then their tensors are skipped).
 
     A pickled ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with
     ``weights_only=True``)."""
@@ -82,19 +86,24 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
         pass
     custom = method.peft_read(model, cfg, weights, name, d)
     if custom is not None:
-        return custom
-    if cfg.get("modules_to_save") and not ignore_modules_to_save:
-        raise CheckpointError(
-            f"the checkpoint also trains whole modules {cfg['modules_to_save']} (modules_to_save); graphadapt "
-            "imports the adapter only. Load those weights into the base model first, then pass "
-            "ignore_modules_to_save=True.")
+        return (*custom, ())
+    saved_modules = _modules_to_save(cfg)
     module_names = {n for n, _ in model.named_modules() if n}
     mapped: dict[str, tuple[str, str]] = {}      # checkpoint key → (module path, our tensor name)
+    whole: dict[str, str] = {}                   # checkpoint key → our key (modules_to_save)
     unresolved = []
     for key in weights:
         hit = method.peft_key(key)
         if hit is None:
-            if "modules_to_save" in key:
+            path = _whole_module_key(key, saved_modules)
+            if path is not None:
+                if not ignore_modules_to_save:
+                    mod, _, leaf = path.rpartition(".")
+                    ours = _resolve(mod, module_names)
+                    if ours is None:
+                        unresolved.append(mod)
+                    else:
+                        whole[key] = f"{ours}.{leaf}"
                 continue
             raise CheckpointError(f"unexpected key {key!r} in {d}; is this a {method.peft_type} checkpoint?")
         # an empty path: a tensor of the adapter itself, not of a module of the model (a soft prompt)
@@ -124,11 +133,40 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
                 check_tensor(key, v, p, d)
                 p.copy_(v.to(p.dtype))
                 filled.add(ours)
-        empty = sorted(n for n in params if n.startswith(adapter_prefix(name)) and n not in filled)
+        with torch.no_grad():
+            for key, ours in whole.items():
+                if ours not in params:
+                    raise CheckpointError(f"{key} (modules_to_save) has no counterpart {ours} in the adapted model")
+                p, v = params[ours], weights[key]
+                check_tensor(key, v, p, d)
+                p.copy_(v.to(p.dtype))
+                filled.add(ours)
+        from .trainable import trainable_module_keys
+
+        empty = sorted(n for n in params if (n.startswith(adapter_prefix(name)) or n in set(trainable_module_keys(
+            adapted))) and n not in filled)
         if empty:
             raise CheckpointError(f"the checkpoint has no values for {empty[:3]} ({len(empty)} in all)")
 
-    return spec, fill
+    return spec, fill, (() if ignore_modules_to_save else tuple(saved_modules))
+
+
+def _modules_to_save(cfg: dict) -> list[str]:
+    names = cfg.get("modules_to_save") or []
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise CheckpointError(f"adapter_config.json: modules_to_save must be a list of module names, got {names!r}")
+    return names
+
+
+def _whole_module_key(key: str, names: list[str]) -> str | None:
+    """``<module path>.<tensor>`` of a ``modules_to_save`` tensor key (PEFT writes ``base_model.model.<path>``,
+    older versions with ``.modules_to_save.<adapter>`` inside), or None when no listed module owns it."""
+    k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    k = re.sub(r"\.modules_to_save\.[A-Za-z_]\w*\.", ".", k)
+    mod = "." + k.rpartition(".")[0] + "."
+    return k if any(f".{n}." in mod for n in names) else None
 
 
 __all__ = ["read_peft"]

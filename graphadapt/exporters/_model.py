@@ -212,8 +212,8 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             yield
     finally:
-        if switched:
-            model.train(was_training)
+        if switched:  # put back the mode it had; a merged AdaptedModel refuses train() itself, not a restore
+            torch.nn.Module.train(model, was_training)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:

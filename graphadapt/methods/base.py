@@ -93,6 +93,13 @@ class Method:
         (prefix tuning's ``prompt_embeddings``); None uses the per-module reader (``peft_key``/``peft_spec``)."""
         return None
 
+    def peft_export(self, spec: MethodSpec, modules: Mapping[str, nn.Module], records: list
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Optional (``AdaptedModel.to_peft``): ``(PEFT adapter_config fields, {key: tensor})`` for one adapter
+        whose modules sit at the base module paths in ``modules`` (keys without PEFT's ``base_model.model.``).
+        Raise :class:`~graphadapt.errors.CheckpointError` for options PEFT cannot express."""
+        raise NotImplementedError
+
     adapterhub_architectures: ClassVar[tuple[str | None, ...]] = ()
     """AdapterHub config ``architecture`` values this method imports."""
 

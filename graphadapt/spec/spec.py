@@ -7,6 +7,7 @@ File format (JSON or YAML, same structure)::
     active: [task]          # or null: every adapter
     adapters:
       task: {method: lora, r: 8, alpha: 16, targets: [q, v]}
+    modules_to_save: [classifier]   # optional: base modules trained whole (docs/lifecycle.md)
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class Spec:
         help="Base initialisation seed for adapters without their own; None picks a random one "
         "when the Spec is built (not saved).",
     )
+    modules_to_save: tuple[str, ...] = spec_field(
+        (), help="Base modules trained whole (e.g. ['classifier'], ['score'], ['lm_head']): the adapted model "
+        "owns trainable copies of their parameters (the caller's model is never written); saved, loaded, merged "
+        "and exported with the adapters. A name matches a module path or its last components."
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapters, Mapping):
@@ -122,6 +128,7 @@ class Spec:
             active = tuple(seen)
         object.__setattr__(self, "active", active)
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        object.__setattr__(self, "modules_to_save", _check_modules_to_save(self.modules_to_save))
         # Not a field: excluded from equality, hashing and serialisation on purpose.
         object.__setattr__(self, "_fallback_seed", random.SystemRandom().randrange(2**31) if self.seed is None else self.seed)
 
@@ -165,14 +172,17 @@ class Spec:
 
     # -- dict / JSON / YAML
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON/YAML-safe)."""
-        return {
+        """Plain dict (JSON/YAML-safe); ``modules_to_save`` only when there are any."""
+        d = {
             "version": FORMAT_VERSION,
             "seed": self.seed,
             "active": None if self.active is None else (
                 self.active.to_dict() if isinstance(self.active, Block) else list(self.active)),
             "adapters": {name: m.to_dict() for name, m in self.adapters.items()},
         }
+        if self.modules_to_save:
+            d["modules_to_save"] = list(self.modules_to_save)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Spec:
@@ -183,7 +193,7 @@ class Spec:
         version = d.pop("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise SpecError(f"unsupported spec format version {version!r}; this graphadapt reads {FORMAT_VERSION}", field="version")
-        allowed = ("adapters", "active", "seed")
+        allowed = ("adapters", "active", "seed", "modules_to_save")
         for key in d:
             if key not in allowed:
                 raise SpecError(f"unknown spec key {key!r}; keys: version, {', '.join(allowed)}", field=key)
@@ -196,6 +206,7 @@ class Spec:
             adapters={name: MethodSpec.from_dict(m) for name, m in adapters.items()},
             active=d.get("active"),
             seed=d.get("seed", 0),
+            modules_to_save=d.get("modules_to_save") or (),
         )
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -252,6 +263,24 @@ class Spec:
         return cls.from_json(text) if suffix in _JSON_SUFFIXES else cls.from_yaml(text)
 
 
+def _check_modules_to_save(names: Any) -> tuple[str, ...]:
+    if isinstance(names, str):
+        names = (names,)
+    if names is None:
+        return ()
+    if isinstance(names, Mapping) or not isinstance(names, Iterable):
+        raise SpecError(f"modules_to_save must be a list of module names, got {names!r}", field="modules_to_save")
+    out: list[str] = []
+    for n in names:
+        if not isinstance(n, str) or not n or any(not part.isidentifier() and not part.isdigit()
+                                                   for part in n.split(".")):
+            raise SpecError(f"modules_to_save entry {n!r} is not a module path (e.g. 'classifier', 'lm_head', "
+                            "'bert.pooler')", field="modules_to_save")
+        if n not in out:
+            out.append(n)
+    return tuple(out)
+
+
 _LOADER: Any = None
 
 
@@ -276,18 +305,22 @@ def _yaml_loader() -> Any:
 def as_spec(x: Any) -> Spec:
     """Coerce ``x`` to a :class:`Spec`.
 
-    Accepts a ``Spec``; a single method spec (becomes ``Spec({"default": x})``); a
-    dict in :meth:`Spec.to_dict` form, or a single method's dict (has ``"method"``);
-    or a path to a ``.json``/``.yaml``/``.yml`` file.
+    Accepts a ``Spec``; a single method spec (becomes ``Spec({"default": x})``); a dict of
+    adapter names to method specs or their dicts (``{"task": LoRA()}``, as ``Spec(x)``); a
+    dict in :meth:`Spec.to_dict` form (has an ``"adapters"`` mapping), or a single method's
+    dict (has ``"method"``); or a path to a ``.json``/``.yaml``/``.yml`` file.
     """
     if isinstance(x, Spec):
         return x
     if isinstance(x, MethodSpec):
         return Spec({"default": x})
     if isinstance(x, Mapping):
-        if "method" in x:
+        if isinstance(x.get("method"), str):
             return Spec({"default": MethodSpec.from_dict(x)})
-        return Spec.from_dict(x)
+        a = x.get("adapters")
+        to_dict_form = isinstance(a, Mapping) and "method" not in a
+        named = any(isinstance(v, MethodSpec) or (isinstance(v, Mapping) and "method" in v) for v in x.values())
+        return Spec(dict(x)) if named and not to_dict_form else Spec.from_dict(x)
     if isinstance(x, (str, os.PathLike)):
         path = Path(x)
         if path.suffix.lower() in _JSON_SUFFIXES + _YAML_SUFFIXES:

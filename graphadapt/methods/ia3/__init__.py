@@ -19,7 +19,7 @@ from graphadapt.methods.registry import register
 
 from . import adapterhub as _ah
 from .module import IA3Module
-from .peft import peft_ia3_spec, peft_key
+from .peft import peft_ia3_export, peft_ia3_spec, peft_key
 from .spec import IA3
 
 
@@ -52,6 +52,9 @@ class IA3Method(LinearSiteMethod):
 
     def peft_key(self, key):
         return peft_key(key)
+
+    def peft_export(self, spec, modules, records):
+        return peft_ia3_export(spec, modules, records)
 
     def adapterhub_spec(self, config):
         return _ah.ia3_spec_from_config(config)

@@ -39,4 +39,19 @@ def peft_ia3_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> IA3:
                init_ia3_weights=bool(cfg.get("init_ia3_weights", True)))
 
 
-__all__ = ["peft_ia3_spec", "peft_key"]
+def peft_ia3_export(spec: IA3, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
+    """PEFT ``IA3Config`` fields and ``{<path>.ia3_l: …}`` for a graphadapt IA3 adapter."""
+    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("alpha", spec.alpha if spec.alpha != 1 else 0)) if v}
+    for r in records:
+        if r.get("layout") != "linear" or "out_slice" in r.details:
+            refused[r.site] = f"a {r.get('layout')} site{' slice' if 'out_slice' in r.details else ''}"
+    if refused:
+        raise CheckpointError(f"PEFT's IA3 cannot express {refused} (AdapterHub's alpha/gating, or sites that are "
+                              "not whole nn.Linear layers); save with save_adapters instead")
+    cfg = {"peft_type": "IA3", "target_modules": sorted(modules),
+           "feedforward_modules": sorted(p for p, m in modules.items() if m.feedforward),
+           "fan_in_fan_out": False, "init_ia3_weights": True}
+    return cfg, {f"{path}.ia3_l": m.ia3_l for path, m in modules.items()}
+
+
+__all__ = ["peft_ia3_export", "peft_ia3_spec", "peft_key"]

@@ -16,7 +16,7 @@ from graphadapt.methods.registry import register
 from . import adapterhub as _ah
 from .init import LORA_INIT_SCHEMES, init_lora_
 from .module import LoRAGate, LoRAModule
-from .peft import peft_key, peft_lora_spec
+from .peft import peft_key, peft_lora_export, peft_lora_spec
 from .spec import LORA_INITS, LoRA
 
 
@@ -43,6 +43,9 @@ class LoRAMethod(LinearSiteMethod):
 
     def peft_key(self, key):
         return peft_key(key)
+
+    def peft_export(self, spec, modules, records):
+        return peft_lora_export(spec, modules, records)
 
     def adapterhub_spec(self, config):
         return _ah.lora_spec_from_config(config)

@@ -46,4 +46,25 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
                 use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
 
 
-__all__ = ["peft_key", "peft_lora_spec"]
+def peft_lora_export(spec: LoRA, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
+    """PEFT ``LoraConfig`` fields and ``{<path>.lora_A.weight: …}`` for a graphadapt LoRA adapter."""
+    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init == "pissa")) if v}
+    for r in records:
+        if r.get("layout") != "linear" or "out_slice" in r.details:
+            refused[r.site] = f"a {r.get('layout')} site{' slice' if 'out_slice' in r.details else ''}"
+    if refused:
+        raise CheckpointError(f"PEFT's LoRA cannot express {refused} (gating, PiSSA's changed base weights, or "
+                              "sites that are not whole nn.Linear layers); save with save_adapters instead")
+    cfg = {"peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+           "target_modules": sorted(modules), "use_rslora": spec.use_rslora, "use_dora": spec.use_dora,
+           "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
+    tensors = {}
+    for path, m in modules.items():
+        tensors[f"{path}.lora_A.weight"] = m.lora_A
+        tensors[f"{path}.lora_B.weight"] = m.lora_B
+        if spec.use_dora:
+            tensors[f"{path}.lora_magnitude_vector"] = m.lora_magnitude
+    return cfg, tensors
+
+
+__all__ = ["peft_key", "peft_lora_export", "peft_lora_spec"]

@@ -1,0 +1,60 @@
+"""Write one adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), loadable
+by ``peft.PeftModel.from_pretrained(base, dir)`` and back by :func:`graphadapt.import_peft`.
+
+Generic over methods: the adapter's plugin translates its spec and tensors (``Method.peft_export``);
+methods without it (or options PEFT cannot express) raise :class:`CheckpointError`.
+``modules_to_save`` go along under PEFT's keys (``base_model.model.<path>.<tensor>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+
+def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from ..methods import get_method
+    from . import _atomic_write, check_save_target
+    from .trainable import trainable_module_tensors
+
+    spec = adapted.spec
+    if adapted.is_merged:
+        raise CheckpointError("unmerge() before to_peft (merged weights live in the base)")
+    if name is None:
+        if len(spec.adapters) != 1:
+            raise CheckpointError(f"to_peft writes one adapter; name it: to_peft(dir, name=...) with one of "
+                                  f"{list(spec.adapters)}")
+        name = next(iter(spec.adapters))
+    if name not in spec.adapters:
+        raise CheckpointError(f"unknown adapter {name!r}; this model has {list(spec.adapters)}")
+    method = get_method(spec.adapters[name])
+    records = [r for r in adapted.adapter_records if r["adapter"] == name]
+    modules = {r["site"]: adapted.get_submodule(r["target"]) for r in records}
+    try:
+        fields, tensors = method.peft_export(spec.adapters[name], modules, records)
+    except NotImplementedError:
+        from ..methods import registered
+        from ..methods.base import Method
+
+        can = sorted(m.name for m in registered() if type(m).peft_export is not Method.peft_export)
+        raise CheckpointError(f"{method.name} adapters have no PEFT format in graphadapt (supported: "
+                              f"{', '.join(can)}); save with save_adapters instead") from None
+    cls = adapted.source_class
+    cfg = {"base_model_name_or_path": None, "revision": None, "task_type": None, "inference_mode": True,
+           "auto_mapping": {"base_model_class": cls.rsplit(".", 1)[-1], "parent_library": cls.rsplit(".", 1)[0]},
+           "modules_to_save": list(spec.modules_to_save) or None, **fields}
+    out = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
+    out.update({f"base_model.model.{k}": v.detach().contiguous().cpu()
+                for k, v in trainable_module_tensors(adapted).items()})
+    d = check_save_target(directory)
+    _atomic_write(d / "adapter_model.safetensors", lambda p: save_file(out, p, metadata={"format": "pt"}))
+    _atomic_write(d / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    return d
+
+
+__all__ = ["write_peft"]
