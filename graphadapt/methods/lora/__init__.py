@@ -18,7 +18,7 @@ from . import adapterhub as _ah
 from .init import LORA_INIT_SCHEMES, init_lora_
 from .experts import ExpertLoRAModule
 from .module import LoRAGate, LoRAModule
-from .peft import peft_key, peft_lora_spec
+from .peft import peft_key, peft_lora_spec, read_target_parameters
 from .spec import LORA_INITS, LoRA
 
 
@@ -60,6 +60,11 @@ class LoRAMethod(LinearSiteMethod):
 
     def peft_key(self, key):
         return peft_key(key)
+
+    def peft_read(self, model, config, weights, name, directory):
+        if config.get("target_parameters"):   # LoRA on 3-d expert weights
+            return read_target_parameters(model, config, weights, name)
+        return None
 
     def adapterhub_spec(self, config):
         return _ah.lora_spec_from_config(config)
