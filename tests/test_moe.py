@@ -244,3 +244,29 @@ def test_grouped_mm_lowering_is_exact(adapted_mixtral):
     assert c is not a and has_grouped_experts(a) and not has_grouped_experts(c)
     assert not any(n.target is torch.ops.aten.histc.default for n in c.graph.nodes)
     torch.testing.assert_close(_out(c, inp), _out(a, inp), atol=1e-6, rtol=0)
+
+
+def test_ia3_on_experts_identity_effect_merge(mixtral):
+    """Per-expert IA3: output scaling on the gate/up halves, input scaling on the down weight."""
+    base = _out(mixtral, INP)
+    a = ga.apply(mixtral, ga.Spec({"i": ga.IA3(targets=("k", "expert_gate", "expert_up", "expert_down"),
+                                               feedforward=("expert_down",))}))
+    torch.testing.assert_close(_out(a, INP), base, atol=0, rtol=0)
+    down = a.get_submodule("adapters.i.layers.0.mlp.experts.down_proj")
+    gate = a.get_submodule("adapters.i.layers.0.mlp.experts.gate_up_proj.expert_gate")
+    assert down.feedforward and down.ia3_l.shape == (4, 64)
+    assert not gate.feedforward and gate.ia3_l.shape == (4, 64)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if n.startswith("adapters."):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    out = _out(a, INP)
+    assert (out - base).abs().max() > 1e-2
+    down.active = False
+    assert (_out(a, INP) - out).abs().max() > 1e-4       # the feedforward (input) scaling of the experts acts
+    down.active = True
+    a.merge()
+    torch.testing.assert_close(_out(a, INP), out, atol=1e-5, rtol=0)
+    a.unmerge()
+    torch.testing.assert_close(_out(a, INP), out, atol=0, rtol=0)
