@@ -69,11 +69,19 @@ class ExpertIA3Module(nn.Module):
         return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
-    def fold(self, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def fold(self, weight: Tensor, bias: Tensor | None = None, *,
+             base_weight: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Output scaling: each expert's rows times ``l[e]``. Feedforward: adds ``W0[e] ⊙ (l[e] - 1)`` on the
+        input columns (``W0`` = ``base_weight``, the unmerged weight the forward reads), so updates of
+        earlier adapters already folded into ``weight`` are kept, as the forward keeps them."""
         new = weight.detach().clone()
         rows = self._rows(new)
         l = self.ia3_l.to(dtype=weight.dtype, device=weight.device)
-        rows.mul_(l.unsqueeze(1) if self.feedforward else l.unsqueeze(2))
+        if self.feedforward:
+            base = self._rows(weight if base_weight is None else base_weight).to(weight.dtype)
+            rows.add_(base * (l - 1).unsqueeze(1))
+        else:
+            rows.mul_(l.unsqueeze(2))
         return new, None if bias is None else bias.detach().clone()
 
     def extra_repr(self) -> str:
