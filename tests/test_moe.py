@@ -286,3 +286,22 @@ def test_grouped_mm_lowering_is_exact(adapted_mixtral):
     assert not any(n.target is torch.ops.aten.histc.default for n in c.graph.nodes)
     torch.testing.assert_close(_out(c, inp), _out(a, inp), atol=1e-6, rtol=0)
 
+
+
+def test_peft_target_parameters_bad_checkpoint_is_refused(tmp_path):
+    """A target_parameters checkpoint whose LoRA shapes fit no expert weight: a CheckpointError, before capture."""
+    from safetensors.torch import save_file
+
+    from graphadapt.errors import CheckpointError
+
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [],
+           "target_parameters": ["mlp.experts.down_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file({"base_model.model.layers.0.mlp.experts.lora_A.weight": torch.zeros(16, 7),
+               "base_model.model.layers.0.mlp.experts.lora_B.weight": torch.zeros(32, 16)},
+              str(tmp_path / "adapter_model.safetensors"))
+    model = tiny_mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="which expert weight"):
+        ga.import_peft(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
