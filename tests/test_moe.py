@@ -83,6 +83,8 @@ def test_mixtral_structure_router_experts_residual(adapted_mixtral):
     # nothing MoE-related is left over: the router is placed, its softmax is not an attention candidate
     assert not [u for u in rep["unmatched"] if "mlp" in u["where"] or u["what"] == "attention"], rep["unmatched"]
     assert "moe" in str(rep) and "expert_up" in str(rep)
+    why = rep.why("ffn", layer=1)
+    assert "pattern moe matched" in why and "layers.1.mlp.experts.down_proj" in why, why
 
 
 def test_shared_expert_structure(adapted_qwen):
