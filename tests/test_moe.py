@@ -230,6 +230,15 @@ def test_shared_expert_model_lora_ia3_bottleneck_merge(adapted_qwen):
     torch.testing.assert_close(_out(a, INP), out, atol=0, rtol=0)
 
 
+def test_composition_at_expert_sites_is_refused(adapted_qwen):
+    """A composition block over adapters sharing expert sites: a clear SpecError, the model still works."""
+    a, _ = adapted_qwen
+    before = _out(a, INP)
+    with pytest.raises(SpecError, match="expert sites"):
+        a.set_active(ga.Stack("l", "i"))
+    torch.testing.assert_close(_out(a, INP), before, atol=0, rtol=0)
+
+
 def test_dora_and_pissa_on_experts_are_refused():
     from types import SimpleNamespace
 
