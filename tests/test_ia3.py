@@ -55,7 +55,8 @@ def test_spec_validation_and_round_trip():
     s = IA3()
     assert s.targets == ("k", "v", "down") and s.feedforward == ("down",) and s.init_ia3_weights is True
     assert ga.MethodSpec.from_dict(s.to_dict()) == s
-    assert IA3(targets="all-linear", feedforward=("down",)).role_targets() == ("q", "k", "v", "o", "up", "gate", "down")
+    assert IA3(targets="all-linear", feedforward=("down",)).role_targets() == (
+        "q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down")
     with pytest.raises(SpecError) as e:
         IA3(targets=("k", "v"), feedforward=("down",))
     assert e.value.field == "feedforward"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..errors import SpecError
 from ..init import adapter_generator
 from ..passes import AdapterRecord, InsertContext, PassResult, submodule_or_none
 from ..passes import linear as linear_pass
@@ -60,6 +61,12 @@ def insert_compositions(gm: fx.GraphModule, ctx: InsertContext, combos, sites: d
     """Wire a composition module at each composed site (``combos``: :class:`graphadapt.plan.Combination`
     with ``mode == "compose"``; ``sites``: site key → site object)."""
     records: list[AdapterRecord] = []
+    for c in combos:   # checked before anything is wired
+        site = sites[(c.kind, c.site)]
+        if c.kind == linear_pass.KIND and getattr(site, "num_experts", None):
+            raise SpecError(f"composition blocks ({describe(c.tree)}) are not supported at mixture-of-experts "
+                            f"expert sites yet ({site.name}); compose adapters on other sites, or let them chain "
+                            "(no active block)", field="active")
     for c in combos:
         site = sites[(c.kind, c.site)]
         mods = {n: gm.get_submodule(adapter_target(c.owner(n), c.site)) for n in tree_names(c.tree)}

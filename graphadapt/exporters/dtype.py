@@ -16,6 +16,7 @@ import torch.fx
 
 from graphadapt.dtypes import DTYPE_NAMES, DTYPES, parse_dtype  # noqa: F401  (re-exported)
 from graphadapt.passes import run_pass
+from graphadapt.passes.experts import has_grouped_experts, lower_grouped_mm
 from graphadapt.passes.portability import drop_dtype_pins
 from graphadapt.passes.retarget_dtype import retarget_dtype_pass
 
@@ -49,7 +50,9 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         plan = plan_merge(model, None, safe=True, compute=False)  # checks adapter factors
         if not plan.chains:
             plan = None
-    if plan is None and _float_dtypes(model) <= {dtype}:
+    # grouped expert products (mixture of experts) have no ONNX form: the copy gets the portable lowering
+    lower = isinstance(model, torch.fx.GraphModule) and has_grouped_experts(model)
+    if plan is None and not lower and _float_dtypes(model) <= {dtype}:
         return model
     src = _dominant_float_dtype(model)
     originals = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -77,6 +80,8 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         drop_dtype_pins(clone)  # dtype decisions belong to retarget_graph_dtype; device pins stay
         if src != dtype:
             run_pass("retarget_dtype", retarget_dtype_pass, clone, src, dtype, cast_inputs(example_inputs, dtype))
+        if lower:
+            run_pass("lower_grouped_mm", lower_grouped_mm, clone)
     return clone
 
 

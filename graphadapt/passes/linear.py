@@ -44,7 +44,9 @@ def insert_call(gm: fx.GraphModule, target: str, site: LinearSite) -> fx.Node:
             break
         y = tail[0]
     with gm.graph.inserting_after(y):
-        node = gm.graph.call_module(target, args=(site.input, y, w, b))
+        # expert sites (mixture of experts) also pass which expert each row uses: (x, y, W, b, routing)
+        extra = (site.routing,) if getattr(site, "routing", None) is not None else ()
+        node = gm.graph.call_module(target, args=(site.input, y, w, b) + extra)
     y.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
     node.meta["graphadapt"] = {"site": site.name, "kind": KIND}
     if "val" in y.meta:
@@ -83,7 +85,8 @@ def insert_linear_adapter(gm: fx.GraphModule, adapter_name: str, method_name: st
                 insert_call(gm, target, s)
             records.append(AdapterRecord(
                 adapter=adapter_name, method=method_name, site=s.name, target=target, kind=KIND, role=s.role,
-                layer=s.layer, details={"weight": s.weight, "bias": s.bias, "layout": s.layout}))
+                layer=s.layer, details={"weight": s.weight, "bias": s.bias, "layout": s.layout,
+                         **({"num_experts": s.num_experts} if getattr(s, "num_experts", None) else {})}))
     return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]}, records)
 
 

@@ -45,6 +45,8 @@ def _value(pattern: str, v) -> str | None:
         return v[0].name
     if pattern in ("ffn", "ffn_parallel"):
         return v[0].name
+    if pattern == "moe":                                    # structure.moe: the block, named by its router
+        return f"mixture of experts routed by {v.router.name}"
     if pattern == "ffn_gate":
         return f"gate {v[0].name}, up {v[1].name}"
     return None
@@ -133,6 +135,8 @@ def _status(entry: dict, L: Layer | None, block: str, role: str, core) -> None:
             entry["found"], entry["site"], entry["placement"] = True, r.add.name, r.placement
     elif block == "ffn" and L.ffn is not None:
         s = L.ffn.down if role == "ffn" else getattr(L.ffn, role)
+        if role == "ffn" and s is None:   # a mixture of experts without a shared expert: its expert down weight
+            s = next((e for e in L.ffn.experts if e.role == "expert_down"), None)
         if s is not None:
             entry["found"], entry["site"] = True, s.name
             entry["site_pattern"] = s.pattern

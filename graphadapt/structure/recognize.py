@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .linear import find_linear_sites
+from .moe import MOE, find_expert_sites, moe_entry
 from .ops import ACTIVATIONS as _ACTIVATIONS
 from .ops import node_args as _nodes, strip, strip_shape as _strip_shape
 from .patterns import (CORE_INDEX, FFN, FFN_GATE, FFN_PARALLEL, K_TRACE, O_TRACE, POST_LN, PRE_LN, Q_TRACE,
@@ -38,6 +39,8 @@ class _Recognizer:
         self.findings: list[Finding] = []
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.sites, self.unmatched = find_linear_sites(gm, self.matcher)
+        self.expert_sites = find_expert_sites(gm, self.matcher)   # mixture of experts (structure.moe)
+        self.sites += self.expert_sites
         # node → site(s) whose output (or slice) it is
         self.by_output: dict[fx.Node, list[LinearSite]] = {}
         for s in self.sites:
@@ -88,6 +91,8 @@ class _Recognizer:
                 continue
             if r:
                 out.append(r)
+            elif any(u.target is aten.topk.default for u in n.users):
+                continue   # a mixture-of-experts router's softmax (structure.moe), not an attention candidate
             else:
                 self._note(n, "attention", "attention", r)
                 self.unmatched.append(Unmatched(
@@ -176,7 +181,9 @@ class _Recognizer:
                                                     "parallel block whose feed-forward branch was not recognised"))
                 continue
             stream_out = last.residual.norm_after.output if last.residual.norm_after else last.residual.add
-            ffn = self._ffn_after(stream_out, used, core)
+            ffn = self._moe_after(stream_out, used, core) if self.expert_sites else None
+            if ffn is None:
+                ffn = self._ffn_after(stream_out, used, core)
             if ffn is None:
                 self.unmatched.append(Unmatched("ffn", layer.attention.core.name,
                                                 "no feed-forward sub-block follows this attention block"))
@@ -216,6 +223,27 @@ class _Recognizer:
         down, ins, residual = found.value
         self._place_norm(residual, ins[0][0].input, core, "ffn")
         return self._ffn_block(down, ins, residual, used, core)
+
+    def _moe_after(self, stream_out: fx.Node, used: set[int], core: fx.Node) -> FFNBlock | None:
+        """A mixture-of-experts block after the attention block (:mod:`.moe`): router, experts, shared expert."""
+        found = self.matcher.run(MOE, stream_out, self, used, self.expert_sites)
+        self._note(core, "ffn", "ffn", found)
+        if not found:
+            return None
+        blk = found.value
+        self._place_norm(blk.residual, moe_entry(blk), core, "ffn")
+        blk.router.role = "router"
+        if blk.shared_expert_gate is not None:
+            blk.shared_expert_gate.role = "shared_expert_gate"
+        for role, s in (("up", blk.up), ("gate", blk.gate), ("down", blk.down)):
+            if s is not None:
+                s.role = role
+        if blk.down is not None:
+            blk.activation = self._activation(blk.gate or blk.up, blk.down)
+        for s in [blk.router, blk.shared_expert_gate, blk.up, blk.gate, blk.down, *blk.experts]:
+            if s is not None:
+                used.add(id(s))
+        return blk
 
     def _ffn_block(self, down: LinearSite, ins, residual: ResidualSite, used: set[int],
                    core: fx.Node) -> FFNBlock:

@@ -7,7 +7,8 @@ from .types import AttentionBlock, LinearSite, StructureMap
 
 
 def _shape(s: LinearSite) -> str:
-    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out})" if s.fused else "")
+    experts = f" ×{s.num_experts} experts" if s.num_experts else ""
+    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out})" if s.fused else "") + experts
 
 
 class StructureReport(dict):
@@ -57,13 +58,14 @@ def structure_report(sm: StructureMap) -> StructureReport:
         if layer.cross_attention is not None:
             add_attn(layer.cross_attention, "cross_attention")
         if layer.ffn is not None:
-            for role in ("up", "gate", "down"):
-                s = getattr(layer.ffn, role)
+            tag = "moe" if layer.ffn.moe else "ffn"
+            moe_sites = [layer.ffn.router, *layer.ffn.experts, layer.ffn.shared_expert_gate]
+            for s in [getattr(layer.ffn, r) for r in ("up", "gate", "down")] + moe_sites:
                 if s is not None:
-                    rows.append({"block": "ffn", "role": role, "module": s.name, "shape": _shape(s),
+                    rows.append({"block": tag, "role": s.role, "module": s.name, "shape": _shape(s),
                                  "layout": s.layout, "fused": s.fused, "pattern": s.pattern})
             r = layer.ffn.residual
-            rows.append({"block": "ffn", "role": "residual", "module": r.add.name if r else None,
+            rows.append({"block": tag, "role": "residual", "module": r.add.name if r else None,
                          "placement": r.placement if r else None,
                          "norm": (r.norm_after or r.norm_before).kind if r and (r.norm_after or r.norm_before) else None,
                          "norm_module": _norm_path(r), "activation": layer.ffn.activation})

@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from ..vocab import ROLES
 
-Role = Literal["q", "k", "v", "o", "up", "gate", "down"]
+Role = Literal["q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate",
+               "expert_down"]
 
 
 @dataclass
@@ -48,6 +49,11 @@ class LinearSite:
     role: str | None = None        # q k v o up gate down, once recognised
     layer: int | None = None       # global layer index, once recognised
     pattern: str | None = None     # the linear-form pattern that matched (``structure.patterns``)
+    # mixture-of-experts sites (``structure.moe``): ``weight`` is a 3-d [E, out, in] (or [E, in, out],
+    # layout "conv1d") parameter, each row of ``input`` uses the expert ``routing`` assigns it
+    # (grouped form: the per-expert row offsets, rows sorted by expert)
+    num_experts: int | None = None
+    routing: fx.Node | None = None
 
     @property
     def fused(self) -> bool:
@@ -121,6 +127,14 @@ class FFNBlock:
     gate: LinearSite | None = None
     activation: str | None = None
     residual: ResidualSite | None = None
+    # mixture of experts (``structure.moe``): up/gate/down above are the shared expert's, if any
+    router: LinearSite | None = None
+    experts: list[LinearSite] = field(default_factory=list)    # expert_up/expert_gate/expert_down sites
+    shared_expert_gate: LinearSite | None = None
+
+    @property
+    def moe(self) -> bool:
+        return self.router is not None
 
 
 @dataclass
@@ -140,6 +154,8 @@ class Layer:
                 out += [s for s in (blk.q, blk.k, blk.v, blk.o) if s is not None]
         if self.ffn is not None:
             out += [s for s in (self.ffn.up, self.ffn.gate, self.ffn.down) if s is not None]
+            out += [s for s in (self.ffn.router, self.ffn.shared_expert_gate) if s is not None]
+            out += self.ffn.experts
         return out
 
     def residual_sites(self) -> dict[str, ResidualSite]:

@@ -13,11 +13,13 @@ import math
 
 import torch
 
+from graphadapt.errors import SpecError
 from graphadapt.init import adapter_generator, init_bert_, normal_, ones_, uniform_
 from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
 from . import adapterhub as _ah
+from .experts import ExpertIA3Module
 from .module import IA3Module
 from .peft import peft_ia3_export, peft_ia3_spec, peft_key
 from .spec import IA3
@@ -31,6 +33,18 @@ class IA3Method(LinearSiteMethod):
     adapterhub_architectures = ("lora",)  # AdapterHub's IA3 is a LoRAConfig with composition_mode="scale"
 
     def build(self, spec: IA3, adapter, site, seed, weight=None):
+        if getattr(site, "num_experts", None):   # fused expert weights: one vector per expert
+            if spec.use_gating or spec.alpha != 1.0:
+                raise SpecError(f"adapter {adapter!r}: gated IA3 and alpha are not available on the expert weights "
+                                f"of {site.name}", field="use_gating" if spec.use_gating else "alpha")
+            mod = ExpertIA3Module(site.num_experts, site.in_features, site.out_features,
+                                  feedforward=spec.is_feedforward(site), transposed=site.layout == "conv1d",
+                                  out_slice=site.out_slice, total_out=site.total_out, dtype=weight.dtype,
+                                  device=weight.device)
+            if not spec.init_ia3_weights:
+                with torch.no_grad():
+                    normal_(mod.ia3_l, 1.0, adapter_generator(seed, adapter, site.name))
+            return mod
         mod = IA3Module(site.in_features, site.out_features, feedforward=spec.is_feedforward(site),
                         fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
                         total_out=site.total_out, alpha=spec.alpha, use_gating=spec.use_gating,
@@ -66,4 +80,4 @@ class IA3Method(LinearSiteMethod):
         _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
-__all__ = ["IA3", "IA3Method", "IA3Module"]
+__all__ = ["ExpertIA3Module", "IA3", "IA3Method", "IA3Module"]

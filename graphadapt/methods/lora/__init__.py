@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from graphadapt.errors import SpecError
 from graphadapt.init import adapter_generator
 from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
 from . import adapterhub as _ah
 from .init import LORA_INIT_SCHEMES, init_lora_
+from .experts import ExpertLoRAModule
 from .module import LoRAGate, LoRAModule
-from .peft import peft_key, peft_lora_export, peft_lora_spec
+from .peft import peft_key, peft_lora_export, peft_lora_spec, read_target_parameters
 from .spec import LORA_INITS, LoRA
 
 
@@ -28,6 +30,8 @@ class LoRAMethod(LinearSiteMethod):
     adapterhub_architectures = ("lora",)
 
     def build(self, spec: LoRA, adapter, site, seed, weight=None):
+        if getattr(site, "num_experts", None):
+            return self._build_experts(spec, adapter, site, seed, weight)
         mod = LoRAModule(
             site.in_features, site.out_features, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
             use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating,
@@ -38,6 +42,19 @@ class LoRAMethod(LinearSiteMethod):
                                base_weight=weight.detach())
         return mod, new_w  # PiSSA moves the principal part of W into the adapter
 
+    def _build_experts(self, spec: LoRA, adapter, site, seed, weight):
+        """Per-expert LoRA on a fused 3-d expert weight (PEFT's ``target_parameters``)."""
+        for flag, what in (("use_dora", "DoRA"), ("use_gating", "gated LoRA")):
+            if getattr(spec, flag):
+                raise SpecError(f"adapter {adapter!r}: {what} is not available on the expert weights of {site.name}; "
+                                "target attention/dense roles with it, or drop the expert roles", field=flag)
+        mod = ExpertLoRAModule(site.num_experts, site.in_features, site.out_features, r=spec.r, alpha=spec.alpha,
+                               dropout=spec.dropout, use_rslora=spec.use_rslora, transposed=site.layout == "conv1d",
+                               out_slice=site.out_slice, total_out=site.total_out, dtype=weight.dtype,
+                               device=weight.device)
+        mod.init_(spec.init, adapter_generator(seed, adapter, site.name))
+        return mod
+
     def peft_spec(self, config, targets):
         return peft_lora_spec(config, targets)
 
@@ -46,6 +63,11 @@ class LoRAMethod(LinearSiteMethod):
 
     def peft_export(self, spec, modules, records):
         return peft_lora_export(spec, modules, records)
+
+    def peft_read(self, model, config, weights, name, directory):
+        if config.get("target_parameters"):   # LoRA on 3-d expert weights
+            return read_target_parameters(model, config, weights, name)
+        return None
 
     def adapterhub_spec(self, config):
         return _ah.lora_spec_from_config(config)
@@ -57,4 +79,4 @@ class LoRAMethod(LinearSiteMethod):
         _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
-__all__ = ["LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]
+__all__ = ["ExpertLoRAModule", "LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]

@@ -67,4 +67,81 @@ def peft_lora_export(spec: LoRA, modules: Mapping[str, Any], records: list) -> t
     return cfg, tensors
 
 
-__all__ = ["peft_key", "peft_lora_export", "peft_lora_spec"]
+def _module_path(path: str, modules: set[str]) -> str | None:
+    """A checkpoint module path in ``modules`` (dropping wrapper names in front, if needed)."""
+    parts = path.split(".")
+    for i in range(len(parts)):
+        if ".".join(parts[i:]) in modules:
+            return ".".join(parts[i:])
+    return None
+
+
+def read_target_parameters(model, cfg: Mapping[str, Any], weights: Mapping[str, Any], name: str):
+    """``(spec, fill)`` for a PEFT LoRA checkpoint with ``target_parameters`` (LoRA on 3-d expert weights).
+
+    PEFT wraps the module owning each targeted parameter once per parameter, so its keys read
+    ``<module>[.base_layer]*.lora_{A,B}``; which parameter a pair belongs to is read from the
+    shapes (``lora_A`` [E·r, in], ``lora_B`` [out, r·E], ``in``/``out`` of ``W[E, out, in]``, or of
+    ``W[E, in, out]`` when the module says ``is_transposed``). Other keys are per-module as usual.
+    """
+    import torch
+
+    from graphadapt.vocab import adapter_prefix
+
+    modules = {n for n, _ in model.named_modules() if n}
+    params = dict(model.named_parameters())
+    wanted = list(cfg.get("target_parameters") or ())
+    mapped: dict[str, tuple[str, str]] = {}
+    pairs: dict[str, dict[str, str]] = {}
+    for key, value in weights.items():
+        m = _KEY.match(key)
+        if m is None or m["kind"] == "lora_magnitude_vector" and ".base_layer" in m["path"]:
+            raise CheckpointError(f"unexpected key {key!r} in a PEFT LoRA checkpoint with target_parameters")
+        path = m["path"]
+        owner = _module_path(re.sub(r"(\.base_layer)+$", "", path), modules)
+        if owner is None:
+            raise CheckpointError(f"the checkpoint adapts {path!r}, which does not exist in {type(model).__name__}")
+        mod_params = [f"{owner}.{leaf}" for leaf, p in model.get_submodule(owner).named_parameters(recurse=False)
+                      if p.dim() == 3 and any(f"{owner}.{leaf}".endswith(t) for t in wanted)]
+        if not mod_params:   # a plain linear module
+            mapped[key] = (owner, _OURS[m["kind"]])
+            continue
+        transposed = bool(getattr(model.get_submodule(owner), "is_transposed", False))
+
+        def dims(q):
+            e, a, b = params[q].shape
+            return (a, b) if transposed else (b, a)   # (in, out)
+
+        if m["kind"] == "lora_A":
+            hits = [q for q in mod_params if dims(q)[0] == value.shape[1] and value.shape[0] % params[q].shape[0] == 0]
+        else:
+            hits = [q for q in mod_params if dims(q)[1] == value.shape[0] and value.shape[1] % params[q].shape[0] == 0]
+        depth = path.count(".base_layer")
+        if len(hits) != 1:
+            raise CheckpointError(f"cannot tell which expert weight of {owner} the key {key!r} belongs to "
+                                  f"(shape {tuple(value.shape)}; candidates {hits or mod_params})")
+        pairs.setdefault(f"{owner}#{depth}", {})[m["kind"]] = hits[0]
+        mapped[key] = (hits[0], _OURS[m["kind"]])
+    for where, kinds in pairs.items():
+        if len(set(kinds.values())) != 1:
+            raise CheckpointError(f"lora_A and lora_B at {where.split('#')[0]} belong to different expert weights "
+                                  f"({sorted(set(kinds.values()))}); the checkpoint does not match this model")
+    targets = tuple(sorted({p for p, _ in mapped.values()}))
+    spec = peft_lora_spec(cfg, targets)
+
+    def fill(adapted) -> None:
+        ours = dict(adapted.named_parameters())
+        with torch.no_grad():
+            for key, (path, kind) in mapped.items():
+                q = f"{adapter_prefix(name)}{path}.{kind}"
+                if q not in ours:
+                    raise CheckpointError(f"{key} has no counterpart {q} in the adapted model")
+                if tuple(ours[q].shape) != tuple(weights[key].shape):
+                    raise CheckpointError(f"{key} has shape {tuple(weights[key].shape)}, {q} needs "
+                                          f"{tuple(ours[q].shape)}")
+                ours[q].copy_(weights[key].to(ours[q].dtype))
+
+    return spec, fill
+
+
+__all__ = ["peft_key", "peft_lora_export", "peft_lora_spec", "read_target_parameters"]
