@@ -22,7 +22,7 @@ from ..structure.types import LinearSite, StructureMap
 def _whole(site: LinearSite) -> LinearSite:
     """The un-sliced view of a fused projection (what PEFT adapts when given its name)."""
     return dataclasses.replace(site, name=site.module_path, out_features=site.total_out,
-                               out_slice=None, split_output=None, role=None)
+                               out_slice=None, split_output=None, role=None, out_rows=None)
 
 
 def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[LinearSite]:
@@ -33,7 +33,8 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
 
     def take(site: LinearSite) -> None:
         group = chosen.setdefault(site.name, [])
-        if all(site.node is not g.node or site.out_slice != g.out_slice for g in group):
+        if all(site.node is not g.node or site.out_slice != g.out_slice
+               or site.out_rows != g.out_rows for g in group):
             group.append(site)
 
     layer_ok = method.includes_layer

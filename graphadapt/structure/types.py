@@ -48,10 +48,13 @@ class LinearSite:
     role: str | None = None        # q k v o up gate down, once recognised
     layer: int | None = None       # global layer index, once recognised
     pattern: str | None = None     # the linear-form pattern that matched (``structure.patterns``)
+    # fused, head-interleaved (GPT-NeoX, Falcon, Bloom): this role's channels of the fused output,
+    # in the order the role's tensor lays them out (head-major); exclusive with ``out_slice``
+    out_rows: tuple[int, ...] | None = None
 
     @property
     def fused(self) -> bool:
-        return self.out_slice is not None
+        return self.out_slice is not None or self.out_rows is not None
 
 
 @dataclass
