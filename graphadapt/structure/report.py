@@ -7,7 +7,8 @@ from .types import AttentionBlock, LinearSite, StructureMap
 
 
 def _shape(s: LinearSite) -> str:
-    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out})" if s.fused else "")
+    rows = ", head-interleaved rows" if s.out_rows is not None else ""
+    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out}{rows})" if s.fused else "")
 
 
 class StructureReport(dict):
