@@ -209,3 +209,52 @@ def test_deberta_v2_recognised_with_lora_bottleneck_and_peft_parity(tmp_path):
     imported = ga.import_peft(_deberta(), tmp_path)
     with torch.no_grad():
         assert max_diff(imported(**x), pm(**x)) < 1e-5
+
+
+# --------------------------------------------------------------------------- modules on an index set
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "ia3-ff"])
+def test_index_set_module_forward_fold_and_other_channels(kind):
+    from graphadapt.methods.ia3 import IA3Module
+    from graphadapt.methods.lora import LoRAModule
+
+    rows, total = (7, 1, 4, 9), 10
+    g = torch.Generator().manual_seed(5)
+    if kind in ("lora", "dora"):
+        m = LoRAModule(6, 4, r=2, alpha=4, out_rows=rows, total_out=total, use_dora=kind == "dora")
+        with torch.no_grad():
+            m.lora_A.normal_(generator=g)
+            m.lora_B.normal_(generator=g)
+            if kind == "dora":
+                m.lora_magnitude.uniform_(0.5, 2.0, generator=g)
+    else:
+        m = IA3Module(6, 4, feedforward=kind == "ia3-ff", out_rows=rows, total_out=total)
+        with torch.no_grad():
+            m.ia3_l.uniform_(0.5, 1.5, generator=g)
+    m.eval()
+    W, b, x = torch.randn(total, 6, generator=g), torch.randn(total, generator=g), torch.randn(2, 3, 6, generator=g)
+    y = torch.nn.functional.linear(x, W, b)
+    out = m(x, y, W, b)
+    others = [c for c in range(total) if c not in rows]
+    assert torch.equal(out[..., others], y[..., others]) and not torch.allclose(out[..., list(rows)], y[..., list(rows)])
+    # the module on rows == the same module on a plain site holding those rows in that order
+    if kind in ("lora", "dora"):
+        plain = LoRAModule(6, 4, r=2, alpha=4, use_dora=kind == "dora")
+    else:
+        plain = IA3Module(6, 4, feedforward=kind == "ia3-ff")
+    plain.load_state_dict(m.state_dict())
+    idx = torch.tensor(rows)
+    torch.testing.assert_close(out[..., idx], plain.eval()(x, y[..., idx], W[idx], b[idx]), atol=1e-6, rtol=0)
+    W2, b2 = m.fold(W, b)
+    torch.testing.assert_close(torch.nn.functional.linear(x, W2, b2), out, atol=1e-5, rtol=0)
+    assert torch.equal(W2[others], W[others]) and torch.equal(b2[others], b[others])
+    if kind == "lora":
+        torch.testing.assert_close(W + m.delta_weight(W), W2, atol=1e-6, rtol=0)
+
+
+def test_index_set_validation():
+    from graphadapt.methods.lora import LoRAModule
+
+    for bad in ((0, 0, 1), (0, 1, 99), (0, 1)):
+        with pytest.raises(ga.SpecError, match="out_rows"):
+            LoRAModule(6, 3, r=2, alpha=4, out_rows=bad, total_out=8)
+    assert LoRAModule(6, 3, r=2, alpha=4, out_rows=(2, 3, 4), total_out=8).out_slice == (2, 5)   # contiguous: a slice
