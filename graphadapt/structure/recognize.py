@@ -51,6 +51,7 @@ class _Recognizer:
         for s in self.sites:
             self.by_input_chain.setdefault(s.input, []).append(s)
         self.site_of_node: dict[fx.Node, LinearSite] = {}
+        self.row_sites: dict[int, tuple] = {}   # id(fused site) → ({role: site with out_rows}, qkv_rows match)
         for s in self.sites:
             self.site_of_node.setdefault(s.node, s)
 
@@ -209,7 +210,7 @@ class _Recognizer:
         sites = [s for s, _ in traced.values()]
         fused = next(s for s in sites if sum(o is s for o in sites) > 1)
         roles = {r: x for r, (s, x) in traced.items() if s is fused}
-        cache = self.__dict__.setdefault("_row_sites", {})
+        cache = self.row_sites
         if id(fused) not in cache:
             found = self.matcher.run(QKV_ROWS, core, fused, roles, self)
             for r in roles:
