@@ -69,7 +69,9 @@ def synthesize_inputs(model: nn.Module, batch: int = 2, seq: int = 9, decoder_se
                       seed: int = 1234) -> dict[str, Any]:
     """Example kwargs for ``model`` built from its config (no tokenizer, no download).
 
-    Token ids for text models, pixel values for vision models; decoder-only models
+    Token ids for text models, pixel values for vision models, log-mel ``input_features``
+    ``[B, num_mel_bins, 2·max_source_positions]`` for Whisper-style audio encoders (two
+    frames per encoder position: the conv stem's stride); decoder-only models
     get ``use_cache=False`` and encoder–decoder models ``decoder_input_ids``.
     Batch and sequence lengths are distinct and >1 so torch.export does not
     specialise them. Uses a private generator: the caller's RNG is untouched.
@@ -90,6 +92,8 @@ def synthesize_inputs(model: nn.Module, batch: int = 2, seq: int = 9, decoder_se
         ch = getattr(cfg, "num_channels", 3)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         kw["pixel_values"] = torch.randn(batch, ch, size, size, generator=g).to(dev, dtype)
+    elif main == "input_features":
+        kw["input_features"] = _audio_features(model, cfg, batch, g, dev)
     else:
         vocab = getattr(cfg, "vocab_size", None) or 100
         kw["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
@@ -101,6 +105,17 @@ def synthesize_inputs(model: nn.Module, batch: int = 2, seq: int = 9, decoder_se
     if "use_cache" in params:
         kw["use_cache"] = False
     return kw
+
+
+def _audio_features(model: nn.Module, cfg, batch: int, g: torch.Generator, dev) -> torch.Tensor:
+    """Whisper-style log-mel features ``[B, num_mel_bins, frames]`` from the config."""
+    mels, positions = getattr(cfg, "num_mel_bins", None), getattr(cfg, "max_source_positions", None)
+    if not isinstance(mels, int) or not isinstance(positions, int):
+        raise CaptureError(
+            f"{type(model).__name__} reads input_features, but its config has no num_mel_bins/max_source_positions "
+            "to size them from; pass example_kwargs={'input_features': ...} to capture/apply.")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.randn(batch, mels, 2 * positions, generator=g).to(dev, dtype)
 
 
 def _dynamic_shapes(kwargs: Mapping[str, Any], dynamic: bool) -> tuple[dict, dict]:

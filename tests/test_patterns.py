@@ -221,13 +221,13 @@ def test_eager_attention_rejects_a_classifier_softmax_and_a_dangling_one():
 
 
 # --------------------------------------------------------------------------- traces
-def _attention_graph(q_through=None, fused=False):
+def _attention_graph(q_through=None, fused=False, k_start=4):
     g = G(wq=(D, D), wk=(D, D), wv=(D, D), wo=(D, D), wqkv=(3 * D, D))
     x = g.x()
     if fused:
         qkv = g.op(aten.linear.default, x, g.w("wqkv"))
         q = k = v = g.op(aten.view.default, qkv, [2, 3, 2, 3 * D // 2])
-        q, k, v = (g.op(aten.slice.Tensor, q, -1, i * 4, (i + 1) * 4) for i in range(3))
+        q, k, v = (g.op(aten.slice.Tensor, q, -1, s, s + 4) for s in (0, k_start, 8))
         q, k, v = (g.op(aten.transpose.int, t, 1, 2) for t in (q, k, v))
     else:
         q = g.op(aten.linear.default, x, g.w("wq"))
@@ -277,9 +277,20 @@ def test_qkv_distinct_rejects_one_fused_interleaved_projection():
     assert q is k is v
     f = P.QKV_DISTINCT.match(core, q, k, v)
     assert not f and f.pattern == "qkv_distinct" and f.node is q.node and "fused projection" in f.reason
+    # head-interleaved ([h0: q k v | h1: q k v]): each role gets its channel index set instead
+    sm = recognize(gm)
+    a = sm.layers[0].attention
+    assert (a.q.out_rows, a.k.out_rows, a.v.out_rows) == ((0, 1, 2, 3, 12, 13, 14, 15), (4, 5, 6, 7, 16, 17, 18, 19),
+                                                         (8, 9, 10, 11, 20, 21, 22, 23))
+    assert a.o is not None and a.q.name == ".q" and "qkv_rows matched" in sm.why("k", 0)
+
+
+def test_qkv_rows_rejects_roles_sharing_channels():
+    gm, *_ = _attention_graph(fused=True, k_start=2)    # k overlaps q's channels: no role gets them
     sm = recognize(gm)
     assert sm.layers[0].attention.q is None and sm.layers[0].attention.o is not None
-    assert "qkv_distinct rejected" in sm.why("k", 0)
+    assert "qkv_rows rejected" in sm.why("k", 0) and "same channels" in sm.why("k", 0)
+    assert any("nor into per-role channel sets" in u.reason for u in sm.unmatched)
 
 
 def test_o_trace_and_its_failure():

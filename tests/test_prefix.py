@@ -152,14 +152,22 @@ def test_union_specs_round_trip_and_validate():
     assert e.value.field == "prefix_length"
     with pytest.raises(ga.SpecError, match="non_linearity"):
         PrefixTuning(non_linearity="nope")
-    import transformers as T
+    # q and k from one projection (shared-QK attention): no role gets it, so there is no key projection
+    # (head-interleaved fused QKV, GPT-NeoX, is recognised now: tests/test_fused_rows.py)
 
-    from helpers import build_seeded
+    class SharedQK(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qk, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(3))
 
-    neox = build_seeded(lambda: T.GPTNeoXModel(T.GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                                                 num_attention_heads=4, intermediate_size=64)))
+        def forward(self, x):
+            heads = lambda t: t.view(*t.shape[:2], 4, 8).transpose(1, 2)
+            qk = heads(self.qk(x))
+            a = torch.nn.functional.scaled_dot_product_attention(qk, qk, heads(self.v(x)))
+            return x + self.o(a.transpose(1, 2).reshape(x.shape))
+
     with pytest.raises(ga.SpecError, match="no recognised key/value projection"):
-        ga.apply(neox, PrefixTuning())
+        ga.apply(SharedQK(), PrefixTuning(), example_kwargs={"x": torch.randn(2, 5, 32)})
 
 
 def test_peft_prefix_tuning_checkpoint_parity(tmp_path):

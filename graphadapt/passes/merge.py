@@ -138,6 +138,7 @@ def _is_finite(t: torch.Tensor) -> bool:
 def _plain_lora(mod) -> bool:
     return (hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and not getattr(mod, "use_dora", True)
             and not getattr(mod, "use_gating", True) and getattr(mod, "out_slice", 1) is None
+            and getattr(mod, "out_rows", None) is None
             and getattr(mod, "fan_in_fan_out", True) is False)
 
 

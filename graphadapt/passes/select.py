@@ -22,7 +22,7 @@ from ..structure.types import LinearSite, StructureMap
 def _whole(site: LinearSite) -> LinearSite:
     """The un-sliced view of a fused projection (what PEFT adapts when given its name)."""
     return dataclasses.replace(site, name=site.module_path, out_features=site.total_out,
-                               out_slice=None, split_output=None, role=None)
+                               out_slice=None, split_output=None, role=None, out_rows=None)
 
 
 def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[LinearSite]:
@@ -33,7 +33,8 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
 
     def take(site: LinearSite) -> None:
         group = chosen.setdefault(site.name, [])
-        if all(site.node is not g.node or site.out_slice != g.out_slice for g in group):
+        if all(site.node is not g.node or site.out_slice != g.out_slice
+               or site.out_rows != g.out_rows for g in group):
             group.append(site)
 
     layer_ok = method.includes_layer
@@ -84,4 +85,19 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
         if s.fused and s.module_path in wholes:
             raise SpecError(f"adapter {adapter_name!r} selects both the fused projection "
                             f"{s.module_path!r} and its slice {s.name!r}; choose one.", field="targets")
-    return flat
+    return flat + _other_uses(sm, flat)
+
+
+def _other_uses(sm: StructureMap, flat: list[LinearSite]) -> list[LinearSite]:
+    """Further nodes reading a chosen (unfused) site's weight: adapted too, by the same module, as
+    wrapping the module would (DeBERTa-v2 with ``share_att_key`` projects the relative positions with
+    ``key_proj`` as well); merging folds into the weight, which every use reads."""
+    chosen = {s.weight: s for s in flat if not s.fused}
+    have = {s.node for s in flat}
+    extra = []
+    for o in sm.linear_sites:
+        s = chosen.get(o.weight)
+        if s is not None and not o.fused and o.node not in have:
+            have.add(o.node)
+            extra.append(dataclasses.replace(o, name=s.name, role=s.role, layer=s.layer))
+    return extra

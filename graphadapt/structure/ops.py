@@ -31,6 +31,8 @@ QKV_OPS = SHAPE_OPS | {
     aten.sub.Tensor, aten.neg.default, aten.cat.default, aten.split.Tensor, aten.split_with_sizes.default,
     aten.unbind.int, aten.stack.default, aten.chunk.default, aten.index.Tensor, aten.lift_fresh_copy.default,
 }
+if hasattr(aten, "broadcast_to"):   # Falcon's GQA repeats k/v heads with broadcast_to
+    QKV_OPS.add(aten.broadcast_to.default)
 MASKING = {
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor,
     aten.div.Scalar, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,

@@ -417,6 +417,8 @@ def _eager_attention(p: Pattern, sm: fx.Node, order: dict) -> Match | MatchFailu
             return p.fail(n, "above the softmax: neither a mask/scale/bias/reshape op nor the QKᵀ matmul", via)
         via.append(n)
         cands = [a for a in node_args(n.args) if a.op == "call_function"]
+        if is_op(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor}) and isinstance(n.args[0], fx.Node):
+            cands = [n.args[0]]   # the scores being filled, not the (later-computed) mask (DeBERTa-v2)
         # a direct QKᵀ operand wins (T5 4.57: ``scores += position_bias``, whose bias operand
         # is computed later than the matmul); otherwise follow the most recent operand
         mm = [a for a in cands if is_op(a, MATMUL)]

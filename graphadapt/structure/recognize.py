@@ -12,6 +12,7 @@ a named pattern of :mod:`.patterns`; the matches and failures that decided a rol
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import torch
@@ -23,6 +24,7 @@ from .ops import ACTIVATIONS as _ACTIVATIONS
 from .ops import node_args as _nodes, strip, strip_shape as _strip_shape
 from .patterns import (CORE_INDEX, FFN, FFN_GATE, FFN_PARALLEL, K_TRACE, O_TRACE, POST_LN, PRE_LN, Q_TRACE,
                        QKV_DISTINCT, RESIDUAL_ADD, V_TRACE, Matcher)
+from .fused_rows import QKV_ROWS
 from .types import (AttentionBlock, FFNBlock, Finding, Layer, LinearSite, ResidualSite, StructureMap,
                     Unmatched)
 
@@ -52,6 +54,7 @@ class _Recognizer:
         for s in self.sites:
             self.by_input_chain.setdefault(s.input, []).append(s)
         self.site_of_node: dict[fx.Node, LinearSite] = {}
+        self.row_sites: dict[int, tuple] = {}   # id(fused site) → ({role: site with out_rows}, qkv_rows match)
         for s in self.sites:
             self.site_of_node.setdefault(s.node, s)
 
@@ -120,6 +123,8 @@ class _Recognizer:
             fused = None
             distinct = self.matcher.run(QKV_DISTINCT, core, q, k, v)
             if not distinct:
+                q, k, v, distinct = self._fused_rows(core, {"q": (q, qn), "k": (k, kn), "v": (v, vn)}, distinct)
+            if not distinct:
                 # never give one site two roles: keep the block (o, residual) without q/k/v
                 fused = q if q is k or q is v else k
                 for role in "qkv":
@@ -127,7 +132,8 @@ class _Recognizer:
                 self.unmatched.append(Unmatched(
                     "attention", core.name,
                     f"q/k/v come from one fused projection ({fused.module_path}) that is not cut into contiguous "
-                    "channel ranges (e.g. a head-interleaved layout); adapt it whole by module path"))
+                    "channel ranges, nor into per-role channel sets by data-movement ops "
+                    f"({distinct.reason}); adapt it whole by module path"))
                 q = k = v = None
             o_found = self.matcher.run(O_TRACE, core, self)
             self._note(core, "attention", "o", o_found)
@@ -204,6 +210,33 @@ class _Recognizer:
         stacks = self._stack_names(layers)
         return StructureMap(layers=layers, linear_sites=self.sites, unmatched=self.unmatched, stacks=stacks,
                             findings=self.findings, pattern_stats=self.matcher.stats)
+
+    def _fused_rows(self, core: fx.Node, traced: dict, distinct):
+        """q/k/v sharing one site: per-role channel index sets (pattern ``qkv_rows``), one new site per
+        role in place of the fused one. Returns ``(q, k, v, result)``; ``result`` is falsy when not cut."""
+        sites = [s for s, _ in traced.values()]
+        fused = next(s for s in sites if sum(o is s for o in sites) > 1)
+        roles = {r: x for r, (s, x) in traced.items() if s is fused}
+        cache = self.row_sites
+        if id(fused) not in cache:
+            found = self.matcher.run(QKV_ROWS, core, fused, roles, self)
+            for r in roles:
+                self._note(core, "attention", r, found)
+            if not found:
+                return (*(s for s, _ in traced.values()), found)
+            total = fused.total_out or fused.out_features
+            parts = {r: dataclasses.replace(fused, name=f"{fused.name}.{r}", out_features=len(idx), out_slice=None,
+                                            total_out=total, split_output=None, out_rows=idx, role=None)
+                     for r, idx in found.value.items()}
+            i = next(j for j, s in enumerate(self.sites) if s is fused)
+            self.sites[i:i + 1] = list(parts.values())
+            cache[id(fused)] = (parts, found)
+        parts, found = cache[id(fused)]
+        if set(parts) != set(roles):
+            return (*(s for s, _ in traced.values()), QKV_ROWS.fail(
+                core, "the roles reading this fused projection differ from those at its first use"))
+        out = [parts.get(r, s) for r, (s, _) in traced.items()]
+        return (*out, QKV_DISTINCT.ok(core, tuple(out)))
 
     def _head_counts(self, blk: AttentionBlock, qn: fx.Node) -> None:
         val = qn.meta.get("val")

@@ -8,7 +8,8 @@ from .types import AttentionBlock, LinearSite, StructureMap
 
 def _shape(s: LinearSite) -> str:
     experts = f" ×{s.num_experts} experts" if s.num_experts else ""
-    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out})" if s.fused else "") + experts
+    rows = ", head-interleaved rows" if s.out_rows is not None else ""
+    return f"{s.in_features}→{s.out_features}" + (f" (of {s.total_out}{rows})" if s.fused else "") + experts
 
 
 class StructureReport(dict):

@@ -54,10 +54,13 @@ class LinearSite:
     # (grouped form: the per-expert row offsets, rows sorted by expert)
     num_experts: int | None = None
     routing: fx.Node | None = None
+    # fused, head-interleaved (GPT-NeoX, Falcon, Bloom): this role's channels of the fused output,
+    # in the order the role's tensor lays them out (head-major); exclusive with ``out_slice``
+    out_rows: tuple[int, ...] | None = None
 
     @property
     def fused(self) -> bool:
-        return self.out_slice is not None
+        return self.out_slice is not None or self.out_rows is not None
 
 
 @dataclass

@@ -47,7 +47,8 @@ class IA3Method(LinearSiteMethod):
             return mod
         mod = IA3Module(site.in_features, site.out_features, feedforward=spec.is_feedforward(site),
                         fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
-                        total_out=site.total_out, alpha=spec.alpha, use_gating=spec.use_gating,
+                        total_out=site.total_out, out_rows=getattr(site, "out_rows", None),
+                        alpha=spec.alpha, use_gating=spec.use_gating,
                         dtype=weight.dtype, device=weight.device)
         g = adapter_generator(seed, adapter, site.name)
         with torch.no_grad():

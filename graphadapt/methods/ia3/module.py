@@ -59,6 +59,7 @@ class IA3Module(SlicedSiteModule):
         fan_in_fan_out: bool = False,
         out_slice: tuple[int, int] | None = None,
         total_out: int | None = None,
+        out_rows: tuple[int, ...] | None = None,
         alpha: float = 1.0,
         use_gating: bool = False,
         dtype: torch.dtype | None = None,
@@ -66,7 +67,7 @@ class IA3Module(SlicedSiteModule):
     ):
         super().__init__()
         self.active = True
-        self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out)
+        self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out, out_rows)
         self.feedforward = bool(feedforward)
         shape = (1, in_features) if self.feedforward else (out_features, 1)
         # Ones (identity) without RNG; the IA3 plugin (graphadapt.methods.ia3) redraws when init_ia3_weights=False.
@@ -127,14 +128,18 @@ class IA3Module(SlicedSiteModule):
         rows = self._rows(new_weight)
         if not self.feedforward:
             rows.mul_(l)  # [out, 1] broadcasts over the input columns
+            self._commit_rows(new_weight, rows)
             if new_bias is not None:
-                self._bias_slice(new_bias).mul_(l.flatten().to(new_bias.dtype))
+                part = self._bias_slice(new_bias)
+                part.mul_(l.flatten().to(new_bias.dtype))
+                self._commit_bias(new_bias, part)
             return new_weight, new_bias
         if base_weight is None or torch.equal(base_weight, weight):
             rows.mul_(l)  # [1, in] broadcasts over the rows
         else:
             w0 = self._rows(base_weight.detach().to(dtype=weight.dtype, device=weight.device))
             rows.add_(w0 * (l - 1))
+        self._commit_rows(new_weight, rows)
         return new_weight, new_bias
 
     def extra_repr(self) -> str:

@@ -36,7 +36,8 @@ class LoRAMethod(LinearSiteMethod):
             site.in_features, site.out_features, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
             use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating,
             fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
-            total_out=site.total_out, dtype=weight.dtype, device=weight.device)
+            total_out=site.total_out, out_rows=getattr(site, "out_rows", None), dtype=weight.dtype,
+            device=weight.device)
         with torch.no_grad():
             new_w = init_lora_(mod, spec.init, adapter_generator(seed, adapter, site.name),
                                base_weight=weight.detach())

@@ -159,7 +159,7 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
         if r["adapter"] != ours_name:
             continue
         mod = adapted.get_submodule(r["target"])
-        path = r["site"] if mod.out_slice is None else r["site"].rsplit(".", 1)[0]
+        path = r["site"] if mod.out_slice is None and mod.out_rows is None else r["site"].rsplit(".", 1)[0]
         group = by_path.setdefault(path, [])
         if all(m is not mod for _, m in group):
             group.append((r["target"], mod))
@@ -179,6 +179,10 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
                 continue
             done.add(path)
             group = by_path[path]
+            if any(m.out_rows is not None for _, m in group):
+                raise CheckpointError(
+                    f"AdapterHub tensors for {site} target a head-interleaved fused projection; reading them "
+                    "into its q/k/v row sets is not supported. Target the projection by module path instead.")
             fused_partial = group[0][1].out_slice is not None and \
                 sum(m.out_features for _, m in group) != group[0][1].total_out
             for key, value in tensors.items():

@@ -32,7 +32,9 @@ def _pissa_(module, base_weight: Tensor) -> Tensor:
     module.lora_A.copy_(lora_a)
     module.lora_B.copy_(lora_b)
     new_weight = base_weight.detach().clone()
-    module._rows(new_weight).copy_(rows - module.scaling * (lora_b @ lora_a))
+    own = module._rows(new_weight)
+    own.copy_(rows - module.scaling * (lora_b @ lora_a))
+    module._commit_rows(new_weight, own)
     return new_weight
 
 

@@ -89,6 +89,8 @@ class LoRAModule(SlicedSiteModule):
         fan_in_fan_out: base weight is ``[in, out]`` (GPT-2 ``Conv1D``) instead of ``[out, in]``.
         out_slice, total_out: this module owns channels ``[start, end)`` of a ``total_out``
             wide output.
+        out_rows: or an index set of those channels (a head-interleaved fused QKV), in the
+            order of B's rows (:mod:`graphadapt.methods.sliced`).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class LoRAModule(SlicedSiteModule):
         fan_in_fan_out: bool = False,
         out_slice: tuple[int, int] | None = None,
         total_out: int | None = None,
+        out_rows: tuple[int, ...] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -118,7 +121,7 @@ class LoRAModule(SlicedSiteModule):
             # AdapterHub's gated DoRA rescales the gated branch with an undetached, unscaled
             # norm, PEFT has no gating: there is no reference to match, so refuse it.
             raise SpecError("use_dora and use_gating cannot be combined", field="use_gating")
-        self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out)
+        self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out, out_rows)
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
@@ -181,7 +184,7 @@ class LoRAModule(SlicedSiteModule):
         factor = self._dora_factor(rows, lora_weight, self.scaling)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # PEFT reuses the incoming result without its bias: W x (+ earlier adapters).
-            base = y[..., self.out_slice[0] : self.out_slice[1]] if self.out_slice is not None else y
+            base = self._own(y)
             if bias is not None:
                 base = base - self._bias_slice(bias)
         else:
@@ -226,7 +229,10 @@ class LoRAModule(SlicedSiteModule):
         """
         self._refuse_gated("compute a delta weight for")
         delta = (self.lora_B @ self.lora_A) * self.scaling
-        if self.out_slice is not None:
+        if self.out_rows is not None:
+            delta = delta.new_zeros(self.total_out, self.in_features).index_copy_(
+                0, self._row_index.to(delta.device), delta)
+        elif self.out_slice is not None:
             full = delta.new_zeros(self.total_out, self.in_features)
             full[self.out_slice[0] : self.out_slice[1]] = delta
             delta = full
@@ -261,6 +267,7 @@ class LoRAModule(SlicedSiteModule):
             rows.copy_(factor.unsqueeze(1) * (rows + delta))
         else:
             rows.add_(delta)
+        self._commit_rows(new_weight, rows)
         return new_weight, new_bias
 
     @torch.no_grad()
@@ -288,4 +295,6 @@ class LoRAModule(SlicedSiteModule):
                 parts.append(f"{flag}=True")
         if self.out_slice is not None:
             parts.append(f"out_slice={self.out_slice}, total_out={self.total_out}")
+        if self.out_rows is not None:
+            parts.append(f"out_rows=<{len(self.out_rows)} interleaved>, total_out={self.total_out}")
         return ", ".join(parts)
