@@ -17,6 +17,7 @@ from .methods.prompt import PromptTuning
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
+from . import signatures  # noqa: F401,E402  (other call signatures, gradient checkpointing)
 from . import generation  # noqa: F401,E402  (registers AdaptedModel.generate)
 from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
 

@@ -32,7 +32,7 @@ from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
 
-__all__ = ["capture", "CapturedModule", "synthesize_inputs", "retarget", "GRAPH_LOCK", "serialised"]
+__all__ = ["capture", "CapturedModule", "SignatureMiss", "synthesize_inputs", "retarget", "GRAPH_LOCK", "serialised"]
 
 # torch.export / torch.onnx.export keep global tracing state (mode stacks, the fake-tensor
 # mode, symbolic shape envs) and fork the global RNG: two captures in two threads corrupt each
@@ -139,6 +139,31 @@ def _dynamic_shapes(kwargs: Mapping[str, Any], dynamic: bool) -> tuple[dict, dic
     return spec, names
 
 
+def _nest_var_keyword(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
+    """torch.export keys dynamic shapes by forward's parameters: inputs that land in ``**kwargs``
+    (transformers 5 passes ``output_hidden_states``/``return_dict`` that way) go under its name."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return spec
+    var = next((n for n, p in params.items() if p.kind == p.VAR_KEYWORD), None)
+    extra = {k: v for k, v in spec.items() if k not in params or k == var}
+    if var is None or not extra:
+        return spec
+    return {**{k: v for k, v in spec.items() if k not in extra}, var: extra}
+
+
+def _baked_inputs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Non-tensor inputs that forward takes through ``**kwargs`` (torch.export cannot shape-spec them)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return {}
+    return {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor) and k not in params}
+
+
 def _widen_unit_axes(kwargs: dict[str, Any], names: dict[str, dict[int, str]]) -> dict[str, Any]:
     """Repeat example inputs along dynamic axes whose every example has size 1.
 
@@ -241,7 +266,8 @@ class CapturedModule(fx.GraphModule):
     """
 
     _graphadapt_attrs = ("input_names", "constant_inputs", "dynamic_dims", "source_class", "_example_inputs",
-                         "source_config", "_compute_dtype", "_compute_device", "decoder_cache", "static_axes")
+                         "source_config", "_compute_dtype", "_compute_device", "decoder_cache", "static_axes",
+                         "baked_inputs")
 
     def _init_capture_state(self, *, input_names, dynamic_dims, example_inputs, source,
                             dtype, device):
@@ -322,6 +348,14 @@ class CapturedModule(fx.GraphModule):
                         "graphadapt checkpoints (safetensors) and re-apply on the base model.")
 
 
+class SignatureMiss(TypeError):
+    """A call that does not fit the captured signature (an adapted model then captures a variant for it)."""
+
+    def __init__(self, message: str, module=None):
+        super().__init__(message)
+        self.module = module
+
+
 def _check_inputs_hook(module: CapturedModule, args, kwargs):
     """Fill captured constants (``use_cache=False``), name unknown or missing inputs clearly."""
     names = module.input_names
@@ -330,19 +364,31 @@ def _check_inputs_hook(module: CapturedModule, args, kwargs):
         raise TypeError(f"got multiple values for argument {twice[0]!r} (positionally and by keyword)")
     given = set(names[:len(args)]) | set(kwargs)
     unknown = [k for k in kwargs if k not in names and k not in module.constant_inputs]
+    if unknown and module.__dict__.get("baked_inputs"):  # bound into the graph at capture: drop if equal
+        baked = module.baked_inputs
+        for k in [k for k in unknown if k in baked and kwargs[k] == baked[k]]:
+            kwargs = {a: b for a, b in kwargs.items() if a != k}
+            unknown.remove(k)
     what = f"this graphadapt model (captured from {module.source_class.rsplit('.', 1)[-1]})"
+    positional = module.__dict__.get("_positional_names")
+    if args and positional is not None and names[:len(args)] != positional[:len(args)]:
+        raise SignatureMiss(f"{what}: positional inputs bind to {positional[:len(args)]}, not to the captured "
+                            f"{names[:len(args)]}", module)
     if unknown or len(args) > len(names):
         extra = unknown or [f"{len(args)} positional arguments"]
-        raise TypeError(
+        raise SignatureMiss(
             f"{what} takes the tensor inputs it was captured with, {names}; got unexpected {extra}. "
-            f"Capture them too: graphadapt.apply(model, spec, example_kwargs={{..., {extra[0]!r}: <example>}}).")
-    missing = [k for k in names if k not in given]
+            f"Capture them too: graphadapt.apply(model, spec, example_kwargs={{..., {extra[0]!r}: <example>}}).",
+            module)
+    missing = [k for k in names if k not in given or (k in kwargs and kwargs[k] is None)]
+    if not missing and args and any(a is None for a in args):  # None given = omitted
+        missing = [k for k, a in zip(names, args) if a is None]
     if missing:
-        raise TypeError(f"{what} needs the inputs {names} (as captured); missing {missing}.")
+        raise SignatureMiss(f"{what} needs the inputs {names} (as captured); missing {missing}.", module)
     for k, v in module.constant_inputs.items():
         if k in kwargs and kwargs[k] != v:
-            raise TypeError(f"{k}={kwargs[k]!r} differs from the value captured ({v!r}), which is "
-                            "baked into the graph; re-capture with the value you need.")
+            raise SignatureMiss(f"{k}={kwargs[k]!r} differs from the value captured ({v!r}), which is "
+                                "baked into the graph; re-capture with the value you need.", module)
     kwargs = {**dict(zip(names, args)), **kwargs, **module.constant_inputs}
     for k, fixed in getattr(module, "static_axes", {}).items():
         v = kwargs.get(k)
@@ -411,14 +457,26 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = ref.dtype if ref is not None else torch.float32
     device = ref.device if ref is not None else torch.device("cpu")
+    baked = _baked_inputs(model, kwargs)
+    own_forward = model.__dict__.get("forward")
     try:
         model.eval()
+        if baked:  # non-tensor inputs landing in forward's **kwargs: bound, not exported as inputs
+            model.forward = functools.partial(own_forward or type(model).forward.__get__(model), **baked)
         with torch.no_grad(), quiet_torch_logs():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=spec if dynamic else None,
+            ep = torch.export.export(model, (), {k: v for k, v in kwargs.items() if k not in baked},
+                                     dynamic_shapes=_nest_var_keyword(model, {k: v for k, v in spec.items()
+                                                                              if k not in baked})
+                                     if dynamic else None,
                                      strict=False)
     except Exception as e:  # noqa: BLE001 - every failure becomes one readable CaptureError
         raise CaptureError(_describe_failure(model, e)) from e
     finally:
+        if baked:
+            if own_forward is None:
+                del model.forward
+            else:
+                model.forward = own_forward
         model.train(was_training)
     unlifted = ep.module()
     gm = cls(unlifted, unlifted.graph)
@@ -433,6 +491,8 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
                                            for k, v in kwargs.items()},
                            source=getattr(model, "graphadapt_source", model), dtype=dtype, device=device)
     gm.static_axes = _static_axes(unlifted)
+    gm.baked_inputs = baked
+    gm.constant_inputs = {k: v for k, v in gm.constant_inputs.items() if k not in baked}
     run_pass("make_portable", make_portable, gm, dtype, device)
     gm.register_forward_pre_hook(_check_inputs_hook, with_kwargs=True)
     return gm

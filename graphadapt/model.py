@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .capture import CapturedModule, serialised
+from .capture import CapturedModule, SignatureMiss, serialised
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import _is_finite as _finite
@@ -64,7 +64,11 @@ class AdaptedModel(CapturedModule):
     """A captured model with adapters inserted. Create it with :func:`graphadapt.apply`."""
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
-        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning")
+        "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning",
+        "_call_signature", "_positional_names", "_route", "_checkpoint_options")
+
+    accepts_loss_kwargs = False
+    """For ``transformers.Trainer``: the loss is the source model's own (no ``num_items_in_batch``)."""
 
     def _init_adapted(self, spec, records: list, structure_report: dict, source: nn.Module, plan=None,
                       base_graph=None):
@@ -76,6 +80,53 @@ class AdaptedModel(CapturedModule):
         self.structure_report = structure_report
         self._merge_state = None
         object.__setattr__(self, "_source_model", source)  # not a submodule: shares storage only
+        if not getattr(self, "decoder_cache", None) and EXTENSIONS.get("signature_of") is not None:
+            # the source's call signature: other calls than the captured one are captured on first use
+            self._call_signature, self._positional_names = EXTENSIONS["signature_of"](source)
+            self.recompile()
+
+    # ------------------------------------------------------------------ calls
+    def _call_impl(self, *args, **kwargs):
+        route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
+        if route is None:
+            try:
+                return super()._call_impl(*args, **kwargs)
+            except SignatureMiss as miss:  # not the captured signature: graphadapt.signatures
+                route = EXTENSIONS.get("signatures") if miss.module is self else None
+                if route is None or self.__dict__.get("_call_signature") is None:
+                    raise
+        return route(self, args, kwargs)
+
+    def recompile(self):
+        out = super().recompile()
+        sig = self.__dict__.get("_call_signature")
+        if sig is not None:  # inspect.signature(model.forward) shows the source's (transformers.Trainer reads it)
+            type(self).forward.__signature__ = sig
+        return out
+
+    def __deepcopy__(self, memo):
+        source = self.__dict__.get("_source_model")
+        if source is not None:  # the caller's model: a shared reference, never copied
+            memo.setdefault(id(source), source)
+        res = super().__deepcopy__(memo)
+        if res._modules.get("_source_model") is not None:  # Module.__setattr__ registered it: keep it a reference
+            object.__setattr__(res, "_source_model", res._modules.pop("_source_model"))
+        res.recompile()
+        return res
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """Recompute each transformer layer's activations in the backward pass instead of keeping them
+        (while training with gradients on); see docs/training.md."""
+        EXTENSIONS["checkpointing"](self, True, gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        EXTENSIONS["checkpointing"](self, False, None)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.__dict__.get("_route") is not None
+
+    supports_gradient_checkpointing = True
 
     @property
     def plan(self):
