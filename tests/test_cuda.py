@@ -113,11 +113,18 @@ def test_greedy_generate_on_cuda_equals_hf():
     assert got.device.type == "cuda" and torch.equal(got, want)
 
 
-def test_export_onnx_from_a_cuda_model(tmp_path):
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_export_onnx_from_a_cuda_model(tmp_path, dtype):
+    """Verified on onnxruntime's CUDA EP when onnxruntime-gpu is installed (fp32: TF32 must be off)."""
+    ort = pytest.importorskip("onnxruntime")
+    cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
     model = tiny_bert().to(CUDA)
     adapted = ga.apply(model, _spec())
     _randomize_all(adapted)
-    report = ga.export_onnx(adapted, tmp_path / "m.onnx", merge=False)
-    assert report.verified and max(report.max_abs_diff.values()) < 1e-4, report
+    report = ga.export_onnx(adapted, tmp_path / "m.onnx", merge=False, dtype=dtype,
+                            providers=["CUDAExecutionProvider"] if cuda_ep else None)
+    assert report.verified, report
+    if dtype == "fp32":
+        assert max(report.max_abs_diff.values()) < 1e-4, report
+    assert report.providers[0] == ("CUDAExecutionProvider" if cuda_ep else "CPUExecutionProvider")
     assert next(adapted.parameters()).device.type == "cuda", "export must leave the model on its device"
