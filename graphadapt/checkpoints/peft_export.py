@@ -18,7 +18,8 @@ from ..errors import CheckpointError
 def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from ..methods import get_method
+    from ..methods import get_method, registered
+    from ..methods.base import Method
     from . import _atomic_write, check_save_target
     from .trainable import trainable_module_tensors
 
@@ -35,15 +36,11 @@ def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -
     method = get_method(spec.adapters[name])
     records = [r for r in adapted.adapter_records if r["adapter"] == name]
     modules = {r["site"]: adapted.get_submodule(r["target"]) for r in records}
-    try:
-        fields, tensors = method.peft_export(spec.adapters[name], modules, records)
-    except NotImplementedError:
-        from ..methods import registered
-        from ..methods.base import Method
-
+    if type(method).peft_export is Method.peft_export:
         can = sorted(m.name for m in registered() if type(m).peft_export is not Method.peft_export)
         raise CheckpointError(f"{method.name} adapters have no PEFT format in graphadapt (supported: "
-                              f"{', '.join(can)}); save with save_adapters instead") from None
+                              f"{', '.join(can)}); save with save_adapters instead")
+    fields, tensors = method.peft_export(spec.adapters[name], modules, records)
     cls = adapted.source_class
     cfg = {"base_model_name_or_path": None, "revision": None, "task_type": None, "inference_mode": True,
            "auto_mapping": {"base_model_class": cls.rsplit(".", 1)[-1], "parent_library": cls.rsplit(".", 1)[0]},

@@ -97,8 +97,12 @@ class Method:
                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Optional (``AdaptedModel.to_peft``): ``(PEFT adapter_config fields, {key: tensor})`` for one adapter
         whose modules sit at the base module paths in ``modules`` (keys without PEFT's ``base_model.model.``).
-        Raise :class:`~graphadapt.errors.CheckpointError` for options PEFT cannot express."""
-        raise NotImplementedError
+        Raise :class:`~graphadapt.errors.CheckpointError` for options PEFT cannot express. The default: this
+        method has no PEFT format (a ``CheckpointError``)."""
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{self.name} adapters have no PEFT format in graphadapt; save with save_adapters "
+                              "instead")
 
     adapterhub_architectures: ClassVar[tuple[str | None, ...]] = ()
     """AdapterHub config ``architecture`` values this method imports."""
