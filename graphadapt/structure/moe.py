@@ -26,8 +26,8 @@ from collections import deque
 import torch
 import torch.fx as fx
 
-from .ops import ACTIVATIONS, PASSTHROUGH, RESHAPES, is_op, strip_shape
-from .patterns import FFN_GATE, FUSED_SPLIT, Match, MatchFailure, Matcher, Pattern, sites_feeding
+from .ops import ACTIVATIONS, PASSTHROUGH, is_op, strip_shape
+from .patterns import FFN_GATE, FUSED_SPLIT, Match, MatchFailure, Matcher, Pattern, sites_feeding, stream_adds
 from .types import FFNBlock, LinearSite, ResidualSite
 
 aten = torch.ops.aten
@@ -156,19 +156,8 @@ def _moe(p: Pattern, stream_out: fx.Node, ctx, used: set[int], experts: list[Lin
     for s in experts:
         if id(s) not in used:
             by_node.setdefault(s.node, []).append(s)
-    cands, frontier, seen = [], [stream_out], set()
-    while frontier:
-        n = frontier.pop()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if is_op(u, {aten.add.Tensor}) and all(isinstance(a, fx.Node) for a in u.args[:2]):
-                cands.append((u, n))
-            elif is_op(u, PASSTHROUGH | RESHAPES):
-                frontier.append(u)
     floor = ctx.order[stream_out]
-    for add, via in sorted(cands, key=lambda c: ctx.order[c[0]]):
+    for add, via in stream_adds(stream_out, ctx):
         branch = add.args[1] if add.args[0] is via else add.args[0]
         body = _closure(branch, floor, ctx.order)
         ops = sorted((n for n in body if n in by_node), key=ctx.order.get)

@@ -718,13 +718,10 @@ POST_LN = Pattern("post_ln", frozenset(), "the add continues only through a norm
 
 
 # --------------------------------------------------------------------------- feed-forward
-def _ffn(p: Pattern, stream_out: fx.Node, ctx, used: set[int]) -> Match | MatchFailure:
-    """The first add on the stream whose branch comes from an unused linear site (down) fed by other sites.
-
-    ``value``: ``(down, [(site, behind_activation)], ResidualSite)``.
-    """
-    cands = []
-    frontier, seen = [stream_out], set()
+def stream_adds(stream_out: fx.Node, ctx) -> list[tuple[fx.Node, fx.Node]]:
+    """``(add, via)`` for every tensor add reached from ``stream_out`` through pass-through/reshape ops
+    (``via``: the add's operand on that path), in graph order: the candidate residual adds of a sub-block."""
+    cands, frontier, seen = [], [stream_out], set()
     while frontier:
         n = frontier.pop()
         for u in n.users:
@@ -735,8 +732,16 @@ def _ffn(p: Pattern, stream_out: fx.Node, ctx, used: set[int]) -> Match | MatchF
                 cands.append((u, n))
             elif is_op(u, PASSTHROUGH | RESHAPES):
                 frontier.append(u)
+    return sorted(cands, key=lambda c: ctx.order[c[0]])
+
+
+def _ffn(p: Pattern, stream_out: fx.Node, ctx, used: set[int]) -> Match | MatchFailure:
+    """The first add on the stream whose branch comes from an unused linear site (down) fed by other sites.
+
+    ``value``: ``(down, [(site, behind_activation)], ResidualSite)``.
+    """
     rejected = []
-    for add, via in sorted(cands, key=lambda c: ctx.order[c[0]]):
+    for add, via in stream_adds(stream_out, ctx):
         branch = add.args[1] if add.args[0] is via else add.args[0]
         r = ctx.matcher.run(DOWN_TRACE, branch, ctx)
         if not r:
