@@ -244,3 +244,18 @@ def test_load_maps_module_path_targets_across_heads(tmp_path):
     with torch.no_grad():
         logits = torch.nn.functional.linear(enc(**x).pooler_output, cls.classifier.weight, cls.classifier.bias)
         assert max_diff(logits, adapted(**x).logits) == 0.0
+
+
+@pytest.mark.parametrize("method", [ga.LoRA(r=2, targets=("q",)), ga.IA3(targets=("q",), feedforward=())])
+def test_to_peft_refuses_part_of_a_fused_projection(tmp_path, method):
+    """PEFT adapts whole modules: q's rows of GPT-NeoX's fused query_key_value cannot be written as PEFT."""
+    import transformers as T
+
+    from helpers import build_seeded
+
+    model = build_seeded(lambda: T.GPTNeoXModel(T.GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=64)))
+    adapted = ga.apply(model, method)
+    with pytest.raises(CheckpointError, match="part of a fused projection"):
+        adapted.to_peft(tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -124,27 +124,21 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
     def fill(adapted) -> None:
         params = dict(adapted.named_parameters())
         filled = set()
+        pairs = [(key, f"{adapter_prefix(name)}{path}.{kind}" if path else f"{adapter_prefix(name)}{kind}", "")
+                 for key, (path, kind) in mapped.items()]
+        pairs += [(key, ours, " (modules_to_save)") for key, ours in whole.items()]
         with torch.no_grad():
-            for key, (path, kind) in mapped.items():
-                ours = f"{adapter_prefix(name)}{path}.{kind}" if path else f"{adapter_prefix(name)}{kind}"
+            for key, ours, what in pairs:
                 if ours not in params:
-                    raise CheckpointError(f"{key} has no counterpart {ours} in the adapted model")
-                p, v = params[ours], weights[key]
-                check_tensor(key, v, p, d)
-                p.copy_(v.to(p.dtype))
-                filled.add(ours)
-        with torch.no_grad():
-            for key, ours in whole.items():
-                if ours not in params:
-                    raise CheckpointError(f"{key} (modules_to_save) has no counterpart {ours} in the adapted model")
+                    raise CheckpointError(f"{key}{what} has no counterpart {ours} in the adapted model")
                 p, v = params[ours], weights[key]
                 check_tensor(key, v, p, d)
                 p.copy_(v.to(p.dtype))
                 filled.add(ours)
         from .trainable import trainable_module_keys
 
-        empty = sorted(n for n in params if (n.startswith(adapter_prefix(name)) or n in set(trainable_module_keys(
-            adapted))) and n not in filled)
+        heads = set(trainable_module_keys(adapted))   # one state_dict() walk, not one per parameter
+        empty = sorted(n for n in params if (n.startswith(adapter_prefix(name)) or n in heads) and n not in filled)
         if empty:
             raise CheckpointError(f"the checkpoint has no values for {empty[:3]} ({len(empty)} in all)")
 

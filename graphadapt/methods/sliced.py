@@ -118,3 +118,16 @@ class SlicedSiteModule(nn.Module):
         if end < self.total_out:
             parts.append(y[..., end:])
         return torch.cat(parts, dim=-1)
+
+
+def peft_inexpressible_sites(modules, records: list) -> dict[str, str]:
+    """``{site: why}`` for sites PEFT's per-module formats (LoRA, IA3) cannot hold: not a whole
+    ``nn.Linear`` (Conv1D, expert weights) or only part of one (a fused slice or row set)."""
+    out = {}
+    for r in records:
+        m = modules.get(r.site)
+        part = m is not None and (getattr(m, "out_slice", None) is not None or getattr(m, "out_rows", None) is not None)
+        if r.get("layout") != "linear" or part or r.details.get("num_experts"):
+            out[r.site] = f"a {r.get('layout')} site" + (" (part of a fused projection)" if part else "")
+    return out
+

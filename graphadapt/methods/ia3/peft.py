@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 from graphadapt.errors import CheckpointError
 
+from ..sliced import peft_inexpressible_sites
+
 from .spec import IA3
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.ia3_l(?:\.(?P<adapter>[A-Za-z_][\w]*))?$")
@@ -42,9 +44,7 @@ def peft_ia3_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> IA3:
 def peft_ia3_export(spec: IA3, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
     """PEFT ``IA3Config`` fields and ``{<path>.ia3_l: …}`` for a graphadapt IA3 adapter."""
     refused = {k: v for k, v in (("use_gating", spec.use_gating), ("alpha", spec.alpha if spec.alpha != 1 else 0)) if v}
-    for r in records:
-        if r.get("layout") != "linear" or "out_slice" in r.details:
-            refused[r.site] = f"a {r.get('layout')} site{' slice' if 'out_slice' in r.details else ''}"
+    refused.update(peft_inexpressible_sites(modules, records))
     if refused:
         raise CheckpointError(f"PEFT's IA3 cannot express {refused} (AdapterHub's alpha/gating, or sites that are "
                               "not whole nn.Linear layers); save with save_adapters instead")

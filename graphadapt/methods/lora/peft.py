@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 from graphadapt.errors import CheckpointError
 
+from ..sliced import peft_inexpressible_sites
+
 from .spec import LoRA
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)"
@@ -49,9 +51,7 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
 def peft_lora_export(spec: LoRA, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
     """PEFT ``LoraConfig`` fields and ``{<path>.lora_A.weight: …}`` for a graphadapt LoRA adapter."""
     refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init == "pissa")) if v}
-    for r in records:
-        if r.get("layout") != "linear" or "out_slice" in r.details:
-            refused[r.site] = f"a {r.get('layout')} site{' slice' if 'out_slice' in r.details else ''}"
+    refused.update(peft_inexpressible_sites(modules, records))
     if refused:
         raise CheckpointError(f"PEFT's LoRA cannot express {refused} (gating, PiSSA's changed base weights, or "
                               "sites that are not whole nn.Linear layers); save with save_adapters instead")
