@@ -308,8 +308,8 @@ def test_verification_failure_writes_nothing(tmp_path, monkeypatch):
 
     real = verify_mod.run_onnxruntime
 
-    def perturbed(p, inputs, providers=None):
-        outputs, names, used = real(p, inputs, providers)
+    def perturbed(p, inputs, providers=None, *args, **kwargs):
+        outputs, names, used = real(p, inputs, providers, *args, **kwargs)
         return [o + 1.0 for o in outputs], names, used
 
     monkeypatch.setattr(verify_mod, "run_onnxruntime", perturbed)

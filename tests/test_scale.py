@@ -270,3 +270,69 @@ def test_fp32_to_fp16_export_converts_one_weight_at_a_time(tmp_path):
         report = export_onnx(adapted, tmp_path / "m.onnx", dtype="fp16", verify=False)
     assert report.merged
     assert watch.made >= 2 and watch.most_alive == 1  # each merged fp32 weight, freed before the next
+
+
+def _initializers(path):
+    import onnx
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_lazy_merge_export_writes_the_same_weights_and_holds_no_merged_copy(tmp_path, monkeypatch):
+    """Merged weights above the exporter's folding limit are computed while the file is written,
+    one at a time: the file is bitwise the one an eager merge writes (LoRA + IA3 on one weight),
+    and when the exporter keeps a placeholder in a form not covered the export falls back to
+    real values, still bitwise equal."""
+    from graphadapt.exporters import dtype as dtype_mod
+    from graphadapt.exporters import export_onnx
+    from graphadapt.exporters import onnx as onnx_mod
+
+    model = _wide_llama(torch.float16)
+    adapted = ga.apply(model, {"l": ga.LoRA(targets=("all-linear",)), "i": ga.IA3()}).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if n.startswith("adapters."):  # lora_B and the IA3 scales away from their identity init
+                p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+    computed = []
+    real_value = dtype_mod.LazyFold.value
+    monkeypatch.setattr(dtype_mod.LazyFold, "value", lambda self: computed.append(self.name) or real_value(self))
+    lazy = export_onnx(adapted, tmp_path / "lazy.onnx", dtype="fp16")
+    assert lazy.verified and lazy.merged and computed  # the MLP weights (64 x 512) were lazy
+    assert all(n.startswith("layers.") and n.endswith(".weight") for n in computed)
+
+    monkeypatch.setattr(dtype_mod, "lazy_min_elements", lambda: None)  # eager: merged values in the copy
+    eager = export_onnx(adapted, tmp_path / "eager.onnx", dtype="fp16", verify=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_mod, "_buffer_view", lambda const: None)  # no placeholder found: fall back
+    fallback = export_onnx(adapted, tmp_path / "fallback.onnx", dtype="fp16", verify=False)
+    a, b, c = (_initializers(tmp_path / f"{x}.onnx") for x in ("lazy", "eager", "fallback"))
+    assert a.keys() == b.keys() == c.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and (a[k] == b[k]).all() and (c[k] == b[k]).all(), k
+    assert eager.merged and fallback.merged and not adapted.is_merged
+
+
+def test_verification_in_parts_runs_every_node_once_and_still_catches_wrong_weights(tmp_path):
+    """onnxruntime run part by part (bounded weights per session) gives the one-session outputs
+    exactly, and verification in parts still fails a file whose adapter differs."""
+    from graphadapt.errors import VerificationError
+    from graphadapt.exporters import export_onnx
+    from graphadapt.exporters.verify import fresh_inputs, run_onnxruntime, verify_onnx
+
+    adapted = ga.apply(tiny_llama(), ga.LoRA(targets=("all-linear",))).eval()
+    randomize_lora(adapted, std=0.05)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(adapted, path, external_data=True, verify_part_bytes=20_000)
+    assert report.verified and report.verify_parts > 3 and "parts" in report.summary()
+    inputs = fresh_inputs(path, adapted.example_inputs(), adapted)
+    whole, names, _ = run_onnxruntime(path, inputs)
+    stats: dict = {}
+    parts, names2, _ = run_onnxruntime(path, inputs, part_bytes=1, stats=stats)
+    assert stats["parts"] > 20 and names2 == names  # about one node per part
+    assert all((a == b).all() for a, b in zip(whole, parts))
+    with torch.no_grad():
+        next(p for n, p in adapted.named_parameters() if n.endswith("lora_B")).mul_(3)
+    with pytest.raises(VerificationError, match="disagrees"):
+        verify_onnx(path, adapted, part_bytes=20_000)

@@ -30,7 +30,7 @@ def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 
 def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: dict[str, Any],
-                   merge: bool = False) -> torch.nn.Module:
+                   merge: bool = False, lazy_merge: bool = False) -> torch.nn.Module:
     """A copy of ``model`` in ``dtype`` (``model`` itself when already there and nothing to merge);
     never converts or merges ``model`` itself.
 
@@ -41,6 +41,14 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
     each merged weight is folded in the model's dtype and converted right away, so the
     extra memory is the copy in ``dtype`` plus one weight. Unfoldable adapters stay in the
     copy's graph (like ``merge()``); ``copy.graphadapt_merge_report`` says what was folded.
+
+    ``lazy_merge=True`` (with ``merge``) computes no merged value: each weight (and bias) that
+    a fold changes holds a placeholder of the right shape and dtype (a view of the base tensor
+    when it is already in ``dtype``, else an untouched allocation), and
+    ``copy.graphadapt_lazy_folds`` maps its name to a :class:`LazyFold` that computes the real
+    value on demand. The copy's forward is then *wrong* until those values are installed: it is
+    for tracing (torch.onnx.export) and writing the values one at a time (see
+    :func:`graphadapt.exporters.onnx.export_onnx`), never for computing outputs.
     """
     plan = None
     if merge and callable(getattr(model, "merge", None)) and not getattr(model, "is_merged", False) \
@@ -67,7 +75,9 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         # GraphModule's deepcopy re-registers it as a submodule: keep it a plain reference
         del clone._modules["_source_model"]
         object.__setattr__(clone, "_source_model", source)
-    _convert_tensors(model, clone, dtype, plan)
+    lazy = _convert_tensors(model, clone, dtype, plan, lazy=lazy_merge and plan is not None)
+    if lazy is not None:
+        clone.graphadapt_lazy_folds = lazy
     if "_compute_dtype" in getattr(clone, "__dict__", {}):  # tensors converted directly, not through .to()
         clone._compute_dtype = dtype
     if plan is not None:
@@ -85,15 +95,70 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
     return clone
 
 
-def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torch.dtype, plan) -> None:
+class LazyFold:
+    """The merged value of one weight or bias of an export copy, computed when asked for.
+
+    ``placeholder`` is the tensor the copy holds instead (same shape and dtype); ``value()``
+    folds the chain from the source model and converts it (a new tensor each call, so the
+    caller can write it and let it go: memory bounded by one weight)."""
+
+    def __init__(self, model, chain, name: str, dtype: torch.dtype, placeholder: torch.Tensor, bias_cache: dict):
+        self.model, self.chain, self.name, self.dtype = model, chain, name, dtype
+        self.placeholder, self._bias_cache = placeholder, bias_cache
+
+    def value(self) -> torch.Tensor:
+        from graphadapt.passes.merge import fold_chain
+
+        chain = self.chain
+        if self.name == chain.bias and chain.bias in self._bias_cache:
+            return self._bias_cache.pop(chain.bias)
+        with torch.no_grad():
+            w2, b2 = fold_chain(self.model, chain, safe=True)
+            if self.name == chain.weight:
+                if chain.bias is not None and b2 is not None:  # biases are small: keep it for its own turn
+                    self._bias_cache[chain.bias] = b2.detach().to(self.dtype)
+                return w2.detach().to(self.dtype)
+            return b2.detach().to(self.dtype)
+
+
+def lazy_min_elements() -> int | None:
+    """Tensors above this many elements can be merged lazily: torch.onnx's optimizer folds
+    constants that large only through Transpose, which it computes as a view of the weight
+    (never a copy), so the merged value can be put back behind every view. None when the
+    installed onnxscript does not state its limit (then nothing is lazy)."""
+    try:
+        from onnxscript.optimizer._constant_folding import DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT as limit
+    except ImportError:
+        return None
+    return int(limit)
+
+
+def _placeholder(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Same shape and dtype as ``t`` converted, no data work: a view (same dtype) or ``empty``
+    (whose pages the kernel maps only when written)."""
+    return t.detach().view(t.shape) if t.dtype == dtype else torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
+def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torch.dtype, plan,
+                     lazy: bool = False) -> dict[str, LazyFold] | None:
     """Put converted (and, with ``plan``, merged) tensors into ``clone``, one at a time.
 
-    ``clone`` shares ``model``'s tensor objects (tied weights stay tied: one conversion per tensor)."""
+    ``clone`` shares ``model``'s tensor objects (tied weights stay tied: one conversion per tensor).
+    With ``lazy``, large merged tensors that nothing else shares are placeholders and the returned
+    dict says how to compute them; small ones (which the exporter may fold into other constants)
+    are merged here."""
     from graphadapt.passes.merge import fold_chain
 
     chains = {} if plan is None else {c.weight: c for c in plan.chains.values()}
     by_bias = {c.bias: c for c in chains.values() if c.bias is not None}
     pending: dict[str, torch.Tensor | None] = {}  # folded values not yet placed (a bias met after its weight)
+    lazy_folds: dict[str, LazyFold] = {}
+    bias_cache: dict[str, torch.Tensor] = {}
+    min_elements = lazy_min_elements() if lazy else None
+    uses: dict[int, int] = {}
+    if min_elements is not None:
+        for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            uses[id(t)] = uses.get(id(t), 0) + 1
 
     def folded(name: str, chain) -> torch.Tensor | None:
         if name not in pending:
@@ -105,6 +170,17 @@ def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torc
                 pending[chain.bias] = None if b2 is base_b else b2.to(dtype)
         return pending.pop(name)
 
+    def placeholder(name: str, chain, t: torch.Tensor) -> torch.Tensor | None:
+        if name == chain.bias and chain.weight in lazy_folds:  # a small bias beside a lazy weight
+            base_b = model.get_parameter(chain.bias)
+            b2 = fold_chain(model, chain, safe=True)[1]
+            return None if b2 is base_b else b2.to(dtype)
+        if name in pending or t.numel() <= min_elements or uses.get(id(t), 0) != 1 or not t.is_contiguous():
+            return folded(name, chain)
+        ph = _placeholder(t, dtype)
+        lazy_folds[name] = LazyFold(model, chain, name, dtype, ph, bias_cache)
+        return ph
+
     done: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for mname, mod in clone.named_modules(remove_duplicate=False):
@@ -115,7 +191,12 @@ def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torc
                     full = f"{mname}.{leaf}" if mname else leaf
                     if id(t) not in done:
                         chain = chains.get(full) or by_bias.get(full)
-                        value = folded(full, chain) if chain is not None else None
+                        if chain is None:
+                            value = None
+                        elif min_elements is not None:
+                            value = placeholder(full, chain, t)
+                        else:
+                            value = folded(full, chain)
                         if value is None and t.is_floating_point() and t.dtype != dtype:
                             value = t.detach().to(dtype)
                         if value is None:
@@ -125,6 +206,7 @@ def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torc
                         else:
                             done[id(t)] = value
                     table[leaf] = done[id(t)]
+    return lazy_folds if min_elements is not None else None
 
 
 def _float_dtypes(model: torch.nn.Module) -> set[torch.dtype]:

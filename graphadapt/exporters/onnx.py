@@ -63,6 +63,7 @@ class ExportReport:
     rtol: float | None = None
     verify_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference_dtype: str | None = None
+    verify_parts: int = 0  # onnxruntime sessions the verification ran the graph in (0: not verified)
     providers: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -101,7 +102,8 @@ class ExportReport:
         if self.verified:
             worst = max(self.max_abs_diff.values(), default=0.0)
             lines.append(
-                f"verified on {self.verify_input_shapes} with {self.providers[:1]}: "
+                f"verified on {self.verify_input_shapes} with {self.providers[:1]}"
+                + (f" in {self.verify_parts} parts" if self.verify_parts > 1 else "") + ": "
                 f"max abs diff {worst:.2e} (atol {self.atol:g}, rtol {self.rtol:g})"
             )
         lines.append("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
@@ -129,6 +131,7 @@ def export_onnx(
     io_names: dict[str, str] | None = None,
     verify_fn: Any = None,
     rms_tol: float | None = None,
+    verify_part_bytes: int | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -152,6 +155,9 @@ def export_onnx(
         verify_fn: ``(onnx_path, reference_model) -> VerifyResult`` replacing the default check
             (the decoder exporter runs a greedy decode); runs before the file is moved into place.
         rms_tol: bound on RMS(onnx - torch) / RMS(torch) per output (see :func:`verify_onnx`).
+        verify_part_bytes: onnxruntime runs the graph in parts reading at most this many bytes
+            of weights each (default: parts of an eighth above 256 MiB of weights), which bounds
+            verification memory; every node still runs once, on the file's weights.
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -180,14 +186,25 @@ def export_onnx(
     into_copy = merge and _model.merges_into_copy(model)
     with _model.inference_mode(model), _model.merged_for_export(model, merge and not into_copy) as merged:
         merged = merged or into_copy
+        # merged weights are computed while the file is written, one at a time (never all held);
+        # a custom verify_fn takes the export copy as its reference, which then needs real values
+        lazy = into_copy and verify_fn is None
         t = time.perf_counter()
         with memory.phase("prepare"):
-            export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy)
+            export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy)
+            lazy = bool(getattr(export_model, "graphadapt_lazy_folds", None))
         seconds["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with memory.phase("export"):
             program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
+            if lazy and not _install_lazy_folds(program, export_model):
+                # the exporter transformed a placeholder weight (constant folding): export from real values
+                del program, export_model
+                release_memory()
+                lazy = False
+                export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy)
+                program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
             _rename_axes(program, axes)
             if io_names:
                 for value in [*program.model.graph.inputs, *program.model.graph.outputs]:
@@ -236,8 +253,10 @@ def export_onnx(
                     atol_, rtol_ = DEFAULT_TOLERANCES[tdtype]
                     # verify_onnx takes the reference from the box, runs it, and drops it before
                     # onnxruntime loads the file: the two copies of the weights never coexist
-                    box = [export_model]
+                    # (a lazily merged copy holds placeholders: the reference is then made from ``model``)
+                    box = [None if lazy else export_model]
                     del export_model
+                    release_memory()
                     with memory.phase("verify"):
                         result = verify_fn(tmp, box.pop()) if verify_fn is not None else verify_onnx(
                             tmp,
@@ -249,6 +268,7 @@ def export_onnx(
                             rtol=rtol_ if rtol is None else rtol,
                             reference=box.pop,
                             rms_tol=rms_tol,
+                            part_bytes=verify_part_bytes,
                         )
                     seconds["verify"] = time.perf_counter() - t
                     report.verified = True
@@ -259,6 +279,7 @@ def export_onnx(
                     report.rms_tol = getattr(result, "rms_tol", report.rms_tol)
                     report.providers, report.verify_input_shapes = result.providers, result.input_shapes
                     report.reference_dtype = result.reference_dtype
+                    report.verify_parts = getattr(result, "parts", 1)
 
                 t = time.perf_counter()
                 try:
@@ -289,10 +310,11 @@ def _check_opset(opset) -> None:
                           "leave it unset for torch's recommended opset")
 
 
-def _prepare(model, inputs, tdtype, merge: bool):
-    """(model to export, its inputs, output names): converted (and merged) copy, one forward to name outputs."""
+def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False):
+    """(model to export, its inputs, output names): converted (and merged) copy, one forward to name outputs
+    (with ``lazy`` the merged weights are placeholders: the forward runs, its values are not used)."""
     try:
-        export_model = converted_copy(model, tdtype, inputs, merge=merge)
+        export_model = converted_copy(model, tdtype, inputs, merge=merge, lazy_merge=lazy)
     except MergeError as e:
         raise ExportError(f"merging adapters before export failed ({_model._one_line(e)}); pass merge=False") from e
     except Exception as e:
@@ -344,6 +366,74 @@ def _torch_onnx_export(model, inputs, axes, names, opset):
     if len(outs) != len(names):
         warnings.warn(f"ONNX graph has outputs {outs}, expected {names}; kept the exporter's names", stacklevel=3)
     return program
+
+
+def _install_lazy_folds(program, export_model) -> bool:
+    """Put each placeholder weight's fold behind the ONNX initializers that read it, to be
+    computed when the file is written (one weight at a time).
+
+    An initializer reads a placeholder when its data lies inside the placeholder's memory: the
+    placeholder itself, or a view of it (torch.onnx's optimizer transposes weights for MatMul
+    as numpy views). Its replacement computes the merged weight and takes the same view of it.
+    Returns False (nothing changed) when some placeholder is read by no initializer — the
+    exporter consumed it in a way not covered here — and the caller exports from real values."""
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    folds = getattr(export_model, "graphadapt_lazy_folds", None)
+    if not folds:
+        return True
+    spans = sorted((f.placeholder.data_ptr(), f.placeholder.data_ptr() + f.placeholder.nbytes, f)
+                   for f in folds.values())
+    starts = [s for s, _, _ in spans]
+    found: list[tuple[Any, Any, Any]] = []
+    seen: set[str] = set()
+    import bisect
+
+    for value in program.model.graph.initializers.values():
+        const = value.const_value
+        view = _buffer_view(const)
+        if view is None:
+            continue
+        ptr, itemsize, shape, strides = view
+        k = bisect.bisect_right(starts, ptr) - 1
+        if k < 0 or not ptr < spans[k][1]:
+            continue
+        fold = spans[k][2]
+        start = fold.placeholder.data_ptr()
+        if itemsize != fold.placeholder.element_size() or (ptr - start) % itemsize:
+            return False
+        found.append((value, fold, (shape, strides, (ptr - start) // itemsize)))
+        seen.add(fold.name)
+    if seen != set(folds):
+        return False
+    for value, fold, (shape, strides, offset) in found:
+        const = value.const_value
+
+        def compute(fold=fold, shape=shape, strides=strides, offset=offset, name=value.name):
+            merged = fold.value()
+            return TorchTensor(merged.as_strided(shape, strides, offset).contiguous(), name=name)
+
+        value.const_value = ir.LazyTensor(compute, dtype=const.dtype, shape=const.shape, name=value.name)
+    return True
+
+
+def _buffer_view(const) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | None:
+    """(data address, item size, shape, strides in items) of an initializer backed by a torch
+    tensor or a numpy array; None for anything else (lazy or computed-on-demand tensors)."""
+    raw = getattr(const, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        return raw.data_ptr(), raw.element_size(), tuple(raw.shape), tuple(raw.stride())
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    if isinstance(raw, np.ndarray):
+        item = raw.itemsize
+        if any(st % item for st in raw.strides):
+            return None
+        return raw.__array_interface__["data"][0], item, tuple(raw.shape), tuple(st // item for st in raw.strides)
+    return None
 
 
 def _rename_axes(program, axes: dict[str, dict[int, str]]) -> None:

@@ -75,6 +75,7 @@ class VerifyResult:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference_dtype: str = "fp32"
     seconds: float = 0.0
+    parts: int = 1  # onnxruntime sessions the graph ran in (see run_onnxruntime)
 
 
 def default_providers() -> list[str]:
@@ -255,30 +256,63 @@ def _make_input(name, shape, dtype, example, config, g) -> torch.Tensor:
 
 
 def run_onnxruntime(
-    path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None
+    path: str | Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None,
+    part_bytes: int | None = None, *, stats: dict | None = None,
 ) -> tuple[list[np.ndarray], list[str], list[str]]:
-    """Run ``path`` on ``inputs``; returns (outputs, output names, providers actually used)."""
+    """Run ``path`` on ``inputs``; returns (outputs, output names, providers actually used).
+
+    Files with more than :data:`~graphadapt.exporters._parts.PARTS_ABOVE` bytes of weights run
+    in consecutive parts (:mod:`graphadapt.exporters._parts`), each reading at most
+    ``part_bytes`` of them (default an eighth of the weights), so the session never holds all
+    the weights and their fp32 casts at once; ``part_bytes`` also forces parts on a small file.
+    ``stats`` (a dict) receives ``"parts"``, the number of sessions run.
+    """
+    import onnx
+
+    from graphadapt.exporters import _parts
+
     ort = _import_ort()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # no arena, no memory-pattern planning, no pre-packed weight copies: verification
-    # runs a few inputs once, and these would hold extra copies of the weights
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False
-    opts.add_session_config_entry("session.disable_prepacking", "1")
     providers = verification_providers(providers)
+    folder = str(Path(path).resolve().parent)
+
+    def session(model):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        # no arena, no memory-pattern planning, no pre-packed weight copies: verification
+        # runs a few inputs once, and these would hold extra copies of the weights
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        if isinstance(model, bytes):  # a part: its external data lies beside the file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(model, opts, providers=providers)
+
+    proto = onnx.load(str(path), load_external_data=False)
+    budget = part_bytes if part_bytes is not None else _parts.default_budget(proto.graph)
+    split = budget is not None and _parts.can_split(proto)
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=providers)
+        if split:
+            feeds = {name: _to_numpy(inputs[name]) for name in _parts.graph_inputs(proto)}
+            outputs, names, used, count = _parts.run_in_parts(path, proto, feeds, budget, session)
+            if stats is not None:
+                stats["parts"] = count
+            return outputs, names, used
+        del proto
+        sess = session(str(path))
         feeds = {i.name: _to_numpy(inputs[i.name]) for i in sess.get_inputs()}
         outputs = sess.run(None, feeds)
     except KeyError as e:
         raise VerificationError(f"the ONNX graph needs input {e} that was not supplied") from e
+    except VerificationError:
+        raise
     except Exception as e:
         raise VerificationError(
             f"onnxruntime could not run {Path(path).name} with {providers}: {_model._one_line(e)}. "
             "If the provider lacks kernels for this dtype (bf16 on CPU), verify on a GPU provider "
             "(providers=['CUDAExecutionProvider']) or pass verify=False."
         ) from e
+    if stats is not None:
+        stats["parts"] = 1
     return outputs, [o.name for o in sess.get_outputs()], sess.get_providers()
 
 
@@ -368,6 +402,7 @@ def verify_onnx(
     seed: int = 0,
     reference: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
     rms_tol: float | None = None,
+    part_bytes: int | None = None,
 ) -> VerifyResult:
     """Compare the ONNX file at ``path`` with ``model`` on ``inputs`` (default: fresh shapes).
 
@@ -379,6 +414,8 @@ def verify_onnx(
     arena, memory patterns or pre-packed weights, which would copy the weights again).
     ``rms_tol`` bounds the RMS difference relative to the output's RMS (default per dtype,
     :data:`DEFAULT_RMS_TOLERANCES`; ``float("inf")`` disables it).
+    ``part_bytes``: run onnxruntime in parts reading at most this many bytes of weights each
+    (default: in parts only above 256 MiB of weights; see :func:`run_onnxruntime`).
     """
     start = time.perf_counter()
     path = Path(path)
@@ -423,7 +460,8 @@ def verify_onnx(
 
     release_memory()
 
-    outputs, names, used = run_onnxruntime(path, inputs, providers)
+    stats: dict = {}
+    outputs, names, used = run_onnxruntime(path, inputs, providers, part_bytes, stats=stats)
     shapes = {k: tuple(v.shape) for k, v in inputs.items()}
     context = f" on inputs {shapes} with {used[0] if used else 'onnxruntime'}"
     rel_rms: dict[str, float] = {}
@@ -439,4 +477,5 @@ def verify_onnx(
         input_shapes=shapes,
         reference_dtype=DTYPE_NAMES.get(ref_dtype, str(ref_dtype)),
         seconds=time.perf_counter() - start,
+        parts=stats.get("parts", 1),
     )

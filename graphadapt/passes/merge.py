@@ -135,7 +135,7 @@ def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
 
 
-def _plain_lora(mod) -> bool:
+def is_plain_lora(mod) -> bool:
     return (hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and not getattr(mod, "use_dora", True)
             and not getattr(mod, "use_gating", True) and getattr(mod, "out_slice", 1) is None
             and getattr(mod, "out_rows", None) is None
@@ -204,10 +204,10 @@ def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weigh
     w, b = base_w, base_b
     mods = [gm.get_submodule(t) for t in chain.targets]
     # whether ``w`` is ours to write into; a later DoRA/IA3 must still see the unmerged base
-    owned = into_weight and all(_plain_lora(m) for m in mods)
+    owned = into_weight and all(is_plain_lora(m) for m in mods)
     for target, mod in zip(chain.targets, mods):
-        if _plain_lora(mod):
-            dest = w if owned else (out if out is not None and all(_plain_lora(m) for m in mods) else None)
+        if is_plain_lora(mod):
+            dest = w if owned else (out if out is not None and all(is_plain_lora(m) for m in mods) else None)
             w = _lora_delta_plus(mod, w, out=dest, scratch=scratch)
             owned = True
             continue
