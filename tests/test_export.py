@@ -272,7 +272,7 @@ def test_external_data_follows_final_name(tmp_path):
 def test_fp16_bf16_conversions_leave_model_alone(tmp_path):
     model = Toy()
     report = export_onnx(model, tmp_path / "toy16.onnx", example_inputs=toy_inputs(), dtype="fp16")
-    assert report.dtype == "fp16" and report.reference_dtype == "fp16"
+    assert report.dtype == "fp16" and report.reference_dtype == "fp16 weights, fp32 compute"
     assert model.proj.weight.dtype == torch.float32
     report = export_onnx(model, tmp_path / "toy_bf16.onnx", example_inputs=toy_inputs(), dtype="bf16", verify=False)
     proto = onnx.load(str(tmp_path / "toy_bf16.onnx"))
@@ -414,3 +414,22 @@ def test_verification_turns_tf32_off_on_the_cuda_ep_unless_told():
     mine = ("CUDAExecutionProvider", {"use_tf32": "1", "device_id": "1"})
     assert verification_providers([mine]) == [mine]
     assert verification_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_low_precision_tolerance_scales_with_pytorchs_own_error():
+    """fp16/bf16: the file may be as far from the fp32-compute result as NOISE_FACTOR times PyTorch's
+    own low-precision result is, where that exceeds atol/rtol; beyond it, and for a systematic
+    shift below it, verification still fails."""
+    from graphadapt.exporters.verify import NOISE_FACTOR, compare
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4000, generator=g) * 3
+    noise = torch.randn(4000, generator=g) * 0.02          # PyTorch fp16 minus fp32 compute: max ~0.07
+    within = (ref + noise * (NOISE_FACTOR * 0.9)).numpy()   # onnxruntime as noisy as allowed
+    with pytest.raises(VerificationError):                  # without the floor, atol 0.03 fails it
+        compare(["y"], [ref], [within], 0.03, 0.0, rms_tol=4e-3)
+    compare(["y"], [ref], [within], 0.03, 0.0, rms_tol=4e-3, noise=[noise])
+    with pytest.raises(VerificationError, match="out of tolerance"):
+        compare(["y"], [ref], [(ref + noise * NOISE_FACTOR * 1.6).numpy()], 0.03, 0.0, rms_tol=4e-3, noise=[noise])
+    with pytest.raises(VerificationError, match="systematic"):   # a 1% shift inside the element bound
+        compare(["y"], [ref], [(ref * 1.01).numpy()], 0.03, 0.03, rms_tol=4e-3, noise=[noise * 0.1])

@@ -64,6 +64,8 @@ class ExportReport:
     verify_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference_dtype: str | None = None
     verify_parts: int = 0  # onnxruntime sessions the verification ran the graph in (0: not verified)
+    # fp16/bf16: max |PyTorch in that dtype - PyTorch computing in fp32| per output (the error allowed scales with it)
+    noise_floor: dict[str, float] = field(default_factory=dict)
     providers: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -280,6 +282,7 @@ def export_onnx(
                     report.providers, report.verify_input_shapes = result.providers, result.input_shapes
                     report.reference_dtype = result.reference_dtype
                     report.verify_parts = getattr(result, "parts", 1)
+                    report.noise_floor = getattr(result, "noise_floor", {})
 
                 t = time.perf_counter()
                 try:
