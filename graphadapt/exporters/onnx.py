@@ -8,6 +8,7 @@ an earlier file at ``path`` untouched and no temporary files behind.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 import logging
@@ -391,8 +392,6 @@ def _install_lazy_folds(program, export_model) -> bool:
     starts = [s for s, _, _ in spans]
     found: list[tuple[Any, Any, Any]] = []
     seen: set[str] = set()
-    import bisect
-
     for value in program.model.graph.initializers.values():
         const = value.const_value
         view = _buffer_view(const)

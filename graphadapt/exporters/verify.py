@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, VerificationError
@@ -406,32 +408,28 @@ def compare(
     return max_abs, max_rel
 
 
-class _Upcast:
+class _Upcast(TorchDispatchMode):
     """Run a low-precision model's ops in fp32: every ``low`` tensor argument is upcast just for
     its op (weights one at a time, then freed) and every ``dtype=low`` becomes fp32, so the
     result is the model's computation with its own (rounded) weights but without low-precision
     arithmetic. Measured: identical (0.0) to the fp32 model holding the same weights."""
 
-    def __new__(cls, low: torch.dtype):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_map
+    def __init__(self, low: torch.dtype):
+        super().__init__()
+        self.low = low
 
-        class Upcast(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func is torch.ops.aten.view.dtype:  # a bit reinterpretation: leave it alone
-                    return func(*args, **kwargs)
+    def _up(self, x):
+        if isinstance(x, torch.Tensor) and x.dtype == self.low:
+            return x.float()
+        if isinstance(x, torch.dtype) and x == self.low:
+            return torch.float32
+        return x
 
-                def up(x):
-                    if isinstance(x, torch.Tensor) and x.dtype == low:
-                        return x.float()
-                    if isinstance(x, torch.dtype) and x == low:
-                        return torch.float32
-                    return x
-
-                return func(*tree_map(up, args), **tree_map(up, kwargs))
-
-        return Upcast()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.view.dtype:  # a bit reinterpretation: leave it alone
+            return func(*args, **kwargs)
+        return func(*tree_map(self._up, args), **tree_map(self._up, kwargs))
 
 
 def _high_precision_outputs(ref_model, call_inputs: dict, low: torch.dtype) -> list[torch.Tensor] | None:
