@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -392,8 +393,14 @@ def _install_lazy_folds(program, export_model) -> bool:
     starts = [s for s, _, _ in spans]
     found: list[tuple[Any, Any, Any]] = []
     seen: set[str] = set()
+    from graphadapt.exporters.dtype import lazy_min_elements
+
+    limit = lazy_min_elements()
     for value in program.model.graph.initializers.values():
         const = value.const_value
+        raw = getattr(const, "raw", None)
+        if isinstance(raw, np.ndarray) and raw.base is None and limit is not None and raw.size > limit:
+            return False  # a large constant the exporter computed: it might derive from a placeholder
         view = _buffer_view(const)
         if view is None:
             continue
@@ -426,10 +433,6 @@ def _buffer_view(const) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | N
     raw = getattr(const, "raw", None)
     if isinstance(raw, torch.Tensor):
         return raw.data_ptr(), raw.element_size(), tuple(raw.shape), tuple(raw.stride())
-    try:
-        import numpy as np
-    except ImportError:
-        return None
     if isinstance(raw, np.ndarray):
         item = raw.itemsize
         if any(st % item for st in raw.strides):
