@@ -6,16 +6,16 @@ budget; each part runs in its own session, which is dropped before the next one 
 Values crossing a cut are passed from one part's outputs to the next part's inputs and
 released after their last reader. Every node of the file runs exactly once, with the file's
 own weights (read through its external data, never rewritten): it is the same computation,
-only split between sessions. Why: onnxruntime's CPU session for an fp16 model keeps the fp16
-weights plus the fp32 copies its cast insertion folds in (~3x the weights in total, measured),
-which on a 7B model does not fit beside the PyTorch model on a 24 GB machine.
+only split between sessions (graph fusions cannot cross a cut: outputs agree to rounding).
+Why: onnxruntime's CPU session for an fp16 model adds fp32 copies of the weights (its cast
+insertion for fp16 MatMul, constant-folded): 1.8-2x the fp16 weights measured, which for a 7B
+model does not fit beside the PyTorch model on a 24 GB machine.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def _tensor_bytes(t) -> int:
     return itemsize * math.prod(t.dims)
 
 
-def _reads(node, inner_defined: frozenset = frozenset()) -> set[str]:
+def _reads(node) -> set[str]:
     """Names a node reads, including outer-scope names used inside its If/Loop/Scan bodies."""
     names = {i for i in node.input if i}
     for attr in node.attribute:
@@ -48,7 +48,7 @@ def _reads(node, inner_defined: frozenset = frozenset()) -> set[str]:
             for inner in g.node:
                 names |= _reads(inner) - defined
             names |= {v.name for v in g.output} - defined
-    return names - inner_defined
+    return names
 
 
 def plan_parts(graph, budget: int) -> list[list[int]]:
@@ -83,24 +83,21 @@ def default_budget(graph) -> int | None:
     return max(max(sizes), min(total // PARTS, PART_CAP))
 
 
-def run_in_parts(path: str | Path, graph_proto_model, feeds: dict[str, np.ndarray], budget: int,
+def run_in_parts(model, feeds: dict[str, np.ndarray], budget: int,
                  session: Callable[[bytes], object]) -> tuple[list[np.ndarray], list[str], list[str], int]:
-    """Run ``graph_proto_model`` (the file's ModelProto loaded without its external data) on
-    ``feeds``; ``session(model_bytes)`` opens an onnxruntime session for one part (resolving
-    external data next to ``path``). Returns (outputs, output names, providers, number of parts)."""
+    """Run ``model`` (the file's ModelProto, loaded without its external data) on ``feeds``;
+    ``session(model_bytes)`` opens an onnxruntime session for one part, resolving external data
+    beside the file. Returns (outputs, output names, providers, number of parts)."""
     from onnx import ValueInfoProto, helper
 
-    model = graph_proto_model
     graph = model.graph
     parts = plan_parts(graph, budget)
     init_by_name = {t.name: t for t in graph.initializer}
     out_names = [v.name for v in graph.output]
     reads = [_reads(n) for n in graph.node]
     last_read: dict[str, int] = {}
-    part_of = {}
     for k, idxs in enumerate(parts):
         for i in idxs:
-            part_of[i] = k
             for r in reads[i]:
                 last_read[r] = k
     values: dict[str, np.ndarray] = dict(feeds)

@@ -302,7 +302,7 @@ def run_onnxruntime(
     try:
         if split:
             feeds = {name: _to_numpy(inputs[name]) for name in _parts.graph_inputs(proto)}
-            outputs, names, used, count = _parts.run_in_parts(path, proto, feeds, budget, session)
+            outputs, names, used, count = _parts.run_in_parts(proto, feeds, budget, session)
             if stats is not None:
                 stats["parts"] = count
             return outputs, names, used
