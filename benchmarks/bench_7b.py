@@ -5,8 +5,9 @@
 Builds ``LlamaForCausalLM`` (hidden 4096, 32 heads, 32 layers, FFN 11008, vocab 32000: 6.74B
 parameters, 12.6 GiB in fp16) directly in fp16 with random weights (no fp32 copy ever exists),
 applies LoRA r=8 to all linears with non-zero B, then times each step and reports the peak
-resident memory of the process during it. Needs about 20 GiB of RAM and 2 × 13 GiB of disk
-under ``--dir`` (each output is deleted after its step). Prints a markdown table.
+resident memory of the process during it. Finally the model is dropped and the merged checkpoint loaded with
+``AutoModelForCausalLM.from_pretrained`` and compared with the adapted model's logits. Needs about
+20 GiB of RAM and 2 × 13 GiB of disk under ``--dir`` (outputs are deleted). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ def main() -> None:
     shards = sorted(out.glob("*.safetensors"))
     disk = sum(f.stat().st_size for f in shards) / GIB
     rows[-1] = (*rows[-1][:3], f"{len(shards)} shards, {disk:.2f} GiB")
-    shutil.rmtree(out)
 
     inputs = {"input_ids": torch.randint(0, 32000, (1, 8), generator=g),
               "attention_mask": torch.ones(1, 8, dtype=torch.long)}
@@ -111,6 +111,23 @@ def main() -> None:
                 f"{max(rep.noise_floor.values(), default=float('nan')):.2e} (atol {rep.atol:g}, rtol {rep.rtol:g}, rms_tol {rep.rms_tol:g})")
     for f in work.glob("model.onnx*"):
         f.unlink()
+
+    # the merged checkpoint loads with transformers: its logits against the adapted model's (fp16)
+    with torch.no_grad():
+        want = adapted(**inputs).logits.float()
+    adapted = model = None  # the merged checkpoint is loaded in their place
+    release_memory()
+    import transformers as T
+
+    loaded = step("from_pretrained(merged checkpoint)",
+                  lambda: T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16).eval())
+    with torch.no_grad():
+        got = loaded(**inputs, use_cache=False).logits.float()
+    diff = float((got - want).abs().max())
+    rows[-1] = (*rows[-1][:3], f"{type(loaded).__name__}; logits vs the adapted model (fp16, unmerged): max abs diff "
+                f"{diff:.2e}, logits RMS {float(want.pow(2).mean().sqrt()):.2f}")
+    del loaded
+    shutil.rmtree(out)
 
     print(f"\n{n / 1e9:.2f}B parameters ({args.layers} layers), {size:.2f} GiB in fp16, largest tensor "
           f"{largest:.3f} GiB; 1.5 × size + largest = {1.5 * size + largest:.2f} GiB\n")
