@@ -166,6 +166,16 @@ def run_no_grad(model, inputs):
 
 
 @torch.no_grad()
+def perturb_adapters(adapted, seed: int = 0, std: float = 0.1, replace: bool = False) -> None:
+    """Seeded ``randn * std`` for every adapter parameter (``adapters.*``): added to it, or in its place."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in adapted.named_parameters():
+        if n.startswith("adapters.") and p.is_floating_point():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(noise) if replace else p.add_(noise)
+
+
+@torch.no_grad()
 def randomize_lora(adapted, seed: int = 0, std: float = 0.1) -> None:
     """Non-zero A and B, a perturbed DoRA magnitude and a non-trivial gate on every LoRA module."""
     g = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ import torch
 import graphadapt as ga
 from graphadapt.cli import EXIT_VERIFY, main
 from graphadapt.zoo import load_model
+from tests.helpers import perturb_adapters
 
 
 def test_inspect_table_and_json(capsys):
@@ -39,11 +40,7 @@ def checkpoint(tmp_path):
     assert main(["apply", "--model", "tiny-bert", "--spec", str(spec_path), "--save", str(ckpt)]) == 0
     # give the saved adapters non-zero weights, as training would
     adapted = ga.load(load_model("tiny-bert"), ckpt)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for n, p in adapted.named_parameters():
-            if n.startswith("adapters."):
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_adapters(adapted, seed=3, std=0.05)
     adapted.save_adapters(ckpt)
     return spec_path, ckpt, adapted
 

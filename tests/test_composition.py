@@ -13,7 +13,7 @@ import torch
 import graphadapt as ga
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import text_inputs, tiny_bert, tiny_llama  # noqa: E402
+from helpers import perturb_adapters, text_inputs, tiny_bert, tiny_llama  # noqa: E402
 
 X = text_inputs(batch=4, seq=6, seed=3)
 
@@ -102,11 +102,7 @@ def _two_loras(**kw):
 def test_linear_site_blocks_have_their_documented_meaning():
     base = tiny_bert()
     adapted = ga.apply(base, _two_loras(active=["l1"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if n.startswith("adapters."):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    perturb_adapters(adapted, seed=5, std=0.3)
     only1 = _out(adapted)
     adapted.set_active(["l2"])
     only2 = _out(adapted)

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import graphadapt as ga  # noqa: E402
-from helpers import max_diff, output_tensors, randomize_lora, text_inputs, tiny_bert, tiny_llama  # noqa: E402
+from helpers import max_diff, output_tensors, perturb_adapters, randomize_lora, text_inputs, tiny_bert, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -26,13 +26,9 @@ def _spec():
     return ga.Spec({"lora": ga.LoRA(r=4, targets=("q", "v")), "bn": ga.SeqBn(reduction_factor=4)})
 
 
-@torch.no_grad()
-def _randomize_all(adapted, seed=3):
+def _randomize_all(adapted):
     """Non-zero values for every adapter parameter (LoRA B and bottleneck up start at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    for n, p in adapted.named_parameters():
-        if n.startswith("adapters."):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    perturb_adapters(adapted, seed=3, std=0.2, replace=True)
 
 
 def _to(inputs, device):

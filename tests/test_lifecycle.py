@@ -9,22 +9,15 @@ import torch
 import graphadapt as ga
 from graphadapt.errors import CheckpointError, GraphAdaptError, MergeError, SpecError
 
-from helpers import max_diff, randomize_lora, text_inputs, tiny_bert
+from helpers import max_diff, perturb_adapters, text_inputs, tiny_bert
 
-
-@torch.no_grad()
-def _perturb(adapted, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for n, p in adapted.named_parameters():
-        if n.startswith("adapters."):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")
 def two():
     base = tiny_bert()
     adapted = ga.apply(base, ga.Spec({"lora": ga.LoRA(r=2), "bn": ga.SeqBn(reduction_factor=4)}))
-    _perturb(adapted)
+    perturb_adapters(adapted)
     return base, adapted, text_inputs()
 
 
@@ -48,7 +41,7 @@ def test_disable_adapters_with_composition():
     base = tiny_bert()
     adapted = ga.apply(base, ga.Spec({"a": ga.SeqBn(reduction_factor=4), "b": ga.SeqBn(reduction_factor=4)},
                                      active=ga.Stack("a", "b")))
-    _perturb(adapted)
+    perturb_adapters(adapted)
     x = text_inputs()
     with torch.no_grad():
         ref = adapted(**x)
@@ -136,7 +129,7 @@ def test_save_pretrained_cross_class_and_fingerprint(tmp_path):
     cls = tiny_bert(num_labels=3)
     adapted = ga.apply(cls, ga.Spec({"t": ga.LoRA(r=2), "b": ga.SeqBn(reduction_factor=4)},
                                     modules_to_save=["classifier"]))
-    _perturb(adapted)
+    perturb_adapters(adapted)
     # Trainer's call: extras accepted / validated
     adapted.save_pretrained(tmp_path / "cls", state_dict=adapted.state_dict(), safe_serialization=True)
     with pytest.raises(GraphAdaptError, match="safetensors"):
@@ -233,7 +226,7 @@ def test_load_maps_module_path_targets_across_heads(tmp_path):
 
     cls = tiny_bert(num_labels=3)
     adapted = ga.apply(cls, ga.Spec({"t": ga.LoRA(r=2, targets=("bert.encoder.layer.1.attention.self.query",))}))
-    _perturb(adapted)
+    perturb_adapters(adapted)
     adapted.save_adapters(tmp_path)
     bare = T.BertModel(cls.config)
     bare.load_state_dict(cls.bert.state_dict())

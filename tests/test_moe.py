@@ -15,7 +15,7 @@ import transformers as T
 
 import graphadapt as ga
 from graphadapt.errors import SpecError
-from tests.helpers import build_seeded, text_inputs
+from tests.helpers import build_seeded, perturb_adapters, text_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -37,14 +37,6 @@ def tiny_qwen_moe(seed=0):
 def _out(m, inp):
     with torch.no_grad():
         return m(**inp).last_hidden_state
-
-
-def _randomise(adapted, std=0.1):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if n.startswith("adapters."):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _rows(report):
@@ -104,7 +96,7 @@ def adapted_mixtral(mixtral):
     base = _out(mixtral, INP)
     a = ga.apply(mixtral, ga.Spec({"l": SPEC["lora"](), "bn": SPEC["bn"]()}))
     init = _out(a, INP)
-    _randomise(a)
+    perturb_adapters(a, seed=1, replace=True)
     return a, base, init
 
 
@@ -210,7 +202,7 @@ def test_shared_expert_model_lora_ia3_bottleneck_merge(adapted_qwen):
     gate = a.get_submodule("adapters.i.layers.0.mlp.experts.gate_up_proj.expert_gate")
     assert down.feedforward and down.ia3_l.shape == (4, 48)
     assert not gate.feedforward and gate.ia3_l.shape == (4, 48)
-    _randomise(a)
+    perturb_adapters(a, seed=1, replace=True)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for n, p in a.named_parameters():

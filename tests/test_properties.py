@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import graphadapt as ga
 
-from helpers import max_diff, run_no_grad, text_inputs, tiny_bert
+from helpers import max_diff, perturb_adapters, run_no_grad, text_inputs, tiny_bert
 
 # no shrinking phase: one apply takes ~1 s, and a failure report with the drawn spec is enough
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
@@ -54,14 +54,6 @@ def _same(a, b) -> bool:
     return ta == tb and ga_ == gb and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _perturb(adapted, seed=0):
-    """Non-zero adapter weights (zero-initialised LoRA B would make every identity trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if n.startswith("adapters.") and p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
 
 @SETTINGS
 @given(spec=specs, train=st.booleans(), frozen=st.booleans())
@@ -83,7 +75,7 @@ def test_apply_merge_save_properties(base, spec, train, frozen):
         assert adapted.training == train
 
         adapted.eval()
-        _perturb(adapted)
+        perturb_adapters(adapted, std=0.05)  # zero-initialised LoRA B would make every identity trivial
         x = text_inputs(2, 5)
         out = run_no_grad(adapted, x)
         state = {k: v.clone() for k, v in adapted.state_dict().items()}

@@ -158,23 +158,16 @@ def test_merge_and_export_from_two_threads(tmp_path):
 @pytest.fixture(scope="module")
 def bert_ckpt(tmp_path_factory):
     """A tiny BERT with non-zero LoRA + SeqBn adapters, saved as a graphadapt checkpoint."""
-    from helpers import tiny_bert
+    from helpers import perturb_adapters, tiny_bert
 
     spec = ga.Spec({"task": ga.LoRA(r=4, alpha=8, targets=("q", "v")),
                     "bn": ga.SeqBn(reduction_factor=8, init_weights="mam_adapter")})
     adapted = ga.apply(tiny_bert(), spec)
-    _perturb(adapted, seed=3)
+    perturb_adapters(adapted, seed=3, std=0.05)
     d = tmp_path_factory.mktemp("ckpt")
     adapted.save_adapters(d)
     return adapted, d
 
-
-def _perturb(adapted, seed, scale=0.05):
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for n, p in adapted.named_parameters():
-            if n.startswith("adapters."):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("extra", [["--adapters", "ck"], ["--peft", "ck"]])
@@ -234,16 +227,16 @@ def test_checkpoint_weights_from_another_save_are_refused(bert_ckpt, tmp_path):
     """A save interrupted between its two renames: new weights, old spec.json → refused, not mixed."""
     import shutil
 
-    from helpers import tiny_bert
+    from helpers import perturb_adapters, tiny_bert
 
     adapted, ckpt = bert_ckpt
     mixed = _copy_ckpt(ckpt, tmp_path / "mixed")
     other = tmp_path / "other"
-    _perturb(adapted, seed=9)
+    perturb_adapters(adapted, seed=9, std=0.05)
     try:
         adapted.save_adapters(other)
     finally:
-        _perturb(adapted, seed=9, scale=-0.05)  # undo for the other tests of this module
+        perturb_adapters(adapted, seed=9, std=-0.05)  # undo for the other tests of this module
     shutil.copy(other / "adapters.safetensors", mixed / "adapters.safetensors")
     with pytest.raises(ga.CheckpointError, match="hash mismatch"):
         ga.load(tiny_bert(), mixed)

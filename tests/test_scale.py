@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, whatever the import mode
 
 import graphadapt as ga  # noqa: E402
-from helpers import max_diff, randomize_lora, run_no_grad, text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
+from helpers import max_diff, perturb_adapters, randomize_lora, run_no_grad, text_inputs, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 ATOL = 1e-5
 
@@ -306,11 +306,7 @@ def test_lazy_merge_export_writes_the_same_weights_and_holds_no_merged_copy(tmp_
 
     model = _wide_llama(torch.float16)
     adapted = ga.apply(model, {"l": ga.LoRA(targets=("all-linear",)), "i": ga.IA3()}).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in adapted.named_parameters():
-            if n.startswith("adapters."):  # lora_B and the IA3 scales away from their identity init
-                p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+    perturb_adapters(adapted, seed=1, std=0.05)  # lora_B and the IA3 scales away from their identity init
     computed = []
     real_value = dtype_mod.LazyFold.value
     monkeypatch.setattr(dtype_mod.LazyFold, "value", lambda self: computed.append(self.name) or real_value(self))
