@@ -133,6 +133,23 @@ def test_ia3_on_interleaved_k_v_merges(neox):
 
 
 # --------------------------------------------------------------------------- audio
+def _identity_then_exact_merge(model, adapted, x, g):
+    """Fresh adapters change nothing; with random LoRA B / bottleneck up they do, and merging the
+    LoRA keeps the output (the bottleneck stays in the graph). Returns the adapted output."""
+    with torch.no_grad():
+        base = model(**x)
+        assert max_diff(adapted(**x), base) == 0.0
+        for n, p in adapted.named_parameters():
+            if n.endswith("lora_B") or n.endswith("adapter_up.weight"):
+                p.normal_(0, 0.2, generator=g)
+        y = adapted(**x)
+    assert max_diff(y, base) > 1e-3
+    adapted.merge()
+    assert max_diff(adapted(**x), y) < 1e-5
+    adapted.unmerge()
+    return y
+
+
 def test_whisper_applies_without_example_inputs_and_exports(tmp_path):
     cfg = T.WhisperConfig(vocab_size=V, d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=NH,
                           decoder_attention_heads=NH, encoder_ffn_dim=FF, decoder_ffn_dim=FF, num_mel_bins=8,
@@ -146,17 +163,7 @@ def test_whisper_applies_without_example_inputs_and_exports(tmp_path):
     g = torch.Generator().manual_seed(3)
     x = {"input_features": torch.randn(3, 8, 32, generator=g),
          "decoder_input_ids": torch.randint(0, V, (3, 5), generator=g)}
-    with torch.no_grad():
-        base = model(**x)
-        assert max_diff(adapted(**x), base) == 0.0
-        for n, p in adapted.named_parameters():
-            if n.endswith("lora_B") or n.endswith("adapter_up.weight"):
-                p.normal_(0, 0.2, generator=g)
-        y = adapted(**x)
-    assert max_diff(y, base) > 1e-3
-    adapted.merge()
-    assert max_diff(adapted(**x), y) < 1e-5
-    adapted.unmerge()
+    _identity_then_exact_merge(model, adapted, x, g)
     report = ga.export_onnx(adapted, tmp_path / "whisper.onnx")
     assert report.verified
 
@@ -183,18 +190,8 @@ def test_deberta_v2_recognised_with_lora_bottleneck_and_peft_parity(tmp_path):
     # share_att_key: query_proj/key_proj also project the relative positions; those uses are adapted too
     assert len([r for r in adapted.adapter_records if r["adapter"] == "l"]) == L * (3 + 2)
     x = text_inputs(3, 6, pad=2)
-    with torch.no_grad():
-        base = model(**x)
-        assert max_diff(adapted(**x), base) == 0.0
-        g = torch.Generator().manual_seed(4)
-        for n, p in adapted.named_parameters():
-            if n.endswith("lora_B") or n.endswith("adapter_up.weight"):
-                p.normal_(0, 0.2, generator=g)
-        y = adapted(**x)
-    assert max_diff(y, base) > 1e-3
-    adapted.merge()
-    assert max_diff(adapted(**x), y) < 1e-5
-    adapted.unmerge()
+    g = torch.Generator().manual_seed(4)
+    y = _identity_then_exact_merge(model, adapted, x, g)
     assert max_diff(adapted(**x), y) == 0.0
 
     with warnings.catch_warnings():
