@@ -192,22 +192,20 @@ def export_onnx(
         merged = merged or into_copy
         # merged weights are computed while the file is written, one at a time (never all held);
         # a custom verify_fn takes the export copy as its reference, which then needs real values
-        lazy = into_copy and verify_fn is None
         t = time.perf_counter()
         with memory.phase("prepare"):
-            export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy)
-            lazy = bool(getattr(export_model, "graphadapt_lazy_folds", None))
+            export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy,
+                                                          lazy=into_copy and verify_fn is None)
         seconds["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with memory.phase("export"):
             program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
-            if lazy and not _install_lazy_folds(program, export_model):
+            if not _install_lazy_folds(program, export_model):
                 # the exporter transformed a placeholder weight (constant folding): export from real values
                 del program, export_model
                 release_memory()
-                lazy = False
-                export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy)
+                export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy=False)
                 program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
             _rename_axes(program, axes)
             if io_names:
@@ -258,7 +256,7 @@ def export_onnx(
                     # verify_onnx takes the reference from the box, runs it, and drops it before
                     # onnxruntime loads the file: the two copies of the weights never coexist
                     # (a lazily merged copy holds placeholders: the reference is then made from ``model``)
-                    box = [None if lazy else export_model]
+                    box = [None if getattr(export_model, "graphadapt_lazy_folds", None) else export_model]
                     del export_model
                     release_memory()
                     with memory.phase("verify"):
