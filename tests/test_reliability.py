@@ -185,7 +185,7 @@ def _rewrite_weights(d, fn):
 
     from safetensors.torch import load_file, save_file
 
-    from graphadapt.checkpoints import _sha256
+    from graphadapt.checkpoints.files import sha256_file as _sha256
 
     w = d / "adapters.safetensors"
     save_file(fn(load_file(str(w))), str(w))
@@ -643,9 +643,9 @@ def test_disk_full_during_save_is_a_checkpoint_error(tmp_path, monkeypatch):
     """The same fault without a tmpfs: the writer raises ENOSPC."""
     import errno
 
-    import safetensors.torch as st
-
     from helpers import tiny_bert
+
+    from graphadapt.checkpoints import adapters as writer
 
     adapted = ga.apply(tiny_bert(), ga.LoRA(r=2))
     adapted.save_adapters(tmp_path / "ckpt")
@@ -656,7 +656,7 @@ def test_disk_full_during_save_is_a_checkpoint_error(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st, "save_file", full)
+    monkeypatch.setattr(writer, "save_file", full)
     with pytest.raises(ga.CheckpointError, match="No space left"):
         adapted.save_adapters(tmp_path / "ckpt")
     assert tree(tmp_path) == before

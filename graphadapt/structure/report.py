@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .explain import explain_findings
+from .explain import explain_findings, render_why, select
 from .types import AttentionBlock, LinearSite, StructureMap
 
 
@@ -25,16 +25,12 @@ class StructureReport(dict):
         return format_report(self)
 
     def why(self, role: str, layer: int | None = None) -> str:
-        from .explain import render_why
-
         return render_why(self.explanations, role, layer)
 
     explain = why
 
     def why_entries(self, role: str, layer: int | None = None) -> list[dict]:
         """The JSON-able entries behind :meth:`why`."""
-        from .explain import select
-
         return select(self.explanations, role, layer)
 
 
