@@ -17,7 +17,7 @@ from ..spec import Spec
 from ..version import __version__
 from ..vocab import adapter_prefix
 from .files import atomic_write, check_save_target, check_tensor, read_json, read_tensors, sha256_file
-from .matching import check_structure, rewrite_key, structure_fingerprint, structure_paths
+from .matching import RECORD_KEYS, check_structure, rewrite_key, structure_record
 from .trainable import trainable_module_keys
 
 SPEC_FILE = "spec.json"
@@ -31,6 +31,7 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
     disk leave any earlier checkpoint intact and no temp files behind.
     """
     spec_obj = saved_spec(adapted, names)
+    where = structure_record(adapted.structure_report)
     d = check_save_target(directory)
     prefixes = tuple(adapter_prefix(n) for n in spec_obj.module_owners)
     keep = set(trainable_module_keys(adapted))  # Spec.modules_to_save: saved with the adapters
@@ -43,8 +44,6 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
     # the spec names the weights file's hash: a save interrupted between the two renames leaves a
     # pair that load_adapter_weights refuses instead of mixing new weights with an old spec
     digest = sha256_file(d / WEIGHTS_FILE)
-    where = {"structure_fingerprint": structure_fingerprint(adapted.structure_report),
-             "structure_paths": structure_paths(adapted.structure_report)}
     atomic_write(d / SPEC_FILE, lambda p: Path(p).write_text(
         json.dumps({"spec": spec, **meta, "weights_sha256": digest, **where}, indent=2)))
     return d
@@ -107,7 +106,7 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
         if want is not None and want != sha256_file(p):
             raise CheckpointError(f"{p} does not belong to {spec_path} (hash mismatch): the checkpoint was "
                                   "modified or a save was interrupted between its two files; save it again.")
-        if "structure_fingerprint" in info:
+        if any(k in info for k in RECORD_KEYS):
             info.setdefault("base_model_class", info.get("source_class"))
             rule = check_structure(info, adapted, directory)
     saved = read_tensors(p)

@@ -1,38 +1,57 @@
 """Which model a checkpoint fits: its recorded structure against this model's, and the module-path
 rewrite between them.
 
-A checkpoint records the recognised structure it was saved on (``structure_fingerprint``) and the
-module path of each (layer, block, role) (``structure_paths``). Loading compares the structure,
-then pairs the saved path of each (layer, block, role) with ours: the one prefix rewrite they agree
-on (``bert.`` ↔ ``""``) is applied to the adapter keys, so the same encoder behind a different head
-or wrapper (``BertModel`` vs ``BertForSequenceClassification``) matches.
+A checkpoint records (:func:`structure_record`) the structure it was saved on, as the versioned
+:class:`~graphadapt.structure.signature.StructureSignature` (``structure_signature``: typed facts, no
+display strings), the module path of each (layer, block, role) (``structure_paths``) and, for readers
+older than the signature, the v0 ``structure_fingerprint``. Loading (:func:`check_structure`):
+
+1. ``structure_signature`` of a version this graphadapt reads: compared with the model's; a
+   difference is refused, naming what differs (layer count, sizes, heads, norm placement...).
+2. otherwise ``structure_fingerprint`` (checkpoints written before the signature, or by a newer
+   graphadapt whose signature version this one does not read but which still wrote the v0 form):
+   compared with the model's v0 digest, recomputed from its typed facts by a frozen copy of the
+   v0 rendering; a difference is refused, naming a layer-count or role difference when the saved
+   ``structure_paths`` show one.
+3. a signature of a version this graphadapt does not read, and no fingerprint: CheckpointError
+   naming the upgrade.
+4. no record at all (files written by hand): not checked here; the per-tensor key and shape checks
+   still run.
+
+Then the saved path of each (layer, block, role) is paired with ours: the one prefix rewrite they
+agree on (``bert.`` ↔ ``""``) is applied to the adapter keys, so the same encoder behind a different
+head or wrapper (``BertModel`` vs ``BertForSequenceClassification``) matches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from ..errors import CheckpointError
+from ..structure.signature import KNOWN_VERSIONS, StructureSignature, structure_signature
+from ..structure.types import StructureMap
 
-_PATH_KEYS = ("module", "norm_module", "stack")
+RECORD_KEYS = ("structure_signature", "structure_fingerprint")
 
 
 def _layers(report) -> list:
     return list(report["layers"]) if report is not None else []
 
 
-def structure_fingerprint(report) -> str:
-    """sha256 of the recognised structure, module paths and node names left out."""
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in sorted(x.items()) if k not in _PATH_KEYS}
-        if isinstance(x, (list, tuple)):
-            return [strip(v) for v in x]
-        return x
+def report_signature(report) -> StructureSignature:
+    """The signature of a structure report (:func:`graphadapt.inspect`, ``AdaptedModel.structure_report``)."""
+    if report is None:
+        return structure_signature(StructureMap())
+    sig = getattr(report, "signature", None)
+    if sig is None:
+        raise CheckpointError("this model's structure report carries no structure signature (made by another "
+                              "graphadapt version?); re-apply the adapters with graphadapt.apply")
+    return sig
 
-    text = json.dumps(strip(_layers(report)), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+
+def structure_record(report) -> dict:
+    """What a checkpoint records about the structure it was saved on (see the module docstring)."""
+    sig = report_signature(report)
+    return {"structure_signature": sig.to_dict(), "structure_fingerprint": sig.v0_digest,
+            "structure_paths": structure_paths(report)}
 
 
 def structure_paths(report) -> list[list]:
@@ -89,17 +108,51 @@ def rewrite_key(key: str, rule: tuple[str, str] | None, prefix: str = "adapters.
 
 
 def check_structure(cfg: dict | None, adapted, directory) -> tuple[str, str] | None:
-    """Refuse a checkpoint saved on a different structure; the path rewrite onto ``adapted`` (or None)."""
+    """Refuse a checkpoint saved on a different structure, naming what differs; the path rewrite onto
+    ``adapted`` (or None). ``cfg``: the checkpoint's ``spec.json`` or ``adapter_config.json`` object."""
     if cfg is None:
         return None
-    want = cfg.get("structure_fingerprint")
-    have = structure_fingerprint(adapted.structure_report)
-    if want is not None and want != have:
-        raise CheckpointError(
-            f"{directory} was saved on a {str(cfg.get('base_model_class')).rsplit('.', 1)[-1]} whose recognised "
-            f"structure differs from this {adapted.source_class.rsplit('.', 1)[-1]}'s (fingerprint {want[:12]}… vs "
-            f"{have[:12]}…: other layer count, sizes or architecture). Load it onto the base model it was trained on.")
+    ours = report_signature(adapted.structure_report)
+    saved_class = str(cfg.get("base_model_class") or cfg.get("source_class")).rsplit(".", 1)[-1]
+    where = (f"{directory} was saved on a {saved_class} whose recognised structure differs from this "
+             f"{str(adapted.source_class).rsplit('.', 1)[-1]}'s")
+    fix = "Load it onto the base model it was trained on."
+    record = cfg.get("structure_signature")
+    version = record.get("version") if isinstance(record, dict) else None
+    if record is not None and version in KNOWN_VERSIONS:
+        try:
+            saved = StructureSignature.from_dict(record)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: unreadable structure_signature ({e}); re-save the checkpoint") from e
+        if saved.digest != ours.digest:
+            diff = "; ".join(saved.differences(ours)) or "facts differ"
+            raise CheckpointError(f"{where} (saved vs this model: {diff}). {fix}")
+    elif cfg.get("structure_fingerprint") is not None:
+        want, have = cfg["structure_fingerprint"], ours.v0_digest
+        if want != have:
+            raise CheckpointError(f"{where} ({_v0_difference(cfg.get('structure_paths'), adapted.structure_report)}; "
+                                  f"v0 fingerprint {want[:12]}… vs {have[:12]}…). {fix}")
+    elif record is not None:
+        raise CheckpointError(f"{directory} records its structure in signature version {version!r}, which this "
+                              f"graphadapt does not read (it reads {list(KNOWN_VERSIONS)}): upgrade graphadapt.")
     return prefix_rule(cfg.get("structure_paths") or [], structure_paths(adapted.structure_report))
 
 
-__all__ = ["check_structure", "prefix_rule", "rewrite_key", "structure_fingerprint", "structure_paths"]
+def _v0_difference(saved_paths, report) -> str:
+    """A v0 checkpoint holds only a hash; its ``structure_paths`` still show a layer-count or role difference."""
+    if not saved_paths:
+        return "other layer count, sizes or architecture"
+    saved = {(a, b, c) for a, b, c, _ in saved_paths if b != "layer" and not c.endswith(".norm")}
+    ours = {(a, b, c) for a, b, c, _ in structure_paths(report) if b != "layer" and not c.endswith(".norm")}
+    n_saved = len({a for a, _, _ in saved})
+    n_ours = len({a for a, _, _ in ours})
+    if n_saved != n_ours:
+        return f"{n_saved} layer(s) vs {n_ours}"
+    if saved != ours:
+        only = sorted(saved ^ ours)[:3]
+        return "roles found in only one of them: " + ", ".join(f"layer {a} {b}.{c}" for a, b, c in only)
+    return "same layers and roles; other sizes, head counts, norm placement or attention form"
+
+
+__all__ = ["RECORD_KEYS", "check_structure", "prefix_rule", "report_signature", "rewrite_key", "structure_paths",
+           "structure_record"]

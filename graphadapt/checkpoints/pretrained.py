@@ -4,7 +4,8 @@ Directory: ``spec.json`` + ``adapters.safetensors`` (as :func:`save_adapters`; o
 the active set and ``modules_to_save`` — never the base weights) plus ``adapter_config.json``::
 
     {"format": "graphadapt-pretrained/1", "base_model_class": "transformers....BertForSequenceClassification",
-     "structure_fingerprint": "<sha256>", "structure_paths": [[layer, block, role, module path], ...], ...}
+     "structure_signature": {"version": 1, "digest": ..., ...}, "structure_fingerprint": "<v0 sha256>",
+     "structure_paths": [[layer, block, role, module path], ...], ...}
 
 The structure record and the module-path mapping are :mod:`graphadapt.checkpoints.matching`'s.
 """
@@ -19,7 +20,7 @@ from ..errors import CheckpointError
 from ..version import __version__
 from .adapters import save_adapters, saved_spec
 from .files import atomic_write, read_json
-from .matching import structure_fingerprint, structure_paths
+from .matching import structure_record
 
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "graphadapt-pretrained/1"
@@ -27,8 +28,7 @@ FORMAT = "graphadapt-pretrained/1"
 
 def pretrained_config(adapted) -> dict:
     return {"format": FORMAT, "base_model_class": adapted.source_class,
-            "structure_fingerprint": structure_fingerprint(adapted.structure_report),
-            "structure_paths": structure_paths(adapted.structure_report),
+            **structure_record(adapted.structure_report),
             "adapters": list(adapted.spec.adapters), "modules_to_save": list(adapted.spec.modules_to_save),
             "graphadapt_version": __version__}
 

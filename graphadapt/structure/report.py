@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .explain import explain_findings, render_why, select
+from .signature import StructureSignature, structure_signature
 from .types import AttentionBlock, LinearSite, StructureMap
 
 
@@ -20,6 +21,7 @@ class StructureReport(dict):
     """
 
     explanations: list = []   # plain entries from structure.explain.explain_findings
+    signature: StructureSignature | None = None   # the typed facts checkpoints record (structure.signature)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -84,6 +86,7 @@ def structure_report(sm: StructureMap) -> StructureReport:
                           for name, st in sorted(sm.pattern_stats.items())},
     })
     rep.explanations = explain_findings(sm)
+    rep.signature = structure_signature(sm)
     return rep
 
 
