@@ -329,8 +329,10 @@ def test_bit_flip_in_tensor_bytes_is_caught(bert_ckpt, tmp_path):
                                   '{"spec": {"adapters": {"a": {"method": "lora", "r": "x"}}}}'])
 def test_malformed_spec_json_is_a_checkpoint_error(tmp_path, text):
     (tmp_path / "spec.json").write_text(text)
+    from graphadapt.checkpoints import read_spec   # (alone, ga.checkpoints is not imported yet)
+
     with pytest.raises(ga.CheckpointError, match="spec.json"):
-        ga.checkpoints.read_spec(tmp_path)
+        read_spec(tmp_path)
 
 
 def test_unreadable_spec_file_is_a_spec_error(tmp_path):
@@ -439,7 +441,7 @@ def test_failed_capture_is_quiet_unless_debugging(capfd, monkeypatch):
 def test_ctrl_c_while_importing_onnxruntime_stays_ctrl_c(monkeypatch):
     import builtins
 
-    from graphadapt.exporters.verify import _import_ort
+    from graphadapt.exporters.verify import import_ort
 
     real = builtins.__import__
 
@@ -454,11 +456,11 @@ def test_ctrl_c_while_importing_onnxruntime_stays_ctrl_c(monkeypatch):
     monkeypatch.delitem(__import__("sys").modules, "onnxruntime", raising=False)
     monkeypatch.setattr(builtins, "__import__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _import_ort()
+        import_ort()
     monkeypatch.setattr(builtins, "__import__", real)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # really not installed
     with pytest.raises(ExportError, match="verification needs onnxruntime"):
-        _import_ort()
+        import_ort()
 
 
 _KILL_SCRIPT = r"""

@@ -15,9 +15,6 @@ import torch.fx as fx
 
 from ..vocab import ROLES
 
-Role = Literal["q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate",
-               "expert_down"]
-
 
 @dataclass
 class LinearSite:
