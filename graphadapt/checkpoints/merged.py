@@ -29,7 +29,7 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, MergeError
-from ..passes.merge import check_factors, fold_chain, plan_merge
+from ..passes import merge as merge_pass   # attributes read at call time (tests instrument fold_chain)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -145,13 +145,13 @@ def _plan_items(adapted, src, names, safe: bool, tdtype) -> list[_Item]:
     merged_already = adapted.is_merged
     chains = {}
     if not merged_already:
-        plan = plan_merge(adapted, names, safe=False, compute=False)
+        plan = merge_pass.plan_merge(adapted, names, safe=False, compute=False)
         if plan.kept:
             raise MergeError("cannot write a merged checkpoint: these adapters do not fold into the base weights; "
                              "nothing was written:\n" + "\n".join(f"  {t}: {why}" for t, why in plan.kept.items())
                              + "\nExport with export_onnx(merge=False), or select foldable ones with names=[...]")
         if safe:
-            check_factors(adapted, plan)
+            merge_pass.check_factors(adapted, plan)
         chains = {c.weight: c for c in plan.chains.values()}
     elif adapted._merge_state["report"].kept:
         raise MergeError("cannot write a merged checkpoint: the model is merged but keeps unfoldable adapters "
@@ -189,7 +189,7 @@ def _plan_items(adapted, src, names, safe: bool, tdtype) -> list[_Item]:
         shape = tuple(value.shape)
         if name_in_model is not None:
             chain = chains[name_in_model]
-            produce = _folder(adapted, chain, safe, dt, fold_chain)
+            produce = _folder(adapted, chain, safe, dt, merge_pass.fold_chain)
         else:
             produce = _converter(value, dt)
         items.append((key, shape, dt, produce))
