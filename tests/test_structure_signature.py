@@ -121,10 +121,16 @@ def test_new_checkpoint_records_the_signature_and_names_what_differs(tmp_path):
         assert rec["structure_fingerprint"] == json.loads((V0 / f).read_text())["structure_fingerprint"]
     with pytest.raises(CheckpointError, match=r"structure differs .*layer 0 attention\.q: in_features 32 vs 48"):
         ga.from_pretrained(tiny_bert(num_labels=3, hidden_size=48), tmp_path / "new")
-    # a signature version this graphadapt does not read: the v0 fingerprint decides; without it, a clear error
+    # a hand-edited record is refused as such, not compared
     shutil.copytree(tmp_path / "new", tmp_path / "future")
     p = tmp_path / "future" / "spec.json"
     rec = json.loads(p.read_text())
+    rec["structure_signature"]["kinds"][0]["heads"] = 8
+    p.write_text(json.dumps(rec))
+    with pytest.raises(CheckpointError, match="unreadable structure_signature .*digest"):
+        ga.load(tiny_bert(num_labels=3), tmp_path / "future")
+    rec["structure_signature"]["kinds"][0]["heads"] = 4
+    # a signature version this graphadapt does not read: the v0 fingerprint decides; without it, a clear error
     rec["structure_signature"]["version"] = 99
     p.write_text(json.dumps(rec))
     ga.load(tiny_bert(num_labels=3), tmp_path / "future")
