@@ -197,10 +197,10 @@ def _export_seq2seq(twins, path, tdtype, merge, verify, max_new_tokens, input_id
     return report
 
 
-def _ort_session(path, providers):
-    from graphadapt.exporters.verify import _import_ort
+def ort_session(path, providers):
+    from graphadapt.exporters.verify import import_ort
 
-    ort = _import_ort()
+    ort = import_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=verification_providers(providers))
@@ -323,7 +323,7 @@ def _verify_seq2seq(enc_path, dec_path, reference, input_ids, attention_mask, ma
     first = _start_token(reference[1])
     want_ids, want_scores = generate(tuple(reference), input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                      output_scores=True, eos_token_id=[], decoder_start_token_id=first)
-    encoder, decoder = _ort_session(enc_path, providers), _ort_session(dec_path, providers)
+    encoder, decoder = ort_session(enc_path, providers), ort_session(dec_path, providers)
     got_ids, got_scores = ort_greedy_seq2seq(encoder, decoder, input_ids.cpu(), attention_mask.cpu(), max_new_tokens,
                                              layout, first, _NP_DTYPES.get(tdtype, np.float32))
     used = decoder.get_providers()
@@ -385,7 +385,7 @@ def verify_decoder_onnx(path: str | Path, model, input_ids: torch.Tensor | None 
     # eos_token_id=[]: the reference decodes exactly max_new_tokens, as the onnxruntime loop does
     want_ids, want_scores = generate(ref, input_ids, attention_mask, max_new_tokens=max_new_tokens, output_scores=True,
                                      eos_token_id=[])
-    session = _ort_session(path, providers)
+    session = ort_session(path, providers)
     got_ids, got_scores = ort_greedy(session, input_ids.cpu(), attention_mask.cpu(), max_new_tokens, layout,
                                      _NP_DTYPES.get(tdtype, np.float32))
     used = session.get_providers()

@@ -128,7 +128,7 @@ def verification_providers(providers) -> list:
     return out
 
 
-def _import_ort():
+def import_ort():
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -138,7 +138,7 @@ def _import_ort():
             raise ExportError(
                 "verification needs onnxruntime: pip install 'graphadapt[ort]' (or [gpu]), or pass verify=False"
             ) from e
-        raise ExportError(f"onnxruntime is installed but failed to import ({_model._one_line(e)}); "
+        raise ExportError(f"onnxruntime is installed but failed to import ({_model.one_line(e)}); "
                           "reinstall it, or pass verify=False") from e
     return ort
 
@@ -163,7 +163,7 @@ def check_onnx_file(path: str | Path) -> None:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # DecodeError, OSError ...
-        raise ExportError(f"{p} is not a readable ONNX model ({_model._one_line(e)})") from e
+        raise ExportError(f"{p} is not a readable ONNX model ({_model.one_line(e)})") from e
     if not proto.graph.node and not proto.graph.output:
         raise ExportError(f"{p} is not an ONNX model (no graph); give the .onnx file written by export")
 
@@ -294,7 +294,7 @@ def run_onnxruntime(
 
     from graphadapt.exporters import _parts
 
-    ort = _import_ort()
+    ort = import_ort()
     providers = verification_providers(providers)
     folder = str(Path(path).resolve().parent)
 
@@ -330,7 +330,7 @@ def run_onnxruntime(
         raise
     except Exception as e:
         raise VerificationError(
-            f"onnxruntime could not run {Path(path).name} with {providers}: {_model._one_line(e)}. "
+            f"onnxruntime could not run {Path(path).name} with {providers}: {_model.one_line(e)}. "
             "If the provider lacks kernels for this dtype (bf16 on CPU), verify on a GPU provider "
             "(providers=['CUDAExecutionProvider']) or pass verify=False."
         ) from e
@@ -578,7 +578,7 @@ def verify_onnx(
                 jitter = rounding_noise(ref_model, call, [t.detach() for t in _model.flat_tensors(ref_out)])
         except (RuntimeError, NotImplementedError) as e:
             if tdtype == torch.float32 or "not implemented" not in str(e).lower():
-                raise VerificationError(f"PyTorch reference failed on the fresh inputs: {_model._one_line(e)}") from e
+                raise VerificationError(f"PyTorch reference failed on the fresh inputs: {_model.one_line(e)}") from e
             # torch lacks a low-precision kernel here: compare against fp32 instead
             ref_dtype = torch.float32
             ref_out = model(
