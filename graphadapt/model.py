@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture import CapturedModule, SignatureMiss, serialised
 from .console import describe, summary_notes
+from .draw import draw_model
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import _is_finite as _finite
@@ -69,6 +70,7 @@ class AdaptedModel(CapturedModule):
         "_call_signature", "_positional_names", "_route", "_checkpoint_options")
 
     __repr__ = __str__ = describe  # what the user has (graphadapt/console.py); adapted.code: the graph
+    draw = draw_model  # adapted.draw("model.svg"): layers, roles, adapters, composition (graphadapt/draw.py)
     accepts_loss_kwargs = False
     """For ``transformers.Trainer``: the loss is the source model's own (no ``num_items_in_batch``)."""
 
