@@ -97,7 +97,7 @@ def _count(n: int) -> str:
 
 
 def short_repr(method) -> str:
-    """``LoRA(r=2, targets=('q', 'v'))``: a method spec with only the fields that differ from their defaults."""
+    """``Method(r=2)``: a method spec with only the fields that differ from their defaults."""
     import dataclasses
 
     if not dataclasses.is_dataclass(method):

@@ -86,9 +86,9 @@ class _Badges:
     def __init__(self, records: list, colours: dict[str, str]):
         self.colours = colours
         self.at_site: dict[str, list] = {}        # linear site module path -> records
-        self.at_core: dict[tuple[int, str], list] = {}   # (layer, "self"/"cross") -> prefix-like records
+        self.at_core: dict[tuple[int, str], list] = {}   # (layer, "self"/"cross") -> adapters at the attention core
         self.after_block: dict[tuple[int, str], list] = {}  # (layer, block) -> residual adapters
-        self.outside: list = []                   # embeddings, prompts: not in a layer
+        self.outside: list = []                   # at the inputs (embeddings): not in a layer
         for r in records:
             kind, role, layer = getattr(r, "kind", ""), getattr(r, "role", "") or "", getattr(r, "layer", None)
             if layer is None:
