@@ -30,12 +30,36 @@ from .console import (  # noqa: F401  (re-exported: scripts test the codes)
 from .console import Progress as _Progress
 
 
+def _peft_num_labels(directory) -> int | None:
+    """The number of labels of the classification head a PEFT checkpoint trained (``modules_to_save``), if any."""
+    from pathlib import Path
+
+    path = Path(directory) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(("classifier.weight", "score.weight")) and "pre_classifier" not in key:
+                    return int(f.get_slice(key).get_shape()[0])
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the importer, with its own message
+        return None
+    return None
+
+
 def _load(args):
     """(name, model, how the class was chosen); the head follows ``--task`` or the config's architectures.
-    Parameters transformers initialised at random (a new head) are kept in ``args.new_params``."""
+    Parameters transformers initialised at random (a new head) are kept in ``args.new_params``. With
+    ``--peft`` and no ``--num-labels``, the head is sized like the checkpoint's trained classifier."""
     from .zoo import default_model, load_model_with_report
 
     task, num_labels = getattr(args, "task", None), getattr(args, "num_labels", None)
+    if num_labels is None and getattr(args, "peft", None) and task in ("seq-cls", "token-cls"):
+        num_labels = _peft_num_labels(args.peft)
+        if num_labels is not None:
+            print(f"      --num-labels {num_labels} (the classifier the PEFT checkpoint trained)")
     args.new_params = []
     if args.model:
         model, how, args.new_params = load_model_with_report(args.model, task, num_labels, quiet=True)

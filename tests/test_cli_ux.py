@@ -247,3 +247,28 @@ def test_progress_ticks_and_heartbeat():
     with p.stage("export", heartbeat=0.01):
         assert beat.wait(60), "no elapsed-time line during a long stage"
     assert p.stream.getvalue().rstrip().endswith(")") and " s done (" in p.stream.getvalue()
+
+
+def test_peft_checkpoint_sizes_the_new_head(bert_dir, tmp_path, capsys):
+    """A 3-label PEFT SEQ_CLS checkpoint onto a base directory: --task seq-cls sizes the head from the checkpoint
+    (was: a shape mismatch unless the user knew the number of labels)."""
+    import warnings
+
+    import peft
+    import transformers as T
+
+    T.logging.set_verbosity_error()
+    try:
+        trained_on = T.BertForSequenceClassification.from_pretrained(bert_dir, num_labels=3)
+    finally:
+        T.logging.set_verbosity_warning()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(trained_on, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    pm.save_pretrained(tmp_path / "peft")
+    assert main(["apply", "--model", str(bert_dir), "--task", "seq-cls", "--peft", str(tmp_path / "peft"),
+                 "--json"]) == EXIT_OK
+    out = capsys.readouterr()
+    assert "--num-labels 3 (the classifier the PEFT checkpoint trained)" in out.err
+    assert "classifier: newly initialised by transformers, restored from" in out.err
+    assert json.loads(out.out)["spec"]["modules_to_save"] == ["classifier"]
