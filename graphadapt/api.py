@@ -47,7 +47,9 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
     :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
     """
-    spec = as_spec(spec)
+    from .checkpoints.trainable import with_task_heads
+
+    spec = with_task_heads(model, as_spec(spec))  # Spec.task_type's heads join modules_to_save
     target, axes = model, None
     if cache:
         from .kvcache import cached_decoder

@@ -62,6 +62,23 @@ def _median_ms(fn, runs: int = 20) -> tuple[float, float]:
     return statistics.median(ts), q[2] - q[0]
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that cannot be the output directory, before any training (an existing file,
+    or a directory that cannot be created or written)."""
+    import os
+
+    from .errors import GraphAdaptError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GraphAdaptError(f"--out {out_dir} is an existing file; the demo writes its ONNX files into a "
+                              "directory: give a directory path (it is created if missing)")
+    parent = out_dir if out_dir.exists() else next((p for p in out_dir.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise GraphAdaptError(f"--out {out_dir}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GraphAdaptError(f"--out {out_dir}: {parent} is not writable; choose another directory")
+
+
 def run_demo(model_name: str | None = None, steps: int = 40, out_dir: Path = Path("out"), export: bool = True) -> int:
     from . import LoRA, SeqBn, Spec, apply
     from .console import EXIT_OK, EXIT_VERIFY
@@ -96,6 +113,8 @@ def run_demo(model_name: str | None = None, steps: int = 40, out_dir: Path = Pat
         adapted.train()
         losses = []
         for step in range(steps):
+            if losses:
+                prog.tick(step, steps, f"loss {losses[-1]:.3f}")
             logits = head(_pool(adapted(**batch).last_hidden_state, batch["attention_mask"]))
             loss = nn.functional.cross_entropy(logits, labels)
             opt.zero_grad()
@@ -125,7 +144,7 @@ def run_demo(model_name: str | None = None, steps: int = 40, out_dir: Path = Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo.onnx"
     try:
-        with prog.stage(f"export ONNX + verify with onnxruntime → {path}"):
+        with prog.stage(f"export ONNX + verify with onnxruntime → {path}", heartbeat=10):
             rep = export_onnx(adapted, path, merge=False, verify=True)
     except VerificationError as e:
         print(f"verification FAILED: {e}")
@@ -198,7 +217,9 @@ def run_generate_demo(steps: int = 60, out_dir: Path = Path("out"), export: bool
     with prog.stage(f"train {steps} steps: continue s, s+1, s+2, …"):
         adapted.train()
         losses = []
-        for _ in range(steps):
+        for step in range(steps):
+            if losses:
+                prog.tick(step, steps, f"loss {losses[-1]:.3f}")
             x = _count_batch(g, vocab, 32, 12)
             logits = adapted(input_ids=x, attention_mask=torch.ones_like(x)).logits
             loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
@@ -225,7 +246,7 @@ def run_generate_demo(steps: int = 60, out_dir: Path = Path("out"), export: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "decoder.onnx"
     try:
-        with prog.stage(f"export decoder ONNX with past key/values + verify → {path}"):
+        with prog.stage(f"export decoder ONNX with past key/values + verify → {path}", heartbeat=10):
             rep = export_decoder_onnx(adapted, path, merge=False, input_ids=prompt, attention_mask=mask,
                                       max_new_tokens=new_tokens)
     except VerificationError as e:

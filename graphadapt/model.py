@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .capture import CapturedModule, SignatureMiss, serialised
+from .console import describe, summary_notes
+from .draw import draw_model
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import _is_finite as _finite
@@ -67,6 +69,8 @@ class AdaptedModel(CapturedModule):
         "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning",
         "_call_signature", "_positional_names", "_route", "_checkpoint_options")
 
+    __repr__ = __str__ = describe  # what the user has (graphadapt/console.py); adapted.code: the graph
+    draw = draw_model  # adapted.draw("model.svg"): layers, roles, adapters, composition (graphadapt/draw.py)
     accepts_loss_kwargs = False
     """For ``transformers.Trainer``: the loss is the source model's own (no ``num_items_in_batch``)."""
 
@@ -167,7 +171,7 @@ class AdaptedModel(CapturedModule):
         lines.insert(1, "  ".join("-" * w for w in widths))
         if self.is_merged:
             lines.append(f"merged: {len(self._merge_state['report'].folded)} module(s) folded")
-        text = "\n".join(lines)
+        text = "\n".join(lines + summary_notes(self))
         if print_fn is not None:
             print_fn(text)
         return text

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import GraphAdaptError
+from .errors import CheckpointError, GraphAdaptError
 
 _TINY = dict(hidden=64, layers=2, heads=4, inter=128, vocab=1000)
 
@@ -90,16 +90,37 @@ def _head_class(config, task: str | None, where: str):
     return T.AutoModel, f"{why}; base model without a head (--task to choose one)"
 
 
-def load_model_with_source(name_or_dir: str, task: str | None = None) -> tuple[nn.Module, str]:
+def load_model_with_source(name_or_dir: str, task: str | None = None,
+                           num_labels: int | None = None) -> tuple[nn.Module, str]:
     """:func:`load_model`, also saying how the class was chosen (for the CLI's output)."""
+    model, how, _ = load_model_with_report(name_or_dir, task, num_labels)
+    return model, how
+
+
+def load_model_with_report(name_or_dir: str, task: str | None = None, num_labels: int | None = None,
+                           quiet: bool = False) -> tuple[nn.Module, str, list[str]]:
+    """``(model, how the class was chosen, parameter names transformers initialised at random)``.
+
+    ``num_labels`` sets the classification head's size (``--num-labels``). ``quiet`` keeps
+    transformers' own loading report off the console (the CLI says what happened to the head
+    itself). A directory whose ``config.json`` or weights cannot be read is a :class:`CheckpointError`
+    naming the file, not a raw traceback.
+    """
     import transformers as T
 
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise GraphAdaptError(f"--num-labels must be an integer >= 1, got {num_labels!r}")
+    extra = {} if num_labels is None else {"num_labels": num_labels}
     if name_or_dir.startswith("tiny-") and name_or_dir in KNOWN:
         base = _tiny(name_or_dir)
         if task in (None, "base"):
-            return base, "seeded from a config" + (" (--task base)" if task else "")
+            if num_labels is not None:
+                raise GraphAdaptError("--num-labels needs a classification head: add --task seq-cls or token-cls")
+            return base, "seeded from a config" + (" (--task base)" if task else ""), []
         cls, how = _head_class(base.config, task, name_or_dir)
-        return _seeded(lambda: cls.from_config(base.config)), f"seeded from a config, {how}"
+        for k, v in extra.items():
+            setattr(base.config, k, v)
+        return _seeded(lambda: cls.from_config(base.config)), f"seeded from a config, {how}", []
     if name_or_dir == "minilm":
         d = minilm_dir()
         if d is None:
@@ -111,9 +132,37 @@ def load_model_with_source(name_or_dir: str, task: str | None = None) -> tuple[n
         raise GraphAdaptError(f"--model {name_or_dir!r} is neither a known name ({', '.join(KNOWN)}) nor a "
                               "directory with a Hugging Face config.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = T.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    try:
+        config = T.AutoConfig.from_pretrained(str(p), local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read {p / 'config.json'}: {_one_line(e)}; is the file complete (a "
+                              "truncated download or copy)? Re-download or re-save the model") from e
     cls, how = _head_class(config, task, name_or_dir)
-    return cls.from_pretrained(str(p), local_files_only=True).eval(), how
+    verbosity = T.logging.get_verbosity()
+    if quiet:
+        T.logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(str(p), config=config, local_files_only=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - safetensors / torch / transformers each raise their own types
+        if isinstance(e, (KeyboardInterrupt, GraphAdaptError)):
+            raise
+        text = _one_line(e)
+        hint = ("a classification head of another size: pass --num-labels to match it, or a --task whose head "
+                "the checkpoint has" if "size mismatch" in text or "shape" in text else
+                "is a weights file truncated or corrupt (an interrupted download or copy)? Re-download or re-save "
+                "the model")
+        raise CheckpointError(f"cannot load the weights in {p} as {cls.__name__}: {text}; {hint}") from e
+    finally:
+        if quiet:
+            T.logging.set_verbosity(verbosity)
+    missing = sorted(set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
+                                                           for k in info.get("mismatched_keys") or ()})
+    return model.eval(), how, missing
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:300] + " …") if len(text) > 300 else text
 
 
 def load_model(name_or_dir: str, task: str | None = None) -> nn.Module:

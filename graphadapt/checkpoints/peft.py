@@ -85,7 +85,7 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
     custom = method.peft_read(model, cfg, weights, name, d)
     if custom is not None:
         return (*custom, ())
-    saved_modules = _modules_to_save(cfg)
+    saved_modules = _present(model, _modules_to_save(cfg), weights)
     module_names = {n for n, _ in model.named_modules() if n}
     mapped: dict[str, tuple[str, str]] = {}      # checkpoint key → (module path, our tensor name)
     whole: dict[str, str] = {}                   # checkpoint key → our key (modules_to_save)
@@ -148,6 +148,16 @@ def _modules_to_save(cfg: dict) -> list[str]:
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise CheckpointError(f"adapter_config.json: modules_to_save must be a list of module names, got {names!r}")
     return names
+
+
+def _present(model: nn.Module, names: list[str], weights: dict) -> list[str]:
+    """The ``modules_to_save`` names ``model`` has, or that the checkpoint holds tensors for. PEFT's task
+    types write default lists (``SEQ_CLS``: classifier, score, pre_classifier) and skip the names a
+    model lacks; so does the importer (a saved tensor of a missing module is still an error)."""
+    from .trainable import resolve_modules_to_save
+
+    return [n for n in names if resolve_modules_to_save(model, [n], strict=False)
+            or any(_whole_module_key(k, [n]) is not None for k in weights)]
 
 
 def _whole_module_key(key: str, names: list[str]) -> str | None:

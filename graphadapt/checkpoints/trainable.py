@@ -54,6 +54,48 @@ def install_trainable_copies(model: nn.Module, paths) -> None:
                     sub._parameters[leaf] = nn.Parameter(p.detach().clone(), requires_grad=True)
 
 
+def newly_initialised_heads(model: nn.Module) -> list[str]:
+    """Module paths whose parameters transformers initialised at random in ``from_pretrained`` (the
+    checkpoint lacked them: a new classifier head), outermost first. transformers >= 5 marks every
+    parameter it loaded with ``_is_hf_initialized``; a model with no marked parameter (built from a
+    config, or an older transformers) reports nothing."""
+    if not any(getattr(p, "_is_hf_initialized", False) for p in model.parameters()):
+        return []
+
+    def fresh(m: nn.Module) -> bool:
+        ps = list(m.parameters())
+        return bool(ps) and not any(getattr(p, "_is_hf_initialized", False) for p in ps)
+
+    mods = dict(model.named_modules())
+    return [n for n, m in mods.items() if n and fresh(m) and not fresh(mods[n.rpartition(".")[0]])]
+
+
+def with_task_heads(model: nn.Module, spec):
+    """``spec`` with the heads of its ``task_type`` that ``model`` has added to ``modules_to_save`` (as
+    PEFT's ``task_type`` does; absent names are skipped). Without a ``task_type``, heads transformers
+    newly initialised that stay frozen are named in a warning with the fix."""
+    import warnings
+
+    from ..spec.spec import TASK_HEADS
+
+    names = list(spec.modules_to_save)
+    if spec.task_type is not None:
+        names += [n for n in TASK_HEADS[spec.task_type]
+                  if n not in names and resolve_modules_to_save(model, [n], strict=False)]
+        return spec.replace(modules_to_save=tuple(names)) if tuple(names) != spec.modules_to_save else spec
+    covered = resolve_modules_to_save(model, names, strict=False)
+    frozen = [h for h in newly_initialised_heads(model)
+              if not any(h == c or h.startswith(c + ".") for c in covered)]
+    if frozen:
+        kind = ("QUESTION_ANS" if any(h.endswith("qa_outputs") for h in frozen) else
+                "TOKEN_CLS" if "TokenClassification" in type(model).__name__ else "SEQ_CLS")
+        warnings.warn(f"{type(model).__name__}: {', '.join(frozen)} {'was' if len(frozen) == 1 else 'were'} newly "
+                      "initialised by transformers (random, not in the checkpoint) and would stay frozen; train "
+                      f"{'it' if len(frozen) == 1 else 'them'} with Spec(..., task_type={kind!r}) as PEFT does, or "
+                      f"modules_to_save={frozen!r}", UserWarning, stacklevel=3)
+    return spec
+
+
 def trainable_module_prefixes(model: nn.Module) -> tuple[str, ...]:
     """``"<path>."`` of every trainable module copy of an adapted model (``spec.modules_to_save``)."""
     names = getattr(getattr(model, "spec", None), "modules_to_save", ())
@@ -71,5 +113,5 @@ def trainable_module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: sd[k] for k in trainable_module_keys(model)}
 
 
-__all__ = ["install_trainable_copies", "resolve_modules_to_save", "trainable_module_keys",
+__all__ = ["install_trainable_copies", "newly_initialised_heads", "with_task_heads", "resolve_modules_to_save", "trainable_module_keys",
            "trainable_module_tensors"]

@@ -46,16 +46,24 @@ def export_triton(
     max_batch_size: int = 8,
     dtype: str = "fp32",
     version: int = 1,
-    dynamic_batching: bool = False,
+    dynamic_batching: bool | dict[str, Any] = False,
+    instance_group: dict[str, Any] | None = None,
+    return_report: bool = False,
     **export_kwargs: Any,
 ) -> Path:
     """Write ``<repo_dir>/<name>/<version>/model.onnx`` and ``<repo_dir>/<name>/config.pbtxt``.
 
+    ``dynamic_batching``: True writes ``dynamic_batching { }`` (Triton groups requests up to
+    ``max_batch_size``); a dict sets its fields, e.g. ``{"max_queue_delay_microseconds": 100,
+    "preferred_batch_size": [4, 8]}``. ``instance_group``: e.g. ``{"count": 2, "kind": "KIND_CPU"}``
+    (``kind``: KIND_AUTO, KIND_CPU, KIND_GPU) — how many copies of the model Triton runs, and where.
     ``export_kwargs`` go to :func:`export_onnx` (``example_inputs``, ``verify``, ``atol`` ...).
     Other versions already in ``<repo_dir>/<name>`` are kept; the same version is replaced.
-    Returns the model directory ``<repo_dir>/<name>``.
+    Returns the model directory ``<repo_dir>/<name>`` (with ``return_report``: and the
+    :class:`ExportReport`, holding the verification figures).
     """
     check_model_name(name)
+    _check_scheduling(dynamic_batching, instance_group, max_batch_size)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ExportError(f"Triton model versions are integers from 1, got {version!r}")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
@@ -78,13 +86,40 @@ def export_triton(
         try:
             staged = stage / name
             (staged / version_name).mkdir(parents=True)
-            export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
-            config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching)
+            report = export_onnx(model, staged / version_name / "model.onnx", dtype=dtype, **export_kwargs)
+            config = triton_config(staged / version_name / "model.onnx", name, max_batch_size, dynamic_batching,
+                                   instance_group)
             (staged / "config.pbtxt").write_text(config)
             _install(staged, final, version_name)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-    return final
+    return (final, report) if return_report else final
+
+
+_BATCHING_FIELDS = {"max_queue_delay_microseconds": int, "preferred_batch_size": list, "preserve_ordering": bool}
+_INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
+
+
+def _check_scheduling(dynamic_batching: Any, instance_group: Any, max_batch_size: int) -> None:
+    if isinstance(dynamic_batching, dict):
+        for k, v in dynamic_batching.items():
+            if k not in _BATCHING_FIELDS or not isinstance(v, _BATCHING_FIELDS[k]) or isinstance(v, bool) != (
+                    _BATCHING_FIELDS[k] is bool) or (isinstance(v, int) and not isinstance(v, bool) and v < 0):
+                raise ExportError(f"dynamic_batching[{k!r}] = {v!r}: fields are max_queue_delay_microseconds (int "
+                                  ">= 0), preferred_batch_size (list of ints), preserve_ordering (bool)")
+        sizes = dynamic_batching.get("preferred_batch_size", [])
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 0 < b <= max(max_batch_size, 0) for b in sizes):
+            raise ExportError(f"preferred_batch_size {sizes} must hold integers in 1..max_batch_size={max_batch_size}")
+    elif not isinstance(dynamic_batching, bool):
+        raise ExportError(f"dynamic_batching must be True/False or a dict of its fields, got {dynamic_batching!r}")
+    if dynamic_batching is not False and max_batch_size <= 0:
+        raise ExportError("dynamic_batching needs max_batch_size > 0 (Triton batches requests up to it)")
+    if instance_group is not None:
+        count, kind = instance_group.get("count", 1), instance_group.get("kind", "KIND_AUTO")
+        unknown = set(instance_group) - {"count", "kind"}
+        if unknown or isinstance(count, bool) or not isinstance(count, int) or count < 1 or kind not in _INSTANCE_KINDS:
+            raise ExportError(f"instance_group {instance_group!r}: give count (an integer >= 1) and kind (one of "
+                              f"{', '.join(_INSTANCE_KINDS)})")
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -125,7 +160,8 @@ def _install(staged: Path, final: Path, version_name: str) -> None:
         raise
 
 
-def triton_config(onnx_path: str | os.PathLike, name: str, max_batch_size: int, dynamic_batching: bool = False) -> str:
+def triton_config(onnx_path: str | os.PathLike, name: str, max_batch_size: int,
+                  dynamic_batching: bool | dict[str, Any] = False, instance_group: dict[str, Any] | None = None) -> str:
     """``config.pbtxt`` text for the ONNX file at ``onnx_path`` (onnxruntime backend)."""
     inputs, outputs = graph_io(onnx_path)
     lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}"]
@@ -149,9 +185,22 @@ def triton_config(onnx_path: str | os.PathLike, name: str, max_batch_size: int, 
             )
         lines.append(",\n".join(entries))
         lines.append("]")
-    if dynamic_batching and max_batch_size > 0:
-        lines.append("dynamic_batching { }")
+    if dynamic_batching is not False and max_batch_size > 0:
+        fields = dynamic_batching if isinstance(dynamic_batching, dict) else {}
+        body = " ".join(f"{k}: {_pbtxt(v)}" for k, v in fields.items())
+        lines.append(f"dynamic_batching {{ {body} }}" if body else "dynamic_batching { }")
+    if instance_group is not None:
+        lines.append(f"instance_group [ {{ count: {instance_group.get('count', 1)} "
+                     f"kind: {instance_group.get('kind', 'KIND_AUTO')} }} ]")
     return "\n".join(lines) + "\n"
+
+
+def _pbtxt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[ " + ", ".join(str(x) for x in v) + " ]"
+    return str(v)
 
 
 def _triton_dims(v: dict[str, Any], max_batch_size: int) -> list[int]:

@@ -8,6 +8,7 @@ File format (JSON or YAML, same structure)::
     adapters:
       task: {method: lora, r: 8, alpha: 16, targets: [q, v]}
     modules_to_save: [classifier]   # optional: base modules trained whole (docs/lifecycle.md)
+    task_type: SEQ_CLS              # optional: PEFT's task type; its head is trained whole
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class Spec:
         "owns trainable copies of their parameters (the caller's model is never written); saved, loaded, merged "
         "and exported with the adapters. A name matches a module path or its last components."
     )
+    task_type: str | None = spec_field(
+        None, help="PEFT's task type (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, CAUSAL_LM, SEQ_2_SEQ_LM, "
+        "FEATURE_EXTRACTION): as in PEFT, the task's head modules that the model has (SEQ_CLS/TOKEN_CLS: "
+        "classifier, score, pre_classifier; QUESTION_ANS: qa_outputs) are trained whole, added to "
+        "modules_to_save when the spec is applied. None: only modules_to_save."
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapters, Mapping):
@@ -131,6 +138,7 @@ class Spec:
         object.__setattr__(self, "active", active)
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
         object.__setattr__(self, "modules_to_save", _check_modules_to_save(self.modules_to_save))
+        object.__setattr__(self, "task_type", _check_task_type(self.task_type))
         # Not a field: excluded from equality, hashing and serialisation on purpose.
         object.__setattr__(self, "_fallback_seed", random.SystemRandom().randrange(2**31) if self.seed is None else self.seed)
 
@@ -182,6 +190,8 @@ class Spec:
         }
         if self.modules_to_save:
             d["modules_to_save"] = list(self.modules_to_save)
+        if self.task_type is not None:
+            d["task_type"] = self.task_type
         return d
 
     @classmethod
@@ -193,7 +203,7 @@ class Spec:
         version = d.pop("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise SpecError(f"unsupported spec format version {version!r}; this graphadapt reads {FORMAT_VERSION}", field="version")
-        allowed = ("adapters", "active", "seed", "modules_to_save")
+        allowed = ("adapters", "active", "seed", "modules_to_save", "task_type")
         for key in d:
             if key not in allowed:
                 raise SpecError(f"unknown spec key {key!r}; keys: version, {', '.join(allowed)}", field=key)
@@ -207,6 +217,7 @@ class Spec:
             active=d.get("active"),
             seed=d.get("seed", 0),
             modules_to_save=d.get("modules_to_save") or (),
+            task_type=d.get("task_type"),
         )
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -277,6 +288,27 @@ def _check_modules_to_save(names: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: PEFT task type -> the head modules PEFT trains whole for it (``modules_to_save``); names the
+#: model lacks are skipped, as PEFT does.
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score", "pre_classifier"),
+    "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
+    "QUESTION_ANS": ("qa_outputs",),
+    "CAUSAL_LM": (),
+    "SEQ_2_SEQ_LM": (),
+    "FEATURE_EXTRACTION": (),
+}
+
+
+def _check_task_type(task_type: Any) -> str | None:
+    if task_type is None:
+        return None
+    if isinstance(task_type, str) and task_type.upper() in TASK_HEADS:
+        return task_type.upper()
+    raise SpecError(f"task_type {task_type!r} is not one of PEFT's task types: {', '.join(TASK_HEADS)} "
+                    "(or None)", field="task_type")
+
+
 _LOADER: Any = None
 
 
@@ -327,4 +359,4 @@ def as_spec(x: Any) -> Spec:
     )
 
 
-__all__ = ["FORMAT_VERSION", "Spec", "as_spec"]
+__all__ = ["FORMAT_VERSION", "TASK_HEADS", "Spec", "as_spec"]
