@@ -71,8 +71,8 @@ def _twins(adapted) -> list:
         except GraphAdaptError as e:
             raise GraphAdaptError(f"generate() could not re-capture {type(src).__name__} with a KV cache "
                                   f"for this spec: {e}") from e
-        mine = {r["target"] for r in adapted.adapter_records}
-        theirs = {r["target"] for t in twins for r in t.adapter_records}
+        mine = {r.target for r in adapted.adapter_records}
+        theirs = {r.target for t in twins for r in t.adapter_records}
         if mine != theirs:
             raise GraphAdaptError("the cached capture placed adapters at different sites "
                                   f"({sorted(mine ^ theirs)[:4]}); select sites by role or module path "
@@ -100,8 +100,8 @@ def _sync(twin, adapted) -> None:
     twin.set_active(adapted.active_adapters())
     if adapted.is_merged:
         folded = set(adapted._merge_state["report"].folded)
-        names = sorted({r["adapter"] for r in adapted.adapter_records if r["target"] in folded}
-                       & {r["adapter"] for r in twin.adapter_records})
+        names = sorted({r.adapter for r in adapted.adapter_records if r.target in folded}
+                       & {r.adapter for r in twin.adapter_records})
         if names:
             twin.merge(names)
     twin.eval()

@@ -17,7 +17,7 @@ from torch import nn
 from .capture import CapturedModule, SignatureMiss, serialised
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
-from .passes.merge import _is_finite as _finite
+from .passes.merge import is_finite as _finite
 from .passes.merge import apply_merge, plan_merge
 from .vocab import adapter_prefix
 
@@ -154,7 +154,7 @@ class AdaptedModel(CapturedModule):
         active = set(self.active_adapters())
         for name, method in self.spec.adapters.items():
             n = self.adapter_parameter_count(name)
-            sites = sum(1 for r in self.adapter_records if r["adapter"] == name)
+            sites = sum(1 for r in self.adapter_records if r.adapter == name)
             train = sum(p.numel() for pn, p in self.named_parameters()
                         if pn.startswith(adapter_prefix(name)) and p.requires_grad)
             rows.append((name, type(method).__name__, str(sites), f"{n:,}", f"{100 * n / max(base, 1):.3f}",
@@ -174,8 +174,8 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ activation
     def _adapter_modules(self, name: str | None = None) -> list[tuple[str, nn.Module]]:
-        return [(r["target"], self.get_submodule(r["target"])) for r in self.adapter_records
-                if name is None or r["adapter"] == name]
+        return [(r.target, self.get_submodule(r.target)) for r in self.adapter_records
+                if name is None or r.adapter == name]
 
     def active_adapters(self) -> list[str]:
         if self.spec.composition is not None:
@@ -223,8 +223,8 @@ class AdaptedModel(CapturedModule):
         if unknown:
             raise GraphAdaptError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
         for r in self.adapter_records:
-            if r["adapter"] in self.spec.adapters:
-                self.get_submodule(r["target"]).active = r["adapter"] in want
+            if r.adapter in self.spec.adapters:
+                self.get_submodule(r.target).active = r.adapter in want
 
     def _replan(self, spec) -> None:
         """Rebuild the adapted graph from the base graph for ``spec`` (modules already built are reused)."""
@@ -258,8 +258,8 @@ class AdaptedModel(CapturedModule):
         self._planning = _Shared(plan=the_plan, base_graph=self._planning.base_graph)
         composed = set(spec.composition.names()) if spec.composition is not None else set(spec.adapters)
         for r in records:
-            if r["adapter"] in spec.adapters:
-                self.get_submodule(r["target"]).active = r["adapter"] in composed
+            if r.adapter in spec.adapters:
+                self.get_submodule(r.target).active = r.adapter in composed
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -336,12 +336,12 @@ class AdaptedModel(CapturedModule):
     # ------------------------------------------------------------------ fusion
     def fusion_layers(self) -> dict[str, nn.Module]:
         """``{qualified name: FusionLayer}`` of every AdapterFusion layer in the active composition."""
-        return {r["target"]: self.get_submodule(r["target"]) for r in self.adapter_records if r["method"] == "fusion"}
+        return {r.target: self.get_submodule(r.target) for r in self.adapter_records if r.method == "fusion"}
 
     def train_fusion(self, unfreeze_adapters: bool = False) -> None:
         """Training mode for AdapterFusion: only the fusion layers train (and the fused adapters too
         with ``unfreeze_adapters=True``); the base stays frozen. Like AdapterHub's ``train_adapter_fusion``."""
-        fusion = {r["target"] for r in self.adapter_records if r["method"] == "fusion"}
+        fusion = {r.target for r in self.adapter_records if r.method == "fusion"}
         if not fusion:
             raise GraphAdaptError("no fusion layer: set_active(Fuse(...)) first")
         fused = set(self.spec.composition.names()) if self.spec.composition is not None else set()
@@ -521,9 +521,9 @@ class AdaptedModel(CapturedModule):
         if was_merged:  # every adapter the merged graph still runs would be dropped: refuse, as unmerged
             report = self._merge_state["report"]
             kept = dict(report.kept)
-            kept.update({r["target"]: "not merged (merge() was given other names)" for r in self.adapter_records
-                         if r["target"] not in report.folded and r["target"] not in kept
-                         and getattr(self.get_submodule(r["target"]), "active", True)})
+            kept.update({r.target: "not merged (merge() was given other names)" for r in self.adapter_records
+                         if r.target not in report.folded and r.target not in kept
+                         and getattr(self.get_submodule(r.target), "active", True)})
             if kept:
                 raise MergeError("cannot fold every adapter into the base model (the merged graph still runs "
                                  "them):\n" + "\n".join(f"  {t}: {why}" for t, why in kept.items()) +

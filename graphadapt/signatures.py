@@ -237,8 +237,8 @@ def _sync(model: AdaptedModel, entry: dict, key: tuple) -> None:
                                    base_seed=model.spec.effective_seed(None))
         except GraphAdaptError as e:
             raise SignatureError(f"the adapters of this model could not be placed in the capture of {what}: {e}") from e
-        mine = {r["target"] for r in records}
-        theirs = {r["target"] for r in model.adapter_records}
+        mine = {r.target for r in records}
+        theirs = {r.target for r in model.adapter_records}
         if mine != theirs:
             raise SignatureError(f"the capture of {what} is recognised differently: adapter sites "
                                  f"{sorted(mine ^ theirs)[:4]} differ from the adapted model's; call it with "

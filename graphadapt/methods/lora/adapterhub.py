@@ -156,13 +156,13 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
     """Copy the AdapterHub LoRA/IA3 state dict ``sd`` (adapter ``saved``) into ``adapted``'s adapter ``ours_name``."""
     by_path: dict[str, list] = {}
     for r in adapted.adapter_records:
-        if r["adapter"] != ours_name:
+        if r.adapter != ours_name:
             continue
-        mod = adapted.get_submodule(r["target"])
-        path = r["site"] if mod.out_slice is None and mod.out_rows is None else r["site"].rsplit(".", 1)[0]
+        mod = adapted.get_submodule(r.target)
+        path = r.site if mod.out_slice is None and mod.out_rows is None else r.site.rsplit(".", 1)[0]
         group = by_path.setdefault(path, [])
         if all(m is not mod for _, m in group):
-            group.append((r["target"], mod))
+            group.append((r.target, mod))
     for group in by_path.values():
         group.sort(key=lambda tm: (tm[1].out_slice or (0, 0))[0])  # fused slices in channel (q, k, v) order
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from graphadapt.errors import MergeError, SpecError
 from graphadapt.methods.sliced import SlicedSiteModule
+from graphadapt.passes.modules import LowRankDelta
 
 __all__ = ["LoRAGate", "LoRAModule"]
 
@@ -213,6 +214,15 @@ class LoRAModule(SlicedSiteModule):
         if self.use_gating:
             return "gated LoRA: its gate depends on the input, so it cannot fold into a weight"
         return None
+
+    def low_rank_delta(self) -> LowRankDelta | None:
+        """``s · B A`` when that is this module's whole fold on the full ``[out, in]`` weight (plain/rsLoRA on a
+        whole, non-transposed site): the merge pass folds it with one fused ``addmm``. None otherwise (DoRA,
+        gated, a fused slice or row set, GPT-2's ``[in, out]`` layout): merge calls :meth:`fold`."""
+        if self.use_dora or self.use_gating or self.out_slice is not None or self.out_rows is not None \
+                or self.fan_in_fan_out:
+            return None
+        return LowRankDelta(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
 
     def _refuse_gated(self, what: str) -> None:
         if self.use_gating:
