@@ -29,7 +29,7 @@ import torch.fx as fx
 from .capture import GRAPH_LOCK, capture
 from .checkpointing import checkpointed_module
 from .errors import GraphAdaptError
-from .model import EXTENSIONS, AdaptedModel, _Shared, fusion_dropout
+from .model import AdaptedModel, _Shared, fusion_dropout
 from .passes import PassResult, run_pass
 from .plan import build_plan, execute_plan
 from .structure import recognize
@@ -173,7 +173,7 @@ def _capture_variant(model: AdaptedModel, call: dict, key: tuple) -> AdaptedMode
                              f"{model.input_names} are captured on first use): {e}") from e
     base_graph = variant.snapshot_graph()
     _share_base(variant, model, what)
-    variant._init_adapted(model.spec, [], model.structure_report, source, None, base_graph)
+    variant._init_adapted(model.spec, [], model.structure_report, source, None, base_graph, model.services)
     return variant
 
 
@@ -281,7 +281,3 @@ def set_checkpointing(model: AdaptedModel, enable: bool, options: dict | None) -
     model.__dict__["_checkpoint_options"] = options
     object.__setattr__(model, "_route", dispatch)
 
-
-EXTENSIONS["signatures"] = dispatch
-EXTENSIONS["signature_of"] = signature_of
-EXTENSIONS["checkpointing"] = set_checkpointing

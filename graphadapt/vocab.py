@@ -53,8 +53,6 @@ class SiteKind(StrEnum):
     """At an attention core: ``(prefix, k, v, x, q, masks) → (k', v', masks')``."""
     EMBEDDING = "embedding"
     """At the input embeddings: the inputs grow by the adapter's tokens."""
-    UNION = "union"
-    """Several methods as one adapter: the members' own kinds place the modules."""
 
 
 class CombinePolicy(StrEnum):
