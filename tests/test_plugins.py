@@ -317,3 +317,38 @@ def test_no_module_outside_a_method_folder_names_a_method_or_its_parameters():
             elif strings_checked and isinstance(node, ast.Constant) and isinstance(node.value, str):
                 flag(node.value, node.lineno, "spells", (names, params))
     assert not offenders, offenders
+
+
+def test_typed_layers_services_tree_and_module_protocols():
+    """The typed data between layers: services injected (no hook registry), the composition tree as typed nodes
+    (BatchSplit and Parallel one node type), and the merge fast path asked of the module (``low_rank_delta``)."""
+    import graphadapt.model as model_mod
+    from graphadapt.api import SERVICES
+    from graphadapt.composition.site import FuseNode, Leaf, SplitNode, StackNode, prune
+    from graphadapt.passes.modules import LowRankDelta, low_rank_delta
+
+    assert not hasattr(model_mod, "EXTENSIONS")
+    adapted = ga.apply(tiny_bert(), ga.LoRA(r=2, targets=("q",)))
+    assert adapted.services is SERVICES and SERVICES.recapture is ga.apply
+    bare = model_mod.AdaptedModel.__new__(model_mod.AdaptedModel)  # no services injected
+    with pytest.raises(ga.GraphAdaptError, match="without the generate service"):
+        model_mod.ModelServices().need("generate", "graphadapt.generation")
+    assert bare.services.generate is None
+
+    block = ga.Stack("a", ga.Fuse("b", "c"), ga.BatchSplit("a", "c", batch_sizes=[1, 2]))
+    tree = prune(block, {"a", "c"})
+    assert isinstance(tree, StackNode) and tree.children[0] == Leaf("a")
+    assert isinstance(tree.children[1], FuseNode) and tree.children[1].names == ("c",)
+    split = tree.children[2]
+    assert isinstance(split, SplitNode) and split.label == "BatchSplit" and split.bounds(3) == [(0, 1), (1, 3)]
+    assert tree.describe() == "Stack(a, Fuse(c), BatchSplit(a, c))"
+    with pytest.raises(ValueError, match="sum to 3, but the batch has 4 rows"):
+        split.bounds(4)
+    par = prune(ga.Parallel("a", "b"), {"a"})
+    assert par == SplitNode((Leaf("a"), None), channels=2) and par.bounds(4) == [(0, 2), (2, 4)]
+
+    mods = {r.target: adapted.get_submodule(r.target) for r in adapted.adapter_records}
+    deltas = [low_rank_delta(m) for m in mods.values()]
+    assert deltas and all(isinstance(d, LowRankDelta) and d.scale == 4.0 for d in deltas)  # alpha 8 / r 2
+    dora = ga.apply(tiny_bert(), ga.LoRA(r=2, targets=("q",), use_dora=True))
+    assert all(low_rank_delta(dora.get_submodule(r.target)) is None for r in dora.adapter_records)
