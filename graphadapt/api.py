@@ -136,7 +136,7 @@ def _retarget_paths(model, spec, directory, apply_kwargs):
     import dataclasses
 
     from .checkpoints import SPEC_FILE, read_json
-    from .checkpoints.pretrained import prefix_rule, structure_paths
+    from .checkpoints.matching import prefix_rule, structure_paths
     from .spec.targets import target_kind
 
     saved = read_json(os.path.join(directory, SPEC_FILE)).get("structure_paths")

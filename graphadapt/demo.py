@@ -220,7 +220,7 @@ def run_generate_demo(steps: int = 60, out_dir: Path = Path("out"), export: bool
         return EXIT_OK
 
     from .exporters import export_decoder_onnx
-    from .exporters.decoder import _ort_session, ort_greedy
+    from .exporters.decoder import ort_greedy, ort_session
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "decoder.onnx"
@@ -234,7 +234,7 @@ def run_generate_demo(steps: int = 60, out_dir: Path = Path("out"), export: bool
     from .generation import cached_twin
 
     layout = cached_twin(adapted).decoder_cache
-    ort_ids, _ = ort_greedy(_ort_session(path, ["CPUExecutionProvider"]), prompt, mask, new_tokens, layout,
+    ort_ids, _ = ort_greedy(ort_session(path, ["CPUExecutionProvider"]), prompt, mask, new_tokens, layout,
                             np.float32)
     agree = bool((ort_ids == merged.numpy()).all())
     print(f"      inputs {rep.input_names[:4]} …, outputs {rep.output_names[:2]} …")

@@ -88,6 +88,9 @@ def test_roundtrip(name, dtype, tmp_path):
     atol, _ = DEFAULT_TOLERANCES[torch.float32 if dtype == "fp32" else torch.float16]
     assert set(report.max_abs_diff) == set(report.output_names)
     assert 0 <= max(report.max_abs_diff.values()) <= atol
+    if dtype == "fp32":  # well-conditioned: the rounding-jitter floor stays far below atol, which decides
+        assert set(report.noise_floor) == set(report.output_names)
+        assert 0 < max(report.noise_floor.values()) < atol / 10
     assert report.node_count == sum(report.op_histogram.values()) > 50
     assert report.opset >= 18 and report.file_size == path.stat().st_size
     assert report.dynamic_axes[tensor_inputs[0]][0] == "batch"
@@ -433,3 +436,27 @@ def test_low_precision_tolerance_scales_with_pytorchs_own_error():
         compare(["y"], [ref], [(ref + noise * NOISE_FACTOR * 1.6).numpy()], 0.03, 0.0, rms_tol=4e-3, noise=[noise])
     with pytest.raises(VerificationError, match="systematic"):   # a 1% shift inside the element bound
         compare(["y"], [ref], [(ref * 1.01).numpy()], 0.03, 0.03, rms_tol=4e-3, noise=[noise * 0.1])
+
+
+def test_rounding_jitter_perturbs_results_within_ulps_and_keeps_aliasing():
+    """fp32 verification's noise floor comes from re-running the reference with every new result
+    perturbed by at most JITTER_ULPS·eps (relative); views and in-place writes keep their aliasing
+    (KV-cache updates), ±inf mask fills stay, and the same seed gives the same perturbation."""
+    from graphadapt.exporters.verify import JITTER_ULPS, RoundingJitter
+
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    exact = x @ x
+    runs = []
+    for seed in (0, 0, 1):
+        with RoundingJitter(seed):
+            y = x @ x
+            buf = torch.zeros(4, 64)
+            buf[1:3].copy_(x[:2])                          # an in-place write through a view
+            masked = torch.where(x > 0, x, torch.tensor(float("-inf")))
+        runs.append(y)
+        assert torch.equal(buf[1:3], x[:2]) and torch.equal(buf[0], torch.zeros(64))
+        assert torch.isinf(masked).sum() == (x <= 0).sum() and not torch.isnan(masked).any()
+    rel = ((runs[0] - exact).abs() / exact.abs().clamp_min(1e-30)).max()
+    eps = torch.finfo(torch.float32).eps
+    assert 0 < rel <= JITTER_ULPS * eps * 1.01 + eps    # the perturbation, plus its own rounding
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])

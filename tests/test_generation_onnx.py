@@ -19,7 +19,8 @@ pytest.importorskip("onnxruntime")
 import graphadapt as ga  # noqa: E402
 from graphadapt.errors import ExportError, VerificationError  # noqa: E402
 from graphadapt.exporters import DEFAULT_TOLERANCES, export_decoder_onnx, verify_decoder_onnx  # noqa: E402
-from graphadapt.exporters.decoder import _ort_session, default_prompt, ort_greedy  # noqa: E402
+from graphadapt.exporters.decoder import default_prompt, ort_greedy, ort_session  # noqa: E402
+from graphadapt.exporters.verify import NOISE_FACTOR  # noqa: E402
 from helpers import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 CASES = [("gpt2", "fp32", False), ("llama", "fp32", True), ("llama", "fp16", False)]
@@ -68,7 +69,7 @@ def test_onnx_greedy_equals_pytorch(adapted, exported, name, dtype, merge):
         assert res.max_abs_diff["logits"] <= DEFAULT_TOLERANCES[tdtype][0]
         import numpy as np
 
-        got, _ = ort_greedy(_ort_session(path, None), ids, mask, 32, a.decoder_cache,
+        got, _ = ort_greedy(ort_session(path, None), ids, mask, 32, a.decoder_cache,
                             np.float16 if dtype == "fp16" else np.float32)
         want = a.generate(ids, mask, max_new_tokens=32)
         if dtype == "fp32":  # fp16 tokens are compared against the fp16 reference inside verify
@@ -128,8 +129,13 @@ def test_t5_encoder_and_decoder_with_past_greedy_equals_pytorch(t5_export):
     for batch in (1, 4):
         ids, mask = default_prompt(batch=batch, seq=7, seed=batch, side="right")
         res = verify_decoder_onnx(out, a, ids, mask, max_new_tokens=32)
-        assert res.max_abs_diff["logits"] <= DEFAULT_TOLERANCES[torch.float32][0]
-        got, _ = ort_greedy_seq2seq(_ort_session(out / ENCODER_FILE, None), _ort_session(out / DECODER_FILE, None),
+        # fp32 bound: atol, or NOISE_FACTOR × PyTorch's own spread under rounding jitter where this
+        # ill-conditioned model (LoRA std 0.5, unscaled T5 attention) makes that larger (7.7e-4
+        # between ATen's AVX-512 and default kernels); far below the adapter's effect either way
+        floor = res.noise_floor["logits"]
+        assert floor < 1e-2
+        assert res.max_abs_diff["logits"] <= max(DEFAULT_TOLERANCES[torch.float32][0], NOISE_FACTOR * floor)
+        got, _ = ort_greedy_seq2seq(ort_session(out / ENCODER_FILE, None), ort_session(out / DECODER_FILE, None),
                                     ids, mask, 32, a.__dict__["_generation_twins"][1].decoder_cache, 0, np.float32)
         want = a.generate(ids, mask, max_new_tokens=32, eos_token_id=[])
         assert torch.equal(torch.from_numpy(got), want)

@@ -20,6 +20,7 @@ from graphadapt.structure import patterns as P
 from graphadapt.structure import recognize
 from graphadapt.structure.linear import find_linear_sites
 from graphadapt.structure.recognize import _Recognizer
+from graphadapt.structure.explain import why
 from graphadapt.structure.types import ResidualSite
 
 aten = torch.ops.aten
@@ -259,7 +260,7 @@ def test_q_trace_failure_names_the_blocking_node():
     assert P.K_TRACE.match(core.args[1], rec)                       # k is untouched
     sm = recognize(gm)
     assert not sm.layers                                            # the block is dropped, and why() says so
-    assert "q_trace rejected at tanh" in sm.why("q", layer=0)
+    assert "q_trace rejected at tanh" in why(sm, "q", layer=0)
 
 
 def test_q_trace_reaching_an_input():
@@ -282,14 +283,14 @@ def test_qkv_distinct_rejects_one_fused_interleaved_projection():
     a = sm.layers[0].attention
     assert (a.q.out_rows, a.k.out_rows, a.v.out_rows) == ((0, 1, 2, 3, 12, 13, 14, 15), (4, 5, 6, 7, 16, 17, 18, 19),
                                                          (8, 9, 10, 11, 20, 21, 22, 23))
-    assert a.o is not None and a.q.name == ".q" and "qkv_rows matched" in sm.why("k", 0)
+    assert a.o is not None and a.q.name == ".q" and "qkv_rows matched" in why(sm, "k", 0)
 
 
 def test_qkv_rows_rejects_roles_sharing_channels():
     gm, *_ = _attention_graph(fused=True, k_start=2)    # k overlaps q's channels: no role gets them
     sm = recognize(gm)
     assert sm.layers[0].attention.q is None and sm.layers[0].attention.o is not None
-    assert "qkv_rows rejected" in sm.why("k", 0) and "same channels" in sm.why("k", 0)
+    assert "qkv_rows rejected" in why(sm, "k", 0) and "same channels" in why(sm, "k", 0)
     assert any("nor into per-role channel sets" in u.reason for u in sm.unmatched)
 
 

@@ -185,7 +185,7 @@ def _rewrite_weights(d, fn):
 
     from safetensors.torch import load_file, save_file
 
-    from graphadapt.checkpoints import _sha256
+    from graphadapt.checkpoints.files import sha256_file as _sha256
 
     w = d / "adapters.safetensors"
     save_file(fn(load_file(str(w))), str(w))
@@ -329,8 +329,10 @@ def test_bit_flip_in_tensor_bytes_is_caught(bert_ckpt, tmp_path):
                                   '{"spec": {"adapters": {"a": {"method": "lora", "r": "x"}}}}'])
 def test_malformed_spec_json_is_a_checkpoint_error(tmp_path, text):
     (tmp_path / "spec.json").write_text(text)
+    from graphadapt.checkpoints import read_spec   # (alone, ga.checkpoints is not imported yet)
+
     with pytest.raises(ga.CheckpointError, match="spec.json"):
-        ga.checkpoints.read_spec(tmp_path)
+        read_spec(tmp_path)
 
 
 def test_unreadable_spec_file_is_a_spec_error(tmp_path):
@@ -439,7 +441,7 @@ def test_failed_capture_is_quiet_unless_debugging(capfd, monkeypatch):
 def test_ctrl_c_while_importing_onnxruntime_stays_ctrl_c(monkeypatch):
     import builtins
 
-    from graphadapt.exporters.verify import _import_ort
+    from graphadapt.exporters.verify import import_ort
 
     real = builtins.__import__
 
@@ -454,11 +456,11 @@ def test_ctrl_c_while_importing_onnxruntime_stays_ctrl_c(monkeypatch):
     monkeypatch.delitem(__import__("sys").modules, "onnxruntime", raising=False)
     monkeypatch.setattr(builtins, "__import__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _import_ort()
+        import_ort()
     monkeypatch.setattr(builtins, "__import__", real)
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # really not installed
     with pytest.raises(ExportError, match="verification needs onnxruntime"):
-        _import_ort()
+        import_ort()
 
 
 _KILL_SCRIPT = r"""
@@ -643,9 +645,9 @@ def test_disk_full_during_save_is_a_checkpoint_error(tmp_path, monkeypatch):
     """The same fault without a tmpfs: the writer raises ENOSPC."""
     import errno
 
-    import safetensors.torch as st
-
     from helpers import tiny_bert
+
+    from graphadapt.checkpoints import adapters as writer
 
     adapted = ga.apply(tiny_bert(), ga.LoRA(r=2))
     adapted.save_adapters(tmp_path / "ckpt")
@@ -656,7 +658,7 @@ def test_disk_full_during_save_is_a_checkpoint_error(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st, "save_file", full)
+    monkeypatch.setattr(writer, "save_file", full)
     with pytest.raises(ga.CheckpointError, match="No space left"):
         adapted.save_adapters(tmp_path / "ckpt")
     assert tree(tmp_path) == before

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from . import read_json, read_tensors
+from ..methods import get_method, registered
+from ..spec.composition import FUSION_OPTIONS, Fuse
+from .files import read_json, read_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors", "pytorch_adapter.bin")
@@ -41,7 +43,6 @@ def _method_name(cfg: Mapping) -> str:
 
 
 def _plugin_for(config: Mapping | str):
-    from ..methods import registered
 
     if isinstance(config, str):
         return [m for m in registered() if m.adapterhub_architectures], None
@@ -105,7 +106,6 @@ def read_adapterhub_adapter(directory: str | os.PathLike):
 
     :func:`graphadapt.import_adapterhub` applies the spec and calls ``fill``, which hands the
     tensors to the method plugin (``load_adapterhub``)."""
-    from ..methods import get_method
 
     meta, sd = read_adapterhub(directory)
     spec = from_adapterhub_config(meta)
@@ -133,7 +133,6 @@ def read_adapterhub_fusion(directory: str | os.PathLike, name: str | None = None
 
     The block fuses the adapters the checkpoint names (``"a,b"`` → ``Fuse("a", "b")``) with its
     fusion options; its fusion layers are named ``name`` (default: the adapters joined by ``_``)."""
-    from ..spec.composition import FUSION_OPTIONS, Fuse
 
     d = Path(directory)
     if not (d / FUSION_CONFIG_FILE).exists():

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import GraphAdaptError
 from ..vocab import adapter_prefix
+from .trainable import trainable_module_keys
 
 
 @contextlib.contextmanager
@@ -15,8 +16,6 @@ def adapters_disabled(adapted):
     """Inside the block the model computes the base model: adapter modules pass their input through (a
     composition: the captured base graph runs instead) and ``modules_to_save`` use the base's own
     weights. Everything is restored on exit, also on an exception."""
-    from .trainable import trainable_module_keys
-
     if adapted.is_merged:
         raise GraphAdaptError("disable_adapters() on a merged model: the adapters are folded into the base "
                               "weights; unmerge() first")

@@ -27,7 +27,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..dtypes import parse_dtype
 from ..errors import CheckpointError, MergeError
+from ..passes import merge as merge_pass   # attributes read at call time (tests instrument fold_chain)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,8 +65,6 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
     ``torch.bfloat16``) as they are written; default each tensor's own dtype.
     Memory: one merged weight at a time (the model is not changed, nothing else is copied).
     """
-    from ..dtypes import parse_dtype
-
     src = adapted.__dict__.get("_source_model")
     config = getattr(src, "config", None)
     if src is None or config is None or not hasattr(config, "save_pretrained"):
@@ -137,8 +137,6 @@ _Item = tuple  # (name, shape, dtype, produce: () -> contiguous CPU tensor)
 
 def _plan_items(adapted, src, names, safe: bool, tdtype) -> list[_Item]:
     """Every tensor to write, in state-dict order, with a function producing its value."""
-    from ..passes.merge import check_factors, fold_chain, plan_merge
-
     names = None if names is None else ([names] if isinstance(names, str) else list(names))
     if names is not None:
         unknown = set(names) - set(adapted.spec.adapters)
@@ -147,13 +145,13 @@ def _plan_items(adapted, src, names, safe: bool, tdtype) -> list[_Item]:
     merged_already = adapted.is_merged
     chains = {}
     if not merged_already:
-        plan = plan_merge(adapted, names, safe=False, compute=False)
+        plan = merge_pass.plan_merge(adapted, names, safe=False, compute=False)
         if plan.kept:
             raise MergeError("cannot write a merged checkpoint: these adapters do not fold into the base weights; "
                              "nothing was written:\n" + "\n".join(f"  {t}: {why}" for t, why in plan.kept.items())
                              + "\nExport with export_onnx(merge=False), or select foldable ones with names=[...]")
         if safe:
-            check_factors(adapted, plan)
+            merge_pass.check_factors(adapted, plan)
         chains = {c.weight: c for c in plan.chains.values()}
     elif adapted._merge_state["report"].kept:
         raise MergeError("cannot write a merged checkpoint: the model is merged but keeps unfoldable adapters "
@@ -164,6 +162,7 @@ def _plan_items(adapted, src, names, safe: bool, tdtype) -> list[_Item]:
         state.pop(key, None)
     aliases = _aliases(state)
     try:
+        # here, not at module level: transformers.modeling_utils takes seconds to import and only this path needs it
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         kept = remove_tied_weights_from_state_dict(dict(state), src)
@@ -190,7 +189,7 @@ def _plan_items(adapted, src, names, safe: bool, tdtype) -> list[_Item]:
         shape = tuple(value.shape)
         if name_in_model is not None:
             chain = chains[name_in_model]
-            produce = _folder(adapted, chain, safe, dt, fold_chain)
+            produce = _folder(adapted, chain, safe, dt, merge_pass.fold_chain)
         else:
             produce = _converter(value, dt)
         items.append((key, shape, dt, produce))

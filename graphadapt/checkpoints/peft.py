@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
+from ..methods import registered
 from ..vocab import adapter_prefix
+from .files import check_tensor, read_json, read_tensors
+from .trainable import trainable_module_keys
 
 
 def _read(directory: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
-    from . import read_json, read_tensors
-
     cfg_path = directory / "adapter_config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{directory} is not a PEFT checkpoint (no adapter_config.json)")
@@ -54,7 +55,6 @@ def _resolve(ckpt_path: str, module_names: set[str]) -> str | None:
 
 
 def _plugin(cfg: dict):
-    from ..methods import registered
 
     ptype = cfg.get("peft_type")
     for m in registered():
@@ -74,8 +74,6 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
 
     A pickled ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with
     ``weights_only=True``)."""
-    from ..errors import SpecError
-    from . import check_tensor
 
     d = Path(directory)
     cfg, weights = _read(d, allow_pickle=allow_pickle)
@@ -135,8 +133,6 @@ def read_peft(model: nn.Module, directory: str | os.PathLike, name: str = "defau
                 check_tensor(key, v, p, d)
                 p.copy_(v.to(p.dtype))
                 filled.add(ours)
-        from .trainable import trainable_module_keys
-
         heads = set(trainable_module_keys(adapted))   # one state_dict() walk, not one per parameter
         empty = sorted(n for n in params if (n.startswith(adapter_prefix(name)) or n in heads) and n not in filled)
         if empty:

@@ -12,17 +12,16 @@ import json
 import os
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from ..errors import CheckpointError
+from ..methods import get_method, registered
+from ..methods.base import Method
+from .files import atomic_write, check_save_target
+from .trainable import trainable_module_tensors
 
 
 def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    from ..methods import get_method, registered
-    from ..methods.base import Method
-    from . import _atomic_write, check_save_target
-    from .trainable import trainable_module_tensors
-
     spec = adapted.spec
     if adapted.is_merged:
         raise CheckpointError("unmerge() before to_peft (merged weights live in the base)")
@@ -49,8 +48,8 @@ def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -
     out.update({f"base_model.model.{k}": v.detach().contiguous().cpu()
                 for k, v in trainable_module_tensors(adapted).items()})
     d = check_save_target(directory)
-    _atomic_write(d / "adapter_model.safetensors", lambda p: save_file(out, p, metadata={"format": "pt"}))
-    _atomic_write(d / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(d / "adapter_model.safetensors", lambda p: save_file(out, p, metadata={"format": "pt"}))
+    atomic_write(d / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
     return d
 
 

@@ -10,11 +10,10 @@ its trainable part and loading it does not list the frozen base weights as missi
 from __future__ import annotations
 
 from ..vocab import adapter_prefix
+from .trainable import trainable_module_prefixes
 
 
 def _keep(module, key: str) -> bool:
-    from .trainable import trainable_module_prefixes
-
     return key.startswith(adapter_prefix()) or key.startswith(trainable_module_prefixes(module) or ("\0",))
 
 

@@ -188,7 +188,7 @@ def merged_for_export(model: torch.nn.Module, merge: bool) -> Iterator[bool]:
         try:
             model.merge()
         except Exception as e:
-            raise ExportError(f"merging adapters before export failed ({_one_line(e)}); pass merge=False") from e
+            raise ExportError(f"merging adapters before export failed ({one_line(e)}); pass merge=False") from e
     try:
         yield do_merge or is_merged(model)
     finally:
@@ -216,7 +216,7 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
             torch.nn.Module.train(model, was_training)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
     text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -38,7 +38,8 @@ import torch
 from graphadapt.errors import ExportError, GraphAdaptError, VerificationError
 from graphadapt.exporters.dtype import DTYPE_NAMES, converted_copy, parse_dtype
 from graphadapt.exporters.onnx import MERGED_KEY, ExportReport, export_onnx
-from graphadapt.exporters.verify import (DEFAULT_TOLERANCES, VerifyResult, compare, verification_providers,
+from graphadapt.exporters.verify import (DEFAULT_TOLERANCES, JITTER_SEEDS, RoundingJitter, VerifyResult, combine_noise,
+                                         compare, verification_providers,
                                          onnx_float_dtype)
 
 __all__ = ["export_decoder_onnx", "verify_decoder_onnx", "default_prompt", "ENCODER_FILE", "DECODER_FILE"]
@@ -196,10 +197,10 @@ def _export_seq2seq(twins, path, tdtype, merge, verify, max_new_tokens, input_id
     return report
 
 
-def _ort_session(path, providers):
-    from graphadapt.exporters.verify import _import_ort
+def ort_session(path, providers):
+    from graphadapt.exporters.verify import import_ort
 
-    ort = _import_ort()
+    ort = import_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=verification_providers(providers))
@@ -259,7 +260,29 @@ def ort_greedy_seq2seq(encoder, decoder, input_ids: torch.Tensor, attention_mask
     return out_ids, scores
 
 
-def _compare_decodes(got_ids, got_scores, want_ids, want_scores, prompt_len, atol, rtol, context):
+def _decode_noise(decode, want_ids, want_scores, prompt_len) -> list[torch.Tensor | None]:
+    """Per step, the spread of the reference's logits when ``decode()`` (the same greedy decode)
+    runs under rounding jitter (:class:`~graphadapt.exporters.verify.RoundingJitter`). Logits of a
+    step are comparable while the jittered decode chose the same tokens before it; later steps
+    take the largest floor seen on comparable steps."""
+    runs = []
+    for seed in JITTER_SEEDS:
+        try:
+            with RoundingJitter(seed):
+                ids, scores = decode()
+        except Exception:  # noqa: BLE001 - an op the dispatch mode cannot serve: no floor
+            return [None] * len(want_scores)
+        same = (ids[:, prompt_len:] == want_ids[:, prompt_len:]).all(0).tolist() if ids.shape == want_ids.shape else []
+        run = []
+        for step, (got, want) in enumerate(zip(scores, want_scores)):
+            comparable = all(same[:step])
+            run.append(got.to(want.dtype) - want if comparable and got.shape == want.shape else None)
+        floor = max((float(n.abs().max()) for n in run if n is not None and n.numel()), default=0.0)
+        runs.append([n if n is not None else torch.full_like(want, floor) for n, want in zip(run, want_scores)])
+    return combine_noise(runs)
+
+
+def _compare_decodes(got_ids, got_scores, want_ids, want_scores, prompt_len, atol, rtol, context, noise=None):
     want_np = want_ids.cpu().numpy()
     if got_ids.shape != want_np.shape or not (got_ids == want_np).all():
         t0 = prompt_len
@@ -271,12 +294,14 @@ def _compare_decodes(got_ids, got_scores, want_ids, want_scores, prompt_len, ato
             f"(onnx {int(got_ids[b, t0 + s])} vs torch {int(want_np[b, t0 + s])}; torch's top-2 logit margin there "
             f"{float(top2[0] - top2[1]):.3g})")
     names = [f"logits[step {i}]" for i in range(len(got_scores))]
-    return compare(names, list(want_scores), got_scores, atol, rtol, context)
+    return compare(names, list(want_scores), got_scores, atol, rtol, context, noise=noise)
 
 
-def _result(max_abs, max_rel, atol, rtol, used, input_ids, max_new_tokens, tdtype, start) -> VerifyResult:
+def _result(max_abs, max_rel, atol, rtol, used, input_ids, max_new_tokens, tdtype, start, noise=None) -> VerifyResult:
     worst = max(max_abs, key=max_abs.get) if max_abs else None
+    floor = max((float(n.abs().max()) for n in noise or [] if n is not None and n.numel()), default=None)
     return VerifyResult(
+        noise_floor={} if floor is None else {"logits": floor},
         max_abs_diff={"logits": max_abs[worst]} if worst else {},
         max_rel_diff={"logits": max(max_rel.values())} if max_rel else {},
         atol=atol, rtol=rtol, providers=used,
@@ -298,14 +323,19 @@ def _verify_seq2seq(enc_path, dec_path, reference, input_ids, attention_mask, ma
     first = _start_token(reference[1])
     want_ids, want_scores = generate(tuple(reference), input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                      output_scores=True, eos_token_id=[], decoder_start_token_id=first)
-    encoder, decoder = _ort_session(enc_path, providers), _ort_session(dec_path, providers)
+    encoder, decoder = ort_session(enc_path, providers), ort_session(dec_path, providers)
     got_ids, got_scores = ort_greedy_seq2seq(encoder, decoder, input_ids.cpu(), attention_mask.cpu(), max_new_tokens,
                                              layout, first, _NP_DTYPES.get(tdtype, np.float32))
     used = decoder.get_providers()
     context = f" (encoder-decoder, batch {input_ids.shape[0]}, input {input_ids.shape[1]}, {max_new_tokens} new " \
               f"tokens, {used[0]})"
-    max_abs, max_rel = _compare_decodes(got_ids, got_scores, want_ids, want_scores, 1, atol, rtol, context)
-    return _result(max_abs, max_rel, atol, rtol, used, input_ids, max_new_tokens, tdtype, start)
+    noise = None
+    if tdtype == torch.float32:
+        noise = _decode_noise(lambda: generate(tuple(reference), input_ids, attention_mask,
+                                               max_new_tokens=max_new_tokens, output_scores=True, eos_token_id=[],
+                                               decoder_start_token_id=first), want_ids, want_scores, 1)
+    max_abs, max_rel = _compare_decodes(got_ids, got_scores, want_ids, want_scores, 1, atol, rtol, context, noise)
+    return _result(max_abs, max_rel, atol, rtol, used, input_ids, max_new_tokens, tdtype, start, noise)
 
 
 def verify_decoder_onnx(path: str | Path, model, input_ids: torch.Tensor | None = None,
@@ -355,11 +385,16 @@ def verify_decoder_onnx(path: str | Path, model, input_ids: torch.Tensor | None 
     # eos_token_id=[]: the reference decodes exactly max_new_tokens, as the onnxruntime loop does
     want_ids, want_scores = generate(ref, input_ids, attention_mask, max_new_tokens=max_new_tokens, output_scores=True,
                                      eos_token_id=[])
-    session = _ort_session(path, providers)
+    session = ort_session(path, providers)
     got_ids, got_scores = ort_greedy(session, input_ids.cpu(), attention_mask.cpu(), max_new_tokens, layout,
                                      _NP_DTYPES.get(tdtype, np.float32))
     used = session.get_providers()
     context = f" (batch {input_ids.shape[0]}, prompt {input_ids.shape[1]}, {max_new_tokens} new tokens, {used[0]})"
+    noise = None
+    if tdtype == torch.float32:
+        noise = _decode_noise(lambda: generate(ref, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                               output_scores=True, eos_token_id=[]),
+                              want_ids, want_scores, input_ids.shape[1])
     max_abs, max_rel = _compare_decodes(got_ids, got_scores, want_ids, want_scores, input_ids.shape[1], atol, rtol,
-                                        context)
-    return _result(max_abs, max_rel, atol, rtol, used, input_ids, max_new_tokens, tdtype, start)
+                                        context, noise)
+    return _result(max_abs, max_rel, atol, rtol, used, input_ids, max_new_tokens, tdtype, start, noise)

@@ -319,10 +319,10 @@ def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False):
     try:
         export_model = converted_copy(model, tdtype, inputs, merge=merge, lazy_merge=lazy)
     except MergeError as e:
-        raise ExportError(f"merging adapters before export failed ({_model._one_line(e)}); pass merge=False") from e
+        raise ExportError(f"merging adapters before export failed ({_model.one_line(e)}); pass merge=False") from e
     except Exception as e:
         raise ExportError(
-            f"could not convert {type(model).__name__} to {DTYPE_NAMES[tdtype]}: {_model._one_line(e)}; "
+            f"could not convert {type(model).__name__} to {DTYPE_NAMES[tdtype]}: {_model.one_line(e)}; "
             "export in fp32 or convert the model before capture"
         ) from e
     export_inputs = cast_inputs(inputs, tdtype)
@@ -331,7 +331,7 @@ def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False):
             outputs = export_model(**export_inputs)
     except Exception as e:
         raise ExportError(
-            f"{type(model).__name__} fails on its example inputs {_shapes(export_inputs)}: {_model._one_line(e)}"
+            f"{type(model).__name__} fails on its example inputs {_shapes(export_inputs)}: {_model.one_line(e)}"
         ) from e
     if not _model.flat_tensors(outputs):
         raise ExportError(f"{type(model).__name__} returned no tensors ({type(outputs).__name__}); nothing to export")
@@ -468,7 +468,7 @@ def _export_failure_message(model, inputs, e: BaseException) -> str:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()][:2]
         detail = f"{type(cause).__name__}: " + " ".join(lines)[:400]
     else:
-        detail = _model._one_line(cause, limit=400)
+        detail = _model.one_line(cause, limit=400)
         if "data-dependent" in text or "DataDependent" in type(cause).__name__ or "GuardOnDataDependent" in text:
             hint = "the forward branches on tensor values; rewrite that branch with torch.where/torch.cond"
     return (
@@ -490,7 +490,7 @@ def _save(program, tmp: Path, external_data: bool) -> None:
         # ONNXProgram.save names the weights file f"{tmp.name}.data" next to tmp.
         program.save(str(tmp), external_data=external_data)
     except Exception as e:
-        raise ExportError(f"writing {tmp.name} failed: {_model._one_line(e)}") from e
+        raise ExportError(f"writing {tmp.name} failed: {_model.one_line(e)}") from e
 
 
 def _drop_weights(program) -> None:
@@ -525,7 +525,7 @@ def _check(tmp: Path) -> None:
     try:
         onnx.checker.check_model(str(tmp))  # by path: loads external data lazily, works past 2 GB
     except Exception as e:
-        raise ExportError(f"onnx.checker rejected the exported model: {_model._one_line(e, limit=500)}") from e
+        raise ExportError(f"onnx.checker rejected the exported model: {_model.one_line(e, limit=500)}") from e
 
 
 def _describe(tmp: Path, final: Path, tdtype, axes, meta, merged, external_data) -> ExportReport:

@@ -263,14 +263,5 @@ def block_from_dict(d: Mapping[str, Any]) -> Block:
         raise SpecError(f"{kind}: {e}", field="active") from e
 
 
-def as_block(active: Any) -> Block | None:
-    """A block from a block, its dict, or None."""
-    if active is None or isinstance(active, Block):
-        return active
-    if isinstance(active, Mapping):
-        return block_from_dict(active)
-    raise SpecError(f"expected a composition block, got {active!r}", field="active")
-
-
 __all__ = ["ALLOWED_NESTINGS", "Average", "BLOCKS", "BatchSplit", "Block", "FUSION_OPTIONS", "FUSION_PRESETS", "Fuse",
-           "Parallel", "Stack", "as_block", "block_from_dict"]
+           "Parallel", "Stack", "block_from_dict"]

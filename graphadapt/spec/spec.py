@@ -12,6 +12,7 @@ File format (JSON or YAML, same structure)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import keyword
 import os
@@ -21,6 +22,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
+from torch import nn
 
 from graphadapt.errors import SpecError
 
@@ -35,8 +39,6 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 
 def _module_attributes() -> frozenset[str]:
     """Names an ``nn.Module`` already uses (``training``, ``forward``, ``_parameters`` ...)."""
-    from torch import nn
-
     return frozenset(dir(nn.Module())) | frozenset(vars(nn.Module()))
 
 
@@ -163,8 +165,6 @@ class Spec:
 
     def replace(self, **changes: Any) -> Spec:
         """A copy with ``changes`` applied (re-validated); the seed drawn for ``seed=None`` is kept."""
-        import dataclasses
-
         new = dataclasses.replace(self, **changes)
         if self.seed is None and "seed" not in changes:
             object.__setattr__(new, "_fallback_seed", self._fallback_seed)  # type: ignore[attr-defined]
@@ -221,14 +221,10 @@ class Spec:
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> Spec:
-        import yaml
-
         try:
             data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
@@ -288,8 +284,6 @@ def _yaml_loader() -> Any:
     """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
     global _LOADER
     if _LOADER is None:
-        import yaml
-
         class Loader(yaml.SafeLoader):
             pass
 

@@ -2,7 +2,7 @@
 
 ``explain_findings(sm)`` turns a :class:`StructureMap`'s findings into plain, JSON-able entries,
 one per (attention candidate, block, role); ``render_why(entries, role, layer)`` answers
-"why is there no q projection in layer 3" from them.
+"why is there no q projection in layer 3" from them; ``why(sm, role, layer)`` does both.
 
 Layers in a why-query are numbered by position in the graph: every attention core that the
 ``sdpa``/``eager_attention`` pattern found starts a layer unless it was recognised as a
@@ -13,12 +13,11 @@ fourth layer of the model even when it is missing from the report.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import StructureError
 from .ops import module_path, op_name, short_op
-if TYPE_CHECKING:  # annotations only: types.py calls into this module
-    from .types import Layer, StructureMap
+from .types import Layer, StructureMap
 
 ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",),
@@ -217,3 +216,8 @@ def render_why(entries: list[dict], role: str, layer: int | None = None) -> str:
         if len(rejected_cores) > 5:
             lines.append(f"  … and {len(rejected_cores) - 5} more")
     return "\n".join(lines)
+
+
+def why(sm: StructureMap, role: str, layer: int | None = None) -> str:
+    """Why ``role`` was (or was not) found in ``sm``, per layer: the node and pattern that decided it."""
+    return render_why(explain_findings(sm), role, layer)

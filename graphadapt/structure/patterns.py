@@ -6,7 +6,7 @@ and ``match(node, ...)``, which returns a :class:`Match` (truthy, with the recog
 or a :class:`MatchFailure` (falsy) carrying the node where the pattern gave up, the pattern's
 name and the reason. A :class:`Matcher` runs patterns and counts, per pattern, how often it
 was tried and how often it matched; the recogniser keeps the failures it acted on, so
-``StructureMap.why`` can say which node and which pattern stopped a role from being found.
+``structure.explain.why`` can say which node and which pattern stopped a role from being found.
 
 Catalogue (``PATTERNS``):
 

@@ -7,7 +7,7 @@ after:  a :class:`StructureMap` — per layer: attention core, q/k/v/o, FFN up/g
 Roles come from dataflow (what feeds the attention core's q/k/v arguments, what
 consumes its output, which add closes a sub-block), never from module names. Each step is
 a named pattern of :mod:`.patterns`; the matches and failures that decided a role are kept as
-``StructureMap.findings`` for ``StructureMap.why``.
+``StructureMap.findings`` for ``structure.explain.why``.
 """
 
 from __future__ import annotations

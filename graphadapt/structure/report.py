@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .explain import explain_findings
+from .explain import explain_findings, render_why, select
+from .signature import StructureSignature, structure_signature
 from .types import AttentionBlock, LinearSite, StructureMap
 
 
@@ -20,21 +21,18 @@ class StructureReport(dict):
     """
 
     explanations: list = []   # plain entries from structure.explain.explain_findings
+    signature: StructureSignature | None = None   # the typed facts checkpoints record (structure.signature)
 
     def __str__(self) -> str:
         return format_report(self)
 
     def why(self, role: str, layer: int | None = None) -> str:
-        from .explain import render_why
-
         return render_why(self.explanations, role, layer)
 
     explain = why
 
     def why_entries(self, role: str, layer: int | None = None) -> list[dict]:
         """The JSON-able entries behind :meth:`why`."""
-        from .explain import select
-
         return select(self.explanations, role, layer)
 
 
@@ -88,6 +86,7 @@ def structure_report(sm: StructureMap) -> StructureReport:
                           for name, st in sorted(sm.pattern_stats.items())},
     })
     rep.explanations = explain_findings(sm)
+    rep.signature = structure_signature(sm)
     return rep
 
 

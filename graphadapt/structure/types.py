@@ -15,9 +15,6 @@ import torch.fx as fx
 
 from ..vocab import ROLES
 
-Role = Literal["q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate",
-               "expert_down"]
-
 
 @dataclass
 class LinearSite:
@@ -205,14 +202,6 @@ class StructureMap:
     stacks: list[str] = field(default_factory=list)                 # "encoder", "decoder", "stack"
     findings: list[Finding] = field(default_factory=list)          # per candidate and role, for why()
     pattern_stats: dict[str, Any] = field(default_factory=dict)     # pattern name → PatternStats
-
-    def why(self, role: str, layer: int | None = None) -> str:
-        """Why ``role`` was (or was not) found, per layer: the node and pattern that decided it."""
-        from .explain import explain_findings, render_why
-
-        return render_why(explain_findings(self), role, layer)
-
-    explain = why
 
     def sites_by_name(self) -> dict[str, LinearSite]:
         return {s.name: s for s in self.linear_sites}
