@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -19,9 +19,6 @@ from .errors import MergeError
 from .passes import run_pass
 from .passes.merge import apply_merge, fold_chain, is_finite, plan_merge, scratch_like
 from .vocab import adapter_prefix
-
-if TYPE_CHECKING:
-    from .model import AdaptedModel
 
 
 @dataclass
@@ -40,7 +37,7 @@ class MergeReport:
 class Merger:
     """merge / unmerge / to_base_model of an adapted model (see :meth:`graphadapt.model.AdaptedModel.merge`)."""
 
-    def merge(self, model: AdaptedModel, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
+    def merge(self, model, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False, keep_backup: bool = True) -> MergeReport:
         """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
 
@@ -104,7 +101,7 @@ class Merger:
                              "reversible": keep_backup, "report": report, "frozen": frozen}
         return report
 
-    def _merge_in_place(self, model: AdaptedModel, plan, safe: bool, backups: dict | None) -> None:
+    def _merge_in_place(self, model, plan, safe: bool, backups: dict | None) -> None:
         """Fold each chain into its weight's own storage, one weight at a time."""
         done: list[str] = []
         scratch: dict = {}
@@ -146,7 +143,7 @@ class Merger:
                         model.get_parameter(pname).detach().copy_(orig)
             raise
 
-    def unmerge(self, model: AdaptedModel) -> None:
+    def unmerge(self, model) -> None:
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         if not model.is_merged:
             raise MergeError("not merged")
@@ -169,7 +166,7 @@ class Merger:
             p.requires_grad_(flag)
         model._merge_state = None
 
-    def to_base_model(self, model: AdaptedModel, names: Iterable[str] | None = None) -> nn.Module:
+    def to_base_model(self, model, names: Iterable[str] | None = None) -> nn.Module:
         """A copy of the source Hugging Face model with merged weights (PEFT's ``merge_and_unload``).
 
         Every selected adapter must fold (raises :class:`MergeError` otherwise). The
