@@ -69,7 +69,7 @@ class ModelServices:
 BASIC_SERVICES = ModelServices()
 
 
-class _Shared:
+class SharedRefs:
     """Attributes kept by reference when the model is deep-copied (they hold read-only graphs)."""
 
     def __init__(self, **kw):
@@ -109,7 +109,7 @@ class AdaptedModel(CapturedModule):
         self.adapter_records = records      # list[graphadapt.passes.AdapterRecord]
         # the plan (what apply inserted where) and the captured graph before insertion (set_active re-plans
         # from it); both point into graphs that are only read, so copies of the model share them
-        self._planning = _Shared(plan=plan, base_graph=base_graph)
+        self._planning = SharedRefs(plan=plan, base_graph=base_graph)
         self.structure_report = structure_report
         self._merge_state = None
         object.__setattr__(self, "_source_model", source)  # not a submodule: shares storage only
@@ -280,7 +280,7 @@ class AdaptedModel(CapturedModule):
             raise
         retarget(self, self._compute_device, self._compute_dtype)
         self.spec, self.adapter_records = spec, records
-        self._planning = _Shared(plan=the_plan, base_graph=self._planning.base_graph)
+        self._planning = SharedRefs(plan=the_plan, base_graph=self._planning.base_graph)
         composed = set(spec.composition.names()) if spec.composition is not None else set(spec.adapters)
         for r in records:
             if r.adapter in spec.adapters:

@@ -29,7 +29,7 @@ import torch.fx as fx
 from .capture import GRAPH_LOCK, capture
 from .checkpointing import checkpointed_module
 from .errors import GraphAdaptError
-from .model import AdaptedModel, _Shared, fusion_dropout
+from .model import AdaptedModel, SharedRefs, fusion_dropout
 from .passes import PassResult, run_pass
 from .plan import build_plan, execute_plan
 from .structure import recognize
@@ -119,7 +119,7 @@ def _state(model: AdaptedModel) -> tuple:
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return all(x is y or (type(x) is type(y) and not isinstance(x, (dict, _Shared)) and x == y)
+    return all(x is y or (type(x) is type(y) and not isinstance(x, (dict, SharedRefs)) and x == y)
                for x, y in zip(a, b))
 
 
@@ -244,7 +244,7 @@ def _sync(model: AdaptedModel, entry: dict, key: tuple) -> None:
                                  f"{sorted(mine ^ theirs)[:4]} differ from the adapted model's; call it with "
                                  f"the captured inputs {model.input_names}")
         variant.spec, variant.adapter_records = model.spec, records
-        variant._planning = _Shared(plan=plan, base_graph=variant._planning.base_graph)
+        variant._planning = SharedRefs(plan=plan, base_graph=variant._planning.base_graph)
         if model.is_merged:
             folded = set(model._merge_state["report"].folded)
             run_pass("merge_adapters[variant]", _remove_folded, variant, folded)
