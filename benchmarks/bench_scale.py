@@ -72,7 +72,7 @@ def peft_copy(base, adapted):
     import torch
 
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    by_weight = {r["weight"]: adapted.get_submodule(r["target"]) for r in adapted.adapter_records}
+    by_weight = {r.weight: adapted.get_submodule(r.target) for r in adapted.adapter_records}
     with torch.no_grad():
         for name, mod in pm.base_model.model.named_modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):

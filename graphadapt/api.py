@@ -15,8 +15,9 @@ from torch import nn
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
 from .init import isolated_rng
-from .model import AdaptedModel, MergeReport
-from .model import fusion_dropout
+from . import generation, signatures
+from .merging import Merger
+from .model import AdaptedModel, MergeReport, ModelServices, fusion_dropout
 from .plan import Plan, build_plan, execute_plan
 from .spec import Spec, as_spec
 from .structure import recognize
@@ -74,11 +75,16 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
             install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
-        gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph)
+        gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph, SERVICES)
         if spec.active is not None and spec.composition is None:
             gm._set_flags(spec.active_names)
         gm.train(model.training)
     return gm
+
+
+SERVICES = ModelServices(merger=Merger(), signature_of=signatures.signature_of, route_call=signatures.dispatch,
+                         set_checkpointing=signatures.set_checkpointing, generate=generation.generate, recapture=apply)
+"""What every model built here delegates to: the layers above ``model`` hand their entry points in explicitly."""
 
 
 @serialised

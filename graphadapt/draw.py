@@ -93,7 +93,7 @@ class _Badges:
             kind, role, layer = getattr(r, "kind", ""), getattr(r, "role", "") or "", getattr(r, "layer", None)
             if layer is None:
                 self.outside.append(r)
-            elif kind == "linear" or kind == "experts":
+            elif kind in ("linear", "expert"):
                 self.at_site.setdefault(r.site, []).append(r)
             elif kind == "attention":
                 self.at_core.setdefault((layer, "cross" if "cross" in role else "self"), []).append(r)
@@ -110,7 +110,7 @@ def _badge_row(x: float, y: float, recs: list, colours: dict[str, str]) -> tuple
     label = None
     for r in recs:
         if getattr(r, "method", "") == "composition":
-            label = (getattr(r, "details", None) or {}).get("composition") or "composition"
+            label = getattr(r, "composition", None) or "composition"
         elif r.adapter not in seen:
             seen.append(r.adapter)
     for name in seen:

@@ -48,8 +48,6 @@ def generation_twins(adapted) -> list:
 
 def _twins(adapted) -> list:
     """[decoder] or [encoder, decoder step]: cached captures sharing ``adapted``'s parameters, synced."""
-    from .api import apply
-
     if adapted.is_merged and adapted._merge_state["in_place"]:
         raise GraphAdaptError("generate() cannot follow an in-place merge (the source weights now hold the "
                               "merged values); unmerge() first, or merge(in_place=False)")
@@ -60,6 +58,7 @@ def _twins(adapted) -> list:
             raise GraphAdaptError("this adapted model has no source model to re-capture with a KV cache; "
                                   "build it with graphadapt.apply(model, spec, cache=True)")
         layout = kv_layout(src)
+        apply = adapted.services.need("recapture", "graphadapt.api.apply")
         try:
             if layout["encoder_decoder"]:
                 (enc, enc_kw), (step, step_kw) = _seq2seq_views(src, layout)
@@ -71,8 +70,8 @@ def _twins(adapted) -> list:
         except GraphAdaptError as e:
             raise GraphAdaptError(f"generate() could not re-capture {type(src).__name__} with a KV cache "
                                   f"for this spec: {e}") from e
-        mine = {r["target"] for r in adapted.adapter_records}
-        theirs = {r["target"] for t in twins for r in t.adapter_records}
+        mine = {r.target for r in adapted.adapter_records}
+        theirs = {r.target for t in twins for r in t.adapter_records}
         if mine != theirs:
             raise GraphAdaptError("the cached capture placed adapters at different sites "
                                   f"({sorted(mine ^ theirs)[:4]}); select sites by role or module path "
@@ -100,8 +99,8 @@ def _sync(twin, adapted) -> None:
     twin.set_active(adapted.active_adapters())
     if adapted.is_merged:
         folded = set(adapted._merge_state["report"].folded)
-        names = sorted({r["adapter"] for r in adapted.adapter_records if r["target"] in folded}
-                       & {r["adapter"] for r in twin.adapter_records})
+        names = sorted({r.adapter for r in adapted.adapter_records if r.target in folded}
+                       & {r.adapter for r in twin.adapter_records})
         if names:
             twin.merge(names)
     twin.eval()
@@ -398,11 +397,3 @@ def _beam_search(stepper, prompt, past, num_layers, num_beams, max_new_tokens, n
         return seqs, fin_scores[:, :num_return].reshape(-1)
     return seqs
 
-
-def _register() -> None:
-    from .model import EXTENSIONS
-
-    EXTENSIONS["generate"] = generate
-
-
-_register()

@@ -8,8 +8,10 @@ trainable under ``adapters.<name>.<site>``.
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -17,32 +19,59 @@ from torch import nn
 from .capture import CapturedModule, SignatureMiss, serialised
 from .console import describe, summary_notes
 from .draw import draw_model
+from .checkpoints import load_adapter_weights, save_adapters
+from .checkpoints.merged import save_merged
+from .checkpoints.peft_export import write_peft
+from .checkpoints.pretrained import write_pretrained
+from .checkpoints.trainer import set_trainable_state_dict
+from .composition.insert import COMPOSE
 from .errors import GraphAdaptError, MergeError
-from .passes import run_pass
-from .passes.merge import _is_finite as _finite
-from .passes.merge import apply_merge, plan_merge
-from .vocab import adapter_prefix
+from .checkpoints.lifecycle import adapters_disabled
+from .merging import Merger, MergeReport
+from .passes.portability import retarget
+from .plan import build_plan, execute_plan
+from .spec.composition import Block, block_from_dict
+from .structure import recognize
+from .version import __version__
+from .vocab import ADAPTERS, adapter_prefix
 
 
-@dataclass
-class MergeReport:
-    folded: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
+@dataclass(frozen=True)
+class ModelServices:
+    """What an :class:`AdaptedModel` delegates to, injected at construction (``graphadapt.api`` builds the full
+    set; a model built without it has merge and persistence, and says so for the rest). Explicit dependencies
+    instead of a hook registry: the higher layers (call signatures, generation) hand their entry points in.
 
-    def __str__(self) -> str:
-        lines = [f"folded {len(self.folded)} adapter module(s) into base weights"]
-        if self.kept:
-            lines.append(f"kept {len(self.kept)} in the graph:")
-            lines += [f"  {t}: {why}" for t, why in self.kept.items()]
-        return "\n".join(lines)
+    * ``merger``: merge / unmerge / to_base_model (:class:`graphadapt.merging.Merger`);
+    * ``signature_of(source) → (inspect.Signature | None, positional names | None)`` and
+      ``route_call(model, args, kwargs)``: calls other than the captured signature (:mod:`graphadapt.signatures`);
+    * ``set_checkpointing(model, enable, options)``: gradient checkpointing;
+    * ``generate(model, input_ids, attention_mask, **kw)`` (:mod:`graphadapt.generation`), which builds cached
+      twins with ``recapture(model, spec, **apply kwargs)`` (:func:`graphadapt.api.apply`).
+    """
+
+    merger: Merger = field(default_factory=Merger)
+    signature_of: Callable | None = None
+    route_call: Callable | None = None
+    set_checkpointing: Callable | None = None
+    generate: Callable | None = None
+    recapture: Callable | None = None
+
+    def __deepcopy__(self, memo):  # stateless: copies of a model share them
+        return self
+
+    def need(self, what: str, hint: str):
+        fn = getattr(self, what)
+        if fn is None:
+            raise GraphAdaptError(f"this adapted model was built without the {what} service ({hint}); build it with "
+                                  "graphadapt.apply / graphadapt.load")
+        return fn
 
 
-EXTENSIONS: dict = {}
-"""Features that live in higher layers and plug methods into AdaptedModel (``"generate"``:
-:func:`graphadapt.generation.generate`, registered when that module is imported)."""
+BASIC_SERVICES = ModelServices()
 
 
-class _Shared:
+class SharedRefs:
     """Attributes kept by reference when the model is deep-copied (they hold read-only graphs)."""
 
     def __init__(self, **kw):
@@ -67,7 +96,10 @@ class AdaptedModel(CapturedModule):
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
         "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning",
-        "_call_signature", "_positional_names", "_route", "_checkpoint_options")
+        "_call_signature", "_positional_names", "_route", "_checkpoint_options", "services")
+
+    services: ModelServices = BASIC_SERVICES
+    """The services this model delegates to (:class:`ModelServices`; set by ``graphadapt.api``)."""
 
     __repr__ = __str__ = describe  # what the user has (graphadapt/console.py); adapted.code: the graph
     draw = draw_model  # adapted.draw("model.svg"): layers, roles, adapters, composition (graphadapt/draw.py)
@@ -75,18 +107,19 @@ class AdaptedModel(CapturedModule):
     """For ``transformers.Trainer``: the loss is the source model's own (no ``num_items_in_batch``)."""
 
     def _init_adapted(self, spec, records: list, structure_report: dict, source: nn.Module, plan=None,
-                      base_graph=None):
+                      base_graph=None, services: ModelServices = BASIC_SERVICES):
+        object.__setattr__(self, "services", services)
         self.spec = spec
         self.adapter_records = records      # list[graphadapt.passes.AdapterRecord]
         # the plan (what apply inserted where) and the captured graph before insertion (set_active re-plans
         # from it); both point into graphs that are only read, so copies of the model share them
-        self._planning = _Shared(plan=plan, base_graph=base_graph)
+        self._planning = SharedRefs(plan=plan, base_graph=base_graph)
         self.structure_report = structure_report
         self._merge_state = None
         object.__setattr__(self, "_source_model", source)  # not a submodule: shares storage only
-        if not getattr(self, "decoder_cache", None) and EXTENSIONS.get("signature_of") is not None:
+        if not getattr(self, "decoder_cache", None) and services.signature_of is not None:
             # the source's call signature: other calls than the captured one are captured on first use
-            self._call_signature, self._positional_names = EXTENSIONS["signature_of"](source)
+            self._call_signature, self._positional_names = services.signature_of(source)
             self.recompile()
 
     # ------------------------------------------------------------------ calls
@@ -96,7 +129,7 @@ class AdaptedModel(CapturedModule):
             try:
                 return super()._call_impl(*args, **kwargs)
             except SignatureMiss as miss:  # not the captured signature: graphadapt.signatures
-                route = EXTENSIONS.get("signatures") if miss.module is self else None
+                route = self.services.route_call if miss.module is self else None
                 if route is None or self.__dict__.get("_call_signature") is None:
                     raise
         return route(self, args, kwargs)
@@ -121,10 +154,10 @@ class AdaptedModel(CapturedModule):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Recompute each transformer layer's activations in the backward pass instead of keeping them
         (while training with gradients on); see docs/training.md."""
-        EXTENSIONS["checkpointing"](self, True, gradient_checkpointing_kwargs)
+        self.services.need("set_checkpointing", "graphadapt.signatures")(self, True, gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        EXTENSIONS["checkpointing"](self, False, None)
+        self.services.need("set_checkpointing", "graphadapt.signatures")(self, False, None)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -158,7 +191,7 @@ class AdaptedModel(CapturedModule):
         active = set(self.active_adapters())
         for name, method in self.spec.adapters.items():
             n = self.adapter_parameter_count(name)
-            sites = sum(1 for r in self.adapter_records if r["adapter"] == name)
+            sites = sum(1 for r in self.adapter_records if r.adapter == name)
             train = sum(p.numel() for pn, p in self.named_parameters()
                         if pn.startswith(adapter_prefix(name)) and p.requires_grad)
             rows.append((name, type(method).__name__, str(sites), f"{n:,}", f"{100 * n / max(base, 1):.3f}",
@@ -178,8 +211,8 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ activation
     def _adapter_modules(self, name: str | None = None) -> list[tuple[str, nn.Module]]:
-        return [(r["target"], self.get_submodule(r["target"])) for r in self.adapter_records
-                if name is None or r["adapter"] == name]
+        return [(r.target, self.get_submodule(r.target)) for r in self.adapter_records
+                if name is None or r.adapter == name]
 
     def active_adapters(self) -> list[str]:
         if self.spec.composition is not None:
@@ -207,8 +240,6 @@ class AdaptedModel(CapturedModule):
         """
         if self.is_merged:
             raise GraphAdaptError("unmerge() before changing the active adapters")
-        from .spec.composition import Block, block_from_dict
-
         if isinstance(names, dict):
             names = block_from_dict(names)
         if isinstance(names, Block) or self.spec.composition is not None:
@@ -227,17 +258,11 @@ class AdaptedModel(CapturedModule):
         if unknown:
             raise GraphAdaptError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
         for r in self.adapter_records:
-            if r["adapter"] in self.spec.adapters:
-                self.get_submodule(r["target"]).active = r["adapter"] in want
+            if r.adapter in self.spec.adapters:
+                self.get_submodule(r.target).active = r.adapter in want
 
     def _replan(self, spec) -> None:
         """Rebuild the adapted graph from the base graph for ``spec`` (modules already built are reused)."""
-        from .composition.insert import COMPOSE
-        from .passes.portability import retarget
-        from .plan import build_plan, execute_plan
-        from .structure import recognize
-        from .vocab import ADAPTERS
-
         if self._planning.base_graph is None:
             raise GraphAdaptError("this model keeps no base graph to re-plan from (built by an older graphadapt)")
         old_graph, old_modules = self.graph, dict(self.get_submodule(ADAPTERS).named_children())
@@ -259,11 +284,11 @@ class AdaptedModel(CapturedModule):
             raise
         retarget(self, self._compute_device, self._compute_dtype)
         self.spec, self.adapter_records = spec, records
-        self._planning = _Shared(plan=the_plan, base_graph=self._planning.base_graph)
+        self._planning = SharedRefs(plan=the_plan, base_graph=self._planning.base_graph)
         composed = set(spec.composition.names()) if spec.composition is not None else set(spec.adapters)
         for r in records:
-            if r["adapter"] in spec.adapters:
-                self.get_submodule(r["target"]).active = r["adapter"] in composed
+            if r.adapter in spec.adapters:
+                self.get_submodule(r.target).active = r.adapter in composed
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -292,8 +317,6 @@ class AdaptedModel(CapturedModule):
     @serialised
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (its modules and weights) by re-planning from the captured base graph."""
-        from .vocab import ADAPTERS
-
         if self.is_merged:
             raise GraphAdaptError("unmerge() before deleting an adapter")
         if name not in self.spec.adapters:
@@ -318,8 +341,6 @@ class AdaptedModel(CapturedModule):
     def disable_adapters(self):
         """Context manager: inside it every adapter passes its input through (outputs equal the base
         model's); the previous activation is restored on exit, also on an exception."""
-        from .checkpoints.lifecycle import adapters_disabled
-
         return adapters_disabled(self)
 
     def print_trainable_parameters(self, print_fn=print) -> str:
@@ -340,12 +361,12 @@ class AdaptedModel(CapturedModule):
     # ------------------------------------------------------------------ fusion
     def fusion_layers(self) -> dict[str, nn.Module]:
         """``{qualified name: FusionLayer}`` of every AdapterFusion layer in the active composition."""
-        return {r["target"]: self.get_submodule(r["target"]) for r in self.adapter_records if r["method"] == "fusion"}
+        return {r.target: self.get_submodule(r.target) for r in self.adapter_records if r.method == "fusion"}
 
     def train_fusion(self, unfreeze_adapters: bool = False) -> None:
         """Training mode for AdapterFusion: only the fusion layers train (and the fused adapters too
         with ``unfreeze_adapters=True``); the base stays frozen. Like AdapterHub's ``train_adapter_fusion``."""
-        fusion = {r["target"] for r in self.adapter_records if r["method"] == "fusion"}
+        fusion = {r.target for r in self.adapter_records if r.method == "fusion"}
         if not fusion:
             raise GraphAdaptError("no fusion layer: set_active(Fuse(...)) first")
         fused = set(self.spec.composition.names()) if self.spec.composition is not None else set()
@@ -368,13 +389,11 @@ class AdaptedModel(CapturedModule):
 
     def snapshot_graph(self, graph=None):
         """A deep copy of ``graph`` (default: the current one) with its node metadata."""
-        import warnings
-
         with warnings.catch_warnings():  # torch's own TreeSpec deprecation inside Graph deepcopy
             warnings.simplefilter("ignore", FutureWarning)
             return copy.deepcopy(self.graph if graph is None else graph)
 
-    # ------------------------------------------------------------------ merge
+    # ------------------------------------------------------------------ merge (the Merger service)
     @property
     def is_merged(self) -> bool:
         return self._merge_state is not None
@@ -401,116 +420,13 @@ class AdaptedModel(CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
-        if self.is_merged:
-            raise MergeError("already merged; call unmerge() first" if self._merge_state.get("reversible", True)
-                             else "already merged in place without a backup (keep_backup=False); reload the model")
-        if not keep_backup and not in_place:
-            raise MergeError("keep_backup=False needs in_place=True (a merge into new tensors always keeps the "
-                             "originals, which belong to your model)")
-        if names is not None and not isinstance(names, str):
-            try:
-                names = list(names)
-            except TypeError:
-                names = [names]
-            if not all(isinstance(n, str) for n in names):
-                raise MergeError(f"names must be an adapter name or a list of names, got {names!r}")
-        names = None if names is None else ([names] if isinstance(names, str) else list(names))
-        if names is not None:
-            unknown = set(names) - set(self.spec.adapters)
-            if unknown:
-                raise MergeError(f"unknown adapter(s) {sorted(unknown)}; this model has {list(self.spec.adapters)}")
-        plan = plan_merge(self, names, safe=safe, compute=not in_place)
-        if strict and plan.kept:
-            raise MergeError("cannot fold every adapter (strict=True); nothing was changed:\n" +
-                             "\n".join(f"  {t}: {why}" for t, why in plan.kept.items()))
-        saved_graph = self.snapshot_graph() if keep_backup else None
-        backups: dict[str, nn.Parameter] = {}
-        if in_place:
-            self._merge_in_place(plan, safe, backups if keep_backup else None)
-        else:
-            for pname, value in plan.new_values.items():
-                owner, _, leaf = pname.rpartition(".")
-                mod = self.get_submodule(owner) if owner else self
-                old = mod._parameters[leaf]
-                backups[pname] = old
-                mod._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
-        run_pass("merge_adapters", lambda gm: apply_merge(gm, plan), self)
-        report = MergeReport(plan.folded, plan.kept)
-        # folded modules no longer run: freeze them while merged so no optimizer trains them silently
-        frozen = [(p, p.requires_grad) for t in plan.folded for p in self.get_submodule(t).parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place,
-                             "reversible": keep_backup, "report": report, "frozen": frozen}
-        return report
-
-    def _merge_in_place(self, plan, safe: bool, backups: dict | None) -> None:
-        """Fold each chain into its weight's own storage, one weight at a time."""
-        from .passes.merge import fold_chain, scratch_like
-
-        done: list[str] = []
-        scratch: dict = {}
-        try:
-            for chain in plan.chains.values():
-                for pname in (chain.weight, chain.bias):
-                    if pname is not None and backups is not None:
-                        backups[pname] = self.get_parameter(pname).detach().clone()
-                w = self.get_parameter(chain.weight)
-                b = self.get_parameter(chain.bias) if chain.bias is not None else None
-                with torch.no_grad():
-                    if backups is not None or not safe:
-                        # fold straight into the storage (plain LoRA adds in place); checked after
-                        # the write: a failure restores from the backups
-                        w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b,
-                                            into_weight=True, scratch=scratch)
-                    else:  # no backup: fold into a reused buffer and check it before writing
-                        w2, b2 = fold_chain(self, chain, safe=False, weight=w.detach(), bias=b, scratch=scratch,
-                                            out=scratch_like(scratch, w))
-                    bad = [] if not safe else [n for n, t in ((chain.weight, w2), (chain.bias, b2))
-                                               if t is not None and t is not b and not _finite(t)]
-                    if bad and backups is None:
-                        raise MergeError(
-                            f"merging {', '.join(chain.targets)} gives non-finite values in {bad}; it was not "
-                            f"written. Merged in place without a backup before it (your model changed): "
-                            f"{done or 'none'}. Reload the model, check the adapter weights (or pass safe=False).")
-                    if w2.data_ptr() != w.data_ptr():
-                        w.detach().copy_(w2)
-                    if b is not None and b2 is not b and b2.data_ptr() != b.data_ptr():
-                        b.detach().copy_(b2)
-                    done.append(chain.weight)
-                    if bad:
-                        raise MergeError(f"merging {', '.join(chain.targets)} gives non-finite values in {bad}; "
-                                         "nothing was changed. Check the adapter weights (or pass safe=False).")
-        except BaseException:
-            if backups is not None:
-                with torch.no_grad():
-                    for pname, orig in backups.items():
-                        self.get_parameter(pname).detach().copy_(orig)
-            raise
+        return self.services.merger.merge(self, names, safe=safe, strict=strict, in_place=in_place,
+                                          keep_backup=keep_backup)
 
     @serialised
     def unmerge(self) -> None:
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
-        if not self.is_merged:
-            raise MergeError("not merged")
-        st = self._merge_state
-        if not st.get("reversible", True):
-            raise MergeError("this model was merged in place without a backup (merge(in_place=True, "
-                             "keep_backup=False)): the original weights are gone, so it cannot be unmerged; "
-                             "reload the base model and its adapters")
-        for pname, orig in st["backups"].items():
-            owner, _, leaf = pname.rpartition(".")
-            mod = self.get_submodule(owner) if owner else self
-            if st["in_place"]:
-                with torch.no_grad():
-                    mod._parameters[leaf].copy_(orig)
-            else:
-                mod._parameters[leaf] = orig
-        self.graph = st["graph"]
-        self.recompile()
-        for p, flag in st.get("frozen", ()):
-            p.requires_grad_(flag)
-        self._merge_state = None
+        self.services.merger.unmerge(self)
 
     def to_base_model(self, names: Iterable[str] | None = None) -> nn.Module:
         """A copy of the source Hugging Face model with merged weights (PEFT's ``merge_and_unload``).
@@ -518,38 +434,7 @@ class AdaptedModel(CapturedModule):
         Every selected adapter must fold (raises :class:`MergeError` otherwise). The
         adapted model itself is left as it was. Memory: one full copy of the base model.
         """
-        src = self.__dict__.get("_source_model")
-        if src is None:
-            raise MergeError("the source model is not available to copy")
-        was_merged = self.is_merged
-        if was_merged:  # every adapter the merged graph still runs would be dropped: refuse, as unmerged
-            report = self._merge_state["report"]
-            kept = dict(report.kept)
-            kept.update({r["target"]: "not merged (merge() was given other names)" for r in self.adapter_records
-                         if r["target"] not in report.folded and r["target"] not in kept
-                         and getattr(self.get_submodule(r["target"]), "active", True)})
-            if kept:
-                raise MergeError("cannot fold every adapter into the base model (the merged graph still runs "
-                                 "them):\n" + "\n".join(f"  {t}: {why}" for t, why in kept.items()) +
-                                 "\nDelete or deactivate them first, or export the merged graph with export_onnx.")
-        if not was_merged:
-            self.merge(names, strict=True)
-        try:
-            base_sd = {k: v.detach().clone() for k, v in self.named_parameters()
-                       if not k.startswith(adapter_prefix())}
-        finally:
-            if not was_merged:
-                self.unmerge()
-        out = copy.deepcopy(src)
-        own = dict(out.named_parameters(remove_duplicate=False))
-        missing = [k for k in base_sd if k not in own]
-        if missing:
-            raise MergeError(f"could not map merged weights onto {type(src).__name__}: {missing[:5]}")
-        with torch.no_grad():
-            for k, v in base_sd.items():
-                own[k].copy_(v.to(own[k].dtype))
-        out.train(self.training)
-        return out
+        return self.services.merger.to_base_model(self, names)
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, **kwargs):
@@ -558,10 +443,7 @@ class AdaptedModel(CapturedModule):
         On a model captured without ``cache=True`` the first call builds a cached capture that
         shares this model's parameters (adapters, active set and merge state are mirrored).
         """
-        generate = EXTENSIONS.get("generate")
-        if generate is None:
-            raise GraphAdaptError("generation is not loaded: import graphadapt.generation (import graphadapt does)")
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return self.services.need("generate", "graphadapt.generation")(self, input_ids, attention_mask, **kwargs)
 
     def save_merged(self, directory, names: Iterable[str] | None = None, *, max_shard_size="5GB",
                     dtype=None, safe: bool = True) -> list:
@@ -570,15 +452,11 @@ class AdaptedModel(CapturedModule):
         ``from_pretrained``. Streams one tensor at a time: extra memory is one merged weight;
         this model and the caller's are not changed. See :func:`graphadapt.checkpoints.merged.save_merged`.
         """
-        from .checkpoints.merged import save_merged
-
         return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe)
 
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, directory, names=None):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
-        from .checkpoints import save_adapters
-
         if self.is_merged:
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
         return save_adapters(self, directory, names)
@@ -593,8 +471,6 @@ class AdaptedModel(CapturedModule):
         graphadapt writes safetensors), ``is_main_process`` (``False``: write nothing); other keyword
         arguments (``max_shard_size``, ``push_to_hub``…) are refused by name. ``names`` (or PEFT's
         ``selected_adapters``): save only those adapters."""
-        from .checkpoints.pretrained import write_pretrained
-
         if "selected_adapters" in kwargs and names is None:  # PEFT's spelling
             names = kwargs.pop("selected_adapters")
         if kwargs:
@@ -612,8 +488,6 @@ class AdaptedModel(CapturedModule):
         """Write adapter ``name`` (default: the only one) and the ``modules_to_save`` in PEFT's format, for
         ``peft.PeftModel.from_pretrained(base, directory)``; LoRA (incl. rsLoRA, DoRA) and IA3 at whole
         linear layers. See :mod:`graphadapt.checkpoints.peft_export`."""
-        from .checkpoints.peft_export import write_peft
-
         return write_peft(self, directory, name)
 
     def trainable_state_dict(self, enabled: bool = True) -> AdaptedModel:
@@ -622,27 +496,19 @@ class AdaptedModel(CapturedModule):
         of this model (``model.safetensors``, written from ``state_dict()`` for any model that is not a
         ``PreTrainedModel``) then hold no base weights, and ``resume_from_checkpoint`` restores them exactly.
         Returns the model."""
-        from .checkpoints.trainer import set_trainable_state_dict
-
         set_trainable_state_dict(self, enabled)
         return self
 
     def load_adapters(self, directory, strict: bool = True) -> list[str]:
         """Load adapter weights saved by :meth:`save_adapters` into this model."""
-        from .checkpoints import load_adapter_weights
-
         if self.is_merged:
             raise GraphAdaptError("unmerge() before loading adapters")
         return load_adapter_weights(self, directory, strict=strict)
 
     # ------------------------------------------------------------------ metadata
     def graphadapt_metadata(self) -> dict[str, str]:
-        from .version import __version__
-
         meta = {"graphadapt_version": __version__, "graphadapt_spec": self.spec.to_json(),
                 "source_class": self.source_class, "merged": str(self.is_merged).lower()}
         if getattr(self, "decoder_cache", None):
-            import json
-
             meta["graphadapt.decoder_cache"] = json.dumps(self.decoder_cache, sort_keys=True)
         return meta

@@ -16,16 +16,29 @@ saying how they combine are refused here, before anything is built.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-from .composition.insert import insert_compositions, replicate_inputs
-from .composition.site import describe, prune
-from .passes import linear as _linear
-from .passes import residual as _residual
+from .composition.insert import replicate_inputs
+from .composition.site import Leaf, Tree, describe, prune
 from .errors import SpecError
 from .methods import Method, get_method
 from .passes import InsertContext, run_pass
+from .sites import get_site_kind
+from .sites.compose import insert_compositions
 from .spec import MethodSpec, Spec
 from .structure.types import StructureMap
+from .vocab import CombinePolicy, SiteKind
+
+
+class PlanMode(StrEnum):
+    """How the adapters at one shared site combine (:class:`Combination`)."""
+
+    CHAIN = "chain"
+    """Each module reads the previous one's output, in plan order (the methods' ``chain`` policy)."""
+    COMPOSE = "compose"
+    """The active composition block, pruned to the site, is evaluated by one composition module."""
+    SELECT = "select"
+    """Adapters that cannot share a site, at most one active: only the first is wired, the others dormant."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +78,10 @@ class Combination:
     """
 
     site: str
-    kind: str
+    kind: SiteKind
     adapters: tuple[str, ...]
-    mode: str
-    tree: tuple | None = None
+    mode: PlanMode
+    tree: Tree | None = None
     owners: tuple[str, ...] = ()
     """Module owner of each adapter here (``adapters.<owner>.<site>``): the adapter, or a union's member."""
 
@@ -96,7 +109,7 @@ class Plan:
 
     @property
     def composed(self) -> tuple[Combination, ...]:
-        return tuple(c for c in self.combinations if c.mode == "compose")
+        return tuple(c for c in self.combinations if c.mode == PlanMode.COMPOSE)
 
     def site(self, kind: str, key: str):
         """The site object (``LinearSite`` / ``ResidualTarget``) of ``(kind, key)``."""
@@ -107,13 +120,10 @@ class Plan:
         raise KeyError((kind, key))
 
 
-COMPOSABLE_KINDS = (_linear.KIND, _residual.KIND)
-
-
 def _describe_combination(c: Combination) -> str:
-    if c.mode == "chain":
+    if c.mode == PlanMode.CHAIN:
         return f"{' → '.join(c.adapters)} (chain)"
-    if c.mode == "select":
+    if c.mode == PlanMode.SELECT:
         return f"{c.adapters[0]} wired, other adapters there dormant (select)"
     return f"{describe(c.tree)} (compose)"
 
@@ -140,41 +150,41 @@ def build_plan(sm: StructureMap, spec: Spec) -> Plan:
         owners = tuple(p.owner for _, p in here)
         names = tuple(u.name for u in users)
         tree = None if block is None else prune(block, names)
-        composed = tree is not None and (len(users) > 1 or tree[0] != "name")
-        if composed and kind not in COMPOSABLE_KINDS:
-            if len(users) > 1:
-                raise SpecError(f"adapters {list(names)} share the {kind} site {key}; composition blocks are defined "
-                                f"at linear sites and residual points only, not at {kind} sites", field="active")
-            composed = False  # a lone prefix/prompt adapter applies as it is inside any block
+        composed = tree is not None and (len(users) > 1 or not isinstance(tree, Leaf))
+        site_kind = get_site_kind(kind)
+        if composed and not site_kind.composable:
+            # a lone adapter at a kind without composition semantics applies as it is inside any block
+            composed = site_kind.refuse_composition(here[0][1].site, key, names, tree, describe)
         if composed:
-            combos.append(Combination(key, kind, names, "compose", tree, owners))
+            combos.append(Combination(key, kind, names, PlanMode.COMPOSE, tree, owners))
             continue
         if len(users) < 2:
             continue
         modes = {p.combine for _, p in here}
+        exclusive = CombinePolicy.EXCLUSIVE in modes
         live = [(u, p) for u, p in here if u.name in spec.active_names]
-        if None in modes and spec.active is not None and len(live) <= 1:
+        if exclusive and spec.active is not None and len(live) <= 1:
             # dormant adapters share the site with (at most) one active one: wire only that one
             pick = live or here[:1]
-            combos.append(Combination(key, kind, tuple(u.name for u, _ in pick), "select", None,
+            combos.append(Combination(key, kind, tuple(u.name for u, _ in pick), PlanMode.SELECT, None,
                                       tuple(p.owner for _, p in pick)))
             continue
-        if None in modes or len(modes) != 1:
+        if exclusive or len(modes) != 1:
             first, second = users[0], users[1]
             raise SpecError(
                 f"adapters {first.name!r} ({first.method.name}) and {second.name!r} ({second.method.name}) both "
                 f"put an adapter at {key}; at one {kind} site they need a composition block saying how they "
                 f"combine: Spec(..., active=Stack/Fuse/Parallel/BatchSplit/Average(...)) (AdapterHub's "
                 "Stack/Parallel).", field="adapters")
-        combos.append(Combination(key, kind, names, modes.pop(), None, owners))
+        combos.append(Combination(key, kind, names, PlanMode(modes.pop()), None, owners))
     return Plan(tuple(planned), tuple(combos), block.parallel_channels if block is not None else 1)
 
 
 def execute_plan(gm, plan: Plan, dropout: float = 0.0, base_seed: int = 0) -> list:
     """Run the plan's insertion passes on ``gm`` (modules already present are reused) and wire the
     composed sites; returns the :class:`~graphadapt.passes.AdapterRecord`\\ s."""
-    ctx = InsertContext(attach_only={c.site: frozenset() if c.mode == "compose" else frozenset(c.owners or c.adapters)
-                                     for c in plan.combinations if c.mode in ("compose", "select")})
+    ctx = InsertContext(attach_only={c.site: frozenset() if c.mode == PlanMode.COMPOSE else frozenset(c.owners or c.adapters)
+                                     for c in plan.combinations if c.mode in (PlanMode.COMPOSE, PlanMode.SELECT)})
     records = []
     for a in plan.adapters:
         res = run_pass(f"insert_{a.method.name}[{a.name}]", a.method.insert, gm, ctx, a.name, a.spec,
@@ -189,4 +199,4 @@ def execute_plan(gm, plan: Plan, dropout: float = 0.0, base_seed: int = 0) -> li
     return records
 
 
-__all__ = ["Combination", "Plan", "PlannedAdapter", "build_plan", "execute_plan"]
+__all__ = ["Combination", "Plan", "PlanMode", "PlannedAdapter", "build_plan", "execute_plan"]

@@ -29,7 +29,7 @@ import torch.fx as fx
 from .capture import GRAPH_LOCK, capture
 from .checkpointing import checkpointed_module
 from .errors import GraphAdaptError
-from .model import EXTENSIONS, AdaptedModel, _Shared, fusion_dropout
+from .model import AdaptedModel, SharedRefs, fusion_dropout
 from .passes import PassResult, run_pass
 from .plan import build_plan, execute_plan
 from .structure import recognize
@@ -119,7 +119,7 @@ def _state(model: AdaptedModel) -> tuple:
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return all(x is y or (type(x) is type(y) and not isinstance(x, (dict, _Shared)) and x == y)
+    return all(x is y or (type(x) is type(y) and not isinstance(x, (dict, SharedRefs)) and x == y)
                for x, y in zip(a, b))
 
 
@@ -173,7 +173,7 @@ def _capture_variant(model: AdaptedModel, call: dict, key: tuple) -> AdaptedMode
                              f"{model.input_names} are captured on first use): {e}") from e
     base_graph = variant.snapshot_graph()
     _share_base(variant, model, what)
-    variant._init_adapted(model.spec, [], model.structure_report, source, None, base_graph)
+    variant._init_adapted(model.spec, [], model.structure_report, source, None, base_graph, model.services)
     return variant
 
 
@@ -237,14 +237,14 @@ def _sync(model: AdaptedModel, entry: dict, key: tuple) -> None:
                                    base_seed=model.spec.effective_seed(None))
         except GraphAdaptError as e:
             raise SignatureError(f"the adapters of this model could not be placed in the capture of {what}: {e}") from e
-        mine = {r["target"] for r in records}
-        theirs = {r["target"] for r in model.adapter_records}
+        mine = {r.target for r in records}
+        theirs = {r.target for r in model.adapter_records}
         if mine != theirs:
             raise SignatureError(f"the capture of {what} is recognised differently: adapter sites "
                                  f"{sorted(mine ^ theirs)[:4]} differ from the adapted model's; call it with "
                                  f"the captured inputs {model.input_names}")
         variant.spec, variant.adapter_records = model.spec, records
-        variant._planning = _Shared(plan=plan, base_graph=variant._planning.base_graph)
+        variant._planning = SharedRefs(plan=plan, base_graph=variant._planning.base_graph)
         if model.is_merged:
             folded = set(model._merge_state["report"].folded)
             run_pass("merge_adapters[variant]", _remove_folded, variant, folded)
@@ -281,7 +281,3 @@ def set_checkpointing(model: AdaptedModel, enable: bool, options: dict | None) -
     model.__dict__["_checkpoint_options"] = options
     object.__setattr__(model, "_route", dispatch)
 
-
-EXTENSIONS["signatures"] = dispatch
-EXTENSIONS["signature_of"] = signature_of
-EXTENSIONS["checkpointing"] = set_checkpointing

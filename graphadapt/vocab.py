@@ -7,6 +7,8 @@ these imports them from here.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down",
                           "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down")
 """Linear-site roles found from dataflow: attention q/k/v/o, feed-forward up/gate/down (in a
@@ -37,4 +39,29 @@ def adapter_of(target: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == ADAPTERS else None
 
 
-__all__ = ["ADAPTERS", "ALL_LINEAR", "ROLES", "adapter_of", "adapter_prefix", "adapter_target"]
+class SiteKind(StrEnum):
+    """Where an adapter module sits (the site-kind plugins: :mod:`graphadapt.sites`). A ``StrEnum``: it compares
+    equal to, prints and serialises as its value (``SiteKind.LINEAR == "linear"``)."""
+
+    LINEAR = "linear"
+    """After a linear op (``linear``/``addmm``/a fused slice): module called ``(x, y, W, b) → y'``."""
+    EXPERT = "expert"
+    """After a grouped expert product (mixture of experts): ``(x, y, W, b, routing) → y'``."""
+    RESIDUAL = "residual"
+    """Replaces a sub-block's residual point: ``(h, r, ln_w, ln_b) → out``."""
+    ATTENTION = "attention"
+    """At an attention core: ``(prefix, k, v, x, q, masks) → (k', v', masks')``."""
+    EMBEDDING = "embedding"
+    """At the input embeddings: the inputs grow by the adapter's tokens."""
+
+
+class CombinePolicy(StrEnum):
+    """How a method's modules combine when several adapters share one site without a composition block."""
+
+    CHAIN = "chain"
+    """Each module reads the previous one's output, in plan order."""
+    EXCLUSIVE = "exclusive"
+    """Not defined: the plan refuses it unless a composition block (or a single active adapter) decides."""
+
+
+__all__ = ["ADAPTERS", "CombinePolicy", "SiteKind", "ALL_LINEAR", "ROLES", "adapter_of", "adapter_prefix", "adapter_target"]

@@ -180,7 +180,7 @@ def randomize_lora(adapted, seed: int = 0, std: float = 0.1) -> None:
     """Non-zero A and B, a perturbed DoRA magnitude and a non-trivial gate on every LoRA module."""
     g = torch.Generator().manual_seed(seed)
     for r in adapted.adapter_records:
-        mod = adapted.get_submodule(r["target"])
+        mod = adapted.get_submodule(r.target)
         for p in (mod.lora_A, mod.lora_B):
             p.copy_(torch.randn(p.shape, generator=g) * std)
         if mod.lora_magnitude is not None:

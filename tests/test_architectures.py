@@ -121,4 +121,4 @@ def test_shared_layer_weights_share_their_adapters():
                                        "b": ga.SeqBn(reduction_factor=4, init_weights="mam_adapter")}))
     calls = [str(n.target) for n in adapted.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters.")]
     assert len(calls) == 3 * 2 and len(set(calls)) == 3  # q, v, output adapter; each used by both layers
-    assert len({r["target"] for r in adapted.adapter_records}) == 3
+    assert len({r.target for r in adapted.adapter_records}) == 3

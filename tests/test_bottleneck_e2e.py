@@ -82,9 +82,9 @@ def test_mam_init_is_identity_then_weights_move_it(kind):
     base, adapted = _apply(kind, ga.DoubleSeqBn(reduction_factor=4, init_weights="mam_adapter"))
     recs = adapted.adapter_records
     n_layers = 4 if kind == "t5" else 2
-    assert len(recs) == 2 * n_layers and {r["role"] for r in recs} == {"mh", "output"}
+    assert len(recs) == 2 * n_layers and {r.role for r in recs} == {"mh", "output"}
     for r in recs:
-        mod = adapted.get_submodule(r["target"])
+        mod = adapted.get_submodule(r.target)
         assert isinstance(mod, BottleneckAdapter)
         assert not mod.adapter_up.weight.any() and not mod.adapter_up.bias.any()
         assert mod.adapter_down.weight.any()  # only the up projection is zero: gradients still flow
@@ -147,7 +147,7 @@ CORE_GRID = list(itertools.product([False, True], ["bert", "mam_adapter", "houls
 def test_core_grid_bert(ln_before, init, phm):
     spec = _grid_spec(ln_before, init, phm)
     _, adapted, x, plain, got = _construct_and_run("bert", spec)
-    mods = [adapted.get_submodule(r["target"]) for r in adapted.adapter_records]
+    mods = [adapted.get_submodule(r.target) for r in adapted.adapter_records]
     assert len(mods) == 4
     for m in mods:
         assert m.phm_layer is phm and m.ln_before is ln_before and m.init_weights == init
@@ -158,7 +158,7 @@ def test_core_grid_bert(ln_before, init, phm):
     elif phm:
         # the PHM rule starts at N(0, phm_init_range=1e-4) (AdapterHub too): near-identity, yet not zero-init
         torch.testing.assert_close(got, plain, atol=1e-3, rtol=0)
-        assert all(adapted.get_submodule(r["target"]).adapter_up.W_right.any() for r in adapted.adapter_records)
+        assert all(adapted.get_submodule(r.target).adapter_up.W_right.any() for r in adapted.adapter_records)
     else:
         assert (got - plain).abs().max() > 1e-6
     _randomize(adapted)
@@ -171,8 +171,8 @@ def test_core_grid_bert(ln_before, init, phm):
 ], ids=lambda v: str(v))
 def test_core_grid_llama_t5(kind, ln_before, init, phm):
     _, adapted, x, plain, got = _construct_and_run(kind, _grid_spec(ln_before, init, phm))
-    assert {r["placement"] for r in adapted.adapter_records} == {"pre_ln"}
-    assert all(adapted.get_submodule(r["target"]).norm_kind is None for r in adapted.adapter_records)
+    assert {r.placement for r in adapted.adapter_records} == {"pre_ln"}
+    assert all(adapted.get_submodule(r.target).norm_kind is None for r in adapted.adapter_records)
     if init == "mam_adapter":
         torch.testing.assert_close(got, plain, atol=ATOL, rtol=ATOL)
     _randomize(adapted)
@@ -210,12 +210,12 @@ def test_other_options_bert(case):
     _, adapted, x, plain, got = _construct_and_run("bert", spec)
     recs = adapted.adapter_records
     want_layers = set(spec.layers) if spec.layers is not None else {0, 1} - set(spec.leave_out)
-    assert {r["layer"] for r in recs} == want_layers
+    assert {r.layer for r in recs} == want_layers
     want_roles = {p for p, on in (("mh", spec.mh_adapter), ("output", spec.output_adapter)) if on}
-    assert {r["role"] for r in recs} == want_roles
+    assert {r.role for r in recs} == want_roles
     for r in recs:
-        m = adapted.get_submodule(r["target"])
-        assert m.bottleneck_size == max(1, int(32 // spec.reduction_for(r["layer"])))
+        m = adapted.get_submodule(r.target)
+        assert m.bottleneck_size == max(1, int(32 // spec.reduction_for(r.layer)))
         assert m.is_parallel is spec.is_parallel and m.use_gating is spec.use_gating
         assert m.scaling_kind == ("float" if isinstance(spec.scaling, float) else spec.scaling)
     _randomize(adapted)
@@ -330,7 +330,7 @@ def test_merge_keeps_bottleneck_adapters(bert_double):
     _, adapted = bert_double
     x = _inputs("bert")
     before = _out(adapted, x)
-    targets = {r["target"] for r in adapted.adapter_records}
+    targets = {r.target for r in adapted.adapter_records}
     assert len(targets) == 4
     with pytest.raises(ga.MergeError) as err:
         adapted.merge(strict=True)
@@ -356,13 +356,13 @@ def _force_branch(adapted, bias_seed=0):
     cs = {}
     with torch.no_grad():
         for r in adapted.adapter_records:
-            m = adapted.get_submodule(r["target"])
+            m = adapted.get_submodule(r.target)
             m.adapter_down.weight.copy_(torch.eye(32))
             m.adapter_down.bias.zero_()
             m.adapter_up.weight.copy_(0.5 * torch.eye(32))
             c = 0.1 * torch.randn(32, generator=g)
             m.adapter_up.bias.copy_(c)
-            cs[(r["layer"], r["role"])] = c
+            cs[(r.layer, r.role)] = c
     return cs
 
 
@@ -374,7 +374,7 @@ def test_gpt2_pre_ln_placement_by_hand(reads):
     spec = ga.Bottleneck(mh_adapter=True, output_adapter=True, reduction_factor=1, non_linearity="relu",
                          original_ln_before=(reads == "h+r"))
     base, adapted = _apply("gpt2", spec)
-    assert {r["placement"] for r in adapted.adapter_records} == {"pre_ln"}
+    assert {r.placement for r in adapted.adapter_records} == {"pre_ln"}
     cs = _force_branch(adapted)
     x = _inputs("gpt2")
 

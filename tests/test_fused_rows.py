@@ -108,7 +108,7 @@ def test_peft_parity_on_the_whole_fused_projection(neox, tmp_path):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     pm.eval().save_pretrained(tmp_path)
     adapted = ga.import_peft(neox, tmp_path)
-    assert {r["site"] for r in adapted.adapter_records} == {f"layers.{i}.attention.query_key_value" for i in range(L)}
+    assert {r.site for r in adapted.adapter_records} == {f"layers.{i}.attention.query_key_value" for i in range(L)}
     x = text_inputs(3, 6, pad=2)
     with torch.no_grad():
         assert max_diff(adapted(**x), pm(**x)) < 1e-5
@@ -159,7 +159,7 @@ def test_whisper_applies_without_example_inputs_and_exports(tmp_path):
     adapted = ga.apply(model, ga.Spec({"l": ga.LoRA(r=4, targets=("q", "v")),
                                        "b": ga.SeqBn(reduction_factor=4, init_weights="mam_adapter")}))
     assert {"input_features", "decoder_input_ids"} <= set(adapted.input_names)
-    assert [r["role"] for r in adapted.adapter_records if r["adapter"] == "l"].count("q") == 1 + 1 * 2   # + cross
+    assert [r.role for r in adapted.adapter_records if r.adapter == "l"].count("q") == 1 + 1 * 2   # + cross
     g = torch.Generator().manual_seed(3)
     x = {"input_features": torch.randn(3, 8, 32, generator=g),
          "decoder_input_ids": torch.randint(0, V, (3, 5), generator=g)}
@@ -188,7 +188,7 @@ def test_deberta_v2_recognised_with_lora_bottleneck_and_peft_parity(tmp_path):
     adapted = ga.apply(model, ga.Spec({"l": ga.LoRA(r=4, targets=("q", "k", "v")),
                                        "b": ga.SeqBn(reduction_factor=4, init_weights="mam_adapter")}))
     # share_att_key: query_proj/key_proj also project the relative positions; those uses are adapted too
-    assert len([r for r in adapted.adapter_records if r["adapter"] == "l"]) == L * (3 + 2)
+    assert len([r for r in adapted.adapter_records if r.adapter == "l"]) == L * (3 + 2)
     x = text_inputs(3, 6, pad=2)
     g = torch.Generator().manual_seed(4)
     y = _identity_then_exact_merge(model, adapted, x, g)

@@ -52,8 +52,8 @@ def test_cached_capture_keeps_structure_and_sites(lm):
     plain = ga.apply(model, ga.LoRA(r=4, targets=("q", "v")))
     assert adapted.decoder_cache["num_layers"] == 2
     assert adapted.decoder_cache["kv_heads"] == (2 if name == "llama" else 4)
-    assert [r["target"] for r in adapted.adapter_records] == [r["target"] for r in plain.adapter_records]
-    assert {r["role"] for r in adapted.adapter_records} == {"q", "v"}
+    assert [r.target for r in adapted.adapter_records] == [r.target for r in plain.adapter_records]
+    assert {r.role for r in adapted.adapter_records} == {"q", "v"}
     assert past_input_name(1, "value") in adapted.input_names
 
 
@@ -259,8 +259,8 @@ def test_t5_greedy_equals_hf_generate_padded_unmerged_and_merged():
     got = adapted.generate(ids, mask, max_new_tokens=8)
     assert torch.equal(got, want)
     enc, step = adapted.__dict__["_generation_twins"]
-    assert all(r["target"].split(".")[2] == "encoder" for r in enc.adapter_records)
-    assert {r["target"].split(".")[7] for r in step.adapter_records} == {"SelfAttention", "EncDecAttention"}
+    assert all(r.target.split(".")[2] == "encoder" for r in enc.adapter_records)
+    assert {r.target.split(".")[7] for r in step.adapter_records} == {"SelfAttention", "EncDecAttention"}
     beams = dict(num_beams=3, num_return_sequences=2, length_penalty=0.5, eos_token_id=int(got[0, 3]))
     want_beams = adapted.to_base_model().generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **beams)
     assert torch.equal(adapted.generate(ids, mask, max_new_tokens=8, **beams), want_beams)

@@ -101,7 +101,7 @@ def test_identity_at_init(build):
     model = build()
     inputs = text_inputs(batch=2, seq=5, seed=1)
     adapted = _apply(model, {"a": IA3(targets=("v", "down"), feedforward=("down",))}).eval()
-    assert adapted.adapter_records and all(r["method"] == "ia3" for r in adapted.adapter_records)
+    assert adapted.adapter_records and all(r.method == "ia3" for r in adapted.adapter_records)
     assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) <= 1e-6
     assert all(p.requires_grad == n.startswith("adapters.") for n, p in adapted.named_parameters())
 
@@ -154,7 +154,7 @@ def test_parity_with_peft_bert():
 def test_parity_with_peft_llama_down_feedforward():
     adapted = _peft_parity(tiny_llama, ["k_proj", "v_proj", "down_proj"], ["down_proj"],
                            IA3(targets=("k", "v", "down"), feedforward=("down",)))
-    ff = {r["target"]: adapted.get_submodule(r["target"]).feedforward for r in adapted.adapter_records}
+    ff = {r.target: adapted.get_submodule(r.target).feedforward for r in adapted.adapter_records}
     assert all(v == t.endswith("down_proj") for t, v in ff.items())
 
 
@@ -195,7 +195,7 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(case):
     snap = _base_params(adapted)
     calls = _adapter_calls(adapted)
     report = adapted.merge()
-    assert report.kept == {} and sorted(report.folded) == sorted({r["target"] for r in adapted.adapter_records})
+    assert report.kept == {} and sorted(report.folded) == sorted({r.target for r in adapted.adapter_records})
     merged = run_no_grad(adapted, inputs)
     assert max_diff(merged, before) <= ATOL
     assert max_diff(merged, base_out) > 1e-3
@@ -211,11 +211,11 @@ def test_gpt2_fused_v_scales_only_v_channels():
     model = tiny_gpt2()
     adapted = _apply(model, {"a": IA3(targets=("v",), feedforward=())}).eval()
     recs = adapted.adapter_records
-    assert recs and all(r["site"].endswith("c_attn.v") for r in recs)
+    assert recs and all(r.site.endswith("c_attn.v") for r in recs)
     _randomize(adapted)
     hidden = model.config.n_embd
-    w_name = recs[0]["weight"]
-    b_name = recs[0]["bias"]
+    w_name = recs[0].weight
+    b_name = recs[0].bias
     w0, b0 = adapted.get_parameter(w_name).detach().clone(), adapted.get_parameter(b_name).detach().clone()
     inputs = text_inputs(batch=2, seq=5, seed=3)
     before = run_no_grad(adapted, inputs)
@@ -225,7 +225,7 @@ def test_gpt2_fused_v_scales_only_v_channels():
     w1, b1 = adapted.get_parameter(w_name).detach(), adapted.get_parameter(b_name).detach()
     # Conv1D weight [in, 3*hidden]: q and k columns untouched, v columns scaled by l
     assert torch.equal(w1[:, : 2 * hidden], w0[:, : 2 * hidden]) and torch.equal(b1[: 2 * hidden], b0[: 2 * hidden])
-    l = adapted.get_submodule(recs[0]["target"]).ia3_l.detach().flatten()
+    l = adapted.get_submodule(recs[0].target).ia3_l.detach().flatten()
     assert torch.allclose(w1[:, 2 * hidden:], w0[:, 2 * hidden:] * l) and torch.allclose(b1[2 * hidden:], b0[2 * hidden:] * l)
     assert not torch.equal(w1[:, 2 * hidden:], w0[:, 2 * hidden:])
 

@@ -50,7 +50,7 @@ def test_import_matches_peft(case, tmp_path):
     assert max_diff(got, ref) < 1e-5
     assert max_diff(got, plain) > 1e-3  # the adapter is really there
     n_peft = len({k.rsplit(".lora_", 1)[0] for k in pm.state_dict() if ".lora_A." in k})
-    assert len({r["target"] for r in adapted.adapter_records}) == n_peft
+    assert len({r.target for r in adapted.adapter_records}) == n_peft
 
 
 def test_import_onto_an_unwrapped_model(tmp_path):

@@ -60,7 +60,7 @@ def test_peft_ia3_import_matches_peft(case, tmp_path):
     assert max_diff(got, ref) < 1e-5
     assert max_diff(got, plain) > 1e-3  # the scaling is really applied
     n_peft = sum(1 for k in pm.state_dict() if ".ia3_l" in k)
-    assert len({r["target"] for r in adapted.adapter_records}) == n_peft
+    assert len({r.target for r in adapted.adapter_records}) == n_peft
     # merge folds PEFT's IA3 exactly
     adapted.merge()
     assert max_diff(adapted(**x), ref) < 1e-5
@@ -71,7 +71,7 @@ def test_peft_ia3_feedforward_is_input_scaling(tmp_path):
     _peft_ia3(tiny_bert, dict(target_modules=["value", "intermediate.dense"],
                               feedforward_modules=["intermediate.dense"]), tmp_path)
     adapted = ga.import_peft(tiny_bert(), tmp_path)
-    shapes = {r["site"]: tuple(adapted.get_submodule(r["target"]).ia3_l.shape) for r in adapted.adapter_records}
+    shapes = {r.site: tuple(adapted.get_submodule(r.target).ia3_l.shape) for r in adapted.adapter_records}
     assert shapes["encoder.layer.0.intermediate.dense"] == (1, 32)  # [1, in]: input scaling
     assert shapes["encoder.layer.0.attention.self.value"] == (32, 1)
 
@@ -107,7 +107,7 @@ def test_ia3_alpha_scales_and_folds():
 def test_ia3_gating_is_per_example_and_stays_unmerged():
     model, x = tiny_gpt2(), text_inputs(3, 6)
     adapted = ga.apply(model, ga.IA3(targets=("v", "up"), feedforward=(), use_gating=True))
-    mods = [adapted.get_submodule(r["target"]) for r in adapted.adapter_records]
+    mods = [adapted.get_submodule(r.target) for r in adapted.adapter_records]
     assert all(m.gate is not None and not m.mergeable for m in mods)
     with torch.no_grad():
         plain = model(**x, use_cache=False).last_hidden_state

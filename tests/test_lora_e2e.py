@@ -56,7 +56,7 @@ def _adapter_params(adapted, name: str | None = None) -> dict[str, torch.Tensor]
 
 
 def _sites(adapted, name: str) -> set[str]:
-    return {r["site"] for r in adapted.adapter_records if r["adapter"] == name}
+    return {r.site for r in adapted.adapter_records if r.adapter == name}
 
 
 
@@ -147,10 +147,10 @@ def test_parity_with_peft(arch):
         n = _copy_from_peft(pm, adapted, name)
         assert n == n_sites * (3 if name == "dora" else 2)
         for r in adapted.adapter_records:
-            if r["adapter"] != name:
+            if r.adapter != name:
                 continue
-            assert adapted.get_submodule(r["target"]).scaling == pytest.approx(scaling, rel=0, abs=1e-12)
-            peft_layer = pm.base_model.model.get_submodule(r["site"])
+            assert adapted.get_submodule(r.target).scaling == pytest.approx(scaling, rel=0, abs=1e-12)
+            peft_layer = pm.base_model.model.get_submodule(r.site)
             assert peft_layer.scaling[name] == pytest.approx(scaling, rel=0, abs=1e-12)
     assert _VARIANTS["lora"][2] == 2.0 and _VARIANTS["dora"][2] == 2.0  # r=8, alpha=16
     assert _VARIANTS["rslora"][2] == pytest.approx(16 / math.sqrt(8))
@@ -184,15 +184,15 @@ def test_gpt2_role_targets_touch_only_q_and_v_slices():
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for r in adapted.adapter_records:
-            mod = adapted.get_submodule(r["target"])
-            start = {"q": 0, "v": 2 * d}[r["site"][-1]]
+            mod = adapted.get_submodule(r.target)
+            start = {"q": 0, "v": 2 * d}[r.site[-1]]
             assert mod.out_slice == (start, start + d) and mod.total_out == 3 * d and mod.fan_in_fan_out
             delta = mod.delta_weight()  # [in, 3d] in Conv1D layout
             assert delta[:, d:2 * d].abs().max() == 0  # k block untouched
             assert delta[:, start:start + d].abs().max() > 0
             block = mod.scaling * (mod.lora_B @ mod.lora_A).t()
             assert torch.allclose(delta[:, start:start + d], block, atol=0, rtol=0)
-            ref.get_submodule(r["site"][:-2]).weight[:, start:start + d] += block
+            ref.get_submodule(r.site[:-2]).weight[:, start:start + d] += block
 
     inputs = text_inputs(batch=3, seq=6, seed=11)
     out, want, base = run_no_grad(adapted, inputs), run_no_grad(ref, inputs), run_no_grad(model, inputs)
@@ -482,7 +482,7 @@ def test_path_targets_and_layer_selection():
         mods = {n[len(f"adapters.{name}."):] for n, m in adapted.named_modules()
                 if n.startswith(f"adapters.{name}.") and hasattr(m, "lora_A")}
         assert mods == sites, name
-    roles = {r["site"]: (r["role"], r["layer"]) for r in adapted.adapter_records if r["adapter"] == "leave"}
+    roles = {r.site: (r.role, r.layer) for r in adapted.adapter_records if r.adapter == "leave"}
     assert roles[L.format(1) + "intermediate.dense"] == ("up", 1)
     assert roles[L.format(1) + "output.dense"] == ("down", 1)
 
@@ -512,7 +512,7 @@ def test_gated_lora_runs_and_gate_matters():
     assert max_diff(gated, base) > 1e-3
     with torch.no_grad():
         for r in adapted.adapter_records:
-            adapted.get_submodule(r["target"]).gate.bias.fill_(-40.0)  # gate -> 0: branch off
+            adapted.get_submodule(r.target).gate.bias.fill_(-40.0)  # gate -> 0: branch off
     assert max_diff(run_no_grad(adapted, inputs), base) <= 1e-5
     # the gate trains
     adapted.train()
@@ -532,8 +532,8 @@ def test_pissa_keeps_output_and_changes_only_the_adapted_weight():
     assert max_diff(run_no_grad(adapted, inputs), run_no_grad(model, inputs)) <= ATOL
     ours = dict(adapted.named_parameters())
     for r in adapted.adapter_records:
-        w = r["weight"]
-        mod = adapted.get_submodule(r["target"])
+        w = r.weight
+        mod = adapted.get_submodule(r.target)
         assert mod.lora_B.abs().max() > 0 and mod.lora_A.abs().max() > 0
         assert (ours[w] - snap[w][0]).abs().max() > 1e-3  # residual, not W
         assert torch.allclose(ours[w] + mod.delta_weight(), snap[w][0], atol=1e-5)
@@ -562,7 +562,7 @@ def test_plain_torch_model_by_module_name():
     with pytest.raises(ga.SpecError, match=r"\*\.fc1"):
         ga.LoRA(targets=("fc1",))  # a bare word is taken for a mistyped role; the message shows the fix
     adapted = ga.apply(mlp, ga.LoRA(r=2, targets=("*.fc1",)), example_inputs=(torch.randn(3, 8),))
-    assert [r["site"] for r in adapted.adapter_records] == ["fc1"]
+    assert [r.site for r in adapted.adapter_records] == ["fc1"]
     randomize_lora(adapted)
     x = torch.randn(5, 8)
     y = adapted(x)

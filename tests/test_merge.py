@@ -96,8 +96,8 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(bases, arch, method):
     adapted = ga.apply(model, ga.Spec(_METHODS[method](), seed=0)).eval()
     randomize_lora(adapted)
     if arch == "gpt2":  # roles q, v on the fused c_attn: slices, not the whole projection
-        assert any(r["site"].endswith("c_attn.q") for r in adapted.adapter_records)
-        assert any(r["site"].endswith("c_attn.v") for r in adapted.adapter_records)
+        assert any(r.site.endswith("c_attn.q") for r in adapted.adapter_records)
+        assert any(r.site.endswith("c_attn.v") for r in adapted.adapter_records)
     inputs = text_inputs(batch=3, seq=5, pad=2, seed=4)
     base_out = run_no_grad(model, inputs)
     before = run_no_grad(adapted, inputs)
@@ -106,11 +106,11 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(bases, arch, method):
     graph_modules = _call_modules(adapted)
     assert len(graph_modules) == len(adapted.adapter_records)
 
-    adapted_weights = {r["weight"] for r in adapted.adapter_records}
+    adapted_weights = {r.weight for r in adapted.adapter_records}
     report = adapted.merge()
     assert adapted.is_merged
     merged_w = {w: adapted.get_parameter(w).detach().clone() for w in adapted_weights}
-    assert sorted(report.folded) == sorted(r["target"] for r in adapted.adapter_records)
+    assert sorted(report.folded) == sorted(r.target for r in adapted.adapter_records)
     assert report.kept == {}
     merged = run_no_grad(adapted, inputs)
     assert max_diff(merged, before) <= ATOL
@@ -193,7 +193,7 @@ def test_merge_in_place_changes_callers_model_and_unmerge_restores_it():
     merged = run_no_grad(adapted, inputs)
     assert max_diff(merged, before) <= ATOL
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), caller[n])}
-    assert changed == {r["weight"] for r in adapted.adapter_records}
+    assert changed == {r.weight for r in adapted.adapter_records}
     assert all(p.data_ptr() == ptrs[n] for n, p in model.named_parameters())  # written in place
     assert max_diff(run_no_grad(model, inputs), merged) <= ATOL  # the caller's model *is* the merged model now
     adapted.unmerge()
@@ -214,8 +214,8 @@ def test_gated_lora_strict_raises_and_default_keeps_it():
     before = run_no_grad(adapted, inputs)
     snap = _base_params(adapted)
     graph_modules = _call_modules(adapted)
-    gated = {r["target"] for r in adapted.adapter_records if r["adapter"] == "g"}
-    plain = {r["target"] for r in adapted.adapter_records if r["adapter"] == "p"}
+    gated = {r.target for r in adapted.adapter_records if r.adapter == "g"}
+    plain = {r.target for r in adapted.adapter_records if r.adapter == "p"}
     assert gated and plain
 
     with pytest.raises(ga.MergeError) as e:
@@ -235,7 +235,7 @@ def test_gated_lora_strict_raises_and_default_keeps_it():
     assert all("depends on the input" in why for why in report.kept.values())
     assert "kept 2" in str(report)
     assert set(_call_modules(adapted)) == gated
-    assert _changed(adapted, snap) == {r["weight"] for r in adapted.adapter_records if r["adapter"] == "p"}
+    assert _changed(adapted, snap) == {r.weight for r in adapted.adapter_records if r.adapter == "p"}
     assert max_diff(run_no_grad(adapted, inputs), before) <= ATOL
     adapted.unmerge()
     _assert_base_equal(adapted, snap)

@@ -63,7 +63,7 @@ def test_prompt_tokens_mask_activation_gradients_and_checkpoint(tmp_path):
     assert prompt.shape == (P, 32) and prompt.abs().max() <= 0.5 and prompt.abs().min() > 0
     torch.testing.assert_close(prompt, again.get_parameter("adapters.p.embeddings.prompt_embeddings"), atol=0, rtol=0)
     rec = adapted.adapter_records[0]
-    assert len(adapted.adapter_records) == 1 and rec.kind == "embedding" and set(rec["grown_inputs"]) == {
+    assert len(adapted.adapter_records) == 1 and rec.kind == "embedding" and set(rec.grown_inputs) == {
         "input_ids", "attention_mask"}
 
     x = text_inputs(3, 7, pad=3)

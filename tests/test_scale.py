@@ -39,7 +39,7 @@ def test_irreversible_in_place_merge_writes_callers_storage_and_refuses_unmerge(
     assert len(report.folded) == 6 and adapted.is_merged
     assert max_diff(run_no_grad(adapted, inputs), before) <= ATOL
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), caller[n])}
-    assert changed == {r["weight"] for r in adapted.adapter_records}
+    assert changed == {r.weight for r in adapted.adapter_records}
     assert all(p.data_ptr() == ptrs[n] for n, p in model.named_parameters())  # no new storage
     assert not adapted._merge_state["backups"]  # nothing kept
     assert max_diff(run_no_grad(model, inputs), before) <= ATOL  # the caller's model is merged
@@ -73,7 +73,7 @@ def test_in_place_merge_overflow_never_installs_non_finite(keep_backup):
     caller = _params(model)
     adapted = ga.apply(model, ga.LoRA(targets=("q",), r=2, alpha=2)).eval()
     randomize_lora(adapted)
-    last = adapted.adapter_records[-1]["target"]
+    last = adapted.adapter_records[-1].target
     with torch.no_grad():
         mod = adapted.get_submodule(last)
         mod.lora_A.fill_(300.0)
@@ -83,14 +83,14 @@ def test_in_place_merge_overflow_never_installs_non_finite(keep_backup):
     assert not adapted.is_merged
     now = dict(model.named_parameters())
     assert all(torch.isfinite(p).all() for p in now.values())
-    first_w = adapted.adapter_records[0]["weight"]
+    first_w = adapted.adapter_records[0].weight
     if keep_backup:
         assert all(torch.equal(now[n].detach(), v) for n, v in caller.items())
     else:
         assert "your model changed" in str(e.value) and first_w in str(e.value)
         assert not torch.equal(now[first_w].detach(), caller[first_w])  # merged before the failure
-        assert torch.equal(now[adapted.adapter_records[-1]["weight"]].detach(),
-                           caller[adapted.adapter_records[-1]["weight"]])  # the bad one untouched
+        assert torch.equal(now[adapted.adapter_records[-1].weight].detach(),
+                           caller[adapted.adapter_records[-1].weight])  # the bad one untouched
 
 
 # --------------------------------------------------------------------------- save_merged
@@ -183,7 +183,7 @@ def test_save_merged_refuses_unfoldable_and_bad_adapters_writing_nothing(tmp_pat
     lora = ga.apply(tiny_llama(), ga.LoRA(targets=("q",))).eval()
     randomize_lora(lora)
     with torch.no_grad():
-        lora.get_submodule(lora.adapter_records[0]["target"]).lora_B[0, 0] = float("nan")
+        lora.get_submodule(lora.adapter_records[0].target).lora_B[0, 0] = float("nan")
     before = sorted(p.name for p in (tmp_path / "m").iterdir())
     with pytest.raises(ga.MergeError, match="non-finite"):
         lora.save_merged(tmp_path / "m")

@@ -33,8 +33,8 @@ def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -
     if name not in spec.adapters:
         raise CheckpointError(f"unknown adapter {name!r}; this model has {list(spec.adapters)}")
     method = get_method(spec.adapters[name])
-    records = [r for r in adapted.adapter_records if r["adapter"] == name]
-    modules = {r["site"]: adapted.get_submodule(r["target"]) for r in records}
+    records = [r for r in adapted.adapter_records if r.adapter == name]
+    modules = {r.site: adapted.get_submodule(r.target) for r in records}
     if type(method).peft_export is Method.peft_export:
         can = sorted(m.name for m in registered() if type(m).peft_export is not Method.peft_export)
         raise CheckpointError(f"{method.name} adapters have no PEFT format in graphadapt (supported: "

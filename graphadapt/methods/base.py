@@ -4,17 +4,23 @@ A method folder (``graphadapt/methods/<m>/``, or any package of yours) holds its
 registered :class:`~graphadapt.spec.MethodSpec`), its module(s) — the math, called from
 ``call_module`` nodes — and one :class:`Method` subclass that says
 
-* **where**: ``site_kind`` (``"linear"``: after a linear op, module called ``(x, y, W, b) → y'``;
-  ``"residual"``: at a sub-block's residual point, ``(h, r, ln_w, ln_b) → out``) and
-  :meth:`Method.select` (spec + structure map → sites);
-* **what**: :meth:`Method.build` (a seeded, initialised module for one site);
-* **how adapters sharing a site combine**: ``combine`` (``"chain"``: each reads the previous
-  one's output; ``None``: not combinable yet, the plan refuses it);
+* **where**: ``site_kind`` (a :class:`~graphadapt.vocab.SiteKind`; the kind's plugin in
+  :mod:`graphadapt.sites` selects the sites, inserts the modules, orders the plan and defines composition);
+  :class:`LinearSiteMethod` and :class:`ResidualSiteMethod` fix the two common kinds;
+* **what**: :meth:`Method.prepare` (once per adapter: shared modules, checks → extra build kwargs) and
+  :meth:`Method.build` (a seeded, initialised module for one site);
+* **how adapters sharing a site combine**: ``combine`` (a :class:`~graphadapt.vocab.CombinePolicy`; None:
+  the site kind's default — ``chain`` at linear sites, ``exclusive`` elsewhere);
 * optionally, **checkpoint interop**: PEFT / AdapterHub config and key translation hooks.
 
-``apply``, ``merge``, ``set_active``, save/load and the importers only talk to this interface;
-nothing outside a method's folder names a method. Merge asks the *module*: ``mergeable`` and
-``fold(W, b[, base_weight])`` (and ``reads_base_weight`` if its forward reads ``W``).
+The module a method builds implements its site kind's protocol: at linear sites
+:class:`graphadapt.passes.modules.LinearSiteModule` (``(x, y, W, b) → y'``; ``mergeable``/``fold``/
+``merge_refusal``/``reads_base_weight``, optionally ``low_rank_delta``), subclassing
+:class:`graphadapt.methods.sliced.SlicedSiteModule` when it must own a fused projection's channels; at
+residual points :class:`graphadapt.composition.site.ResidualSiteModule` (``pre``/``core``/``post``).
+
+``apply``, ``merge``, ``set_active``, save/load and the importers only talk to these interfaces;
+nothing outside a method's folder names a method or its parameters.
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..passes import InsertContext, PassResult
-from ..passes import linear as linear_pass
-from ..passes import residual as residual_pass
-from ..passes.select import select_linear_sites
+from ..sites import SiteKindPlugin, get_site_kind
 from ..spec.base import MethodSpec
+from ..vocab import CombinePolicy, SiteKind
 
 if TYPE_CHECKING:
     from ..structure.types import StructureMap
@@ -39,11 +45,11 @@ if TYPE_CHECKING:
 class PhysicalSite:
     """One module position: site kind and key, the module's owner name, the site object, its combine policy."""
 
-    kind: str
+    kind: SiteKind
     key: str
     owner: str
     site: Any
-    combine: str | None
+    combine: CombinePolicy
 
 
 class Method:
@@ -52,29 +58,57 @@ class Method:
     name: ClassVar[str] = ""
     """Registry key; equals ``spec_class.method``."""
     spec_class: ClassVar[type[MethodSpec]]
-    site_kind: ClassVar[str] = "linear"
-    combine: ClassVar[str | None] = "chain"
-    phase: ClassVar[int] = 0
-    """Plan order: passes that only add nodes (linear sites) run before passes that replace nodes."""
+    site_kind: ClassVar[SiteKind | str] = SiteKind.LINEAR
+    combine: ClassVar[CombinePolicy | None] = None
+    """None: the site kind's default policy."""
+
+    @property
+    def sites(self) -> SiteKindPlugin:
+        """The plugin of this method's site kind."""
+        return get_site_kind(self.site_kind)
+
+    @property
+    def phase(self) -> int:
+        """Plan order (the site kind's): passes that only add nodes (linear sites) run before passes that replace
+        nodes. A method made of others (a union) sets it."""
+        return self.sites.phase
+
+    @property
+    def label(self) -> str:
+        """The method's name as messages write it (``prefix tuning``)."""
+        return self.name.replace("_", " ")
 
     # -- where
     def select(self, sm: StructureMap, spec: MethodSpec, adapter: str) -> list:
-        raise NotImplementedError
+        return self.sites.select(sm, spec, adapter, self)
 
     def site_key(self, site) -> str:
-        raise NotImplementedError
+        return self.sites.key(site)
 
     def physical_sites(self, adapter: str, site) -> list[PhysicalSite]:
         """Where in the graph ``site`` puts a module, and who owns it (``adapters.<owner>.<key>``). A method
         made of others (a union) reports its members' sites, so the plan sees every real overlap."""
-        return [PhysicalSite(self.site_kind, self.site_key(site), adapter, site, self.combine)]
+        kinds = self.sites
+        return [PhysicalSite(kinds.physical_kind(site), kinds.key(site), adapter, site,
+                             CombinePolicy(self.combine or kinds.combine))]
 
     # -- what
+    def prepare(self, gm, adapter: str, spec: MethodSpec, sites: list, seed: int) -> dict:
+        """Hook before insertion, once per adapter (e.g. parameters shared by every site — reuse them if already
+        there, as re-planning after ``set_active`` does; checks that need the graph); returns extra ``build``
+        kwargs. Every site kind calls it."""
+        return {}
+
     def build(self, spec: MethodSpec, adapter: str, site, seed: int, **site_facts) -> nn.Module:
         raise NotImplementedError
 
     def insert(self, gm, ctx: InsertContext, adapter: str, spec: MethodSpec, sites: list, seed: int) -> PassResult:
-        raise NotImplementedError
+        """Insert this adapter's modules (the site kind does it: ``prepare`` once, then ``build`` per site)."""
+        return self.sites.insert(gm, ctx, adapter, self, spec, sites, seed)
+
+    def after_insert(self, gm, ctx: InsertContext, adapter: str, spec: MethodSpec, seed: int) -> list:
+        """Optional hook of kinds that allow it (attention): modules outside the kind's sites; returns records."""
+        return []
 
     # -- checkpoint interop (optional)
     peft_type: ClassVar[str | None] = None
@@ -99,8 +133,6 @@ class Method:
         whose modules sit at the base module paths in ``modules`` (keys without PEFT's ``base_model.model.``).
         Raise :class:`~graphadapt.errors.CheckpointError` for options PEFT cannot express. The default: this
         method has no PEFT format (a ``CheckpointError``)."""
-        from ..errors import CheckpointError
-
         raise CheckpointError(f"{self.name} adapters have no PEFT format in graphadapt; save with save_adapters "
                               "instead")
 
@@ -125,70 +157,37 @@ class Method:
 
 
 class LinearSiteMethod(Method):
-    """A method whose modules sit after linear ops and read ``(x, y, W, b)``.
+    """A method whose modules sit after linear ops and read ``(x, y, W, b)`` (site kind ``linear``; expert sites too).
 
-    Its spec has the :class:`~graphadapt.spec.targets.LinearTargets` API; :meth:`build` gets
-    the site and the base weight and returns an initialised module. Returning a new base
-    weight as ``(module, new_weight)`` installs it as a new Parameter (PiSSA).
+    Its spec has the :class:`~graphadapt.spec.targets.LinearTargets` API. :meth:`build` gets the site (a
+    :class:`~graphadapt.structure.types.LinearSite`: ``in_features``, ``out_features``, ``layout``, and for a
+    fused projection's slice ``out_slice``/``out_rows`` + ``total_out``) and the base weight, and returns an
+    initialised :class:`~graphadapt.passes.modules.LinearSiteModule` — subclass
+    :class:`~graphadapt.methods.sliced.SlicedSiteModule` to own a slice of a fused output (GPT-2's ``c_attn``);
+    returning ``(module, new_weight)`` installs a new base weight as a new Parameter (PiSSA).
     """
 
-    site_kind = linear_pass.KIND
-    combine = "chain"
-    phase = 0
+    site_kind = SiteKind.LINEAR
 
-    def select(self, sm, spec, adapter):
-        return select_linear_sites(sm, spec, adapter)
-
-    def site_key(self, site) -> str:
-        return linear_pass.site_key(site)
-
-    def insert(self, gm, ctx, adapter, spec, sites, seed):
-        def build(site, weight):
-            out = self.build(spec, adapter, site, seed, weight=weight)
-            if isinstance(out, tuple):
-                mod, new_w = out
-                if new_w is not None:
-                    linear_pass.replace_parameter(gm, site.weight, new_w)
-                return mod
-            return out
-
-        return linear_pass.insert_linear_adapter(gm, adapter, self.name, sites, build, ctx)
+    def build(self, spec: MethodSpec, adapter: str, site, seed: int, weight: torch.Tensor | None = None,
+              **extra) -> nn.Module | tuple[nn.Module, torch.Tensor | None]:
+        raise NotImplementedError
 
 
 class ResidualSiteMethod(Method):
-    """A method whose modules replace a residual point and read ``(h, r, ln_w, ln_b)``.
+    """A method whose modules replace a residual point and read ``(h, r, ln_w, ln_b)`` (site kind ``residual``).
 
-    Its spec says ``positions`` (a tuple of ``"mh"``/``"output"``) and ``includes_layer``.
-    :meth:`build` gets the target, the hidden size, the model's norm after the add (or None)
-    and a reference base parameter (dtype/device). :meth:`prepare` may add shared modules.
+    Its spec says ``includes_layer``; :meth:`positions` says which points (``"mh"``/``"output"``). :meth:`build`
+    gets the target, the hidden size, the model's norm after the add (or None) and a reference base parameter
+    (dtype/device), plus what :meth:`prepare` returned; the module implements
+    :class:`~graphadapt.composition.site.ResidualSiteModule` (``pre``/``core``/``post``) so composition blocks can
+    drive it, and its ``forward`` is ``post(core(pre(…)))``.
     """
 
-    site_kind = residual_pass.KIND
-    combine = None
-    phase = 10
+    site_kind = SiteKind.RESIDUAL
 
     def positions(self, spec) -> tuple[str, ...]:
         raise NotImplementedError
-
-    def select(self, sm, spec, adapter):
-        return residual_pass.select_residual_points(sm, self.positions(spec), spec.includes_layer, adapter,
-                                                    self.name)
-
-    def site_key(self, site) -> str:
-        return residual_pass.site_key(site)
-
-    def prepare(self, gm, adapter: str, spec, targets: list, seed: int) -> dict:
-        """Hook before insertion (e.g. parameters shared by every site; reuse them if already there);
-        returns extra build kwargs."""
-        return {}
-
-    def insert(self, gm, ctx, adapter, spec, sites, seed):
-        extra = self.prepare(gm, adapter, spec, sites, seed)
-
-        def build(t, hidden, norm, ref):
-            return self.build(spec, adapter, t, seed, hidden=hidden, norm=norm, ref=ref, **extra)
-
-        return residual_pass.insert_residual_adapter(gm, ctx, adapter, self.name, sites, build)
 
 
 def group_adapterhub_keys(state_dict: Mapping[str, torch.Tensor], pattern) -> tuple[dict, list[str]]:

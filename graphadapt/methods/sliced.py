@@ -127,7 +127,7 @@ def peft_inexpressible_sites(modules, records: list) -> dict[str, str]:
     for r in records:
         m = modules.get(r.site)
         part = m is not None and (getattr(m, "out_slice", None) is not None or getattr(m, "out_rows", None) is not None)
-        if r.get("layout") != "linear" or part or r.details.get("num_experts"):
-            out[r.site] = f"a {r.get('layout')} site" + (" (part of a fused projection)" if part else "")
+        if r.layout != "linear" or part or r.num_experts:
+            out[r.site] = f"a {r.layout} site" + (" (part of a fused projection)" if part else "")
     return out
 

@@ -20,45 +20,83 @@ from typing import Any, Callable, Iterable, Mapping
 import torch.fx as fx
 
 from ..errors import GraphAdaptError, PassError
-from ..vocab import ADAPTERS
+from ..vocab import ADAPTERS, SiteKind
 
 
 @dataclass(frozen=True)
 class AdapterRecord:
-    """One adapter module placed at one site of the graph.
+    """One adapter module placed at one site of the graph (typed; no dict face).
 
-    ``kind`` is the site kind (``"linear"``: ``(x, y, W, b) → y'`` after a linear op;
-    ``"residual"``: ``(h, r, ln_w, ln_b) → out`` at a residual point). ``details`` holds
-    site facts a method or importer may need (``weight``, ``bias``, ``layout``, ``placement``).
-    Records read like dicts too (``r["role"]``), for callers that keep them as JSON.
+    ``kind`` is the :class:`~graphadapt.vocab.SiteKind` (``linear``: ``(x, y, W, b) → y'`` after a linear
+    op; ``residual``: ``(h, r, ln_w, ln_b) → out`` at a residual point; …). The optional fields are the
+    site facts a method, importer or exporter may need; each kind fills its own.
     """
 
     adapter: str
     method: str
     site: str
     target: str
-    kind: str
+    kind: SiteKind
     role: str | None = None
     layer: int | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        if key in _RECORD_FIELDS:
-            return getattr(self, key)
-        return self.details[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
+    # linear / expert sites
+    weight: str | None = None
+    """Qualified name of the base weight the module reads (linear, expert and embedding sites)."""
+    bias: str | None = None
+    layout: str | None = None
+    """``"linear"`` (``[out, in]``) or ``"conv1d"`` (GPT-2's ``[in, out]``)."""
+    num_experts: int | None = None
+    # residual sites
+    placement: str | None = None
+    """``"pre_ln"`` / ``"post_ln"``: where the model's norm sits around the residual point."""
+    wired: bool = True
+    """False when the module is built but another party (a composition, the one active adapter) is wired there."""
+    # attention / embedding sites
+    index: int | None = None
+    form: str | None = None
+    source: str | None = None
+    at: str | None = None
+    grown_inputs: tuple[str, ...] = ()
+    # unions and compositions
+    member: str | None = None
+    """The union member this module belongs to (``adapters.<adapter>.<member>.<site>``)."""
+    composition: str | None = None
+    """The composition block wired at this site (composition and fusion records)."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f: getattr(self, f) for f in _RECORD_FIELDS if f != "details"}
-        return {**d, **dict(self.details)}
+        """The set fields, as JSON-safe values."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None or (f.name == "grown_inputs" and not v) or (f.name == "wired" and v):
+                continue
+            out[f.name] = str(v) if f.name == "kind" else list(v) if isinstance(v, tuple) else v
+        return out
 
 
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterRecord))
+@dataclass(frozen=True)
+class SiteAnnotation:
+    """What an insertion pass writes on the adapter node it creates (``node.meta["graphadapt"]``), the only
+    thing later passes (chaining, merge) read back from the graph."""
+
+    site: str
+    kind: SiteKind
+
+
+META_KEY = "graphadapt"
+
+
+def annotate(node: fx.Node, site: str, kind: SiteKind) -> SiteAnnotation:
+    """Mark ``node`` as the adapter call at ``site`` of ``kind``."""
+    ann = SiteAnnotation(site, SiteKind(kind))
+    node.meta[META_KEY] = ann
+    return ann
+
+
+def annotation_of(node: fx.Node) -> SiteAnnotation | None:
+    """The :class:`SiteAnnotation` of an adapter call node, or None for any other node."""
+    ann = node.meta.get(META_KEY)
+    return ann if isinstance(ann, SiteAnnotation) else None
 
 
 @dataclass
@@ -196,5 +234,6 @@ def erase_dead(gm: fx.GraphModule, roots) -> int:
     return erased
 
 
-__all__ = ["ALWAYS", "AdapterRecord", "CHECKS", "InsertContext", "PassResult", "adapter_call_nodes", "erase_dead",
-           "get_attr_node", "register_check", "run_pass", "submodule_or_none"]
+__all__ = ["ALWAYS", "AdapterRecord", "CHECKS", "InsertContext", "META_KEY", "PassResult", "SiteAnnotation",
+           "adapter_call_nodes", "annotate", "annotation_of", "erase_dead", "get_attr_node", "register_check", "run_pass",
+           "submodule_or_none"]

@@ -19,10 +19,15 @@ import torch.fx as fx
 from torch import nn
 
 from ..structure.types import LinearSite
-from ..vocab import adapter_target
-from . import AdapterRecord, InsertContext, PassResult, get_attr_node, submodule_or_none
+from ..vocab import SiteKind, adapter_target
+from . import AdapterRecord, InsertContext, PassResult, annotate, annotation_of, get_attr_node, submodule_or_none
 
-KIND = "linear"
+KIND = SiteKind.LINEAR
+
+
+def kind_of(site: LinearSite) -> SiteKind:
+    """``expert`` for a grouped expert product (its module also reads the routing), else ``linear``."""
+    return SiteKind.EXPERT if getattr(site, "num_experts", None) else SiteKind.LINEAR
 
 
 def _weight_args(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node | None]:
@@ -33,13 +38,14 @@ def _weight_args(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node
 
 def insert_call(gm: fx.GraphModule, target: str, site: LinearSite) -> fx.Node:
     """Rewire ``site.output`` through the module registered at ``target``."""
+    kind = kind_of(site)
     w, b = _weight_args(gm, site)
     y = site.output
     # Chain after the adapters already on this output, so they run in plan order:
     # m2(x, m1(x, y0, W, b), W, b). DoRA rescales its incoming y, so order matters (as in PEFT).
     while True:
         tail = [u for u in y.users if u.op == "call_module" and u.args[1] is y
-                and u.meta.get("graphadapt", {}).get("kind") == KIND]
+                and getattr(annotation_of(u), "kind", None) == kind]
         if not tail:
             break
         y = tail[0]
@@ -48,7 +54,7 @@ def insert_call(gm: fx.GraphModule, target: str, site: LinearSite) -> fx.Node:
         extra = (site.routing,) if getattr(site, "routing", None) is not None else ()
         node = gm.graph.call_module(target, args=(site.input, y, w, b) + extra)
     y.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
-    node.meta["graphadapt"] = {"site": site.name, "kind": KIND}
+    annotate(node, site.name, kind)
     if "val" in y.meta:
         node.meta["val"] = y.meta["val"]
     return node
@@ -84,9 +90,9 @@ def insert_linear_adapter(gm: fx.GraphModule, adapter_name: str, method_name: st
             if ctx.attaches(adapter_name, site_key(s)):
                 insert_call(gm, target, s)
             records.append(AdapterRecord(
-                adapter=adapter_name, method=method_name, site=s.name, target=target, kind=KIND, role=s.role,
-                layer=s.layer, details={"weight": s.weight, "bias": s.bias, "layout": s.layout,
-                         **({"num_experts": s.num_experts} if getattr(s, "num_experts", None) else {})}))
+                adapter=adapter_name, method=method_name, site=s.name, target=target, kind=kind_of(s), role=s.role,
+                layer=s.layer, weight=s.weight, bias=s.bias, layout=s.layout,
+                num_experts=getattr(s, "num_experts", None) or None))
     return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]}, records)
 
 
@@ -103,4 +109,4 @@ def site_key(site: LinearSite) -> str:
     return site.name
 
 
-__all__ = ["KIND", "insert_call", "insert_linear_adapter", "replace_parameter", "site_key"]
+__all__ = ["KIND", "insert_call", "kind_of", "insert_linear_adapter", "replace_parameter", "site_key"]

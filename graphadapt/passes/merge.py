@@ -14,9 +14,9 @@ weight (:class:`FoldChain`); :func:`fold_chain` computes one weight's merged val
 split lets callers fold one weight at a time (streaming ``save_merged``, export in another
 dtype) with extra memory bounded by the largest weight.
 
-Speed: plain LoRA (no DoRA, no gate, full rows, ``[out, in]`` layout) is folded here as
-``W' = W + s · (B @ A)`` in one ``addmm`` (one pass, one allocation per weight, none in
-place); other modules use their ``fold``. The
+Speed: a module offering a :class:`~graphadapt.passes.modules.LowRankDelta` (``low_rank_delta()``: plain
+LoRA on a whole ``[out, in]`` weight) is folded here as ``W' = W + s · (B @ A)`` in one ``addmm`` (one pass,
+one allocation per weight, none in place); other modules use their ``fold``. The
 finiteness check (``safe=True``) costs one read of the result (a sum; the exact elementwise
 scan runs only when that sum is not finite), instead of an ``isfinite`` tensor per weight.
 """
@@ -29,8 +29,17 @@ import torch
 import torch.fx as fx
 
 from ..errors import MergeError
-from ..vocab import adapter_of
-from . import PassResult, adapter_call_nodes
+from ..vocab import SiteKind, adapter_of
+from . import PassResult, adapter_call_nodes, annotation_of
+from .modules import LowRankDelta, low_rank_delta
+
+FOLDABLE_KINDS = (SiteKind.LINEAR, SiteKind.EXPERT)
+"""Site kinds whose modules are called ``(x, y, W, b[, …])`` after ``y = op(x, W, b)``: the ones that can fold."""
+
+
+def _foldable_site(n: fx.Node) -> bool:
+    ann = annotation_of(n)
+    return ann is not None and ann.kind in FOLDABLE_KINDS
 
 
 @dataclass
@@ -61,7 +70,7 @@ def _blocked_weights(gm: fx.GraphModule, nodes: list[fx.Node], names) -> dict[st
     would alter its output."""
     blocked = {}
     for n in nodes:
-        if n.meta.get("graphadapt", {}).get("kind") != "linear":
+        if not _foldable_site(n):
             continue
         mod = gm.get_submodule(str(n.target))
         stays = names is not None and adapter_of(str(n.target)) not in names
@@ -92,7 +101,7 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True, compute: bool 
         if not getattr(mod, "active", True):
             plan.kept[target] = "inactive adapter (activate it to merge it)"
             continue
-        if n.meta.get("graphadapt", {}).get("kind") != "linear" or not getattr(mod, "mergeable", False):
+        if not _foldable_site(n) or not getattr(mod, "mergeable", False):
             why = getattr(mod, "merge_refusal", None) or (
                 f"{type(mod).__name__} depends on the input and cannot fold into a weight")
             plan.kept[target] = why
@@ -129,20 +138,14 @@ def check_factors(gm: fx.GraphModule, plan: MergePlan) -> None:
                                      "(or pass safe=False).")
 
 
-def _is_finite(t: torch.Tensor) -> bool:
+def is_finite(t: torch.Tensor) -> bool:
     """All elements finite; one read (a sum) unless that sum is not finite, then the exact scan."""
     s = t.sum()
     return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
 
 
-def is_plain_lora(mod) -> bool:
-    return (hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and not getattr(mod, "use_dora", True)
-            and not getattr(mod, "use_gating", True) and getattr(mod, "out_slice", 1) is None
-            and getattr(mod, "out_rows", None) is None
-            and getattr(mod, "fan_in_fan_out", True) is False)
-
-
-def _lora_delta_plus(mod, w: torch.Tensor, out: torch.Tensor | None = None, scratch: dict | None = None) -> torch.Tensor:
+def _delta_plus(d: LowRankDelta, w: torch.Tensor, out: torch.Tensor | None = None,
+                scratch: dict | None = None) -> torch.Tensor:
     """``W + s · (B @ A)``. Without ``out``: a new tensor; with ``out``: written into ``out``
     (which may be ``w`` itself, or a scratch buffer the caller reuses).
 
@@ -150,13 +153,13 @@ def _lora_delta_plus(mod, w: torch.Tensor, out: torch.Tensor | None = None, scra
     round ``s · BA + W`` once where PEFT's ``W + (BA)·s`` rounds twice: ≤ 1 ulp apart).
     Otherwise ``B @ A`` (in a buffer reused through ``scratch``) is scaled, cast and added.
     """
-    A, B = mod.lora_A.detach(), mod.lora_B.detach()
+    A, B, scale = d.A, d.B, d.scale
     if A.dtype == w.dtype and A.device == w.device and B.dtype == w.dtype:
         if out is None:
-            return torch.addmm(w, B, A, alpha=mod.scaling)
+            return torch.addmm(w, B, A, alpha=scale)
         if out is w:
-            return w.addmm_(B, A, alpha=mod.scaling)
-        return torch.addmm(w, B, A, alpha=mod.scaling, out=out)
+            return w.addmm_(B, A, alpha=scale)
+        return torch.addmm(w, B, A, alpha=scale, out=out)
     if scratch is not None:
         key = (B.shape[0], A.shape[1], A.dtype, A.device)
         buf = scratch.get(key)
@@ -166,7 +169,7 @@ def _lora_delta_plus(mod, w: torch.Tensor, out: torch.Tensor | None = None, scra
         delta = torch.matmul(B, A, out=buf)
     else:
         delta = B @ A
-    delta.mul_(mod.scaling)
+    delta.mul_(scale)
     if delta.dtype != w.dtype or delta.device != w.device:
         delta = delta.to(dtype=w.dtype, device=w.device)
     if out is not None:
@@ -203,12 +206,14 @@ def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weigh
         base_b = gm.get_parameter(chain.bias) if bias is None else bias
     w, b = base_w, base_b
     mods = [gm.get_submodule(t) for t in chain.targets]
+    deltas = [low_rank_delta(m) for m in mods]
+    all_low_rank = all(d is not None for d in deltas)
     # whether ``w`` is ours to write into; a later DoRA/IA3 must still see the unmerged base
-    owned = into_weight and all(is_plain_lora(m) for m in mods)
-    for target, mod in zip(chain.targets, mods):
-        if is_plain_lora(mod):
-            dest = w if owned else (out if out is not None and all(is_plain_lora(m) for m in mods) else None)
-            w = _lora_delta_plus(mod, w, out=dest, scratch=scratch)
+    owned = into_weight and all_low_rank
+    for target, mod, d in zip(chain.targets, mods, deltas):
+        if d is not None:
+            dest = w if owned else (out if out is not None and all_low_rank else None)
+            w = _delta_plus(d, w, out=dest, scratch=scratch)
             owned = True
             continue
         w, b2 = mod.fold(w, b, base_weight=base_w) if _takes_base(mod) else mod.fold(w, b)
@@ -219,7 +224,7 @@ def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weigh
         b = b2
     if safe:
         bad = [nm for nm, t in ((chain.weight, w), (chain.bias, b)) if t is not None and t is not base_b
-               and not _is_finite(t)]
+               and not is_finite(t)]
         if bad:
             raise MergeError(f"merging {', '.join(chain.targets)} gives non-finite values in {bad}; nothing was "
                              "changed. Check the adapter weights (or pass safe=False).")

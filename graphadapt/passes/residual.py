@@ -22,10 +22,10 @@ from torch import nn
 
 from ..errors import SpecError
 from ..structure.types import Layer, ResidualSite, StructureMap
-from ..vocab import adapter_target
-from . import AdapterRecord, InsertContext, PassResult, erase_dead, get_attr_node, submodule_or_none
+from ..vocab import SiteKind, adapter_target
+from . import AdapterRecord, InsertContext, PassResult, annotate, erase_dead, get_attr_node, submodule_or_none
 
-KIND = "residual"
+KIND = SiteKind.RESIDUAL
 POSITIONS = ("mh", "output")
 
 
@@ -98,12 +98,12 @@ def insert_residual_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_name
         if not ctx.attaches(adapter_name, site_key(t)):  # a composition (or another adapter) is wired here
             records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=t.name, target=target,
                                          kind=KIND, role=t.position, layer=t.layer.index,
-                                         details={"placement": site.placement, "wired": False}))
+                                         placement=site.placement, wired=False))
             continue
         wire_residual(gm, ctx, target, t)
         records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=t.name, target=target,
                                      kind=KIND, role=t.position, layer=t.layer.index,
-                                     details={"placement": site.placement}))
+                                     placement=site.placement))
     return PassResult(gm, bool(targets), {"sites": [t.name for t in targets]}, records)
 
 
@@ -121,7 +121,7 @@ def wire_residual(gm: fx.GraphModule, ctx: InsertContext, target: str, t: Residu
     ln_b = get_attr_node(gm, norm.bias) if norm is not None and norm.bias else None
     with g.inserting_after(replaced):
         node = g.call_module(target, args=(h, stream, ln_w, ln_b))
-    node.meta["graphadapt"] = {"site": t.name, "kind": KIND}
+    annotate(node, t.name, KIND)
     if "val" in replaced.meta:
         node.meta["val"] = replaced.meta["val"]
     replaced.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)

@@ -75,7 +75,7 @@ def test_import_matches_adapterhub(case, tmp_path):
     spec = adapted.spec.adapters["a"]
     assert isinstance(spec, ga.IA3 if cfg.composition_mode == "scale" else ga.LoRA)
     n_ah = sum(1 for n, _ in ah.named_modules() if n.endswith(".loras.a"))
-    assert len({r["site"].rsplit(".", 1)[0] if r["site"].endswith((".q", ".k", ".v")) else r["site"]
+    assert len({r.site.rsplit(".", 1)[0] if r.site.endswith((".q", ".k", ".v")) else r.site
                 for r in adapted.adapter_records}) == n_ah
     _check(adapted, ah, base, kind)
 
@@ -88,8 +88,8 @@ def test_weight_copy_bert_lora_ffn():
     sd = ah.state_dict()
     with torch.no_grad():
         for r in adapted.adapter_records:
-            mod = adapted.get_submodule(r["target"])
-            src = f"{r['site']}.loras.a."
+            mod = adapted.get_submodule(r.target)
+            src = f"{r.site}.loras.a."
             mod.lora_A.copy_(sd[src + "lora_A"])
             mod.lora_B.copy_(sd[src + "lora_B"])
             mod.gate.weight.copy_(sd[src + "gate.weight"])
@@ -105,7 +105,7 @@ def test_weight_copy_bert_ia3():
     sd = ah.state_dict()
     with torch.no_grad():
         for r in adapted.adapter_records:
-            adapted.get_submodule(r["target"]).ia3_l.copy_(sd[f"{r['site']}.loras.a.lora_B"])
+            adapted.get_submodule(r.target).ia3_l.copy_(sd[f"{r.site}.loras.a.lora_B"])
     _check(adapted, ah, base, "bert")
     adapted.merge()  # AdapterHub's (non-gated) IA3 folds too
     _check(adapted, ah, base, "bert")

@@ -83,8 +83,8 @@ def _copy_weights(ah_model, adapted, name: str = "a") -> dict[str, str]:
     """Load AdapterHub's adapter ``name`` into graphadapt's modules; returns graphadapt target → AdapterHub prefix."""
     ah_sd = ah_model.state_dict()
     sites = _adapterhub_sites(ah_model, name)
-    records = [r for r in adapted.adapter_records if r["adapter"] == name]
-    ours = {(r["layer"], r["role"]): r["target"] for r in records}
+    records = [r for r in adapted.adapter_records if r.adapter == name]
+    ours = {(r.layer, r.role): r.target for r in records}
     assert set(ours) == set(sites), (sorted(ours), sorted(sites))
     mapping = {}
     for key, target in ours.items():
@@ -156,7 +156,7 @@ def test_preset_bert(preset):
     # the preset spec and AdapterHub's preset class describe the same adapter
     assert BnConfig(**adapterhub_config_dict(spec)).to_dict() == cfg.to_dict()
     adapted, _, mapping = check_parity(spec, cfg)
-    roles = {r["role"] for r in adapted.adapter_records}
+    roles = {r.role for r in adapted.adapter_records}
     assert roles == ({"mh", "output"} if spec.mh_adapter else {"output"})
     assert len(mapping) == 2 * len(roles)
 
@@ -232,10 +232,10 @@ def test_option_grid_bert(case):
         d["reduction_factor"] = int(d["reduction_factor"])
     cfg = BnConfig(**d)
     adapted, _, mapping = check_parity(spec, cfg, seed=list(GRID).index(case) % 3)
-    layers = {r["layer"] for r in adapted.adapter_records}
+    layers = {r.layer for r in adapted.adapter_records}
     assert layers == ({0, 1} - set(spec.leave_out) if spec.layers is None else set(spec.layers))
     if isinstance(spec.reduction_factor, Mapping):
-        sizes = {r["layer"]: adapted.get_submodule(r["target"]).bottleneck_size for r in adapted.adapter_records}
+        sizes = {r.layer: adapted.get_submodule(r.target).bottleneck_size for r in adapted.adapter_records}
         assert sizes == {0: 16, 1: 4}
 
 
@@ -277,7 +277,7 @@ PRE_LN = {
 def test_pre_ln_models(case):
     kind, spec = PRE_LN[case]
     adapted, ah, mapping = check_parity(spec, kind=kind)
-    assert {r["placement"] for r in adapted.adapter_records} == {"pre_ln"}
+    assert {r.placement for r in adapted.adapter_records} == {"pre_ln"}
     assert all(adapted.get_submodule(t).norm_kind is None for t in mapping)
     if kind == "gpt2":
         for i in range(2):
@@ -286,7 +286,7 @@ def test_pre_ln_models(case):
             assert mapping[f"adapters.a.h.{i}.output_adapter"] == f"h.{i}.output_adapters.adapters.a."
     if kind == "t5":
         # leave_out=[1] (global index) skips encoder block 1 on both sides; decoder layers are 2 and 3
-        assert {r["layer"] for r in adapted.adapter_records} == {0, 2, 3}
+        assert {r.layer for r in adapted.adapter_records} == {0, 2, 3}
         assert mapping["adapters.a.decoder.block.0.layer.output_adapter"] == "decoder.block.0.layer.2.adapters.a."
         assert mapping["adapters.a.encoder.block.0.layer.mh_adapter"] == "encoder.block.0.layer.0.adapters.a."
 

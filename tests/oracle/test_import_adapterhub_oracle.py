@@ -77,7 +77,7 @@ def test_import_matches_adapterhub(case, tmp_path):
     assert {k: ours[k] for k in ours} == {k: saved[k] for k in ours}
     want = {(i, r) for i in range(4 if kind == "t5" else 2) if i not in set(cfg.leave_out) for r in
             (("mh", "output") if cfg.mh_adapter else ("output",))}
-    assert {(r["layer"], r["role"]) for r in adapted.adapter_records} == want
+    assert {(r.layer, r.role) for r in adapted.adapter_records} == want
 
 
 def test_safetensors(tmp_path):

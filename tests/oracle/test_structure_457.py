@@ -207,7 +207,7 @@ def test_lora_merge_on_eager_t5():
     adapted = ga.apply(base, ga.LoRA(r=4, alpha=8, targets=("q", "k", "v", "o", "up", "down")))
     lora = {n: p for n, p in adapted.named_parameters() if n.startswith("adapters.")}
     # every self/cross q k v o plus up/down of all four layers: 2 × (4 + 2) + 2 × (8 + 2)
-    assert len({r["target"] for r in adapted.adapter_records}) == 32
+    assert len({r.target for r in adapted.adapter_records}) == 32
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in lora.values():

@@ -110,10 +110,10 @@ def _match_site(site: str, layer_paths: dict[str, list[dict]]) -> tuple[str, str
 
 def load_weights(adapted, ours_name: str, saved: str, sd: dict, strict: bool, directory) -> None:
     """Copy the AdapterHub state dict ``sd`` (adapter saved as ``saved``) into ``adapted``'s adapter ``ours_name``."""
-    records = [r for r in adapted.adapter_records if r["adapter"] == ours_name]
+    records = [r for r in adapted.adapter_records if r.adapter == ours_name]
     by_path: dict[str, list[dict]] = {}
     for r in records:
-        by_path.setdefault(_layer_path(r["target"], ours_name), []).append(r)
+        by_path.setdefault(_layer_path(r.target, ours_name), []).append(r)
 
     # group AdapterHub keys by site prefix
     site_re = re.compile(rf"^(.*?)\.adapters\.{re.escape(saved)}\.(.+)$")
@@ -126,19 +126,19 @@ def load_weights(adapted, ours_name: str, saved: str, sd: dict, strict: bool, di
     for site, tensors in sites.items():
         hit = _match_site(site, by_path)
         role = _role(hit[1]) if hit else None
-        rec = next((r for r in by_path[hit[0]] if r["role"] == role), None) if hit and role else None
-        if rec is None or rec["target"] in loaded:
+        rec = next((r for r in by_path[hit[0]] if r.role == role), None) if hit and role else None
+        if rec is None or rec.target in loaded:
             unexpected.extend(f"{site}.adapters.{saved}.{k}" for k in tensors)
             continue
-        mod = adapted.get_submodule(rec["target"])
+        mod = adapted.get_submodule(rec.target)
         if not isinstance(mod, BottleneckAdapter):
-            raise CheckpointError(f"{rec['target']} is a {type(mod).__name__}, not a bottleneck adapter")
+            raise CheckpointError(f"{rec.target} is a {type(mod).__name__}, not a bottleneck adapter")
         try:
             load_adapterhub_state_dict(mod, tensors, strict=strict)
         except RuntimeError as e:  # size mismatch from load_state_dict
-            raise CheckpointError(f"AdapterHub site {site} does not fit {rec['target']}: {e}") from e
-        loaded[rec["target"]] = site
-        filled.update(f"{rec['target']}.{k}" for k, _ in mod.named_parameters())
+            raise CheckpointError(f"AdapterHub site {site} does not fit {rec.target}: {e}") from e
+        loaded[rec.target] = site
+        filled.update(f"{rec.target}.{k}" for k, _ in mod.named_parameters())
 
     shared_prefix = adapter_prefix(ours_name) + "shared_phm"
     try:
@@ -175,12 +175,12 @@ _FUSION_KEY = re.compile(r"^(.*?)\.adapter_fusion_layer\.([^.]+)\.(.+)$")
 def load_fusion_weights(adapted, fusion_name: str, saved: str, sd: dict, strict: bool, directory) -> None:
     """Copy an AdapterHub ``save_adapter_fusion`` state dict (fusion saved as ``saved``, e.g. ``"a,b"``) into
     ``adapted``'s fusion layers ``adapters.<fusion_name>.<site>`` (sites matched as for adapters)."""
-    records = [r for r in adapted.adapter_records if r["adapter"] == fusion_name and r["method"] == "fusion"]
+    records = [r for r in adapted.adapter_records if r.adapter == fusion_name and r.method == "fusion"]
     if not records:
         raise CheckpointError(f"the model has no fusion layers named {fusion_name!r}; activate the Fuse block first")
     by_path: dict[str, list] = {}
     for r in records:
-        by_path.setdefault(_layer_path(r["target"], fusion_name), []).append(r)
+        by_path.setdefault(_layer_path(r.target, fusion_name), []).append(r)
     params = dict(adapted.named_parameters())
     filled, unexpected = set(), []
     with torch.no_grad():
@@ -191,8 +191,8 @@ def load_fusion_weights(adapted, fusion_name: str, saved: str, sd: dict, strict:
                 continue
             hit = _match_site(m.group(1), by_path)
             role = _role(hit[1]) if hit else None
-            rec = next((r for r in by_path[hit[0]] if r["role"] == role), None) if hit and role else None
-            ours = f"{rec['target']}.{m.group(3)}" if rec is not None else None
+            rec = next((r for r in by_path[hit[0]] if r.role == role), None) if hit and role else None
+            ours = f"{rec.target}.{m.group(3)}" if rec is not None else None
             if ours not in params:
                 unexpected.append(k)
                 continue

@@ -1,12 +1,12 @@
 """AdapterHub IA3 (``LoRAConfig`` with ``composition_mode="scale"``) → graphadapt IA3. Keys and weight loading
-are shared with LoRA (:mod:`graphadapt.methods.lora.adapterhub`)."""
+are AdapterHub's LoRA-family format, shared with the LoRA plugin (:mod:`graphadapt.methods.adapterhub_loras`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from graphadapt.errors import CheckpointError, SpecError
-from graphadapt.methods.lora.adapterhub import checkpoint_spec, config_dict, leave_out, load_weights, targets
+from graphadapt.methods.adapterhub_loras import checkpoint_spec, config_dict, leave_out, load_weights, targets
 
 from .spec import IA3
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphadapt.errors import MergeError, SpecError
-from graphadapt.methods.lora.module import LoRAGate
+from graphadapt.methods.gates import InputGate
 from graphadapt.methods.sliced import SlicedSiteModule
 
 __all__ = ["IA3Module"]
@@ -75,7 +75,7 @@ class IA3Module(SlicedSiteModule):
         self.alpha = float(alpha)
         if use_gating and self.feedforward:
             raise SpecError("a gated IA3 module scales its output; feedforward must be False", field="use_gating")
-        self.gate = LoRAGate(in_features, dtype=dtype, device=device) if use_gating else None
+        self.gate = InputGate(in_features, dtype=dtype, device=device) if use_gating else None
 
     @property
     def mergeable(self) -> bool:
@@ -141,6 +141,15 @@ class IA3Module(SlicedSiteModule):
             rows.add_(w0 * (l - 1))
         self._commit_rows(new_weight, rows)
         return new_weight, new_bias
+
+    def adapterhub_tensors(self) -> dict[str, nn.Parameter]:
+        """AdapterHub ``loras`` key → parameter (its IA3 vector is ``lora_B`` [out, 1]; see
+        :mod:`graphadapt.methods.adapterhub_loras`)."""
+        out = {"lora_B": self.ia3_l}
+        if self.gate is not None:
+            out["gate.weight"] = self.gate.weight
+            out["gate.bias"] = self.gate.bias
+        return out
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",

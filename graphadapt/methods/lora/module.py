@@ -38,41 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphadapt.errors import MergeError, SpecError
+from graphadapt.errors import CheckpointError, MergeError, SpecError
+from graphadapt.methods.gates import InputGate
 from graphadapt.methods.sliced import SlicedSiteModule
+from graphadapt.passes.modules import LowRankDelta
 
 __all__ = ["LoRAGate", "LoRAModule"]
 
 
-class LoRAGate(nn.Module):
-    """Per-example gate ``x [..., in] → sigmoid(x G^T + g_b)`` averaged over the sequence.
-
-    Holds ``weight`` [1, in] and ``bias`` [1] (AdapterHub's ``gate`` Linear with
-    ``gating_heads=1``). Parameters start at zero; :func:`graphadapt.init.init_lora_`
-    gives them AdapterHub's init (weight N(0, 0.02), bias nn.Linear's default).
-    """
-
-    def __init__(self, in_features: int, *, dtype=None, device=None):
-        super().__init__()
-        self.in_features = in_features
-        # torch.zeros instead of nn.Linear: nn.Linear.reset_parameters draws from the global RNG.
-        self.weight = nn.Parameter(torch.zeros(1, in_features, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, S, in] → [B, 1, 1]`` (mean over S); ``[N, in] → [N, 1]`` (no sequence dim).
-
-        AdapterHub takes ``mean(dim=1)`` of ``[B, S, 1]``. For inputs with more than one
-        middle dim (``[B, S1, S2, in]``) all of them are averaged, so the gate stays one
-        scalar per example.
-        """
-        g = torch.sigmoid(F.linear(x, self.weight, self.bias))
-        if x.dim() >= 3:
-            g = g.mean(dim=tuple(range(1, x.dim() - 1)), keepdim=True)
-        return g
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, gating_heads=1"
+LoRAGate = InputGate
+"""AdapterHub's LoRA gate (:class:`graphadapt.methods.gates.InputGate`, shared with IA3)."""
 
 
 class LoRAModule(SlicedSiteModule):
@@ -213,6 +188,25 @@ class LoRAModule(SlicedSiteModule):
         if self.use_gating:
             return "gated LoRA: its gate depends on the input, so it cannot fold into a weight"
         return None
+
+    def low_rank_delta(self) -> LowRankDelta | None:
+        """``s · B A`` when that is this module's whole fold on the full ``[out, in]`` weight (plain/rsLoRA on a
+        whole, non-transposed site): the merge pass folds it with one fused ``addmm``. None otherwise (DoRA,
+        gated, a fused slice or row set, GPT-2's ``[in, out]`` layout): merge calls :meth:`fold`."""
+        if self.use_dora or self.use_gating or self.out_slice is not None or self.out_rows is not None \
+                or self.fan_in_fan_out:
+            return None
+        return LowRankDelta(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+
+    def adapterhub_tensors(self) -> dict[str, nn.Parameter]:
+        """AdapterHub ``loras`` key → parameter (:mod:`graphadapt.methods.adapterhub_loras`)."""
+        if self.lora_magnitude is not None:
+            raise CheckpointError("AdapterHub DoRA is not supported by the importer")
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.gate is not None:
+            out["gate.weight"] = self.gate.weight
+            out["gate.bias"] = self.gate.bias
+        return out
 
     def _refuse_gated(self, what: str) -> None:
         if self.use_gating:

@@ -1,6 +1,6 @@
 """Prefix tuning as a method plugin: spec (:mod:`.spec`), modules (:mod:`.module`), AdapterHub and PEFT
-interop (:mod:`.interop`), and the registry entry below. A new site kind, ``"attention"``
-(:mod:`graphadapt.passes.attention`).
+interop (:mod:`.interop`), and the registry entry below. Site kind ``attention``
+(:mod:`graphadapt.sites.attention`).
 
 before: ``o = attention(q, k, v, mask)``
 after:  ``o = attention(q, [P_k; k], [P_v; v], [attend-to-prefix; mask])`` at every selected core, with
@@ -15,8 +15,8 @@ from graphadapt.errors import GraphAdaptError, SpecError
 from graphadapt.init import adapter_generator
 from graphadapt.methods.base import Method
 from graphadapt.methods.registry import register
-from graphadapt.passes import attention as attention_pass
-from graphadapt.vocab import adapter_prefix, adapter_target
+from graphadapt.sites.attention import insert_position_offset
+from graphadapt.vocab import SiteKind, adapter_prefix, adapter_target
 
 from . import interop as _io
 from .module import FlatPrefix, PositionOffset, PrefixAttention, PrefixGenerator, PrefixPool
@@ -29,18 +29,9 @@ POOL = "prefix"
 class PrefixTuningMethod(Method):
     name = "prefix_tuning"
     spec_class = PrefixTuning
-    site_kind = attention_pass.KIND
-    combine = None
-    phase = 5
+    site_kind = SiteKind.ATTENTION
     peft_type = "PREFIX_TUNING"
     adapterhub_architectures = ("prefix_tuning",)
-
-    def select(self, sm, spec: PrefixTuning, adapter):
-        return attention_pass.select_attention_sites(sm, spec.locations, spec.includes_layer, adapter,
-                                                     "prefix tuning")
-
-    def site_key(self, site) -> str:
-        return attention_pass.site_key(site)
 
     def build_pool(self, spec: PrefixTuning, adapter: str, sites, seed: int, ref) -> PrefixPool:
         gens = {}
@@ -58,6 +49,21 @@ class PrefixTuningMethod(Method):
                                          spec.non_linearity, **kw))
         return PrefixPool(gens)
 
+    def prepare(self, gm, adapter, spec: PrefixTuning, sites, seed):
+        if spec.use_gating and any(s.block.q is None for s in sites):
+            raise SpecError(f"adapter {adapter!r}: use_gating needs each attention block's input (its q "
+                            "projection), which was not recognised", field="use_gating")
+        return {"ref": gm.get_parameter(sites[0].block.k.weight)}
+
+    def attention_pool(self, gm, adapter, spec: PrefixTuning, sites, seed, ref=None):
+        return POOL, self.build_pool(spec, adapter, sites, seed, ref)
+
+    def after_insert(self, gm, ctx, adapter, spec: PrefixTuning, seed):
+        if not spec.position_offset:
+            return []
+        return insert_position_offset(gm, adapter, self.name, adapter_target(adapter, "positions"),
+                                      PositionOffset(spec.prefix_length)).records
+
     def build(self, spec: PrefixTuning, adapter, site, seed, facts=None, ref=None):
         facts = facts or {}
         return PrefixAttention(
@@ -65,21 +71,6 @@ class PrefixTuningMethod(Method):
             dropout=spec.dropout, gate_outputs=(1 if spec.shared_gating else 2) if spec.use_gating else 0,
             hidden=site.hidden_size, generator=adapter_generator(seed, adapter, site.name),
             dtype=ref.dtype, device=ref.device)
-
-    def insert(self, gm, ctx, adapter, spec, sites, seed):
-        if spec.use_gating and any(s.block.q is None for s in sites):
-            raise SpecError(f"adapter {adapter!r}: use_gating needs each attention block's input (its q "
-                            "projection), which was not recognised", field="use_gating")
-        ref = gm.get_parameter(sites[0].block.k.weight)
-        pool = self.build_pool(spec, adapter, sites, seed, ref)
-        res = attention_pass.insert_attention_adapter(
-            gm, ctx, adapter, self.name, sites, adapter_target(adapter, POOL), pool,
-            lambda site, facts: self.build(spec, adapter, site, seed, facts=facts, ref=ref))
-        if spec.position_offset:
-            pos = attention_pass.insert_position_offset(gm, adapter, self.name, adapter_target(adapter, "positions"),
-                                                        PositionOffset(spec.prefix_length))
-            res.records.extend(pos.records)
-        return res
 
     # -- interop
     def adapterhub_spec(self, config):

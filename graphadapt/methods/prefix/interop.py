@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from graphadapt.errors import CheckpointError, SpecError
-from graphadapt.vocab import adapter_prefix
+from graphadapt.vocab import SiteKind, adapter_prefix
 
 from .spec import PrefixTuning
 
@@ -51,7 +51,7 @@ def spec_from_adapterhub(config: Mapping | str) -> PrefixTuning | None:
 
 def _records(adapted, adapter: str) -> list:
     prefix = adapter_prefix(adapter)
-    return [r for r in adapted.adapter_records if r["target"].startswith(prefix)]
+    return [r for r in adapted.adapter_records if r.target.startswith(prefix)]
 
 
 def load_adapterhub(adapted, adapter: str, saved: str, sd: dict, strict: bool, directory) -> None:
@@ -83,16 +83,16 @@ def load_adapterhub(adapted, adapter: str, saved: str, sd: dict, strict: bool, d
         m = gate_re.match(key)
         if m:
             path = f".{m.group(1)}."
-            cands = [r for r in recs if r.get("kind") == "attention" and
-                     f".{r['target'][len(pre):].rsplit('.', 1)[0]}." in path]
-            best = max((len(r["target"]) for r in cands), default=0)
-            cands = [r for r in cands if len(r["target"]) == best]
+            cands = [r for r in recs if r.kind == SiteKind.ATTENTION and
+                     f".{r.target[len(pre):].rsplit('.', 1)[0]}." in path]
+            best = max((len(r.target) for r in cands), default=0)
+            cands = [r for r in cands if len(r.target) == best]
             want = "cross_prefix" if _CROSS.search(m.group(1)) else None
-            hit = [r for r in cands if (r["role"] == want if want else r["role"] != "cross_prefix")]
+            hit = [r for r in cands if (r.role == want if want else r.role != "cross_prefix")]
             if len(hit) != 1:
                 unexpected.append(key)
                 continue
-            put(f"{hit[0]['target']}.gate.{m.group(2)}", value, key)
+            put(f"{hit[0].target}.gate.{m.group(2)}", value, key)
             continue
         unexpected.append(key)
     missing = sorted(set(params) - filled)

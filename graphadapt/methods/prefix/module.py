@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from graphadapt.init import linear_default_, normal_, uniform_
 
-from ..bottleneck.module import ACTIVATIONS
+from graphadapt.methods.activations import ACTIVATIONS
 
 _REFUSAL = ("prefix tuning prepends key/value vectors inside attention; it cannot fold into a weight "
             "(eject_prefix() removes its reparametrisation for inference)")

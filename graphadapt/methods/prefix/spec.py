@@ -24,7 +24,7 @@ from graphadapt.spec.base import (
     spec_field,
 )
 
-from ..bottleneck.module import ACTIVATIONS as _ACTIVATIONS
+from graphadapt.methods.activations import ACTIVATIONS as _ACTIVATIONS
 
 ACTIVATIONS: tuple[str, ...] = tuple(sorted(_ACTIVATIONS))
 

@@ -1,6 +1,6 @@
 """Prompt tuning as a method plugin: spec (:mod:`.spec`), module (:mod:`.module`), interop (:mod:`.interop`).
 
-Site kind ``"embedding"`` (:mod:`graphadapt.passes.embedding`): the prompt is added at the input embeddings and
+Site kind ``embedding`` (:mod:`graphadapt.sites.embedding`): the prompt is added at the input embeddings and
 the inputs grow by ``prompt_length`` tokens (mask extended with ones), so the output sequence is
 ``prompt_length`` longer. Not mergeable.
 
@@ -16,7 +16,8 @@ from graphadapt.errors import SpecError
 from graphadapt.init import adapter_generator, uniform_
 from graphadapt.methods.base import Method
 from graphadapt.methods.registry import register
-from graphadapt.passes import embedding as embedding_pass
+from graphadapt.sites.embedding import getattr_path
+from graphadapt.vocab import SiteKind
 
 from . import interop as _io
 from .module import PromptTuningModule
@@ -27,21 +28,12 @@ from .spec import COMBINES, INSERT_AT, PROMPT_INITS, PromptTuning
 class PromptTuningMethod(Method):
     name = "prompt_tuning"
     spec_class = PromptTuning
-    site_kind = embedding_pass.KIND
-    combine = None   # two prompts at one input: not defined (AdapterHub uses the first active one)
-    phase = 20       # after linear and residual passes: it re-creates the embedding subgraph
+    site_kind = SiteKind.EMBEDDING   # exclusive: two prompts at one input are not defined (AdapterHub uses the first active one)
     peft_type = "PROMPT_TUNING"
     adapterhub_architectures = ("prompt_tuning",)
 
-    def select(self, sm, spec, adapter):
-        nodes = [s.node for s in sm.linear_sites]
-        if not nodes:
-            raise SpecError(f"adapter {adapter!r}: no linear layers recognised; prompt tuning needs a transformer "
-                            "with token inputs", field="method")
-        return [embedding_pass.find_embedding_site(nodes[0].graph.owning_module, sm, adapter)]
-
-    def site_key(self, site) -> str:
-        return embedding_pass.site_key(site)
+    def prepare(self, gm, adapter, spec, sites, seed):
+        return {"weight": getattr_path(gm, sites[0].weight)}
 
     def build(self, spec: PromptTuning, adapter, site, seed, weight=None):
         width = site.width(spec.insert_at)
@@ -63,13 +55,6 @@ class PromptTuningMethod(Method):
                 s = spec.random_uniform_scale
                 uniform_(mod.prompt_embeddings, -s, s, adapter_generator(seed, adapter, site.name))
         return mod
-
-    def insert(self, gm, ctx, adapter, spec, sites, seed):
-        site = sites[0]
-        weight = embedding_pass.getattr_path(gm, site.weight)
-        return embedding_pass.insert_embedding_adapter(
-            gm, ctx, adapter, self.name, site, spec.insert_at,
-            lambda s: self.build(spec, adapter, s, seed, weight=weight))
 
     # -- interop
     def peft_spec(self, config, targets):

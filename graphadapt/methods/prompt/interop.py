@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from graphadapt.errors import CheckpointError, SpecError
-from graphadapt.passes.embedding import SITE
+from graphadapt.sites.embedding import SITE
 from graphadapt.vocab import adapter_prefix
 
 from .spec import PromptTuning

@@ -83,8 +83,7 @@ class UnionMethod(Method):
             own = m.seed if m.seed is not None else seed  # a member's own seed wins, as an adapter's does
             res = plugin.insert(gm, ctx, _member_name(adapter, key), m, mine, own)
             modified |= res.modified
-            records += [dataclasses.replace(r, adapter=adapter, details={**dict(r.details), "member": key})
-                        for r in res.records]
+            records += [dataclasses.replace(r, adapter=adapter, member=key) for r in res.records]
         return PassResult(gm, modified, {"members": list(spec.member_keys)}, records)
 
     # -- AdapterHub
@@ -166,7 +165,7 @@ class _MemberView:
         self._adapted = adapted
         name = _member_name(adapter, key)
         self.adapter_records = [dataclasses.replace(r, adapter=name) for r in adapted.adapter_records
-                                if r.adapter == adapter and r.details.get("member") == key]
+                                if r.adapter == adapter and r.member == key]
 
     def __getattr__(self, item):
         return getattr(self._adapted, item)

@@ -76,15 +76,15 @@ class Union(MethodSpec):
 
 
 def _preset_members(cls) -> tuple[MethodSpec, ...]:
-    from ..bottleneck.spec import ParBn, SeqBn
-    from ..lora.spec import LoRA
-    from ..prefix.spec import PrefixTuning
-
+    """The members of a preset, built through the spec registry (a method folder names other methods only there)."""
+    spec = MethodSpec.from_dict
     if cls is UniPELT:  # AdapterHub UniPELTConfig: every component with use_gating=True
         # AdapterHub's LoRAConfig defaults: attention q and v (selfattn), init "lora"
-        return (PrefixTuning(prefix_length=10, use_gating=True), SeqBn(reduction_factor=16, use_gating=True),
-                LoRA(r=8, alpha=2, use_gating=True, targets=("q", "v")))
-    return (PrefixTuning(bottleneck_size=800), ParBn())  # AdapterHub MAMConfig
+        return (spec({"method": "prefix_tuning", "prefix_length": 10, "use_gating": True}),
+                spec({"method": "bottleneck", "preset": "seq_bn", "reduction_factor": 16, "use_gating": True}),
+                spec({"method": "lora", "r": 8, "alpha": 2, "use_gating": True, "targets": ("q", "v")}))
+    return (spec({"method": "prefix_tuning", "bottleneck_size": 800}),  # AdapterHub MAMConfig
+            spec({"method": "bottleneck", "preset": "par_bn"}))
 
 
 @register_method

@@ -17,10 +17,10 @@ class ChannelScaleMethod(LinearSiteMethod):
     spec_class = ChannelScale
 
     def build(self, spec, adapter, site, seed, weight=None):
-        if site.out_slice is not None:
-            raise NotImplementedError("the toy method does not handle fused slices")
-        return ChannelScaleModule(site.out_features, site.layout == "conv1d", spec.init,
-                                  dtype=weight.dtype, device=weight.device)
+        # a fused projection's slice (GPT-2 c_attn) comes with out_slice/out_rows + total_out: pass them on
+        return ChannelScaleModule(site.in_features, site.out_features, fan_in_fan_out=site.layout == "conv1d",
+                                  init=spec.init, out_slice=site.out_slice, total_out=site.total_out,
+                                  out_rows=getattr(site, "out_rows", None), dtype=weight.dtype, device=weight.device)
 
 
 __all__ = ["ChannelScale", "ChannelScaleMethod", "ChannelScaleModule"]

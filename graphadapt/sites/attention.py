@@ -26,11 +26,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
+from ..passes import AdapterRecord, InsertContext, PassResult, annotate
 from ..structure.types import AttentionBlock, Layer, StructureMap
-from ..vocab import adapter_target
-from . import AdapterRecord, InsertContext, PassResult
+from ..vocab import CombinePolicy, SiteKind, adapter_target
+from .base import SiteKindPlugin, register_site_kind
 
-KIND = "attention"
+KIND = SiteKind.ATTENTION
 LOCATIONS = ("self_prefix", "encoder_prefix", "cross_prefix")
 
 aten = torch.ops.aten
@@ -232,7 +233,7 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     with g.inserting_after(placeholders[-1] if placeholders else next(iter(g.nodes))):
         pool_node = g.call_module(pool_target, ())
-    pool_node.meta["graphadapt"] = {"site": "prefix", "kind": KIND}
+    annotate(pool_node, pool_target.rsplit(".", 1)[-1], KIND)
     per_loc: dict[str, fx.Node] = {}
     with g.inserting_after(pool_node):
         for i, loc in reversed(list(enumerate(pool.locations))):
@@ -257,7 +258,7 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
         anchor = rw.anchor
         with g.inserting_before(anchor):
             node = g.call_module(target, (per_loc[site.location], k, v, x, q, masks))
-            node.meta["graphadapt"] = {"site": site.name, "kind": KIND}
+            annotate(node, site.name, KIND)
             outs = [g.call_function(operator.getitem, (node, i)) for i in range(2 + len(masks))]
         rw.set_k(outs[0])
         rw.set_v(outs[1])
@@ -265,7 +266,7 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
             set_mask(new)
         records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=site.name, target=target,
                                      kind=KIND, role=site.location, layer=site.layer.index,
-                                     details={"index": site.index, "form": blk.form}))
+                                     index=site.index, form=blk.form))
     _reorder(g)
     return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]}, records)
 
@@ -346,11 +347,11 @@ def insert_position_offset(gm: fx.GraphModule, adapter_name: str, method_name: s
     with g.inserting_after(src):
         node = g.call_module(target, (src,))
     src.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
-    node.meta["graphadapt"] = {"site": "positions", "kind": KIND}
+    annotate(node, "positions", KIND)
     if "val" in src.meta:
         node.meta["val"] = src.meta["val"]
     rec = AdapterRecord(adapter=adapter_name, method=method_name, site="positions", target=target, kind=KIND,
-                        role="positions", details={"source": src.name})
+                        role="positions", source=src.name)
     return PassResult(gm, True, {"positions": src.name}, [rec])
 
 
@@ -358,5 +359,35 @@ def site_key(site: AttentionSite) -> str:
     return site.name
 
 
-__all__ = ["AttentionSite", "KIND", "LOCATIONS", "insert_attention_adapter", "insert_position_offset", "locations_of",
+@register_site_kind
+class AttentionKind(SiteKindPlugin):
+    """Attention cores. The spec says ``locations`` (a subset of :data:`LOCATIONS`) and ``includes_layer``.
+
+    Method protocol: ``prepare(gm, adapter, spec, sites, seed) → extra build kwargs``;
+    ``attention_pool(gm, adapter, spec, sites, seed, **extra) → (key, module)``: the module called once at
+    the graph's start (``adapters.<adapter>.<key>``) returning one tensor per location, in its ``locations``
+    order; ``build(spec, adapter, site, seed, facts=…, **extra)`` per core (``facts``: ``n_rep``,
+    ``mask_kinds``, ``causal``), a module ``(kv, k, v, x, q, masks) → (k', v', *masks')``; and optionally
+    ``after_insert`` (e.g. routing the position ids through a module)."""
+
+    kind = KIND
+    phase = 5
+    combine = CombinePolicy.EXCLUSIVE
+
+    def select(self, sm, spec, adapter, method):
+        return select_attention_sites(sm, spec.locations, spec.includes_layer, adapter, method.label)
+
+    def key(self, site) -> str:
+        return site_key(site)
+
+    def insert(self, gm, ctx, adapter, method, spec, sites, seed):
+        extra = method.prepare(gm, adapter, spec, sites, seed)
+        key, pool = method.attention_pool(gm, adapter, spec, sites, seed, **extra)
+        res = insert_attention_adapter(gm, ctx, adapter, method.name, sites, adapter_target(adapter, key), pool,
+                                       lambda site, facts: method.build(spec, adapter, site, seed, facts=facts, **extra))
+        res.records.extend(method.after_insert(gm, ctx, adapter, spec, seed))
+        return res
+
+
+__all__ = ["AttentionKind", "AttentionSite", "KIND", "LOCATIONS", "insert_attention_adapter", "insert_position_offset", "locations_of",
            "select_attention_sites", "site_key"]

@@ -34,11 +34,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
+from ..passes import AdapterRecord, PassResult, annotate, erase_dead
 from ..structure.types import StructureMap
-from ..vocab import adapter_target
-from . import AdapterRecord, PassResult, erase_dead
+from ..vocab import CombinePolicy, SiteKind, adapter_target
+from .base import SiteKindPlugin, register_site_kind
 
-KIND = "embedding"
+KIND = SiteKind.EMBEDDING
 MASK_INPUT = "attention_mask"
 IDS_INPUT = "input_ids"
 SITE = "embeddings"
@@ -163,7 +164,7 @@ def insert_embedding_adapter(gm: fx.GraphModule, ctx, adapter: str, method_name:
     for p, fill in site.padded:
         with graph.inserting_after(last):
             pad = graph.call_module(target, (p, "pad_mask" if fill == 1 else "pad_ids"))
-        pad.meta["graphadapt"] = {"site": site.name, "kind": KIND}
+        annotate(pad, site.name, KIND)
         keep = copies | {pad}
         p.replace_all_uses_with(pad, delete_user_cb=lambda u, keep=keep: u not in keep and not (
             u.op == "call_module" and str(u.target).startswith("_guards")))
@@ -173,13 +174,12 @@ def insert_embedding_adapter(gm: fx.GraphModule, ctx, adapter: str, method_name:
     # 3. the prompt joins the recomputed embeddings
     with graph.inserting_after(s0):
         node = graph.call_module(target, (s0, "embed"))
-    node.meta["graphadapt"] = {"site": site.name, "kind": KIND}
+    annotate(node, site.name, KIND)
     s.replace_all_uses_with(node)
     ctx.replaced[s] = node
     erase_dead(gm, [s])
     record = AdapterRecord(adapter=adapter, method=method_name, site=site.name, target=target, kind=KIND,
-                           details={"at": at, "weight": site.weight,
-                                    "grown_inputs": [str(p.target) for p, _ in site.padded]})
+                           at=at, weight=site.weight, grown_inputs=tuple(str(p.target) for p, _ in site.padded))
     return PassResult(gm, True, {"site": site.name, "at": at}, [record])
 
 
@@ -187,4 +187,31 @@ def site_key(site: EmbeddingSite) -> str:
     return site.name
 
 
-__all__ = ["EmbeddingSite", "KIND", "find_embedding_site", "insert_embedding_adapter", "site_key"]
+@register_site_kind
+class EmbeddingKind(SiteKindPlugin):
+    """The input embeddings (one site per model). The spec says ``insert_at`` (``"word_embeddings"`` or
+    ``"embedding_output"``). Method protocol: ``prepare(gm, adapter, spec, sites, seed) → extra build kwargs``
+    (e.g. the word-embedding weight); ``build(spec, adapter, site, seed, **extra)``: one module called
+    ``(t, "pad_ids" | "pad_mask" | "embed")`` at each node this kind rewires."""
+
+    kind = KIND
+    phase = 20   # after linear and residual passes: it re-creates the embedding subgraph
+    combine = CombinePolicy.EXCLUSIVE
+
+    def select(self, sm, spec, adapter, method):
+        nodes = [s.node for s in sm.linear_sites]
+        if not nodes:
+            raise SpecError(f"adapter {adapter!r}: no linear layers recognised; {method.label} needs a transformer "
+                            "with token inputs", field="method")
+        return [find_embedding_site(nodes[0].graph.owning_module, sm, adapter)]
+
+    def key(self, site) -> str:
+        return site_key(site)
+
+    def insert(self, gm, ctx, adapter, method, spec, sites, seed):
+        extra = method.prepare(gm, adapter, spec, sites, seed)
+        return insert_embedding_adapter(gm, ctx, adapter, method.name, sites[0], spec.insert_at,
+                                        lambda s: method.build(spec, adapter, s, seed, **extra))
+
+
+__all__ = ["EmbeddingKind", "EmbeddingSite", "KIND", "find_embedding_site", "insert_embedding_adapter", "site_key"]

@@ -1,0 +1,72 @@
+"""What the passes ask of the adapter modules they place: the module protocols.
+
+A pass never probes a module by a method's attribute names (``lora_A``, ``use_dora``…); it asks these:
+
+* every adapter module: ``active`` (bool; an inactive module passes its input through);
+* a linear-site module (:class:`LinearSiteModule`), called ``(x, y, W, b) → y'`` after ``y = op(x, W, b)``:
+
+  - ``mergeable`` (bool) and ``merge_refusal`` (str or None: why not, shown in merge reports);
+  - ``fold(W, b[, base_weight=W0]) → (W', b')`` with ``op(x, W', b') == forward(x, op(x, W, b), W, b)`` in
+    eval mode (new tensors, full fused shape and base layout; ``base_weight`` is the unmerged base when
+    ``W`` already holds earlier folds);
+  - ``reads_base_weight`` (a label or None): its forward reads ``W`` itself (DoRA's norm), so nothing else may
+    be folded into ``W`` while it stays in the graph;
+  - optionally ``low_rank_delta() → LowRankDelta | None``: when the module's whole effect is
+    ``y' = y + s · x Aᵀ Bᵀ`` on the full ``[out, in]`` weight, the factors. The merge pass then folds with one
+    fused ``addmm`` (``W + s·B@A``) instead of calling ``fold``. The same factors are what a per-row gathered
+    evaluation (several adapters stacked, one selected per batch row) and an export taking adapter weights
+    as graph inputs are built from (see docs/architecture.md, "Deployment extensions").
+
+Residual-point modules follow :class:`graphadapt.composition.site.ResidualSiteModule` (``pre``/``core``/``post``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """``ΔW = scale · B @ A`` on a linear site's full ``[out, in]`` base weight."""
+
+    A: Tensor
+    """``[r, in]`` (detached)."""
+    B: Tensor
+    """``[out, r]`` (detached)."""
+    scale: float
+
+
+@runtime_checkable
+class LinearSiteModule(Protocol):
+    """A module at a linear site (see the module docstring for the merge attributes)."""
+
+    active: bool
+
+    def forward(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class FoldableModule(Protocol):
+    """A linear-site module that can fold into the base weight."""
+
+    mergeable: bool
+
+    def fold(self, weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]: ...
+
+
+@runtime_checkable
+class LowRankModule(Protocol):
+    """A linear-site module whose effect is a low-rank additive weight update (when it says so)."""
+
+    def low_rank_delta(self) -> LowRankDelta | None: ...
+
+
+def low_rank_delta(mod) -> LowRankDelta | None:
+    """The module's :class:`LowRankDelta`, or None when it has none (or does not offer one)."""
+    return mod.low_rank_delta() if isinstance(mod, LowRankModule) else None
+
+
+__all__ = ["FoldableModule", "LinearSiteModule", "LowRankDelta", "LowRankModule", "low_rank_delta"]
