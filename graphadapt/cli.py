@@ -235,7 +235,7 @@ def cmd_apply(args) -> int:
     if args.json:
         _emit_json({"spec": adapted.spec.to_dict(), "summary": text, "saved": args.save,
                     "adapters": {n: {"parameters": adapted.adapter_parameter_count(n),
-                                     "sites": [r["target"] for r in adapted.adapter_records if r["adapter"] == n]}
+                                     "sites": [r.target for r in adapted.adapter_records if r.adapter == n]}
                                  for n in adapted.spec.adapters},
                     "base_parameters": adapted.base_parameter_count()})
     return EXIT_OK

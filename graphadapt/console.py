@@ -121,7 +121,7 @@ def describe(adapted) -> str:
     lines = [f"AdaptedModel of {src} ({_count(base)} base parameters, frozen; graphadapt)"]
     active = set(adapted.active_adapters())
     for name, method in spec.adapters.items():
-        sites = [r["target"] for r in adapted.adapter_records if r["adapter"] == name]
+        sites = [r.target for r in adapted.adapter_records if r.adapter == name]
         n = adapted.adapter_parameter_count(name)
         lines.append(f"  {name}: {short_repr(method)}"[:200])
         lines.append(f"      {len(sites)} site(s), {_count(n)} parameters ({100 * n / max(base, 1):.3f} % of the "
