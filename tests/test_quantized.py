@@ -1,0 +1,162 @@
+"""QLoRA: graphadapt adapters over a bitsandbytes 4-bit (NF4) base, on CPU (issue 27, first slice)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+import graphadapt as ga  # noqa: E402
+from graphadapt.errors import GraphAdaptError  # noqa: E402
+from graphadapt.quantized import Packed4bitLinear  # noqa: E402
+
+from helpers import max_diff, text_inputs  # noqa: E402
+
+VOCAB = 128
+
+
+def _nf4_llama(directory, double_quant: bool = False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    if not (directory / "config.json").exists():
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(directory)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                           bnb_4bit_use_double_quant=double_quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(directory, quantization_config=q, device_map="cpu",
+                                                    dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    _nf4_llama(d)
+    return d
+
+
+def _reference(model, x):
+    """bitsandbytes' own fp32 path: dequantize, then a dense matmul. (In eval mode on AVX512-BF16 CPUs,
+    bitsandbytes instead repacks the weight in place and runs a bf16 kernel, ~1e-3 away.)"""
+    was = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            return model(**x, use_cache=False)
+    finally:
+        model.train(was)
+
+
+def _packed(model) -> dict[str, torch.Tensor]:
+    return {n: p.data.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+
+
+def test_capture_keeps_the_base_packed_and_the_callers_model_untouched(base_dir):
+    model = _nf4_llama(base_dir)
+    before = _packed(model)
+    linear_types = {type(m) for m in model.modules() if type(m).__name__ == "Linear4bit"}
+    adapted = ga.apply(model, ga.LoRA(r=4, targets=("q", "v")))
+    quant = [m for m in adapted.modules() if isinstance(m, Packed4bitLinear)]
+    assert len(quant) == 2 * 7  # every linear of both layers captured as a packed 4-bit site
+    # the caller's modules are back as they were: Params4bit weights, class forwards
+    assert linear_types and all(type(m.weight).__name__ == "Params4bit" and "forward" not in m.__dict__
+                                for m in model.modules() if type(m) in linear_types)
+    # packed storage is shared with the caller's model, not copied
+    ptrs = {p.data.data_ptr() for p in model.parameters() if p.dtype == torch.uint8}
+    assert {m.weight_packed.data_ptr() for m in quant} <= ptrs
+    x = text_inputs(2, 7, vocab=VOCAB)
+    with torch.no_grad():
+        assert max_diff(adapted(**x), _reference(model, x)) < 1e-5  # fresh LoRA: B = 0
+    assert all(torch.equal(before[n], p.data) for n, p in model.named_parameters() if n in before)
+
+
+def _trained_peft(model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(p + torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval().save_pretrained(tmp_path)
+    return pm
+
+
+def test_peft_lora_over_nf4_imports_with_equal_outputs(base_dir, tmp_path):
+    pm = _trained_peft(_nf4_llama(base_dir), tmp_path / "peft")
+    base = _nf4_llama(base_dir)
+    adapted = ga.import_peft(base, tmp_path / "peft")
+    x = text_inputs(3, 6, vocab=VOCAB, pad=2)
+    with torch.no_grad():
+        got = adapted(**x)
+    ref, plain = _reference(pm, x), _reference(base, x)
+    assert max_diff(got, ref) < 1e-5
+    assert max_diff(got, plain) > 1e-3  # the adapter is really there
+
+
+def test_a_base_bitsandbytes_repacked_for_cpu_inference_is_refused_clearly(base_dir):
+    model = _nf4_llama(base_dir)
+    x = text_inputs(2, 7, vocab=VOCAB)
+    with torch.no_grad():
+        model(**x, use_cache=False)  # eval forward: bitsandbytes may repack its weights for its CPU kernel
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m in model.modules() if type(m).__name__ == "Linear4bit"):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    with pytest.raises(GraphAdaptError, match="repacked"):
+        ga.apply(model, ga.LoRA(r=4, targets=("q", "v")))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_training_moves_adapters_only_and_lowers_the_loss(tmp_path, double_quant):
+    model = _nf4_llama(tmp_path, double_quant=double_quant)
+    before = _packed(model)
+    adapted = ga.apply(model, ga.LoRA(r=4, targets=("q", "v", "down")))
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    assert trainable and all(p.is_floating_point() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    x = text_inputs(4, 8, vocab=VOCAB)
+    labels = x["input_ids"]
+    adapted.train()
+    losses = []
+    for _ in range(5):
+        out = adapted(**x)
+        logits = out["logits"] if isinstance(out, dict) else out.logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    after = _packed(model)
+    assert before.keys() == after.keys() and before
+    assert all(torch.equal(before[k], after[k]) for k in before)  # packed base bit-identical
+
+
+def test_merge_and_onnx_refuse_a_quantized_base_clearly(base_dir, tmp_path):
+    adapted = ga.apply(_nf4_llama(base_dir), ga.LoRA(r=4, targets=("q",)))
+    with pytest.raises(GraphAdaptError, match="quantized"):
+        adapted.to_base_model()
+    with pytest.raises(GraphAdaptError, match="quantized"):
+        ga.export_onnx(adapted, tmp_path / "m.onnx")
+
+
+def test_8bit_base_is_refused_clearly(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _nf4_llama(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 device_map="cpu", dtype=torch.float32)
+    with pytest.raises(GraphAdaptError, match="8-bit"):
+        ga.apply(m, ga.LoRA(r=4, targets=("q",)))
