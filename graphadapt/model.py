@@ -19,6 +19,7 @@ from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import _is_finite as _finite
 from .passes.merge import apply_merge, plan_merge
+from .quantized import refuse_quantized
 from .vocab import adapter_prefix
 
 
@@ -397,6 +398,8 @@ class AdaptedModel(CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
+        refuse_quantized(self, "merge", "Folding into packed 4-bit weights is not built (to_base_model and "  # noqa: E501
+                         "save_merged need it too); keep the adapters unmerged.", MergeError)
         if self.is_merged:
             raise MergeError("already merged; call unmerge() first" if self._merge_state.get("reversible", True)
                              else "already merged in place without a backup (keep_backup=False); reload the model")

@@ -77,12 +77,13 @@ def test_capture_keeps_the_base_packed_and_the_callers_model_untouched(base_dir)
     assert all(torch.equal(before[n], p.data) for n, p in model.named_parameters() if n in before)
 
 
-def _trained_peft(model, tmp_path):
+def _trained_peft(model, tmp_path, **cfg):
     from peft import LoraConfig, get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                              **cfg))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -92,8 +93,9 @@ def _trained_peft(model, tmp_path):
     return pm
 
 
-def test_peft_lora_over_nf4_imports_with_equal_outputs(base_dir, tmp_path):
-    pm = _trained_peft(_nf4_llama(base_dir), tmp_path / "peft")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_lora_over_nf4_imports_with_equal_outputs(base_dir, tmp_path, dora):
+    pm = _trained_peft(_nf4_llama(base_dir), tmp_path / "peft", use_dora=dora)
     base = _nf4_llama(base_dir)
     adapted = ga.import_peft(base, tmp_path / "peft")
     x = text_inputs(3, 6, vocab=VOCAB, pad=2)
@@ -144,8 +146,11 @@ def test_training_moves_adapters_only_and_lowers_the_loss(tmp_path, double_quant
 
 def test_merge_and_onnx_refuse_a_quantized_base_clearly(base_dir, tmp_path):
     adapted = ga.apply(_nf4_llama(base_dir), ga.LoRA(r=4, targets=("q",)))
-    with pytest.raises(GraphAdaptError, match="quantized"):
-        adapted.to_base_model()
+    for merge in (adapted.to_base_model, adapted.merge, lambda: adapted.merge(in_place=True),
+                  lambda: adapted.save_merged(tmp_path / "merged")):
+        with pytest.raises(GraphAdaptError, match="quantized"):
+            merge()
+    assert not adapted.is_merged
     with pytest.raises(GraphAdaptError, match="quantized"):
         ga.export_onnx(adapted, tmp_path / "m.onnx")
 

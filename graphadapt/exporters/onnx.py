@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
+from graphadapt.quantized import refuse_quantized
 from graphadapt.exporters import _model
 from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
@@ -180,6 +181,8 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     _check_opset(opset)
+    refuse_quantized(model, "ONNX export", "Int4 (MatMulNBits) export of packed weights is not built yet; export a "
+                     "model loaded unquantized instead.", ExportError)
     check_writable(path.parent, ExportError, "output directory")
     inputs = _model.example_inputs(model, example_inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
