@@ -165,3 +165,66 @@ def test_8bit_base_is_refused_clearly(tmp_path):
                                                  device_map="cpu", dtype=torch.float32)
     with pytest.raises(GraphAdaptError, match="8-bit"):
         ga.apply(m, ga.LoRA(r=4, targets=("q",)))
+
+
+@pytest.mark.parametrize("spec", [ga.IA3(), ga.SeqBn(reduction_factor=4), ga.PrefixTuning(prefix_length=3)],
+                         ids=["ia3", "seq_bn", "prefix"])
+def test_other_methods_train_over_nf4(base_dir, spec):
+    model = _nf4_llama(base_dir)
+    before = _packed(model)
+    adapted = ga.apply(model, spec).train()
+    adapted(**text_inputs(2, 7, vocab=VOCAB)).logits.square().mean().backward()
+    trainable = {n: p for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), \
+        [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert all(torch.equal(before[n], p.data) for n, p in model.named_parameters() if n in before)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base_dir):
+    adapted = ga.apply(_nf4_llama(base_dir), ga.LoRA(r=4, targets=("q", "v", "down"))).train()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    x = text_inputs(2, 7, vocab=VOCAB)
+
+    def grads():
+        adapted.zero_grad()
+        adapted(**x).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    adapted.gradient_checkpointing_enable()
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() and all(plain[k].abs().sum() > 0 for k in plain)
+    assert max((plain[k] - ckpt[k]).abs().max().item() for k in plain) < 1e-6
+
+
+def test_adapters_save_and_load_onto_a_fresh_nf4_model(base_dir, tmp_path):
+    adapted = ga.apply(_nf4_llama(base_dir), ga.LoRA(r=4, targets=("q", "v")))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    adapted.save_adapters(tmp_path)
+    saved = {k for k in adapted.state_dict()}
+    loaded = ga.load(_nf4_llama(base_dir), tmp_path)
+    x = text_inputs(2, 5, vocab=VOCAB)
+    with torch.no_grad():
+        assert max_diff(loaded(**x), adapted(**x)) == 0.0
+        assert max_diff(loaded(**x), _reference(_nf4_llama(base_dir), x)) > 1e-3
+    assert saved
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bytes_per_base_parameter(tmp_path, double_quant):
+    """At rest a captured 4-bit linear holds its packed nibbles plus block scales: NF4 with blocks of 64 is
+    0.5 + 4/64 bytes per parameter; double quantisation stores the scales in 8 bits (+ fp32 per 256 blocks)."""
+    adapted = ga.apply(_nf4_llama(tmp_path, double_quant=double_quant), ga.LoRA(r=4, targets=("q",)))
+    quant = [m for m in adapted.modules() if isinstance(m, Packed4bitLinear)]
+    params = sum(m.in_features * m.out_features for m in quant)
+    per_block = sum(b.numel() * b.element_size() for m in quant for n, b in m.named_buffers() if "code" not in n)
+    ratio = per_block / params
+    want = 0.5 + 1 / 64 + 4 / (64 * 256) + 4 / params * len(quant) if double_quant else 0.5 + 4 / 64
+    assert ratio == pytest.approx(want, rel=0.02), ratio
+    assert all(not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 for p in adapted.parameters())
