@@ -217,6 +217,62 @@ def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
         new = Packed4bitLinear(f["packed"], f["quant_state"], f["compute_dtype"], bias)
         parent, _, leaf = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+    _use_packed_linears(gm, set(facts))
+
+
+class _Linear4bit(torch.autograd.Function):
+    """``linear(x, W, b)`` over a :class:`Packed4bitLinear` that keeps no dense weight for backward: the
+    input gradient dequantizes again (as bitsandbytes' ``MatMul4Bit``), so training holds packed bases."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        ctx.module, ctx.has_bias = module, bias is not None
+        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.module.dequantize()
+            gx = grad @ (w if w.dtype == grad.dtype else w.to(grad.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, gb, None
+
+
+def linear_4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: Packed4bitLinear):
+    """The captured graph's form of a 4-bit linear: ``weight`` is ``module.weight`` read just before the
+    call (dequantized, transient), ``module`` the packed owner that backward dequantizes from again.
+    Structure recognition reads it as ``aten.linear(x, W, b)`` (``graphadapt.structure.patterns``)."""
+    return _Linear4bit.apply(x, weight, bias, module)
+
+
+def _use_packed_linears(gm, paths: set[str]) -> None:
+    """``aten.linear(x, get_attr(P.weight), b)`` → ``linear_4bit(x, get_attr(P.weight), b, get_attr(P))``,
+    with each weight read right before its use (torch.export puts every ``get_attr`` at the graph's start,
+    which would dequantize every weight of the model at once)."""
+    graph = gm.graph
+    changed = False
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.linear.default:
+            continue
+        w = n.args[1]
+        owner = w.target.rpartition(".")[0] if getattr(w, "op", None) == "get_attr" else None
+        if owner not in paths or not w.target.endswith(".weight"):
+            continue
+        x, b = n.args[0], (n.args[2] if len(n.args) > 2 else n.kwargs.get("bias"))
+        with graph.inserting_before(n):
+            wn = graph.get_attr(w.target)
+            mn = graph.get_attr(owner)
+            new = graph.call_function(linear_4bit, (x, wn, b, mn))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+        if not w.users:
+            graph.erase_node(w)
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def has_quantized_weights(gm: nn.Module) -> bool:

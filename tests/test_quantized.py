@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -228,3 +230,27 @@ def test_bytes_per_base_parameter(tmp_path, double_quant):
     want = 0.5 + 1 / 64 + 4 / (64 * 256) + 4 / params * len(quant) if double_quant else 0.5 + 4 / 64
     assert ratio == pytest.approx(want, rel=0.02), ratio
     assert all(not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 for p in adapted.parameters())
+
+
+def test_training_keeps_no_dense_base_weight_alive_until_backward(base_dir, monkeypatch):
+    """Each dense weight is read right before its linear and dropped after it: backward dequantizes again."""
+    adapted = ga.apply(_nf4_llama(base_dir), ga.LoRA(r=4, targets=("q", "v"))).train()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    made = []
+    dense = Packed4bitLinear.weight.fget
+
+    def spy(self):
+        w = dense(self)
+        made.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(Packed4bitLinear, "weight", property(spy))
+    loss = adapted(**text_inputs(2, 7, vocab=VOCAB)).logits.square().mean()
+    gc.collect()
+    assert len(made) == 2 * 7
+    assert sum(r() is not None for r in made) == 0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.requires_grad)
