@@ -21,6 +21,7 @@ SKIP = re.compile(r"#\s*doc-test:\s*skip\s*\((.+)\)")
 #: (file, reason) of every skipped block; keep it short, with reasons that hold up.
 SKIPPED = [
     ("docs/architecture.md", "a fragment of the built-in LoRA plugin; registering it again would clash"),
+    ("docs/big-models.md", "needs bitsandbytes and a checkpoint; tests/test_quantized.py runs this path"),
 ]
 
 
