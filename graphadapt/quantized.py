@@ -208,6 +208,8 @@ class Packed4bitLinear(nn.Module):
 def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
     """Replace each stand-in module of the captured ``gm`` (at the path it had in the caller's model)
     with a :class:`Packed4bitLinear` over the caller's packed bytes."""
+    if not facts:
+        return
     for path, f in facts.items():
         try:
             old = gm.get_submodule(path)
