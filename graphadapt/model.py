@@ -398,7 +398,7 @@ class AdaptedModel(CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
-        refuse_quantized(self, "merge", "Folding into packed 4-bit weights is not built (to_base_model and "  # noqa: E501
+        refuse_quantized(self, "merge", "Folding into packed 4-bit weights is not built (to_base_model and "
                          "save_merged need it too); keep the adapters unmerged.", MergeError)
         if self.is_merged:
             raise MergeError("already merged; call unmerge() first" if self._merge_state.get("reversible", True)

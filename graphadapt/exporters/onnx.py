@@ -28,11 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
-from graphadapt.quantized import refuse_quantized
 from graphadapt.exporters import _model
 from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
+from graphadapt.quantized import refuse_quantized
 
 # Opsets below this need a lossy down-conversion of the dynamo exporter's graph (LayerNormalization is 17).
 MIN_OPSET = 17
