@@ -31,6 +31,7 @@ from torch import nn
 from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
+from .quantized import install_quantized_weights, opaque_quantized_linears
 
 __all__ = ["capture", "CapturedModule", "SignatureMiss", "synthesize_inputs", "retarget", "GRAPH_LOCK", "serialised"]
 
@@ -463,7 +464,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
         model.eval()
         if baked:  # non-tensor inputs landing in forward's **kwargs: bound, not exported as inputs
             model.forward = functools.partial(own_forward or type(model).forward.__get__(model), **baked)
-        with torch.no_grad(), quiet_torch_logs():
+        with torch.no_grad(), quiet_torch_logs(), opaque_quantized_linears(model) as quantized:
             ep = torch.export.export(model, (), {k: v for k, v in kwargs.items() if k not in baked},
                                      dynamic_shapes=_nest_var_keyword(model, {k: v for k, v in spec.items()
                                                                               if k not in baked})
@@ -485,6 +486,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
             setattr(gm, a, getattr(unlifted, a))
     # the unlifted module's codegen references these; GraphModule(root, graph) keeps only get_attr targets
     _rewrap_parameters(gm)
+    install_quantized_weights(gm, quantized)  # packed 4-bit bases: dequantizing weights (graphadapt.quantized)
     tensor_inputs = [k for k, v in kwargs.items()]
     gm._init_capture_state(input_names=tensor_inputs, dynamic_dims=dim_names,
                            example_inputs={k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)

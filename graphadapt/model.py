@@ -34,6 +34,7 @@ from .spec.composition import Block, block_from_dict
 from .structure import recognize
 from .version import __version__
 from .vocab import ADAPTERS, adapter_prefix
+from .quantized import refuse_quantized
 
 
 @dataclass(frozen=True)
@@ -420,6 +421,8 @@ class AdaptedModel(CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
+        refuse_quantized(self, "merge", "Folding into packed 4-bit weights is not built (to_base_model and "
+                         "save_merged need it too); keep the adapters unmerged.", MergeError)
         return self.services.merger.merge(self, names, safe=safe, strict=strict, in_place=in_place,
                                           keep_backup=keep_backup)
 

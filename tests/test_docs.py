@@ -30,6 +30,7 @@ SKIPPED = [
     ("docs/migration-adapterhub.md", _HUB),
     ("docs/migration-adapterhub.md",
      "imports the checkpoint the AdapterHub block wrote: run by tests/oracle/test_docs_adapterhub.py"),
+    ("docs/big-models.md", "needs bitsandbytes and a checkpoint; tests/test_quantized.py runs this path"),
 ]
 
 

@@ -29,6 +29,7 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, MergeError
+from ..quantized import refuse_quantized
 from ..passes import merge as merge_pass   # attributes read at call time (tests instrument fold_chain)
 
 WEIGHTS_NAME = "model.safetensors"
@@ -65,6 +66,8 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
     ``torch.bfloat16``) as they are written; default each tensor's own dtype.
     Memory: one merged weight at a time (the model is not changed, nothing else is copied).
     """
+    refuse_quantized(adapted, "save_merged", "Folding adapters into a dense (fp16/fp32) copy of a quantized base "
+                     "is not built yet; save the adapters (save_adapters) and keep the base as it is.", MergeError)
     src = adapted.__dict__.get("_source_model")
     config = getattr(src, "config", None)
     if src is None or config is None or not hasattr(config, "save_pretrained"):

@@ -32,6 +32,7 @@ from graphadapt.exporters import _model
 from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
+from graphadapt.quantized import refuse_quantized
 
 # Opsets below this need a lossy down-conversion of the dynamo exporter's graph (LayerNormalization is 17).
 MIN_OPSET = 17
@@ -180,6 +181,8 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     _check_opset(opset)
+    refuse_quantized(model, "ONNX export", "Int4 (MatMulNBits) export of packed weights is not built yet; export a "
+                     "model loaded unquantized instead.", ExportError)
     check_writable(path.parent, ExportError, "output directory")
     inputs = _model.example_inputs(model, example_inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..quantized import linear_4bit
 from .ops import (ACTIVATIONS, ADDS, BRANCH_TAIL, MASKING, MATMUL, PASSTHROUGH, QKV_OPS, RESHAPES, SHAPE_OPS, SOFTMAX,
                   SPLITS, TRANSPOSES, VIEWS, is_op, module_path, node_args, op_name, strip)
 from .types import LinearSite, NormSite, ResidualSite
@@ -289,7 +290,8 @@ def _fused_split(p: Pattern, out: fx.Node, width: int) -> Match | MatchFailure:
     return p.fail(u, "the output's one user is not split/chunk/slice (not a fused projection)")
 
 
-LINEAR = Pattern("linear", frozenset({aten.linear.default}), "aten.linear(x, W[out,in], b)", _linear)
+LINEAR = Pattern("linear", frozenset({aten.linear.default, linear_4bit}),
+                 "aten.linear(x, W[out,in], b) (or a packed 4-bit base's linear_4bit(x, W, b, packed))", _linear)
 ADDMM = Pattern("addmm", frozenset({aten.addmm.default}),
                 "view(x,[-1,in]) → addmm(b, ·, W[in,out] or t(W)) → view (GPT-2 Conv1D)", _mm)
 MM = Pattern("mm", frozenset({aten.mm.default}), "mm(x, W[in,out] or t(W)), no bias", _mm)
