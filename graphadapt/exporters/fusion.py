@@ -1,0 +1,199 @@
+"""Fusable ONNX: ``aten.scaled_dot_product_attention → com.microsoft::MultiHeadAttention`` at export,
+then onnxruntime's transformer optimizer on the written file.
+
+torch's dynamo exporter lowers SDPA into MatMul/Softmax/Where subgraphs that
+``onnxruntime.transformers.fusion_attention`` does not recognise (it knows the TorchScript
+exporter's shapes), so the optimizer fused 0 of the attentions of a graphadapt export. Every
+attention core of a captured graph is one SDPA node, so graphadapt does not need to match
+patterns: the export translates each SDPA node straight into onnxruntime's fused kernel::
+
+    SDPA(q, k, v [B,N,S,H], mask)  →  MultiHeadAttention(flat(q), flat(k), flat(v), bias=mask)  → unflat
+    flat(x) = Reshape(Transpose(x, [0,2,1,3]), [0,0,-1])   # [B,S,N·H]; onnxruntime cancels the
+                                                            # model's own Transpose against this one
+
+A boolean mask becomes an additive bias (0 where attended, the dtype's lowest value elsewhere),
+a causal SDPA without a mask sets ``unidirectional=1``, and grouped-query SDPA (``enable_gqa``)
+repeats the key/value heads. The result is one ``MultiHeadAttention`` per attention core,
+whatever the architecture (BERT, Llama with GQA and rotary, ...). onnxruntime's optimizer then
+fuses what it recognises around them (SkipLayerNormalization, BiasGelu, SkipSimplifiedLayerNorm).
+
+Difference from PyTorch: a query row whose mask is entirely False gets NaN or zeros from
+PyTorch's SDPA and the mean of the values from onnxruntime here; transformers never feeds such
+rows except at padded positions, whose outputs are meaningless in both.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphadapt.errors import ExportError
+
+OPTIMIZE_CHOICES = (None, "ort")
+"""``export_onnx(optimize=...)``: None (portable standard ONNX) or ``"ort"`` (onnxruntime's fused kernels)."""
+
+# what onnxruntime.transformers' BertOnnxModel.get_fused_operator_statistics counts as fused attention
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
+_FUSED_OPS = (*ATTENTION_OPS, "EmbedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+              "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "RotaryEmbedding", "LayerNormalization",
+              "SimplifiedLayerNormalization", "BiasAdd", "BiasSplitGelu", "FusedGemm")
+MS_DOMAIN = "com.microsoft"
+
+
+def check_optimize(optimize: Any) -> None:
+    """Refuse an unknown ``optimize`` value before any work, and say when onnxruntime is missing."""
+    if optimize not in OPTIMIZE_CHOICES:
+        raise ExportError(f"optimize must be one of {OPTIMIZE_CHOICES}, got {optimize!r}: None writes standard "
+                          "ONNX, 'ort' writes onnxruntime's fused attention and runs its transformer optimizer")
+    if optimize == "ort":
+        try:
+            import onnxruntime.transformers.optimizer  # noqa: F401
+        except ImportError as e:
+            raise ExportError(f"optimize='ort' needs onnxruntime's transformer optimizer ({e}); "
+                              "pip install onnxruntime") from None
+
+
+def _mha_op():
+    """onnxscript ``Op`` for com.microsoft::MultiHeadAttention (onnx has no schema for contrib ops:
+    one is built here for torch.onnx's op recorder, and not registered with onnx)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "MultiHeadAttention", MS_DOMAIN, 1,
+        inputs=[param("query", "T"), param("key", "T", param_option=optional),
+                param("value", "T", param_option=optional), param("bias", "T", param_option=optional),
+                param("key_padding_mask", "M", param_option=optional),
+                param("attention_bias", "T", param_option=optional)],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "", required=True),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                    OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "", required=False)],
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset(MS_DOMAIN, 1), "MultiHeadAttention", schema)
+
+
+def _lowest(dtype) -> float:
+    """The dtype's lowest finite value: the additive bias of a masked position (as transformers uses)."""
+    import onnx_ir as ir
+
+    names = {ir.DataType.FLOAT16: np.float16, ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64}
+    if dtype == ir.DataType.BFLOAT16:
+        return float(torch.finfo(torch.bfloat16).min)
+    return float(np.finfo(names.get(dtype, np.float32)).min)
+
+
+def _static_dim(value, axis: int, what: str) -> int:
+    dim = value.shape[axis] if value.shape is not None and len(value.shape) > axis else None
+    if not isinstance(dim, int):
+        raise ExportError(f"optimize='ort' needs a static {what} in every attention core, got {dim!r} "
+                          f"(shape {value.shape}); export with optimize=None")
+    return dim
+
+
+def sdpa_translation(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+    """torch.onnx custom translation of ``aten.scaled_dot_product_attention`` (see the module docstring)."""
+    from onnxscript import opset18 as op
+
+    if dropout_p:
+        raise ExportError(f"optimize='ort' exports inference graphs; an attention core has dropout_p={dropout_p} "
+                          "(export in eval mode)")
+    if query.shape is None or len(query.shape) != 4 or key.shape is None or len(key.shape) != 4:
+        raise ExportError(f"optimize='ort' needs [batch, heads, sequence, head_size] attention inputs, got "
+                          f"query {query.shape}, key {key.shape}; export with optimize=None")
+    heads, head_size = _static_dim(query, 1, "head count"), _static_dim(query, 3, "head size")
+    kv_heads = _static_dim(key, 1, "key head count")
+
+    def flat(x, repeat: int = 1):
+        x = op.Transpose(x, perm=[0, 2, 1, 3])  # [B, S, N, H]
+        if repeat > 1:  # grouped-query attention: head j of the query reads key head j // repeat
+            x = op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[3])),
+                          op.Constant(value_ints=[1, 1, 1, repeat, 1]))
+        return op.Reshape(x, op.Constant(value_ints=[0, 0, -1]))
+
+    repeat = 1
+    if kv_heads != heads:
+        if not enable_gqa or heads % kv_heads:
+            raise ExportError(f"attention core with {heads} query heads and {kv_heads} key heads "
+                              "(enable_gqa={enable_gqa}); export with optimize=None")
+        repeat = heads // kv_heads
+    bias = None
+    if attn_mask is not None:
+        import onnx_ir as ir
+
+        if attn_mask.dtype == ir.DataType.BOOL:
+            bias = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), query),
+                            op.CastLike(op.Constant(value_float=_lowest(query.dtype)), query))
+        else:
+            bias = op.CastLike(attn_mask, query)
+        rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
+        if rank < 4:  # MultiHeadAttention's attention_bias is [B or 1, N or 1, S, L]
+            bias = op.Unsqueeze(bias, op.Constant(value_ints=list(range(4 - rank))))
+    attrs: dict[str, Any] = {"num_heads": heads}
+    if scale is not None:
+        attrs["scale"] = float(scale)
+    if is_causal:
+        attrs["unidirectional"] = 1
+    out = _mha_op()(flat(query), flat(key, repeat), flat(value, repeat), None, None, bias, **attrs)
+    return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_size])), perm=[0, 2, 1, 3])
+
+
+def translation_table(optimize: str | None) -> dict | None:
+    """``custom_translation_table`` for torch.onnx.export, None for standard ONNX."""
+    if optimize != "ort":
+        return None
+    return {torch.ops.aten.scaled_dot_product_attention.default: sdpa_translation}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The optimizer logs each fusion at INFO and 'model producer not matched' at WARNING."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("onnxruntime", "fusion", "onnx_model"))]
+    loggers = [logging.getLogger(n) for n in ["onnxruntime", *names]]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def run_ort_optimizer(path: Path, external_data: bool, model_type: str = "bert") -> dict[str, int]:
+    """Run ``onnxruntime.transformers.optimizer.optimize_model`` on ``path`` in place (python fusions
+    only, ``opt_level=0``: no hardware-specific onnxruntime rewrites are baked into the file).
+    Returns the count of each fused op in the result."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet():
+        try:
+            optimized = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+            optimized.save_model_to_file(str(path), use_external_data_format=external_data,
+                                         all_tensors_to_one_file=True)
+        except Exception as e:
+            from graphadapt.exporters._model import _one_line
+
+            raise ExportError(f"onnxruntime's transformer optimizer failed on the export: {_one_line(e)}; "
+                              "export with optimize=None") from e
+    return fused_op_counts(path)
+
+
+def fused_op_counts(path: Path | str) -> dict[str, int]:
+    """Count of each onnxruntime fused op (com.microsoft domain) in the graph at ``path``."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    counts = collections.Counter(n.op_type for n in proto.graph.node
+                                 if n.domain == MS_DOMAIN and n.op_type in _FUSED_OPS)
+    return dict(counts.most_common())
