@@ -196,6 +196,7 @@ def export_onnx(
     fusion.check_optimize(optimize)
     check_writable(path.parent, ExportError, "output directory")
     inputs = _model.example_inputs(model, example_inputs)
+    model = _model.for_inputs(model, inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
 
     memory = PeakRSS()
