@@ -8,8 +8,8 @@ attention core of a captured graph is one SDPA node, so graphadapt does not need
 patterns: the export translates each SDPA node straight into onnxruntime's fused kernel::
 
     SDPA(q, k, v [B,N,S,H], mask)  →  MultiHeadAttention(flat(q), flat(k), flat(v), bias=mask)  → unflat
-    flat(x) = Reshape(Transpose(x, [0,2,1,3]), [0,0,-1])   # [B,S,N·H]; onnxruntime cancels the
-                                                            # model's own Transpose against this one
+    flat(x) = Reshape(Transpose(x, [0,2,1,3]), [0,0,-1])   # [B,S,N·H]; the model's own Transpose
+                                                            # before it is cancelled against this one
 
 A boolean mask becomes an additive bias (0 where attended, the dtype's lowest value elsewhere),
 a causal SDPA without a mask sets ``unidirectional=1``, and grouped-query SDPA (``enable_gqa``)
@@ -100,6 +100,15 @@ def _static_dim(value, axis: int, what: str) -> int:
     return dim
 
 
+def _same_dim(a, b) -> bool:
+    """Two dims known to be equal: equal ints, or the same symbol."""
+    if a is None or b is None:
+        return False
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return getattr(a, "value", None) is not None and getattr(a, "value", None) == getattr(b, "value", None)
+
+
 def sdpa_translation(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False):
     """torch.onnx custom translation of ``aten.scaled_dot_product_attention`` (see the module docstring)."""
@@ -136,9 +145,15 @@ def sdpa_translation(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
                             op.CastLike(op.Constant(value_float=_lowest(query.dtype)), query))
         else:
             bias = op.CastLike(attn_mask, query)
-        rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
-        if rank < 4:  # MultiHeadAttention's attention_bias is [B or 1, N or 1, S, L]
+        shape = list(attn_mask.shape) if attn_mask.shape is not None else None
+        if shape is None or len(shape) < 4:  # MultiHeadAttention's attention_bias is [B or 1, N or 1, S, L]
+            rank = len(shape) if shape is not None else 4
             bias = op.Unsqueeze(bias, op.Constant(value_ints=list(range(4 - rank))))
+            shape = [1] * (4 - rank) + (shape or [None] * 4)
+        if not (_same_dim(shape[2], query.shape[2]) and _same_dim(shape[3], key.shape[2])):
+            # only batch and heads broadcast: a [B, 1, 1, L] padding mask is expanded over the queries
+            bias = op.Expand(bias, op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(query, start=2, end=3),
+                                             op.Shape(key, start=2, end=3), axis=0))
     attrs: dict[str, Any] = {"num_heads": heads}
     if scale is not None:
         attrs["scale"] = float(scale)
@@ -146,6 +161,38 @@ def sdpa_translation(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         attrs["unidirectional"] = 1
     out = _mha_op()(flat(query), flat(key, repeat), flat(value, repeat), None, None, bias, **attrs)
     return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_size])), perm=[0, 2, 1, 3])
+
+
+def cancel_transpose_pairs(model) -> int:
+    """Drop each ``Transpose`` that undoes the ``Transpose`` before it (the model's [B,S,N,H] → [B,N,S,H]
+    followed by ``flat``'s way back), in the exported ``onnx_ir.Model``; returns how many.
+
+    Done before onnxruntime's optimizer, whose own rule for this pair (fusion_constant_fold.py,
+    ``fuse_2``) also deletes the first Transpose when it has other consumers and leaves a graph
+    that is no longer a DAG."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        parent = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if parent is None or parent.op_type != "Transpose" or parent.domain not in ("", "ai.onnx"):
+            continue
+        outer, inner = node.attributes.get("perm"), parent.attributes.get("perm")
+        if outer is None or inner is None or id(node.outputs[0]) in outputs:
+            continue
+        a, b = list(inner.as_ints()), list(outer.as_ints())
+        if len(a) != len(b) or any(a[b[i]] != i for i in range(len(b))):
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], parent.inputs[0])
+        graph.remove(node, safe=True)
+        removed += 1
+        if not parent.outputs[0].uses() and id(parent.outputs[0]) not in outputs:
+            graph.remove(parent, safe=True)
+    return removed
 
 
 def translation_table(optimize: str | None) -> dict | None:

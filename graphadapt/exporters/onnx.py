@@ -222,6 +222,8 @@ def export_onnx(
                 release_memory()
                 export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy=False)
                 program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
+            if optimize == "ort":
+                fusion.cancel_transpose_pairs(program.model)
             _rename_axes(program, axes)
             if io_names:
                 for value in [*program.model.graph.inputs, *program.model.graph.outputs]:
