@@ -179,7 +179,7 @@ def test_token_type_ids_only_where_the_tokenizer_returns_them():
     base = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with_types = _model.with_tokenizer_inputs(tiny_bert(), base)
     assert with_types["token_type_ids"].shape == ids.shape and set(with_types["token_type_ids"].unique().tolist()) == {0, 1}
-    assert "token_type_ids" not in _model.with_tokenizer_inputs(tiny_roberta(), base)  # type_vocab_size 1
-    assert "token_type_ids" not in _model.with_tokenizer_inputs(tiny_gpt2(), base)  # no token types in the config
+    assert "token_type_ids" not in _model.with_tokenizer_inputs(tiny_roberta(), base)  # RobertaTokenizer: none
+    assert "token_type_ids" not in _model.with_tokenizer_inputs(tiny_gpt2(), base)  # GPT2Tokenizer: none
     given = {**base, "token_type_ids": torch.zeros_like(ids)}
     assert _model.with_tokenizer_inputs(tiny_bert(), given) is given

@@ -66,13 +66,37 @@ def example_inputs(model: torch.nn.Module, given: dict[str, Any] | None) -> dict
     return dict(sorted(inputs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
+def tokenizer_input_names(config: Any) -> list[str] | None:
+    """``model_input_names`` of the tokenizer class transformers pairs with ``config.model_type``
+    (BertTokenizer: input_ids, token_type_ids, attention_mask); None when unknown."""
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        return None
+    try:
+        import transformers
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+    except ImportError:
+        return None
+    entry = TOKENIZER_MAPPING_NAMES.get(model_type)
+    for name in (entry if isinstance(entry, (tuple, list)) else (entry,)):
+        names = getattr(getattr(transformers, name, None), "model_input_names", None) if name else None
+        if names:
+            return list(names)
+    return None
+
+
 def takes_token_type_ids(model: torch.nn.Module) -> bool:
-    """The model's forward takes ``token_type_ids`` and its config has more than one token type
-    (BERT, ALBERT, ELECTRA: their tokenizers return ``token_type_ids``; RoBERTa's type_vocab_size 1,
-    GPT-2's none: their tokenizers do not)."""
+    """The model's forward takes ``token_type_ids`` and its tokenizer returns them (BERT, ELECTRA,
+    DeBERTa-v2: yes; RoBERTa, GPT-2: no); where transformers knows no tokenizer for the model type,
+    the config has more than one token type (``type_vocab_size > 1``)."""
+    if "token_type_ids" not in forward_parameter_order(model):
+        return False
     config = getattr(model, "config", None)
+    names = tokenizer_input_names(config)
+    if names is not None:
+        return "token_type_ids" in names
     types = getattr(config, "type_vocab_size", None)
-    return isinstance(types, int) and types > 1 and "token_type_ids" in forward_parameter_order(model)
+    return isinstance(types, int) and types > 1
 
 
 def with_tokenizer_inputs(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
