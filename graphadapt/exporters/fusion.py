@@ -195,6 +195,112 @@ def cancel_transpose_pairs(model) -> int:
     return removed
 
 
+def _same_shape(a, b) -> bool:
+    return (a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape)
+            and all(_same_dim(x, y) for x, y in zip(a.shape, b.shape)))
+
+
+def _projection(value):
+    """``(x, weight, bias)`` when ``value`` is ``x @ weight (+ bias)`` seen through Reshapes that give the
+    product's own shape back (split into heads, then ``flat``), weight and bias constant; else None."""
+    x = value
+    while (p := x.producer()) is not None and p.op_type == "Reshape" and p.domain in ("", "ai.onnx"):
+        x = p.inputs[0]
+    p = x.producer()
+    if p is None or p.domain not in ("", "ai.onnx") or not _same_shape(value, x):
+        return None
+    bias = None
+    if p.op_type == "Add":
+        const = [i for i in p.inputs if i is not None and i.const_value is not None and len(i.shape or ()) == 1]
+        other = [i for i in p.inputs if i is not None and i not in const]
+        if len(const) != 1 or len(other) != 1 or other[0].producer() is None:
+            return None
+        bias, p = const[0], other[0].producer()
+    if p.op_type != "MatMul" or p.domain not in ("", "ai.onnx"):
+        return None
+    weight = p.inputs[1]
+    if weight is None or weight.const_value is None or len(weight.shape or ()) != 2:
+        return None
+    return p.inputs[0], weight, bias
+
+
+def _concat_lazily(values, axis: int, name: str):
+    """An initializer holding the concatenation of ``values``' constants, computed when the file is
+    written (a merged weight behind a value is computed then too, one at a time)."""
+    import onnx_ir as ir
+
+    consts = [v.const_value for v in values]
+    shape = list(consts[0].shape)
+    shape[axis] = sum(c.shape[axis] for c in consts)
+
+    def compute():
+        return ir.tensor(np.concatenate([c.numpy() for c in consts], axis=axis), name=name)
+
+    tensor = ir.LazyTensor(compute, dtype=consts[0].dtype, shape=ir.Shape(shape), name=name)
+    return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(consts[0].dtype), const_value=tensor)
+
+
+def pack_qkv(model) -> int:
+    """``MultiHeadAttention(x@Wq+bq, x@Wk+bk, x@Wv+bv, bias=B)`` → ``Attention(x, [Wq|Wk|Wv], [bq|bk|bv], B)``:
+    one input projection GEMM per layer (what onnxruntime's BERT fusion produces from the TorchScript
+    exporter's graphs). Where the three projections do not read one input through constant weights
+    (rotary embeddings, repeated key/value heads, cross-attention), the MultiHeadAttention stays.
+    Returns how many were packed."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    packed = 0
+    for node in list(graph):
+        if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN or len(node.inputs) < 3:
+            continue
+        inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+        if any(v is not None for v in inputs[3:5]):
+            continue
+        found = [_projection(v) if v is not None else None for v in inputs[:3]]
+        if any(f is None for f in found) or len({id(f[0]) for f in found}) != 1:
+            continue
+        x, weights, biases = found[0][0], [f[1] for f in found], [f[2] for f in found]
+        if len({w.shape[0] for w in weights}) != 1 or len({w.const_value.dtype for w in weights}) != 1:
+            continue
+        stem = node.name or f"attention_{packed}"
+        weight = _concat_lazily(weights, 1, f"{stem}.qkv_weight")
+        graph.register_initializer(weight)
+        bias = None
+        if any(b is not None for b in biases):
+            if any(b is None for b in biases):
+                continue
+            bias = _concat_lazily(biases, 0, f"{stem}.qkv_bias")
+            graph.register_initializer(bias)
+        attrs = {a.name: a for a in node.attributes.values()}
+        fused = ir.Node(MS_DOMAIN, "Attention", [x, weight, bias, None, None, inputs[5]],
+                        attributes=[attrs[k] for k in ("num_heads", "scale", "unidirectional") if k in attrs],
+                        name=f"{stem}_packed", num_outputs=1)
+        graph.insert_before(node, fused)
+        fused.outputs[0].shape, fused.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        ir.convenience.replace_all_uses_with(node.outputs[0], fused.outputs[0])
+        graph.remove(node, safe=True)
+        packed += 1
+    if packed:
+        _remove_dead(graph)
+    return packed
+
+
+def _remove_dead(graph) -> None:
+    """Nodes and initializers nothing reads any more (the separate projections of packed attentions)."""
+    outputs = {id(v) for v in graph.outputs}
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not v.uses() and id(v) not in outputs for v in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    inputs = {id(v) for v in graph.inputs}
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and id(value) not in inputs and id(value) not in outputs:
+            del graph.initializers[name]
+
+
 def translation_table(optimize: str | None) -> dict | None:
     """``custom_translation_table`` for torch.onnx.export, None for standard ONNX."""
     if optimize != "ort":

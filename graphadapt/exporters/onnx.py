@@ -224,6 +224,7 @@ def export_onnx(
                 program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
             if optimize == "ort":
                 fusion.cancel_transpose_pairs(program.model)
+                fusion.pack_qkv(program.model)
             _rename_axes(program, axes)
             if io_names:
                 for value in [*program.model.graph.inputs, *program.model.graph.outputs]:
