@@ -196,14 +196,16 @@ def export_onnx(
     fusion.check_optimize(optimize)
     check_writable(path.parent, ExportError, "output directory")
     inputs = _model.example_inputs(model, example_inputs)
-    model = _model.for_inputs(model, inputs)
+    # the module serving these inputs (an adapted model's signature variant) is exported; merging is
+    # decided on ``primary``, whose merge state the variant follows
+    primary, model = model, _model.for_inputs(model, inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
 
     memory = PeakRSS()
     # a graphadapt model is merged into the export copy, weight by weight, and never itself;
     # other models with merge()/unmerge() are merged for the export and restored afterwards
-    into_copy = merge and _model.merges_into_copy(model)
-    with _model.inference_mode(model), _model.merged_for_export(model, merge and not into_copy) as merged:
+    into_copy = merge and _model.merges_into_copy(primary)
+    with _model.inference_mode(model), _model.merged_for_export(primary, merge and not into_copy) as merged:
         merged = merged or into_copy
         # merged weights are computed while the file is written, one at a time (never all held);
         # a custom verify_fn takes the export copy as its reference, which then needs real values
