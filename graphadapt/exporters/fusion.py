@@ -134,7 +134,7 @@ def sdpa_translation(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     if kv_heads != heads:
         if not enable_gqa or heads % kv_heads:
             raise ExportError(f"attention core with {heads} query heads and {kv_heads} key heads "
-                              "(enable_gqa={enable_gqa}); export with optimize=None")
+                              f"(enable_gqa={enable_gqa}); export with optimize=None")
         repeat = heads // kv_heads
     bias = None
     if attn_mask is not None:

@@ -171,7 +171,8 @@ def export_onnx(
             verification memory; every node still runs once, on the file's weights.
         optimize: None (default) writes standard ONNX that any runtime loads. ``"ort"`` writes a
             graph for onnxruntime: every attention core (``scaled_dot_product_attention``) becomes
-            one ``com.microsoft::MultiHeadAttention``, then onnxruntime's transformer optimizer
+            one ``com.microsoft::MultiHeadAttention`` (``Attention`` with packed q/k/v weights where
+            the three projections read one input), then onnxruntime's transformer optimizer
             (``onnxruntime.transformers.optimizer.optimize_model``, python fusions only) fuses
             SkipLayerNormalization, BiasGelu, ...; the optimized file is what is verified and
             written. ``ExportReport.fused_ops`` counts the fused ops (docs/export.md).
@@ -270,6 +271,9 @@ def export_onnx(
                 if optimize == "ort":
                     t = time.perf_counter()
                     with memory.phase("optimize"):
+                        # not re-checked with onnx.checker: onnxruntime's fused ops are not ONNX ops (its
+                        # SimplifiedLayerNormalization even sits in the default domain); onnxruntime loads
+                        # and verifies the file next
                         fused = fusion.run_ort_optimizer(tmp, external_data)
                     seconds["optimize"] = time.perf_counter() - t
                 report = _describe(tmp, path, tdtype, axes, meta, merged, external_data)
