@@ -243,6 +243,8 @@ def test_ia3_checkpoint_and_export(tmp_path):
     adapted.save_adapters(tmp_path / "ckpt")
     assert max_diff(ga.load(tiny_bert(), tmp_path / "ckpt")(**x), y) == 0.0
     base = ga.export_onnx(ga.capture(model), tmp_path / "base.onnx", verify=False)
-    merged = ga.export_onnx(adapted, tmp_path / "merged.onnx", merge=True, verify=True)
-    unmerged = ga.export_onnx(adapted, tmp_path / "unmerged.onnx", merge=False, verify=True)
+    # the base capture's inputs (by default an adapted BERT export also takes token_type_ids)
+    ex = adapted.example_inputs()
+    merged = ga.export_onnx(adapted, tmp_path / "merged.onnx", example_inputs=ex, merge=True, verify=True)
+    unmerged = ga.export_onnx(adapted, tmp_path / "unmerged.onnx", example_inputs=ex, merge=False, verify=True)
     assert merged.node_count == base.node_count < unmerged.node_count

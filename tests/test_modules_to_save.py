@@ -123,6 +123,7 @@ def test_onnx_export_uses_the_trained_classifier(trained_cls, tmp_path):
     base, _, adapted, x = trained_cls
     ga.export_onnx(adapted, tmp_path / "m.onnx", merge=True, verify=False)
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = {**x, "token_type_ids": torch.zeros_like(x["input_ids"])}  # a graph input of BERT exports by default
     feeds = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
     logits = torch.from_numpy(sess.run(None, feeds)[0])
     with torch.no_grad():

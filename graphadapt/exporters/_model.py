@@ -45,6 +45,8 @@ def example_inputs(model: torch.nn.Module, given: dict[str, Any] | None) -> dict
     inputs = given if given is not None else _attr(model, "example_inputs")
     if inputs is None:
         inputs = default_hf_inputs(model)
+    if given is None and isinstance(inputs, dict):
+        inputs = with_tokenizer_inputs(model, inputs)
     if inputs is None:
         raise ExportError(
             f"no example inputs for {type(model).__name__}: pass example_inputs={{'input_ids': ...}} "
@@ -62,6 +64,72 @@ def example_inputs(model: torch.nn.Module, given: dict[str, Any] | None) -> dict
         order = [*names, *order]
     rank = {n: i for i, n in reversed(list(enumerate(order)))}
     return dict(sorted(inputs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def tokenizer_input_names(config: Any) -> list[str] | None:
+    """``model_input_names`` of the tokenizer class transformers pairs with ``config.model_type``
+    (BertTokenizer: input_ids, token_type_ids, attention_mask); None when unknown."""
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        return None
+    try:
+        import transformers
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+    except ImportError:
+        return None
+    entry = TOKENIZER_MAPPING_NAMES.get(model_type)
+    for name in (entry if isinstance(entry, (tuple, list)) else (entry,)):
+        names = getattr(getattr(transformers, name, None), "model_input_names", None) if name else None
+        if names:
+            return list(names)
+    return None
+
+
+def takes_token_type_ids(model: torch.nn.Module) -> bool:
+    """The model's forward takes ``token_type_ids`` and its tokenizer returns them (BERT, ELECTRA,
+    DeBERTa-v2: yes; RoBERTa, GPT-2: no); where transformers knows no tokenizer for the model type,
+    the config has more than one token type (``type_vocab_size > 1``)."""
+    if "token_type_ids" not in forward_parameter_order(model):
+        return False
+    config = getattr(model, "config", None)
+    names = tokenizer_input_names(config)
+    if names is not None:
+        return "token_type_ids" in names
+    types = getattr(config, "type_vocab_size", None)
+    return isinstance(types, int) and types > 1
+
+
+def with_tokenizer_inputs(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` plus every input the model takes from its tokenizer that they lack, so that a
+    tokenizer's output feeds the export unchanged: ``token_type_ids`` (segments 0 then 1, the shape
+    of ``input_ids``) where :func:`takes_token_type_ids`. An adapted model serves the wider call
+    through its signature variants (graphadapt.signatures)."""
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or "token_type_ids" in inputs or not takes_token_type_ids(model):
+        return inputs
+    segments = torch.zeros_like(ids)
+    segments[..., ids.shape[-1] // 2:] = 1
+    return {**inputs, "token_type_ids": segments}
+
+
+def for_inputs(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.nn.Module:
+    """The module that serves ``inputs``: an adapted model called with other tensor inputs than it
+    was captured with (``token_type_ids``) serves them with a signature variant (graphadapt.signatures),
+    which shares its parameters, adapters and merge state; that variant is exported, so the export
+    copy is merged, converted and traced as a model captured with those inputs."""
+    names = getattr(model, "input_names", None)
+    tensors = {k for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    if (not isinstance(model, torch.fx.GraphModule) or not hasattr(model, "adapter_records") or names is None
+            or set(names) == tensors or model.__dict__.get("_call_signature") is None):
+        return model
+    from graphadapt.signatures import variants
+
+    with torch.no_grad():
+        model(**inputs)  # captures the variant on first use
+    for variant in variants(model).values():
+        if variant is not None and set(variant.input_names) == tensors:
+            return variant
+    return model
 
 
 def default_hf_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict[str, Any] | None:
@@ -94,7 +162,13 @@ def dynamic_axes(model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool) 
         return {k: {} for k in tensors}
     declared = _attr(model, "dynamic_dims")
     if declared is not None:  # an empty dict is a statically captured model: keep it static
-        return {k: {int(a): str(n) for a, n in (declared.get(k) or {}).items()} for k in tensors}
+        axes = {k: {int(a): str(n) for a, n in (declared.get(k) or {}).items()} for k in tensors if k in declared}
+        for k, value in tensors.items():  # an input the model was not captured with (token_type_ids):
+            if k not in axes:             # the axes of a captured input of its shape (input_ids)
+                twin = next((n for n in axes if tensors[n].shape == value.shape and tensors[n].dim() == value.dim()),
+                            None)
+                axes[k] = dict(axes[twin]) if twin is not None else {}
+        return {k: axes[k] for k in tensors}
     axes: dict[str, dict[int, str]] = {}
     for name, value in tensors.items():
         axes[name] = {0: "batch"} if value.dim() >= 1 else {}

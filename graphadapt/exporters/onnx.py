@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
-from graphadapt.exporters import _model
+from graphadapt.exporters import _model, fusion
 from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
@@ -80,6 +80,9 @@ class ExportReport:
     peak_rss: dict[str, int] = field(default_factory=dict)
     # other graphs written with this one (the encoder of an encoder-decoder decoder export)
     parts: dict[str, "ExportReport"] = field(default_factory=dict)
+    optimize: str | None = None  # export_onnx(optimize=...)
+    # onnxruntime fused ops in the written graph ({"MultiHeadAttention": 12, "SkipLayerNormalization": 24, ...})
+    fused_ops: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_rss_delta(self) -> int | None:
@@ -111,6 +114,9 @@ class ExportReport:
                 + (f" in {self.verify_parts} parts" if self.verify_parts > 1 else "") + ": "
                 f"max abs diff {worst:.2e} (atol {self.atol:g}, rtol {self.rtol:g})"
             )
+        if self.optimize:
+            lines.append(f"optimize={self.optimize!r}: fused " + (", ".join(f"{k} {v}" for k, v in self.fused_ops.items())
+                                                                 or "nothing"))
         lines.append("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         if self.peak_rss_delta is not None:
             gib = 2**30
@@ -137,6 +143,7 @@ def export_onnx(
     verify_fn: Any = None,
     rms_tol: float | None = None,
     verify_part_bytes: int | None = None,
+    optimize: str | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -163,6 +170,13 @@ def export_onnx(
         verify_part_bytes: onnxruntime runs the graph in parts reading at most this many bytes
             of weights each (default: parts of an eighth above 256 MiB of weights), which bounds
             verification memory; every node still runs once, on the file's weights.
+        optimize: None (default) writes standard ONNX that any runtime loads. ``"ort"`` writes a
+            graph for onnxruntime: every attention core (``scaled_dot_product_attention``) becomes
+            one ``com.microsoft::MultiHeadAttention`` (``Attention`` with packed q/k/v weights where
+            the three projections read one input), then onnxruntime's transformer optimizer
+            (``onnxruntime.transformers.optimizer.optimize_model``, python fusions only) fuses
+            SkipLayerNormalization, BiasGelu, ...; the optimized file is what is verified and
+            written. ``ExportReport.fused_ops`` counts the fused ops (docs/export.md).
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -181,17 +195,21 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     _check_opset(opset)
+    fusion.check_optimize(optimize)
     refuse_quantized(model, "ONNX export", "Int4 (MatMulNBits) export of packed weights is not built yet; export a "
                      "model loaded unquantized instead.", ExportError)
     check_writable(path.parent, ExportError, "output directory")
     inputs = _model.example_inputs(model, example_inputs)
+    # the module serving these inputs (an adapted model's signature variant) is exported; merging is
+    # decided on ``primary``, whose merge state the variant follows
+    primary, model = model, _model.for_inputs(model, inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
 
     memory = PeakRSS()
     # a graphadapt model is merged into the export copy, weight by weight, and never itself;
     # other models with merge()/unmerge() are merged for the export and restored afterwards
-    into_copy = merge and _model.merges_into_copy(model)
-    with _model.inference_mode(model), _model.merged_for_export(model, merge and not into_copy) as merged:
+    into_copy = merge and _model.merges_into_copy(primary)
+    with _model.inference_mode(model), _model.merged_for_export(primary, merge and not into_copy) as merged:
         merged = merged or into_copy
         # merged weights are computed while the file is written, one at a time (never all held);
         # a custom verify_fn takes the export copy as its reference, which then needs real values
@@ -203,13 +221,16 @@ def export_onnx(
 
         t = time.perf_counter()
         with memory.phase("export"):
-            program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
+            program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
             if not _install_lazy_folds(program, export_model):
                 # the exporter transformed a placeholder weight (constant folding): export from real values
                 del program, export_model
                 release_memory()
                 export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy=False)
-                program = _torch_onnx_export(export_model, export_inputs, axes, names, opset)
+                program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
+            if optimize == "ort":
+                fusion.cancel_transpose_pairs(program.model)
+                fusion.pack_qkv(program.model)
             _rename_axes(program, axes)
             if io_names:
                 for value in [*program.model.graph.inputs, *program.model.graph.outputs]:
@@ -222,6 +243,7 @@ def export_onnx(
             {
                 "graphadapt.dtype": DTYPE_NAMES[tdtype],
                 MERGED_KEY: "true" if merged else "false",
+                **({"graphadapt.optimize": optimize} if optimize else {}),
                 "graphadapt.dynamic_axes": json.dumps(axes, sort_keys=True),
             }
         )
@@ -248,7 +270,17 @@ def export_onnx(
                 with memory.phase("check"):
                     _check(tmp)
                 seconds["check"] = time.perf_counter() - t
+                fused: dict[str, int] = {}
+                if optimize == "ort":
+                    t = time.perf_counter()
+                    with memory.phase("optimize"):
+                        # not re-checked with onnx.checker: onnxruntime's fused ops are not ONNX ops (its
+                        # SimplifiedLayerNormalization even sits in the default domain); onnxruntime loads
+                        # and verifies the file next
+                        fused = fusion.run_ort_optimizer(tmp, external_data)
+                    seconds["optimize"] = time.perf_counter() - t
                 report = _describe(tmp, path, tdtype, axes, meta, merged, external_data)
+                report.optimize, report.fused_ops = optimize, fused
                 if opset is not None and report.opset != opset:
                     raise ExportError(f"asked for opset {opset} but the exporter produced opset {report.opset} "
                                       f"(its version conversion failed); use opset={report.opset} or leave it unset")
@@ -341,7 +373,7 @@ def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False):
     return export_model, export_inputs, _model.output_names(outputs)
 
 
-def _torch_onnx_export(model, inputs, axes, names, opset):
+def _torch_onnx_export(model, inputs, axes, names, opset, optimize=None):
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed" noise
@@ -363,8 +395,11 @@ def _torch_onnx_export(model, inputs, axes, names, opset):
                 opset_version=opset,
                 optimize=True,
                 verbose=False,
+                custom_translation_table=fusion.translation_table(optimize),
             )
     except Exception as e:
+        if isinstance(_model.root_cause(e), ExportError):  # raised by a custom translation (optimize=)
+            raise _model.root_cause(e) from e
         raise ExportError(_export_failure_message(model, inputs, e)) from e
     finally:
         registration_log.setLevel(level)

@@ -268,8 +268,11 @@ def _make_input(name, shape, dtype, example, config, g) -> torch.Tensor:
                 if pad:
                     mask[row, ..., shape[-1] - pad :] = 0
         return mask
-    if "token_type" in lname:
-        return torch.zeros(shape, dtype=dtype)
+    if "token_type" in lname:  # sentence pairs: segment 0 then 1, where the model has two token types
+        segments = torch.zeros(shape, dtype=dtype)
+        if isinstance(getattr(config, "type_vocab_size", None), int) and config.type_vocab_size > 1 and shape:
+            segments[..., shape[-1] // 2:] = 1
+        return segments
     if "position_ids" in lname and len(shape) >= 1:
         return torch.arange(shape[-1], dtype=dtype).expand(shape).contiguous()
     high = getattr(config, "vocab_size", None) if "ids" in lname else None
