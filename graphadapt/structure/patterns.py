@@ -182,6 +182,8 @@ def _owner(qualname: str) -> str:
 def _linear(p: Pattern, n: fx.Node, gm) -> Match | MatchFailure:
     x, w = n.args[0], n.args[1]
     b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    # ``F.linear(x, W.float())`` (an fp32 router): the cast is a no-op at capture; the site is W's
+    w, b = strip(w), strip(b)
     pw = _param(gm, w)
     if pw is None or pw[1].dim() != 2:
         return p.fail(n, "weight is not a 2-d parameter of the model")

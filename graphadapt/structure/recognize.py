@@ -18,6 +18,7 @@ from collections import deque
 import torch
 import torch.fx as fx
 
+from .heads import output_heads
 from .linear import find_linear_sites
 from .moe import MOE, find_expert_sites, moe_entry
 from .ops import ACTIVATIONS as _ACTIVATIONS
@@ -196,12 +197,17 @@ class _Recognizer:
             layer.ffn = ffn
 
         self._assign_stacks(layers)
+        heads = {id(m.value): m for m in output_heads([s for s in self.sites if id(s) not in used], self.matcher)}
         for s in self.sites:
-            if id(s) not in used:
+            if id(s) in heads:
+                self.unmatched.append(Unmatched(
+                    "linear", s.name, "the output head (pattern output_head: its output is a model output): left "
+                    "out of 'all-linear' as PEFT does; select it by module path or train it via modules_to_save"))
+            elif id(s) not in used:
                 self.unmatched.append(Unmatched(
                     "linear", s.name,
                     "not part of a recognised attention or feed-forward block "
-                    "(e.g. embeddings projection, pooler, classifier head); select it by module path"))
+                    "(e.g. embeddings projection, pooler); 'all-linear' adapts it, or select it by module path"))
         for layer in layers:
             for s in layer.linear_sites():
                 s.layer = layer.index
@@ -209,7 +215,8 @@ class _Recognizer:
                     s.name = f"{s.module_path}.{s.role}"
         stacks = self._stack_names(layers)
         return StructureMap(layers=layers, linear_sites=self.sites, unmatched=self.unmatched, stacks=stacks,
-                            findings=self.findings, pattern_stats=self.matcher.stats)
+                            findings=self.findings, pattern_stats=self.matcher.stats,
+                            output_heads=[m.value.name for m in heads.values()])
 
     def _fused_rows(self, core: fx.Node, traced: dict, distinct):
         """q/k/v sharing one site: per-role channel index sets (pattern ``qkv_rows``), one new site per

@@ -205,6 +205,7 @@ class StructureMap:
     stacks: list[str] = field(default_factory=list)                 # "encoder", "decoder", "stack"
     findings: list[Finding] = field(default_factory=list)          # per candidate and role, for why()
     pattern_stats: dict[str, Any] = field(default_factory=dict)     # pattern name → PatternStats
+    output_heads: list[str] = field(default_factory=list)           # names of head sites (``structure.heads``)
 
     def why(self, role: str, layer: int | None = None) -> str:
         """Why ``role`` was (or was not) found, per layer: the node and pattern that decided it."""
