@@ -1,0 +1,252 @@
+"""Architecture breadth III: this year's open models on tiny configs (transformers 5, ``from_config``).
+
+DeepSeek-V3 (multi-head latent attention, MoE with a shared expert and grouped routing), GPT-OSS (MoE,
+attention sinks), Qwen3-Next (gated delta-net linear attention + gated full attention, MoE with a shared
+expert), plus Qwen3 and Gemma3 as recent dense models. For each: LoRA with ``targets="all-linear"`` adapts
+exactly the linear layers PEFT's ``all-linear`` adapts (listed below), the model is the identity at init,
+the adapters change the output, outputs equal PEFT's with the same weights, merge is exact, and (one
+export per model, 2 layers, hidden 64) the ONNX export is verified in onnxruntime.
+
+PEFT 0.22 adapts fused expert weights under ``all-linear`` only for the model types in its conversion
+table (DeepSeek-V3, Qwen3-Next: one ``ParamWrapper`` over the whole 3-d weight, with its own rank rule);
+graphadapt adapts them for every model, as the expert-site LoRA that ``tests/test_moe.py`` checks against
+PEFT's ``target_parameters``. The output comparison here leaves the expert weights out on both sides.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+import graphadapt as ga
+from tests.helpers import build_seeded, perturb_adapters
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
+                                        "ignore::DeprecationWarning")
+
+_C = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=64)
+
+
+def _deepseek():
+    cfg = T.DeepseekV3Config(**{**_C, "num_key_value_heads": 4}, intermediate_size=96, moe_intermediate_size=32,
+                             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+                             first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                             qk_nope_head_dim=8, v_head_dim=16)
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def _gpt_oss():
+    cfg = T.GptOssConfig(**_C, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                         sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def _qwen3_next():
+    cfg = T.Qwen3NextConfig(**_C, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                            num_experts=4, num_experts_per_tok=2, head_dim=16, linear_num_value_heads=4,
+                            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                            layer_types=["linear_attention", "full_attention"])
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def _qwen3():
+    return T.AutoModelForCausalLM.from_config(T.Qwen3Config(**_C, intermediate_size=96, head_dim=16))
+
+
+def _gemma3():
+    cfg = T.Gemma3TextConfig(**_C, intermediate_size=96, head_dim=16, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention"])
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def _per_layer(i, names):
+    return {f"model.layers.{i}.{n}" for n in names}
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_MLA = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+        "self_attn.o_proj")
+_SHARED = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+           "mlp.shared_expert_gate")
+_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+# name: (builder, the nn.Linear layers PEFT's all-linear adapts (and graphadapt's), graphadapt's other sites)
+MODELS = {
+    "deepseek_v3": (_deepseek,
+                    _per_layer(0, _MLA + _MLP) | _per_layer(1, _MLA) | _per_layer(1, (
+                        "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj",
+                        "mlp.gate")),    # the router: F.linear on its fp32 weight; PEFT adapts it by parameter
+                    _per_layer(1, _EXPERTS)),
+    "gpt_oss": (_gpt_oss, _per_layer(0, _ATTN) | _per_layer(1, _ATTN),
+                _per_layer(0, _EXPERTS + ("mlp.router",)) | _per_layer(1, _EXPERTS + ("mlp.router",))),
+    "qwen3_next": (_qwen3_next,
+                   _per_layer(0, ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj")
+                              + _SHARED) | _per_layer(1, _ATTN + _SHARED),
+                   _per_layer(0, _EXPERTS + ("mlp.gate",)) | _per_layer(1, _EXPERTS + ("mlp.gate",))),
+    "qwen3": (_qwen3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
+    "gemma3": (_gemma3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
+}
+ONNX = ("deepseek_v3", "gpt_oss", "qwen3_next")
+
+
+def _inputs(batch=2, seq=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+INP = _inputs()
+
+
+def _logits(m, inp=INP):
+    with torch.no_grad():
+        return m(**inp).logits
+
+
+def _adapted_sites(a, adapter="l") -> set[str]:
+    pre = f"adapters.{adapter}."
+    return {n.removeprefix(pre) for n, m in a.named_modules() if n.startswith(pre) and hasattr(m, "active")}
+
+
+def _peft_sites(pm) -> dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for n, m in pm.named_modules():
+        if isinstance(m, LoraLayer):
+            path = n.removeprefix("base_model.model.")
+            out[path.removesuffix(".base_layer")] = m     # nested ParamWrappers over one module's two weights
+    return out
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request):
+    name = request.param
+    build, linear, extra = MODELS[name]
+    model = build_seeded(build, 0).eval()
+    base = _logits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = ga.apply(model, ga.Spec({"l": ga.LoRA(r=4, alpha=8, targets="all-linear")}), example_kwargs=INP)
+    init = _logits(a)
+    perturb_adapters(a, seed=1, replace=True)
+    return name, model, a, base, init, linear, extra
+
+
+def test_all_linear_sites_identity_and_effect(case):
+    name, model, a, base, init, linear, extra = case
+    torch.testing.assert_close(init, base, atol=0, rtol=0)                   # identity at init
+    sites = _adapted_sites(a)
+    expert_sites = {s for s in sites if any(s.endswith(e) for e in _EXPERTS)}
+    # every nn.Linear but the head, and nothing else than the listed extra sites
+    nn_linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert (sites - expert_sites) | {s for s in extra if s in sites} >= nn_linear
+    assert sites == linear | extra, (sorted(sites - (linear | extra)), sorted((linear | extra) - sites))
+    assert "lm_head" not in sites
+    assert [u for u in a.structure_report["unmatched"] if u["where"] == "lm_head" and "output head" in u["reason"]]
+    out = _logits(a)
+    assert (out - base).abs().max() > 1e-2                                   # the adapters act
+    for s in sorted(extra)[:1] + sorted(linear)[:1]:                          # each kind of site on its own
+        m = a.get_submodule(f"adapters.l.{s}")
+        m.active = False
+        assert (_logits(a) - out).abs().max() > 1e-5, s
+        m.active = True
+
+
+def test_same_sites_and_outputs_as_peft(case):
+    """PEFT's all-linear on a copy of the base model: the same linear layers; with our weights copied into
+    PEFT's LoRA (expert weights left out on both sides), the same logits within 1e-5."""
+    peft = pytest.importorskip("peft")
+    name, model, a, base, init, linear, extra = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                        lora_dropout=0.0)).eval()
+    theirs = _peft_sites(pm)
+    peft_experts = {s for s in theirs if s.endswith(".mlp.experts")}
+    assert set(theirs) - peft_experts == linear, sorted(set(theirs) ^ linear)
+    ours = _adapted_sites(a)
+    off = [a.get_submodule(f"adapters.l.{s}") for s in ours - linear]       # graphadapt-only: experts (+ router)
+    with torch.no_grad():
+        for path, layer in theirs.items():
+            if path in peft_experts:
+                for k in layer.lora_B:
+                    layer.lora_B[k].weight.zero_()
+                continue
+            mine = a.get_submodule(f"adapters.l.{path}")
+            layer.lora_A["default"].weight.copy_(mine.lora_A)
+            layer.lora_B["default"].weight.copy_(mine.lora_B)
+    try:
+        for m in off:
+            m.active = False
+        got = _logits(a)
+        assert (got - base).abs().max() > 1e-2
+        torch.testing.assert_close(got, _logits(pm), atol=1e-5, rtol=1e-5)
+    finally:
+        for m in off:
+            m.active = True
+
+
+def test_merge_exact(case):
+    name, model, a, base, init, linear, extra = case
+    out = _logits(a)
+    a.merge()
+    try:
+        assert not any(str(n.target).startswith("adapters.l.") for n in a.graph.nodes if n.op == "call_module")
+        torch.testing.assert_close(_logits(a), out, atol=1e-5, rtol=0)
+    finally:
+        a.unmerge()
+    torch.testing.assert_close(_logits(a), out, atol=0, rtol=0)
+
+
+def test_onnx_export_verified(case, tmp_path):
+    name, model, a, base, init, linear, extra = case
+    if name not in ONNX:
+        pytest.skip("dense decoders like these are exported in test_export.py; the three new families here")
+    from graphadapt.exporters.onnx import export_onnx
+
+    rep = export_onnx(a, tmp_path / f"{name}.onnx", example_inputs=INP, merge=False, verify=True)
+    assert rep.node_count > 0
+
+
+def test_nothing_recognised_warns_loudly():
+    """A model with linear layers but no recognisable block: 'all-linear' adapts them, with a loud warning."""
+    from tests.helpers import VOCAB
+
+    class Mixer(torch.nn.Module):     # no attention, no residual stream: nothing to give roles to
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 16)
+            self.a = torch.nn.Linear(16, 16)
+            self.b = torch.nn.Linear(16, 16)
+            self.head = torch.nn.Linear(16, 5)
+
+        def forward(self, input_ids):
+            return self.head(torch.tanh(self.b(torch.relu(self.a(self.emb(input_ids))))))
+
+    m = build_seeded(Mixer, 0)
+    inp = {"input_ids": torch.randint(0, VOCAB, (2, 5))}
+    with pytest.warns(UserWarning, match=r"no attention, feed-forward or expert block was recognised.*2 linear"):
+        a = ga.apply(m, ga.LoRA(r=2, targets="all-linear"), example_kwargs=inp)
+    assert _adapted_sites(a, "default") == {"a", "b"}       # the head (its output is the model's) is left out
+    with pytest.raises(ga.SpecError, match="'q' matches no site"):
+        ga.apply(m, ga.LoRA(r=2, targets="q"), example_kwargs=inp)
+
+
+def test_output_head_is_explained():
+    """The head is reported with the pattern that left it out."""
+    from tests.helpers import tiny_llama
+
+    rep = ga.inspect(tiny_llama(causal_lm=True))
+    reasons = [u["reason"] for u in rep["unmatched"] if u["where"] == "lm_head"]
+    assert reasons and re.search("output head.*pattern output_head.*left out of 'all-linear'", reasons[0])
