@@ -16,6 +16,7 @@ PEFT's ``target_parameters``. The output comparison here leaves the expert weigh
 from __future__ import annotations
 
 import copy
+import os
 import re
 import warnings
 
@@ -89,12 +90,14 @@ MODELS = {
                 _per_layer(0, _EXPERTS + ("mlp.router",)) | _per_layer(1, _EXPERTS + ("mlp.router",))),
     "qwen3_next": (_qwen3_next,
                    _per_layer(0, ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj")
-                              + _SHARED) | _per_layer(1, _ATTN + _SHARED),
-                   _per_layer(0, _EXPERTS + ("mlp.gate",)) | _per_layer(1, _EXPERTS + ("mlp.gate",))),
+                              + _SHARED + ("mlp.gate",)) | _per_layer(1, _ATTN + _SHARED + ("mlp.gate",)),
+                   _per_layer(0, _EXPERTS) | _per_layer(1, _EXPERTS)),
     "qwen3": (_qwen3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
     "gemma3": (_gemma3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
 }
-ONNX = ("deepseek_v3", "gpt_oss", "qwen3_next")
+# Qwen3-Next's export path of its gated delta rule (transformers' ``is_torchdynamo_exporting`` branch) unrolls a
+# 63-step forward substitution: its ONNX export verifies, but takes minutes on a loaded 2-core machine
+ONNX = ("deepseek_v3", "gpt_oss") + (("qwen3_next",) if os.environ.get("GRAPHADAPT_SLOW_TESTS") else ())
 
 
 def _inputs(batch=2, seq=6, seed=0):
@@ -129,9 +132,22 @@ def _peft_sites(pm) -> dict[str, torch.nn.Module]:
     return out
 
 
+_CASES: dict = {}
+
+
+def _case(name):
+    """One adapted model per architecture for the whole module (captures are the expensive part)."""
+    if name not in _CASES:
+        _CASES[name] = _build_case(name)
+    return _CASES[name]
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
-    name = request.param
+    return _case(request.param)
+
+
+def _build_case(name):
     build, linear, extra = MODELS[name]
     model = build_seeded(build, 0).eval()
     base = _logits(model)
@@ -212,7 +228,8 @@ def test_merge_exact(case):
 def test_onnx_export_verified(case, tmp_path):
     name, model, a, base, init, linear, extra = case
     if name not in ONNX:
-        pytest.skip("dense decoders like these are exported in test_export.py; the three new families here")
+        pytest.skip("dense decoders are exported in test_export.py; Qwen3-Next's export (minutes) runs with "
+                    "GRAPHADAPT_SLOW_TESTS=1")
     from graphadapt.exporters.onnx import export_onnx
 
     rep = export_onnx(a, tmp_path / f"{name}.onnx", example_inputs=INP, merge=False, verify=True)
@@ -250,3 +267,24 @@ def test_output_head_is_explained():
     rep = ga.inspect(tiny_llama(causal_lm=True))
     reasons = [u["reason"] for u in rep["unmatched"] if u["where"] == "lm_head"]
     assert reasons and re.search("output head.*pattern output_head.*left out of 'all-linear'", reasons[0])
+
+
+# ----------------------------------------------------------------------------- roles found from the graph
+def _roles(a):
+    return {(L["index"], r["block"], r["role"]): r.get("module") for L in a.structure_report["layers"]
+            for r in L["sites"]}
+
+
+def test_gpt_oss_attention_sinks_roles_and_why():
+    """GPT-OSS's eager attention appends learned sink logits to the scores and drops them after the softmax:
+    the core is still found (pattern attention_sinks), so q/k/v/o, the router and the experts get roles."""
+    name, model, a, *_ = _case("gpt_oss")
+    roles = _roles(a)
+    for i in (0, 1):
+        for r in ("q", "k", "v", "o"):
+            assert roles[(i, "attention", r)] == f"model.layers.{i}.self_attn.{r}_proj"
+        assert roles[(i, "moe", "router")] == f"model.layers.{i}.mlp.router"
+        assert roles[(i, "moe", "expert_down")] == f"model.layers.{i}.mlp.experts.down_proj"
+    assert not [u for u in a.structure_report["unmatched"] if u["what"] == "attention"]
+    why = a.structure_report.why("attention", layer=1)
+    assert "pattern attention_sinks matched" in why and "sink logits model.layers.1.self_attn.sinks" in why, why

@@ -47,6 +47,8 @@ def _value(pattern: str, v) -> str | None:
         return v[0].name
     if pattern == "moe":                                    # structure.moe: the block, named by its router
         return f"mixture of experts routed by {v.router.name}"
+    if pattern == "attention_sinks":                        # structure.patterns: learned sink logits
+        return "sink logits " + ", ".join(v[1])
     if pattern == "ffn_gate":
         return f"gate {v[0].name}, up {v[1].name}"
     return None

@@ -13,6 +13,7 @@ a named pattern of :mod:`.patterns`; the matches and failures that decided a rol
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import deque
 
 import torch
@@ -23,7 +24,8 @@ from .linear import find_linear_sites
 from .moe import MOE, find_expert_sites, moe_entry
 from .ops import ACTIVATIONS as _ACTIVATIONS
 from .ops import node_args as _nodes, strip, strip_shape as _strip_shape
-from .patterns import (CORE_INDEX, FFN, FFN_GATE, FFN_PARALLEL, K_TRACE, O_TRACE, POST_LN, PRE_LN, Q_TRACE,
+from .ops import is_op
+from .patterns import (ATTENTION_SINKS, CORE_INDEX, FFN, FFN_GATE, FFN_PARALLEL, K_TRACE, O_TRACE, POST_LN, PRE_LN, Q_TRACE,
                        QKV_DISTINCT, RESIDUAL_ADD, V_TRACE, Matcher)
 from .fused_rows import QKV_ROWS
 from .types import (AttentionBlock, FFNBlock, Finding, Layer, LinearSite, ResidualSite, StructureMap,
@@ -95,7 +97,7 @@ class _Recognizer:
                 continue
             if r:
                 out.append(r)
-            elif any(u.target is aten.topk.default for u in n.users):
+            elif any(u.target is aten.topk.default for u in n.users) or _after_topk(n):
                 continue   # a mixture-of-experts router's softmax (structure.moe), not an attention candidate
             else:
                 self._note(n, "attention", "attention", r)
@@ -110,6 +112,9 @@ class _Recognizer:
         for found in self.attention_cores():
             core, form, qn, kn, vn, sm = found.value
             self._note(core, "attention", "attention", found)
+            for n in found.via:   # the evidence for attention sinks the core was found through
+                if is_op(n, {aten.cat.default}):
+                    self._note(core, "attention", "attention", self.matcher.run(ATTENTION_SINKS, n))
             traced = {}
             for role, x in (("q", qn), ("k", kn), ("v", vn)):
                 traced[role] = self.matcher.run(_TRACES[role], x, self)
@@ -360,6 +365,12 @@ class _Recognizer:
             common = _common_prefix(paths)
             names.append(common or f"stack{i}")
         return names
+
+
+def _after_topk(n: fx.Node) -> bool:
+    """A softmax over the values a ``topk`` picked (a router normalising its top-k logits)."""
+    x = strip(n.args[0]) if n.args else None
+    return isinstance(x, fx.Node) and x.target is operator.getitem and is_op(x.args[0], {aten.topk.default})
 
 
 def _common_prefix(paths: list[str]) -> str:
