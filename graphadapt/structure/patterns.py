@@ -538,11 +538,12 @@ def _upstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
             slices = [s for s in hit if s.split_output is n]
             site = slices[0] if slices else hit[0]
             return p.ok(site.node, site, _path_to(parent, n))
-        if not is_op(n, p.allowed):
+        srcs = node_args(n.args) if is_op(n, p.allowed) else filled_from(n) if p.allowed is QKV_TRACE_OPS else []
+        if not srcs:
             if _carries_tensor(n):   # not the SymInt size arithmetic of dynamic shapes
                 blocked.append(n)
             continue
-        for a in node_args(n.args):
+        for a in srcs:
             if a not in seen and a.op == "call_function":
                 seen.add(a)
                 parent[a] = n
@@ -590,10 +591,26 @@ def _downstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
     return p.fail(start, "nothing reads the core's output")
 
 
-_UP_THROUGH = "shape, RoPE, GQA-repeat and scaling ops"
+def filled_from(n: fx.Node) -> list[fx.Node]:
+    """What an empty buffer holds when it is filled piece by piece: ``buf = new_empty(…)`` then
+    ``copy_(buf[…, a:b], x)`` for each piece (MLA's key: the no-RoPE part from ``kv_b``, the shared RoPE
+    part from ``kv_a``). The sources ``x``, or [] when ``n`` is not such a buffer."""
+    if not is_op(n, {aten.new_empty.default, aten.empty.memory_format, aten.new_zeros.default,
+                     aten.zeros.default}):
+        return []
+    out = []
+    for u in n.users:
+        if is_op(u, {aten.slice.Tensor, aten.select.int}):
+            out += [c.args[1] for c in u.users if is_op(c, {aten.copy_.default}) and c.args[0] is u
+                    and isinstance(c.args[1], fx.Node)]
+    return out
+
+
+_UP_THROUGH = "shape, RoPE, GQA-repeat and scaling ops (and buffers filled piece by piece)"
+QKV_TRACE_OPS = frozenset(QKV_OPS)
 Q_TRACE, K_TRACE, V_TRACE = (
     Trace(f"{r}_trace", frozenset(), f"upstream from the core's {r} argument to the nearest linear site",
-          _upstream, allowed=frozenset(QKV_OPS), through=_UP_THROUGH, limit=400) for r in "qkv")
+          _upstream, allowed=QKV_TRACE_OPS, through=_UP_THROUGH, limit=400) for r in "qkv")
 O_TRACE = Trace("o_trace", frozenset(), "downstream from the core's output to the first linear site", _downstream,
                 allowed=frozenset(SHAPE_OPS), through="shape ops")
 BRANCH_TRACE = Trace("branch_trace", frozenset(), "upstream from a residual branch to its projection", _upstream,

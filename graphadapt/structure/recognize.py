@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from .heads import output_heads
 from .linear import find_linear_sites
+from .mla import MLA, whole_latent
 from .moe import MOE, find_expert_sites, moe_entry
 from .ops import ACTIVATIONS as _ACTIVATIONS
 from .ops import node_args as _nodes, strip, strip_shape as _strip_shape
@@ -126,8 +127,18 @@ class _Recognizer:
                     "attention", core.name,
                     f"no projection found upstream of the core's {'/'.join(missing)} input(s)"))
                 continue
-            fused = None
-            distinct = self.matcher.run(QKV_DISTINCT, core, q, k, v)
+            fused, latent, src = None, {}, None
+            mla = self.matcher.run(MLA, core, q, k, self) if k is v else None
+            if mla is not None:
+                for role in "qkv":
+                    self._note(core, "attention", role, mla)
+            if mla:     # multi-head latent attention: q_a/q_b (or q), kv_a, kv_b instead of q/k/v
+                latent, src = dict(mla.value[0]), mla.value[1]
+                latent["kv_a"] = whole_latent(latent["kv_a"], self.sites)
+                q, k, v = latent.pop("q", None), None, None
+                distinct = mla
+            else:
+                distinct = self.matcher.run(QKV_DISTINCT, core, q, k, v)
             if not distinct:
                 q, k, v, distinct = self._fused_rows(core, {"q": (q, qn), "k": (k, kn), "v": (v, vn)}, distinct)
             if not distinct:
@@ -144,12 +155,18 @@ class _Recognizer:
             o_found = self.matcher.run(O_TRACE, core, self)
             self._note(core, "attention", "o", o_found)
             o = o_found.value if o_found else None
-            src = fused.input if fused is not None else q.input
-            self_attn = fused is not None or (strip(q.input) is strip(k.input) and strip(k.input) is strip(v.input))
+            if src is None:
+                src = fused.input if fused is not None else q.input
+            self_attn = fused is not None or bool(latent) or (
+                strip(q.input) is strip(k.input) and strip(k.input) is strip(v.input))
             blk = AttentionBlock(core=core, form=form, self_attention=self_attn, q=q, k=k, v=v, o=o,
-                                 softmax=sm, fused_qkv=fused)
+                                 softmax=sm, fused_qkv=fused, latent=latent)
             if fused is not None:
                 used.add(id(fused))
+            elif latent:
+                val = qn.meta.get("val")
+                if val is not None and val.dim() == 4 and isinstance(val.shape[1], int):
+                    blk.num_heads = blk.num_kv_heads = val.shape[1]   # the latent is expanded per head
             else:
                 self._head_counts(blk, qn)
             if o is None:
@@ -160,7 +177,7 @@ class _Recognizer:
                 if blk.residual is None:
                     self.unmatched.append(Unmatched("residual", o.name,
                                                     "output projection does not flow into a residual add"))
-            for role, s in (("q", q), ("k", k), ("v", v), ("o", o)):
+            for role, s in (("q", q), ("k", k), ("v", v), ("o", o), *latent.items()):
                 if s is not None:
                     s.role = role
                     used.add(id(s))

@@ -16,7 +16,7 @@ import torch.fx as fx
 from ..vocab import ROLES
 
 Role = Literal["q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate",
-               "expert_down"]
+               "expert_down", "q_a", "q_b", "kv_a", "kv_b"]
 
 
 @dataclass
@@ -117,6 +117,7 @@ class AttentionBlock:
     fused_qkv: LinearSite | None = None    # q/k/v fused without a contiguous channel split
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    latent: dict[str, LinearSite] = field(default_factory=dict)   # MLA (structure.mla): q_a, q_b, kv_a, kv_b
 
     @property
     def kind(self) -> str:
@@ -154,7 +155,7 @@ class Layer:
         out: list[LinearSite] = []
         for blk in (self.attention, self.cross_attention):
             if blk is not None:
-                out += [s for s in (blk.q, blk.k, blk.v, blk.o) if s is not None]
+                out += [s for s in (blk.q, blk.k, blk.v, blk.o) if s is not None] + list(blk.latent.values())
         if self.ffn is not None:
             out += [s for s in (self.ffn.up, self.ffn.gate, self.ffn.down) if s is not None]
             out += [s for s in (self.ffn.router, self.ffn.shared_expert_gate) if s is not None]
