@@ -93,7 +93,10 @@ MODELS = {
     "qwen3_next": (_qwen3_next,
                    _per_layer(0, ("linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba", "linear_attn.out_proj")
                               + _SHARED + ("mlp.gate",)) | _per_layer(1, _ATTN + _SHARED + ("mlp.gate",)),
-                   _per_layer(0, _EXPERTS) | _per_layer(1, _EXPERTS)),
+                   # layer 0 (linear attention) has no recognised block: its fused gate/up weight is one site
+                   _per_layer(0, _EXPERTS) | _per_layer(1, ("mlp.experts.gate_up_proj.expert_gate",
+                                                            "mlp.experts.gate_up_proj.expert_up",
+                                                            "mlp.experts.down_proj"))),
     "qwen3": (_qwen3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
     "gemma3": (_gemma3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
 }
@@ -342,3 +345,18 @@ def test_mla_roles_compose_and_merge_exactly():
     torch.testing.assert_close(_logits(a), chain, atol=1e-5, rtol=0)
     a.unmerge()
     torch.testing.assert_close(_logits(a), chain, atol=0, rtol=0)
+
+
+def test_qwen3_next_gated_attention_roles():
+    """Qwen3-Next's full attention gates its output (``attn · sigmoid(gate)`` before o_proj): o is found through
+    the gate, so the residual point and the MoE block after it (router, experts, shared expert and its scalar gate)
+    get roles. The gated delta-net layer has no attention core: its projections are adapted by all-linear only."""
+    name, model, a, *_ = _case("qwen3_next")
+    roles = _roles(a)
+    att, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    assert {r: roles.get((0, "attention", r)) for r in "qkvo"} == {r: f"{att}.{r}_proj" for r in "qkvo"}
+    assert roles[(0, "moe", "router")] == f"{mlp}.gate"
+    assert roles[(0, "moe", "shared_expert_gate")] == f"{mlp}.shared_expert_gate"
+    assert roles[(0, "moe", "expert_down")] == f"{mlp}.experts.down_proj"
+    assert "mul" in a.structure_report.why("o", layer=0)        # traced through the output gate
+    assert {"model.layers.0.linear_attn.in_proj_qkvz", "model.layers.0.linear_attn.out_proj"} <= _adapted_sites(a)

@@ -112,6 +112,7 @@ class Trace(Pattern):
     allowed: frozenset = frozenset()
     through: str = ""       # what ``allowed`` is, in words
     limit: int = 0          # upstream traces: most nodes visited
+    gates: bool = False     # downstream traces: also through a sigmoid output gate ``x * sigmoid(g)``
 
 
 @dataclass
@@ -561,6 +562,14 @@ def _upstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
     return p.fail(start, f"no linear site upstream through {p.through}{end}")
 
 
+def _output_gate(u: fx.Node, x: fx.Node) -> bool:
+    """``x * sigmoid(g)``: an output gate on the attention output (Qwen3-Next's gated attention)."""
+    if not is_op(u, {aten.mul.Tensor}) or len(u.args) != 2 or x not in u.args:
+        return False
+    other = u.args[1] if u.args[0] is x else u.args[0]
+    return is_op(strip(other), {aten.sigmoid.default})
+
+
 def _downstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
     """First linear site reading ``start`` through ``p.allowed`` ops."""
     seen, q = {start}, deque([start])
@@ -578,7 +587,7 @@ def _downstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
             site = ctx.site_of_node.get(u)
             if site is not None:
                 return p.ok(u, site, _path_to(parent, n))
-            if is_op(u, p.allowed):
+            if is_op(u, p.allowed) or (p.gates and _output_gate(u, n)):
                 parent[u] = n
                 q.append(u)
             elif _carries_tensor(u):
@@ -612,7 +621,7 @@ Q_TRACE, K_TRACE, V_TRACE = (
     Trace(f"{r}_trace", frozenset(), f"upstream from the core's {r} argument to the nearest linear site",
           _upstream, allowed=QKV_TRACE_OPS, through=_UP_THROUGH, limit=400) for r in "qkv")
 O_TRACE = Trace("o_trace", frozenset(), "downstream from the core's output to the first linear site", _downstream,
-                allowed=frozenset(SHAPE_OPS), through="shape ops")
+                allowed=frozenset(SHAPE_OPS), through="shape ops (and a sigmoid output gate)", gates=True)
 BRANCH_TRACE = Trace("branch_trace", frozenset(), "upstream from a residual branch to its projection", _upstream,
                      allowed=frozenset(BRANCH_TAIL | RESHAPES), through="dropout/scale/cast/reshape ops", limit=10)
 DOWN_TRACE = Trace("down_trace", frozenset(), "upstream from an FFN branch to its down projection", _upstream,
