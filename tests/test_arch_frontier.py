@@ -360,3 +360,15 @@ def test_qwen3_next_gated_attention_roles():
     assert roles[(0, "moe", "expert_down")] == f"{mlp}.experts.down_proj"
     assert "mul" in a.structure_report.why("o", layer=0)        # traced through the output gate
     assert {"model.layers.0.linear_attn.in_proj_qkvz", "model.layers.0.linear_attn.out_proj"} <= _adapted_sites(a)
+
+
+def test_config_error_is_not_reported_as_a_capture_problem():
+    """DeepSeek-V3 with fewer key/value heads than query heads: transformers' own forward fails (MLA expands
+    the latent to every head, then repeats it again); the CaptureError says so instead of blaming torch.export."""
+    cfg = T.DeepseekV3Config(**_C, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4,
+                             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=2, q_lora_rank=24,
+                             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    model = build_seeded(lambda: T.AutoModelForCausalLM.from_config(cfg), 0)
+    with pytest.raises(ga.CaptureError, match=r"own forward fails \(eager, without torch.export\) in module "
+                                              r"`model.layers.0.self_attn`(.|\n)*not a capture problem"):
+        ga.apply(model, ga.LoRA(r=2, targets="all-linear"), example_kwargs=INP)
