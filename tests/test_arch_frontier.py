@@ -100,8 +100,12 @@ MODELS = {
     "qwen3": (_qwen3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
     "gemma3": (_gemma3, _per_layer(0, _ATTN + _MLP) | _per_layer(1, _ATTN + _MLP), set()),
 }
+# Qwen3-Next's gated delta rule, on transformers' export path (``is_torchdynamo_exporting``), unrolls a 63-step
+# forward substitution: with dynamic batch/sequence its capture takes ~10x longer (guards on every step), so the
+# checks here capture it with the example's shapes
+STATIC = ("qwen3_next",)
 # Qwen3-Next's export path of its gated delta rule (transformers' ``is_torchdynamo_exporting`` branch) unrolls a
-# 63-step forward substitution: its ONNX export verifies, but takes minutes on a loaded 2-core machine
+# 63-step forward substitution: its ONNX export verifies (measured: 84 s on a loaded 2-core machine), too slow for CI
 ONNX = ("deepseek_v3", "gpt_oss") + (("qwen3_next",) if os.environ.get("GRAPHADAPT_SLOW_TESTS") else ())
 
 
@@ -158,7 +162,8 @@ def _build_case(name):
     base = _logits(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = ga.apply(model, ga.Spec({"l": ga.LoRA(r=4, alpha=8, targets="all-linear")}), example_kwargs=INP)
+        a = ga.apply(model, ga.Spec({"l": ga.LoRA(r=4, alpha=8, targets="all-linear")}), example_kwargs=INP,
+                     dynamic=name not in STATIC)
     init = _logits(a)
     perturb_adapters(a, seed=1, replace=True)
     return name, model, a, base, init, linear, extra
@@ -232,7 +237,7 @@ def test_merge_exact(case):
 def test_onnx_export_verified(case, tmp_path):
     name, model, a, base, init, linear, extra = case
     if name not in ONNX:
-        pytest.skip("dense decoders are exported in test_export.py; Qwen3-Next's export (minutes) runs with "
+        pytest.skip("dense decoders are exported in test_export.py; Qwen3-Next's export (~80 s) runs with "
                     "GRAPHADAPT_SLOW_TESTS=1")
     from graphadapt.exporters.onnx import export_onnx
 
