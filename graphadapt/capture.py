@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import traceback
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -219,7 +220,19 @@ def quiet_torch_logs():
 
 
 # --------------------------------------------------------------------------- errors
-def _describe_failure(model: nn.Module, exc: BaseException) -> str:
+def _eager_failure(model: nn.Module, kwargs: Mapping[str, Any]) -> BaseException | None:
+    """The error of the model's own (eager) forward on the capture inputs, or None when it runs: an export
+    failure that eager execution shares is the model's or its config's, not torch.export's."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(**kwargs)
+    except Exception as e:  # noqa: BLE001 - only reported
+        return e
+    return None
+
+
+def _describe_failure(model: nn.Module, exc: BaseException, eager_fails: bool = False) -> str:
     """One-paragraph diagnosis of an export failure: which module, which line, what to try."""
     modules = {id(m): n for n, m in model.named_modules()}
     culprit_mod, culprit_line = None, None
@@ -233,7 +246,11 @@ def _describe_failure(model: nn.Module, exc: BaseException) -> str:
     first = text.splitlines()[0] if text else type(exc).__name__
     if len(first) > 400:
         first = first[:400] + " …"
-    if re.search(r"data.dependent|GuardOnDataDependent|Could not guard|Could not extract specialized integer",
+    if eager_fails:
+        hint = ("the model's own forward fails on these inputs too, without torch.export: this is not a capture "
+                "problem — check the model's config (e.g. head counts and dimensions that must agree) and the "
+                "example inputs.")
+    elif re.search(r"data.dependent|GuardOnDataDependent|Could not guard|Could not extract specialized integer",
                  text, re.I):
         hint = ("the model branches on the *values* of a tensor (data-dependent control flow). "
                 "Rewrite that branch with torch.cond / torch.where, or move it outside forward.")
@@ -249,7 +266,9 @@ def _describe_failure(model: nn.Module, exc: BaseException) -> str:
         where = f" in module `{culprit_mod[0]}` ({culprit_mod[1]})"
         if culprit_line:
             where += f" at {culprit_line}"
-    return (f"torch.export could not capture {type(model).__name__}{where}: "
+    head = (f"{type(model).__name__}'s own forward fails (eager, without torch.export)" if eager_fails
+            else f"torch.export could not capture {type(model).__name__}")
+    return (f"{head}{where}: "
             f"{type(exc).__name__}: {first}\nWhat to try: {hint}"
             "\n(Set GRAPHADAPT_DEBUG=1 to see torch.export's own log.)")
 
@@ -471,7 +490,8 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
                                      if dynamic else None,
                                      strict=False)
     except Exception as e:  # noqa: BLE001 - every failure becomes one readable CaptureError
-        raise CaptureError(_describe_failure(model, e)) from e
+        eager = _eager_failure(model, {k: v for k, v in kwargs.items() if k not in baked})
+        raise CaptureError(_describe_failure(model, eager or e, eager_fails=eager is not None)) from e
     finally:
         if baked:
             if own_forward is None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from enum import StrEnum
 
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down",
-                          "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down")
+                          "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down",
+                          "q_a", "q_b", "kv_a", "kv_b")
 """Linear-site roles found from dataflow: attention q/k/v/o, feed-forward up/gate/down (in a
 mixture-of-experts block: the shared expert's), and the mixture-of-experts roles: the top-k
 ``router``, the shared expert's scalar ``shared_expert_gate``, and the fused expert weights
-``expert_up``/``expert_gate``/``expert_down`` (one low-rank update per expert)."""
+``expert_up``/``expert_gate``/``expert_down`` (one low-rank update per expert); multi-head latent attention's
+low-rank projections ``q_a``/``q_b`` (query down/up) and ``kv_a``/``kv_b`` (key-value latent down/up)."""
 
 ALL_LINEAR = "all-linear"
 """Target word meaning every role."""

@@ -56,7 +56,8 @@ def test_spec_validation_and_round_trip():
     assert s.targets == ("k", "v", "down") and s.feedforward == ("down",) and s.init_ia3_weights is True
     assert ga.MethodSpec.from_dict(s.to_dict()) == s
     assert IA3(targets="all-linear", feedforward=("down",)).role_targets() == (
-        "q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down")
+        "q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down",
+        "q_a", "q_b", "kv_a", "kv_b")
     with pytest.raises(SpecError) as e:
         IA3(targets=("k", "v"), feedforward=("down",))
     assert e.value.field == "feedforward"

@@ -10,12 +10,13 @@ any adapter is built.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch.fx as fx
 
 from ..errors import SpecError
 from ..spec.targets import selector_matches
-from ..vocab import ROLES
+from ..vocab import ALL_LINEAR, ROLES
 from ..structure.types import LinearSite, StructureMap
 
 
@@ -53,6 +54,10 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
         for s in hits:
             take(s)
 
+    if ALL_LINEAR in getattr(method, "targets", ()):
+        for s in _all_linear(sm, method, adapter_name, bool(role_sites)):
+            take(s)
+
     for sel in paths:
         hits: list[LinearSite] = []
         fused_done: set[tuple[str, fx.Node]] = set()
@@ -86,6 +91,42 @@ def select_linear_sites(sm: StructureMap, method, adapter_name: str) -> list[Lin
             raise SpecError(f"adapter {adapter_name!r} selects both the fused projection "
                             f"{s.module_path!r} and its slice {s.name!r}; choose one.", field="targets")
     return flat + _other_uses(sm, flat)
+
+
+def _all_linear(sm: StructureMap, method, adapter_name: str, any_role: bool) -> list[LinearSite]:
+    """``"all-linear"`` beyond the roles: every other linear site except the output head (PEFT's
+    ``all-linear``: every ``nn.Linear`` but the output embedding; here also fused expert weights). A
+    fused projection none of whose pieces has a role is adapted whole, as PEFT adapts the module; pieces
+    of a projection whose other pieces have roles are adapted piece by piece. Sites outside recognised
+    layers have no layer index: a spec restricting ``layers``/``leave_out`` leaves them out."""
+    heads = set(sm.output_heads)
+    restricted = getattr(method, "layers", None) is not None or bool(getattr(method, "leave_out", ()))
+    roled_groups = {(s.weight, s.node) for s in sm.linear_sites if s.fused and s.role is not None}
+    out: list[LinearSite] = []
+    whole_done: set = set()
+    for s in sm.linear_sites:
+        if s.role is not None or s.name in heads or (restricted and s.layer is None):
+            continue
+        if s.layer is not None and not method.includes_layer(s.layer):
+            continue
+        if s.fused and (s.weight, s.node) not in roled_groups:
+            if (s.weight, s.node) not in whole_done:
+                whole_done.add((s.weight, s.node))
+                out.append(_whole(s))
+        else:
+            out.append(s)
+    if not any_role:
+        found = len({(s.weight, s.node) for s in out})
+        warnings.warn(
+            f"graphadapt: adapter {adapter_name!r}: no attention, feed-forward or expert block was recognised in "
+            f"this model, so no role (q, k, v, o, up, down, …) exists; 'all-linear' adapts the {found} linear "
+            "layer(s) found by their graph form only, and residual-point or attention methods have no site. "
+            "Run `graphadapt inspect --why attention` to see which pattern stopped recognition.",
+            UserWarning, stacklevel=2)
+        if not out:
+            raise SpecError(f"adapter {adapter_name!r}: 'all-linear' found no linear layer in this model (nor any "
+                            "recognised block): nothing to adapt. Check `graphadapt inspect`.", field="targets")
+    return out
 
 
 def _other_uses(sm: StructureMap, flat: list[LinearSite]) -> list[LinearSite]:

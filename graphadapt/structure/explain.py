@@ -46,6 +46,10 @@ def _value(pattern: str, v) -> str | None:
         return v[0].name
     if pattern == "moe":                                    # structure.moe: the block, named by its router
         return f"mixture of experts routed by {v.router.name}"
+    if pattern == "mla":                                    # structure.mla: the latent projections by role
+        return "latent attention: " + ", ".join(f"{r} {s.name}" for r, s in v[0].items())
+    if pattern == "attention_sinks":                        # structure.patterns: learned sink logits
+        return "sink logits " + ", ".join(v[1])
     if pattern == "ffn_gate":
         return f"gate {v[0].name}, up {v[1].name}"
     return None
@@ -124,6 +128,8 @@ def _status(entry: dict, L: Layer | None, block: str, role: str, core) -> None:
         entry["found"], entry["site"] = True, core.name
     elif blk is not None and role in ("q", "k", "v", "o"):
         s = getattr(blk, role)
+        if s is None and role in ("q", "k", "v"):      # MLA (structure.mla): the role's latent up-projection
+            s = blk.latent.get("q_b" if role == "q" else "kv_b")
         if s is not None:
             entry["found"], entry["site"] = True, s.name
             entry["site_pattern"] = s.pattern

@@ -113,6 +113,7 @@ class Trace(Pattern):
     allowed: frozenset = frozenset()
     through: str = ""       # what ``allowed`` is, in words
     limit: int = 0          # upstream traces: most nodes visited
+    gates: bool = False     # downstream traces: also through a sigmoid output gate ``x * sigmoid(g)``
 
 
 @dataclass
@@ -183,6 +184,8 @@ def _owner(qualname: str) -> str:
 def _linear(p: Pattern, n: fx.Node, gm) -> Match | MatchFailure:
     x, w = n.args[0], n.args[1]
     b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    # ``F.linear(x, W.float())`` (an fp32 router): the cast is a no-op at capture; the site is W's
+    w, b = strip(w), strip(b)
     pw = _param(gm, w)
     if pw is None or pw[1].dim() != 2:
         return p.fail(n, "weight is not a 2-d parameter of the model")
@@ -413,7 +416,7 @@ def _eager_attention(p: Pattern, sm: fx.Node, order: dict) -> Match | MatchFailu
         if is_op(n, MATMUL) or is_op(n, {aten.baddbmm.default}):
             qk = n
             break
-        if not is_op(n, MASKING | RESHAPES):
+        if not is_op(n, MASKING | RESHAPES | {aten.cat.default}):
             if n is None:
                 return p.fail(sm, "the mask/scale chain above the softmax ends without a QKᵀ matmul", via)
             return p.fail(n, "above the softmax: neither a mask/scale/bias/reshape op nor the QKᵀ matmul", via)
@@ -421,6 +424,13 @@ def _eager_attention(p: Pattern, sm: fx.Node, order: dict) -> Match | MatchFailu
         cands = [a for a in node_args(n.args) if a.op == "call_function"]
         if is_op(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor}) and isinstance(n.args[0], fx.Node):
             cands = [n.args[0]]   # the scores being filled, not the (later-computed) mask (DeBERTa-v2)
+        elif is_op(n, {aten.sub.Tensor}) and _row_max_of(n.args[1], n.args[0]):
+            cands = [n.args[0]]   # ``x - max(x)``: the softmax's stabilisation, not another operand
+        elif is_op(n, {aten.cat.default}):
+            sink = ATTENTION_SINKS.match(n)
+            if not sink:
+                return p.fail(n, f"above the softmax: a cat that is not attention sinks ({sink.reason})", via)
+            cands = [sink.value[0]]
         # a direct QKᵀ operand wins (T5 4.57: ``scores += position_bias``, whose bias operand
         # is computed later than the matmul); otherwise follow the most recent operand
         mm = [a for a in cands if is_op(a, MATMUL)]
@@ -435,7 +445,7 @@ def _eager_attention(p: Pattern, sm: fx.Node, order: dict) -> Match | MatchFailu
             for u in f.users:
                 if is_op(u, MATMUL) and u.args[0] is f:
                     pv = u
-                elif is_op(u, {aten.dropout.default} | PASSTHROUGH | RESHAPES):
+                elif is_op(u, {aten.dropout.default} | PASSTHROUGH | RESHAPES) or _drops_sinks(u):
                     nxt.append(u)
         if pv is not None or not nxt:
             break
@@ -444,6 +454,49 @@ def _eager_attention(p: Pattern, sm: fx.Node, order: dict) -> Match | MatchFailu
         return p.fail(sm, "no matmul(·, V) reads the softmax output through dropout/cast/reshape ops", via)
     q, k = (qk.args[1], qk.args[2]) if qk.target == aten.baddbmm.default else (qk.args[0], qk.args[1])
     return p.ok(pv, (pv, "eager", q, k, pv.args[1], sm), via + [qk])
+
+
+def _row_max_of(m, x) -> bool:
+    """``m`` is ``max(x, -1, keepdim)`` (``amax`` or ``max.dim``'s values)."""
+    if is_op(m, {operator.getitem}) and m.args[1] == 0:
+        m = m.args[0]
+    return is_op(m, {aten.amax.default, aten.max.dim}) and m.args[0] is x
+
+
+def _param_only(n, depth: int = 8) -> str | None:
+    """The parameter/buffer a tensor is made of through shape ops and casts alone (a sink logit), else None."""
+    for _ in range(depth):
+        if not isinstance(n, fx.Node):
+            return None
+        if n.op == "get_attr":
+            return str(n.target)
+        if not is_op(n, SHAPE_OPS):
+            return None
+        n = n.args[0]
+    return None
+
+
+def _attention_sinks(p: Pattern, cat: fx.Node) -> Match | MatchFailure:
+    """``cat([scores, sinks], -1)``: per-head learned logits appended as extra key columns (GPT-OSS)."""
+    pieces = cat.args[0] if cat.args else []
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    rank = len(cat.meta["val"].shape) if "val" in cat.meta else None
+    if rank is None or dim not in (-1, rank - 1) or len(pieces) < 2:
+        return p.fail(cat, "not a concatenation of several pieces along the key (last) dim")
+    params = [_param_only(x) for x in pieces]
+    scores = [x for x, w in zip(pieces, params) if w is None]
+    if len(scores) != 1 or params[0] is not None:
+        return p.fail(cat, "not one score tensor followed by pieces made only of parameters (sink logits)")
+    return p.ok(cat, (scores[0], [w for w in params if w is not None]))
+
+
+def _drops_sinks(u) -> bool:
+    """``probs[..., :-k]``: the sink columns dropped after the softmax."""
+    if not is_op(u, {aten.slice.Tensor}) or len(u.args) < 4:
+        return False
+    rank = len(u.args[0].meta["val"].shape) if "val" in u.args[0].meta else None
+    return rank is not None and u.args[1] in (-1, rank - 1) and u.args[2] in (0, None) \
+        and isinstance(u.args[3], int) and u.args[3] < 0
 
 
 def _qkv_distinct(p: Pattern, core: fx.Node, q: LinearSite, k: LinearSite, v: LinearSite):
@@ -458,7 +511,10 @@ def _qkv_distinct(p: Pattern, core: fx.Node, q: LinearSite, k: LinearSite, v: Li
 SDPA = Pattern("sdpa", frozenset({aten.scaled_dot_product_attention.default}),
                "aten.scaled_dot_product_attention(q, k, v, ...)", _sdpa)
 EAGER_ATTENTION = Pattern("eager_attention", frozenset(SOFTMAX),
-                          "matmul(q, kᵀ) → mask/scale/bias → softmax → [dropout] → matmul(·, v)", _eager_attention)
+                          "matmul(q, kᵀ) → mask/scale/bias [→ sinks, − max] → softmax → [drop sinks, dropout] → "
+                          "matmul(·, v)", _eager_attention)
+ATTENTION_SINKS = Pattern("attention_sinks", frozenset(), "cat([QKᵀ scores, learned sink logits], -1) → softmax → "
+                          "drop the sink columns: attention sinks, the scores are the first piece", _attention_sinks)
 QKV_DISTINCT = Pattern("qkv_distinct", frozenset(), "q, k and v come from three different sites (or slices)",
                        _qkv_distinct)
 ATTENTION_CORES = (SDPA, EAGER_ATTENTION)
@@ -485,11 +541,12 @@ def _upstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
             slices = [s for s in hit if s.split_output is n]
             site = slices[0] if slices else hit[0]
             return p.ok(site.node, site, _path_to(parent, n))
-        if not is_op(n, p.allowed):
+        srcs = node_args(n.args) if is_op(n, p.allowed) else filled_from(n) if p.allowed is QKV_TRACE_OPS else []
+        if not srcs:
             if _carries_tensor(n):   # not the SymInt size arithmetic of dynamic shapes
                 blocked.append(n)
             continue
-        for a in node_args(n.args):
+        for a in srcs:
             if a not in seen and a.op == "call_function":
                 seen.add(a)
                 parent[a] = n
@@ -505,6 +562,14 @@ def _upstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
                       _path_to(parent, stop))
     end = f"; it reaches the graph input {inputs[0].name}" if inputs else ""
     return p.fail(start, f"no linear site upstream through {p.through}{end}")
+
+
+def _output_gate(u: fx.Node, x: fx.Node) -> bool:
+    """``x * sigmoid(g)``: an output gate on the attention output (Qwen3-Next's gated attention)."""
+    if not is_op(u, {aten.mul.Tensor}) or len(u.args) != 2 or x not in u.args:
+        return False
+    other = u.args[1] if u.args[0] is x else u.args[0]
+    return is_op(strip(other), {aten.sigmoid.default})
 
 
 def _downstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
@@ -524,7 +589,7 @@ def _downstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
             site = ctx.site_of_node.get(u)
             if site is not None:
                 return p.ok(u, site, _path_to(parent, n))
-            if is_op(u, p.allowed):
+            if is_op(u, p.allowed) or (p.gates and _output_gate(u, n)):
                 parent[u] = n
                 q.append(u)
             elif _carries_tensor(u):
@@ -537,12 +602,28 @@ def _downstream(p: Trace, start: fx.Node, ctx) -> Match | MatchFailure:
     return p.fail(start, "nothing reads the core's output")
 
 
-_UP_THROUGH = "shape, RoPE, GQA-repeat and scaling ops"
+def filled_from(n: fx.Node) -> list[fx.Node]:
+    """What an empty buffer holds when it is filled piece by piece: ``buf = new_empty(…)`` then
+    ``copy_(buf[…, a:b], x)`` for each piece (MLA's key: the no-RoPE part from ``kv_b``, the shared RoPE
+    part from ``kv_a``). The sources ``x``, or [] when ``n`` is not such a buffer."""
+    if not is_op(n, {aten.new_empty.default, aten.empty.memory_format, aten.new_zeros.default,
+                     aten.zeros.default}):
+        return []
+    out = []
+    for u in n.users:
+        if is_op(u, {aten.slice.Tensor, aten.select.int}):
+            out += [c.args[1] for c in u.users if is_op(c, {aten.copy_.default}) and c.args[0] is u
+                    and isinstance(c.args[1], fx.Node)]
+    return out
+
+
+_UP_THROUGH = "shape, RoPE, GQA-repeat and scaling ops (and buffers filled piece by piece)"
+QKV_TRACE_OPS = frozenset(QKV_OPS)
 Q_TRACE, K_TRACE, V_TRACE = (
     Trace(f"{r}_trace", frozenset(), f"upstream from the core's {r} argument to the nearest linear site",
-          _upstream, allowed=frozenset(QKV_OPS), through=_UP_THROUGH, limit=400) for r in "qkv")
+          _upstream, allowed=QKV_TRACE_OPS, through=_UP_THROUGH, limit=400) for r in "qkv")
 O_TRACE = Trace("o_trace", frozenset(), "downstream from the core's output to the first linear site", _downstream,
-                allowed=frozenset(SHAPE_OPS), through="shape ops")
+                allowed=frozenset(SHAPE_OPS), through="shape ops (and a sigmoid output gate)", gates=True)
 BRANCH_TRACE = Trace("branch_trace", frozenset(), "upstream from a residual branch to its projection", _upstream,
                      allowed=frozenset(BRANCH_TAIL | RESHAPES), through="dropout/scale/cast/reshape ops", limit=10)
 DOWN_TRACE = Trace("down_trace", frozenset(), "upstream from an FFN branch to its down projection", _upstream,
@@ -796,6 +877,6 @@ FFN_GATE = Pattern("ffn_gate", frozenset(), "of the sites feeding down, the one 
                    "(SwiGLU), the plain one up", _ffn_gate)
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (
-    LINEAR, ADDMM, MM, MATMUL_PARAM, FUSED_SPLIT, SDPA, EAGER_ATTENTION, QKV_DISTINCT,
+    LINEAR, ADDMM, MM, MATMUL_PARAM, FUSED_SPLIT, SDPA, EAGER_ATTENTION, ATTENTION_SINKS, QKV_DISTINCT,
     LAYER_NORM, RMS_NORM, RMS_NORM_DECOMPOSED, Q_TRACE, K_TRACE, V_TRACE, O_TRACE, BRANCH_TRACE, DOWN_TRACE,
     PARALLEL_SIBLING, RESIDUAL_ADD, PRE_LN, POST_LN, FFN, FFN_PARALLEL, FFN_GATE)}

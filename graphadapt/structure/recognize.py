@@ -13,16 +13,20 @@ a named pattern of :mod:`.patterns`; the matches and failures that decided a rol
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import deque
 
 import torch
 import torch.fx as fx
 
+from .heads import output_heads
 from .linear import find_linear_sites
+from .mla import MLA, whole_latent
 from .moe import MOE, find_expert_sites, moe_entry
 from .ops import ACTIVATIONS as _ACTIVATIONS
 from .ops import node_args as _nodes, strip, strip_shape as _strip_shape
-from .patterns import (CORE_INDEX, FFN, FFN_GATE, FFN_PARALLEL, K_TRACE, O_TRACE, POST_LN, PRE_LN, Q_TRACE,
+from .ops import is_op
+from .patterns import (ATTENTION_SINKS, CORE_INDEX, FFN, FFN_GATE, FFN_PARALLEL, K_TRACE, O_TRACE, POST_LN, PRE_LN, Q_TRACE,
                        QKV_DISTINCT, RESIDUAL_ADD, V_TRACE, Matcher)
 from .fused_rows import QKV_ROWS
 from .types import (AttentionBlock, FFNBlock, Finding, Layer, LinearSite, ResidualSite, StructureMap,
@@ -94,7 +98,7 @@ class _Recognizer:
                 continue
             if r:
                 out.append(r)
-            elif any(u.target is aten.topk.default for u in n.users):
+            elif any(u.target is aten.topk.default for u in n.users) or _after_topk(n):
                 continue   # a mixture-of-experts router's softmax (structure.moe), not an attention candidate
             else:
                 self._note(n, "attention", "attention", r)
@@ -109,6 +113,9 @@ class _Recognizer:
         for found in self.attention_cores():
             core, form, qn, kn, vn, sm = found.value
             self._note(core, "attention", "attention", found)
+            for n in found.via:   # the evidence for attention sinks the core was found through
+                if is_op(n, {aten.cat.default}):
+                    self._note(core, "attention", "attention", self.matcher.run(ATTENTION_SINKS, n))
             traced = {}
             for role, x in (("q", qn), ("k", kn), ("v", vn)):
                 traced[role] = self.matcher.run(_TRACES[role], x, self)
@@ -120,8 +127,18 @@ class _Recognizer:
                     "attention", core.name,
                     f"no projection found upstream of the core's {'/'.join(missing)} input(s)"))
                 continue
-            fused = None
-            distinct = self.matcher.run(QKV_DISTINCT, core, q, k, v)
+            fused, latent, src = None, {}, None
+            mla = self.matcher.run(MLA, core, q, k, self) if k is v else None
+            if mla is not None:
+                for role in "qkv":
+                    self._note(core, "attention", role, mla)
+            if mla:     # multi-head latent attention: q_a/q_b (or q), kv_a, kv_b instead of q/k/v
+                latent, src = dict(mla.value[0]), mla.value[1]
+                latent["kv_a"] = whole_latent(latent["kv_a"], self.sites)
+                q, k, v = latent.pop("q", None), None, None
+                distinct = mla
+            else:
+                distinct = self.matcher.run(QKV_DISTINCT, core, q, k, v)
             if not distinct:
                 q, k, v, distinct = self._fused_rows(core, {"q": (q, qn), "k": (k, kn), "v": (v, vn)}, distinct)
             if not distinct:
@@ -138,12 +155,18 @@ class _Recognizer:
             o_found = self.matcher.run(O_TRACE, core, self)
             self._note(core, "attention", "o", o_found)
             o = o_found.value if o_found else None
-            src = fused.input if fused is not None else q.input
-            self_attn = fused is not None or (strip(q.input) is strip(k.input) and strip(k.input) is strip(v.input))
+            if src is None:
+                src = fused.input if fused is not None else q.input
+            self_attn = fused is not None or bool(latent) or (
+                strip(q.input) is strip(k.input) and strip(k.input) is strip(v.input))
             blk = AttentionBlock(core=core, form=form, self_attention=self_attn, q=q, k=k, v=v, o=o,
-                                 softmax=sm, fused_qkv=fused)
+                                 softmax=sm, fused_qkv=fused, latent=latent)
             if fused is not None:
                 used.add(id(fused))
+            elif latent:
+                val = qn.meta.get("val")
+                if val is not None and val.dim() == 4 and isinstance(val.shape[1], int):
+                    blk.num_heads = blk.num_kv_heads = val.shape[1]   # the latent is expanded per head
             else:
                 self._head_counts(blk, qn)
             if o is None:
@@ -154,7 +177,7 @@ class _Recognizer:
                 if blk.residual is None:
                     self.unmatched.append(Unmatched("residual", o.name,
                                                     "output projection does not flow into a residual add"))
-            for role, s in (("q", q), ("k", k), ("v", v), ("o", o)):
+            for role, s in (("q", q), ("k", k), ("v", v), ("o", o), *latent.items()):
                 if s is not None:
                     s.role = role
                     used.add(id(s))
@@ -196,12 +219,17 @@ class _Recognizer:
             layer.ffn = ffn
 
         self._assign_stacks(layers)
+        heads = {id(m.value): m for m in output_heads([s for s in self.sites if id(s) not in used], self.matcher)}
         for s in self.sites:
-            if id(s) not in used:
+            if id(s) in heads:
+                self.unmatched.append(Unmatched(
+                    "linear", s.name, "the output head (pattern output_head: its output is a model output): left "
+                    "out of 'all-linear' as PEFT does; select it by module path or train it via modules_to_save"))
+            elif id(s) not in used:
                 self.unmatched.append(Unmatched(
                     "linear", s.name,
                     "not part of a recognised attention or feed-forward block "
-                    "(e.g. embeddings projection, pooler, classifier head); select it by module path"))
+                    "(e.g. embeddings projection, pooler); 'all-linear' adapts it, or select it by module path"))
         for layer in layers:
             for s in layer.linear_sites():
                 s.layer = layer.index
@@ -209,7 +237,8 @@ class _Recognizer:
                     s.name = f"{s.module_path}.{s.role}"
         stacks = self._stack_names(layers)
         return StructureMap(layers=layers, linear_sites=self.sites, unmatched=self.unmatched, stacks=stacks,
-                            findings=self.findings, pattern_stats=self.matcher.stats)
+                            findings=self.findings, pattern_stats=self.matcher.stats,
+                            output_heads=[m.value.name for m in heads.values()])
 
     def _fused_rows(self, core: fx.Node, traced: dict, distinct):
         """q/k/v sharing one site: per-role channel index sets (pattern ``qkv_rows``), one new site per
@@ -353,6 +382,12 @@ class _Recognizer:
             common = _common_prefix(paths)
             names.append(common or f"stack{i}")
         return names
+
+
+def _after_topk(n: fx.Node) -> bool:
+    """A softmax over the values a ``topk`` picked (a router normalising its top-k logits)."""
+    x = strip(n.args[0]) if n.args else None
+    return isinstance(x, fx.Node) and x.target is operator.getitem and is_op(x.args[0], {aten.topk.default})
 
 
 def _common_prefix(paths: list[str]) -> str:

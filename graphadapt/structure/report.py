@@ -42,8 +42,7 @@ def structure_report(sm: StructureMap) -> StructureReport:
         rows = []
 
         def add_attn(blk: AttentionBlock, tag: str):
-            for role in ("q", "k", "v", "o"):
-                s = getattr(blk, role)
+            for role, s in [(r, getattr(blk, r)) for r in ("q", "k", "v", "o")] + list(blk.latent.items()):
                 if s is not None:
                     rows.append({"block": tag, "role": role, "module": s.name, "shape": _shape(s),
                                  "layout": s.layout, "fused": s.fused, "pattern": s.pattern})

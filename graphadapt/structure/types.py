@@ -114,6 +114,7 @@ class AttentionBlock:
     fused_qkv: LinearSite | None = None    # q/k/v fused without a contiguous channel split
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    latent: dict[str, LinearSite] = field(default_factory=dict)   # MLA (structure.mla): q_a, q_b, kv_a, kv_b
 
     @property
     def kind(self) -> str:
@@ -151,7 +152,7 @@ class Layer:
         out: list[LinearSite] = []
         for blk in (self.attention, self.cross_attention):
             if blk is not None:
-                out += [s for s in (blk.q, blk.k, blk.v, blk.o) if s is not None]
+                out += [s for s in (blk.q, blk.k, blk.v, blk.o) if s is not None] + list(blk.latent.values())
         if self.ffn is not None:
             out += [s for s in (self.ffn.up, self.ffn.gate, self.ffn.down) if s is not None]
             out += [s for s in (self.ffn.router, self.ffn.shared_expert_gate) if s is not None]
@@ -202,6 +203,7 @@ class StructureMap:
     stacks: list[str] = field(default_factory=list)                 # "encoder", "decoder", "stack"
     findings: list[Finding] = field(default_factory=list)          # per candidate and role, for why()
     pattern_stats: dict[str, Any] = field(default_factory=dict)     # pattern name → PatternStats
+    output_heads: list[str] = field(default_factory=list)           # names of head sites (``structure.heads``)
 
     def sites_by_name(self) -> dict[str, LinearSite]:
         return {s.name: s for s in self.linear_sites}
