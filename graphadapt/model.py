@@ -560,7 +560,7 @@ class AdaptedModel(CapturedModule):
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def save_merged(self, directory, names: Iterable[str] | None = None, *, max_shard_size="5GB",
-                    dtype=None, safe: bool = True) -> list:
+                    dtype=None, safe: bool = True, overwrite: bool = False) -> list:
         """Write the merged model as a Hugging Face checkpoint (``config.json`` + safetensors,
         sharded above ``max_shard_size``) into ``directory``, loadable by the source class's
         ``from_pretrained``. Streams one tensor at a time: extra memory is one merged weight;
@@ -568,19 +568,20 @@ class AdaptedModel(CapturedModule):
         """
         from .checkpoints.merged import save_merged
 
-        return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe)
+        return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe,
+                           overwrite=overwrite)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_adapters(self, directory, names=None):
+    def save_adapters(self, directory, names=None, overwrite: bool = False):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
         from .checkpoints import save_adapters
 
         if self.is_merged:
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
-        return save_adapters(self, directory, names)
+        return save_adapters(self, directory, names, overwrite=overwrite)
 
     def save_pretrained(self, save_directory, names=None, state_dict=None, safe_serialization: bool = True,
-                        is_main_process: bool = True, **kwargs):
+                        is_main_process: bool = True, overwrite: bool = False, **kwargs):
         """Write the adapters (and ``modules_to_save``; never the base weights) with an ``adapter_config.json``
         naming the base model class and its structure fingerprint; load with :func:`graphadapt.from_pretrained`.
 
@@ -602,15 +603,15 @@ class AdaptedModel(CapturedModule):
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
         if not is_main_process:
             return None
-        return write_pretrained(self, save_directory, names)
+        return write_pretrained(self, save_directory, names, overwrite=overwrite)
 
-    def to_peft(self, directory, name: str | None = None):
+    def to_peft(self, directory, name: str | None = None, overwrite: bool = False):
         """Write adapter ``name`` (default: the only one) and the ``modules_to_save`` in PEFT's format, for
         ``peft.PeftModel.from_pretrained(base, directory)``; LoRA (incl. rsLoRA, DoRA) and IA3 at whole
         linear layers. See :mod:`graphadapt.checkpoints.peft_export`."""
         from .checkpoints.peft_export import write_peft
 
-        return write_peft(self, directory, name)
+        return write_peft(self, directory, name, overwrite=overwrite)
 
     def trainable_state_dict(self, enabled: bool = True) -> AdaptedModel:
         """With ``enabled``, ``state_dict()`` holds only the adapters and ``modules_to_save`` and

@@ -123,8 +123,11 @@ def check_save_target(directory: str | os.PathLike) -> Path:
     return d
 
 
-def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
+def save_adapters(adapted, directory: str | os.PathLike, names=None, overwrite: bool = False) -> Path:
     """Save the adapters (weights + spec) of ``adapted`` to ``directory``.
+
+    Files graphadapt did not write there (another tool's checkpoint) are refused unless
+    ``overwrite=True`` (:mod:`graphadapt.writes`).
 
     Each file is written to a temp file and renamed into place; SIGTERM, Ctrl-C or a full
     disk leave any earlier checkpoint intact and no temp files behind.
@@ -133,7 +136,11 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
 
     from ..version import __version__
 
+    from ..writes import check_overwrite_flag, claim_directory
+
     spec_obj = saved_spec(adapted, names)
+    claim_directory(directory, "adapters", [SPEC_FILE, WEIGHTS_FILE], compatible=("pretrained",),
+                    overwrite=check_overwrite_flag(overwrite))
     d = check_save_target(directory)
     prefixes = tuple(adapter_prefix(n) for n in spec_obj.module_owners)
     from .trainable import trainable_module_keys
@@ -152,8 +159,10 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
 
     where = {"structure_fingerprint": structure_fingerprint(adapted.structure_report),
              "structure_paths": structure_paths(adapted.structure_report)}
+    from ..writes import seal
+
     _atomic_write(d / SPEC_FILE, lambda p: Path(p).write_text(
-        json.dumps({"spec": spec, **meta, "weights_sha256": digest, **where}, indent=2)))
+        json.dumps(seal({"spec": spec, **meta, "weights_sha256": digest, **where}), indent=2)))
     return d
 
 
@@ -198,6 +207,9 @@ def read_spec(directory: str | os.PathLike):
     if not p.exists():
         raise CheckpointError(f"{directory} is not a graphadapt adapter checkpoint (no {SPEC_FILE})")
     data = read_json(p)
+    from ..writes import check_seal
+
+    check_seal(data, p)
     if not isinstance(data.get("spec"), dict):
         raise CheckpointError(f"{p} has no 'spec' object; is it a graphadapt adapter checkpoint's {SPEC_FILE}?")
     try:
@@ -226,6 +238,9 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
         from .pretrained import check_structure
 
         info = read_json(spec_path)
+        from ..writes import check_seal
+
+        check_seal(info, spec_path)
         want = info.get("weights_sha256")
         if want is not None and want != _sha256(p):
             raise CheckpointError(f"{p} does not belong to {spec_path} (hash mismatch): the checkpoint was "

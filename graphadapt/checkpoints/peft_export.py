@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 
-def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -> Path:
+def write_peft(adapted, directory: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from ..methods import get_method, registered
@@ -48,8 +48,13 @@ def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -
     out = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
     out.update({f"base_model.model.{k}": v.detach().contiguous().cpu()
                 for k, v in trainable_module_tensors(adapted).items()})
+    from ..writes import MARK_KEY, check_overwrite_flag, claim_directory
+
+    claim_directory(directory, "peft", ["adapter_model.safetensors", "adapter_config.json"],
+                    overwrite=check_overwrite_flag(overwrite))
     d = check_save_target(directory)
-    _atomic_write(d / "adapter_model.safetensors", lambda p: save_file(out, p, metadata={"format": "pt"}))
+    _atomic_write(d / "adapter_model.safetensors",
+                  lambda p: save_file(out, p, metadata={"format": "pt", MARK_KEY: "peft"}))
     _atomic_write(d / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
     return d
 

@@ -108,13 +108,16 @@ def pretrained_config(adapted) -> dict:
             "graphadapt_version": __version__}
 
 
-def write_pretrained(adapted, directory: str | os.PathLike, names=None) -> Path:
-    from . import _atomic_write, save_adapters, saved_spec
+def write_pretrained(adapted, directory: str | os.PathLike, names=None, overwrite: bool = False) -> Path:
+    from ..writes import check_overwrite_flag, claim_directory, seal
+    from . import SPEC_FILE, WEIGHTS_FILE, _atomic_write, save_adapters, saved_spec
 
     cfg = pretrained_config(adapted)
     cfg["adapters"] = list(saved_spec(adapted, names).adapters)
-    d = save_adapters(adapted, directory, names)
-    _atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    claim_directory(directory, "pretrained", [CONFIG_FILE, SPEC_FILE, WEIGHTS_FILE], compatible=("adapters",),
+                    overwrite=check_overwrite_flag(overwrite))
+    d = save_adapters(adapted, directory, names, overwrite=True)  # claimed just above
+    _atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(seal(cfg), indent=2)))
     return d
 
 
@@ -127,6 +130,10 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict | None:
     if not p.exists():
         return None
     cfg = read_json(p)
+    if cfg.get("format") == FORMAT:
+        from ..writes import check_seal
+
+        check_seal(cfg, p)
     if cfg.get("format") != FORMAT:
         if "peft_type" in cfg:
             raise CheckpointError(f"{directory} is a PEFT checkpoint; load it with graphadapt.import_peft(model, dir)")

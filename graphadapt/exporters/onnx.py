@@ -136,6 +136,7 @@ def export_onnx(
     verify_fn: Any = None,
     rms_tol: float | None = None,
     verify_part_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -162,6 +163,8 @@ def export_onnx(
         verify_part_bytes: onnxruntime runs the graph in parts reading at most this many bytes
             of weights each (default: parts of an eighth above 256 MiB of weights), which bounds
             verification memory; every node still runs once, on the file's weights.
+        overwrite: replace an existing ``path`` that graphadapt did not export (without it such a
+            file is refused before any work; an earlier graphadapt export is replaced).
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -181,6 +184,9 @@ def export_onnx(
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     _check_opset(opset)
     check_writable(path.parent, ExportError, "output directory")
+    from graphadapt.writes import claim_export
+
+    claim_export(path, overwrite, ExportError)
     inputs = _model.example_inputs(model, example_inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
 
@@ -506,17 +512,9 @@ def _drop_weights(program) -> None:
     for value in values:
         if value.const_value is not None:
             value.const_value = None
-    try:  # the matchers may hold an intermediate graph of the optimizer, not this one: let go of it
-        import gc
+    from ._matchers import release_rewriter_graphs  # they may hold an intermediate graph of the optimizer
 
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
-    except ImportError:
-        return
-    for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
-            for attr in ("_graph", "_current_node", "_match"):
-                if getattr(obj, attr, None) is not None:
-                    setattr(obj, attr, None)
+    release_rewriter_graphs()
 
 
 def _check(tmp: Path) -> None:
