@@ -19,6 +19,7 @@ from .structure import recognize
 from .model import AdaptedModel, MergeReport
 from . import signatures  # noqa: F401,E402  (other call signatures, gradient checkpointing)
 from . import generation  # noqa: F401,E402  (registers AdaptedModel.generate)
+from . import pickling  # noqa: F401,E402  (registers AdaptedModel.__reduce__: pickle / torch.save)
 from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .capture import CapturedModule, SignatureMiss, serialised
+from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import _is_finite as _finite
@@ -90,7 +91,8 @@ class AdaptedModel(CapturedModule):
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:
             try:
-                return super()._call_impl(*args, **kwargs)
+                with reading(self):  # a forward sees the state before or after a change (graphadapt.concurrency)
+                    return super()._call_impl(*args, **kwargs)
             except SignatureMiss as miss:  # not the captured signature: graphadapt.signatures
                 route = EXTENSIONS.get("signatures") if miss.module is self else None
                 if route is None or self.__dict__.get("_call_signature") is None:
@@ -113,6 +115,10 @@ class AdaptedModel(CapturedModule):
             object.__setattr__(res, "_source_model", res._modules.pop("_source_model"))
         res.recompile()
         return res
+
+    def __reduce__(self):  # pickle / torch.save: rebuilt from source model + spec + adapters (graphadapt.pickling)
+        reduce = EXTENSIONS.get("reduce")
+        return reduce(self) if reduce is not None else super().__reduce__()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Recompute each transformer layer's activations in the backward pass instead of keeping them
@@ -193,6 +199,7 @@ class AdaptedModel(CapturedModule):
         return self.spec.composition or tuple(self.active_adapters())
 
     @serialised
+    @exclusive
     def set_active(self, names) -> None:
         """Activate exactly ``names`` (``None``: all; inactive adapters pass their input through), or a
         composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``).
@@ -217,6 +224,7 @@ class AdaptedModel(CapturedModule):
         want = tuple(self.spec.adapters) if names is None else ((names,) if isinstance(names, str) else tuple(names))
         self._set_flags(want)
 
+    @exclusive
     def _set_flags(self, names) -> None:
         want = set(names)
         unknown = want - set(self.spec.adapters)
@@ -271,6 +279,7 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ lifecycle
     @serialised
+    @exclusive
     def add_adapter(self, name: str, method) -> None:
         """Insert a new adapter ``name`` (a method spec, e.g. ``LoRA(r=8)``) by re-planning from the captured
         base graph; existing adapters keep their trained weights and activation. The new adapter starts
@@ -286,6 +295,7 @@ class AdaptedModel(CapturedModule):
             self._set_flags(active)
 
     @serialised
+    @exclusive
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (its modules and weights) by re-planning from the captured base graph."""
         from .vocab import ADAPTERS
@@ -376,6 +386,7 @@ class AdaptedModel(CapturedModule):
         return self._merge_state is not None
 
     @serialised
+    @exclusive
     def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False, keep_backup: bool = True) -> MergeReport:
         """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
@@ -485,6 +496,7 @@ class AdaptedModel(CapturedModule):
             raise
 
     @serialised
+    @exclusive
     def unmerge(self) -> None:
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         if not self.is_merged:
@@ -624,6 +636,7 @@ class AdaptedModel(CapturedModule):
         set_trainable_state_dict(self, enabled)
         return self
 
+    @exclusive
     def load_adapters(self, directory, strict: bool = True) -> list[str]:
         """Load adapter weights saved by :meth:`save_adapters` into this model."""
         from .checkpoints import load_adapter_weights

@@ -191,7 +191,9 @@ def _rewrite_weights(d, fn):
     save_file(fn(load_file(str(w))), str(w))
     spec = json.loads((d / "spec.json").read_text())
     spec["weights_sha256"] = _sha256(w)
-    (d / "spec.json").write_text(json.dumps(spec))
+    from graphadapt.writes import seal
+
+    (d / "spec.json").write_text(json.dumps(seal(spec)))  # a consistent edit: re-sealed
 
 
 def _copy_ckpt(src, dst):
