@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture import CapturedModule, SignatureMiss, serialised
 from .concurrency import exclusive, reading
+from .guards import mark_folded
 from .errors import GraphAdaptError, MergeError
 from .passes import run_pass
 from .passes.merge import _is_finite as _finite
@@ -447,6 +448,7 @@ class AdaptedModel(CapturedModule):
         frozen = [(p, p.requires_grad) for t in plan.folded for p in self.get_submodule(t).parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
+        mark_folded((f"{t}.{n}", p) for t in plan.folded for n, p in self.get_submodule(t).named_parameters())
         self._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place,
                              "reversible": keep_backup, "report": report, "frozen": frozen}
         return report
@@ -518,6 +520,7 @@ class AdaptedModel(CapturedModule):
         self.recompile()
         for p, flag in st.get("frozen", ()):
             p.requires_grad_(flag)
+        mark_folded(((None, p) for p, _ in st.get("frozen", ())), False)
         self._merge_state = None
 
     def to_base_model(self, names: Iterable[str] | None = None) -> nn.Module:

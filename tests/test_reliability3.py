@@ -259,3 +259,26 @@ def test_forwards_during_set_active_merge_and_disable_see_a_valid_state():
     assert not errors, errors
     assert i_max[0] > 20, "the writer barely ran: the test proves nothing"
     assert not bad, f"{len(bad)} of 1000 outputs match no valid state (closest {max(bad):.2e} off)"
+
+
+# ----------------------------------------------------------------------------- merged models do not train
+@pytest.mark.parametrize("train_first", [False, True])
+def test_optimizer_built_before_merge_is_refused_after_it(train_first):
+    adapted = ga.apply(tiny_bert(), ga.Spec({"l": ga.LoRA(r=2)}))
+    perturb_adapters(adapted, std=0.3)
+    opt = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
+    if train_first:
+        adapted.train()
+    x = text_inputs(2, 6)
+    adapted(**x).last_hidden_state.sum().backward()
+    opt.step()  # unmerged: trains
+    adapted.merge()
+    adapted(**x).last_hidden_state.sum()
+    with pytest.raises(MergeError, match=r"optimizer.step\(\).*merged.*unmerge\(\)"):
+        opt.step()
+    adapted.unmerge()
+    before = [p.detach().clone() for p in adapted.parameters() if p.requires_grad]
+    adapted(**x).last_hidden_state.sum().backward()
+    opt.step()  # unmerged again: trains again
+    after = [p for p in adapted.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
