@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .contract import relax_derived_minimums
 from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
@@ -478,6 +479,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
             else:
                 model.forward = own_forward
         model.train(was_training)
+    relax_derived_minimums(ep)  # an axis derived from two dynamic ones must not inherit a minimum of 4
     unlifted = ep.module()
     gm = cls(unlifted, unlifted.graph)
     for a in ("_in_spec", "_out_spec"):
