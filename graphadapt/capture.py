@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .contract import relax_derived_minimums
+from .contract import check_boundary, relax_derived_minimums
 from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
@@ -363,6 +363,7 @@ def _check_inputs_hook(module: CapturedModule, args, kwargs):
     twice = [k for k in names[:len(args)] if k in kwargs]
     if twice:  # Python's own rule for a call: never silently pick one of the two values
         raise TypeError(f"got multiple values for argument {twice[0]!r} (positionally and by keyword)")
+    args, kwargs = check_boundary(module, args, kwargs)  # graphadapt.contract: inputs named, converted, checked
     given = set(names[:len(args)]) | set(kwargs)
     unknown = [k for k in kwargs if k not in names and k not in module.constant_inputs]
     if unknown and module.__dict__.get("baked_inputs"):  # bound into the graph at capture: drop if equal

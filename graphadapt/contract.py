@@ -91,6 +91,121 @@ def _as_tensor(name: str, value: Any, example: torch.Tensor):
     return value  # other objects: the captured graph's own checks name them
 
 
+def check_vocab(name: str, ids, cfg, what: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or not ids.numel():
+        return
+    vocab = getattr(cfg, "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi >= vocab or lo < 0:
+        bad = hi if hi >= vocab else lo
+        raise InputError(f"{name} holds token id {bad}, outside the vocabulary of {what} (0 … {vocab - 1}); "
+                         "was it tokenized with another model's tokenizer?")
+
+
+def _typed_kwargs(module) -> set[str] | None:
+    """The keys a source forward's ``**kwargs: Unpack[SomeTypedDict]`` accepts (None: any)."""
+    import typing
+
+    src = module.__dict__.get("_source_model")
+    if src is None:
+        return None
+    try:
+        hints = typing.get_type_hints(type(src).forward, include_extras=True)
+        import inspect
+
+        var = next(p.name for p in inspect.signature(type(src).forward).parameters.values() if p.kind == p.VAR_KEYWORD)
+        hint = hints.get(var)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: accept any keyword
+        return None
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Unpack and args and typing.is_typeddict(args[0]):
+        keys: set[str] = set()
+        for klass in getattr(args[0], "__mro__", (args[0],)):  # raw annotations: their types need not resolve
+            keys |= set(getattr(klass, "__annotations__", {}))
+        return keys
+    return None
+
+
+def check_boundary(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The forward pre-hook's first step: misspelled arguments named, then :func:`check_call` on every input
+    whose name is known (positional ones too when they bind to the captured names)."""
+    names = list(module.input_names)
+    known = set(names) | set(module.constant_inputs) | set(module.__dict__.get("baked_inputs") or {})
+    sig = module.__dict__.get("_call_signature")
+    explicit = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                and p.name != "self"] if sig is not None else list(names)
+    open_ended = sig is not None and any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    for k in kwargs:
+        if k in known or k in explicit:
+            continue
+        import difflib
+
+        typed = _typed_kwargs(module) if open_ended else None  # transformers' **kwargs: Unpack[TypedDict]
+        if typed is not None and k in typed:
+            continue
+        close = difflib.get_close_matches(k, sorted(set(explicit) | set(names) | set(typed or ())), n=1, cutoff=0.75)
+        if close or not open_ended or typed is not None:
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"unknown argument {k!r} for {module.source_class.rsplit('.', 1)[-1]}.forward{hint} "
+                             f"(it takes {explicit})")
+    positional = module.__dict__.get("_positional_names")
+    bind = not args or positional is None or names[:len(args)] == list(positional[:len(args)])
+    bound = {**(dict(zip(names, args)) if bind else {}), **kwargs}
+    checked = check_call(module, bound)
+    if bind:
+        args = tuple(checked[n] for n in names[:len(args)])
+    return args, {k: checked.get(k, v) for k, v in kwargs.items()}
+
+
+def check_generate(model, input_ids, attention_mask, max_new_tokens) -> tuple:
+    """``generate``'s inputs: tensors (lists and numpy arrays converted), 2-D ``[batch, sequence]`` integer
+    ids within the vocabulary, at least one row and one token, and room for ``max_new_tokens`` positions."""
+    if isinstance(model, tuple):
+        model = model[-1]
+    ex = torch.zeros(1, 1, dtype=torch.long, device=getattr(model, "_compute_device", None) or "cpu")
+    input_ids = _as_tensor("input_ids", input_ids, ex)
+    attention_mask = _as_tensor("attention_mask", attention_mask, ex)
+    what = f"this graphadapt model (captured from {model.source_class.rsplit('.', 1)[-1]})"
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"generate needs input_ids as a tensor [batch, sequence] of token ids, got "
+                         f"{type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        fix = "add the batch axis: input_ids[None]" if input_ids.dim() == 1 else "pass [batch, sequence]"
+        raise InputError(f"generate needs 2-D input_ids [batch, sequence], got shape {tuple(input_ids.shape)}; {fix}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must hold integer token ids, got {input_ids.dtype}; pass input_ids.long()")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(f"generate got input_ids of shape {tuple(input_ids.shape)}: at least one row and one "
+                         "prompt token are needed (start from the model's BOS token for an empty prompt)")
+    if isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
+                         f"{tuple(input_ids.shape)}; they must match (one mask entry per token)")
+    cfg = model.__dict__.get("source_config")
+    check_vocab("input_ids", input_ids, cfg, what)
+    limit = None if getattr(cfg, "is_encoder_decoder", False) else max_positions(cfg)  # decoder positions differ
+    if limit is not None and isinstance(max_new_tokens, int) and input_ids.shape[1] + max_new_tokens > limit:
+        raise InputError(f"a prompt of {input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} needs "
+                         f"{input_ids.shape[1] + max_new_tokens} positions, but {what} has {limit} "
+                         f"(config.max_position_embeddings); lower max_new_tokens to "
+                         f"{max(limit - input_ids.shape[1], 0)} or shorten the prompt")
+    return input_ids, attention_mask
+
+
+def _added_positions(model) -> int:
+    """Positions active adapters prepend before the position embedding (an adapter module's ``added_positions``)."""
+    n = 0
+    for r in model.__dict__.get("adapter_records") or ():
+        try:
+            m = model.get_submodule(r["target"])
+        except AttributeError:
+            continue
+        if getattr(m, "active", True):
+            n += int(getattr(m, "added_positions", 0) or 0)
+    return n
+
+
 def check_call(model, kwargs: dict) -> dict:
     """``kwargs`` (a call bound to the captured input names) checked against the capture; lists and numpy
     arrays become tensors. Raises :class:`InputError`."""
@@ -124,7 +239,7 @@ def check_call(model, kwargs: dict) -> dict:
                              f"convert it with {k}.float()")
         for a, axis in dims.get(k, {}).items():
             n = v.shape[a]
-            if n == 0:
+            if n == 0 and not axis.startswith(("past", "total")):  # an empty KV cache is the first step
                 kind = "rows (batch size 0)" if axis == "batch" else f"positions on its {axis} axis"
                 raise InputError(f"{k} has no {kind}, shape {tuple(v.shape)}: there is nothing to compute; "
                                  "call the model with at least one row and one token")
@@ -135,17 +250,11 @@ def check_call(model, kwargs: dict) -> dict:
                                  f"{'pad or trim them to one length' if axis != 'batch' else 'give each the same rows'}")
             sizes.setdefault(axis, (n, k))
     cfg = model.__dict__.get("source_config")
-    ids = out.get("input_ids")
-    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel():
-        vocab = getattr(cfg, "vocab_size", None)
-        lo, hi = int(ids.min()), int(ids.max())
-        if isinstance(vocab, int) and (hi >= vocab or lo < 0):
-            bad = hi if hi >= vocab else lo
-            raise InputError(f"input_ids holds token id {bad}, outside the vocabulary of {what} (0 … {vocab - 1}); "
-                             "was it tokenized with another model's tokenizer?")
+    for name in ("input_ids", "decoder_input_ids"):
+        check_vocab(name, out.get(name), cfg, what)
     limit = max_positions(cfg)
-    seq = sizes.get("sequence")
-    extra = getattr(model, "prompt_positions", lambda: 0)()
+    seq = sizes.get("total_sequence") or sizes.get("sequence")
+    extra = _added_positions(model)
     if limit is not None and seq is not None and seq[0] + extra > limit:
         more = f" (+{extra} prompt positions the adapters prepend)" if extra else ""
         raise InputError(f"{seq[1]} has {seq[0]} positions{more} but {what} embeds at most {limit} positions "
@@ -154,4 +263,4 @@ def check_call(model, kwargs: dict) -> dict:
     return out
 
 
-__all__ = ["InputError", "check_call", "relax_derived_minimums", "max_positions"]
+__all__ = ["InputError", "check_call", "check_boundary", "check_generate", "relax_derived_minimums", "max_positions"]
