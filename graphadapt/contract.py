@@ -193,6 +193,39 @@ def check_generate(model, input_ids, attention_mask, max_new_tokens) -> tuple:
     return input_ids, attention_mask
 
 
+def _blocks(block):
+    yield block
+    for c in getattr(block, "children", ()):
+        if not isinstance(c, str):
+            yield from _blocks(c)
+
+
+def check_export(model, inputs: dict, dynamic: bool, error: type[Exception]) -> None:
+    """Before an export starts: the example holds every input the model was captured with, and a composition
+    that fixes the batch size (``batch_sizes``) is not exported with a dynamic batch."""
+    names = model.__dict__.get("input_names") if isinstance(model, torch.nn.Module) else None
+    if names:
+        missing = [n for n in names if inputs.get(n) is None]
+        if missing:
+            raise error(f"example_inputs lacks {missing} (the model was captured with {list(names)}, and the export "
+                        f"traces that call); add {', '.join(f'{m!r}' for m in missing)} to example_inputs, e.g. "
+                        "attention_mask=torch.ones_like(input_ids)")
+    comp = getattr(getattr(model, "spec", None), "composition", None)
+    for b in (_blocks(comp) if comp is not None else ()):
+        sizes = getattr(b, "batch_sizes", None)
+        if sizes is None:
+            continue
+        total = sum(sizes)
+        if dynamic:
+            raise error(f"the active composition {comp} splits the batch into fixed slices {list(sizes)}, so the "
+                        f"exported graph only fits batches of {total} rows: export it with dynamic=False and example "
+                        f"inputs of {total} rows, or set_active(...) a setup without {type(b).__name__} first")
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor) and v.dim() and k in (names or ()) and v.shape[0] != total:
+                raise error(f"{k} has {v.shape[0]} rows but the active composition {comp} splits batches of "
+                            f"{total} rows ({list(sizes)}); give example inputs of {total} rows")
+
+
 def _added_positions(model) -> int:
     """Positions active adapters prepend before the position embedding (an adapter module's ``added_positions``)."""
     n = 0
@@ -263,4 +296,4 @@ def check_call(model, kwargs: dict) -> dict:
     return out
 
 
-__all__ = ["InputError", "check_call", "check_boundary", "check_generate", "relax_derived_minimums", "max_positions"]
+__all__ = ["InputError", "check_call", "check_boundary", "check_generate", "check_export", "relax_derived_minimums", "max_positions"]

@@ -215,6 +215,10 @@ class AdaptedModel(CapturedModule):
 
         if isinstance(names, dict):
             names = block_from_dict(names)
+        if not (names is None or isinstance(names, (str, Block)) or (
+                isinstance(names, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in names))):
+            raise GraphAdaptError(f"set_active takes an adapter name, a list of names, None (all) or a composition "
+                                  f"block (Stack, Fuse, …), got {names!r}; this model has {list(self.spec.adapters)}")
         if isinstance(names, Block) or self.spec.composition is not None:
             active = names if isinstance(names, Block) or names is None else (
                 (names,) if isinstance(names, str) else tuple(names))

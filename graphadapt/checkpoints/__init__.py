@@ -42,10 +42,13 @@ def _atomic_write(path: Path, write) -> None:
 
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from ``path``; :class:`CheckpointError` if it is unreadable or not a JSON object."""
+    from ..errors import SpecError
+    from ..spec.spec import unique_keys
+
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SpecError) as e:
         raise CheckpointError(f"cannot read {p}: {type(e).__name__}: {e}. Is the file truncated or "
                               "hand-edited? Re-create it.") from e
     if not isinstance(data, dict):
@@ -79,6 +82,13 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
     except CheckpointError:
         raise
     except Exception as e:  # SafetensorError, UnpicklingError, OSError, ...: one clear error
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):  # torch's advice is not ours to relay
+            raise CheckpointError(
+                f"refusing {p}: the pickle holds Python objects other than tensors and plain containers, which "
+                "would run code when loaded (a malicious or non-checkpoint file). Nothing was executed. Ask for "
+                "the adapter as .safetensors, or re-create it from a source you trust.") from None
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"cannot read {p}: {type(e).__name__}: {first}. The file is truncated, corrupted "
                               "or not a tensor file; re-create it.") from e

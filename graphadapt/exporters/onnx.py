@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graphadapt._io import check_writable, signals_as_exceptions
+from graphadapt.contract import check_export
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
 from graphadapt.exporters import _model
@@ -189,6 +190,7 @@ def export_onnx(
     claim_export(path, overwrite, ExportError)
     inputs = _model.example_inputs(model, example_inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
+    check_export(model, inputs, dynamic, ExportError)  # graphadapt.contract: missing inputs, fixed-batch compositions
 
     memory = PeakRSS()
     # a graphadapt model is merged into the export copy, weight by weight, and never itself;
