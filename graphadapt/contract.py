@@ -104,6 +104,10 @@ def check_vocab(name: str, ids, cfg, what: str) -> None:
                          "was it tokenized with another model's tokenizer?")
 
 
+# keywords transformers' forward decorators (can_return_tuple, check_model_inputs) take before **kwargs
+_DECORATOR_KWARGS = frozenset({"return_dict", "output_attentions", "output_hidden_states", "use_cache"})
+
+
 def _typed_kwargs(module) -> set[str] | None:
     """The keys a source forward's ``**kwargs: Unpack[SomeTypedDict]`` accepts (None: any)."""
     import typing
@@ -143,7 +147,7 @@ def check_boundary(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         import difflib
 
         typed = _typed_kwargs(module) if open_ended else None  # transformers' **kwargs: Unpack[TypedDict]
-        if typed is not None and k in typed:
+        if typed is not None and (k in typed or k in _DECORATOR_KWARGS):
             continue
         close = difflib.get_close_matches(k, sorted(set(explicit) | set(names) | set(typed or ())), n=1, cutoff=0.75)
         if close or not open_ended or typed is not None:
