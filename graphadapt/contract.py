@@ -28,6 +28,10 @@ class InputError(GraphAdaptError, ValueError):
     """An input to an adapted model breaks its contract; the message names the input and the fix."""
 
 
+class UnknownArgument(InputError, TypeError):
+    """A keyword the model's forward does not take (a ``TypeError``, as Python's own for a call)."""
+
+
 # ----------------------------------------------------------------------------- capture
 def relax_derived_minimums(ep) -> None:
     """Lower every range constraint's lower bound above 2 to 2 (see the module docstring)."""
@@ -97,9 +101,9 @@ def check_vocab(name: str, ids, cfg, what: str) -> None:
     vocab = getattr(cfg, "vocab_size", None)
     if not isinstance(vocab, int):
         return
-    lo, hi = int(ids.min()), int(ids.max())
-    if hi >= vocab or lo < 0:
-        bad = hi if hi >= vocab else lo
+    outside = (ids >= vocab) | (ids < 0)
+    if bool(outside.any()):  # one host sync per call
+        bad = int(ids[outside].reshape(-1)[0])
         raise InputError(f"{name} holds token id {bad}, outside the vocabulary of {what} (0 … {vocab - 1}); "
                          "was it tokenized with another model's tokenizer?")
 
@@ -152,7 +156,7 @@ def check_boundary(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         close = difflib.get_close_matches(k, sorted(set(explicit) | set(names) | set(typed or ())), n=1, cutoff=0.75)
         if close or not open_ended or typed is not None:
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise InputError(f"unknown argument {k!r} for {module.source_class.rsplit('.', 1)[-1]}.forward{hint} "
+            raise UnknownArgument(f"unknown argument {k!r} for {module.source_class.rsplit('.', 1)[-1]}.forward{hint} "
                              f"(it takes {explicit})")
     positional = module.__dict__.get("_positional_names")
     bind = not args or positional is None or names[:len(args)] == list(positional[:len(args)])
@@ -300,4 +304,4 @@ def check_call(model, kwargs: dict) -> dict:
     return out
 
 
-__all__ = ["InputError", "check_call", "check_boundary", "check_generate", "check_export", "relax_derived_minimums", "max_positions"]
+__all__ = ["InputError", "UnknownArgument", "check_call", "check_boundary", "check_generate", "check_export", "relax_derived_minimums", "max_positions"]

@@ -194,6 +194,28 @@ def claim_export(path: str | os.PathLike, overwrite, error: type[Exception] = Ch
                     "overwrite it" + overwrite_hint())
 
 
+def claim_triton(final: str | os.PathLike, version: str, overwrite, error: type[Exception] = CheckpointError) -> None:
+    """A Triton model folder may be updated only when graphadapt exported into it: the version folder that will
+    be replaced holds only a graphadapt ``model.onnx`` (and its ``.data``), and an existing model folder holds at
+    least one graphadapt export (its ``config.pbtxt`` is rewritten)."""
+    final = Path(final)
+    if check_overwrite_flag(overwrite, error) or not final.is_dir():
+        return
+    target = final / version
+    if target.exists():
+        ours = target.is_dir() and owner(target / "model.onnx") == "onnx"
+        extra = [p.name for p in target.iterdir() if p.name not in ("model.onnx", "model.onnx.data")] \
+            if target.is_dir() else [target.name]
+        if not ours or extra:
+            what = extra[0] if extra else "model.onnx"
+            raise error(f"{target} holds {what}, which graphadapt did not export; writing version {version} would "
+                        "replace that folder" + overwrite_hint(" (overwrite=True)"))
+    has_ours = any(owner(v / "model.onnx") == "onnx" for v in final.iterdir() if v.is_dir())
+    if any(final.iterdir()) and not has_ours:
+        raise error(f"{final} is a Triton model folder graphadapt did not write; its config.pbtxt would be "
+                    "replaced" + overwrite_hint(" (overwrite=True)"))
+
+
 def writable_target(directory: str | os.PathLike, overwrite: bool, error: type[Exception] = CheckpointError) -> None:
     """Refuse up front (before any work) a target directory that cannot be written: the directory, or
     the parent it would be created in, is read-only, full or missing."""
@@ -236,5 +258,5 @@ def check_seal(obj: dict, path, error: type[Exception] = CheckpointError) -> Non
                     "retrain.")
 
 
-__all__ = ["claim_directory", "claim_file", "owner", "seal", "check_seal", "safetensors_metadata",
+__all__ = ["claim_directory", "claim_file", "claim_export", "claim_triton", "writable_target", "owner", "seal", "check_seal", "safetensors_metadata",
            "check_overwrite_flag", "SEAL_KEY"]

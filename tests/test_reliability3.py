@@ -498,3 +498,16 @@ def test_forward_on_random_inputs_is_an_error_or_correct(bert_and_reference, bat
     ids_used = torch.as_tensor(given_ids if dtype != "list" else ids).long()
     want = ref(input_ids=ids_used, attention_mask=mask).last_hidden_state
     assert (out - want).abs().max() <= 1e-5
+
+
+def test_triton_export_never_replaces_a_model_graphadapt_did_not_write(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "bert" / "1").mkdir(parents=True)
+    (repo / "bert" / "1" / "model.onnx").write_bytes(b"someone else's model")
+    (repo / "bert" / "config.pbtxt").write_text('name: "bert"\n')
+    before = tree(repo)
+    with pytest.raises(ExportError, match=r"did not export.*overwrite=True"):
+        ga.export_triton(ga.apply(tiny_bert(), ga.LoRA(r=2)), repo, "bert", version=1)
+    with pytest.raises(ExportError, match=r"did not write; its config.pbtxt"):
+        ga.export_triton(ga.apply(tiny_bert(), ga.LoRA(r=2)), repo, "bert", version=2)
+    assert tree(repo) == before
