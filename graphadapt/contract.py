@@ -59,6 +59,10 @@ def max_positions(config) -> int | None:
     """The longest sequence a model with ``config`` embeds positions for (None: no learned limit)."""
     if config is None or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
         return None
+    if getattr(config, "position_biased_input", True) is False or any(
+            getattr(config, k, None) is not None for k in ("rope_theta", "rope_scaling", "rotary_dim",
+                                                           "relative_attention_num_buckets")):
+        return None  # positions enter as rotations or relative biases: no table to index past
     if getattr(config, "model_type", None) in ("t5", "mt5", "umt5", "llama", "mistral", "qwen2", "qwen3", "gemma",
                                                  "gemma2", "gemma3", "phi3", "mixtral"):
         return None  # relative or rotary positions: no embedding table to index past
