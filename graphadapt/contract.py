@@ -301,7 +301,7 @@ def check_call(model, kwargs: dict) -> dict:
     seq = sizes.get("total_sequence") or sizes.get("sequence")
     extra = _added_positions(model)
     if limit is not None and seq is not None and seq[0] + extra > limit:
-        more = f" (+{extra} prompt positions the adapters prepend)" if extra else ""
+        more = f" (+{extra} positions the adapters prepend)" if extra else ""
         raise InputError(f"{seq[1]} has {seq[0]} positions{more} but {what} embeds at most {limit} positions "
                          f"(config.max_position_embeddings); truncate the input to {limit - extra} tokens "
                          "(tokenizer(..., truncation=True, max_length=...)) or split it")

@@ -383,7 +383,7 @@ def test_lists_and_numpy_inputs_are_converted_exactly(bert):
 def test_word_embedding_prompt_counts_against_the_positions():
     p = ga.apply(tiny_bert(), ga.Spec({"p": ga.PromptTuning(prompt_length=4, insert_at="word_embeddings")}))
     assert p(**text_inputs(1, 60)).last_hidden_state.shape[1] == 64  # 60 + 4 fit the 64 positions exactly
-    with pytest.raises(GraphAdaptError, match=r"62 positions \(\+4 prompt positions.*at most 64.*60 tokens"):
+    with pytest.raises(GraphAdaptError, match=r"62 positions \(\+4 positions the adapters prepend.*at most 64.*60 tokens"):
         p(**text_inputs(1, 62))
 
 
@@ -511,3 +511,21 @@ def test_triton_export_never_replaces_a_model_graphadapt_did_not_write(tmp_path)
     with pytest.raises(ExportError, match=r"did not write; its config.pbtxt"):
         ga.export_triton(ga.apply(tiny_bert(), ga.LoRA(r=2)), repo, "bert", version=2)
     assert tree(repo) == before
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(0, 2), prompt=st.integers(0, 6), new=st.integers(1, 64), high=st.sampled_from([100, 120]),
+       kind=st.sampled_from(["tensor", "list", "int32"]))
+def test_generate_on_random_prompts_is_an_error_or_transformers_greedy(gpt2_lm, batch, prompt, new, high, kind):
+    g = torch.Generator().manual_seed(batch * 100 + prompt)
+    ids = torch.randint(0, high, (batch, prompt), generator=g)
+    given_ids = {"tensor": ids, "list": ids.tolist(), "int32": ids.int()}[kind]
+    try:
+        out = gpt2_lm.generate(given_ids, max_new_tokens=new)
+    except GraphAdaptError:
+        return
+    assert batch >= 1 and prompt >= 1 and prompt + new <= 64 and int(ids.max()) < 100
+    ref = gpt2_lm.to_base_model().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                           do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
