@@ -15,7 +15,7 @@ from torch import nn
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
 from .init import isolated_rng
-from . import generation, signatures
+from . import generation, pickling, signatures
 from .merging import Merger
 from .model import AdaptedModel, MergeReport, ModelServices, fusion_dropout
 from .plan import Plan, build_plan, execute_plan
@@ -82,8 +82,18 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     return gm
 
 
+def unpickle(state: dict) -> AdaptedModel:
+    """What ``pickle.load`` calls for an adapted model (see :mod:`graphadapt.pickling`)."""
+    return pickling.rebuild(state, apply)
+
+
+def _reduce(model: AdaptedModel):
+    return unpickle, (pickling.pickle_state(model),)
+
+
 SERVICES = ModelServices(merger=Merger(), signature_of=signatures.signature_of, route_call=signatures.dispatch,
-                         set_checkpointing=signatures.set_checkpointing, generate=generation.generate, recapture=apply)
+                         set_checkpointing=signatures.set_checkpointing, generate=generation.generate, recapture=apply,
+                         reduce=_reduce)
 """What every model built here delegates to: the layers above ``model`` hand their entry points in explicitly."""
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .contract import check_boundary, relax_derived_minimums
 from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
@@ -382,6 +383,7 @@ def _check_inputs_hook(module: CapturedModule, args, kwargs):
     twice = [k for k in names[:len(args)] if k in kwargs]
     if twice:  # Python's own rule for a call: never silently pick one of the two values
         raise TypeError(f"got multiple values for argument {twice[0]!r} (positionally and by keyword)")
+    args, kwargs = check_boundary(module, args, kwargs)  # graphadapt.contract: inputs named, converted, checked
     given = set(names[:len(args)]) | set(kwargs)
     unknown = [k for k in kwargs if k not in names and k not in module.constant_inputs]
     if unknown and module.__dict__.get("baked_inputs"):  # bound into the graph at capture: drop if equal
@@ -499,6 +501,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
             else:
                 model.forward = own_forward
         model.train(was_training)
+    relax_derived_minimums(ep)  # an axis derived from two dynamic ones must not inherit a minimum of 4
     unlifted = ep.module()
     gm = cls(unlifted, unlifted.graph)
     for a in ("_in_spec", "_out_spec"):

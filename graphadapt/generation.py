@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .contract import check_generate
 from .errors import GraphAdaptError
 from .kvcache import _seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
 
@@ -172,6 +173,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams)
     _check_beam_args(num_beams, num_return_sequences, do_sample, early_stopping)
+    input_ids, attention_mask = check_generate(model, input_ids, attention_mask, max_new_tokens)  # graphadapt.contract
     # a tuple of prepared twins (e.g. dtype-converted copies, as the ONNX verification builds) is taken as is
     twins = list(model) if isinstance(model, tuple) else generation_twins(model)
     cached = twins[-1]

@@ -19,6 +19,7 @@ from .errors import MergeError
 from .passes import run_pass
 from .passes.merge import apply_merge, fold_chain, is_finite, plan_merge, scratch_like
 from .vocab import adapter_prefix
+from .guards import mark_folded
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Merger:
         frozen = [(p, p.requires_grad) for t in plan.folded for p in model.get_submodule(t).parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
+        mark_folded((f"{t}.{n}", p) for t in plan.folded for n, p in model.get_submodule(t).named_parameters())
         model._merge_state = {"graph": saved_graph, "backups": backups, "in_place": in_place,
                              "reversible": keep_backup, "report": report, "frozen": frozen}
         return report
@@ -164,6 +166,7 @@ class Merger:
         model.recompile()
         for p, flag in st.get("frozen", ()):
             p.requires_grad_(flag)
+        mark_folded(((None, p) for p, _ in st.get("frozen", ())), False)
         model._merge_state = None
 
     def to_base_model(self, model, names: Iterable[str] | None = None) -> nn.Module:

@@ -25,6 +25,7 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
+from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
@@ -48,7 +49,8 @@ class ModelServices:
       ``route_call(model, args, kwargs)``: calls other than the captured signature (:mod:`graphadapt.signatures`);
     * ``set_checkpointing(model, enable, options)``: gradient checkpointing;
     * ``generate(model, input_ids, attention_mask, **kw)`` (:mod:`graphadapt.generation`), which builds cached
-      twins with ``recapture(model, spec, **apply kwargs)`` (:func:`graphadapt.api.apply`).
+      twins with ``recapture(model, spec, **apply kwargs)`` (:func:`graphadapt.api.apply`);
+    * ``reduce(model) → (callable, args)``: ``pickle`` / ``torch.save`` (:mod:`graphadapt.pickling`).
     """
 
     merger: Merger = field(default_factory=Merger)
@@ -57,6 +59,7 @@ class ModelServices:
     set_checkpointing: Callable | None = None
     generate: Callable | None = None
     recapture: Callable | None = None
+    reduce: Callable | None = None
 
     def __deepcopy__(self, memo):  # stateless: copies of a model share them
         return self
@@ -128,7 +131,8 @@ class AdaptedModel(CapturedModule):
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:
             try:
-                return super()._call_impl(*args, **kwargs)
+                with reading(self):  # a forward sees the state before or after a change (graphadapt.concurrency)
+                    return super()._call_impl(*args, **kwargs)
             except SignatureMiss as miss:  # not the captured signature: graphadapt.signatures
                 route = self.services.route_call if miss.module is self else None
                 if route is None or self.__dict__.get("_call_signature") is None:
@@ -151,6 +155,10 @@ class AdaptedModel(CapturedModule):
             object.__setattr__(res, "_source_model", res._modules.pop("_source_model"))
         res.recompile()
         return res
+
+    def __reduce__(self):  # pickle / torch.save: rebuilt from source model + spec + adapters (graphadapt.pickling)
+        reduce = self.services.reduce
+        return reduce(self) if reduce is not None else super().__reduce__()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         """Recompute each transformer layer's activations in the backward pass instead of keeping them
@@ -231,6 +239,7 @@ class AdaptedModel(CapturedModule):
         return self.spec.composition or tuple(self.active_adapters())
 
     @serialised
+    @exclusive
     def set_active(self, names) -> None:
         """Activate exactly ``names`` (``None``: all; inactive adapters pass their input through), or a
         composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``).
@@ -243,6 +252,10 @@ class AdaptedModel(CapturedModule):
             raise GraphAdaptError("unmerge() before changing the active adapters")
         if isinstance(names, dict):
             names = block_from_dict(names)
+        if not (names is None or isinstance(names, (str, Block)) or (
+                isinstance(names, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in names))):
+            raise GraphAdaptError(f"set_active takes an adapter name, a list of names, None (all) or a composition "
+                                  f"block (Stack, Fuse, …), got {names!r}; this model has {list(self.spec.adapters)}")
         if isinstance(names, Block) or self.spec.composition is not None:
             active = names if isinstance(names, Block) or names is None else (
                 (names,) if isinstance(names, str) else tuple(names))
@@ -253,6 +266,7 @@ class AdaptedModel(CapturedModule):
         want = tuple(self.spec.adapters) if names is None else ((names,) if isinstance(names, str) else tuple(names))
         self._set_flags(want)
 
+    @exclusive
     def _set_flags(self, names) -> None:
         want = set(names)
         unknown = want - set(self.spec.adapters)
@@ -301,6 +315,7 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ lifecycle
     @serialised
+    @exclusive
     def add_adapter(self, name: str, method) -> None:
         """Insert a new adapter ``name`` (a method spec, e.g. ``LoRA(r=8)``) by re-planning from the captured
         base graph; existing adapters keep their trained weights and activation. The new adapter starts
@@ -316,6 +331,7 @@ class AdaptedModel(CapturedModule):
             self._set_flags(active)
 
     @serialised
+    @exclusive
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (its modules and weights) by re-planning from the captured base graph."""
         if self.is_merged:
@@ -400,6 +416,7 @@ class AdaptedModel(CapturedModule):
         return self._merge_state is not None
 
     @serialised
+    @exclusive
     def merge(self, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False, keep_backup: bool = True) -> MergeReport:
         """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
@@ -427,6 +444,7 @@ class AdaptedModel(CapturedModule):
                                           keep_backup=keep_backup)
 
     @serialised
+    @exclusive
     def unmerge(self) -> None:
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         self.services.merger.unmerge(self)
@@ -449,23 +467,24 @@ class AdaptedModel(CapturedModule):
         return self.services.need("generate", "graphadapt.generation")(self, input_ids, attention_mask, **kwargs)
 
     def save_merged(self, directory, names: Iterable[str] | None = None, *, max_shard_size="5GB",
-                    dtype=None, safe: bool = True) -> list:
+                    dtype=None, safe: bool = True, overwrite: bool = False) -> list:
         """Write the merged model as a Hugging Face checkpoint (``config.json`` + safetensors,
         sharded above ``max_shard_size``) into ``directory``, loadable by the source class's
         ``from_pretrained``. Streams one tensor at a time: extra memory is one merged weight;
         this model and the caller's are not changed. See :func:`graphadapt.checkpoints.merged.save_merged`.
         """
-        return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe)
+        return save_merged(self, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe,
+                           overwrite=overwrite)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_adapters(self, directory, names=None):
+    def save_adapters(self, directory, names=None, overwrite: bool = False):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
         if self.is_merged:
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
-        return save_adapters(self, directory, names)
+        return save_adapters(self, directory, names, overwrite=overwrite)
 
     def save_pretrained(self, save_directory, names=None, state_dict=None, safe_serialization: bool = True,
-                        is_main_process: bool = True, **kwargs):
+                        is_main_process: bool = True, overwrite: bool = False, **kwargs):
         """Write the adapters (and ``modules_to_save``; never the base weights) with an ``adapter_config.json``
         naming the base model class and its structure fingerprint; load with :func:`graphadapt.from_pretrained`.
 
@@ -485,13 +504,13 @@ class AdaptedModel(CapturedModule):
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
         if not is_main_process:
             return None
-        return write_pretrained(self, save_directory, names)
+        return write_pretrained(self, save_directory, names, overwrite=overwrite)
 
-    def to_peft(self, directory, name: str | None = None):
+    def to_peft(self, directory, name: str | None = None, overwrite: bool = False):
         """Write adapter ``name`` (default: the only one) and the ``modules_to_save`` in PEFT's format, for
         ``peft.PeftModel.from_pretrained(base, directory)``; LoRA (incl. rsLoRA, DoRA) and IA3 at whole
         linear layers. See :mod:`graphadapt.checkpoints.peft_export`."""
-        return write_peft(self, directory, name)
+        return write_peft(self, directory, name, overwrite=overwrite)
 
     def trainable_state_dict(self, enabled: bool = True) -> AdaptedModel:
         """With ``enabled``, ``state_dict()`` holds only the adapters and ``modules_to_save`` and
@@ -502,6 +521,7 @@ class AdaptedModel(CapturedModule):
         set_trainable_state_dict(self, enabled)
         return self
 
+    @exclusive
     def load_adapters(self, directory, strict: bool = True) -> list[str]:
         """Load adapter weights saved by :meth:`save_adapters` into this model."""
         if self.is_merged:

@@ -16,6 +16,7 @@ from ..errors import CheckpointError, SpecError
 from ..spec import Spec
 from ..version import __version__
 from ..vocab import adapter_prefix
+from ..writes import check_overwrite_flag, check_seal, claim_directory, seal
 from .files import atomic_write, check_save_target, check_tensor, read_json, read_tensors, sha256_file
 from .matching import RECORD_KEYS, check_structure, rewrite_key, structure_record
 from .trainable import trainable_module_keys
@@ -24,13 +25,18 @@ SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "adapters.safetensors"
 
 
-def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
+def save_adapters(adapted, directory: str | os.PathLike, names=None, overwrite: bool = False) -> Path:
     """Save the adapters (weights + spec) of ``adapted`` to ``directory``.
+
+    Files graphadapt did not write there (another tool's checkpoint) are refused unless
+    ``overwrite=True`` (:mod:`graphadapt.writes`).
 
     Each file is written to a temp file and renamed into place; SIGTERM, Ctrl-C or a full
     disk leave any earlier checkpoint intact and no temp files behind.
     """
     spec_obj = saved_spec(adapted, names)
+    claim_directory(directory, "adapters", [SPEC_FILE, WEIGHTS_FILE], compatible=("pretrained",),
+                    overwrite=check_overwrite_flag(overwrite))
     where = structure_record(adapted.structure_report)
     d = check_save_target(directory)
     prefixes = tuple(adapter_prefix(n) for n in spec_obj.module_owners)
@@ -45,7 +51,7 @@ def save_adapters(adapted, directory: str | os.PathLike, names=None) -> Path:
     # pair that load_adapter_weights refuses instead of mixing new weights with an old spec
     digest = sha256_file(d / WEIGHTS_FILE)
     atomic_write(d / SPEC_FILE, lambda p: Path(p).write_text(
-        json.dumps({"spec": spec, **meta, "weights_sha256": digest, **where}, indent=2)))
+        json.dumps(seal({"spec": spec, **meta, "weights_sha256": digest, **where}), indent=2)))
     return d
 
 
@@ -76,6 +82,7 @@ def read_spec(directory: str | os.PathLike):
     if not p.exists():
         raise CheckpointError(f"{directory} is not a graphadapt adapter checkpoint (no {SPEC_FILE})")
     data = read_json(p)
+    check_seal(data, p)
     if not isinstance(data.get("spec"), dict):
         raise CheckpointError(f"{p} has no 'spec' object; is it a graphadapt adapter checkpoint's {SPEC_FILE}?")
     try:
@@ -102,6 +109,7 @@ def load_adapter_weights(adapted, directory: str | os.PathLike, strict: bool = T
     rule = None
     if spec_path.exists():
         info = read_json(spec_path)
+        check_seal(info, spec_path)
         want = info.get("weights_sha256")
         if want is not None and want != sha256_file(p):
             raise CheckpointError(f"{p} does not belong to {spec_path} (hash mismatch): the checkpoint was "

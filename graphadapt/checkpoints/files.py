@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from .._io import check_writable, signals_as_exceptions
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SpecError
+from ..spec.spec import unique_keys
 
 def atomic_write(path: Path, write) -> None:
     with signals_as_exceptions():  # SIGTERM → exception, so the temp file is removed below
@@ -38,8 +40,8 @@ def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from ``path``; :class:`CheckpointError` if it is unreadable or not a JSON object."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SpecError) as e:
         raise CheckpointError(f"cannot read {p}: {type(e).__name__}: {e}. Is the file truncated or "
                               "hand-edited? Re-create it.") from e
     if not isinstance(data, dict):
@@ -71,6 +73,11 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
     except CheckpointError:
         raise
     except Exception as e:  # SafetensorError, UnpicklingError, OSError, ...: one clear error
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):  # torch's advice is not ours to relay
+            raise CheckpointError(
+                f"refusing {p}: the pickle holds Python objects other than tensors and plain containers, which "
+                "would run code when loaded (a malicious or non-checkpoint file). Nothing was executed. Ask for "
+                "the adapter as .safetensors, or re-create it from a source you trust.") from None
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"cannot read {p}: {type(e).__name__}: {first}. The file is truncated, corrupted "
                               "or not a tensor file; re-create it.") from e

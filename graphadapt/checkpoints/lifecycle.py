@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import GraphAdaptError
 from ..vocab import adapter_prefix
+from ..concurrency import state_lock
 from .trainable import trainable_module_keys
 
 
@@ -23,31 +24,34 @@ def adapters_disabled(adapted):
     saved = [m.active for m in mods]
     graph = None
     swapped = []
+    lock = state_lock(adapted)  # forwards in other threads see the state before or after each flip
     try:
-        for m in mods:
-            m.active = False
-        if adapted.spec.composition is not None:  # composition modules have no pass-through: run the base graph
-            graph = adapted.graph
-            adapted.graph = adapted.snapshot_graph(adapted._planning.base_graph)
-            adapted.recompile()
-            super(type(adapted), adapted).train(adapted.training)  # the base graph's dropout flags
-        src = dict(adapted.__dict__["_source_model"].named_parameters(remove_duplicate=False)) \
-            if adapted.__dict__.get("_source_model") is not None else {}
-        for key in trainable_module_keys(adapted):
-            if key in src:
-                owner, _, leaf = key.rpartition(".")
-                mod = adapted.get_submodule(owner)
-                swapped.append((mod, leaf, mod._parameters[leaf]))
-                mod._parameters[leaf] = nn.Parameter(src[key].detach(), requires_grad=False)
+        with lock.write():
+            for m in mods:
+                m.active = False
+            if adapted.spec.composition is not None:  # composition modules have no pass-through: run the base graph
+                graph = adapted.graph
+                adapted.graph = adapted.snapshot_graph(adapted._planning.base_graph)
+                adapted.recompile()
+                super(type(adapted), adapted).train(adapted.training)  # the base graph's dropout flags
+            src = dict(adapted.__dict__["_source_model"].named_parameters(remove_duplicate=False)) \
+                if adapted.__dict__.get("_source_model") is not None else {}
+            for key in trainable_module_keys(adapted):
+                if key in src:
+                    owner, _, leaf = key.rpartition(".")
+                    mod = adapted.get_submodule(owner)
+                    swapped.append((mod, leaf, mod._parameters[leaf]))
+                    mod._parameters[leaf] = nn.Parameter(src[key].detach(), requires_grad=False)
         yield adapted
     finally:
-        for mod, leaf, p in swapped:
-            mod._parameters[leaf] = p
-        if graph is not None:
-            adapted.graph = graph
-            adapted.recompile()
-        for m, flag in zip(mods, saved):
-            m.active = flag
+        with lock.write():
+            for mod, leaf, p in swapped:
+                mod._parameters[leaf] = p
+            if graph is not None:
+                adapted.graph = graph
+                adapted.recompile()
+            for m, flag in zip(mods, saved):
+                m.active = flag
 
 
 __all__ = ["adapters_disabled"]

@@ -56,7 +56,7 @@ def parse_size(size: int | str) -> int:
 
 def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | None = None, *,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | str | None = None,
-                safe: bool = True) -> list[Path]:
+                safe: bool = True, overwrite: bool = False) -> list[Path]:
     """Write the merged model as a Hugging Face checkpoint into ``directory``; returns the files written.
 
     ``names``: adapters to fold (default: all); every selected, active adapter must fold
@@ -65,6 +65,8 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
     ``model.safetensors.index.json``. ``dtype``: convert floating tensors (``"fp16"``,
     ``torch.bfloat16``) as they are written; default each tensor's own dtype.
     Memory: one merged weight at a time (the model is not changed, nothing else is copied).
+    ``overwrite``: replace files graphadapt did not write (a Hugging Face model folder's weights);
+    without it such a folder is refused (:mod:`graphadapt.writes`).
     """
     refuse_quantized(adapted, "save_merged", "Folding adapters into a dense (fp16/fp32) copy of a quantized base "
                      "is not built yet; save the adapters (save_adapters) and keep the base as it is.", MergeError)
@@ -84,8 +86,14 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
     if not directory.parent.is_dir():
         raise CheckpointError(f"{directory.parent} does not exist; create it first")
 
+    from ..writes import check_overwrite_flag, claim_directory, writable_target
+
+    writable_target(directory, check_overwrite_flag(overwrite))
     items = _plan_items(adapted, src, names, safe, tdtype)
     shards = _split(items, shard_bytes)
+    claim_directory(directory, "merged", [WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json"]
+                    + [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))],
+                    overwrite=overwrite)
 
     created = not directory.exists()
     directory.mkdir(exist_ok=True)
@@ -115,7 +123,8 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
                 for name, shape, dt, _ in shard:
                     weight_map[name] = fname
                     total += _nbytes(shape, dt)
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total, "graphadapt": "merged"},
+                                                      "weight_map": weight_map},
                                                      indent=2, sort_keys=True) + "\n")
             written.append(INDEX_NAME)
         for name in written:
@@ -256,7 +265,7 @@ def _write_safetensors(path: Path, items: list[_Item]) -> None:
     if any(dt not in _ST_DTYPES for _, _, dt, _ in items):
         bad = sorted({str(dt) for _, _, dt, _ in items if dt not in _ST_DTYPES})
         raise CheckpointError(f"safetensors cannot hold tensors of dtype {bad}")
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", "graphadapt": "merged"}}
     offset = 0
     for name, shape, dt, _ in items:
         nb = _nbytes(shape, dt)

@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..methods import get_method, registered
 from ..methods.base import Method
+from ..writes import MARK_KEY, check_overwrite_flag, claim_directory
 from .files import atomic_write, check_save_target
 from .trainable import trainable_module_tensors
 
 
-def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -> Path:
+def write_peft(adapted, directory: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
     spec = adapted.spec
     if adapted.is_merged:
         raise CheckpointError("unmerge() before to_peft (merged weights live in the base)")
@@ -47,8 +48,11 @@ def write_peft(adapted, directory: str | os.PathLike, name: str | None = None) -
     out = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
     out.update({f"base_model.model.{k}": v.detach().contiguous().cpu()
                 for k, v in trainable_module_tensors(adapted).items()})
+    claim_directory(directory, "peft", ["adapter_model.safetensors", "adapter_config.json"],
+                    overwrite=check_overwrite_flag(overwrite))
     d = check_save_target(directory)
-    atomic_write(d / "adapter_model.safetensors", lambda p: save_file(out, p, metadata={"format": "pt"}))
+    atomic_write(d / "adapter_model.safetensors",
+                 lambda p: save_file(out, p, metadata={"format": "pt", MARK_KEY: "peft"}))
     atomic_write(d / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
     return d
 

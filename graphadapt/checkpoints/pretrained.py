@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..version import __version__
-from .adapters import save_adapters, saved_spec
+from ..writes import check_overwrite_flag, check_seal, claim_directory, seal
+from .adapters import SPEC_FILE, WEIGHTS_FILE, save_adapters, saved_spec
 from .files import atomic_write, read_json
 from .matching import structure_record
 
@@ -33,11 +34,13 @@ def pretrained_config(adapted) -> dict:
             "graphadapt_version": __version__}
 
 
-def write_pretrained(adapted, directory: str | os.PathLike, names=None) -> Path:
+def write_pretrained(adapted, directory: str | os.PathLike, names=None, overwrite: bool = False) -> Path:
     cfg = pretrained_config(adapted)
     cfg["adapters"] = list(saved_spec(adapted, names).adapters)
-    d = save_adapters(adapted, directory, names)
-    atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    claim_directory(directory, "pretrained", [CONFIG_FILE, SPEC_FILE, WEIGHTS_FILE], compatible=("adapters",),
+                    overwrite=check_overwrite_flag(overwrite))
+    d = save_adapters(adapted, directory, names, overwrite=True)  # claimed just above
+    atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(seal(cfg), indent=2)))
     return d
 
 
@@ -48,6 +51,8 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict | None:
     if not p.exists():
         return None
     cfg = read_json(p)
+    if cfg.get("format") == FORMAT:
+        check_seal(cfg, p)
     if cfg.get("format") != FORMAT:
         if "peft_type" in cfg:
             raise CheckpointError(f"{directory} is a PEFT checkpoint; load it with graphadapt.import_peft(model, dir)")

@@ -167,6 +167,9 @@ def _export_seq2seq(twins, path, tdtype, merge, verify, max_new_tokens, input_id
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     if input_ids is None:
         input_ids, attention_mask = default_prompt(vocab=_vocab(step), side="right")
+    from graphadapt.writes import claim_export  # the encoder is moved into place over any earlier file
+
+    claim_export(path / ENCODER_FILE, False, ExportError)
     created = not path.exists()
     path.mkdir(exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=".encoder.tmp-", dir=path))

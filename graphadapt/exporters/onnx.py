@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graphadapt._io import check_writable, signals_as_exceptions
+from graphadapt.contract import check_export
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
 from graphadapt.exporters import _model, fusion
@@ -144,6 +145,7 @@ def export_onnx(
     rms_tol: float | None = None,
     verify_part_bytes: int | None = None,
     optimize: str | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -177,6 +179,8 @@ def export_onnx(
             (``onnxruntime.transformers.optimizer.optimize_model``, python fusions only) fuses
             SkipLayerNormalization, BiasGelu, ...; the optimized file is what is verified and
             written. ``ExportReport.fused_ops`` counts the fused ops (docs/export.md).
+        overwrite: replace an existing ``path`` that graphadapt did not export (without it such a
+            file is refused before any work; an earlier graphadapt export is replaced).
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -199,11 +203,15 @@ def export_onnx(
     refuse_quantized(model, "ONNX export", "Int4 (MatMulNBits) export of packed weights is not built yet; export a "
                      "model loaded unquantized instead.", ExportError)
     check_writable(path.parent, ExportError, "output directory")
+    from graphadapt.writes import claim_export
+
+    claim_export(path, overwrite, ExportError)
     inputs = _model.example_inputs(model, example_inputs)
     # the module serving these inputs (an adapted model's signature variant) is exported; merging is
     # decided on ``primary``, whose merge state the variant follows
     primary, model = model, _model.for_inputs(model, inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
+    check_export(model, inputs, dynamic, ExportError)  # graphadapt.contract: missing inputs, fixed-batch compositions
 
     memory = PeakRSS()
     # a graphadapt model is merged into the export copy, weight by weight, and never itself;
@@ -544,17 +552,9 @@ def _drop_weights(program) -> None:
     for value in values:
         if value.const_value is not None:
             value.const_value = None
-    try:  # the matchers may hold an intermediate graph of the optimizer, not this one: let go of it
-        import gc
+    from ._matchers import release_rewriter_graphs  # they may hold an intermediate graph of the optimizer
 
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
-    except ImportError:
-        return
-    for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
-            for attr in ("_graph", "_current_node", "_match"):
-                if getattr(obj, attr, None) is not None:
-                    setattr(obj, attr, None)
+    release_rewriter_graphs()
 
 
 def _check(tmp: Path) -> None:

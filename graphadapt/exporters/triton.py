@@ -80,6 +80,9 @@ def export_triton(
     if final.resolve().parent != repo.resolve():  # a symlinked <name> pointing elsewhere, or a name escaping repo
         raise ExportError(f"{final} resolves outside the repository {repo}; refusing to write there")
     version_name = str(int(version))
+    from graphadapt.writes import claim_triton  # never replace a model or config graphadapt did not write
+
+    claim_triton(final, version_name, export_kwargs.get("overwrite", False), ExportError)
 
     with signals_as_exceptions():  # SIGTERM runs the finally below: no staging dir is left behind
         stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=repo))

@@ -109,6 +109,14 @@ class Stack(Block):
 
     kind: ClassVar[str] = "stack"
 
+    def _validate(self) -> None:
+        names = [c for c in self.children if isinstance(c, str)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SpecError(f"Stack names adapter {twice[0]!r} twice: it would run twice in a row on its own output; "
+                            "name each adapter once (add a second adapter to stack two of the same kind)",
+                            field="active")
+
 
 @dataclass(frozen=True, init=False, repr=False)
 class Parallel(Block):

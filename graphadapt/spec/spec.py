@@ -38,6 +38,18 @@ _JSON_SUFFIXES = (".json",)
 _YAML_SUFFIXES = (".yaml", ".yml")
 
 
+def unique_keys(pairs: list) -> dict:
+    """``json.loads(object_pairs_hook=...)``: a key given twice in one object is an error, not "the last wins"
+    (a spec with adapter ``"a"`` twice would silently keep only the second)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise SpecError(f"JSON object has the key {k!r} twice (the first value would be silently dropped); "
+                            "keep one, or rename the second")
+        out[k] = v
+    return out
+
+
 def _module_attributes() -> frozenset[str]:
     """Names an ``nn.Module`` already uses (``training``, ``forward``, ``_parameters`` ...)."""
     return frozenset(dir(nn.Module())) | frozenset(vars(nn.Module()))
@@ -226,7 +238,7 @@ class Spec:
     @classmethod
     def from_json(cls, text: str) -> Spec:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as e:
             raise SpecError(f"spec is not valid JSON: {e}") from e
         return cls.from_dict(data)

@@ -39,6 +39,8 @@ class PromptTuningMethod(Method):
         width = site.width(spec.insert_at)
         mod = PromptTuningModule(spec.prompt_length, width, spec.combine, dtype=weight.dtype,
                                  device=weight.device)
+        # positions the model's position embedding must cover beyond the input's (graphadapt.contract)
+        mod.added_positions = spec.prompt_length if spec.insert_at == "word_embeddings" else 0
         with torch.no_grad():
             if spec.prompt_init == "from_string":
                 if width != weight.shape[1]:

@@ -66,6 +66,10 @@ class PromptTuning(MethodSpec):
                 raise SpecError(f"prompt_init_ids must be a non-empty list of ints >= 0, got {list(ids)!r}",
                                 field="prompt_init_ids")
             set_("prompt_init_ids", tuple(int(i) for i in ids))
+        if self.prompt_init != "from_string" and self.prompt_init_ids is not None:
+            raise SpecError(f"prompt_init_ids are used only with prompt_init='from_string', but prompt_init is "
+                            f"{self.prompt_init!r} (the ids would be ignored); pass prompt_init='from_string' to "
+                            "start from their embeddings, or drop prompt_init_ids", field="prompt_init_ids")
         if self.prompt_init == "from_string" and self.prompt_init_ids is None:
             raise SpecError(
                 "prompt_init='from_string' needs prompt_init_ids: graphadapt does not download tokenizers, so pass "
