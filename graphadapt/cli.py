@@ -266,10 +266,10 @@ def cmd_export(args) -> int:
         raise SystemExit("graphadapt export: --dynamic-batching/--max-queue-delay-us/--preferred-batch-size/"
                          "--instances/--instance-kind configure a Triton model: add --triton DIR")
     if args.triton:  # refuse a bad name or option before seconds of model loading
-        from .exporters.triton import _check_scheduling, check_model_name
+        from .exporters.triton import check_scheduling, check_model_name
 
         check_model_name(args.name)
-        _check_scheduling(triton.get("dynamic_batching", False), triton.get("instance_group"), args.max_batch_size)
+        check_scheduling(triton.get("dynamic_batching", False), triton.get("instance_group"), args.max_batch_size)
     with _machine_output(args):
         prog = _Progress(3 + (1 if args.adapters else 0) + (1 if args.merge else 0))
         adapted = _adapted(args, prog)

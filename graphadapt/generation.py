@@ -19,7 +19,7 @@ import torch
 
 from .contract import check_generate
 from .errors import GraphAdaptError
-from .kvcache import _seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
+from .kvcache import seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
 
 __all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
            "onnx_io_names"]
@@ -62,7 +62,7 @@ def _twins(adapted) -> list:
         apply = adapted.services.need("recapture", "graphadapt.api.apply")
         try:
             if layout["encoder_decoder"]:
-                (enc, enc_kw), (step, step_kw) = _seq2seq_views(src, layout)
+                (enc, enc_kw), (step, step_kw) = seq2seq_views(src, layout)
                 twins = [apply(enc, adapted.spec, example_kwargs=enc_kw), apply(step, adapted.spec,
                                                                                example_kwargs=step_kw)]
                 twins[1].decoder_cache = dict(layout)

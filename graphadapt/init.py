@@ -72,7 +72,7 @@ def isolated_rng() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------- primitive initialisers
-def _check_generator(generator: torch.Generator) -> None:
+def check_generator(generator: torch.Generator) -> None:
     if not isinstance(generator, torch.Generator):
         # A None generator would silently fall back to the global RNG.
         raise TypeError(f"an explicit torch.Generator is required, got {type(generator).__name__}")
@@ -83,7 +83,7 @@ def _check_generator(generator: torch.Generator) -> None:
 @torch.no_grad()
 def _staged(tensor: Tensor, generator: torch.Generator, draw: Callable[[Tensor], object]) -> Tensor:
     """Run ``draw(cpu_float32_tensor)`` and copy the result into ``tensor`` (any device/dtype)."""
-    _check_generator(generator)
+    check_generator(generator)
     tmp = torch.empty(tuple(tensor.shape), dtype=torch.float32, device="cpu")
     draw(tmp)
     tensor.copy_(tmp)

@@ -161,7 +161,7 @@ class _Encoder(_FlatCacheDecoder):
         return {"last_hidden_state": enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state}
 
 
-def _seq2seq_views(model: nn.Module, layout: dict[str, Any]):
+def seq2seq_views(model: nn.Module, layout: dict[str, Any]):
     """(encoder view, example kwargs), (decoder-step view, example kwargs) for an encoder-decoder LM."""
     names = [past_input_name(i, kv) for i in range(layout["num_layers"]) for kv in ("key", "value")]
     src = (f"def forward(self, decoder_input_ids, encoder_hidden_states, attention_mask, {', '.join(names)}):\n"
@@ -233,4 +233,4 @@ def cached_decoder(model: nn.Module, example_kwargs: Mapping[str, Any] | None = 
 # --------------------------------------------------------------------------- twin
 
 
-__all__ = ["cached_decoder", "kv_layout", "onnx_io_names", "past_input_name"]
+__all__ = ["cached_decoder", "kv_layout", "onnx_io_names", "past_input_name", "seq2seq_views"]

@@ -25,12 +25,12 @@ SKIP = re.compile(r"#\s*doc-test:\s*skip\s*\((.+)\)")
 _HUB = "AdapterHub `adapters` needs transformers 4.57: run by tests/oracle/test_docs_adapterhub.py"
 SKIPPED = [
     ("docs/architecture.md", "a fragment of the built-in LoRA plugin; registering it again would clash"),
+    ("docs/big-models.md", "needs bitsandbytes and a checkpoint; tests/test_quantized.py runs this path"),
     ("docs/migration-adapterhub.md", _HUB),
     ("docs/migration-adapterhub.md", _HUB),
     ("docs/migration-adapterhub.md", _HUB),
     ("docs/migration-adapterhub.md",
      "imports the checkpoint the AdapterHub block wrote: run by tests/oracle/test_docs_adapterhub.py"),
-    ("docs/big-models.md", "needs bitsandbytes and a checkpoint; tests/test_quantized.py runs this path"),
 ]
 
 

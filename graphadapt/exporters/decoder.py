@@ -76,10 +76,6 @@ def _twins(model) -> list:
         raise ExportError(str(e)) from e
 
 
-def _cached(model):
-    return _twins(model)[-1]
-
-
 def _vocab(cached) -> int:
     return int(getattr(cached.config, "vocab_size", 100) or 100)
 

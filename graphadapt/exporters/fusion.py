@@ -335,9 +335,9 @@ def run_ort_optimizer(path: Path, external_data: bool, model_type: str = "bert")
             optimized.save_model_to_file(str(path), use_external_data_format=external_data,
                                          all_tensors_to_one_file=True)
         except Exception as e:
-            from graphadapt.exporters._model import _one_line
+            from graphadapt.exporters._model import one_line
 
-            raise ExportError(f"onnxruntime's transformer optimizer failed on the export: {_one_line(e)}; "
+            raise ExportError(f"onnxruntime's transformer optimizer failed on the export: {one_line(e)}; "
                               "export with optimize=None") from e
     return fused_op_counts(path)
 

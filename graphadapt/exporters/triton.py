@@ -63,7 +63,7 @@ def export_triton(
     :class:`ExportReport`, holding the verification figures).
     """
     check_model_name(name)
-    _check_scheduling(dynamic_batching, instance_group, max_batch_size)
+    check_scheduling(dynamic_batching, instance_group, max_batch_size)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ExportError(f"Triton model versions are integers from 1, got {version!r}")
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
@@ -103,7 +103,7 @@ _BATCHING_FIELDS = {"max_queue_delay_microseconds": int, "preferred_batch_size":
 _INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
 
-def _check_scheduling(dynamic_batching: Any, instance_group: Any, max_batch_size: int) -> None:
+def check_scheduling(dynamic_batching: Any, instance_group: Any, max_batch_size: int) -> None:
     if isinstance(dynamic_batching, dict):
         for k, v in dynamic_batching.items():
             if k not in _BATCHING_FIELDS or not isinstance(v, _BATCHING_FIELDS[k]) or isinstance(v, bool) != (

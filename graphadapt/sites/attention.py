@@ -35,7 +35,6 @@ KIND = SiteKind.ATTENTION
 LOCATIONS = ("self_prefix", "encoder_prefix", "cross_prefix")
 
 aten = torch.ops.aten
-_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _MATMUL = {aten.matmul.default, aten.bmm.default}
 _PASS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default, aten.contiguous.default,
          aten.alias.default, aten.type_as.default}

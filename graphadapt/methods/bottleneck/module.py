@@ -420,7 +420,6 @@ class BottleneckAdapter(nn.Module):
 
 
 # ------------------------------------------------------------- checkpoints
-_PHM_KEYS = ("W", "W_left", "W_right", "phm_rule", "phm_rule_left", "phm_rule_right")
 
 
 def adapterhub_key_map(module: BottleneckAdapter) -> dict[str, str | None]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from graphadapt.errors import SpecError
-from graphadapt.init import _check_generator, init_bert_, kaiming_uniform_, normal_, uniform_, zeros_
+from graphadapt.init import check_generator, init_bert_, kaiming_uniform_, normal_, uniform_, zeros_
 
 LORA_INIT_SCHEMES = ("lora", "gaussian", "bert", "pissa")
 
@@ -67,7 +67,7 @@ def init_lora_(
     """
     if scheme not in LORA_INIT_SCHEMES:
         raise SpecError(f"unknown LoRA init {scheme!r}; expected one of {LORA_INIT_SCHEMES}", field="init")
-    _check_generator(generator)
+    check_generator(generator)
     if (scheme == "pissa" or module.use_dora) and base_weight is None:
         raise SpecError(f"LoRA init {scheme!r}{' with DoRA' if module.use_dora else ''} needs base_weight", field="init")
     if scheme == "pissa" and module.use_gating:
