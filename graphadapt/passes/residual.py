@@ -26,7 +26,6 @@ from ..vocab import SiteKind, adapter_target
 from . import AdapterRecord, InsertContext, PassResult, annotate, erase_dead, get_attr_node, submodule_or_none
 
 KIND = SiteKind.RESIDUAL
-POSITIONS = ("mh", "output")
 
 
 @dataclass
@@ -134,5 +133,5 @@ def site_key(t: ResidualTarget) -> str:
     return t.name
 
 
-__all__ = ["KIND", "POSITIONS", "ResidualTarget", "insert_residual_adapter", "reference_parameter",
+__all__ = ["KIND", "ResidualTarget", "insert_residual_adapter", "reference_parameter",
            "select_residual_points", "site_key", "wire_residual"]

@@ -32,7 +32,6 @@ from ..vocab import CombinePolicy, SiteKind, adapter_target
 from .base import SiteKindPlugin, register_site_kind
 
 KIND = SiteKind.ATTENTION
-LOCATIONS = ("self_prefix", "encoder_prefix", "cross_prefix")
 
 aten = torch.ops.aten
 _MATMUL = {aten.matmul.default, aten.bmm.default}
@@ -360,7 +359,7 @@ def site_key(site: AttentionSite) -> str:
 
 @register_site_kind
 class AttentionKind(SiteKindPlugin):
-    """Attention cores. The spec says ``locations`` (a subset of :data:`LOCATIONS`) and ``includes_layer``.
+    """Attention cores. The spec says ``locations`` (a subset of ``self_prefix``, ``encoder_prefix``, ``cross_prefix``) and ``includes_layer``.
 
     Method protocol: ``prepare(gm, adapter, spec, sites, seed) → extra build kwargs``;
     ``attention_pool(gm, adapter, spec, sites, seed, **extra) → (key, module)``: the module called once at
@@ -388,5 +387,5 @@ class AttentionKind(SiteKindPlugin):
         return res
 
 
-__all__ = ["AttentionKind", "AttentionSite", "KIND", "LOCATIONS", "insert_attention_adapter", "insert_position_offset", "locations_of",
+__all__ = ["AttentionKind", "AttentionSite", "KIND", "insert_attention_adapter", "insert_position_offset", "locations_of",
            "select_attention_sites", "site_key"]
