@@ -243,7 +243,7 @@ def _added_positions(model) -> int:
     n = 0
     for r in model.__dict__.get("adapter_records") or ():
         try:
-            m = model.get_submodule(r["target"])
+            m = model.get_submodule(r.target)
         except AttributeError:
             continue
         if getattr(m, "active", True):
