@@ -88,8 +88,9 @@ def _sync(twin, adapted) -> None:
     backups = adapted._merge_state["backups"] if adapted.is_merged else {}
     own = dict(adapted.named_parameters())
     key = _merged_key(twin, adapted, backups, own) if adapted.is_merged else None
-    if key is not None and twin.is_merged and twin.__dict__.get("_synced_merge") == key:
-        twin.eval()  # merged from exactly these tensors before: re-folding would give the same weights
+    done = twin.__dict__.get("_synced_merge")  # (key, the twin merge it made), or None
+    if key is not None and done is not None and done[0] == key and done[1] is twin._merge_state:
+        twin.eval()  # merged by us from exactly these tensors: re-folding would give the same weights
         return
     object.__setattr__(twin, "_synced_merge", None)
     if twin.is_merged:
@@ -114,7 +115,7 @@ def _sync(twin, adapted) -> None:
             for p, flag in twin._merge_state["frozen"]:
                 p.requires_grad_(flag)
             twin._merge_state["frozen"] = []
-            object.__setattr__(twin, "_synced_merge", key)
+            object.__setattr__(twin, "_synced_merge", (key, twin._merge_state))
     twin.eval()
 
 
