@@ -1,6 +1,7 @@
 """Decoding latency of an adapted causal LM, measured side by side in one run (ratios, not absolutes).
 
-    python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10] [--beams 4] [--clock wall|cpu]
+    python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10] [--beams 4]
+        [--clock wall|cpu]
 
 A seeded Llama-style model (GQA) built from a config, LoRA (r=8) on q/v with non-zero weights.
 Reports:
