@@ -1,6 +1,7 @@
 """Decoding latency of an adapted causal LM, measured side by side in one run (ratios, not absolutes).
 
     python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10] [--beams 4]
+        [--clock wall|cpu]
 
 A seeded Llama-style model (GQA) built from a config, LoRA (r=8) on q/v with non-zero weights.
 Reports:
@@ -30,6 +31,9 @@ import graphadapt as ga  # noqa: E402
 from graphadapt.generation import past_input_name  # noqa: E402
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU time: steadier on a shared machine)
+
+
 def timed_interleaved(fns: dict, runs: int) -> dict[str, tuple[float, float]]:
     """Median and IQR (ms) per callable, timing them round-robin so drift hits all equally."""
     for fn in fns.values():
@@ -38,9 +42,9 @@ def timed_interleaved(fns: dict, runs: int) -> dict[str, tuple[float, float]]:
     ts = {k: [] for k in fns}
     for _ in range(runs):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = CLOCK()
             fn()
-            ts[k].append((time.perf_counter() - t) * 1e3)
+            ts[k].append((CLOCK() - t) * 1e3)
     out = {}
     for k, v in ts.items():
         q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
@@ -70,7 +74,10 @@ def main() -> None:
     ap.add_argument("--contexts", default="32,128,512")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     model = build(args.hidden, args.layers, args.vocab)
@@ -123,18 +130,51 @@ def main() -> None:
     def ga_generate():
         return cached.generate(ids, mask, max_new_tokens=args.new)
 
-    same = torch.equal(hf_generate(), ga_generate())
-    r = timed_interleaved({"hf": hf_generate, "ga": ga_generate}, max(3, args.runs // 2))
-    cached.merge()
-    r["ga_merged"] = timed_interleaved({"m": ga_generate}, max(3, args.runs // 2))["m"]
-    same_merged = torch.equal(hf_generate(), ga_generate())
-    cached.unmerge()
+    # every row timed round-robin in the same rounds (merged models are separate copies, so the merged
+    # rows are not timed after the others, when the machine's load may differ)
+    merged = ga.apply(model, spec, cache=True)
+    plain_merged = ga.apply(model, spec)  # a plain capture: generate runs through its cached twin
+    for other in (merged, plain_merged):
+        with torch.no_grad():
+            theirs = dict(other.named_parameters())
+            for n, p in cached.named_parameters():
+                if n.startswith("adapters."):
+                    theirs[n].copy_(p)
+        other.merge()
+    rows = {"hf": hf_generate, "ga": ga_generate,
+            "ga_merged": lambda: merged.generate(ids, mask, max_new_tokens=args.new),
+            "plain": lambda: plain.generate(ids, mask, max_new_tokens=args.new),
+            "plain_merged": lambda: plain_merged.generate(ids, mask, max_new_tokens=args.new)}
+    try:
+        import peft
+
+        lcfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        pm = peft.get_peft_model(build(args.hidden, args.layers, args.vocab), lcfg).eval()
+        with torch.no_grad():  # same LoRA weights as graphadapt's (same base: seeded build)
+            pp = dict(pm.named_parameters())
+            for n, p in cached.named_parameters():
+                if n.startswith("adapters.") and n.endswith(("lora_A", "lora_B")):
+                    path = n.split(".", 2)[2].rsplit(".", 1)[0]  # e.g. model.layers.0.self_attn.q_proj
+                    pp[f"base_model.model.{path}.{n.rsplit('.', 1)[1]}.default.weight"].copy_(p)
+
+        def peft_generate():
+            with torch.inference_mode():
+                return pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
+                                   min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+        rows["peft"] = peft_generate
+    except Exception as e:  # noqa: BLE001 - PEFT is optional here
+        print(f"(no PEFT row: {type(e).__name__}: {e})")
+    ref = hf_generate()
+    same = {k: torch.equal(ref, fn()) for k, fn in rows.items()}
+    r = timed_interleaved(rows, max(3, args.runs // 2))
     per = {k: (v[0] / args.new, v[1] / args.new) for k, v in r.items()}
-    print(f"{'HF generate (merged weights)':>36} {per['hf'][0]:8.3f} ± {per['hf'][1]:.3f}")
-    print(f"{'graphadapt generate, unmerged LoRA':>36} {per['ga'][0]:8.3f} ± {per['ga'][1]:.3f}   "
-          f"ratio {per['ga'][0] / per['hf'][0]:.2f}   same tokens: {same}")
-    print(f"{'graphadapt generate, merged':>36} {per['ga_merged'][0]:8.3f} ± {per['ga_merged'][1]:.3f}   "
-          f"ratio {per['ga_merged'][0] / per['hf'][0]:.2f}   same tokens: {same_merged}")
+    labels = {"hf": "HF generate (merged weights)", "ga": "graphadapt generate, unmerged LoRA",
+              "ga_merged": "graphadapt generate, merged", "plain": "plain capture (twin), unmerged",
+              "plain_merged": "plain capture (twin), merged", "peft": "PEFT generate, unmerged LoRA"}
+    for k, label in labels.items():
+        if k in per:
+            tail = "" if k == "hf" else f"   ratio {per[k][0] / per['hf'][0]:.2f}   same tokens: {same[k]}"
+            print(f"{label:>36} {per[k][0]:8.3f} ± {per[k][1]:.3f}{tail}")
 
     beams = args.beams
     print(f"\nbeam search (num_beams={beams}, no eos), {args.new} new tokens: per-token ms")

@@ -85,10 +85,16 @@ def _twins(adapted) -> list:
 
 
 def _sync(twin, adapted) -> None:
-    if twin.is_merged:
-        twin.unmerge()
     backups = adapted._merge_state["backups"] if adapted.is_merged else {}
     own = dict(adapted.named_parameters())
+    key = _merged_key(twin, adapted, backups, own) if adapted.is_merged else None
+    done = twin.__dict__.get("_synced_merge")  # (key, the twin merge it made), or None
+    if key is not None and done is not None and done[0] == key and done[1] is twin._merge_state:
+        twin.eval()  # merged by us from exactly these tensors: re-folding would give the same weights
+        return
+    object.__setattr__(twin, "_synced_merge", None)
+    if twin.is_merged:
+        twin.unmerge()
     for name in [n for n, _ in twin.named_parameters()]:
         p = backups.get(name, own.get(name))
         if p is None:
@@ -104,7 +110,25 @@ def _sync(twin, adapted) -> None:
                        & {r.adapter for r in twin.adapter_records})
         if names:
             twin.merge(names)
+            # the tied parameters' requires_grad is ``adapted``'s (its merge froze, its unmerge thaws them): the
+            # twin's merge must not freeze them, or unmerging the twin later re-freezes them for good
+            for p, flag in twin._merge_state["frozen"]:
+                p.requires_grad_(flag)
+            twin._merge_state["frozen"] = []
+            object.__setattr__(twin, "_synced_merge", (key, twin._merge_state))
     twin.eval()
+
+
+def _merged_key(twin, adapted, backups, own) -> tuple:
+    """What a merged twin's weights are a function of: the adapted model's merge, its active adapters, and
+    each tensor the twin ties (identity, storage, dtype, device and in-place version, so an edit re-folds)."""
+    tied = []
+    for name, _ in twin.named_parameters():
+        p = backups.get(name, own.get(name))
+        if p is not None:
+            tied.append((name, id(p), p.data_ptr(), p.dtype, p.device, p._version))
+    return (id(adapted._merge_state), tuple(adapted._merge_state["report"].folded), tuple(adapted.active_adapters()),
+            tuple(tied))
 
 
 # --------------------------------------------------------------------------- generate
