@@ -108,7 +108,9 @@ def test_cli_exports_a_seq_cls_checkpoint_with_peft_logits(tmp_path, capsys):
     x = text_inputs(3, 6, pad=2)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
-    got = sess.run(None, {k: v.numpy() for k, v in x.items() if k in names})[0]
+    x["token_type_ids"] = torch.zeros_like(x["input_ids"])  # as a BERT tokenizer gives it: a graph input now
+    assert names == set(x)
+    got = sess.run(None, {k: v.numpy() for k, v in x.items()})[0]
     with torch.no_grad():
         ref = pm(**x).logits
     assert got.shape == (3, 3)

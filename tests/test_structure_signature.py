@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import graphadapt as ga
 from graphadapt.capture import capture
 from graphadapt.errors import CheckpointError
+from graphadapt.writes import seal
 from graphadapt.structure import recognize
 from graphadapt.structure import report as report_module
 from graphadapt.structure import signature as signature_module
@@ -126,15 +127,15 @@ def test_new_checkpoint_records_the_signature_and_names_what_differs(tmp_path):
     p = tmp_path / "future" / "spec.json"
     rec = json.loads(p.read_text())
     rec["structure_signature"]["kinds"][0]["heads"] = 8
-    p.write_text(json.dumps(rec))
+    p.write_text(json.dumps(seal(rec)))  # re-sealed: the signature's own check is tested
     with pytest.raises(CheckpointError, match="unreadable structure_signature .*digest"):
         ga.load(tiny_bert(num_labels=3), tmp_path / "future")
     rec["structure_signature"]["kinds"][0]["heads"] = 4
     # a signature version this graphadapt does not read: the v0 fingerprint decides; without it, a clear error
     rec["structure_signature"]["version"] = 99
-    p.write_text(json.dumps(rec))
+    p.write_text(json.dumps(seal(rec)))  # re-sealed: the signature's own check is tested
     ga.load(tiny_bert(num_labels=3), tmp_path / "future")
     del rec["structure_fingerprint"]
-    p.write_text(json.dumps(rec))
+    p.write_text(json.dumps(seal(rec)))  # re-sealed: the signature's own check is tested
     with pytest.raises(CheckpointError, match="signature version 99.*upgrade graphadapt"):
         ga.load(tiny_bert(num_labels=3), tmp_path / "future")
