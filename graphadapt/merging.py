@@ -40,25 +40,8 @@ class Merger:
 
     def merge(self, model, names: Iterable[str] | None = None, safe: bool = True, strict: bool = False,
               in_place: bool = False, keep_backup: bool = True) -> MergeReport:
-        """Fold every adapter module that can (``mergeable`` / ``fold``: LoRA, DoRA, IA3, …) into the base weights.
-
-        Memory (see docs/scale.md):
-
-        * default: merged weights are *new* tensors (one extra copy of each merged weight);
-          the caller's model keeps the originals, which :meth:`unmerge` re-installs.
-        * ``in_place=True``: writes into the storage shared with the caller's model — the
-          caller's model changes too — and keeps a backup copy of each merged weight for
-          :meth:`unmerge` (same extra memory as the default).
-        * ``in_place=True, keep_backup=False``: writes into that storage with no backup: no
-          extra memory beyond one weight at a time, but *irreversible* — the caller's model
-          stays merged and :meth:`unmerge` raises :class:`MergeError`.
-
-        ``safe=True`` never installs a non-finite weight: non-finite adapter parameters are
-        refused before anything changes; a merged weight that overflows is refused before it
-        is written (reversible modes then restore every weight; without a backup the weights
-        merged before it stay merged, and the error names them).
-        ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
-        """
+        """Fold mergeable adapters into ``model``'s base weights; the modes and guarantees are documented on
+        :meth:`graphadapt.model.AdaptedModel.merge`, which delegates here."""
         if model.is_merged:
             raise MergeError("already merged; call unmerge() first" if model._merge_state.get("reversible", True)
                              else "already merged in place without a backup (keep_backup=False); reload the model")
