@@ -100,7 +100,7 @@ class Method:
         return {}
 
     def build(self, spec: MethodSpec, adapter: str, site, seed: int, **site_facts) -> nn.Module:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement build() (the method plugin contract: docs/architecture.md)")
 
     def insert(self, gm, ctx: InsertContext, adapter: str, spec: MethodSpec, sites: list, seed: int) -> PassResult:
         """Insert this adapter's modules (the site kind does it: ``prepare`` once, then ``build`` per site)."""
@@ -116,7 +116,7 @@ class Method:
 
     def peft_spec(self, config: Mapping[str, Any], targets: tuple[str, ...]) -> MethodSpec:
         """The spec equivalent to a PEFT adapter config applied at ``targets`` (module paths)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement peft_spec() (the method plugin contract: docs/architecture.md)")
 
     def peft_key(self, key: str) -> tuple[str, str] | None:
         """A PEFT state-dict key → ``(module path, tensor name in our module)``, or None if not ours."""
@@ -145,7 +145,7 @@ class Method:
 
     def load_adapterhub(self, adapted, adapter: str, saved_name: str, state_dict: dict[str, torch.Tensor],
                         strict: bool, directory: str) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_adapterhub() (the method plugin contract: docs/architecture.md)")
 
     def load_adapterhub_fusion(self, adapted, fusion_name: str, saved_name: str, state_dict: dict[str, torch.Tensor],
                                strict: bool, directory: str) -> None:
@@ -171,7 +171,7 @@ class LinearSiteMethod(Method):
 
     def build(self, spec: MethodSpec, adapter: str, site, seed: int, weight: torch.Tensor | None = None,
               **extra) -> nn.Module | tuple[nn.Module, torch.Tensor | None]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement build() (the method plugin contract: docs/architecture.md)")
 
 
 class ResidualSiteMethod(Method):
@@ -187,7 +187,7 @@ class ResidualSiteMethod(Method):
     site_kind = SiteKind.RESIDUAL
 
     def positions(self, spec) -> tuple[str, ...]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement positions() (the method plugin contract: docs/architecture.md)")
 
 
 def group_adapterhub_keys(state_dict: Mapping[str, torch.Tensor], pattern) -> tuple[dict, list[str]]:

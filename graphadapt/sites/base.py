@@ -45,7 +45,7 @@ class SiteKindPlugin:
 
     # -- where
     def select(self, sm: StructureMap, spec, adapter: str, method) -> list:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement select() (the site-kind plugin contract: docs/architecture.md)")
 
     def key(self, site) -> str:
         """The site's identity in the plan (and the module's path under ``adapters.<owner>.``)."""
@@ -58,7 +58,7 @@ class SiteKindPlugin:
     # -- insertion
     def insert(self, gm: fx.GraphModule, ctx: InsertContext, adapter: str, method, spec, sites: list,
                seed: int) -> PassResult:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement insert() (the site-kind plugin contract: docs/architecture.md)")
 
     # -- composition
     def refuse_composition(self, site, key: str, names: tuple[str, ...], tree: Tree, describe) -> bool:
