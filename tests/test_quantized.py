@@ -92,19 +92,10 @@ def test_capture_keeps_the_base_packed_and_the_callers_model_untouched(base_dir,
 
 
 def _trained_peft(model, tmp_path, **cfg):
-    from peft import LoraConfig, get_peft_model
+    """PEFT LoRA over ``model`` with seeded non-zero adapter weights, saved (test_import_peft's helper)."""
+    from test_import_peft import _trained_peft as trained
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                              **cfg))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(p + torch.randn(p.shape, generator=g) * 0.1)
-    pm.eval().save_pretrained(tmp_path)
-    return pm
+    return trained(lambda: model, {"target_modules": ["q_proj", "v_proj", "down_proj"], **cfg}, tmp_path)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
