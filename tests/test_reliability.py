@@ -479,7 +479,11 @@ def stall(real):
     def wrapper(*a, **k):
         out = real(*a, **k)           # the new bytes are on disk, not yet moved into place
         print("WRITING", flush=True)
-        time.sleep(60)
+        # short sleeps, not one long one: the kernel may deliver SIGTERM to any of the process's
+        # threads (torch's pools), and then Python runs the handler only when the main thread next
+        # returns to the interpreter -- after a single sleep(60) ended, past the test's timeout
+        for _ in range(3000):
+            time.sleep(0.1)
         return out
     return wrapper
 
@@ -521,7 +525,7 @@ def test_sigterm_mid_write_keeps_old_file_and_leaves_no_temp(tmp_path, what):
         line = proc.stdout.readline()
         assert line.strip() == "WRITING", (line, proc.stderr.read() if proc.poll() is not None else "")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=180)  # prompt in practice; generous for a loaded CI machine
     finally:
         proc.kill()
     assert proc.returncode != 0 and "FINISHED" not in out
