@@ -86,6 +86,18 @@ class Merger:
                              "reversible": keep_backup, "report": report, "frozen": frozen}
         return report
 
+    def adopt_merged(self, model, names: Iterable[str] | None) -> MergeReport:
+        """Merge state for a model whose base weights *already* hold the folded values (an unpickled model
+        that was merged in place without a backup): the graph is rewritten as by ``merge`` and the
+        weights keep exactly the values they have; the result is irreversible, as the original was."""
+        report = self.merge(model, names, safe=False, in_place=True, keep_backup=True)
+        st = model._merge_state
+        with torch.no_grad():  # the fold ran on already-merged weights: put the adopted values back
+            for pname, orig in st["backups"].items():
+                model.get_parameter(pname).detach().copy_(orig)
+        st.update(backups={}, graph=None, reversible=False)
+        return report
+
     def _merge_in_place(self, model, plan, safe: bool, backups: dict | None) -> None:
         """Fold each chain into its weight's own storage, one weight at a time."""
         done: list[str] = []

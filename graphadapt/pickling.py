@@ -11,9 +11,9 @@ pickles as "base model + adapter weights", an adapted model pickles as the recip
 
 ``torch.save(model, path)`` opens (truncates) ``path`` before it pickles anything, so refusing
 inside pickling would destroy the user's file: every model that can be rebuilt therefore pickles.
-The one that cannot — merged in place without a backup, whose base weights are gone — raises a
-:class:`~graphadapt.errors.MergeError`; :func:`check_picklable` (used by ``save_model``-like callers)
-says so before a file is opened.
+A model merged in place without a backup pickles as it is — its source holds the merged weights —
+and unpickles merged and irreversible, with bit-identical weights (``Merger.adopt_merged``). Only a
+model that keeps no source model cannot be rebuilt; :func:`check_picklable` says so.
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ FORMAT = 1
 
 
 def check_picklable(adapted) -> None:
-    st = adapted.__dict__.get("_merge_state")
-    if st is not None and not st.get("reversible", True):
-        raise MergeError("this model was merged in place without a backup (keep_backup=False): its base weights "
-                         "are gone, so it cannot be pickled as base + adapters. Save it with save_merged() or "
-                         "to_base_model(), or pickle before merging.")
     if adapted.__dict__.get("_source_model") is None:
         raise GraphAdaptError("this model keeps no source model to rebuild from; save its adapters with "
                               "save_adapters() instead of pickling it")
@@ -52,8 +47,8 @@ def pickle_state(adapted) -> dict:
         report = st["report"]
         folded = set(report.folded)
         names = sorted({r.adapter for r in adapted.adapter_records if r.target in folded})
-        merge = {"names": names or None, "in_place": st["in_place"]}
-        if st["in_place"]:  # the source holds merged weights: pickle the originals (the backups) with it
+        merge = {"names": names or None, "in_place": st["in_place"], "keep_backup": st.get("reversible", True)}
+        if st["in_place"] and merge["keep_backup"]:  # the source holds merged weights: pickle the originals (the backups) with it
             by_ptr = {p.data_ptr(): n for n, p in src.named_parameters(remove_duplicate=False)}
             for pname, orig in st["backups"].items():
                 sname = by_ptr.get(adapted.get_parameter(pname).data_ptr())
@@ -105,7 +100,10 @@ def rebuild(state: dict, apply):
             own[k].copy_(v)
     for k, flag in state["requires_grad"].items():
         own[k].requires_grad_(flag)
-    if state["merge"] is not None:
+    if state["merge"] is not None and not state["merge"].get("keep_backup", True):
+        model.services.merger.adopt_merged(model, state["merge"]["names"])  # the source's weights are the merged ones
+        model.train(state["training"])
+    elif state["merge"] is not None:
         model.merge(**state["merge"])
     else:
         model.train(state["training"])

@@ -173,10 +173,32 @@ def test_pickle_of_a_merged_model_rebuilds_merged_and_unmerges_exactly():
     back.unmerge()
     assert torch.equal(back(**x).last_hidden_state, want)
     adapted.unmerge()
-    gone = ga.apply(tiny_bert(), ga.Spec({"l": ga.LoRA(r=2)}))
+
+
+def test_pickle_of_a_model_merged_without_backup_keeps_its_exact_weights(tmp_path):
+    """merged in place with keep_backup=False: the source holds the merged weights, so the pickle is
+    the model as it is -- merged, irreversible, bit-identical outputs (was: refused after torch.save
+    had already truncated the user's file)."""
+    x = text_inputs(2, 6)
+    gone = ga.apply(tiny_bert(), ga.Spec({"l": ga.LoRA(r=2), "b": ga.SeqBn(reduction_factor=8)}, active="l"))
+    perturb_adapters(gone, std=0.3)
+    unmerged = gone(**x).last_hidden_state
     gone.merge(in_place=True, keep_backup=False)
-    with pytest.raises(MergeError, match="cannot be pickled"):
-        pickle.dumps(gone)
+    want = gone(**x).last_hidden_state
+    target = tmp_path / "m.pt"
+    target.write_bytes(b"old")
+    torch.save(gone, target)
+    back = torch.load(target, weights_only=False)
+    assert back.is_merged and torch.equal(back(**x).last_hidden_state, want)
+    assert torch.allclose(want, unmerged, atol=1e-5)
+    assert not torch.allclose(want, tiny_bert()(**x).last_hidden_state, atol=1e-3)  # it really folded
+    src_w = dict(gone.named_parameters())
+    for k, v in back.named_parameters():
+        assert torch.equal(v, src_w[k]), k  # no double fold: weights bit-identical
+    with pytest.raises(MergeError, match="without a backup"):
+        back.unmerge()
+    with pytest.raises(MergeError, match="without a backup"):
+        back.merge()
 
 
 # ----------------------------------------------------------------------------- concurrency
