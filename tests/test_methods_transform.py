@@ -31,10 +31,37 @@ def _cfg(method: str, targets):
     if method == "oft-exact-coft-share":
         return peft.OFTConfig(r=4, oft_block_size=0, target_modules=targets, use_cayley_neumann=False, coft=True,
                               eps=0.05, block_share=True)
+    if method == "boft":
+        return peft.BOFTConfig(boft_block_size=4, target_modules=targets)
+    if method == "boft-butterfly":
+        return peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
+                               target_modules=targets)
     raise KeyError(method)
 
 
-CASES = [(m, a) for m in ("oft", "oft-exact-coft-share") for a in ARCHS]
+# each method on both architectures; its variants on one (test time)
+CASES = [("oft", "bert"), ("oft", "llama"), ("oft-exact-coft-share", "llama"),
+         ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert")]
+
+
+class _TorchBlockDiag:
+    """Stands in for PEFT BOFT's CUDA extension (block-diagonal of [N, D, H, H]), so that PEFT builds more
+    than one butterfly factor on CPU."""
+
+    @staticmethod
+    def forward(x):
+        return [torch.stack([torch.block_diag(*torch.unbind(x[i])) for i in range(x.shape[0])])]
+
+
+@pytest.fixture(autouse=True)
+def _butterflies(request, monkeypatch):
+    """PEFT's BOFT tries to compile its CUDA extension for every layer it builds (seconds each, and it fails on
+    CPU): plain cases get the CPU answer (no extension) at once, butterfly cases the torch stand-in."""
+    if "boft" in request.node.name:
+        import peft.tuners.boft.layer as boft_layer
+
+        fake = _TorchBlockDiag if "butterfly" in request.node.name else None
+        monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: fake)
 
 
 def _peft_model(method, arch, tmp_path):
