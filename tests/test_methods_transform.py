@@ -36,12 +36,17 @@ def _cfg(method: str, targets):
     if method == "boft-butterfly":
         return peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
                                target_modules=targets)
+    if method == "hra":
+        return peft.HRAConfig(r=4, target_modules=targets)
+    if method == "hra-gs":
+        return peft.HRAConfig(r=3, apply_GS=True, target_modules=targets)
     raise KeyError(method)
 
 
 # each method on both architectures; its variants on one (test time)
 CASES = [("oft", "bert"), ("oft", "llama"), ("oft-exact-coft-share", "llama"),
-         ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert")]
+         ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert"),
+         ("hra", "bert"), ("hra", "llama"), ("hra-gs", "llama")]
 
 
 class _TorchBlockDiag:
