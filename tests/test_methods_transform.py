@@ -40,13 +40,20 @@ def _cfg(method: str, targets):
         return peft.HRAConfig(r=4, target_modules=targets)
     if method == "hra-gs":
         return peft.HRAConfig(r=3, apply_GS=True, target_modules=targets)
+    if method == "miss":
+        return peft.MissConfig(r=5, target_modules=targets)      # 32 = 6·5 + 2: the padded remainder block
+    if method == "miss-bat":
+        return peft.MissConfig(r=4, init_weights="bat", target_modules=targets)
+    if method == "miss-mini":
+        return peft.MissConfig(r=8, init_weights="mini", mini_r=4, target_modules=targets)
     raise KeyError(method)
 
 
 # each method on both architectures; its variants on one (test time)
 CASES = [("oft", "bert"), ("oft", "llama"), ("oft-exact-coft-share", "llama"),
          ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert"),
-         ("hra", "bert"), ("hra", "llama"), ("hra-gs", "llama")]
+         ("hra", "bert"), ("hra", "llama"), ("hra-gs", "llama"),
+         ("miss", "bert"), ("miss", "llama"), ("miss-bat", "bert"), ("miss-mini", "llama")]
 
 
 class _TorchBlockDiag:
