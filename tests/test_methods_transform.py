@@ -46,6 +46,8 @@ def _cfg(method: str, targets):
         return peft.MissConfig(r=4, init_weights="bat", target_modules=targets)
     if method == "miss-mini":
         return peft.MissConfig(r=8, init_weights="mini", mini_r=4, target_modules=targets)
+    if method == "delora":
+        return peft.DeloraConfig(r=4, delora_lambda=3, target_modules=targets)
     raise KeyError(method)
 
 
@@ -53,7 +55,8 @@ def _cfg(method: str, targets):
 CASES = [("oft", "bert"), ("oft", "llama"), ("oft-exact-coft-share", "llama"),
          ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert"),
          ("hra", "bert"), ("hra", "llama"), ("hra-gs", "llama"),
-         ("miss", "bert"), ("miss", "llama"), ("miss-bat", "bert"), ("miss-mini", "llama")]
+         ("miss", "bert"), ("miss", "llama"), ("miss-bat", "bert"), ("miss-mini", "llama"),
+         ("delora", "bert"), ("delora", "llama")]
 
 
 class _TorchBlockDiag:
