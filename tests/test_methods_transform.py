@@ -48,6 +48,12 @@ def _cfg(method: str, targets):
         return peft.MissConfig(r=8, init_weights="mini", mini_r=4, target_modules=targets)
     if method == "delora":
         return peft.DeloraConfig(r=4, delora_lambda=3, target_modules=targets)
+    if method == "road":
+        return peft.RoadConfig(variant="road_1", group_size=8, target_modules=targets)
+    if method == "road-4":
+        return peft.RoadConfig(variant="road_4", group_size=4, target_modules=targets)
+    if method == "road-2":
+        return peft.RoadConfig(variant="road_2", group_size=16, target_modules=targets)
     raise KeyError(method)
 
 
@@ -56,7 +62,8 @@ CASES = [("oft", "bert"), ("oft", "llama"), ("oft-exact-coft-share", "llama"),
          ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert"),
          ("hra", "bert"), ("hra", "llama"), ("hra-gs", "llama"),
          ("miss", "bert"), ("miss", "llama"), ("miss-bat", "bert"), ("miss-mini", "llama"),
-         ("delora", "bert"), ("delora", "llama")]
+         ("delora", "bert"), ("delora", "llama"),
+         ("road", "bert"), ("road", "llama"), ("road-4", "bert"), ("road-2", "llama")]
 
 
 class _TorchBlockDiag:
