@@ -122,3 +122,78 @@ def test_peft_import_matches_and_merges(method, arch, tmp_path):
         assert max_diff(adapted(**x), got) < 1e-5   # merged == unmerged
         adapted.unmerge()
         assert max_diff(adapted(**x), got) == 0
+
+
+# ----------------------------------------------------------------------------------- all six in one model
+def _all_six(**extra):
+    """One adapter of each method, on its own role, initialised non-zero by graphadapt's own seeded init."""
+    from graphadapt.methods.boft import BOFT
+    from graphadapt.methods.delora import DeLoRA
+    from graphadapt.methods.hra import HRA
+    from graphadapt.methods.miss import MiSS
+    from graphadapt.methods.road import RoAd
+
+    return ga.Spec({
+        "oft": OFT(r=0, oft_block_size=8, targets=("q",), init_weights=False),
+        "miss": MiSS(r=8, targets=("k",), init_weights=False),
+        "hra": HRA(r=2, targets=("v",), init_weights=False),
+        "boft": BOFT(boft_block_size=4, targets=("o",), init_weights=False),
+        "delora": DeLoRA(r=4, delora_lambda=2.0, targets=("up",), init_weights=False),
+        "road": RoAd(variant="road_2", group_size=8, targets=("down",), init_weights=False),
+    }, **extra)
+
+
+def _alone(adapted, name, x):
+    """The model's output with only ``name`` active."""
+    with torch.no_grad():
+        adapted.set_active([name])
+        try:
+            return adapted(**x)
+        finally:
+            adapted.set_active(None)
+
+
+@pytest.fixture(scope="module")
+def six_on_bert():
+    return tiny_bert(), ga.apply(tiny_bert(), _all_six(seed=3))
+
+
+def test_seeded_init_each_adapter_acts_and_save_load(six_on_bert, tmp_path):
+    base, adapted = six_on_bert
+    x = text_inputs(2, 5, pad=1)
+    with torch.no_grad():
+        plain, y = base(**x), adapted(**x)
+    for name in adapted.spec.adapters:          # every one of them changes the output by itself
+        assert max_diff(_alone(adapted, name, x), plain) > 1e-4, name
+    again = ga.apply(tiny_bert(), _all_six(seed=3))
+    other = ga.apply(tiny_bert(), _all_six(seed=4))
+    with torch.no_grad():
+        assert max_diff(again(**x), y) == 0     # seeded: the same weights again
+        assert max_diff(other(**x), y) > 1e-4
+    adapted.save_adapters(tmp_path / "six")
+    other.load_adapters(tmp_path / "six")
+    with torch.no_grad():
+        assert max_diff(other(**x), y) == 0
+
+
+def test_merge_roundtrip_on_gpt2_fused_slices():
+    """GPT-2's Conv1D weights ([in, out]) and its fused c_attn (q, k, v are slices of one weight)."""
+    from helpers import tiny_gpt2
+
+    base = tiny_gpt2()
+    adapted = ga.apply(base, _all_six(seed=1))      # the same roles: q, k, v are slices of c_attn
+    x = text_inputs(2, 5)
+    with torch.no_grad():
+        y = adapted(**x)
+        assert max_diff(y, base(**x)) > 1e-3
+        adapted.merge()
+        assert max_diff(adapted(**x), y) < 1e-5
+        adapted.unmerge()
+        assert max_diff(adapted(**x), y) == 0
+
+
+def test_onnx_export_verified(six_on_bert, tmp_path):
+    _, adapted = six_on_bert
+    report = ga.export_onnx(adapted, tmp_path / "six.onnx", example_inputs=adapted.example_inputs(), merge=False,
+                            verify=True)
+    assert report.verified
