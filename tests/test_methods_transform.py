@@ -14,7 +14,9 @@ import torch
 
 import graphadapt as ga
 from graphadapt import import_peft
+from graphadapt.methods.ln_tuning import LNTuning
 from graphadapt.methods.oft import OFT
+from graphadapt.methods.trainable_tokens import TrainableTokens
 
 from helpers import max_diff, text_inputs, tiny_bert, tiny_llama
 
@@ -124,9 +126,53 @@ def test_peft_import_matches_and_merges(method, arch, tmp_path):
         assert max_diff(adapted(**x), got) == 0
 
 
+# ----------------------------------------------------------------------------------- norms and tokens
+NORM_TOKEN_CASES = {
+    "ln_tuning-bert": (tiny_bert, lambda: peft.LNTuningConfig(target_modules=["LayerNorm"])),
+    "ln_tuning-llama": (tiny_llama, lambda: peft.LNTuningConfig(
+        target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
+    "trainable_tokens-bert": (tiny_bert, lambda: peft.TrainableTokensConfig(target_modules=["word_embeddings"],
+                                                                            token_indices=[3, 7, 11])),
+    "trainable_tokens-llama-tied": (lambda: tiny_llama(causal_lm=True, tie_word_embeddings=True),
+                                    lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
+                                                                       token_indices=[3, 7, 11])),
+}
+
+
+@pytest.mark.parametrize("case", list(NORM_TOKEN_CASES))
+def test_norm_and_token_methods_import(case, tmp_path):
+    """PEFT's LN tuning and trainable tokens import exactly; the norms are found by pattern (no per-architecture
+    names); trainable rows reach the tied LM head too (the logits differ where they would not without it)."""
+    make, cfg = NORM_TOKEN_CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(make(), cfg())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.eval().save_pretrained(tmp_path)
+    base = make()
+    adapted = import_peft(base, tmp_path)
+    x = text_inputs(2, 6, pad=1)
+    x["input_ids"][0, :3] = torch.tensor([3, 7, 11])
+    with torch.no_grad():
+        got = adapted(**x)
+        assert max_diff(got, pm(**x, **_kw(adapted))) < 1e-5
+        assert max_diff(got, base(**x, **_kw(adapted))) > 1e-3
+        n_norms = sum(isinstance(m, (torch.nn.LayerNorm, type(getattr(base, "norm", None)))) for m in base.modules())
+        if case.startswith("ln_tuning"):
+            assert len(adapted.adapter_records) == n_norms
+        if case.endswith("tied"):   # one module feeds the lookup and the LM head (PEFT's logits match above)
+            calls = [n for n in adapted.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters.")]
+            assert len(calls) == 1 and len(calls[0].users) == 2
+
+
 # ----------------------------------------------------------------------------------- all six in one model
-def _all_six(**extra):
-    """One adapter of each method, on its own role, initialised non-zero by graphadapt's own seeded init."""
+def _all_six(gpt2=False, **extra):
+    """One adapter of each method, on its own role (parameters: its own norms and token rows), initialised non-zero
+    by graphadapt's own seeded init (LN tuning starts as a copy: perturbed by the tests that use it)."""
     from graphadapt.methods.boft import BOFT
     from graphadapt.methods.delora import DeLoRA
     from graphadapt.methods.hra import HRA
@@ -140,22 +186,41 @@ def _all_six(**extra):
         "boft": BOFT(boft_block_size=4, targets=("o",), init_weights=False),
         "delora": DeLoRA(r=4, delora_lambda=2.0, targets=("up",), init_weights=False),
         "road": RoAd(variant="road_2", group_size=8, targets=("down",), init_weights=False),
+        "tokens": TrainableTokens(token_indices=(3, 7, 11), init_weights=False),
+        **({} if gpt2 else {"norms": LNTuning(targets=("re:.*output\\.LayerNorm",))}),
     }, **extra)
 
 
-def _alone(adapted, name, x):
-    """The model's output with only ``name`` active."""
+def _each_module_acts(adapted):
+    """Every adapter module changes what it is called on (linear sites: ``(x, y, W, b)``; parameter sites: the
+    parameter), so an adapter that does nothing fails."""
+    g = torch.Generator().manual_seed(5)
+    for r in adapted.adapter_records:
+        mod = adapted.get_submodule(r.target)
+        w = adapted.get_parameter(r.weight)
+        with torch.no_grad():
+            if str(r.kind) == "linear":
+                b = adapted.get_parameter(r.bias) if r.bias else None
+                x = torch.randn(3, w.shape[1], generator=g)
+                y = torch.nn.functional.linear(x, w, b)
+                assert (mod(x, y, w, b) - y).abs().max() > 1e-4, r.adapter
+            else:
+                assert (mod(w, r.weight.rpartition(".")[2]) - w).abs().max() > 1e-4, r.adapter
+
+
+def _perturb_norm_copies(adapted):
+    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        adapted.set_active([name])
-        try:
-            return adapted(**x)
-        finally:
-            adapted.set_active(None)
+        for n, p in adapted.named_parameters():
+            if n.startswith("adapters.norms."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")
 def six_on_bert():
-    return tiny_bert(), ga.apply(tiny_bert(), _all_six(seed=3))
+    adapted = ga.apply(tiny_bert(), _all_six(seed=3))
+    _perturb_norm_copies(adapted)
+    return tiny_bert(), adapted
 
 
 def test_seeded_init_each_adapter_acts_and_save_load(six_on_bert, tmp_path):
@@ -163,10 +228,11 @@ def test_seeded_init_each_adapter_acts_and_save_load(six_on_bert, tmp_path):
     x = text_inputs(2, 5, pad=1)
     with torch.no_grad():
         plain, y = base(**x), adapted(**x)
-    for name in adapted.spec.adapters:          # every one of them changes the output by itself
-        assert max_diff(_alone(adapted, name, x), plain) > 1e-4, name
+    assert max_diff(y, plain) > 1e-3
+    _each_module_acts(adapted)
     again = ga.apply(tiny_bert(), _all_six(seed=3))
     other = ga.apply(tiny_bert(), _all_six(seed=4))
+    _perturb_norm_copies(again)
     with torch.no_grad():
         assert max_diff(again(**x), y) == 0     # seeded: the same weights again
         assert max_diff(other(**x), y) > 1e-4
@@ -181,7 +247,7 @@ def test_merge_roundtrip_on_gpt2_fused_slices():
     from helpers import tiny_gpt2
 
     base = tiny_gpt2()
-    adapted = ga.apply(base, _all_six(seed=1))      # the same roles: q, k, v are slices of c_attn
+    adapted = ga.apply(base, _all_six(gpt2=True, seed=1))   # the same roles: q, k, v are slices of c_attn
     x = text_inputs(2, 5)
     with torch.no_grad():
         y = adapted(**x)
