@@ -263,3 +263,20 @@ def test_onnx_export_verified(six_on_bert, tmp_path):
     report = ga.export_onnx(adapted, tmp_path / "six.onnx", example_inputs=adapted.example_inputs(), merge=False,
                             verify=True)
     assert report.verified
+
+
+def test_bad_specs_name_the_field():
+    from graphadapt.methods.boft import BOFT
+    from graphadapt.methods.miss import MiSS
+    from graphadapt.methods.road import RoAd
+
+    for make, field in ((lambda: OFT(r=4), "r"), (lambda: BOFT(boft_block_num=2), "boft_block_size"),
+                        (lambda: MiSS(init_weights="fast"), "init_weights"), (lambda: RoAd(group_size=3), "group_size"),
+                        (lambda: TrainableTokens(token_indices=[1, 1]), "token_indices"),
+                        (lambda: LNTuning(targets=[3]), "targets")):
+        with pytest.raises(ga.SpecError) as e:
+            make()
+        assert e.value.field == field
+    with pytest.raises(ga.SpecError, match="not divisible by group_size=64") as e:   # checked per site at apply
+        ga.apply(tiny_bert(), RoAd(group_size=64, targets=("q",)))
+    assert e.value.field == "group_size"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from graphadapt.errors import SpecError
-from graphadapt.spec.base import MethodSpec, check_layer_indices, register_method, spec_field
+from graphadapt.spec.base import MethodSpec, register_method, spec_field
 
 
 @register_method
@@ -25,7 +25,6 @@ class LNTuning(MethodSpec):
 
     targets: tuple[str, ...] = spec_field((), help="Norm module-path selectors (glob, 're:<regex>' or dotted path); "
                                           "empty: every normalisation with a weight in the graph.")
-    leave_out: tuple[int, ...] = spec_field((), help="Unused by LN tuning (kept empty).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -35,7 +34,6 @@ class LNTuning(MethodSpec):
         if isinstance(t, Mapping) or not isinstance(t, Iterable) or not all(isinstance(s, str) and s for s in t):
             raise SpecError(f"targets must be a list of module-path selectors, got {self.targets!r}", field="targets")
         object.__setattr__(self, "targets", tuple(dict.fromkeys(t)))
-        object.__setattr__(self, "leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
 
     def selects(self, module_path: str) -> bool:
         from graphadapt.spec.targets import selector_matches
