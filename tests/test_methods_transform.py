@@ -164,6 +164,12 @@ def test_norm_and_token_methods_import(case, tmp_path):
         n_norms = sum(isinstance(m, (torch.nn.LayerNorm, type(getattr(base, "norm", None)))) for m in base.modules())
         if case.startswith("ln_tuning"):
             assert len(adapted.adapter_records) == n_norms
+        report = adapted.merge()                        # PEFT merges both: the copies / rows become the weights
+        assert report.kept == {} and not any(n.op == "call_module" and str(n.target).startswith("adapters.")
+                                             for n in adapted.graph.nodes)
+        assert max_diff(adapted(**x), got) < 1e-5
+        adapted.unmerge()
+        assert max_diff(adapted(**x), got) == 0
         if case.endswith("tied"):   # one module feeds the lookup and the LM head (PEFT's logits match above)
             calls = [n for n in adapted.graph.nodes if n.op == "call_module" and str(n.target).startswith("adapters.")]
             assert len(calls) == 1 and len(calls[0].users) == 2

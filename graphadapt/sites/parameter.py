@@ -15,8 +15,9 @@ tokens (selected embedding rows).
 
 The method protocol: ``parameter_sites(gm, sm, spec, adapter) → [ParameterSite]`` (selection: the method finds its
 parameters by pattern on the graph), ``prepare``, ``build(spec, adapter, site, seed, params={local: tensor})``.
-Several adapters at one site chain (each reads the previous one's value). Not folded by ``merge`` (the module is
-the parameter's value; it stays in the graph at no cost beyond what it computes).
+Several adapters at one site chain (each reads the previous one's value). ``merge`` folds a module with
+``mergeable`` through ``fold_parameter(p, name) → p'`` (the parameter's new value) and removes its calls
+(``passes/merge.py``).
 """
 
 from __future__ import annotations
