@@ -242,6 +242,11 @@ def test_seeded_init_each_adapter_acts_and_save_load(six_on_bert, tmp_path):
     with torch.no_grad():
         assert max_diff(again(**x), y) == 0     # seeded: the same weights again
         assert max_diff(other(**x), y) > 1e-4
+    again.train()
+    again(**x).last_hidden_state.square().mean().backward()   # every adapter trains; DeLoRA's column norms do not
+    grads = {n.split(".")[1] for n, p in again.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == set(adapted.spec.adapters)
+    assert not any(p.requires_grad for n, p in again.named_parameters() if n.endswith("delora_w_norm"))
     adapted.save_adapters(tmp_path / "six")
     other.load_adapters(tmp_path / "six")
     with torch.no_grad():
