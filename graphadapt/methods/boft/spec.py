@@ -1,7 +1,7 @@
 """BOFT spec (Liu et al., 2024, "Parameter-efficient orthogonal finetuning via butterfly factorization";
 PEFT ``BOFTConfig``).
 
-    y = W x + b  →  y = s ⊙ (W Mᵀ... i.e. y = s ⊙ ((x M) Wᵀ) + b,   M = ∏ P_i blockdiag(Cayley(S_i)) P_iᵀ
+    y = x Wᵀ + b  →  y = s ⊙ ((x M) Wᵀ) + b,   M = ∏ P_i blockdiag(Cayley(S_i)) P_iᵀ
 
 ``M`` is a product of ``boft_n_butterfly_factor`` butterfly factors (a block-diagonal orthogonal matrix between
 fixed permutations), ``s`` a learned output scale. Mergeable: ``W' = s ⊙ (W Mᵀ)``.

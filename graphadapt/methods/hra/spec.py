@@ -1,7 +1,7 @@
 """HRA spec (Yuan et al., 2024, "Bridging the gap between low-rank and orthogonal adaptation via Householder
 reflection adaptation"; PEFT ``HRAConfig``).
 
-    y = W x + b  →  y = W H x... i.e. the layer input is reflected first: ``x ↦ x Hᵀ``, H = H_1 ⋯ H_r,
+    y = x Wᵀ + b  →  y = (x Hᵀ) Wᵀ + b      (the layer input is reflected first), H = H_1 ⋯ H_r,
     H_i = I - 2 u_i u_iᵀ / ‖u_i‖² (or, with apply_GS, H = I - 2 Q Qᵀ for Q an orthonormal basis of u_1 … u_r).
 
 Mergeable: ``W' = W H``.

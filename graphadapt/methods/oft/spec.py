@@ -1,6 +1,6 @@
 """OFT spec (Qiu et al., 2023; PEFT ``OFTConfig``): orthogonal fine-tuning of linear layers.
 
-    y = W x + b  →  y = W R x + b = (W Rᵀ)ᵀ... i.e. the layer input is rotated first: ``x ↦ x R``,
+    y = x Wᵀ + b  →  y = (x R) Wᵀ + b      (the layer input is rotated first)
     R = blockdiag(R_1 … R_r), each R_i = Cayley(S_i) of a learned skew-symmetric block S_i.
 
 ``r`` blocks of ``oft_block_size`` channels (give one of the two, the other 0, as PEFT). Mergeable: ``W' = W Rᵀ``.
