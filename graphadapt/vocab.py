@@ -55,6 +55,8 @@ class SiteKind(StrEnum):
     """At an attention core: ``(prefix, k, v, x, q, masks) → (k', v', masks')``."""
     EMBEDDING = "embedding"
     """At the input embeddings: the inputs grow by the adapter's tokens."""
+    PARAMETER = "parameter"
+    """Replaces base parameters where the graph reads them (norm weights, embedding rows): ``(p, name) → p'``."""
 
 
 class CombinePolicy(StrEnum):

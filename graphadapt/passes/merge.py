@@ -42,6 +42,19 @@ def _foldable_site(n: fx.Node) -> bool:
     return ann is not None and ann.kind in FOLDABLE_KINDS
 
 
+def _parameter_site(n: fx.Node) -> bool:
+    """A module standing in for a base parameter, called ``(p, part) → p'`` (``sites/parameter.py``); it folds by
+    ``fold_parameter(p, part) → p'`` (the parameter's new value), and its call is replaced by the read of ``p``."""
+    ann = annotation_of(n)
+    return ann is not None and ann.kind == SiteKind.PARAMETER
+
+
+def _parameter_root(n: fx.Node) -> str:
+    while n.op != "get_attr":
+        n = n.args[0]
+    return str(n.target)
+
+
 @dataclass
 class FoldChain:
     """One base weight (and bias) and the adapter modules folded into it, in graph order."""
@@ -49,6 +62,8 @@ class FoldChain:
     weight: str
     bias: str | None
     targets: list[str] = field(default_factory=list)
+    part: str | None = None
+    """For parameter sites: the name the modules are called with (``"weight"``, ``"bias"``); None for linear sites."""
 
 
 @dataclass
@@ -100,6 +115,15 @@ def plan_merge(gm: fx.GraphModule, names=None, safe: bool = True, compute: bool 
             continue
         if not getattr(mod, "active", True):
             plan.kept[target] = "inactive adapter (activate it to merge it)"
+            continue
+        if _parameter_site(n) and getattr(mod, "mergeable", False):   # one chain per parameter it stands in for
+            qual = _parameter_root(n)
+            chain = plan.chains.setdefault(qual, FoldChain(qual, None, part=str(n.args[1])))
+            if target not in chain.targets:
+                chain.targets.append(target)
+            if target not in plan.folded:
+                plan.folded.append(target)
+            plan.nodes.append(n)
             continue
         if not _foldable_site(n) or not getattr(mod, "mergeable", False):
             why = getattr(mod, "merge_refusal", None) or (
@@ -201,6 +225,14 @@ def fold_chain(gm: fx.GraphModule, chain: FoldChain, safe: bool = True, *, weigh
     Raises :class:`MergeError` when ``safe`` and a result is not finite.
     """
     base_w = gm.get_parameter(chain.weight).detach() if weight is None else weight
+    if chain.part is not None:   # a parameter site: each module gives the parameter's next value
+        w = base_w
+        for target in chain.targets:
+            w = gm.get_submodule(target).fold_parameter(w, chain.part)
+        if safe and not is_finite(w):
+            raise MergeError(f"merging {', '.join(chain.targets)} gives non-finite values in {chain.weight}; "
+                             "nothing was changed. Check the adapter weights (or pass safe=False).")
+        return w, None
     base_b = None
     if chain.bias is not None:
         base_b = gm.get_parameter(chain.bias) if bias is None else bias
@@ -242,7 +274,7 @@ def _takes_base(mod) -> bool:
 
 def apply_merge(gm: fx.GraphModule, plan: MergePlan) -> PassResult:
     for n in plan.nodes:
-        y = n.args[1]
+        y = n.args[0] if _parameter_site(n) else n.args[1]
         n.replace_all_uses_with(y)
         gm.graph.erase_node(n)
     return PassResult(gm, bool(plan.nodes), {"folded": plan.folded, "kept": plan.kept})
