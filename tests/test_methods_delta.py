@@ -26,6 +26,10 @@ CASES = {
                   0.3),
     "lokr-llama-decomposed": ("lokr", tiny_llama, lambda: peft.LoKrConfig(
         r=1, alpha=2, decompose_both=True, target_modules=["q_proj", "k_proj", "up_proj"]), 0.3),
+    "vera-bert": ("vera", tiny_bert, lambda: peft.VeraConfig(r=8, target_modules=["query", "value", "dense"]), 0.5),
+    "vera-llama": ("vera", tiny_llama, lambda: peft.VeraConfig(r=4, target_modules=["k_proj", "down_proj"]), 0.5),
+    "vera-gpt2-conv1d": ("vera", tiny_gpt2, lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_proj"],
+                                                                    fan_in_fan_out=True), 0.5),
 }
 
 
@@ -72,6 +76,7 @@ def test_peft_import_matches_and_merges(case, tmp_path):
 NATIVE = {
     "loha": dict(r=2, init_weights=False),
     "lokr": dict(r=2, init_weights=False),
+    "vera": dict(r=4, init_weights=False),
 }
 
 
@@ -117,3 +122,25 @@ def test_native_seeded_identity_save_load(tmp_path):
     one.save_adapters(tmp_path / "ckpt")
     again = ga.load(tiny_bert(), tmp_path / "ckpt").eval()
     assert max_diff(_call(again, again, x), out) == 0
+
+
+_ROLES = ("q", "k", "v", "o", "up", "down")
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    """One tiny BERT carrying every method (non-identity init), each at its own role and layer, exported unmerged
+    and verified against PyTorch by onnxruntime (the exporter's tolerances)."""
+    pytest.importorskip("onnxruntime")
+    slots = [(role, layer) for layer in (0, 1) for role in _ROLES]
+    adapters = {m: _spec(m, targets=(role,), layers=(layer,), **kw) for (m, kw), (role, layer) in zip(NATIVE.items(),
+                                                                                                      slots)}
+    adapted = ga.apply(tiny_bert(), ga.Spec(adapters, seed=3))
+    return adapted, ga.export_onnx(adapted, tmp_path_factory.mktemp("delta") / "m.onnx", merge=False, verify=True)
+
+
+@pytest.mark.parametrize("method", list(NATIVE))
+def test_onnx_export_verified(onnx_export, method):
+    adapted, rep = onnx_export
+    assert rep.verified and not rep.merged and max(rep.max_abs_diff.values()) < 1e-4
+    assert any(r.method == method for r in adapted.adapter_records)
