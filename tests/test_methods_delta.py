@@ -30,6 +30,12 @@ CASES = {
     "vera-llama": ("vera", tiny_llama, lambda: peft.VeraConfig(r=4, target_modules=["k_proj", "down_proj"]), 0.5),
     "vera-gpt2-conv1d": ("vera", tiny_gpt2, lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_proj"],
                                                                     fan_in_fan_out=True), 0.5),
+    "fourierft-bert": ("fourierft", tiny_bert, lambda: peft.FourierFTConfig(
+        n_frequency=40, scaling=50.0, target_modules=["query", "value", "dense"]), 1.0),
+    "fourierft-llama": ("fourierft", tiny_llama, lambda: peft.FourierFTConfig(
+        n_frequency=30, random_loc_seed=5, target_modules=["v_proj", "gate_proj"]), 1.0),
+    "fourierft-gpt2-conv1d": ("fourierft", tiny_gpt2, lambda: peft.FourierFTConfig(
+        n_frequency=30, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 1.0),
 }
 
 
@@ -77,10 +83,11 @@ NATIVE = {
     "loha": dict(r=2, init_weights=False),
     "lokr": dict(r=2, init_weights=False),
     "vera": dict(r=4, init_weights=False),
+    "fourierft": dict(n_frequency=50, scaling=20.0, init_weights=False),
 }
 
 
-NOT_IDENTITY_BY_DEFAULT: set[str] = set()
+NOT_IDENTITY_BY_DEFAULT = {"fourierft"}  # PEFT's default init draws the coefficients
 
 
 def _spec(method, **kw):
