@@ -36,6 +36,9 @@ CASES = {
         n_frequency=30, random_loc_seed=5, target_modules=["v_proj", "gate_proj"]), 1.0),
     "fourierft-gpt2-conv1d": ("fourierft", tiny_gpt2, lambda: peft.FourierFTConfig(
         n_frequency=30, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 1.0),
+    "shira-bert": ("shira", tiny_bert, lambda: peft.ShiraConfig(r=2, target_modules=["query", "value", "dense"]), 0.3),
+    "shira-llama": ("shira", tiny_llama, lambda: peft.ShiraConfig(r=1, random_seed=4,
+                                                                  target_modules=["o_proj", "up_proj"]), 0.3),
 }
 
 
@@ -84,6 +87,7 @@ NATIVE = {
     "lokr": dict(r=2, init_weights=False),
     "vera": dict(r=4, init_weights=False),
     "fourierft": dict(n_frequency=50, scaling=20.0, init_weights=False),
+    "shira": dict(r=2, init_weights=False),
 }
 
 

@@ -123,6 +123,19 @@ def refuse_peft_options(cfg: Mapping[str, Any], names: tuple[str, ...], what: st
                               "or merge the adapter with PEFT (merge_and_unload) instead.")
 
 
+def resolve_module_path(ckpt_path: str, module_names: set[str]) -> str | None:
+    """The module of the model a checkpoint path names, allowing a wrapper prefix on either side (as the generic
+    PEFT reader does), for plugins with their own ``peft_read``."""
+    if ckpt_path in module_names:
+        return ckpt_path
+    parts = ckpt_path.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[i:]) in module_names:
+            return ".".join(parts[i:])
+    hits = [m for m in module_names if m.endswith("." + ckpt_path)]
+    return hits[0] if len(hits) == 1 else None
+
+
 def config_number(cfg: Mapping[str, Any], key: str, kind=float, default: Any = None) -> Any:
     """``cfg[key]`` as ``kind`` (a CheckpointError naming the key when missing or not a number)."""
     value = cfg.get(key, default)
@@ -135,4 +148,4 @@ def config_number(cfg: Mapping[str, Any], key: str, kind=float, default: Any = N
 
 
 __all__ = ["DeltaSiteModule", "SharedRef", "config_number", "peft_key_pattern", "refuse_expert_site",
-           "refuse_peft_options"]
+           "refuse_peft_options", "resolve_module_path"]
