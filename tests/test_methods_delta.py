@@ -39,6 +39,9 @@ CASES = {
     "shira-bert": ("shira", tiny_bert, lambda: peft.ShiraConfig(r=2, target_modules=["query", "value", "dense"]), 0.3),
     "shira-llama": ("shira", tiny_llama, lambda: peft.ShiraConfig(r=1, random_seed=4,
                                                                   target_modules=["o_proj", "up_proj"]), 0.3),
+    "c3a-bert": ("c3a", tiny_bert, lambda: peft.C3AConfig(block_size=8, target_modules=["query", "value", "dense"]),
+                 1.0),
+    "c3a-llama": ("c3a", tiny_llama, lambda: peft.C3AConfig(block_size=4, target_modules=["k_proj", "down_proj"]), 1.0),
 }
 
 
@@ -88,10 +91,12 @@ NATIVE = {
     "vera": dict(r=4, init_weights=False),
     "fourierft": dict(n_frequency=50, scaling=20.0, init_weights=False),
     "shira": dict(r=2, init_weights=False),
+    "c3a": dict(block_size=8, init_weights="gaussian"),
 }
 
 
-NOT_IDENTITY_BY_DEFAULT = {"fourierft"}  # PEFT's default init draws the coefficients
+SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4)}  # what the defaults (sized for real models) need on the tiny ones
+NOT_IDENTITY_BY_DEFAULT = {"fourierft", "c3a"}  # PEFT's default init draws the coefficients
 
 
 def _spec(method, **kw):
@@ -105,7 +110,7 @@ def test_native_seeded_identity_save_load(tmp_path):
     model, x = tiny_bert(), text_inputs(2, 5)
     adapters = {}
     for m, kw in NATIVE.items():
-        adapters[f"{m}0"] = _spec(m, targets=("q", "v"))
+        adapters[f"{m}0"] = _spec(m, targets=("q", "v"), **SIZES.get(m, {}))
         adapters[f"{m}1"] = _spec(m, targets=("q", "v"), **kw)
     spec = ga.Spec(adapters, seed=1)
     one, two = ga.apply(model, spec).eval(), ga.apply(model, spec)
