@@ -42,6 +42,12 @@ CASES = {
     "c3a-bert": ("c3a", tiny_bert, lambda: peft.C3AConfig(block_size=8, target_modules=["query", "value", "dense"]),
                  1.0),
     "c3a-llama": ("c3a", tiny_llama, lambda: peft.C3AConfig(block_size=4, target_modules=["k_proj", "down_proj"]), 1.0),
+    "randlora-bert": ("randlora", tiny_bert, lambda: peft.RandLoraConfig(
+        r=8, randlora_alpha=16, target_modules=["query", "value", "dense"]), 0.3),
+    "randlora-llama": ("randlora", tiny_llama, lambda: peft.RandLoraConfig(
+        r=3, randlora_alpha=6, target_modules=["k_proj", "up_proj", "down_proj"]), 0.3),
+    "randlora-gpt2-conv1d": ("randlora", tiny_gpt2, lambda: peft.RandLoraConfig(
+        r=4, randlora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), 0.3),
 }
 
 
@@ -92,6 +98,7 @@ NATIVE = {
     "fourierft": dict(n_frequency=50, scaling=20.0, init_weights=False),
     "shira": dict(r=2, init_weights=False),
     "c3a": dict(block_size=8, init_weights="gaussian"),
+    "randlora": dict(r=4, alpha=8, init_weights=False),
 }
 
 
