@@ -48,6 +48,12 @@ CASES = {
         r=3, randlora_alpha=6, target_modules=["k_proj", "up_proj", "down_proj"]), 0.3),
     "randlora-gpt2-conv1d": ("randlora", tiny_gpt2, lambda: peft.RandLoraConfig(
         r=4, randlora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), 0.3),
+    "vblora-bert": ("vblora", tiny_bert, lambda: peft.VBLoRAConfig(
+        r=4, num_vectors=16, vector_length=8, topk=3, target_modules=["query", "value", "dense"]), 0.5),
+    "vblora-llama": ("vblora", tiny_llama, lambda: peft.VBLoRAConfig(
+        r=2, num_vectors=8, vector_length=4, target_modules=["k_proj", "gate_proj"]), 0.5),
+    "vblora-gpt2-conv1d": ("vblora", tiny_gpt2, lambda: peft.VBLoRAConfig(
+        r=2, num_vectors=8, vector_length=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.5),
 }
 
 
@@ -99,11 +105,12 @@ NATIVE = {
     "shira": dict(r=2, init_weights=False),
     "c3a": dict(block_size=8, init_weights="gaussian"),
     "randlora": dict(r=4, alpha=8, init_weights=False),
+    "vblora": dict(r=2, num_vectors=8, vector_length=8),
 }
 
 
-SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4)}  # what the defaults (sized for real models) need on the tiny ones
-NOT_IDENTITY_BY_DEFAULT = {"fourierft", "c3a"}  # PEFT's default init draws the coefficients
+SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4), "vblora": dict(num_vectors=16, vector_length=8)}  # what the defaults (sized for real models) need on the tiny ones
+NOT_IDENTITY_BY_DEFAULT = {"fourierft", "c3a", "vblora"}  # PEFT's default init draws the coefficients
 
 
 def _spec(method, **kw):
