@@ -54,6 +54,12 @@ CASES = {
         r=2, num_vectors=8, vector_length=4, target_modules=["k_proj", "gate_proj"]), 0.5),
     "vblora-gpt2-conv1d": ("vblora", tiny_gpt2, lambda: peft.VBLoRAConfig(
         r=2, num_vectors=8, vector_length=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.5),
+    "gralora-bert": ("gralora", tiny_bert, lambda: peft.GraloraConfig(
+        r=8, alpha=16, gralora_k=2, target_modules=["query", "value", "dense"]), 0.3),
+    "gralora-llama-hybrid": ("gralora", tiny_llama, lambda: peft.GraloraConfig(
+        r=8, alpha=12, gralora_k=4, hybrid_r=2, target_modules=["k_proj", "down_proj"]), 0.3),
+    "gralora-gpt2-conv1d": ("gralora", tiny_gpt2, lambda: peft.GraloraConfig(
+        r=4, alpha=8, gralora_k=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.3),
 }
 
 
@@ -106,6 +112,7 @@ NATIVE = {
     "c3a": dict(block_size=8, init_weights="gaussian"),
     "randlora": dict(r=4, alpha=8, init_weights=False),
     "vblora": dict(r=2, num_vectors=8, vector_length=8),
+    "gralora": dict(r=4, k=2, hybrid_r=2, init_weights=False),
 }
 
 
