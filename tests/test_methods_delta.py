@@ -60,6 +60,12 @@ CASES = {
         r=8, alpha=12, gralora_k=4, hybrid_r=2, target_modules=["k_proj", "down_proj"]), 0.3),
     "gralora-gpt2-conv1d": ("gralora", tiny_gpt2, lambda: peft.GraloraConfig(
         r=4, alpha=8, gralora_k=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.3),
+    "waveft-bert": ("waveft", tiny_bert, lambda: peft.WaveFTConfig(
+        n_frequency=60, scaling=5.0, target_modules=["query", "value", "dense"]), 0.3),
+    "waveft-llama-odd": ("waveft", lambda: tiny_llama(intermediate_size=63), lambda: peft.WaveFTConfig(
+        n_frequency=40, random_loc_seed=3, target_modules=["k_proj", "up_proj", "down_proj"]), 0.3),  # odd sides
+    "waveft-gpt2-no-idwt": ("waveft", tiny_gpt2, lambda: peft.WaveFTConfig(
+        n_frequency=50, use_idwt=False, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.3),
 }
 
 
@@ -113,10 +119,12 @@ NATIVE = {
     "randlora": dict(r=4, alpha=8, init_weights=False),
     "vblora": dict(r=2, num_vectors=8, vector_length=8),
     "gralora": dict(r=4, k=2, hybrid_r=2, init_weights=False),
+    "waveft": dict(n_frequency=60, init_weights=False, scaling=100.0),
 }
 
 
-SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4), "vblora": dict(num_vectors=16, vector_length=8)}  # what the defaults (sized for real models) need on the tiny ones
+SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4), "vblora": dict(num_vectors=16, vector_length=8),
+         "waveft": dict(n_frequency=100)}  # what the defaults (sized for real models) need on the tiny ones
 NOT_IDENTITY_BY_DEFAULT = {"fourierft", "c3a", "vblora"}  # PEFT's default init draws the coefficients
 
 

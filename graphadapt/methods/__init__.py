@@ -18,6 +18,6 @@ from .registry import get_method, register, registered, unregister
 
 # the built-in plugins register themselves on import
 from . import bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
-from . import c3a, fourierft, gralora, loha, lokr, randlora, shira, vblora, vera  # noqa: E402,F401  isort: skip  (wave 4 weight-delta methods)
+from . import c3a, fourierft, gralora, loha, lokr, randlora, shira, vblora, vera, waveft  # noqa: E402,F401  isort: skip  (wave 4 weight-delta methods)
 
 __all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]
