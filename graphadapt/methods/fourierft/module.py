@@ -35,14 +35,14 @@ class FourierFTModule(DeltaSiteModule):
             raise SpecError(f"n_frequency={n_frequency} exceeds in·out = {self.in_features * self.out_features} at "
                             f"{site.name}; lower it", field="n_frequency")
         self.n_frequency, self.scaling, self.random_loc_seed = n_frequency, float(scaling), random_loc_seed
-        self.register_buffer("locations", frequency_locations(self.out_features, self.in_features, n_frequency,
+        self.register_buffer("fourierft_locations", frequency_locations(self.out_features, self.in_features, n_frequency,
                                                               random_loc_seed).to(device), persistent=False)
         self.fourierft_spectrum = nn.Parameter(torch.zeros(n_frequency, dtype=dtype, device=device))
 
     def delta_weight(self) -> Tensor:
         m, n = self.out_features, self.in_features
         s = self.fourierft_spectrum
-        rows, cols = self.locations[0], self.locations[1]
+        rows, cols = self.fourierft_locations[0], self.fourierft_locations[1]
         a = torch.arange(m, device=s.device)
         b = torch.arange(n, device=s.device)
         # phases reduced mod the period in integers before the float conversion: exact angles in [0, 2π)

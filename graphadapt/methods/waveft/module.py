@@ -46,7 +46,7 @@ class WaveFTModule(DeltaSiteModule):
         rows, cols = idx // n, idx % n
         # the padded, even-sized coefficient grid (db1 adds no boundary rows; odd sizes gain one, cropped after)
         self.grid = (m + m % 2, n + n % 2) if use_idwt else (m, n)
-        self.register_buffer("flat_locations", (rows * self.grid[1] + cols).to(device), persistent=False)
+        self.register_buffer("waveft_locations", (rows * self.grid[1] + cols).to(device), persistent=False)
         if use_idwt:
             for axis, size in (("u", self.grid[0]), ("v", self.grid[1])):
                 lo, hi = haar_synthesis(size)
@@ -56,7 +56,7 @@ class WaveFTModule(DeltaSiteModule):
 
     def delta_weight(self) -> Tensor:
         (h, w), s = self.grid, self.waveft_spectrum
-        grid = s.new_zeros(h * w).scatter(0, self.flat_locations, s).view(h, w)
+        grid = s.new_zeros(h * w).scatter(0, self.waveft_locations, s).view(h, w)
         if not self.use_idwt:
             return grid * self.scaling
         h2, w2 = h // 2, w // 2
