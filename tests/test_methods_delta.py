@@ -85,7 +85,8 @@ def _peft_checkpoint(make, cfg, std, tmp_path):
 
 def _call(model, adapted, x):
     extra = {"use_cache": False} if "use_cache" in adapted.constant_inputs else {}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # PEFT's SHiRA: torch's sparse-invariant notice
         return model(**x, **extra)
 
 
@@ -112,9 +113,9 @@ def test_peft_import_matches_and_merges(case, tmp_path):
 NATIVE = {
     "loha": dict(r=2, init_weights=False),
     "lokr": dict(r=2, init_weights=False),
-    "vera": dict(r=4, init_weights=False),
+    "vera": dict(r=4, init_weights=False, projection_prng_key=0),
     "fourierft": dict(n_frequency=50, scaling=20.0, init_weights=False),
-    "shira": dict(r=2, init_weights=False),
+    "shira": dict(r=2, init_weights=False, random_seed=5),
     "c3a": dict(block_size=8, init_weights="gaussian"),
     "randlora": dict(r=4, alpha=8, init_weights=False),
     "vblora": dict(r=2, num_vectors=8, vector_length=8),
@@ -154,6 +155,21 @@ def test_native_seeded_identity_save_load(tmp_path):
         if m not in NOT_IDENTITY_BY_DEFAULT:
             assert all(mod.delta_weight().abs().max() == 0 for mod in default), m
         assert all(d.abs().max() > 0 for d in drawn) and not torch.equal(drawn[0], drawn[1]), m  # per-site draws
+    # where PEFT's init is deterministic (VeRA's projections, FourierFT's locations, SHiRA's seeded mask), the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = {m: peft.get_peft_model(tiny_bert(), cfg) for m, cfg in (
+            ("vera", peft.VeraConfig(r=4, projection_prng_key=0, target_modules=["query", "value"])),
+            ("fourierft", peft.FourierFTConfig(n_frequency=50, target_modules=["query", "value"])),
+            ("shira", peft.ShiraConfig(r=2, random_seed=5, target_modules=["query", "value"])))}
+    for t in ("A", "B"):
+        assert torch.equal(one.get_parameter(f"adapters.vera1.vera_projections.vera_{t}"),
+                           getattr(ref["vera"].base_model, f"vera_{t}")["default"])
+    q = "encoder.layer.1.attention.self.value"
+    assert torch.equal(one.get_buffer(f"adapters.fourierft1.{q}.fourierft_locations"),
+                       ref["fourierft"].get_submodule(f"base_model.model.{q}").indices["default"])
+    assert torch.equal(one.get_buffer(f"adapters.shira1.{q}.shira_indices"),
+                       ref["shira"].get_submodule(f"base_model.model.{q}").shira_indices["default"])
     out = _call(one, one, x)
     assert max_diff(out, _call(model, one, x)) > 1e-4
     one.train()
