@@ -16,55 +16,69 @@ from graphadapt.methods import get_method
 
 from helpers import max_diff, text_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
+def bert1():
+    return tiny_bert(num_hidden_layers=1)
+
+
+def llama1():
+    return tiny_llama(num_hidden_layers=1)
+
+
+def gpt2_1():
+    return tiny_gpt2(n_layer=1)
+
+
+# one-layer models keep the captures cheap; each case still adapts several layer kinds
 # (method, model builder, PEFT config, std of the noise put on PEFT's adapter tensors)
 CASES = {
-    "loha-bert": ("loha", tiny_bert, lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["query", "value", "dense"]),
+    "loha-bert": ("loha", bert1, lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["query", "value", "dense"]),
                   0.3),
-    "loha-llama": ("loha", tiny_llama, lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]),
+    "loha-llama": ("loha", llama1, lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]),
                    0.3),
-    "lokr-bert": ("lokr", tiny_bert, lambda: peft.LoKrConfig(r=4, alpha=6, target_modules=["query", "value", "dense"]),
+    "lokr-bert": ("lokr", bert1, lambda: peft.LoKrConfig(r=4, alpha=6, target_modules=["query", "value", "dense"]),
                   0.3),
-    "lokr-llama-decomposed": ("lokr", tiny_llama, lambda: peft.LoKrConfig(
+    "lokr-llama-decomposed": ("lokr", llama1, lambda: peft.LoKrConfig(
         r=1, alpha=2, decompose_both=True, target_modules=["q_proj", "k_proj", "up_proj"]), 0.3),
-    "vera-bert": ("vera", tiny_bert, lambda: peft.VeraConfig(r=8, target_modules=["query", "value", "dense"]), 0.5),
-    "vera-llama": ("vera", tiny_llama, lambda: peft.VeraConfig(r=4, target_modules=["k_proj", "down_proj"]), 0.5),
-    "vera-gpt2-conv1d": ("vera", tiny_gpt2, lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_proj"],
+    "vera-bert": ("vera", bert1, lambda: peft.VeraConfig(r=8, target_modules=["query", "value", "dense"]), 0.5),
+    "vera-llama": ("vera", llama1, lambda: peft.VeraConfig(r=4, target_modules=["k_proj", "down_proj"]), 0.5),
+    "vera-gpt2-conv1d": ("vera", gpt2_1, lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_proj"],
                                                                     fan_in_fan_out=True), 0.5),
-    "fourierft-bert": ("fourierft", tiny_bert, lambda: peft.FourierFTConfig(
+    "fourierft-bert": ("fourierft", bert1, lambda: peft.FourierFTConfig(
         n_frequency=40, scaling=50.0, target_modules=["query", "value", "dense"]), 1.0),
-    "fourierft-llama": ("fourierft", tiny_llama, lambda: peft.FourierFTConfig(
+    "fourierft-llama": ("fourierft", llama1, lambda: peft.FourierFTConfig(
         n_frequency=30, random_loc_seed=5, target_modules=["v_proj", "gate_proj"]), 1.0),
-    "fourierft-gpt2-conv1d": ("fourierft", tiny_gpt2, lambda: peft.FourierFTConfig(
+    "fourierft-gpt2-conv1d": ("fourierft", gpt2_1, lambda: peft.FourierFTConfig(
         n_frequency=30, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 1.0),
-    "shira-bert": ("shira", tiny_bert, lambda: peft.ShiraConfig(r=2, target_modules=["query", "value", "dense"]), 0.3),
-    "shira-llama": ("shira", tiny_llama, lambda: peft.ShiraConfig(r=1, random_seed=4,
+    "shira-bert": ("shira", bert1, lambda: peft.ShiraConfig(r=2, target_modules=["query", "value", "dense"]), 0.3),
+    "shira-llama": ("shira", llama1, lambda: peft.ShiraConfig(r=1, random_seed=4,
                                                                   target_modules=["o_proj", "up_proj"]), 0.3),
-    "c3a-bert": ("c3a", tiny_bert, lambda: peft.C3AConfig(block_size=8, target_modules=["query", "value", "dense"]),
+    "c3a-bert": ("c3a", bert1, lambda: peft.C3AConfig(block_size=8, target_modules=["query", "value", "dense"]),
                  1.0),
-    "c3a-llama": ("c3a", tiny_llama, lambda: peft.C3AConfig(block_size=4, target_modules=["k_proj", "down_proj"]), 1.0),
-    "randlora-bert": ("randlora", tiny_bert, lambda: peft.RandLoraConfig(
+    "c3a-llama": ("c3a", llama1, lambda: peft.C3AConfig(block_size=4, target_modules=["k_proj", "down_proj"]), 1.0),
+    "randlora-bert": ("randlora", bert1, lambda: peft.RandLoraConfig(
         r=8, randlora_alpha=16, target_modules=["query", "value", "dense"]), 0.3),
-    "randlora-llama": ("randlora", tiny_llama, lambda: peft.RandLoraConfig(
+    "randlora-llama": ("randlora", llama1, lambda: peft.RandLoraConfig(
         r=3, randlora_alpha=6, target_modules=["k_proj", "up_proj", "down_proj"]), 0.3),
-    "randlora-gpt2-conv1d": ("randlora", tiny_gpt2, lambda: peft.RandLoraConfig(
+    "randlora-gpt2-conv1d": ("randlora", gpt2_1, lambda: peft.RandLoraConfig(
         r=4, randlora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), 0.3),
-    "vblora-bert": ("vblora", tiny_bert, lambda: peft.VBLoRAConfig(
+    "vblora-bert": ("vblora", bert1, lambda: peft.VBLoRAConfig(
         r=4, num_vectors=16, vector_length=8, topk=3, target_modules=["query", "value", "dense"]), 0.5),
-    "vblora-llama": ("vblora", tiny_llama, lambda: peft.VBLoRAConfig(
+    "vblora-llama": ("vblora", llama1, lambda: peft.VBLoRAConfig(
         r=2, num_vectors=8, vector_length=4, target_modules=["k_proj", "gate_proj"]), 0.5),
-    "vblora-gpt2-conv1d": ("vblora", tiny_gpt2, lambda: peft.VBLoRAConfig(
+    "vblora-gpt2-conv1d": ("vblora", gpt2_1, lambda: peft.VBLoRAConfig(
         r=2, num_vectors=8, vector_length=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.5),
-    "gralora-bert": ("gralora", tiny_bert, lambda: peft.GraloraConfig(
+    "gralora-bert": ("gralora", bert1, lambda: peft.GraloraConfig(
         r=8, alpha=16, gralora_k=2, target_modules=["query", "value", "dense"]), 0.3),
-    "gralora-llama-hybrid": ("gralora", tiny_llama, lambda: peft.GraloraConfig(
+    "gralora-llama-hybrid": ("gralora", llama1, lambda: peft.GraloraConfig(
         r=8, alpha=12, gralora_k=4, hybrid_r=2, target_modules=["k_proj", "down_proj"]), 0.3),
-    "gralora-gpt2-conv1d": ("gralora", tiny_gpt2, lambda: peft.GraloraConfig(
+    "gralora-gpt2-conv1d": ("gralora", gpt2_1, lambda: peft.GraloraConfig(
         r=4, alpha=8, gralora_k=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.3),
-    "waveft-bert": ("waveft", tiny_bert, lambda: peft.WaveFTConfig(
+    "waveft-bert": ("waveft", bert1, lambda: peft.WaveFTConfig(
         n_frequency=60, scaling=5.0, target_modules=["query", "value", "dense"]), 0.3),
-    "waveft-llama-odd": ("waveft", lambda: tiny_llama(intermediate_size=63), lambda: peft.WaveFTConfig(
+    "waveft-llama-odd": ("waveft", lambda: tiny_llama(num_hidden_layers=1, intermediate_size=63),
+                         lambda: peft.WaveFTConfig(
         n_frequency=40, random_loc_seed=3, target_modules=["k_proj", "up_proj", "down_proj"]), 0.3),  # odd sides
-    "waveft-gpt2-no-idwt": ("waveft", tiny_gpt2, lambda: peft.WaveFTConfig(
+    "waveft-gpt2-no-idwt": ("waveft", gpt2_1, lambda: peft.WaveFTConfig(
         n_frequency=50, use_idwt=False, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.3),
 }
 
@@ -205,3 +219,86 @@ def test_onnx_export_verified(onnx_export, method):
     adapted, rep = onnx_export
     assert rep.verified and not rep.merged and max(rep.max_abs_diff.values()) < 1e-4
     assert any(r.method == method for r in adapted.adapter_records)
+
+
+def _fake_site(**kw):
+    from types import SimpleNamespace
+
+    base = dict(name="blk.proj", in_features=32, out_features=16, out_slice=None, total_out=None, layout="linear",
+                out_rows=None, num_experts=None, weight="w")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _build(method, site, weight, seed=0):
+    """The plugin's prepare + build on a bare GraphModule holding the base weight (no capture)."""
+    import torch.fx as fx
+
+    plugin = get_method(method)
+    spec = _spec(method, **NATIVE[method])
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    gm.register_parameter("w", torch.nn.Parameter(weight, requires_grad=False))
+    extra = plugin.prepare(gm, "a", spec, [site], seed)
+    return plugin.build(spec, "a", site, seed, weight=weight, **extra)
+
+
+@pytest.mark.parametrize("method", list(NATIVE))
+@pytest.mark.parametrize("geometry", ["conv1d-slice", "interleaved-rows"])
+def test_module_on_fused_projection_forward_equals_fold(method, geometry):
+    """A fused projection's part (GPT-2's Conv1D c_attn slice; an interleaved QKV row set): the module changes only
+    its channels, and folding it into the full weight gives the same outputs (no capture needed)."""
+    g = torch.Generator().manual_seed(0)
+    if geometry == "conv1d-slice":
+        site = _fake_site(out_slice=(16, 32), total_out=48, layout="conv1d")
+        w = torch.randn(32, 48, generator=g)                     # Conv1D: [in, out]
+        lin = lambda x, w, b: x @ w + b                          # noqa: E731
+        mine = torch.arange(16, 32)
+    else:
+        rows = tuple(range(1, 32, 2))
+        site = _fake_site(out_rows=rows, total_out=32)
+        w = torch.randn(32, 32, generator=g)
+        lin = torch.nn.functional.linear
+        mine = torch.tensor(rows)
+    b = torch.randn(w.shape[1] if geometry == "conv1d-slice" else 32, generator=g)
+    mod = _build(method, site, w).eval()
+    x = torch.randn(2, 3, 32, generator=g)
+    y = lin(x, w, b)
+    with torch.no_grad():
+        out = mod(x, y, w, b)
+        w2, b2 = mod.fold(w, b)
+    others = torch.ones(y.shape[-1], dtype=torch.bool)
+    others[mine] = False
+    assert torch.equal(out[..., others], y[..., others])                     # other channels bit-identical
+    assert (out[..., mine] - y[..., mine]).abs().max() > 1e-4                # the adapter does something
+    torch.testing.assert_close(lin(x, w2, b2), out, atol=1e-5, rtol=1e-5)    # fold == forward
+    rows_of = (lambda t: t.T) if geometry == "conv1d-slice" else (lambda t: t)
+    assert torch.equal(rows_of(w2)[others], rows_of(w)[others])
+
+
+def test_clear_errors():
+    from graphadapt.errors import CheckpointError, SpecError
+
+    with pytest.raises(SpecError, match="init_weights") as e:
+        _spec("lokr", init_weights="nope")
+    assert e.value.field == "init_weights"
+    with pytest.raises(SpecError, match="divisible by k"):
+        _spec("gralora", r=6, k=4)
+    with pytest.raises(SpecError, match="wavelet_family"):
+        _spec("waveft", wavelet_family="db4")
+    w = torch.zeros(16, 32)
+    with pytest.raises(SpecError, match="block_size=8 must divide"):
+        get_method("c3a").build(_spec("c3a", block_size=8), "a", _fake_site(in_features=36, out_features=16), 0,
+                                weight=torch.zeros(16, 36))
+    with pytest.raises(SpecError, match="expert weights"):
+        get_method("loha").build(_spec("loha"), "a", _fake_site(num_experts=4), 0, weight=w)
+    refusals = {"loha": {"r": 4, "alpha": 8, "rank_pattern": {"query": 2}},
+                "vera": {"r": 4, "save_projection": False},
+                "randlora": {"r": 4, "randlora_alpha": 8, "save_projection": False},
+                "vblora": {"r": 4, "num_vectors": 8, "vector_length": 4, "save_only_topk_weights": True},
+                "waveft": {"n_frequency": 8, "wavelet_family": "db4"},
+                "fourierft": {"n_frequency": 8, "n_frequency_pattern": {"query": 4}},
+                "c3a": {"block_size": 8, "bias": "all"}}
+    for m, cfg in refusals.items():
+        with pytest.raises(CheckpointError, match=next(k for k in cfg if k not in ("r", "alpha", "randlora_alpha",
+                                                                                  "num_vectors", "vector_length",
+                                                                                  "n_frequency", "block_size"))):
+            get_method(m).peft_spec(cfg, ("encoder.layer.0.attention.self.query",))
