@@ -6,6 +6,8 @@
     graphadapt/methods/prefix/      prefix tuning (attention-core site kind)
     graphadapt/methods/union/       unions of methods as one adapter (Union, UniPELT, MAM)
     graphadapt/methods/prompt/      prompt tuning (soft tokens at the input embeddings)
+    graphadapt/methods/{loha,lokr,vera,fourierft,shira,c3a,randlora,vblora,gralora,waveft}/
+                                    weight-delta methods (y + x ΔWᵀ; shared base: methods/delta.py)
 
 A third-party method is a package of the same shape that calls :func:`register` — see
 ``docs/architecture.md`` ("Adding a method").
