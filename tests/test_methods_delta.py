@@ -140,6 +140,7 @@ NATIVE = {
 
 SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4), "vblora": dict(num_vectors=16, vector_length=8),
          "waveft": dict(n_frequency=100)}  # what the defaults (sized for real models) need on the tiny ones
+PEFT_EXPORT = ("loha", "lokr", "fourierft", "c3a", "gralora", "waveft")  # AdaptedModel.to_peft
 NOT_IDENTITY_BY_DEFAULT = {"fourierft", "c3a", "vblora"}  # PEFT's default init draws the coefficients
 
 
@@ -197,6 +198,16 @@ def test_native_seeded_identity_save_load(tmp_path):
     one.save_adapters(tmp_path / "ckpt")
     again = ga.load(tiny_bert(), tmp_path / "ckpt").eval()
     assert max_diff(_call(again, again, x), out) == 0
+    # to_peft (per-module methods): PEFT loads what graphadapt wrote and computes the same outputs
+    for m in PEFT_EXPORT:
+        one.set_active(f"{m}1")
+        mine = _call(one, one, x)
+        one.to_peft(tmp_path / m, name=f"{m}1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / m).eval()
+        assert max_diff(_call(pm, one, x), mine) < 1e-5, m
+        assert max_diff(mine, _call(model, one, x)) > 1e-4, m
 
 
 _ROLES = ("q", "k", "v", "o", "up", "down")

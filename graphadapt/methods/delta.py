@@ -123,6 +123,22 @@ def refuse_peft_options(cfg: Mapping[str, Any], names: tuple[str, ...], what: st
                               "or merge the adapter with PEFT (merge_and_unload) instead.")
 
 
+def per_module_peft_export(what: str, fields: Mapping[str, Any], modules: Mapping[str, nn.Module], records: list,
+                           rename: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+    """``Method.peft_export`` for a method whose PEFT tensors are its modules' parameters under the same names
+    (``<path>.<name>``; ``rename`` maps a name to PEFT's suffix): PEFT config fields and tensors. Sites PEFT cannot
+    hold (Conv1D, a part of a fused projection, expert weights) are a CheckpointError."""
+    from graphadapt.methods.sliced import peft_inexpressible_sites
+
+    refused = peft_inexpressible_sites(modules, records)
+    if refused:
+        raise CheckpointError(f"PEFT's {what} cannot express {refused} (sites that are not whole nn.Linear "
+                              "layers); save with save_adapters instead")
+    tensors = {f"{path}.{(rename or {}).get(n, n)}": p for path, m in modules.items()
+               for n, p in m.named_parameters()}
+    return {**fields, "target_modules": sorted(modules)}, tensors
+
+
 def resolve_module_path(ckpt_path: str, module_names: set[str]) -> str | None:
     """The module of the model a checkpoint path names, allowing a wrapper prefix on either side (as the generic
     PEFT reader does), for plugins with their own ``peft_read``."""
@@ -147,5 +163,5 @@ def config_number(cfg: Mapping[str, Any], key: str, kind=float, default: Any = N
         raise CheckpointError(f"adapter_config.json: {key} must be a number, got {value!r}") from e
 
 
-__all__ = ["DeltaSiteModule", "SharedRef", "config_number", "peft_key_pattern", "refuse_expert_site",
+__all__ = ["DeltaSiteModule", "SharedRef", "config_number", "peft_key_pattern", "per_module_peft_export", "refuse_expert_site",
            "refuse_peft_options", "resolve_module_path"]

@@ -13,7 +13,8 @@ import torch
 
 from graphadapt.init import adapter_generator, normal_, uniform_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import C3AModule
@@ -49,6 +50,11 @@ class C3AMethod(LinearSiteMethod):
         init = config.get("init_weights", "xavier_uniform")
         return C3A(block_size=config_number(config, "block_size", int), targets=targets,
                    init_weights=init if init in C3A_INITS else "xavier_uniform")
+
+    def peft_export(self, spec: C3A, modules, records):
+        return per_module_peft_export("C3A", {
+            "peft_type": "C3A", "block_size": spec.block_size, "block_size_pattern": {}, "bias": "none",
+            "init_weights": "xavier_uniform"}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

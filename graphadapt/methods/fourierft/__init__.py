@@ -11,7 +11,8 @@ import torch
 
 from graphadapt.init import adapter_generator, normal_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import FourierFTModule, frequency_locations
@@ -40,6 +41,12 @@ class FourierFTMethod(LinearSiteMethod):
         return FourierFT(n_frequency=config_number(config, "n_frequency", int),
                          scaling=config_number(config, "scaling", default=150.0),
                          random_loc_seed=config_number(config, "random_loc_seed", int, default=777), targets=targets)
+
+    def peft_export(self, spec: FourierFT, modules, records):
+        return per_module_peft_export("FourierFT", {
+            "peft_type": "FOURIERFT", "n_frequency": spec.n_frequency, "scaling": spec.scaling,
+            "random_loc_seed": spec.random_loc_seed, "fan_in_fan_out": False, "init_weights": False,
+            "n_frequency_pattern": {}, "bias": "none"}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

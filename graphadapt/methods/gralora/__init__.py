@@ -14,7 +14,8 @@ import torch
 
 from graphadapt.init import adapter_generator, kaiming_uniform_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import GraLoRAModule
@@ -55,6 +56,13 @@ class GraLoRAMethod(LinearSiteMethod):
                        k=config_number(config, "gralora_k", int, default=2),
                        hybrid_r=config_number(config, "hybrid_r", int, default=0),
                        dropout=config_number(config, "gralora_dropout", default=0.0), targets=targets)
+
+    def peft_export(self, spec: GraLoRA, modules, records):
+        return per_module_peft_export("GraLoRA", {
+            "peft_type": "GRALORA", "r": spec.r, "alpha": spec.alpha, "gralora_k": spec.k, "hybrid_r": spec.hybrid_r,
+            "gralora_dropout": spec.dropout, "fan_in_fan_out": False, "init_weights": True, "bias": "none"},
+            modules, records, rename={"gralora_A_general": "gralora_A_general.weight",
+                                      "gralora_B_general": "gralora_B_general.weight"})
 
     def peft_key(self, key):
         m = _KEY.match(key)

@@ -13,7 +13,8 @@ import torch
 
 from graphadapt.init import adapter_generator, kaiming_uniform_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import LoHaModule
@@ -43,6 +44,12 @@ class LoHaMethod(LinearSiteMethod):
         return LoHa(r=config_number(config, "r", int), alpha=config_number(config, "alpha"),
                     rank_dropout=config_number(config, "rank_dropout", default=0.0),
                     module_dropout=config_number(config, "module_dropout", default=0.0), targets=targets)
+
+    def peft_export(self, spec: LoHa, modules, records):
+        return per_module_peft_export("LoHa", {
+            "peft_type": "LOHA", "r": spec.r, "alpha": spec.alpha, "rank_dropout": spec.rank_dropout,
+            "module_dropout": spec.module_dropout, "init_weights": True, "use_effective_conv2d": False,
+            "rank_pattern": {}, "alpha_pattern": {}}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

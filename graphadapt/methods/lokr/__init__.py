@@ -13,7 +13,8 @@ import torch
 
 from graphadapt.init import adapter_generator, kaiming_uniform_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import LoKrModule, factorization
@@ -51,6 +52,13 @@ class LoKrMethod(LinearSiteMethod):
                     module_dropout=config_number(config, "module_dropout", default=0.0),
                     decompose_both=bool(config.get("decompose_both", False)),
                     decompose_factor=config_number(config, "decompose_factor", int, default=-1), targets=targets)
+
+    def peft_export(self, spec: LoKr, modules, records):
+        return per_module_peft_export("LoKr", {
+            "peft_type": "LOKR", "r": spec.r, "alpha": spec.alpha, "rank_dropout": spec.rank_dropout,
+            "rank_dropout_scale": spec.rank_dropout_scale, "module_dropout": spec.module_dropout,
+            "decompose_both": spec.decompose_both, "decompose_factor": spec.decompose_factor, "init_weights": True,
+            "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

@@ -12,7 +12,8 @@ import torch
 from graphadapt.errors import CheckpointError
 from graphadapt.init import adapter_generator, normal_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import WaveFTModule, haar_synthesis
@@ -48,6 +49,13 @@ class WaveFTMethod(LinearSiteMethod):
                       wavelet_family=family if family in WAVELETS else "db1",
                       use_idwt=bool(config.get("use_idwt", True)),
                       random_loc_seed=config_number(config, "random_loc_seed", int, default=777), targets=targets)
+
+    def peft_export(self, spec: WaveFT, modules, records):
+        return per_module_peft_export("WaveFT", {
+            "peft_type": "WAVEFT", "n_frequency": spec.n_frequency, "scaling": spec.scaling,
+            "wavelet_family": spec.wavelet_family, "use_idwt": spec.use_idwt, "random_loc_seed": spec.random_loc_seed,
+            "fan_in_fan_out": False, "init_weights": True, "proportional_parameters": False,
+            "n_frequency_pattern": {}, "bias": "none"}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)
