@@ -6,6 +6,8 @@
     graphadapt/methods/prefix/      prefix tuning (attention-core site kind)
     graphadapt/methods/union/       unions of methods as one adapter (Union, UniPELT, MAM)
     graphadapt/methods/prompt/      prompt tuning (soft tokens at the input embeddings)
+    graphadapt/methods/{loha,lokr,vera,fourierft,shira,c3a,randlora,vblora,gralora,waveft}/
+                                    weight-delta methods (y + x ΔWᵀ; shared base: methods/delta.py)
 
 A third-party method is a package of the same shape that calls :func:`register` — see
 ``docs/architecture.md`` ("Adding a method").
@@ -19,5 +21,6 @@ from .registry import get_method, register, registered, unregister
 # the built-in plugins register themselves on import
 from . import bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
 from . import boft, delora, hra, ln_tuning, miss, oft, road, trainable_tokens  # noqa: E402,F401  isort: skip  (wave 4: weight-transform methods)
+from . import c3a, fourierft, gralora, loha, lokr, randlora, shira, vblora, vera, waveft  # noqa: E402,F401  isort: skip  (wave 4 weight-delta methods)
 
 __all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]
