@@ -50,6 +50,9 @@ class LoRA(LinearTargets, MethodSpec):
         "'pissa' (A, B from the top-r SVD of W, residual left in W).",
     )
     use_gating: bool = spec_field(False, help="Add a learned sigmoid gate on the branch (UniPELT-style).")
+    lora_bias: bool = spec_field(
+        False, help="PEFT's lora_bias: a trainable bias on B (zero at init), y' = y + s·(B·A·x + b_B); the adapted "
+        "layers need a bias of their own (merge adds s·b_B to it). Not with DoRA or gating.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +67,11 @@ class LoRA(LinearTargets, MethodSpec):
         set_("use_rslora", check_bool("use_rslora", self.use_rslora))
         set_("use_dora", check_bool("use_dora", self.use_dora))
         set_("use_gating", check_bool("use_gating", self.use_gating))
+        set_("lora_bias", check_bool("lora_bias", self.lora_bias))
         check_choice("init", self.init, LORA_INITS)
+        if self.lora_bias and (self.use_dora or self.use_gating):
+            raise SpecError("lora_bias cannot be combined with use_dora or use_gating (PEFT has no such variant)",
+                            field="lora_bias")
         if self.use_dora and self.use_gating:
             raise SpecError(
                 "use_dora and use_gating cannot both be True: DoRA rescales the merged weight column-wise, "
