@@ -36,8 +36,9 @@ class LoRAMethod(LinearSiteMethod):
         if spec.lora_bias and site.bias is None:
             raise SpecError(f"adapter {adapter!r}: lora_bias=True needs a layer with a bias, but {site.name} has none "
                             "(PEFT refuses it too); target layers with a bias or drop lora_bias", field="lora_bias")
+        r, alpha = spec.rank_alpha(site.name, site.module_path)
         mod = LoRAModule(
-            site.in_features, site.out_features, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+            site.in_features, site.out_features, r=r, alpha=alpha, dropout=spec.dropout,
             use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating, lora_bias=spec.lora_bias,
             fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
             total_out=site.total_out, out_rows=getattr(site, "out_rows", None), dtype=weight.dtype,
@@ -53,7 +54,8 @@ class LoRAMethod(LinearSiteMethod):
             if getattr(spec, flag):
                 raise SpecError(f"adapter {adapter!r}: {what} is not available on the expert weights of {site.name}; "
                                 "target attention/dense roles with it, or drop the expert roles", field=flag)
-        mod = ExpertLoRAModule(site.num_experts, site.in_features, site.out_features, r=spec.r, alpha=spec.alpha,
+        r, alpha = spec.rank_alpha(site.name, site.module_path)
+        mod = ExpertLoRAModule(site.num_experts, site.in_features, site.out_features, r=r, alpha=alpha,
                                dropout=spec.dropout, use_rslora=spec.use_rslora, transposed=site.layout == "conv1d",
                                out_slice=site.out_slice, total_out=site.total_out, dtype=weight.dtype,
                                device=weight.device)

@@ -32,7 +32,7 @@ def peft_key(key: str) -> tuple[str, str] | None:
 def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
     """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
     # options that change what the adapter computes: importing without them would give wrong numbers
-    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern", "layer_replication",
+    unsupported = {k: cfg.get(k) for k in ("layer_replication",
                                             "trainable_token_indices", "megatron_config", "use_qalora",
                                             "alora_invocation_tokens") if cfg.get(k)}
     if cfg.get("bias", "none") not in ("none", None):
@@ -50,19 +50,21 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
         raise CheckpointError(f"adapter_config.json: r/lora_alpha/lora_dropout must be numbers ({e})") from e
     return LoRA(r=r, alpha=cfg["lora_alpha"], dropout=dropout, targets=targets,
                 use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")),
-                lora_bias=bool(cfg.get("lora_bias")))
+                lora_bias=bool(cfg.get("lora_bias")), rank_pattern=dict(cfg.get("rank_pattern") or {}),
+                alpha_pattern=dict(cfg.get("alpha_pattern") or {}))
 
 
 def peft_lora_export(spec: LoRA, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
     """PEFT ``LoraConfig`` fields and ``{<path>.lora_A.weight: …}`` for a graphadapt LoRA adapter."""
-    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init == "pissa")) if v}
+    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init in ("pissa", "olora"))) if v}
     refused.update(peft_inexpressible_sites(modules, records))
     if refused:
         raise CheckpointError(f"PEFT's LoRA cannot express {refused} (gating, PiSSA's changed base weights, or "
                               "sites that are not whole nn.Linear layers); save with save_adapters instead")
     cfg = {"peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
            "target_modules": sorted(modules), "use_rslora": spec.use_rslora, "use_dora": spec.use_dora,
-           "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "lora_bias": spec.lora_bias}
+           "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "lora_bias": spec.lora_bias,
+           "rank_pattern": dict(spec.rank_pattern), "alpha_pattern": dict(spec.alpha_pattern)}
     tensors = {}
     for path, m in modules.items():
         tensors[f"{path}.lora_A.weight"] = m.lora_A
