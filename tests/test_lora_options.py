@@ -117,6 +117,25 @@ def test_olora_init_equals_peft():
         assert max_diff(adapted(**x).last_hidden_state, tiny_llama()(**x).last_hidden_state) < 1e-5
 
 
+def test_olora_checkpoint_import_applies_to_the_residual(tmp_path):
+    """PEFT re-runs OLoRA when it loads the adapter (the saved factors apply to the residual weights): so does
+    the importer; an init it cannot reproduce is refused rather than imported with wrong numbers."""
+    import json
+
+    pm = _trained(tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora"), tmp_path)
+    adapted = import_peft(tiny_llama(), tmp_path)
+    assert adapted.spec.adapters["default"].init == "olora"
+    x = text_inputs(2, 5)
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(**x).last_hidden_state
+        assert max_diff(pm(**x).last_hidden_state, ref) < 1e-6
+        assert max_diff(adapted(**x).last_hidden_state, ref) < 1e-5
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(ga.CheckpointError, match="init_lora_weights"):
+        import_peft(tiny_llama(), tmp_path)
+
+
 def test_orthogonal_init_equals_peft_draws():
     """PEFT's orthogonal init draws r×r, in×r/2, r/2×out normals from the global RNG; ours draws the same from an
     explicit generator: the same seed gives the same factors; B·A = 0 with both non-zero."""

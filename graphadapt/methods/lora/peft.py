@@ -20,6 +20,13 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_
 _OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude_vector": "lora_magnitude"}
 
 
+_SAME_BASE_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+"""PEFT inits that leave the base weights alone: a loaded adapter is just its saved tensors."""
+_BASE_CHANGING_INITS = ("pissa", "olora")
+"""PEFT inits that move part of each base weight into the adapter, re-run by PEFT when it loads the adapter (so the
+saved tensors apply to the residual): imported with the same init, whose residual graphadapt computes exactly."""
+
+
 def peft_key(key: str) -> tuple[str, str] | None:
     m = _KEY.match(key)
     if m is None:
@@ -37,6 +44,10 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
                                             "alora_invocation_tokens") if cfg.get(k)}
     if cfg.get("bias", "none") not in ("none", None):
         unsupported["bias"] = cfg["bias"]
+    init = cfg.get("init_lora_weights", True)
+    if init not in _SAME_BASE_INITS and init not in _BASE_CHANGING_INITS:
+        # PEFT re-runs the init when it loads the adapter; these change the base weights in ways not reproduced here
+        unsupported["init_lora_weights"] = init
     if unsupported:
         raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}; re-train "
                               "without them or merge the adapter with PEFT (merge_and_unload) instead.")
@@ -50,6 +61,7 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
         raise CheckpointError(f"adapter_config.json: r/lora_alpha/lora_dropout must be numbers ({e})") from e
     return LoRA(r=r, alpha=cfg["lora_alpha"], dropout=dropout, targets=targets,
                 use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")),
+                init=init if init in _BASE_CHANGING_INITS else "lora",
                 lora_bias=bool(cfg.get("lora_bias")), rank_pattern=dict(cfg.get("rank_pattern") or {}),
                 alpha_pattern=dict(cfg.get("alpha_pattern") or {}))
 
