@@ -159,3 +159,38 @@ def test_orthogonal_init_equals_peft_draws():
     assert m.lora_B.abs().max() > 0 and (m.lora_B @ m.lora_A).abs().max() < 1e-6
     with pytest.raises(ga.SpecError, match="even rank"):
         orthogonal_(LoRAModule(12, 10, r=3, alpha=3), torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_init_equals_peft(method):
+    """CorDA from a calibration callback: PEFT's factors and residual weights (1e-5), outputs unchanged at init."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from graphadapt.methods.lora import corda_init
+
+    batches = [text_inputs(1, 6, seed=s) for s in range(3)]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="corda",
+                     corda_config=CordaConfig(corda_method=method))
+    base = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            preprocess_corda(base, cfg, run_model=lambda: [base(**b) for b in batches])
+        pm = get_peft_model(base, cfg)
+    adapted = ga.apply(tiny_llama(), ga.LoRA(r=4, alpha=8, targets=("q", "down")))
+    with torch.no_grad():
+        corda_init(adapted, "default", lambda: [adapted(**b) for b in batches], method=method)
+    peft_params = dict(pm.named_parameters())
+    for r in adapted.adapter_records:
+        pre = f"base_model.model.{r.site}"
+        mod = adapted.get_submodule(r.target)
+        assert (mod.lora_A - peft_params[f"{pre}.lora_A.default.weight"]).abs().max() < 1e-5
+        assert (mod.lora_B - peft_params[f"{pre}.lora_B.default.weight"]).abs().max() < 1e-5
+        assert (adapted.get_parameter(r.weight) - peft_params[f"{pre}.base_layer.weight"]).abs().max() < 1e-5
+        assert mod.lora_B.abs().max() > 1e-3
+    x = text_inputs(2, 5)
+    with torch.no_grad():
+        assert max_diff(adapted(**x).last_hidden_state, tiny_llama()(**x).last_hidden_state) < 1e-4
+    with pytest.raises(ga.GraphAdaptError, match="one example per call"):
+        corda_init(adapted, "default", lambda: adapted(**text_inputs(2, 5)))

@@ -16,6 +16,7 @@ from graphadapt.methods.registry import register
 
 from . import adapterhub as _ah
 from .arithmetic import low_rank_lora, weighted_lora
+from .corda import corda_init
 from .init import LORA_INIT_SCHEMES, init_lora_
 from .experts import ExpertLoRAModule
 from .module import LoRAGate, LoRAModule
@@ -94,4 +95,4 @@ class LoRAMethod(LinearSiteMethod):
         _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
-__all__ = ["ExpertLoRAModule", "LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]
+__all__ = ["corda_init", "ExpertLoRAModule", "LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]
