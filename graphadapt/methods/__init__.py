@@ -2,6 +2,7 @@
 
     graphadapt/methods/lora/        LoRA, rsLoRA, DoRA, gated LoRA
     graphadapt/methods/ia3/         IA3
+    graphadapt/methods/adalora/     AdaLoRA (rank allocator for training)
     graphadapt/methods/bottleneck/  bottleneck adapters and presets (SeqBn, ParBn, Compacter, …)
     graphadapt/methods/prefix/      prefix tuning (attention-core site kind)
     graphadapt/methods/union/       unions of methods as one adapter (Union, UniPELT, MAM)
@@ -17,6 +18,6 @@ from .base import LinearSiteMethod, Method, ResidualSiteMethod
 from .registry import get_method, register, registered, unregister
 
 # the built-in plugins register themselves on import
-from . import bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
+from . import adalora, bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
 
 __all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]
