@@ -11,8 +11,9 @@ Per step, after ``loss.backward()`` (and ``optimizer.step()``, before ``zero_gra
   ``b₀ − budget`` lowest-scoring triplets (the ``kthvalue`` threshold, ties pruned too) get ``E = 0``; after the
   final allocation the kept pattern is re-applied every step.
 
-``rank_pattern`` (``{'<module path>.lora_E': [bool…]}``) is PEFT's format: ``graphadapt`` saves it in the adapter's
-spec via :meth:`RankAllocator.finalise` so a reloaded adapter has exactly the kept ranks.
+``rank_pattern`` (``{'<module path>.lora_E': [bool…]}``) is PEFT's format; :meth:`RankAllocator.finalise` cuts the
+factors to the kept triplets and records the pattern in the adapter's spec, so a saved and reloaded adapter has
+exactly the kept ranks (as PEFT's checkpoints do).
 """
 
 from __future__ import annotations
@@ -126,6 +127,33 @@ class RankAllocator:
         elif self.rank_pattern is not None:
             self.mask_using_rank_pattern(self.rank_pattern)
         return None
+
+
+    @torch.no_grad()
+    def finalise(self) -> dict[str, int]:
+        """After training: keep only the allocated triplets (the factors shrink to the kept rank: new Parameters, so
+        build the optimizer again if training goes on) and record ``rank_pattern`` in the adapter's spec, so
+        ``save_adapters``/``load`` and the spec reproduce the pruned adapter. Returns the rank per site."""
+        if self.rank_pattern is None:
+            raise GraphAdaptError("finalise() needs an allocation first: run update_and_allocate up to "
+                                  "total_step - tfinal")
+        from torch import nn
+
+        ranks = {}
+        for site, m in self.modules.items():
+            keep = torch.tensor(self.rank_pattern[f"{site}.lora_E"], device=m.svd_E.device)
+            if keep.numel() != m.r:
+                raise GraphAdaptError(f"{site} was already finalised (rank {m.r})")
+            for name, cut in (("svd_A", lambda t: t[keep]), ("svd_E", lambda t: t[keep]),
+                              ("svd_B", lambda t: t[:, keep])):
+                old = getattr(m, name)
+                setattr(m, name, nn.Parameter(cut(old.detach()).clone(), requires_grad=old.requires_grad))
+            m.r = ranks[site] = int(keep.sum())
+        spec = self.spec.replace(rank_pattern=self.rank_pattern)
+        model = self.adapted
+        model.spec = model.spec.replace(adapters={**model.spec.adapters, self.adapter: spec})
+        self.spec = spec
+        return ranks
 
 
 def orth_regularization(adapted, adapter: str) -> torch.Tensor:
