@@ -26,7 +26,7 @@ def test_p_tuning_equals_peft_and_imports(encoder, tmp_path):
     ours = ga.apply(tiny_llama(), ga.PTuning(prompt_length=P, encoder_type=encoder, encoder_hidden_size=16))
     mod = ours.get_submodule(ours.adapter_records[0].target)
     enc = pm.prompt_encoder["default"]
-    theirs = {"embedding": enc.embedding.weight, **{f"mlp_head.{k}": v for k, v in enc.mlp_head.named_parameters()},
+    theirs = {"virtual_tokens": enc.embedding.weight, **{f"mlp_head.{k}": v for k, v in enc.mlp_head.named_parameters()},
               **({f"lstm_head.{k}": v for k, v in enc.lstm_head.named_parameters()} if encoder == "LSTM" else {})}
     mine = dict(mod.named_parameters())
     assert set(mine) == set(theirs)
@@ -65,4 +65,4 @@ def test_p_tuning_spec_errors_and_seeded_init():
     from graphadapt.init import adapter_generator
 
     want = torch.empty(P, 32).normal_(0.0, 1.0, generator=adapter_generator(3, "p", a.adapter_records[0].site))
-    assert torch.equal(mod.embedding.detach(), want)   # seeded: the first draw of the site's generator
+    assert torch.equal(mod.virtual_tokens.detach(), want)   # seeded: the first draw of the site's generator

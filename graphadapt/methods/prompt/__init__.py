@@ -93,7 +93,7 @@ class PTuningMethod(PromptTuningMethod):
         mod.added_positions = spec.prompt_length if spec.insert_at == "word_embeddings" else 0
         g = adapter_generator(seed, adapter, site.name)
         with torch.no_grad():
-            normal_(mod.embedding, 1.0, g)
+            normal_(mod.virtual_tokens, 1.0, g)
             for layer in mod.mlp_head:
                 if isinstance(layer, nn.Linear):   # nn.Linear's own init
                     kaiming_uniform_(layer.weight, math.sqrt(5), g)

@@ -59,14 +59,14 @@ class PTuning(MethodSpec):
 
 class PTuningModule(PromptTuningModule):
     """Prompt tuning whose prompt is ``encoder(embedding)`` (see module docstring); parameter names follow PEFT's
-    ``PromptEncoder`` (``embedding`` = ``embedding.weight``, ``mlp_head.*``, ``lstm_head.*``)."""
+    ``PromptEncoder`` (``virtual_tokens`` = ``embedding.weight``, ``mlp_head.*``, ``lstm_head.*``)."""
 
     def __init__(self, length: int, hidden: int, spec: PTuning, *, dtype=None, device=None):
         nn.Module.__init__(self)
         self.length, self.combine, self.active = int(length), spec.combine, True
         h = spec.encoder_hidden_size or hidden
         factory = {"dtype": dtype, "device": device}
-        self.embedding = nn.Parameter(torch.zeros(length, hidden, **factory))
+        self.virtual_tokens = nn.Parameter(torch.zeros(length, hidden, **factory))
         self.encoder_type = spec.encoder_type
         if spec.encoder_type == "LSTM":
             self.lstm_head = nn.LSTM(input_size=hidden, hidden_size=h, num_layers=spec.encoder_num_layers,
@@ -79,7 +79,7 @@ class PTuningModule(PromptTuningModule):
                                           nn.ReLU(), nn.Linear(h, hidden, **factory))
 
     def prompt(self) -> Tensor:
-        e = self.embedding.unsqueeze(0)
+        e = self.virtual_tokens.unsqueeze(0)
         if self.lstm_head is not None:
             e = self.lstm_head(e)[0]
         return self.mlp_head(e)[0]
