@@ -10,10 +10,11 @@ from .spec import Average, BatchSplit, Fuse, MethodSpec, Parallel, Spec, Stack, 
 from . import methods  # noqa: F401  (registers the built-in method plugins)
 from .methods.bottleneck import AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, ParBn, SeqBn
 from .methods.ia3 import IA3
+from .methods.adalora import AdaLoRA
 from .methods.lora import LoRA
 from .methods.prefix import PrefixTuning, eject_prefix
 from .methods.union import MAM, UniPELT, Union
-from .methods.prompt import PromptTuning
+from .methods.prompt import PTuning, PromptTuning
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
@@ -36,9 +37,9 @@ def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on firs
 
 __all__ = [
     "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
-    "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Average", "LoRA", "IA3", "Bottleneck", "SeqBn",
+    "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Average", "LoRA", "IA3", "AdaLoRA", "Bottleneck", "SeqBn",
     "DoubleSeqBn", "ParBn", "AdapterPlus", "Compacter", "CompacterPlusPlus", "PrefixTuning", "Union", "UniPELT", "MAM",
-    "PromptTuning", "eject_prefix", "as_spec",
+    "PromptTuning", "PTuning", "eject_prefix", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",

@@ -29,6 +29,7 @@ from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
+from .arithmetic import add_weighted_adapter, to_low_rank
 from .passes.portability import retarget
 from .plan import build_plan, execute_plan
 from .spec.composition import Block, block_from_dict
@@ -354,6 +355,29 @@ class AdaptedModel(CapturedModule):
             del holder._modules[name]
         if comp is None:
             self._set_flags(active)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str | None = None, *,
+                             svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None,
+                             density: float | None = None, majority_sign_method: str = "total",
+                             seed: int = 0) -> None:
+        """A new adapter ``adapter_name`` combining ``adapters`` (one method) with ``weights`` — PEFT's
+        ``add_weighted_adapter``, same arguments and numbers: LoRA takes every PEFT ``combination_type`` (default
+        ``"svd"``; ``linear``, ``cat``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their
+        ``_svd`` forms, with ``density``, ``majority_sign_method``, ``svd_rank``, ``svd_clamp``…), IA3 combines
+        linearly. The random DARE masks come from a generator seeded with ``seed`` (PEFT after
+        ``torch.manual_seed(seed)`` draws the same). The new adapter is a normal one (trainable, saveable,
+        mergeable), added inactive: ``set_active`` it. See docs/methods.md, "Adapter arithmetic"."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                             density=density, majority_sign_method=majority_sign_method, seed=seed)
+
+    def to_low_rank(self, adapter: str, rank: int, name: str) -> None:
+        """A new low-rank adapter ``name`` (a LoRA of rank ``rank``, scaling 1) whose update is the best rank-``rank``
+        approximation (truncated SVD) of the change ``adapter`` makes to each weight it folds into (``fold(W) −
+        W``; a changed bias becomes the LoRA's ``lora_bias``), so runtimes serving only LoRA can serve any mergeable
+        method. ``rank >= min(out, in)`` reproduces the adapter. Added inactive: ``set_active`` it."""
+        to_low_rank(self, adapter, rank, name)
 
     def disable_adapters(self):
         """Context manager: inside it every adapter passes its input through (outputs equal the base

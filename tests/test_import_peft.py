@@ -68,8 +68,8 @@ def test_clear_errors(tmp_path):
         import_peft(tiny_bert(), tmp_path)
     _trained_peft(tiny_bert, dict(target_modules=["query"]), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"query": 8}}))
-    with pytest.raises(ga.CheckpointError, match="rank_pattern"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "layer_replication": [[0, 1]]}))
+    with pytest.raises(ga.CheckpointError, match="layer_replication"):
         import_peft(tiny_bert(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ga.CheckpointError, match="do not exist"):

@@ -2,6 +2,7 @@
 
     graphadapt/methods/lora/        LoRA, rsLoRA, DoRA, gated LoRA
     graphadapt/methods/ia3/         IA3
+    graphadapt/methods/adalora/     AdaLoRA (rank allocator for training)
     graphadapt/methods/bottleneck/  bottleneck adapters and presets (SeqBn, ParBn, Compacter, …)
     graphadapt/methods/prefix/      prefix tuning (attention-core site kind)
     graphadapt/methods/union/       unions of methods as one adapter (Union, UniPELT, MAM)
@@ -19,7 +20,7 @@ from .base import LinearSiteMethod, Method, ResidualSiteMethod
 from .registry import get_method, register, registered, unregister
 
 # the built-in plugins register themselves on import
-from . import bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
+from . import adalora, bottleneck, ia3, lora, prefix, prompt, union  # noqa: E402,F401  isort: skip
 from . import boft, delora, hra, ln_tuning, miss, oft, road, trainable_tokens  # noqa: E402,F401  isort: skip  (wave 4: weight-transform methods)
 from . import c3a, fourierft, gralora, loha, lokr, randlora, shira, vblora, vera, waveft  # noqa: E402,F401  isort: skip  (wave 4 weight-delta methods)
 

@@ -136,6 +136,30 @@ class Method:
         raise CheckpointError(f"{self.name} adapters have no PEFT format in graphadapt; save with save_adapters "
                               "instead")
 
+    # -- adapter arithmetic (optional; AdaptedModel.add_weighted_adapter / to_low_rank, graphadapt.arithmetic)
+    def weighted_adapter(self, sources: list[tuple[str, MethodSpec, dict[str, nn.Module]]], weights: list[float],
+                         sites: list[str], options: Mapping[str, Any]):
+        """Optional: combine adapters of this method into a new one. ``sources`` is ``[(adapter, spec, {site:
+        module})]``, ``weights`` one number per source, ``sites`` the union of their sites in the base model's
+        module order (the order random masks are drawn in), ``options`` the combination's keywords plus
+        ``generator``. Returns ``(spec, fill)``: the new adapter's spec at exactly ``sites``, and
+        ``fill({site: new module})`` writing its weights. The default: this method does not combine."""
+        from ..errors import SpecError
+
+        raise SpecError(f"{self.label} adapters cannot be combined by add_weighted_adapter (no weighted combination "
+                        "is defined for this method); convert them first with to_low_rank(...)", field="method")
+
+    represents_weight_deltas: ClassVar[bool] = False
+    """True for the one method that :meth:`from_weight_deltas` can turn any folded change into (a low-rank update)."""
+
+    def from_weight_deltas(self, deltas: dict[str, tuple[Any, torch.Tensor, torch.Tensor | None]], rank: int,
+                           sites: list[str], options: Mapping[str, Any]):
+        """Optional (with ``represents_weight_deltas``): ``(spec, fill)`` for an adapter of this method at ``sites``
+        approximating ``deltas[site] = (site record, ΔW in the base layout and full shape, Δb or None)`` at
+        ``rank``; ``fill({site: new module})`` writes its weights."""
+        raise NotImplementedError(f"{type(self).__name__} must implement from_weight_deltas() when "
+                                  "represents_weight_deltas is True")
+
     adapterhub_architectures: ClassVar[tuple[str | None, ...]] = ()
     """AdapterHub config ``architecture`` values this method imports."""
 

@@ -19,6 +19,7 @@ from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
 from . import adapterhub as _ah
+from .arithmetic import weighted_ia3
 from .experts import ExpertIA3Module
 from .module import IA3Module
 from .peft import peft_ia3_export, peft_ia3_spec, peft_key
@@ -61,6 +62,9 @@ class IA3Method(LinearSiteMethod):
                 bound = 1.0 / math.sqrt(site.in_features)
                 uniform_(mod.gate.bias, -bound, bound, g)
         return mod
+
+    def weighted_adapter(self, sources, weights, sites, options):
+        return weighted_ia3(sources, weights, sites, options)
 
     def peft_spec(self, config, targets):
         return peft_ia3_spec(config, targets)

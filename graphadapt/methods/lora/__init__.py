@@ -15,6 +15,8 @@ from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.registry import register
 
 from . import adapterhub as _ah
+from .arithmetic import low_rank_lora, weighted_lora
+from .corda import corda_init
 from .init import LORA_INIT_SCHEMES, init_lora_
 from .experts import ExpertLoRAModule
 from .module import LoRAGate, LoRAModule
@@ -32,9 +34,13 @@ class LoRAMethod(LinearSiteMethod):
     def build(self, spec: LoRA, adapter, site, seed, weight=None):
         if getattr(site, "num_experts", None):
             return self._build_experts(spec, adapter, site, seed, weight)
+        if spec.lora_bias and site.bias is None:
+            raise SpecError(f"adapter {adapter!r}: lora_bias=True needs a layer with a bias, but {site.name} has none "
+                            "(PEFT refuses it too); target layers with a bias or drop lora_bias", field="lora_bias")
+        r, alpha = spec.rank_alpha(site.name, site.module_path)
         mod = LoRAModule(
-            site.in_features, site.out_features, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-            use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating,
+            site.in_features, site.out_features, r=r, alpha=alpha, dropout=spec.dropout,
+            use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating, lora_bias=spec.lora_bias,
             fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
             total_out=site.total_out, out_rows=getattr(site, "out_rows", None), dtype=weight.dtype,
             device=weight.device)
@@ -45,16 +51,25 @@ class LoRAMethod(LinearSiteMethod):
 
     def _build_experts(self, spec: LoRA, adapter, site, seed, weight):
         """Per-expert LoRA on a fused 3-d expert weight (PEFT's ``target_parameters``)."""
-        for flag, what in (("use_dora", "DoRA"), ("use_gating", "gated LoRA")):
+        for flag, what in (("use_dora", "DoRA"), ("use_gating", "gated LoRA"), ("lora_bias", "lora_bias")):
             if getattr(spec, flag):
                 raise SpecError(f"adapter {adapter!r}: {what} is not available on the expert weights of {site.name}; "
                                 "target attention/dense roles with it, or drop the expert roles", field=flag)
-        mod = ExpertLoRAModule(site.num_experts, site.in_features, site.out_features, r=spec.r, alpha=spec.alpha,
+        r, alpha = spec.rank_alpha(site.name, site.module_path)
+        mod = ExpertLoRAModule(site.num_experts, site.in_features, site.out_features, r=r, alpha=alpha,
                                dropout=spec.dropout, use_rslora=spec.use_rslora, transposed=site.layout == "conv1d",
                                out_slice=site.out_slice, total_out=site.total_out, dtype=weight.dtype,
                                device=weight.device)
         mod.init_(spec.init, adapter_generator(seed, adapter, site.name))
         return mod
+
+    represents_weight_deltas = True
+
+    def weighted_adapter(self, sources, weights, sites, options):
+        return weighted_lora(sources, weights, sites, options)
+
+    def from_weight_deltas(self, deltas, rank, sites, options):
+        return low_rank_lora(deltas, rank, sites, options)
 
     def peft_spec(self, config, targets):
         return peft_lora_spec(config, targets)
@@ -80,4 +95,4 @@ class LoRAMethod(LinearSiteMethod):
         _ah.load_weights(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
-__all__ = ["ExpertLoRAModule", "LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]
+__all__ = ["corda_init", "ExpertLoRAModule", "LORA_INITS", "LORA_INIT_SCHEMES", "LoRA", "LoRAGate", "LoRAMethod", "LoRAModule", "init_lora_"]

@@ -14,7 +14,9 @@ from torch import Tensor
 from graphadapt.errors import SpecError
 from graphadapt.init import check_generator, init_bert_, kaiming_uniform_, normal_, uniform_, zeros_
 
-LORA_INIT_SCHEMES = ("lora", "gaussian", "bert", "pissa")
+LORA_INIT_SCHEMES = ("lora", "gaussian", "bert", "pissa", "olora", "orthogonal")
+CHANGES_BASE = ("pissa", "olora")
+"""Schemes that move part of the base weight into the adapter (the base weight becomes a residual)."""
 
 @torch.no_grad()
 def _pissa_(module, base_weight: Tensor) -> Tensor:
@@ -38,6 +40,39 @@ def _pissa_(module, base_weight: Tensor) -> Tensor:
     return new_weight
 
 
+@torch.no_grad()
+def _olora_(module, base_weight: Tensor) -> Tensor:
+    """OLoRA (PEFT ``init_lora_weights="olora"``, no randomness): ``W = QR`` on the module's rows (fp32);
+    ``A = R_r`` (first r rows), ``B = Q_r`` (first r columns), residual ``W - s·BA``."""
+    rows = module._rows(base_weight).to(torch.float32)
+    if module.r > min(rows.shape):
+        raise SpecError(f"olora needs r <= min(out, in) = {min(rows.shape)}, got r={module.r}", field="r")
+    q, r = torch.linalg.qr(rows)
+    module.lora_A.copy_(r[: module.r])
+    module.lora_B.copy_(q[:, : module.r])
+    new_weight = base_weight.detach().clone()
+    own = module._rows(new_weight)
+    residual = rows - module.scaling * (module.lora_B.to(torch.float32) @ module.lora_A.to(torch.float32))
+    own.copy_(residual.to(new_weight.dtype))
+    module._commit_rows(new_weight, own)
+    return new_weight
+
+
+@torch.no_grad()
+def orthogonal_(module, generator: torch.Generator) -> None:
+    """PEFT's ``init_lora_weights="orthogonal"`` (even r): ``Q`` from the QR of an r×r normal draw; ``A =
+    (N_in×r/2 · Q[0::2])ᵀ / 10``, ``B = N_out×r/2 · Q[1::2] / 10`` — ``BA = 0`` (distinct rows of ``Q`` are
+    orthogonal) with both factors non-zero. Draws, in PEFT's order, from ``generator``: r×r, in×r/2, r/2×out."""
+    rank = module.r
+    if rank % 2:
+        raise SpecError(f"orthogonal init needs an even rank, got r={rank}", field="r")
+    q, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator))
+    a = torch.randn(module.in_features, rank // 2, generator=generator).mm(q[0::2, :]).T / 10.0
+    b = torch.randn(rank // 2, module.out_features, generator=generator).T.mm(q[1::2, :]) / 10.0
+    module.lora_A.copy_(a)
+    module.lora_B.copy_(b)
+
+
 def init_lora_(
     module,
     scheme: str,
@@ -56,23 +91,25 @@ def init_lora_(
       triplets of the module's rows of ``base_weight`` and the **base weight changes** to
       the residual ``W_res = W - s·BA`` (so ``W_res + s·BA = W``). The new base weight (full
       fused shape, base layout, other rows untouched) is returned for the caller to
-      install; keep the original ``W`` to unmerge or to export a plain LoRA later.
+      install; keep the original ``W`` to unmerge or to export a plain LoRA later;
+    * ``"olora"`` — PEFT's OLoRA (QR, no randomness): like ``"pissa"`` with ``A = R_r``, ``B = Q_r``;
+    * ``"orthogonal"`` — PEFT's (even r): non-zero A and B with ``BA = 0`` (see :func:`orthogonal_`).
 
     Draw order from ``generator``: A, then B, then (gated) gate weight ~ N(0, 0.02²) and gate
     bias ~ U(±1/sqrt(in)) — AdapterHub's gate: ``nn.Linear`` default bias, re-drawn weight.
     DoRA: the magnitude is then set to ``||W + s·BA||_row`` from the (new) base weight, so
     ``base_weight`` is required.
 
-    Returns the new base weight for ``"pissa"``, else ``None``.
+    Returns the new base weight for ``"pissa"``/``"olora"``, else ``None``.
     """
     if scheme not in LORA_INIT_SCHEMES:
         raise SpecError(f"unknown LoRA init {scheme!r}; expected one of {LORA_INIT_SCHEMES}", field="init")
     check_generator(generator)
-    if (scheme == "pissa" or module.use_dora) and base_weight is None:
+    if (scheme in CHANGES_BASE or module.use_dora) and base_weight is None:
         raise SpecError(f"LoRA init {scheme!r}{' with DoRA' if module.use_dora else ''} needs base_weight", field="init")
-    if scheme == "pissa" and module.use_gating:
+    if scheme in CHANGES_BASE and module.use_gating:
         # The gate replaces s, so W_res + g·BA != W and the model would change at init.
-        raise SpecError("pissa init cannot be combined with gated LoRA", field="init")
+        raise SpecError(f"{scheme} init cannot be combined with gated LoRA", field="init")
 
     new_weight = None
     if scheme == "lora":
@@ -84,6 +121,10 @@ def init_lora_(
     elif scheme == "bert":
         init_bert_(module.lora_A, generator)
         init_bert_(module.lora_B, generator)
+    elif scheme == "orthogonal":
+        orthogonal_(module, generator)
+    elif scheme == "olora":
+        new_weight = _olora_(module, base_weight)
     else:
         new_weight = _pissa_(module, base_weight)
 
@@ -97,4 +138,4 @@ def init_lora_(
     return new_weight
 
 
-__all__ = ["LORA_INIT_SCHEMES", "init_lora_"]
+__all__ = ["CHANGES_BASE", "LORA_INIT_SCHEMES", "init_lora_", "orthogonal_"]

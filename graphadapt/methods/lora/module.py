@@ -9,6 +9,7 @@ with, for the channels the module owns (all of them, or ``out_slice`` of a fused
 projection such as GPT-2's ``c_attn = [q|k|v]``):
 
 * plain / rsLoRA: ``y' = y + s · B A dropout(x)``, ``s = alpha/r`` (rsLoRA: ``alpha/sqrt(r)``);
+  with ``lora_bias`` (PEFT's): ``y' = y + s · (B A dropout(x) + b_B)``;
 * DoRA (PEFT's formulation): ``f = m / ||W + s·BA||_row`` (norm detached) and
   ``y' = y + (f - 1) ⊙ (y - b) + f ⊙ s · B A x``, i.e. ``y' = f ⊙ (W + s·BA) x + b``;
 * gated (AdapterHub ``use_gating``, UniPELT): ``g = mean_seq sigmoid(x G^T + g_b)`` per
@@ -79,6 +80,7 @@ class LoRAModule(SlicedSiteModule):
         use_rslora: bool = False,
         use_dora: bool = False,
         use_gating: bool = False,
+        lora_bias: bool = False,
         fan_in_fan_out: bool = False,
         out_slice: tuple[int, int] | None = None,
         total_out: int | None = None,
@@ -96,6 +98,9 @@ class LoRAModule(SlicedSiteModule):
             # AdapterHub's gated DoRA rescales the gated branch with an undetached, unscaled
             # norm, PEFT has no gating: there is no reference to match, so refuse it.
             raise SpecError("use_dora and use_gating cannot be combined", field="use_gating")
+        if lora_bias and (use_dora or use_gating):
+            raise SpecError("lora_bias cannot be combined with DoRA or gating (PEFT has no such variant)",
+                            field="lora_bias")
         self._init_site(in_features, out_features, out_slice, total_out, fan_in_fan_out, out_rows)
         self.r = r
         self.alpha = alpha
@@ -115,6 +120,11 @@ class LoRAModule(SlicedSiteModule):
         else:
             self.register_parameter("lora_magnitude", None)
         self.gate = LoRAGate(in_features, **factory) if use_gating else None
+        # PEFT's lora_bias: lora_B has a bias, added before scaling (zero at init)
+        if lora_bias:
+            self.lora_bias = nn.Parameter(torch.zeros(out_features, **factory))
+        else:
+            self.register_parameter("lora_bias", None)
 
     # ------------------------------------------------------------------ layout helpers
     def _add_into(self, y: Tensor, delta: Tensor) -> Tensor:
@@ -145,7 +155,7 @@ class LoRAModule(SlicedSiteModule):
         if self.use_dora:
             return self._forward_dora(x, y, weight, bias)
 
-        h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B, self.lora_bias)
         if self.gate is not None:
             # AdapterHub: the gate is computed from the undropped input and replaces scaling.
             h = h * self.gate(x)
@@ -194,7 +204,7 @@ class LoRAModule(SlicedSiteModule):
         whole, non-transposed site): the merge pass folds it with one fused ``addmm``. None otherwise (DoRA,
         gated, a fused slice or row set, GPT-2's ``[in, out]`` layout): merge calls :meth:`fold`."""
         if self.use_dora or self.use_gating or self.out_slice is not None or self.out_rows is not None \
-                or self.fan_in_fan_out:
+                or self.fan_in_fan_out or self.lora_bias is not None:
             return None
         return LowRankDelta(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
 
@@ -202,6 +212,8 @@ class LoRAModule(SlicedSiteModule):
         """AdapterHub ``loras`` key → parameter (:mod:`graphadapt.methods.adapterhub_loras`)."""
         if self.lora_magnitude is not None:
             raise CheckpointError("AdapterHub DoRA is not supported by the importer")
+        if self.lora_bias is not None:
+            raise CheckpointError("AdapterHub LoRA has no lora_bias")
         out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
         if self.gate is not None:
             out["gate.weight"] = self.gate.weight
@@ -247,7 +259,8 @@ class LoRAModule(SlicedSiteModule):
         ``W' = f ⊙ (W + s·BA)`` row-wise, ``f = m / ||W0 + s·BA||`` where ``W0`` is
         ``base_weight`` (the unmerged base; defaults to ``weight``) — pass it when ``weight``
         already holds earlier merged adapters. The bias is returned unchanged (copied).
-        Gated LoRA raises :class:`~graphadapt.errors.MergeError`.
+        Gated LoRA raises :class:`~graphadapt.errors.MergeError`. ``lora_bias``: ``b' = b + s·b_B`` on the module's
+        channels.
         """
         self._refuse_gated("fold")
         new_weight = weight.detach().clone()
@@ -262,6 +275,12 @@ class LoRAModule(SlicedSiteModule):
         else:
             rows.add_(delta)
         self._commit_rows(new_weight, rows)
+        if self.lora_bias is not None:
+            if new_bias is None:
+                raise MergeError("cannot fold a LoRA with lora_bias into a layer without a bias")
+            part = self._bias_slice(new_bias)
+            part.add_((self.lora_bias * self.scaling).to(dtype=new_bias.dtype, device=new_bias.device))
+            self._commit_bias(new_bias, part)
         return new_weight, new_bias
 
     @torch.no_grad()
@@ -284,6 +303,8 @@ class LoRAModule(SlicedSiteModule):
         ]
         if isinstance(self.dropout, nn.Dropout):
             parts.append(f"dropout={self.dropout.p}")
+        if self.lora_bias is not None:
+            parts.append("lora_bias=True")
         for flag in ("use_rslora", "use_dora", "use_gating", "fan_in_fan_out"):
             if getattr(self, flag):
                 parts.append(f"{flag}=True")

@@ -16,23 +16,38 @@ from ..sliced import peft_inexpressible_sites
 from .spec import LoRA
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)"
-                  r"(?:\.(?P<adapter>[A-Za-z_][\w]*))?(?:\.weight)?$")
+                  r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[A-Za-z_][\w]*))?(?P<leaf>\.weight|\.bias)?$")
 _OURS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude_vector": "lora_magnitude"}
+
+
+_SAME_BASE_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+"""PEFT inits that leave the base weights alone: a loaded adapter is just its saved tensors."""
+_BASE_CHANGING_INITS = ("pissa", "olora")
+"""PEFT inits that move part of each base weight into the adapter, re-run by PEFT when it loads the adapter (so the
+saved tensors apply to the residual): imported with the same init, whose residual graphadapt computes exactly."""
 
 
 def peft_key(key: str) -> tuple[str, str] | None:
     m = _KEY.match(key)
-    return None if m is None else (m["path"], _OURS[m["kind"]])
+    if m is None:
+        return None
+    if m["leaf"] == ".bias":   # lora_bias: lora_B is an nn.Linear with a bias
+        return (m["path"], "lora_bias") if m["kind"] == "lora_B" else None
+    return m["path"], _OURS[m["kind"]]
 
 
 def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
     """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
     # options that change what the adapter computes: importing without them would give wrong numbers
-    unsupported = {k: cfg.get(k) for k in ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
+    unsupported = {k: cfg.get(k) for k in ("layer_replication",
                                             "trainable_token_indices", "megatron_config", "use_qalora",
                                             "alora_invocation_tokens") if cfg.get(k)}
     if cfg.get("bias", "none") not in ("none", None):
         unsupported["bias"] = cfg["bias"]
+    init = cfg.get("init_lora_weights", True)
+    if init not in _SAME_BASE_INITS and init not in _BASE_CHANGING_INITS:
+        # PEFT re-runs the init when it loads the adapter; these change the base weights in ways not reproduced here
+        unsupported["init_lora_weights"] = init
     if unsupported:
         raise CheckpointError(f"PEFT options not supported by the importer yet: {unsupported}; re-train "
                               "without them or merge the adapter with PEFT (merge_and_unload) instead.")
@@ -45,25 +60,31 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"adapter_config.json: r/lora_alpha/lora_dropout must be numbers ({e})") from e
     return LoRA(r=r, alpha=cfg["lora_alpha"], dropout=dropout, targets=targets,
-                use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")))
+                use_rslora=bool(cfg.get("use_rslora")), use_dora=bool(cfg.get("use_dora")),
+                init=init if init in _BASE_CHANGING_INITS else "lora",
+                lora_bias=bool(cfg.get("lora_bias")), rank_pattern=dict(cfg.get("rank_pattern") or {}),
+                alpha_pattern=dict(cfg.get("alpha_pattern") or {}))
 
 
 def peft_lora_export(spec: LoRA, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
     """PEFT ``LoraConfig`` fields and ``{<path>.lora_A.weight: …}`` for a graphadapt LoRA adapter."""
-    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init == "pissa")) if v}
+    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init in ("pissa", "olora"))) if v}
     refused.update(peft_inexpressible_sites(modules, records))
     if refused:
         raise CheckpointError(f"PEFT's LoRA cannot express {refused} (gating, PiSSA's changed base weights, or "
                               "sites that are not whole nn.Linear layers); save with save_adapters instead")
     cfg = {"peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
            "target_modules": sorted(modules), "use_rslora": spec.use_rslora, "use_dora": spec.use_dora,
-           "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}
+           "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "lora_bias": spec.lora_bias,
+           "rank_pattern": dict(spec.rank_pattern), "alpha_pattern": dict(spec.alpha_pattern)}
     tensors = {}
     for path, m in modules.items():
         tensors[f"{path}.lora_A.weight"] = m.lora_A
         tensors[f"{path}.lora_B.weight"] = m.lora_B
         if spec.use_dora:
             tensors[f"{path}.lora_magnitude_vector"] = m.lora_magnitude
+        if spec.lora_bias:
+            tensors[f"{path}.lora_B.bias"] = m.lora_bias
     return cfg, tensors
 
 

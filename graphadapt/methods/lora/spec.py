@@ -8,8 +8,10 @@ Where it goes is said with ``targets``: structural roles found in the graph
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from graphadapt.errors import SpecError
 from graphadapt.spec.base import (
@@ -23,6 +25,7 @@ from graphadapt.spec.base import (
     register_method,
     spec_field,
 )
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
 
 from .init import LORA_INIT_SCHEMES as LORA_INITS
@@ -47,9 +50,19 @@ class LoRA(LinearTargets, MethodSpec):
         "lora",
         help="Initialisation: 'lora' (Kaiming-uniform A, zero B), 'gaussian' (normal A with std 1/r, zero B), "
         "'bert' (normal std 0.02 for A and B, so the output changes at init), "
-        "'pissa' (A, B from the top-r SVD of W, residual left in W).",
+        "'pissa' (A, B from the top-r SVD of W, residual left in W), 'olora' (A, B from the QR of W, residual left "
+        "in W), 'orthogonal' (PEFT's: non-zero A and B with B·A = 0; even r).",
     )
     use_gating: bool = spec_field(False, help="Add a learned sigmoid gate on the branch (UniPELT-style).")
+    rank_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's rank_pattern: {regex: r} overriding r where the regex matches the end of a "
+        "site's module path ('(.*\\.)?<regex>' must match it whole, e.g. 'q_proj' or 'layers\\.0\\..*'); the first "
+        "matching key wins.")
+    alpha_pattern: Mapping[str, float] = spec_field(
+        FrozenMapping(), help="PEFT's alpha_pattern: {regex: alpha} overriding alpha the same way.")
+    lora_bias: bool = spec_field(
+        False, help="PEFT's lora_bias: a trainable bias on B (zero at init), y' = y + s·(B·A·x + b_B); the adapted "
+        "layers need a bias of their own (merge adds s·b_B to it). Not with DoRA or gating.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +77,13 @@ class LoRA(LinearTargets, MethodSpec):
         set_("use_rslora", check_bool("use_rslora", self.use_rslora))
         set_("use_dora", check_bool("use_dora", self.use_dora))
         set_("use_gating", check_bool("use_gating", self.use_gating))
+        set_("lora_bias", check_bool("lora_bias", self.lora_bias))
+        set_("rank_pattern", _pattern("rank_pattern", self.rank_pattern, integer=True))
+        set_("alpha_pattern", _pattern("alpha_pattern", self.alpha_pattern, integer=False))
         check_choice("init", self.init, LORA_INITS)
+        if self.lora_bias and (self.use_dora or self.use_gating):
+            raise SpecError("lora_bias cannot be combined with use_dora or use_gating (PEFT has no such variant)",
+                            field="lora_bias")
         if self.use_dora and self.use_gating:
             raise SpecError(
                 "use_dora and use_gating cannot both be True: DoRA rescales the merged weight column-wise, "
@@ -74,8 +93,41 @@ class LoRA(LinearTargets, MethodSpec):
 
     @property
     def scaling(self) -> float:
-        """Factor applied to ``B(A(x))``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        """Factor applied to ``B(A(x))``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (sites picked by
+        ``rank_pattern``/``alpha_pattern`` have their own: :meth:`rank_alpha`)."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_alpha(self, *names: str) -> tuple[int, float]:
+        """``(r, alpha)`` at a site known by ``names`` (its site name, then its module path), PEFT's rule: the
+        first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+        def pick(pattern, default):
+            for key, value in pattern.items():
+                if any(re.match(rf"(.*\.)?({key})$", n) for n in names if n):
+                    return value
+            return default
+        return pick(self.rank_pattern, self.r), pick(self.alpha_pattern, self.alpha)
+
+
+def _pattern(name: str, value: Any, integer: bool) -> FrozenMapping:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{name} must be a mapping {{regex: value}}, got {value!r}", field=name)
+    out = {}
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise SpecError(f"{name} keys must be non-empty regex strings, got {key!r}", field=name)
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise SpecError(f"{name} key {key!r} is not a valid regex ({e})", field=name) from e
+        if integer:
+            out[key] = check_int(f"{name}[{key!r}]", v, minimum=1)
+        else:
+            if not is_real(v) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f"{name}[{key!r}] must be a number > 0, got {v!r}", field=name)
+            out[key] = v
+    return FrozenMapping(out)
 
 
 __all__ = ["LORA_INITS", "LoRA"]

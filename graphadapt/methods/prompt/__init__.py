@@ -10,10 +10,13 @@ U(±random_uniform_scale); ``from_string`` copies the word-embedding rows of ``p
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from graphadapt.errors import SpecError
-from graphadapt.init import adapter_generator, uniform_
+from graphadapt.init import adapter_generator, kaiming_uniform_, normal_, uniform_
 from graphadapt.methods.base import Method
 from graphadapt.methods.registry import register
 from graphadapt.sites.embedding import getattr_path
@@ -21,6 +24,8 @@ from graphadapt.vocab import SiteKind
 
 from . import interop as _io
 from .module import PromptTuningModule
+from .ptuning import PTuning, PTuningModule
+from .ptuning import peft_spec as _ptuning_peft_spec
 from .spec import COMBINES, INSERT_AT, PROMPT_INITS, PromptTuning
 
 
@@ -72,4 +77,40 @@ class PromptTuningMethod(Method):
         _io.load_adapterhub(adapted, adapter, saved_name, state_dict, strict, directory)
 
 
-__all__ = ["COMBINES", "INSERT_AT", "PROMPT_INITS", "PromptTuning", "PromptTuningMethod", "PromptTuningModule"]
+@register
+class PTuningMethod(PromptTuningMethod):
+    """P-tuning: prompt tuning whose prompt an encoder computes (:mod:`.ptuning`). Init: PEFT's module defaults
+    (embedding N(0, 1), ``nn.Linear``/``nn.LSTM`` defaults) drawn from the site's generator only."""
+
+    name = "p_tuning"
+    spec_class = PTuning
+    peft_type = "P_TUNING"
+    adapterhub_architectures = ()
+
+    def build(self, spec: PTuning, adapter, site, seed, weight=None):
+        width = site.width(spec.insert_at)
+        mod = PTuningModule(spec.prompt_length, width, spec, dtype=weight.dtype, device=weight.device)
+        mod.added_positions = spec.prompt_length if spec.insert_at == "word_embeddings" else 0
+        g = adapter_generator(seed, adapter, site.name)
+        with torch.no_grad():
+            normal_(mod.virtual_tokens, 1.0, g)
+            for layer in mod.mlp_head:
+                if isinstance(layer, nn.Linear):   # nn.Linear's own init
+                    kaiming_uniform_(layer.weight, math.sqrt(5), g)
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    uniform_(layer.bias, -bound, bound, g)
+            if mod.lstm_head is not None:          # nn.LSTM's: U(±1/sqrt(h)) for every tensor
+                bound = 1.0 / math.sqrt(mod.lstm_head.hidden_size)
+                for p in mod.lstm_head.parameters():
+                    uniform_(p, -bound, bound, g)
+        return mod
+
+    def peft_spec(self, config, targets):
+        return _ptuning_peft_spec(config)
+
+    def adapterhub_spec(self, config):
+        return None
+
+
+__all__ = ["COMBINES", "INSERT_AT", "PROMPT_INITS", "PTuning", "PTuningMethod", "PTuningModule", "PromptTuning",
+           "PromptTuningMethod", "PromptTuningModule"]

@@ -29,11 +29,15 @@ class PromptTuningModule(nn.Module):
         self.active = True
         self.prompt_embeddings = nn.Parameter(torch.zeros(length, hidden, dtype=dtype, device=device))
 
+    def prompt(self) -> Tensor:
+        """The ``[P, H]`` prompt (P-tuning computes it with its encoder)."""
+        return self.prompt_embeddings
+
     def forward(self, x: Tensor, what: str) -> Tensor:
         if not self.active:
             return x
         if what == "embed":
-            p = self.prompt_embeddings.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            p = self.prompt().to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
             if self.combine == "prefix_after_bos":
                 return torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
             return torch.cat([p, x], dim=1)
