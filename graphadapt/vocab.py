@@ -55,8 +55,8 @@ class SiteKind(StrEnum):
     """At an attention core: ``(prefix, k, v, x, q, masks) → (k', v', masks')``."""
     EMBEDDING = "embedding"
     """At the input embeddings: the inputs grow by the adapter's tokens."""
-    LAYER_OUTPUT = "layer_output"
-    """The hidden states a layer outputs (its last residual point's result): ``(h, attention_mask) → h'``."""
+    HIDDEN = "hidden"
+    """The hidden states between layers (the embedding output, a layer's output): ``(h, attention_mask) → h'``."""
 
 
 class CombinePolicy(StrEnum):

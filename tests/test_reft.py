@@ -1,4 +1,4 @@
-"""ReFT (LoReFT / NoReFT / DiReFT) at layer outputs: placement, position semantics, training (R stays orthonormal),
+"""ReFT (LoReFT / NoReFT / DiReFT) at layer outputs (and, in the shared ONNX export, the invertible adapter): placement, position semantics, training (R stays orthonormal),
 save/load, merge (refused, reported) and ONNX export verified in onnxruntime on padded inputs of a new shape.
 AdapterHub parity is in tests/oracle/test_adapterhub_reft_oracle.py."""
 
@@ -33,7 +33,7 @@ def test_positions_follow_the_mask_and_only_chosen_positions_change_at_the_last_
     adapted = ga.apply(model, ga.Spec({"r": ga.NoReft(layers=(1,), prefix_positions=2, suffix_positions=1, r=2,
                                                        dropout=0.0)})).eval()
     recs = adapted.adapter_records
-    assert [(r.kind, r.layer) for r in recs] == [(SiteKind.LAYER_OUTPUT, 1)]
+    assert [(r.kind, r.layer) for r in recs] == [(SiteKind.HIDDEN, 1)]
     changed = (_out(adapted, x) - base).abs().amax(-1) > 1e-4       # last layer: no later layer mixes positions
     want = torch.zeros(3, 7, dtype=torch.bool)
     want[:, :2] = True
@@ -93,8 +93,11 @@ def test_bad_specs_are_clear():
 
 @pytest.fixture(scope="module")
 def reft_onnx(tmp_path_factory):
+    """One export for both hidden-state methods: ReFT at layer outputs and an invertible adapter (NICE block) at
+    the embedding output, both active."""
     pytest.importorskip("onnxruntime")
-    adapted = ga.apply(tiny_bert(), ga.Spec({"r": ga.LoReft(prefix_positions=2, suffix_positions=1, r=2)})).eval()
+    adapted = ga.apply(tiny_bert(), ga.Spec({"r": ga.LoReft(prefix_positions=2, suffix_positions=1, r=2),
+                                             "inv": ga.InvertibleAdapter()})).eval()
     _randomize(adapted)
     path = tmp_path_factory.mktemp("reft") / "m.onnx"
     return adapted, path, ga.export_onnx(adapted, path, example_inputs=text_inputs(2, 7, seed=3, pad=2))
@@ -111,6 +114,7 @@ def test_onnx_export_verifies_on_padded_inputs_of_another_shape(reft_onnx):
     got = sess.run(None, {k: v.numpy() for k, v in x.items() if k in names})[0]
     want = _out(adapted, x).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    adapted.set_active([])
-    assert np.abs(got - _out(adapted, x).numpy()).max() > 1e-2       # the exported intervention does something
-    adapted.set_active(["r"])
+    for only in (["r"], ["inv"]):                                     # each exported adapter does something
+        adapted.set_active(only)
+        assert np.abs(got - _out(adapted, x).numpy()).max() > 1e-2
+    adapted.set_active(["r", "inv"])

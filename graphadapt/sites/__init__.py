@@ -5,7 +5,7 @@
     residual   (:mod:`.residual`)   replaces a sub-block's residual point    ``(h, r, ln_w, ln_b) → out``
     attention  (:mod:`.attention`)  at attention cores (keys/values/masks)   ``(kv, k, v, x, q, masks) → …``
     embedding  (:mod:`.embedding`)  at the input embeddings (grows inputs)   ``(t, what) → t'``
-    layer_output (:mod:`.layer_output`) the hidden states a layer outputs    ``(h, attention_mask) → h'``
+    hidden     (:mod:`.hidden`)     hidden states between layers             ``(h, attention_mask) → h'``
 
 Each owns selection, insertion (calling the method's ``prepare`` then ``build``), the node annotation,
 plan order, default combine policy and composition semantics (:mod:`.base`). A method declares its kind
@@ -17,9 +17,9 @@ from __future__ import annotations
 from .base import SiteKindPlugin, get_site_kind, register_site_kind, site_kinds
 from .attention import AttentionKind
 from .embedding import EmbeddingKind
-from .layer_output import LayerOutputKind
+from .hidden import HiddenKind
 from .linear import ExpertKind, LinearKind
 from .residual import ResidualKind
 
-__all__ = ["AttentionKind", "EmbeddingKind", "ExpertKind", "LayerOutputKind", "LinearKind", "ResidualKind", "SiteKindPlugin",
+__all__ = ["AttentionKind", "EmbeddingKind", "ExpertKind", "HiddenKind", "LinearKind", "ResidualKind", "SiteKindPlugin",
            "get_site_kind", "register_site_kind", "site_kinds"]

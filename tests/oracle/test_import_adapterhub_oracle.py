@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import adapters
-from adapters import CompacterConfig, DoubleSeqBnConfig, LoReftConfig, ParBnConfig, SeqBnConfig
+from adapters import CompacterConfig, DoubleSeqBnConfig, MTLLoRAConfig, ParBnConfig, SeqBnConfig
 
 import graphadapt as ga
 from graphadapt import import_adapterhub
@@ -118,7 +118,7 @@ def test_wrong_architecture_is_strict_error(tmp_path):
         import_adapterhub(tiny_bert(seed=0), tmp_path)
 
 
-@pytest.mark.parametrize("cfg,method", [(LoReftConfig(), "reft")])  # every other AdapterHub method imports now
+@pytest.mark.parametrize("cfg,method", [(MTLLoRAConfig(), "mtl_lora")])  # the one AdapterHub method left
 def test_unsupported_methods(cfg, method, tmp_path):
     m = tiny_bert(seed=0)
     adapters.init(m)

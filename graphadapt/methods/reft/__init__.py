@@ -1,6 +1,6 @@
 """ReFT (representation fine-tuning) as a method plugin: spec and presets (:mod:`.spec`), module (:mod:`.module`),
-AdapterHub interop (:mod:`.adapterhub`), registry entry below. Site kind ``layer_output``
-(:mod:`graphadapt.sites.layer_output`).
+AdapterHub interop (:mod:`.adapterhub`), registry entry below. Site kind ``hidden``, point ``layer_output``
+(:mod:`graphadapt.sites.hidden`).
 
 before: ``out_i = layer_i(…)``  →  after: ``out_i' = ReftIntervention(out_i, attention_mask)`` (chosen positions only)
 Not mergeable (it acts on hidden states at positions, not on a weight); stays in the graph.
@@ -23,8 +23,11 @@ from .spec import PRESETS, DiReft, LoReft, NoReft, Reft
 class ReftMethod(Method):
     name = "reft"
     spec_class = Reft
-    site_kind = SiteKind.LAYER_OUTPUT
+    site_kind = SiteKind.HIDDEN
     adapterhub_architectures = ("reft",)
+
+    def points(self, spec: Reft) -> tuple[str, ...]:
+        return ("layer_output",)
 
     def prepare(self, gm, adapter, spec: Reft, sites, seed):
         if spec.orthogonality:

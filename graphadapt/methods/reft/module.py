@@ -1,4 +1,4 @@
-"""ReFT intervention modules at a layer output: ``(h, attention_mask) → h'`` (the ``layer_output`` site kind).
+"""ReFT intervention modules at a layer output: ``(h, attention_mask) → h'`` (the ``hidden`` site kind, point ``layer_output``).
 
 before:  ``h`` [B, T, H], the hidden states a layer returns
 after:   ``h'[b, t] = unit(h[b, t])`` where ``t`` is among the first ``prefix_positions`` or last
