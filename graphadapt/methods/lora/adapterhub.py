@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from graphadapt.errors import CheckpointError, SpecError
 from graphadapt.methods.adapterhub_loras import (IA3_DEFAULTS, LORA_DEFAULTS, checkpoint_spec, config_dict, leave_out,
-                                                 load_weights, targets)
+                                                 load_weights, lora_variant, targets)
 
 from .spec import LoRA
 
@@ -16,8 +16,11 @@ def lora_spec_from_config(config: Mapping | str):
     """AdapterHub ``LoRAConfig`` (``composition_mode="add"``, dict or ``"lora"``) → :class:`~graphadapt.LoRA`,
     None for other configs."""
     cfg = config_dict(config, "add")
-    if cfg is None:
+    if cfg is None or lora_variant(cfg) != "lora":   # VeRA / DVoRA: the vera plugin's
         return None
+    if cfg["use_dora"]:
+        raise CheckpointError("AdapterHub DoRA (use_dora=True) is not supported by the importer: its magnitude "
+                              "rescaling differs from PEFT's DoRA, which graphadapt's LoRA implements")
     if cfg["init_weights"] not in ("lora", "bert"):
         raise CheckpointError(f"AdapterHub LoRA init_weights={cfg['init_weights']!r} has no graphadapt LoRA "
                               "equivalent (supported: 'lora', 'bert')")
