@@ -169,6 +169,8 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
                     unexpected.append(f"{site}.loras.{saved}.{key}")
                     continue
                 rows = sum(p.shape[0] for _, p in params)
+                if value.dim() == 2 and value.shape[1] == 1 and params[0][1].dim() == 1:  # DoRA's m: [out, 1]
+                    value = value[:, 0]
                 if value.shape[0] != rows or tuple(value.shape[1:]) != tuple(params[0][1].shape[1:]):
                     raise CheckpointError(
                         f"AdapterHub tensor {site}.loras.{saved}.{key} {tuple(value.shape)} does not fit "

@@ -34,7 +34,7 @@ class LoRAMethod(LinearSiteMethod):
             return self._build_experts(spec, adapter, site, seed, weight)
         mod = LoRAModule(
             site.in_features, site.out_features, r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-            use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating,
+            use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating, dora_form=spec.dora_form,
             fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
             total_out=site.total_out, out_rows=getattr(site, "out_rows", None), dtype=weight.dtype,
             device=weight.device)

@@ -18,15 +18,16 @@ def lora_spec_from_config(config: Mapping | str):
     cfg = config_dict(config, "add")
     if cfg is None or lora_variant(cfg) != "lora":   # VeRA / DVoRA: the vera plugin's
         return None
-    if cfg["use_dora"]:
-        raise CheckpointError("AdapterHub DoRA (use_dora=True) is not supported by the importer: its magnitude "
-                              "rescaling differs from PEFT's DoRA, which graphadapt's LoRA implements")
+    if cfg["use_dora"] and cfg["use_gating"]:
+        raise CheckpointError("AdapterHub gated DoRA (use_dora with use_gating) is not supported by the importer")
     if cfg["init_weights"] not in ("lora", "bert"):
         raise CheckpointError(f"AdapterHub LoRA init_weights={cfg['init_weights']!r} has no graphadapt LoRA "
                               "equivalent (supported: 'lora', 'bert')")
     try:
         return LoRA(r=cfg["r"], alpha=cfg["alpha"], dropout=float(cfg["dropout"]), targets=targets(cfg),
-                    leave_out=leave_out(cfg), init=cfg["init_weights"], use_gating=bool(cfg["use_gating"]))
+                    leave_out=leave_out(cfg), init=cfg["init_weights"], use_gating=bool(cfg["use_gating"]),
+                    use_dora=bool(cfg["use_dora"]),
+                    dora_form="adapterhub" if cfg["use_dora"] else "peft")
     except SpecError as e:
         raise CheckpointError(f"AdapterHub LoRA config does not translate to a graphadapt LoRA: {e}") from e
 
