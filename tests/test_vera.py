@@ -25,7 +25,7 @@ def _randomize(adapted, seed=2):
 
 
 def _spec():
-    return ga.Spec({"v": ga.Vera(r=4, use_dora=True, targets=("q", "v")),
+    return ga.Spec({"v": ga.Vera(r=4, magnitude=True, targets=("q", "v")),
                     "d": ga.LoRA(r=2, use_dora=True, dora_form="adapterhub", targets=("up", "down"))})
 
 
@@ -35,7 +35,7 @@ def test_train_merge_save_load(tmp_path):
     adapted = ga.apply(model, _spec())
     torch.testing.assert_close(_out(adapted.eval(), x), base)     # Λ_b = 0 and B = 0 at init: identity
     shared = adapted.get_submodule("adapters.v.shared_vera")
-    a0 = shared.lora_A.clone()
+    a0 = shared.proj_A.clone()
     assert not any("shared_vera" in n for n, _ in adapted.named_parameters())   # frozen buffers
     adapted.train()
     opt = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5)
@@ -43,7 +43,7 @@ def test_train_merge_save_load(tmp_path):
         opt.zero_grad()
         adapted(**x).last_hidden_state.pow(2).mean().backward()
         opt.step()
-    assert torch.equal(shared.lora_A, a0)
+    assert torch.equal(shared.proj_A, a0)
     adapted.eval()
     _randomize(adapted)
     want = _out(adapted, x)
@@ -58,7 +58,7 @@ def test_errors_are_clear():
     with pytest.raises(ga.SpecError, match="one shape"):       # q and v differ under grouped-query attention
         ga.apply(tiny_llama(), ga.Spec({"v": ga.Vera(targets=("q", "v"))}))
     with pytest.raises(ga.SpecError, match="use_gating"):
-        ga.Vera(use_dora=True, use_gating=True)
+        ga.Vera(magnitude=True, use_gating=True)
     with pytest.raises(ga.SpecError, match="dora_form"):
         ga.LoRA(use_dora=True, dora_form="nope")
     adapted = ga.apply(tiny_bert(), ga.Spec({"d": ga.LoRA(use_dora=True, dora_form="adapterhub")}))

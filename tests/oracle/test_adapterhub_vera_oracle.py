@@ -60,7 +60,7 @@ def test_import_matches_adapterhub(case, tmp_path):
     base = tiny_bert(seed=0, num_labels=2 if head else None).eval()
     adapted = ga.import_adapterhub(base, tmp_path).eval()
     spec = adapted.spec.adapters["a"]
-    assert isinstance(spec, ga.Vera) and spec.use_dora == cfg.use_dora
+    assert isinstance(spec, ga.Vera) and spec.magnitude == cfg.use_dora
     x = oracle_inputs("bert")
     with torch.no_grad():
         pick = (lambda o: o.logits) if head else (lambda o: o.last_hidden_state)

@@ -22,6 +22,7 @@ from .module import SharedProjections, VeraModule
 from .spec import PROJECTION_INITS, Vera
 
 SHARED = "shared_vera"
+_SHARED_TENSORS = {"lora_A": "proj_A", "lora_B": "proj_B"}   # AdapterHub's shared_parameters names → ours
 
 
 @register
@@ -51,10 +52,10 @@ class VeraMethod(LinearSiteMethod):
 
     def build(self, spec: Vera, adapter, site, seed, weight=None, shared=None):
         mod = VeraModule(shared, site.in_features, site.out_features, r=spec.r, alpha=spec.alpha,
-                         d_init=spec.d_init, b_init=spec.b_init, dropout=spec.dropout, use_dora=spec.use_dora,
+                         d_init=spec.d_init, b_init=spec.b_init, dropout=spec.dropout, magnitude=spec.magnitude,
                          use_gating=spec.use_gating, generator=adapter_generator(seed, adapter, site.name),
                          dtype=weight.dtype, device=weight.device)
-        if spec.use_dora:
+        if spec.magnitude:
             mod.init_magnitude_(weight.detach())
         return mod
 
@@ -69,7 +70,7 @@ class VeraMethod(LinearSiteMethod):
         try:
             return Vera(r=cfg["r"], alpha=cfg["alpha"], d_init=cfg["vera_d"] if cfg["vera_d"] is not None else 0.0,
                         b_init=cfg["vera_b"] if cfg["vera_b"] is not None else 0.0, dropout=float(cfg["dropout"]),
-                        targets=targets(cfg), leave_out=leave_out(cfg), use_dora=bool(cfg["use_dora"]),
+                        targets=targets(cfg), leave_out=leave_out(cfg), magnitude=bool(cfg["use_dora"]),
                         use_gating=bool(cfg["use_gating"]), projection_init=cfg["init_weights"],
                         projection_seed=cfg["init_weights_seed"])
         except SpecError as e:
@@ -91,7 +92,7 @@ class VeraMethod(LinearSiteMethod):
             return
         with torch.no_grad():
             for k, v in shared_sd.items():
-                buf = getattr(shared, k)
+                buf = getattr(shared, _SHARED_TENSORS[k])
                 if buf.shape != v.shape:
                     raise CheckpointError(f"AdapterHub VeRA tensor {k}: checkpoint {tuple(v.shape)} vs model "
                                           f"{tuple(buf.shape)}")

@@ -32,8 +32,8 @@ class SharedProjections(nn.Module):
                 _draw(a, b, init, None)
         else:
             _draw(a, b, init, generator)
-        self.register_buffer("lora_A", a.to(dtype=dtype, device=device))
-        self.register_buffer("lora_B", b.to(dtype=dtype, device=device))
+        self.register_buffer("proj_A", a.to(dtype=dtype, device=device))
+        self.register_buffer("proj_B", b.to(dtype=dtype, device=device))
 
 
 def _draw(a: Tensor, b: Tensor, init: str, generator: torch.Generator | None) -> None:
@@ -53,19 +53,19 @@ class VeraModule(nn.Module):
     out_rows = None
 
     def __init__(self, shared: SharedProjections, in_features: int, out_features: int, *, r: int, alpha: float,
-                 d_init: float, b_init: float, dropout: float, use_dora: bool, use_gating: bool,
+                 d_init: float, b_init: float, dropout: float, magnitude: bool, use_gating: bool,
                  generator: torch.Generator, dtype=None, device=None):
         super().__init__()
         self.shared = [shared]          # a list: not a submodule of every site (saved once, under the adapter)
         self.in_features, self.out_features = in_features, out_features
         self.total_out = out_features
         self.scaling = alpha / r
-        self.use_dora, self.use_gating = use_dora, use_gating
+        self.rescales, self.gated = magnitude, use_gating
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         f = dict(dtype=dtype, device=device)
         self.vera_D = nn.Parameter(torch.eye(r, **f) * d_init)
         self.vera_B = nn.Parameter(torch.eye(out_features, **f) * b_init)
-        self.m = nn.Linear(1, out_features, bias=False, **f) if use_dora else None   # set from W by init_magnitude_
+        self.m = nn.Linear(1, out_features, bias=False, **f) if magnitude else None   # set from W by init_magnitude_
         if use_gating:
             self.gate = nn.Linear(in_features, 1, **f)
             with torch.no_grad():
@@ -86,12 +86,12 @@ class VeraModule(nn.Module):
 
     @property
     def reads_base_weight(self) -> str | None:
-        return "DVoRA" if self.use_dora else None
+        return "DVoRA" if self.rescales else None
 
     def delta(self) -> Tensor:
         """``ΔW = Λ_b B Λ_d A`` [out, in] (unscaled)."""
         sp = self.shared[0]
-        return self.vera_B @ sp.lora_B @ self.vera_D @ sp.lora_A
+        return self.vera_B @ sp.proj_B @ self.vera_D @ sp.proj_A
 
     def _factor(self, weight: Tensor, delta: Tensor) -> Tensor:
         return self.m.weight.view(-1) / torch.linalg.vector_norm(weight + delta, dim=1)
@@ -105,7 +105,7 @@ class VeraModule(nn.Module):
             h = h * torch.sigmoid(self.gate(x)).mean(dim=1, keepdim=True)
         else:
             h = h * self.scaling
-        if self.use_dora:
+        if self.rescales:
             return self._factor(weight, delta) * (y + h)
         return y + h
 
@@ -113,7 +113,7 @@ class VeraModule(nn.Module):
     def fold(self, weight: Tensor, bias: Tensor | None = None, base_weight: Tensor | None = None):
         delta = self.delta().to(weight.dtype)
         new_w = weight + self.scaling * delta
-        if not self.use_dora:
+        if not self.rescales:
             return new_w, None if bias is None else bias.clone()
         f = self._factor(base_weight if base_weight is not None else weight, delta)
         return f.unsqueeze(1) * new_w, None if bias is None else f * bias

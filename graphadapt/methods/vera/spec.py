@@ -1,7 +1,7 @@
 """VeRA spec in AdapterHub's form (Kopiczko et al., 2024; AdapterHub ``VeraConfig`` / "vera", ``DvoRAConfig`` /
 "dvora"): frozen random projections ``A`` [r, in] and ``B`` [out, r] shared by every site of the adapter, and
 trainable per-site matrices ``Λ_d`` [r, r] and ``Λ_b`` [out, out] (diagonal at init, full matrices as AdapterHub
-trains them): ``ΔW = Λ_b B Λ_d A``, ``y' = y + (alpha / r) · x ΔWᵀ``. With ``use_dora`` (DVoRA) the sum is rescaled
+trains them): ``ΔW = Λ_b B Λ_d A``, ``y' = y + (alpha / r) · x ΔWᵀ``. With ``magnitude`` (DVoRA) the sum is rescaled
 row-wise by a learned magnitude as AdapterHub does: ``y' = m / ‖W + ΔW‖_row ⊙ (y + (alpha / r) · x ΔWᵀ)`` — the
 norm reads the *unscaled* ``ΔW`` and ``y`` includes the bias (AdapterHub's formula, not PEFT's DoRA).
 """
@@ -22,7 +22,7 @@ PROJECTION_INITS = ("vera", "bert", "lora")
 @register_method
 @dataclass(frozen=True)
 class Vera(LinearTargets, MethodSpec):
-    """Vector-based random matrix adaptation, AdapterHub's formulation (``vera``; ``use_dora=True``: ``dvora``)."""
+    """Vector-based random matrix adaptation, AdapterHub's formulation (``vera``; ``magnitude=True``: ``dvora``)."""
 
     method: ClassVar[str] = "vera"
 
@@ -35,7 +35,8 @@ class Vera(LinearTargets, MethodSpec):
     d_init: float = spec_field(0.1, help="Λ_d starts as d_init · I (AdapterHub vera_d).")
     b_init: float = spec_field(0.0, help="Λ_b starts as b_init · I (AdapterHub vera_b; 0: the adapter starts as identity).")
     dropout: float = spec_field(0.0, help="Dropout on the update's input (training only).")
-    use_dora: bool = spec_field(False, help="DVoRA: AdapterHub's magnitude rescaling m / ‖W + ΔW‖_row of y + update.")
+    magnitude: bool = spec_field(False, help="DVoRA (AdapterHub use_dora): a learned magnitude m rescales y + update by "
+                                             "m / ‖W + ΔW‖_row.")
     use_gating: bool = spec_field(False, help="AdapterHub's gate: the update times mean_seq sigmoid(x Gᵀ + g) instead of alpha / r.")
     projection_init: str = spec_field("vera", help="How A and B are drawn: 'vera' (kaiming_uniform_), 'bert' "
                                                    "(N(0, 0.02)), 'lora' (A kaiming a=√5, B zero) — AdapterHub's init_weights.")
@@ -55,12 +56,12 @@ class Vera(LinearTargets, MethodSpec):
         set_("d_init", check_real("d_init", self.d_init))
         set_("b_init", check_real("b_init", self.b_init))
         set_("dropout", check_real("dropout", self.dropout, 0.0, 1.0, high_open=True))
-        check_bool("use_dora", self.use_dora)
+        check_bool("magnitude", self.magnitude)
         check_bool("use_gating", self.use_gating)
         check_choice("projection_init", self.projection_init, PROJECTION_INITS)
         set_("projection_seed", check_seed("projection_seed", self.projection_seed))
-        if self.use_dora and self.use_gating:
-            raise SpecError("use_dora and use_gating cannot both be True (AdapterHub's DVoRA has no gate)",
+        if self.magnitude and self.use_gating:
+            raise SpecError("magnitude and use_gating cannot both be True (AdapterHub's DVoRA has no gate)",
                             field="use_gating")
 
 
