@@ -1,6 +1,6 @@
-"""VeRA / DVoRA (AdapterHub's form) and AdapterHub-form DoRA (``LoRA(dora_form="adapterhub")``): shared frozen
-projections, training, merge (exact), save/load, spec errors and one ONNX export verified in onnxruntime.
-AdapterHub parity: tests/oracle/test_adapterhub_vera_oracle.py and test_adapterhub_dora_oracle.py."""
+"""AdapterHub's LoRA forms: VeRA / DVoRA, AdapterHub-form DoRA (``LoRA(dora_form="adapterhub")``) and MTL-LoRA,
+all in one model: shared frozen projections, training, merge (exact), save/load, spec errors and one ONNX export
+verified in onnxruntime. AdapterHub parity: tests/oracle/test_adapterhub_{vera,dora,mtl_lora}_oracle.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _randomize(adapted, seed=2):
 
 def _spec():
     return ga.Spec({"v": ga.Vera(r=4, magnitude=True, targets=("q", "v")),
-                    "d": ga.LoRA(r=2, use_dora=True, dora_form="adapterhub", targets=("up", "down"))})
+                    "d": ga.LoRA(r=2, use_dora=True, dora_form="adapterhub", targets=("up", "down")),
+                    "m": ga.MTLLoRA(r=2, n_up_projection=2, weights_sharpness=0.5, targets=("k", "o"))})
 
 
 def test_train_merge_save_load(tmp_path):
@@ -48,6 +49,10 @@ def test_train_merge_save_load(tmp_path):
     _randomize(adapted)
     want = _out(adapted, x)
     assert (want - base).abs().max() > 1e-2
+    for name in ("v", "d", "m"):                                   # each adapter does something on its own
+        adapted.set_active([n for n in ("v", "d", "m") if n != name])
+        assert (_out(adapted, x) - want).abs().max() > 1e-3
+    adapted.set_active(["v", "d", "m"])
     adapted.save_adapters(tmp_path / "a")
     torch.testing.assert_close(_out(ga.load(tiny_bert(), tmp_path / "a").eval(), x), want)
     adapted.merge()
@@ -61,6 +66,8 @@ def test_errors_are_clear():
         ga.Vera(magnitude=True, use_gating=True)
     with pytest.raises(ga.SpecError, match="dora_form"):
         ga.LoRA(use_dora=True, dora_form="nope")
+    with pytest.raises(ga.SpecError, match="n_up_projection"):
+        ga.MTLLoRA(n_up_projection=0)
     adapted = ga.apply(tiny_bert(), ga.Spec({"d": ga.LoRA(use_dora=True, dora_form="adapterhub")}))
     with pytest.raises(ga.CheckpointError, match="dora_form"):
         adapted.to_peft("/nonexistent/never-written")
