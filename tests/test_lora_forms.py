@@ -25,7 +25,7 @@ def _randomize(adapted, seed=2):
 
 
 def _spec():
-    return ga.Spec({"v": ga.Vera(r=4, magnitude=True, targets=("q", "v")),
+    return ga.Spec({"v": ga.VeraHub(r=4, magnitude=True, targets=("q", "v")),
                     "d": ga.LoRA(r=2, use_dora=True, dora_form="adapterhub", targets=("up", "down")),
                     "m": ga.MTLLoRA(r=2, n_up_projection=2, weights_sharpness=0.5, targets=("k", "o"))})
 
@@ -61,9 +61,9 @@ def test_train_merge_save_load(tmp_path):
 
 def test_errors_are_clear():
     with pytest.raises(ga.SpecError, match="one shape"):       # q and v differ under grouped-query attention
-        ga.apply(tiny_llama(), ga.Spec({"v": ga.Vera(targets=("q", "v"))}))
+        ga.apply(tiny_llama(), ga.Spec({"v": ga.VeraHub(targets=("q", "v"))}))
     with pytest.raises(ga.SpecError, match="use_gating"):
-        ga.Vera(magnitude=True, use_gating=True)
+        ga.VeraHub(magnitude=True, use_gating=True)
     with pytest.raises(ga.SpecError, match="dora_form"):
         ga.LoRA(use_dora=True, dora_form="nope")
     with pytest.raises(ga.SpecError, match="n_up_projection"):

@@ -8,7 +8,7 @@
     graphadapt/methods/prompt/      prompt tuning (soft tokens at the input embeddings)
     graphadapt/methods/invertible/  invertible adapters (MAD-X's NICE block on the embedding output)
     graphadapt/methods/mtl_lora/    MTL-LoRA (one task's adapter; AdapterHub's form)
-    graphadapt/methods/vera/        VeRA / DVoRA (AdapterHub's form: shared frozen projections, per-site scalings)
+    graphadapt/methods/vera_hub/    VeRA / DVoRA (AdapterHub's form: shared frozen projections, per-site scalings)
     graphadapt/methods/reft/        ReFT: LoReFT, NoReFT, DiReFT (interventions on layer outputs)
 
 A third-party method is a package of the same shape that calls :func:`register` — see
@@ -21,6 +21,6 @@ from .base import LinearSiteMethod, Method, ResidualSiteMethod
 from .registry import get_method, register, registered, unregister
 
 # the built-in plugins register themselves on import
-from . import bottleneck, ia3, invertible, lora, mtl_lora, prefix, prompt, reft, union, vera  # noqa: E402,F401  isort: skip
+from . import bottleneck, ia3, invertible, lora, mtl_lora, prefix, prompt, reft, union, vera_hub  # noqa: E402,F401  isort: skip
 
 __all__ = ["LinearSiteMethod", "Method", "ResidualSiteMethod", "get_method", "register", "registered", "unregister"]

@@ -1,4 +1,4 @@
-"""AdapterHub ``adapters`` 1.3.0 VeRA-family checkpoints (``vera``, ``dvora``) → graphadapt ``Vera`` (oracle venv),
+"""AdapterHub ``adapters`` 1.3.0 VeRA-family checkpoints (``vera``, ``dvora``) → graphadapt ``VeraHub`` (oracle venv),
 fp32 1e-5. AdapterHub runs VeRA only where every adapted site has one shape (its shared projections are created
 once): BERT here (its GPT-2 and grouped-query Llama raise inside AdapterHub). Every per-site tensor (``vera_D``,
 ``vera_B``, DVoRA's ``m``) is set non-zero random — ``vera_B`` starts at zero, so an untouched adapter would do
@@ -60,7 +60,7 @@ def test_import_matches_adapterhub(case, tmp_path):
     base = tiny_bert(seed=0, num_labels=2 if head else None).eval()
     adapted = ga.import_adapterhub(base, tmp_path).eval()
     spec = adapted.spec.adapters["a"]
-    assert isinstance(spec, ga.Vera) and spec.magnitude == cfg.use_dora
+    assert isinstance(spec, ga.VeraHub) and spec.magnitude == cfg.use_dora
     x = oracle_inputs("bert")
     with torch.no_grad():
         pick = (lambda o: o.logits) if head else (lambda o: o.last_hidden_state)

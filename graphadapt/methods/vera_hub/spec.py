@@ -21,10 +21,10 @@ PROJECTION_INITS = ("vera", "bert", "lora")
 
 @register_method
 @dataclass(frozen=True)
-class Vera(LinearTargets, MethodSpec):
+class VeraHub(LinearTargets, MethodSpec):
     """Vector-based random matrix adaptation, AdapterHub's formulation (``vera``; ``magnitude=True``: ``dvora``)."""
 
-    method: ClassVar[str] = "vera"
+    method: ClassVar[str] = "vera_hub"
 
     r: int = spec_field(8, help="Rank of the shared random projections A [r, in] and B [out, r].")
     targets: tuple[str, ...] = spec_field(("q", "v"), help="Where to insert it: " + TARGET_HELP + ". Every site must "
@@ -65,4 +65,4 @@ class Vera(LinearTargets, MethodSpec):
                             field="use_gating")
 
 
-__all__ = ["PROJECTION_INITS", "Vera"]
+__all__ = ["PROJECTION_INITS", "VeraHub"]

@@ -48,7 +48,7 @@ def _draw(a: Tensor, b: Tensor, init: str, generator: torch.Generator | None) ->
         nn.init.zeros_(b)
 
 
-class VeraModule(nn.Module):
+class VeraHubModule(nn.Module):
     out_slice = None       # whole (non-fused) sites only; read by the AdapterHub LoRA-format loader
     out_rows = None
 
@@ -133,4 +133,4 @@ class VeraModule(nn.Module):
         return out
 
 
-__all__ = ["SharedProjections", "VeraModule"]
+__all__ = ["SharedProjections", "VeraHubModule"]

@@ -1,7 +1,7 @@
 """VeRA / DVoRA in AdapterHub's form as a method plugin: spec (:mod:`.spec`), module (:mod:`.module`), AdapterHub
 interop below (the LoRA-family format of :mod:`graphadapt.methods.adapterhub_loras`).
 
-before: ``y = linear(x, W, b)``  →  after: ``y' = VeraModule(x, y, W, b)`` (see :mod:`.module`). Mergeable unless gated.
+before: ``y = linear(x, W, b)``  →  after: ``y' = VeraHubModule(x, y, W, b)`` (see :mod:`.module`). Mergeable unless gated.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from graphadapt.methods.registry import register
 from graphadapt.passes import submodule_or_none
 from graphadapt.vocab import adapter_prefix, adapter_target
 
-from .module import SharedProjections, VeraModule
-from .spec import PROJECTION_INITS, Vera
+from .module import SharedProjections, VeraHubModule
+from .spec import PROJECTION_INITS, VeraHub
 
 SHARED = "shared_vera"
 _SHARED_TENSORS = {"lora_A": "proj_A", "lora_B": "proj_B"}   # AdapterHub's shared_parameters names → ours
 
 
 @register
-class VeraMethod(LinearSiteMethod):
-    name = "vera"
-    spec_class = Vera
+class VeraHubMethod(LinearSiteMethod):
+    name = "vera_hub"
+    spec_class = VeraHub
     adapterhub_architectures = ("lora",)
 
-    def prepare(self, gm, adapter, spec: Vera, sites, seed):
+    def prepare(self, gm, adapter, spec: VeraHub, sites, seed):
         bad = [s for s in sites if s.out_slice is not None or getattr(s, "out_rows", None) is not None
                or s.layout != "linear" or getattr(s, "num_experts", None)]
         if bad:
@@ -50,8 +50,8 @@ class VeraMethod(LinearSiteMethod):
             gm.add_submodule(adapter_target(adapter, SHARED), kept)
         return {"shared": kept}
 
-    def build(self, spec: Vera, adapter, site, seed, weight=None, shared=None):
-        mod = VeraModule(shared, site.in_features, site.out_features, r=spec.r, alpha=spec.alpha,
+    def build(self, spec: VeraHub, adapter, site, seed, weight=None, shared=None):
+        mod = VeraHubModule(shared, site.in_features, site.out_features, r=spec.r, alpha=spec.alpha,
                          d_init=spec.d_init, b_init=spec.b_init, dropout=spec.dropout, magnitude=spec.magnitude,
                          use_gating=spec.use_gating, generator=adapter_generator(seed, adapter, site.name),
                          dtype=weight.dtype, device=weight.device)
@@ -68,13 +68,13 @@ class VeraMethod(LinearSiteMethod):
             raise CheckpointError(f"AdapterHub VeRA init_weights={cfg['init_weights']!r} is not supported "
                                   f"(supported: {', '.join(PROJECTION_INITS)})")
         try:
-            return Vera(r=cfg["r"], alpha=cfg["alpha"], d_init=cfg["vera_d"] if cfg["vera_d"] is not None else 0.0,
+            return VeraHub(r=cfg["r"], alpha=cfg["alpha"], d_init=cfg["vera_d"] if cfg["vera_d"] is not None else 0.0,
                         b_init=cfg["vera_b"] if cfg["vera_b"] is not None else 0.0, dropout=float(cfg["dropout"]),
                         targets=targets(cfg), leave_out=leave_out(cfg), magnitude=bool(cfg["use_dora"]),
                         use_gating=bool(cfg["use_gating"]), projection_init=cfg["init_weights"],
                         projection_seed=cfg["init_weights_seed"])
         except SpecError as e:
-            raise CheckpointError(f"AdapterHub VeRA config does not translate to a graphadapt Vera: {e}") from e
+            raise CheckpointError(f"AdapterHub VeRA config does not translate to a graphadapt VeraHub: {e}") from e
 
     def load_adapterhub(self, adapted, adapter, saved_name, state_dict, strict, directory):
         shared_re = re.compile(rf"^(?:.*\.)?shared_parameters\.{re.escape(saved_name)}\.(lora_A|lora_B)$")
@@ -99,4 +99,4 @@ class VeraMethod(LinearSiteMethod):
                 buf.copy_(v.to(buf.dtype))
 
 
-__all__ = ["SharedProjections", "Vera", "VeraMethod", "VeraModule"]
+__all__ = ["SharedProjections", "VeraHub", "VeraHubMethod", "VeraHubModule"]
