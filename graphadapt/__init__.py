@@ -15,6 +15,10 @@ from .methods.lora import LoRA
 from .methods.prefix import PrefixTuning, eject_prefix
 from .methods.union import MAM, UniPELT, Union
 from .methods.prompt import PTuning, PromptTuning
+from .methods.reft import DiReft, LoReft, NoReft, Reft
+from .methods.invertible import InvertibleAdapter
+from .methods.vera_hub import VeraHub
+from .methods.mtl_lora import MTLLoRA
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
@@ -39,7 +43,7 @@ __all__ = [
     "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
     "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Average", "LoRA", "IA3", "AdaLoRA", "Bottleneck", "SeqBn",
     "DoubleSeqBn", "ParBn", "AdapterPlus", "Compacter", "CompacterPlusPlus", "PrefixTuning", "Union", "UniPELT", "MAM",
-    "PromptTuning", "PTuning", "eject_prefix", "as_spec",
+    "PromptTuning", "PTuning", "Reft", "LoReft", "NoReft", "DiReft", "InvertibleAdapter", "VeraHub", "MTLLoRA", "eject_prefix", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",

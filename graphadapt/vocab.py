@@ -57,6 +57,8 @@ class SiteKind(StrEnum):
     """At the input embeddings: the inputs grow by the adapter's tokens."""
     PARAMETER = "parameter"
     """Replaces base parameters where the graph reads them (norm weights, embedding rows): ``(p, name) → p'``."""
+    HIDDEN = "hidden"
+    """The hidden states between layers (the embedding output, a layer's output): ``(h, attention_mask) → h'``."""
 
 
 class CombinePolicy(StrEnum):

@@ -154,8 +154,8 @@ def test_adapterhub_presets_translate():
 
 
 @pytest.mark.parametrize("extra,match", [
-    ({"use_dora": True}, "DoRA"),
-    ({"vera_d": 0.1}, "VeRA"),
+    ({"use_dora": True, "use_gating": True}, "gated DoRA"),       # plain DoRA / VeRA import (tests/oracle)
+    ({"vera_d": 0.1, "init_weights": "ia3"}, "VeRA init_weights"),
     ({"composition_mode": "scale", "r": 2}, "r=1"),
     ({"composition_mode": "scale", "r": 1, "dropout": 0.1}, "dropout"),
     ({"composition_mode": "mul"}, "composition_mode"),

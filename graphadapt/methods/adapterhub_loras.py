@@ -39,7 +39,15 @@ LORA_DEFAULTS = {
 }
 IA3_DEFAULTS = {**LORA_DEFAULTS, "intermediate_lora": True, "r": 1, "alpha": 1, "attn_matrices": ["k", "v"],
                 "composition_mode": "scale", "init_weights": "ia3"}
-_PRESETS = {"lora": LORA_DEFAULTS, "ia3": IA3_DEFAULTS}
+VERA_DEFAULTS = {**LORA_DEFAULTS, "vera_d": 0.1, "vera_b": 0.0, "init_weights": "vera"}
+_PRESETS = {"lora": LORA_DEFAULTS, "ia3": IA3_DEFAULTS, "vera": VERA_DEFAULTS,
+            "dvora": {**VERA_DEFAULTS, "use_dora": True}, "dora": {**LORA_DEFAULTS, "use_dora": True}}
+
+
+def lora_variant(cfg: Mapping) -> str:
+    """Which AdapterHub module a full ``add``-mode config builds: ``"vera"`` (``vera_d``/``vera_b`` set, DVoRA
+    with ``use_dora``) or ``"lora"`` (plain, or DoRA with ``use_dora``)."""
+    return "vera" if cfg.get("vera_d") is not None or cfg.get("vera_b") is not None else "lora"
 
 
 def config_dict(config: Mapping | str, mode: str) -> dict | None:
@@ -65,11 +73,6 @@ def config_dict(config: Mapping | str, mode: str) -> dict | None:
     if unknown:
         raise CheckpointError(f"AdapterHub LoRA config has options graphadapt does not know: {unknown} "
                               "(MTL-LoRA and other LoRA variants are not supported by the importer)")
-    if cfg["vera_d"] is not None or cfg["vera_b"] is not None:
-        raise CheckpointError("AdapterHub VeRA adapters (vera_d / vera_b) are not supported by the importer yet")
-    if cfg["use_dora"]:
-        raise CheckpointError("AdapterHub DoRA (use_dora=True) is not supported by the importer: its magnitude "
-                              "rescaling differs from PEFT's DoRA, which graphadapt implements")
     return cfg
 
 
@@ -166,6 +169,8 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
                     unexpected.append(f"{site}.loras.{saved}.{key}")
                     continue
                 rows = sum(p.shape[0] for _, p in params)
+                if value.dim() == 2 and value.shape[1] == 1 and params[0][1].dim() == 1:  # DoRA's m: [out, 1]
+                    value = value[:, 0]
                 if value.shape[0] != rows or tuple(value.shape[1:]) != tuple(params[0][1].shape[1:]):
                     raise CheckpointError(
                         f"AdapterHub tensor {site}.loras.{saved}.{key} {tuple(value.shape)} does not fit "
@@ -191,4 +196,4 @@ def load_weights(adapted, ours_name: str, saved: str, sd: Mapping[str, torch.Ten
             f"tensors unused (e.g. {sorted(unexpected)[:3]}). Was it saved for the same architecture?")
 
 
-__all__ = ["IA3_DEFAULTS", "LORA_DEFAULTS", "checkpoint_spec", "config_dict", "leave_out", "load_weights", "targets"]
+__all__ = ["IA3_DEFAULTS", "LORA_DEFAULTS", "VERA_DEFAULTS", "lora_variant", "checkpoint_spec", "config_dict", "leave_out", "load_weights", "targets"]

@@ -27,6 +27,7 @@ import torch
 
 from graphadapt.errors import CheckpointError, SpecError
 from graphadapt.methods.base import group_adapterhub_keys
+from graphadapt.methods.registry import get_method
 from graphadapt.vocab import adapter_prefix
 
 from .module import BottleneckAdapter, load_adapterhub_state_dict
@@ -38,7 +39,11 @@ _PRESET_ALIASES = {
     "par_bn": "par_bn", "parallel": "par_bn", "scaled_pa": "par_bn", "compacter": "compacter",
     "compacter++": "compacter++", "adapter_plus": "adapter_plus",
 }
-# BnConfig keys with no graphadapt field (cross_adapter / inv_adapter must be off; the seed is irrelevant).
+# AdapterHub's bottleneck presets with an invertible adapter (inv_adapter="nice", reduction factor 2).
+_INV_PRESETS = {"seq_bn_inv": "seq_bn", "pfeiffer+inv": "seq_bn", "double_seq_bn_inv": "double_seq_bn",
+                "houlsby+inv": "double_seq_bn"}
+# BnConfig keys with no graphadapt field (cross_adapter must be off, inv_adapter becomes a union member; the seed
+# is irrelevant).
 _IGNORED = {"init_weights_seed", "cross_adapter", "inv_adapter", "inv_adapter_reduction_factor", "architecture"}
 
 # Site path after the layer module path → role (BERT/RoBERTa/ViT, GPT-2/Llama-style mixins, T5 "layer.<k>").
@@ -54,6 +59,9 @@ def spec_from_config(config: Mapping | str):
     options graphadapt does not model (``cross_adapter``, invertible adapters).
     """
     if isinstance(config, str):
+        if config.lower() in _INV_PRESETS:
+            bn = PRESETS[_INV_PRESETS[config.lower()]]()
+            return _with_invertible(bn, "nice", 2, bn.non_linearity)
         preset = _PRESET_ALIASES.get(config.lower())
         if preset is None:
             raise CheckpointError(f"AdapterHub config {config!r} is not a bottleneck preset the importer knows "
@@ -68,9 +76,9 @@ def spec_from_config(config: Mapping | str):
     arch = config.get("architecture")
     if arch not in (None, "bottleneck"):
         raise CheckpointError(f"AdapterHub architecture {arch!r} is not a bottleneck adapter")
-    for k in ("cross_adapter", "inv_adapter"):
-        if config.get(k):
-            raise CheckpointError(f"AdapterHub option {k}={config[k]!r} is not supported by the importer yet")
+    if config.get("cross_adapter"):
+        raise CheckpointError(f"AdapterHub option cross_adapter={config['cross_adapter']!r} is not supported by the "
+                              "importer yet")
     names = {f.name for f in fields(Bottleneck)} - {"seed", "layers"}
     unknown = sorted(set(config) - names - _IGNORED)
     if unknown:
@@ -79,9 +87,28 @@ def spec_from_config(config: Mapping | str):
     if isinstance(kw.get("leave_out"), list):
         kw["leave_out"] = tuple(kw["leave_out"])
     try:
-        return Bottleneck(**kw)
+        bn = Bottleneck(**kw)
     except (SpecError, TypeError) as e:
         raise CheckpointError(f"AdapterHub config does not translate to a graphadapt Bottleneck: {e}") from e
+    if config.get("inv_adapter"):
+        return _with_invertible(bn, config["inv_adapter"], config.get("inv_adapter_reduction_factor") or 2,
+                                bn.non_linearity)
+    return bn
+
+
+def _with_invertible(bn: Bottleneck, block: str, reduction_factor: float, non_linearity: str):
+    """AdapterHub's bottleneck + invertible adapter as one graphadapt adapter: ``Union(bn, invertible)`` (both
+    plugins reached through the registry)."""
+    if block != "nice":
+        raise CheckpointError(f"AdapterHub inv_adapter={block!r} is not importable: only 'nice' (AdapterHub's GLOW "
+                              "block returns a list concatenated along the sequence axis, which its own models "
+                              "cannot run)")
+    try:
+        inv = get_method("invertible").spec_class(block=block, reduction_factor=reduction_factor,
+                                                  non_linearity=non_linearity)
+        return get_method("union").spec_class(bn, inv)
+    except SpecError as e:
+        raise CheckpointError(f"AdapterHub invertible adapter does not translate: {e}") from e
 
 
 def _role(rest: str) -> str | None:

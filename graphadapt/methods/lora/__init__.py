@@ -41,6 +41,7 @@ class LoRAMethod(LinearSiteMethod):
         mod = LoRAModule(
             site.in_features, site.out_features, r=r, alpha=alpha, dropout=spec.dropout,
             use_rslora=spec.use_rslora, use_dora=spec.use_dora, use_gating=spec.use_gating, lora_bias=spec.lora_bias,
+            dora_form=spec.dora_form,
             fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice,
             total_out=site.total_out, out_rows=getattr(site, "out_rows", None), dtype=weight.dtype,
             device=weight.device)

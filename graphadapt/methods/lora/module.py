@@ -12,6 +12,9 @@ projection such as GPT-2's ``c_attn = [q|k|v]``):
   with ``lora_bias`` (PEFT's): ``y' = y + s · (B A dropout(x) + b_B)``;
 * DoRA (PEFT's formulation): ``f = m / ||W + s·BA||_row`` (norm detached) and
   ``y' = y + (f - 1) ⊙ (y - b) + f ⊙ s · B A x``, i.e. ``y' = f ⊙ (W + s·BA) x + b``;
+* DoRA, AdapterHub's formulation (``dora_form="adapterhub"``, its ``DoRAConfig``): ``f = m / ||W + BA||_row``
+  (unscaled, not detached) and ``y' = f ⊙ (y + s · B A dropout(x))`` — the incoming ``y``, bias included, is
+  rescaled; ``m`` starts at ``||W||_row``;
 * gated (AdapterHub ``use_gating``, UniPELT): ``g = mean_seq sigmoid(x G^T + g_b)`` per
   example and ``y' = y + g · B A dropout(x)`` — the gate *replaces* ``s``, exactly as
   AdapterHub does (its ``LoRA.forward`` multiplies by the gate instead of ``scaling``).
@@ -81,6 +84,7 @@ class LoRAModule(SlicedSiteModule):
         use_dora: bool = False,
         use_gating: bool = False,
         lora_bias: bool = False,
+        dora_form: str = "peft",
         fan_in_fan_out: bool = False,
         out_slice: tuple[int, int] | None = None,
         total_out: int | None = None,
@@ -106,6 +110,7 @@ class LoRAModule(SlicedSiteModule):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.use_dora = use_dora
+        self.dora_form = dora_form
         self.use_gating = use_gating
         self.scaling: float = alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -166,6 +171,10 @@ class LoRAModule(SlicedSiteModule):
     def _forward_dora(self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         rows = self._rows(weight).to(x.dtype)
         lora_weight = (self.lora_B @ self.lora_A).to(x.dtype)
+        if self.dora_form == "adapterhub":
+            factor = self.lora_magnitude / torch.linalg.vector_norm(rows + lora_weight, dim=1)
+            h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+            return self._replace_slice(y, factor * (self._own(y) + h))
         factor = self._dora_factor(rows, lora_weight, self.scaling)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # PEFT reuses the incoming result without its bias: W x (+ earlier adapters).
@@ -210,11 +219,13 @@ class LoRAModule(SlicedSiteModule):
 
     def adapterhub_tensors(self) -> dict[str, nn.Parameter]:
         """AdapterHub ``loras`` key → parameter (:mod:`graphadapt.methods.adapterhub_loras`)."""
-        if self.lora_magnitude is not None:
-            raise CheckpointError("AdapterHub DoRA is not supported by the importer")
+        if self.lora_magnitude is not None and self.dora_form != "adapterhub":
+            raise CheckpointError("PEFT-form DoRA has no AdapterHub layout (AdapterHub's DoRA is dora_form='adapterhub')")
         if self.lora_bias is not None:
             raise CheckpointError("AdapterHub LoRA has no lora_bias")
         out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude is not None:
+            out["m.weight"] = self.lora_magnitude     # AdapterHub [out, 1]: the loader reads it as [out]
         if self.gate is not None:
             out["gate.weight"] = self.gate.weight
             out["gate.bias"] = self.gate.bias
@@ -267,7 +278,14 @@ class LoRAModule(SlicedSiteModule):
         new_bias = None if bias is None else bias.detach().clone()
         rows = self._rows(new_weight)
         delta = ((self.lora_B @ self.lora_A) * self.scaling).to(dtype=weight.dtype, device=weight.device)
-        if self.use_dora:
+        if self.use_dora and self.dora_form == "adapterhub":
+            w0 = self._rows(weight if base_weight is None else base_weight).to(weight.dtype)
+            factor = (self.lora_magnitude / torch.linalg.vector_norm(
+                w0 + (self.lora_B @ self.lora_A).to(weight.dtype), dim=1)).to(weight.dtype)
+            rows.copy_(factor.unsqueeze(1) * (rows + delta))
+            if new_bias is not None:
+                self._commit_bias(new_bias, factor * self._bias_slice(new_bias))
+        elif self.use_dora:
             w0 = self._rows(weight if base_weight is None else base_weight).to(weight.dtype)
             # PEFT's merge takes the norm of W0 + (s·BA)·1, forward of W0 + s·(BA): same value.
             factor = self._dora_factor(w0, delta, 1.0).to(weight.dtype)
@@ -290,6 +308,9 @@ class LoRAModule(SlicedSiteModule):
         if not self.use_dora:
             raise AttributeError("init_dora_magnitude_ needs use_dora=True")
         rows = self._rows(weight).to(device=self.lora_A.device, dtype=self.lora_A.dtype)
+        if self.dora_form == "adapterhub":   # AdapterHub: m = ||W||_row
+            self.lora_magnitude.copy_(torch.linalg.vector_norm(rows, dim=1))
+            return
         lora_weight = self.lora_B @ self.lora_A
         self.lora_magnitude.copy_(torch.linalg.vector_norm(rows + self.scaling * lora_weight, dim=1))
 

@@ -68,7 +68,8 @@ def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
 
 def peft_lora_export(spec: LoRA, modules: Mapping[str, Any], records: list) -> tuple[dict, dict]:
     """PEFT ``LoraConfig`` fields and ``{<path>.lora_A.weight: …}`` for a graphadapt LoRA adapter."""
-    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init in ("pissa", "olora"))) if v}
+    refused = {k: v for k, v in (("use_gating", spec.use_gating), ("init", spec.init in ("pissa", "olora")),
+                                 ("dora_form", spec.use_dora and spec.dora_form != "peft" and spec.dora_form)) if v}
     refused.update(peft_inexpressible_sites(modules, records))
     if refused:
         raise CheckpointError(f"PEFT's LoRA cannot express {refused} (gating, PiSSA's changed base weights, or "

@@ -30,6 +30,8 @@ from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_target
 
 from .init import LORA_INIT_SCHEMES as LORA_INITS
 
+DORA_FORMS = ("peft", "adapterhub")
+
 
 @register_method
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class LoRA(LinearTargets, MethodSpec):
     leave_out: tuple[int, ...] = spec_field((), help="Layer indices (0-based) never adapted, even if listed in layers.")
     use_rslora: bool = spec_field(False, help="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023).")
     use_dora: bool = spec_field(False, help="Weight-decomposed LoRA (DoRA, Liu et al., 2024): learn a magnitude vector too.")
+    dora_form: str = spec_field(
+        "peft", help="DoRA's formula: 'peft' (PEFT / the paper: f = m / ‖W + s·BA‖ detached, f ⊙ (W + s·BA) x + b) or "
+        "'adapterhub' (AdapterHub's DoRAConfig: f = m / ‖W + BA‖, f ⊙ (y + s·BA x) — the bias is rescaled too; "
+        "m starts at ‖W‖). Only read with use_dora.")
     init: str = spec_field(
         "lora",
         help="Initialisation: 'lora' (Kaiming-uniform A, zero B), 'gaussian' (normal A with std 1/r, zero B), "
@@ -84,6 +90,7 @@ class LoRA(LinearTargets, MethodSpec):
         if self.lora_bias and (self.use_dora or self.use_gating):
             raise SpecError("lora_bias cannot be combined with use_dora or use_gating (PEFT has no such variant)",
                             field="lora_bias")
+        check_choice("dora_form", self.dora_form, DORA_FORMS)
         if self.use_dora and self.use_gating:
             raise SpecError(
                 "use_dora and use_gating cannot both be True: DoRA rescales the merged weight column-wise, "
@@ -130,4 +137,4 @@ def _pattern(name: str, value: Any, integer: bool) -> FrozenMapping:
     return FrozenMapping(out)
 
 
-__all__ = ["LORA_INITS", "LoRA"]
+__all__ = ["DORA_FORMS", "LORA_INITS", "LoRA"]

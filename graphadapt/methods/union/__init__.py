@@ -155,6 +155,7 @@ _KEYS = {
     "prefix_tuning": lambda k, s: re.search(rf"prefix_tuning\.(?:pool\.)?prefix_(?:tunings|gates)\.{re.escape(s)}\.",
                                             k) is not None,
     "prompt_tuning": lambda k, s: f"prompt_tunings.{s}." in k,
+    "invertible": lambda k, s: f".invertible_adapters.{s}." in f".{k}",
 }
 
 
