@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
-from ..passes import AdapterRecord, InsertContext, PassResult, annotate
+from ..passes import AdapterRecord, InsertContext, PassResult, annotate, submodule_or_none
 from ..structure.types import AttentionBlock, Layer, StructureMap
 from ..vocab import CombinePolicy, SiteKind, adapter_target
 from .base import SiteKindPlugin, register_site_kind
@@ -226,8 +226,13 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
     pool's tensor for its location and rewrites the core's k, v and masks. ``facts``: ``n_rep``, ``mask_kinds``,
     ``causal``."""
     g = gm.graph
-    gm.add_submodule(pool_target, pool)
-    pool.train(gm.training)
+    # re-planning (set_active, add_adapter) keeps the modules already there, trained weights and all
+    kept = submodule_or_none(gm, pool_target)
+    if kept is not None:
+        pool = kept
+    else:
+        gm.add_submodule(pool_target, pool)
+        pool.train(gm.training)
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     with g.inserting_after(placeholders[-1] if placeholders else next(iter(g.nodes))):
         pool_node = g.call_module(pool_target, ())
@@ -248,10 +253,12 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
         blk = site.block
         x = ctx.live(blk.q.input) if blk.q is not None else None
         facts = {"n_rep": n_rep, "mask_kinds": tuple(kind for _, kind, _ in rw.masks), "causal": rw.causal}
-        mod = build(site, facts)
         target = adapter_target(adapter_name, site.name)
-        gm.add_submodule(target, mod)
-        mod.train(gm.training)
+        mod = submodule_or_none(gm, target)
+        if mod is None:
+            mod = build(site, facts)
+            gm.add_submodule(target, mod)
+            mod.train(gm.training)
         masks = [ctx.live(m) if m is not None else None for m, _, _ in rw.masks]
         anchor = rw.anchor
         with g.inserting_before(anchor):
