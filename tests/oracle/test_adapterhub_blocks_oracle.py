@@ -107,3 +107,31 @@ def test_average_refusals(tmp_path):
         adapted.average_adapter("avg", ["a", "b"], combine_strategy="svd")
     with pytest.raises(SpecError, match="2 weights for 1 adapters"):
         adapted.average_adapter("avg", ["a"], weights=[1, 2])
+
+
+SPLIT = {
+    "bert-split": ("bert", SeqBnConfig(reduction_factor=4), [2, 4]),
+    "gpt2-split": ("gpt2", SeqBnConfig(reduction_factor=4, original_ln_before=True), [4, 2]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT))
+def test_split_matches_adapterhub(case, tmp_path):
+    """``Split(a, b, splits=[m, n])``: sequence positions ``[0, m)`` through ``a``, ``[m, m+n)`` through ``b``."""
+    from adapters.composition import Split as AHSplit
+
+    kind, cfg, splits = SPLIT[case]
+    ah, adapted = _pair(kind, cfg, tmp_path)
+    ah.set_active_adapters(AHSplit("a", "b", splits=splits))
+    adapted.set_active(ga.Split("a", "b", splits=splits))
+    got = _out(adapted, kind)
+    torch.testing.assert_close(got, _out(ah, kind), atol=ATOL, rtol=RTOL)
+    m = splits[0]
+    for single, part in (("a", slice(m, None)), ("b", slice(0, m))):  # each adapter acts on its own positions only
+        adapted.set_active(single)
+        alone = _out(adapted, kind)
+        assert (alone[:, part] - got[:, part]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"Split splits \[.*\] sum to 6, but the sequence has 5 positions"):
+        adapted.set_active(ga.Split("a", "b", splits=splits))
+        x = oracle_inputs(kind)
+        adapted(**{k: (v[:, :5] if torch.is_tensor(v) else v) for k, v in x.items()})
