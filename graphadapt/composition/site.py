@@ -332,6 +332,91 @@ class LinearComposition(_Composition):
         raise TypeError(f"unknown composition node {type(tree).__name__}")
 
 
-__all__ = ["AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
+def attention_refusal(tree: Optional[Tree]) -> str | None:
+    """Why ``tree`` has no meaning at an attention core (None: it has one). AdapterHub's prefix layer composes
+    Stack, BatchSplit and Parallel; its ``Average`` raises ``NotImplementedError`` and it has no Fuse or Split."""
+    if tree is None or isinstance(tree, Leaf):
+        return None
+    if isinstance(tree, AverageNode):
+        return ("Average is not defined over prefixes (AdapterHub's prefix tuning raises NotImplementedError for it); "
+                "average the prefixes' weights instead with average_adapter, or use Stack/BatchSplit/Parallel")
+    if isinstance(tree, FuseNode):
+        return "AdapterFusion fuses bottleneck adapters' outputs, not prefixes; use Stack/BatchSplit/Parallel"
+    if isinstance(tree, SplitNode) and tree.axis == 1:
+        return "Split divides the sequence between bottleneck adapters; prefixes extend the keys of every position"
+    for k in tree.children:
+        why = attention_refusal(k)
+        if why:
+            return why
+    return None
+
+
+class AttentionComposition(_Composition):
+    """``(kvs, k, v, x, q, masks) → (k', v', *masks')`` for a tree of prefix modules at one attention core
+    (``kvs``: each adapter's pool tensor, in ``tree.names`` order), as AdapterHub's prefix layer composes them:
+
+    - Stack: each child prepends its prefix to what the previous one returned (``[P_b; P_a; k]``);
+    - BatchSplit / Parallel: each child's rows get its prefix (a missing child: none); rows whose prefixes are
+      shorter are padded at the front to the longest with keys/values 0 that their masks exclude.
+
+    ``mask_kinds`` (``bool``: True attends, ``additive``, ``fill``: True is masked) say how to pad the masks."""
+
+    def __init__(self, tree: Tree, modules: dict[str, nn.Module], mask_kinds: tuple[str, ...]):
+        super().__init__(tree, modules, {})
+        self.mask_kinds = tuple(mask_kinds)
+
+    def forward(self, kvs, k: Tensor, v: Tensor, x, q, masks: list):
+        kv = dict(zip(self.tree.names, kvs))
+        return tuple(self._eval(self.tree, kv, k, v, x, q, list(masks)))
+
+    def _eval(self, tree: Tree, kv, k, v, x, q, masks):
+        if isinstance(tree, Leaf):
+            return list(self._mods[tree.name](kv[tree.name], k, v, x, q, masks))
+        if isinstance(tree, StackNode):
+            for c in tree.children:
+                k, v, *masks = self._eval(c, kv, k, v, x, q, masks)
+            return [k, v, *masks]
+        if isinstance(tree, SplitNode):
+            b = k.shape[0]
+            full = [self._rows(m, q, k, b) for m in masks]
+            outs = []
+            for c, (s, e) in zip(tree.children, tree.bounds(b)):
+                part = [t[s:e] if isinstance(t, Tensor) else t for t in (k, v, x, q)]
+                ms = [m[s:e] for m in full]
+                outs.append([part[0], part[1], *ms] if c is None else self._eval(c, kv, *part, ms))
+            longest = max(o[0].shape[2] for o in outs)
+            outs = [self._pad_front(o, longest) for o in outs]
+            return [torch.cat([o[i] for o in outs], 0) for i in range(len(outs[0]))]
+        raise TypeError(f"{type(tree).__name__} is not composable at an attention core")
+
+    @staticmethod
+    def _rows(m: Optional[Tensor], q: Tensor, k: Tensor, b: int) -> Tensor:
+        """``m`` as a ``[b, …, Tq, Tk]`` mask with one row per batch row (a missing causal mask made explicit)."""
+        if m is None:  # is_causal: the explicit mask, as the prefix modules make it (top-left aligned, as SDPA)
+            m = torch.ones((q.shape[-2], k.shape[-2]), dtype=torch.bool, device=k.device).tril()
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        return m.expand(b, *m.shape[1:])
+
+    def _pad_front(self, out: list, longest: int) -> list:
+        k, v, *masks = out
+        n = longest - k.shape[2]
+        if n == 0:
+            return out
+        z = k.new_zeros((k.shape[0], k.shape[1], n, k.shape[3]))
+        padded = []
+        for m, kind in zip(masks, self.mask_kinds):
+            shape = (*m.shape[:-1], n)
+            if kind == "bool":
+                fill = torch.zeros(shape, dtype=torch.bool, device=m.device)
+            elif kind == "fill":
+                fill = torch.ones(shape, dtype=torch.bool, device=m.device)
+            else:
+                fill = torch.full(shape, torch.finfo(m.dtype).min, dtype=m.dtype, device=m.device)
+            padded.append(torch.cat([fill, m], -1))
+        return [torch.cat([z, k], 2), torch.cat([v.new_zeros(z.shape[:3] + v.shape[3:]), v], 2), *padded]
+
+
+__all__ = ["AttentionComposition", "AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
            "ResidualState", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
-           "prune", "tree_names"]
+           "attention_refusal", "prune", "tree_names"]

@@ -41,11 +41,12 @@ def _randomize(model, name: str, seed: int) -> int:
 
 def _pair(kind, cfg, tmp_path, names=("a", "b")):
     """AdapterHub model with adapters ``names`` (seeded non-zero) and graphadapt's import of the same adapters."""
-    ah = BUILD[kind](seed=0)
+    # AdapterHub's SDPA GPT-2/Llama masks its prefixes out (tests/oracle/test_prefix_oracle.py): its eager path is right
+    ah = BUILD[kind](seed=0, **({} if kind == "bert" else {"attn_implementation": "eager"}))
     adapters.init(ah)
     readers = {}
     for i, n in enumerate(names):
-        ah.add_adapter(n, config=cfg)
+        ah.add_adapter(n, config=cfg[i] if isinstance(cfg, (list, tuple)) else cfg)
         assert _randomize(ah, n, seed=11 + i) > 0
         ah.save_adapter(str(tmp_path / n), n)
         readers[n] = read_adapterhub_adapter(tmp_path / n)
@@ -135,3 +136,59 @@ def test_split_matches_adapterhub(case, tmp_path):
         adapted.set_active(ga.Split("a", "b", splits=splits))
         x = oracle_inputs(kind)
         adapted(**{k: (v[:, :5] if torch.is_tensor(v) else v) for k, v in x.items()})
+
+
+PREFIXES = [PrefixTuningConfig(prefix_length=3, flat=True), PrefixTuningConfig(prefix_length=5, flat=True)]
+EQUAL = [PrefixTuningConfig(prefix_length=4, flat=True), PrefixTuningConfig(prefix_length=4, flat=True)]
+PREFIX_BLOCKS = {  # BatchSplit/Parallel with prefixes of one length: see test_rows_of_shorter_prefixes_are_masked
+    "bert-stack": ("bert", PREFIXES, lambda m: m.Stack("a", "b")),
+    "bert-batch-split": ("bert", EQUAL, lambda m: m.BatchSplit("a", "b", batch_sizes=[1, 2])),
+    "bert-parallel": ("bert", EQUAL, lambda m: m.Parallel("a", "b")),
+    "gpt2-stack": ("gpt2", PREFIXES, lambda m: m.Stack("b", "a")),
+    "gpt2-batch-split": ("gpt2", EQUAL, lambda m: m.BatchSplit("a", "b", batch_sizes=[2, 1])),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFIX_BLOCKS))
+def test_prefix_composition_matches_adapterhub(case, tmp_path):
+    """Prefix-tuning adapters composed at the attention cores, as AdapterHub composes them."""
+    import adapters.composition as ac
+
+    kind, cfgs, block = PREFIX_BLOCKS[case]
+    ah, adapted = _pair(kind, cfgs, tmp_path)
+    ah.set_active_adapters(block(ac))
+    adapted.set_active(block(ga))
+    x = oracle_inputs(kind)
+    with torch.no_grad():
+        want, got = ah(**x).last_hidden_state, adapted(**x).last_hidden_state
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    for single in ("a", "b"):  # the composition is neither prefix alone (on every row / copy)
+        adapted.set_active(single)
+        alone = _out(adapted, kind)
+        assert (alone.repeat(got.shape[0] // alone.shape[0], 1, 1) - got).abs().max() > 1e-3
+
+
+def test_prefix_average_is_refused_as_adapterhub_defines_none(tmp_path):
+    _, adapted = _pair("bert", PREFIXES, tmp_path)
+    with pytest.raises(SpecError, match="Average is not defined over prefixes"):
+        adapted.set_active(ga.Average("a", "b"))
+    assert adapted.active_adapters() == ["a"]  # refused: the model is as it was
+
+
+def test_rows_of_shorter_prefixes_are_masked(tmp_path):
+    """BatchSplit over prefixes of different lengths: the shorter prefix's rows are padded at the front. graphadapt
+    masks the padding, so each row equals its own prefix alone. AdapterHub pads its additive mask with 1.0 (its
+    0/1-mask convention), so the zero keys it pads with are attended there: its rows differ from each prefix alone."""
+    import adapters.composition as ac
+
+    ah, adapted = _pair("bert", PREFIXES, tmp_path)
+    x = oracle_inputs("bert")
+    adapted.set_active(ga.BatchSplit("a", "b", batch_sizes=[1, 2]))
+    got = _out(adapted, "bert")
+    for single, rows in (("a", slice(0, 1)), ("b", slice(1, 3))):
+        adapted.set_active(single)
+        torch.testing.assert_close(got[rows], _out(adapted, "bert")[rows], atol=ATOL, rtol=RTOL)
+    ah.set_active_adapters(ac.BatchSplit("a", "b", batch_sizes=[1, 2]))
+    hub = _out(ah, "bert")
+    torch.testing.assert_close(got[1:], hub[1:], atol=ATOL, rtol=RTOL)  # the longest prefix's rows agree
+    assert (got[:1] - hub[:1]).abs().max() > 1e-3  # the padded rows are where AdapterHub attends its padding
