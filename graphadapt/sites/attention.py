@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ..passes import AdapterRecord, InsertContext, PassResult, annotate, submodule_or_none
-from ..composition.site import AttentionComposition, Leaf, attention_refusal
+from ..composition.site import AttentionComposition, Leaf, SplitNode, attention_refusal
 from ..structure.types import AttentionBlock, Layer, StructureMap
 from ..vocab import ADAPTERS, CombinePolicy, SiteKind, adapter_target
 from .base import SiteKindPlugin, register_site_kind
@@ -313,6 +313,13 @@ def _pool_output(gm: fx.GraphModule, owner: str, location: str) -> fx.Node:
     raise SpecError(f"adapter {owner!r} has no {location} tensor in the graph to compose", field="active")
 
 
+def _splits_rows(tree) -> bool:
+    """Whether ``tree`` divides the batch (BatchSplit/Parallel): then even a lone prefix reaches only its rows."""
+    if isinstance(tree, SplitNode) and tree.axis == 0:
+        return True
+    return any(_splits_rows(k) for k in getattr(tree, "children", ()) if k is not None)
+
+
 def compose_attention(gm: fx.GraphModule, ctx: InsertContext, target: str, site: AttentionSite, tree,
                       modules: dict) -> None:
     """Wire one :class:`~graphadapt.composition.site.AttentionComposition` at ``site``'s core."""
@@ -440,6 +447,8 @@ class AttentionKind(SiteKindPlugin):
     def refuse_composition(self, site, key, names, tree, describe):
         """Stack, BatchSplit and Parallel compose prefixes as AdapterHub does; its prefix layer defines no other
         block (its ``Average`` raises ``NotImplementedError``), so neither does graphadapt."""
+        if len(names) == 1 and not _splits_rows(tree):
+            return False  # a lone prefix inside a block that does not divide the batch applies as it is
         why = attention_refusal(tree)
         if why:
             raise SpecError(f"adapters {list(names)} share the attention site {key} inside {describe(tree)}: {why}",
