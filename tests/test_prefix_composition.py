@@ -60,3 +60,13 @@ def test_average_over_prefixes_is_refused(two_prefixes):
     with pytest.raises(SpecError, match="Average is not defined over prefixes"):
         two_prefixes.set_active(ga.Average("a", "b"))
     assert two_prefixes.active_adapters() == ["a"]
+
+
+def test_stacked_prefixes_export_to_onnx(two_prefixes, tmp_path):
+    pytest.importorskip("onnxruntime")
+    two_prefixes.set_active(ga.Stack("a", "b"))
+    try:
+        rep = ga.export_onnx(two_prefixes, tmp_path / "m.onnx", verify=True)
+        assert rep.verified
+    finally:
+        two_prefixes.set_active("a")
