@@ -6,7 +6,7 @@ from .version import __version__
 
 from .errors import (CaptureError, CheckpointError, ExportError, GraphAdaptError, MergeError,
                      PassError, SpecError, StructureError, VerificationError)
-from .spec import Average, BatchSplit, Fuse, MethodSpec, Parallel, Spec, Stack, as_spec
+from .spec import Average, BatchSplit, Fuse, MethodSpec, Parallel, Spec, Split, Stack, as_spec
 from . import methods  # noqa: F401  (registers the built-in method plugins)
 from .methods.bottleneck import AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, ParBn, SeqBn
 from .methods.ia3 import IA3
@@ -28,7 +28,7 @@ from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fu
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
-         "save_adapters": "checkpoints", "save_merged": "checkpoints.merged"}
+         "save_adapters": "checkpoints", "save_merged": "checkpoints.merged", "add_head": "heads"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -41,11 +41,12 @@ def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on firs
 
 __all__ = [
     "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
-    "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Average", "LoRA", "IA3", "AdaLoRA", "Bottleneck", "SeqBn",
+    "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Split", "Average", "LoRA", "IA3", "AdaLoRA", "Bottleneck", "SeqBn",
     "DoubleSeqBn", "ParBn", "AdapterPlus", "Compacter", "CompacterPlusPlus", "PrefixTuning", "Union", "UniPELT", "MAM",
     "PromptTuning", "PTuning", "Reft", "LoReft", "NoReft", "DiReft", "InvertibleAdapter", "VeraHub", "MTLLoRA", "eject_prefix", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",
     "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
+    "add_head",
 ]

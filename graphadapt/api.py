@@ -203,18 +203,28 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
 
 def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-                      strict: bool = True, **apply_kwargs) -> AdaptedModel:
+                      strict: bool = True, with_head: bool = True, **apply_kwargs) -> AdaptedModel:
     """Apply the adapter saved by AdapterHub ``model.save_adapter(dir, name)`` to ``model``, with its weights.
 
     ``name``: graphadapt adapter name (default: the saved name). ``strict``: every AdapterHub tensor
-    must land in a graphadapt tensor and every graphadapt tensor must be filled.
+    must land in a graphadapt tensor and every graphadapt tensor must be filled. A head saved beside it
+    (``save_adapter(..., with_head=True)``) comes too unless ``with_head=False``: a flexible head wraps
+    ``model`` as :class:`graphadapt.heads.ModelWithHead` (outputs: the head's logits), a static head fills
+    ``model``'s own modules; either is trained whole (``Spec.modules_to_save``).
     """
     from .checkpoints.adapterhub import read_adapterhub_adapter
+    from .checkpoints.adapterhub_heads import read_adapterhub_head
 
     spec, saved, fill = read_adapterhub_adapter(directory)
     ours = name or saved
-    adapted = apply(model, Spec({ours: spec}), **apply_kwargs)
+    head = read_adapterhub_head(directory) if with_head else None
+    modules: tuple[str, ...] = ()
+    if head is not None:
+        model, modules = head.attach(model, ours)
+    adapted = apply(model, Spec({ours: spec}, modules_to_save=modules), **apply_kwargs)
     fill(adapted, ours, strict)
+    if head is not None:
+        head.fill(adapted, strict)
     return adapted
 
 

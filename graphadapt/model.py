@@ -31,7 +31,7 @@ from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
 from .arithmetic import add_weighted_adapter, to_low_rank
 from .passes.portability import retarget
-from .plan import build_plan, execute_plan
+from .plan import PlanMode, build_plan, execute_plan
 from .spec.composition import Block, block_from_dict
 from .structure import recognize
 from .version import __version__
@@ -265,6 +265,11 @@ class AdaptedModel(CapturedModule):
                 self._set_flags(self.spec.active_names)
             return
         want = tuple(self.spec.adapters) if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        selects = [c for c in self.plan.combinations if c.mode == PlanMode.SELECT]
+        if selects and set(want) != set(self.spec.active_names):
+            # a select site wires only the one active adapter there: another choice re-plans (two is refused)
+            self._set_flags(want)  # unknown names are named before re-planning
+            self._replan(self.spec.replace(active=want))
         self._set_flags(want)
 
     @exclusive
@@ -378,6 +383,17 @@ class AdaptedModel(CapturedModule):
         W``; a changed bias becomes the LoRA's ``lora_bias``), so runtimes serving only LoRA can serve any mergeable
         method. ``rank >= min(out, in)`` reproduces the adapter. Added inactive: ``set_active`` it."""
         to_low_rank(self, adapter, rank, name)
+    def average_adapter(self, name: str, adapter_list, weights=None, combine_strategy: str = "linear",
+                        normalize_weights: bool = True, overwrite_ok: bool = False, set_active: bool = False,
+                        svd_rank: int | None = None) -> None:
+        """AdapterHub's ``average_adapter``: add ``name`` as the weighted average of ``adapter_list``
+        (``combine_strategy``: ``linear``; LoRA also ``lora_linear_only_negate_b``, ``lora_delta_w_svd`` with
+        ``svd_rank``). See :mod:`graphadapt.averaging`."""
+        from .averaging import average_adapter
+
+        average_adapter(self, name, adapter_list, weights=weights, combine_strategy=combine_strategy,
+                        normalize_weights=normalize_weights, overwrite_ok=overwrite_ok, set_active=set_active,
+                        svd_rank=svd_rank)
 
     def disable_adapters(self):
         """Context manager: inside it every adapter passes its input through (outputs equal the base

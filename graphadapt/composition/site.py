@@ -4,18 +4,22 @@ A tree is the active :class:`~graphadapt.spec.composition.Block` pruned to the a
 site (:func:`prune`), as typed, frozen nodes kept all the way to evaluation:
 
     Leaf(name) | StackNode(children) | FuseNode(fusion_name, config, children)
-    | AverageNode(weights, children) | SplitNode(children, sizes=… (BatchSplit) or channels=… (Parallel))
+    | AverageNode(weights, children) | SplitNode(children, sizes=… (BatchSplit; Split with axis=1) or
+      channels=… (Parallel))
 
-A child of a :class:`SplitNode` may be None (those rows pass through unchanged, as in AdapterHub).
+A child of a :class:`SplitNode` may be None (those rows pass through unchanged, as in AdapterHub; at a
+sequence Split AdapterHub drops that part of the sequence, which no later layer can use — graphadapt passes it
+through).
 
 **Residual sites** (bottleneck-style modules implementing :class:`ResidualSiteModule`: ``pre``/``core``/
 ``post``) reproduce AdapterHub 1.3 exactly: a :class:`ResidualState` flows through the Stack (``pre``
 before every named child), Fuse (``pre`` of the last child with the fusion query, the children's ``up``
-fused), BatchSplit / Parallel / Average (``pre`` of the first child once), then ``post`` of the last adapter.
+fused), BatchSplit / Split / Parallel / Average (``pre`` of the first child once), then ``post`` of the last adapter.
 
 **Linear sites** (modules called ``(x, y, W, b) → y'``; LoRA, IA3, …) have no AdapterHub counterpart;
 graphadapt defines: Stack = each reads the previous output; Average = ``Σ wᵢ fᵢ(x, y)``; BatchSplit /
-Parallel = rows through each child; Fuse = fusion over the children's deltas ``dᵢ = fᵢ(x, y) − y`` with
+Parallel = rows through each child; Split = sequence positions through each child (``[B, T, …]`` sites);
+Fuse = fusion over the children's deltas ``dᵢ = fᵢ(x, y) − y`` with
 query ``y`` and residual ``y``.
 """
 
@@ -28,7 +32,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Protocol, Union, runtime
 import torch
 from torch import Tensor, nn
 
-from ..spec.composition import Average, BatchSplit, Fuse, Parallel, Stack
+from ..spec.composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
 
 
 # --------------------------------------------------------------------------- the typed tree
@@ -91,14 +95,25 @@ class SplitNode(_Inner):
 
     sizes: tuple[int, ...] | None = None
     channels: int | None = None
+    axis: int = 0
+    """0: rows of the batch (BatchSplit, Parallel); 1: positions of the sequence (Split)."""
 
     @property
     def label(self) -> str:  # type: ignore[override]
-        return "BatchSplit" if self.sizes is not None else "Parallel"
+        return "Split" if self.axis == 1 else "BatchSplit" if self.sizes is not None else "Parallel"
+
+    def part(self, t: Tensor, a: int, b: int) -> Tensor:
+        """``t``'s slice ``[a, b)`` along this node's axis."""
+        return t[a:b] if self.axis == 0 else t[:, a:b]
 
     def bounds(self, batch: int) -> list[tuple[int, int]]:
         """``[(start, end)]`` rows of each child for a batch of ``batch`` rows (ValueError saying how to fix it)."""
-        if self.sizes is not None:
+        if self.axis == 1:
+            if sum(self.sizes) != batch:
+                raise ValueError(f"Split splits {list(self.sizes)} sum to {sum(self.sizes)}, but the sequence has "
+                                 f"{batch} positions; call with a sequence of that length or change splits")
+            sizes = list(self.sizes)
+        elif self.sizes is not None:
             if sum(self.sizes) != batch:
                 raise ValueError(f"BatchSplit batch_sizes {list(self.sizes)} sum to {sum(self.sizes)}, but the batch "
                                  f"has {batch} rows; call with a batch of that size or change batch_sizes")
@@ -125,9 +140,11 @@ def prune(node: Any, present: Iterable[str]) -> Optional[Tree]:
     if isinstance(node, str):
         return Leaf(node) if node in present else None
     kids = [prune(c, present) for c in node.children]
-    if isinstance(node, (BatchSplit, Parallel)):
+    if isinstance(node, (BatchSplit, Parallel, Split)):
         if all(k is None for k in kids):
             return None
+        if isinstance(node, Split):
+            return SplitNode(tuple(kids), sizes=tuple(node.splits), axis=1)
         if isinstance(node, BatchSplit):
             return SplitNode(tuple(kids), sizes=tuple(node.batch_sizes))
         return SplitNode(tuple(kids), channels=len(node.children))
@@ -266,11 +283,12 @@ class ResidualComposition(_Composition):
             hidden = sum(w * o.hidden for w, o in zip(tree.weights, outs))
             return state._replace(hidden=hidden, up=outs[0].up, last=outs[-1].last)
         if isinstance(tree, SplitNode):
-            bounds = tree.bounds(state.hidden.shape[0])
+            ax = tree.axis
+            bounds = tree.bounds(state.hidden.shape[ax])
             state, _ = self._pre(first_name(tree), state, ln)
             outs, last = [], state.last
             for k, (a, b) in zip(tree.children, bounds):
-                part = ResidualState(*(None if t is None or not isinstance(t, Tensor) else t[a:b]
+                part = ResidualState(*(None if t is None or not isinstance(t, Tensor) else tree.part(t, a, b)
                                        for t in state[:4]), state.last)
                 if k is None:
                     outs.append(part)
@@ -278,8 +296,8 @@ class ResidualComposition(_Composition):
                 o = self._child(k, part, ln)
                 outs.append(o)
                 last = o.last or last
-            cat = [torch.cat([o[i] for o in outs], 0) for i in range(3)]
-            up = None if any(o.up is None for o in outs) else torch.cat([o.up for o in outs], 0)
+            cat = [torch.cat([o[i] for o in outs], ax) for i in range(3)]
+            up = None if any(o.up is None for o in outs) else torch.cat([o.up for o in outs], ax)
             return ResidualState(cat[0], cat[1], cat[2], up, last)
         raise TypeError(f"unknown composition node {type(tree).__name__}")
 
@@ -303,14 +321,102 @@ class LinearComposition(_Composition):
             deltas = torch.stack([self._eval(k, x, y, w, b) - y for k in tree.children], dim=-2)
             return self._fusions[tree.fusion_name](y, deltas, deltas, y)
         if isinstance(tree, SplitNode):
+            if tree.axis == 1 and (y.dim() < 3 or x.dim() < 3):
+                raise ValueError(f"Split divides the sequence axis of [batch, sequence, …] activations; this linear "
+                                 f"site sees {tuple(y.shape)} (a flattened sequence): use Split on another site")
             outs = []
-            for k, (a, e) in zip(tree.children, tree.bounds(y.shape[0])):
-                xs, ys = x[a:e], y[a:e]
+            for k, (a, e) in zip(tree.children, tree.bounds(y.shape[tree.axis])):
+                xs, ys = tree.part(x, a, e), tree.part(y, a, e)
                 outs.append(ys if k is None else self._eval(k, xs, ys, w, b))
-            return torch.cat(outs, 0)
+            return torch.cat(outs, tree.axis)
         raise TypeError(f"unknown composition node {type(tree).__name__}")
 
 
-__all__ = ["AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
+def attention_refusal(tree: Optional[Tree]) -> str | None:
+    """Why ``tree`` has no meaning at an attention core (None: it has one). AdapterHub's prefix layer composes
+    Stack, BatchSplit and Parallel; its ``Average`` raises ``NotImplementedError`` and it has no Fuse or Split."""
+    if tree is None or isinstance(tree, Leaf):
+        return None
+    if isinstance(tree, AverageNode):
+        return ("Average is not defined over prefixes (AdapterHub's prefix tuning raises NotImplementedError for it); "
+                "average the prefixes' weights instead with average_adapter, or use Stack/BatchSplit/Parallel")
+    if isinstance(tree, FuseNode):
+        return "AdapterFusion fuses bottleneck adapters' outputs, not prefixes; use Stack/BatchSplit/Parallel"
+    if isinstance(tree, SplitNode) and tree.axis == 1:
+        return "Split divides the sequence between bottleneck adapters; prefixes extend the keys of every position"
+    for k in tree.children:
+        why = attention_refusal(k)
+        if why:
+            return why
+    return None
+
+
+class AttentionComposition(_Composition):
+    """``(kvs, k, v, x, q, masks) → (k', v', *masks')`` for a tree of prefix modules at one attention core
+    (``kvs``: each adapter's pool tensor, in ``tree.names`` order), as AdapterHub's prefix layer composes them:
+
+    - Stack: each child prepends its prefix to what the previous one returned (``[P_b; P_a; k]``);
+    - BatchSplit / Parallel: each child's rows get its prefix (a missing child: none); rows whose prefixes are
+      shorter are padded at the front to the longest with keys/values 0 that their masks exclude.
+
+    ``mask_kinds`` (``bool``: True attends, ``additive``, ``fill``: True is masked) say how to pad the masks."""
+
+    def __init__(self, tree: Tree, modules: dict[str, nn.Module], mask_kinds: tuple[str, ...]):
+        super().__init__(tree, modules, {})
+        self.mask_kinds = tuple(mask_kinds)
+
+    def forward(self, kvs, k: Tensor, v: Tensor, x, q, masks: list):
+        kv = dict(zip(self.tree.names, kvs))
+        return tuple(self._eval(self.tree, kv, k, v, x, q, list(masks)))
+
+    def _eval(self, tree: Tree, kv, k, v, x, q, masks):
+        if isinstance(tree, Leaf):
+            return list(self._mods[tree.name](kv[tree.name], k, v, x, q, masks))
+        if isinstance(tree, StackNode):
+            for c in tree.children:
+                k, v, *masks = self._eval(c, kv, k, v, x, q, masks)
+            return [k, v, *masks]
+        if isinstance(tree, SplitNode):
+            b = k.shape[0]
+            full = [self._rows(m, q, k, b) for m in masks]
+            outs = []
+            for c, (s, e) in zip(tree.children, tree.bounds(b)):
+                part = [t[s:e] if isinstance(t, Tensor) else t for t in (k, v, x, q)]
+                ms = [m[s:e] for m in full]
+                outs.append([part[0], part[1], *ms] if c is None else self._eval(c, kv, *part, ms))
+            longest = max(o[0].shape[2] for o in outs)
+            outs = [self._pad_front(o, longest) for o in outs]
+            return [torch.cat([o[i] for o in outs], 0) for i in range(len(outs[0]))]
+        raise TypeError(f"{type(tree).__name__} is not composable at an attention core")
+
+    @staticmethod
+    def _rows(m: Optional[Tensor], q: Tensor, k: Tensor, b: int) -> Tensor:
+        """``m`` as a ``[b, …, Tq, Tk]`` mask with one row per batch row (a missing causal mask made explicit)."""
+        if m is None:  # is_causal: the explicit mask, as the prefix modules make it (top-left aligned, as SDPA)
+            m = torch.ones((q.shape[-2], k.shape[-2]), dtype=torch.bool, device=k.device).tril()
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        return m.expand(b, *m.shape[1:])
+
+    def _pad_front(self, out: list, longest: int) -> list:
+        k, v, *masks = out
+        n = longest - k.shape[2]
+        if n == 0:
+            return out
+        z = k.new_zeros((k.shape[0], k.shape[1], n, k.shape[3]))
+        padded = []
+        for m, kind in zip(masks, self.mask_kinds):
+            shape = (*m.shape[:-1], n)
+            if kind == "bool":
+                fill = torch.zeros(shape, dtype=torch.bool, device=m.device)
+            elif kind == "fill":
+                fill = torch.ones(shape, dtype=torch.bool, device=m.device)
+            else:
+                fill = torch.full(shape, torch.finfo(m.dtype).min, dtype=m.dtype, device=m.device)
+            padded.append(torch.cat([fill, m], -1))
+        return [torch.cat([z, k], 2), torch.cat([v.new_zeros(z.shape[:3] + v.shape[3:]), v], 2), *padded]
+
+
+__all__ = ["AttentionComposition", "AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
            "ResidualState", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
-           "prune", "tree_names"]
+           "attention_refusal", "prune", "tree_names"]

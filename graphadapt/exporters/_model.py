@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from graphadapt.errors import ExportError
+from graphadapt.spec.composition import Split
 
 # Inputs whose axis 1 is not a sequence axis (images, spectrogram frames are fixed-size here).
 _BATCH_ONLY_INPUTS = {"pixel_values", "pixel_mask", "image", "images"}
@@ -155,6 +156,14 @@ def default_hf_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> d
     return None
 
 
+def _fixed_sequence(model) -> tuple[str, ...]:
+    """Axis names a model's active composition pins: a ``Split`` divides the sequence at fixed positions, so the
+    sequence length of its export is the example's (``sum(splits)``)."""
+    comp = getattr(getattr(model, "spec", None), "composition", None)
+    blocks = comp.blocks() if comp is not None and hasattr(comp, "blocks") else ()
+    return ("sequence",) if any(isinstance(b, Split) for b in blocks) else ()
+
+
 def dynamic_axes(model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool) -> dict[str, dict[int, str]]:
     """{tensor input: {axis: name}}: ``model.dynamic_dims`` when present, else batch (+ sequence) by name."""
     tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -162,7 +171,9 @@ def dynamic_axes(model: torch.nn.Module, inputs: dict[str, Any], dynamic: bool) 
         return {k: {} for k in tensors}
     declared = _attr(model, "dynamic_dims")
     if declared is not None:  # an empty dict is a statically captured model: keep it static
-        axes = {k: {int(a): str(n) for a, n in (declared.get(k) or {}).items()} for k in tensors if k in declared}
+        fixed = _fixed_sequence(model)
+        axes = {k: {int(a): str(n) for a, n in (declared.get(k) or {}).items() if str(n) not in fixed}
+                for k in tensors if k in declared}
         for k, value in tensors.items():  # an input the model was not captured with (token_type_ids):
             if k not in axes:             # the axes of a captured input of its shape (input_ids)
                 twin = next((n for n in axes if tensors[n].shape == value.shape and tensors[n].dim() == value.dim()),

@@ -26,9 +26,10 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
-from ..passes import AdapterRecord, InsertContext, PassResult, annotate
+from ..passes import AdapterRecord, InsertContext, PassResult, annotate, submodule_or_none
+from ..composition.site import AttentionComposition, Leaf, SplitNode, attention_refusal
 from ..structure.types import AttentionBlock, Layer, StructureMap
-from ..vocab import CombinePolicy, SiteKind, adapter_target
+from ..vocab import ADAPTERS, CombinePolicy, SiteKind, adapter_target
 from .base import SiteKindPlugin, register_site_kind
 
 KIND = SiteKind.ATTENTION
@@ -71,6 +72,8 @@ class _Rewire:
     masks: list[tuple[fx.Node, str, Callable[[fx.Node], None]]] = field(default_factory=list)
     causal: bool = False
     anchor: fx.Node | None = None
+    commit: Callable[[], None] = lambda: None
+    """Changes to the core that wiring makes (``is_causal`` → False); finding the inputs changes nothing."""
 
 
 def _val(n):
@@ -156,10 +159,13 @@ def _sdpa(core: fx.Node) -> _Rewire:
         r.masks.append((mask, "bool" if val is not None and val.dtype == torch.bool else "additive", set_mask))
     if causal:
         r.causal = True
-        if len(core.args) > 5:
-            _set_arg(core, 5)(False)
-        else:
-            core.kwargs = {**core.kwargs, "is_causal": False}
+
+        def commit(core=core):
+            if len(core.args) > 5:
+                _set_arg(core, 5)(False)
+            else:
+                core.kwargs = {**core.kwargs, "is_causal": False}
+        r.commit = commit
         if mask is None:  # the module returns the explicit causal mask (+ prefix) as an extra output
             def set_mask(new, core=core):
                 if len(core.args) > 3:
@@ -226,8 +232,13 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
     pool's tensor for its location and rewrites the core's k, v and masks. ``facts``: ``n_rep``, ``mask_kinds``,
     ``causal``."""
     g = gm.graph
-    gm.add_submodule(pool_target, pool)
-    pool.train(gm.training)
+    # re-planning (set_active, add_adapter) keeps the modules already there, trained weights and all
+    kept = submodule_or_none(gm, pool_target)
+    if kept is not None:
+        pool = kept
+    else:
+        gm.add_submodule(pool_target, pool)
+        pool.train(gm.training)
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     with g.inserting_after(placeholders[-1] if placeholders else next(iter(g.nodes))):
         pool_node = g.call_module(pool_target, ())
@@ -248,25 +259,80 @@ def insert_attention_adapter(gm: fx.GraphModule, ctx: InsertContext, adapter_nam
         blk = site.block
         x = ctx.live(blk.q.input) if blk.q is not None else None
         facts = {"n_rep": n_rep, "mask_kinds": tuple(kind for _, kind, _ in rw.masks), "causal": rw.causal}
-        mod = build(site, facts)
         target = adapter_target(adapter_name, site.name)
-        gm.add_submodule(target, mod)
-        mod.train(gm.training)
-        masks = [ctx.live(m) if m is not None else None for m, _, _ in rw.masks]
-        anchor = rw.anchor
-        with g.inserting_before(anchor):
-            node = g.call_module(target, (per_loc[site.location], k, v, x, q, masks))
-            annotate(node, site.name, KIND)
-            outs = [g.call_function(operator.getitem, (node, i)) for i in range(2 + len(masks))]
-        rw.set_k(outs[0])
-        rw.set_v(outs[1])
-        for (_, _, set_mask), new in zip(rw.masks, outs[2:]):
-            set_mask(new)
+        mod = submodule_or_none(gm, target)
+        if mod is None:
+            mod = build(site, facts)
+            gm.add_submodule(target, mod)
+            mod.train(gm.training)
+        if ctx.attaches(adapter_name, site_key(site)):  # else a composition (or the one active adapter) wires it
+            _wire(g, ctx, rw, target, (per_loc[site.location], k, v, x, q), site.name)
         records.append(AdapterRecord(adapter=adapter_name, method=method_name, site=site.name, target=target,
                                      kind=KIND, role=site.location, layer=site.layer.index,
                                      index=site.index, form=blk.form))
     _reorder(g)
     return PassResult(gm, bool(sites), {"sites": [s.name for s in sites]}, records)
+
+
+def _wire(g: fx.Graph, ctx: InsertContext, rw: _Rewire, target: str, args: tuple, label: str) -> None:
+    """``k', v', *masks' = call_module(target)(*args, masks)`` before the core, which then reads them."""
+    rw.commit()
+    masks = [ctx.live(m) if m is not None else None for m, _, _ in rw.masks]
+    with g.inserting_before(rw.anchor):
+        node = g.call_module(target, (*args, masks))
+        annotate(node, label, KIND)
+        outs = [g.call_function(operator.getitem, (node, i)) for i in range(2 + len(masks))]
+    # the outputs keep the inputs' example values (dtype, heads; only the key length grows), so a later adapter
+    # planned at this core (dormant, or re-planned into a composition) reads the same facts as on the base graph
+    for i, (out, src) in enumerate(zip(outs, [args[1], args[2], *masks])):
+        val = _val(src)
+        if val is None and i >= 2 and src is None:  # a causal core's mask, made explicit (boolean) by the module
+            val = torch.empty((0, 0), dtype=torch.bool, device="meta")
+        if val is not None:
+            out.meta["val"] = val
+    rw.set_k(outs[0])
+    rw.set_v(outs[1])
+    for (_, _, set_mask), new in zip(rw.masks, outs[2:]):
+        set_mask(new)
+
+
+def _pool_output(gm: fx.GraphModule, owner: str, location: str) -> fx.Node:
+    """The node holding ``owner``'s pool tensor for ``location`` (the pool: the module under ``adapters.<owner>``
+    with ``locations``, called once at the graph's start)."""
+    prefix = f"{ADAPTERS}.{owner}."
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not str(n.target).startswith(prefix):
+            continue
+        locs = getattr(gm.get_submodule(str(n.target)), "locations", None)
+        if locs is None or location not in locs:
+            continue
+        i = list(locs).index(location)
+        hit = next((u for u in n.users if u.target is operator.getitem and u.args[1] == i), None)
+        if hit is not None:
+            return hit
+    raise SpecError(f"adapter {owner!r} has no {location} tensor in the graph to compose", field="active")
+
+
+def _splits_rows(tree) -> bool:
+    """Whether ``tree`` divides the batch (BatchSplit/Parallel): then even a lone prefix reaches only its rows."""
+    if isinstance(tree, SplitNode) and tree.axis == 0:
+        return True
+    return any(_splits_rows(k) for k in getattr(tree, "children", ()) if k is not None)
+
+
+def compose_attention(gm: fx.GraphModule, ctx: InsertContext, target: str, site: AttentionSite, tree,
+                      modules: dict) -> None:
+    """Wire one :class:`~graphadapt.composition.site.AttentionComposition` at ``site``'s core."""
+    paths = {id(m): p for p, m in gm.named_modules()}
+    owners = {n: paths[id(m)].split(".")[1] for n, m in modules.items()}
+    kvs = tuple(_pool_output(gm, owners[n], site.location) for n in tree.names)
+    rw = _rewire_plan(site)
+    k, v, q = ctx.live(rw.k), ctx.live(rw.v), ctx.live(rw.q)
+    x = ctx.live(site.block.q.input) if site.block.q is not None else None
+    mod = AttentionComposition(tree, modules, tuple(kind for _, kind, _ in rw.masks))
+    gm.add_submodule(target, mod)
+    _wire(gm.graph, ctx, rw, target, (kvs, k, v, x, q), site.name)
+    _reorder(gm.graph)
 
 
 def _reorder(g: fx.Graph) -> None:
@@ -377,6 +443,21 @@ class AttentionKind(SiteKindPlugin):
 
     def key(self, site) -> str:
         return site_key(site)
+
+    def refuse_composition(self, site, key, names, tree, describe):
+        """Stack, BatchSplit and Parallel compose prefixes as AdapterHub does; its prefix layer defines no other
+        block (its ``Average`` raises ``NotImplementedError``), so neither does graphadapt."""
+        if len(names) == 1 and not _splits_rows(tree):
+            return False  # a lone prefix inside a block that does not divide the batch applies as it is
+        why = attention_refusal(tree)
+        if why:
+            raise SpecError(f"adapters {list(names)} share the attention site {key} inside {describe(tree)}: {why}",
+                            field="active")
+        return not isinstance(tree, Leaf)
+
+    def compose(self, gm, ctx, target, site, tree, modules, fusion_layer):
+        compose_attention(gm, ctx, target, site, tree, modules)
+        return site.layer.index, site.location, {}
 
     def insert(self, gm, ctx, adapter, method, spec, sites, seed):
         extra = method.prepare(gm, adapter, spec, sites, seed)

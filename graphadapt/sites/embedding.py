@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SpecError
-from ..passes import AdapterRecord, PassResult, annotate, erase_dead
+from ..passes import AdapterRecord, PassResult, annotate, erase_dead, submodule_or_none
 from ..structure.types import StructureMap
 from ..vocab import CombinePolicy, SiteKind, adapter_target
 from .base import SiteKindPlugin, register_site_kind
@@ -137,9 +137,11 @@ def insert_embedding_adapter(gm: fx.GraphModule, ctx, adapter: str, method_name:
     ``at``: ``"word_embeddings"`` (replace the lookup) or ``"embedding_output"`` (replace the first layer's input).
     """
     target = adapter_target(adapter, site.name)
-    mod = build(site)
-    mod.train(gm.training)
-    gm.add_submodule(target, mod)
+    mod = submodule_or_none(gm, target)  # re-planning (set_active, add_adapter) keeps the trained module
+    if mod is None:
+        mod = build(site)
+        mod.train(gm.training)
+        gm.add_submodule(target, mod)
     graph = gm.graph
     s = ctx.live(site.node(at))
     inputs = {p for p, _ in site.padded}

@@ -4,6 +4,7 @@
     Fuse("a", "b", fusion="dynamic")   AdapterFusion: attention over the children's outputs at each site
     Parallel("a", "b")                 the batch is replicated, one copy (and one output) per child
     BatchSplit("a", "b", batch_sizes=[2, 3])   rows 0-1 go through a, rows 2-4 through b
+    Split("a", "b", splits=[4, 6])             sequence positions 0-3 go through a, 4-9 through b
     Average("a", "b", weights=[.7, .3])        weighted average of the children's outputs
 
 Blocks nest (``Stack("unipelt", Fuse("a", "b"))``); :data:`ALLOWED_NESTINGS` says which
@@ -153,6 +154,34 @@ class BatchSplit(Block):
 
 
 @dataclass(frozen=True, init=False, repr=False)
+class Split(Block):
+    """Sequence positions ``[sum(splits[:i]), sum(splits[:i+1]))`` go through child ``i`` (AdapterHub's ``Split``;
+    the sequence must be ``sum(splits)`` long). ``splits``: one length per child, or one int for all."""
+
+    kind: ClassVar[str] = "split"
+    splits: tuple[int, ...] = ()
+
+    def __init__(self, *children: Child, splits: Iterable[int] | int):
+        if is_int(splits):
+            splits = (splits,) * len(children)
+        object.__setattr__(self, "splits", tuple(splits) if isinstance(splits, Iterable) else splits)
+        super().__init__(*children)
+
+    def _validate(self) -> None:
+        sizes = self.splits
+        if not isinstance(sizes, tuple) or not all(is_int(s) and s > 0 for s in sizes):
+            raise SpecError(f"Split splits must be a list of integers > 0, got {sizes!r}", field="active")
+        if len(sizes) != len(self.children):
+            raise SpecError(f"Split has {len(self.children)} children but {len(sizes)} splits {list(sizes)}",
+                            field="active")
+        if len(self.children) < 2:
+            raise SpecError("Split needs at least two children", field="active")
+
+    def _options(self) -> dict[str, Any]:
+        return {"splits": list(self.splits)}
+
+
+@dataclass(frozen=True, init=False, repr=False)
 class Average(Block):
     """``Σ wᵢ · outᵢ`` with weights normalised to sum 1 (a true weighted average).
 
@@ -244,13 +273,14 @@ class Fuse(Block):
         return out
 
 
-BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average)}
-ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {
-    "stack": ("Stack", "Fuse", "Parallel", "BatchSplit", "Average"),
+BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average, Split)}
+ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {  # AdapterHub 1.3's ALLOWED_NESTINGS
+    "stack": ("Stack", "Fuse", "Parallel", "BatchSplit", "Average", "Split"),
     "fuse": ("Stack",),
     "parallel": ("Stack", "BatchSplit", "Average"),
-    "batch_split": ("Stack", "BatchSplit", "Average"),
-    "average": ("Stack", "BatchSplit"),
+    "batch_split": ("Stack", "BatchSplit", "Average", "Split"),
+    "average": ("Stack", "BatchSplit", "Split"),
+    "split": ("Split", "Stack", "BatchSplit", "Average"),
 }
 
 
@@ -272,4 +302,4 @@ def block_from_dict(d: Mapping[str, Any]) -> Block:
 
 
 __all__ = ["ALLOWED_NESTINGS", "Average", "BLOCKS", "BatchSplit", "Block", "FUSION_OPTIONS", "FUSION_PRESETS", "Fuse",
-           "Parallel", "Stack", "block_from_dict"]
+           "Parallel", "Split", "Stack", "block_from_dict"]

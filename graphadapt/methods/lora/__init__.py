@@ -17,6 +17,7 @@ from graphadapt.methods.registry import register
 from . import adapterhub as _ah
 from .arithmetic import low_rank_lora, weighted_lora
 from .corda import corda_init
+from . import averaging as _avg
 from .init import LORA_INIT_SCHEMES, init_lora_
 from .experts import ExpertLoRAModule
 from .module import LoRAGate, LoRAModule
@@ -30,6 +31,7 @@ class LoRAMethod(LinearSiteMethod):
     spec_class = LoRA
     peft_type = "LORA"
     adapterhub_architectures = ("lora",)
+    average_strategies = _avg.STRATEGIES  # AdapterHub's LoRA-only average_adapter strategies (graphadapt.averaging)
 
     def build(self, spec: LoRA, adapter, site, seed, weight=None):
         if getattr(site, "num_experts", None):
@@ -88,6 +90,12 @@ class LoRAMethod(LinearSiteMethod):
 
     def adapterhub_spec(self, config):
         return _ah.lora_spec_from_config(config)
+
+    def average_spec(self, spec, strategy, svd_rank):
+        return _avg.average_spec(spec, strategy, svd_rank)
+
+    def average_modules(self, new, sources, strategy, svd_rank):
+        _avg.average_modules(new, sources, strategy, svd_rank)
 
     def adapterhub_checkpoint_spec(self, spec, state_dict, saved_name):
         return _ah.checkpoint_spec(spec, state_dict, saved_name)
