@@ -25,6 +25,7 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
+from .composition.route import ROUTE_INPUT, check_adapter_ids
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .checkpoints.lifecycle import adapters_disabled
@@ -128,6 +129,8 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ calls
     def _call_impl(self, *args, **kwargs):
+        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()):
+            self._check_routed_call(args, kwargs)
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:
             try:
@@ -138,6 +141,16 @@ class AdaptedModel(CapturedModule):
                 if route is None or self.__dict__.get("_call_signature") is None:
                     raise
         return route(self, args, kwargs)
+
+    def _check_routed_call(self, args, kwargs) -> None:
+        """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route."""
+        names = list(self.input_names)
+        bound = {**dict(zip(names, args)), **kwargs}
+        ids = bound.get(ROUTE_INPUT)
+        ref = next((v for k, v in bound.items() if k != ROUTE_INPUT and isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        block = self.spec.composition
+        children = block.children if block is not None else ()
+        check_adapter_ids(ids, len(children), None if ref is None else ref.shape[0], children)
 
     def recompile(self):
         out = super().recompile()
