@@ -25,7 +25,7 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
-from .composition.route import ROUTE_INPUT, check_adapter_ids
+from .composition.route import ROUTE_INPUT, check_adapter_ids, with_route_parameter
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .checkpoints.lifecycle import adapters_disabled
@@ -156,6 +156,8 @@ class AdaptedModel(CapturedModule):
         out = super().recompile()
         sig = self.__dict__.get("_call_signature")
         if sig is not None:  # inspect.signature(model.forward) shows the source's (transformers.Trainer reads it)
+            if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and ROUTE_INPUT not in sig.parameters:
+                sig = with_route_parameter(sig)  # Route: adapter_ids is a named input (torch.export binds it so)
             type(self).forward.__signature__ = sig
         return out
 

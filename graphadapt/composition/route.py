@@ -28,6 +28,8 @@ with ``-1`` keep the base result (at a residual point: the model's own ``LN(h + 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -50,20 +52,31 @@ def route_input(gm: fx.GraphModule) -> fx.Node:
     for n in phs:
         if n.target == ROUTE_INPUT:
             return n
-    with g.inserting_after(phs[-1]):
+    # after the last tensor input, before captured constants (use_cache=False): exporters order a call's
+    # inputs as input_names, then constants, and torch.export binds them in placeholder order
+    tensors = [n for n in phs if isinstance(n.meta.get("val"), torch.Tensor)]
+    after = tensors[-1] if tensors else phs[-1]
+    with g.inserting_after(after):
         node = g.placeholder(ROUTE_INPUT)
-    ref = next((p.meta.get("val") for p in phs if isinstance(p.meta.get("val"), torch.Tensor)
-                and p.meta["val"].dim() > 0), None)
+    ref = next((p.meta["val"] for p in tensors if p.meta["val"].dim() > 0), None)
     mode = getattr(ref, "fake_mode", None)
     if mode is not None:
         with mode:
             node.meta["val"] = torch.empty((ref.shape[0],), dtype=torch.int64, device=ref.device)
     info = getattr(g._codegen, "pytree_info", None)
     if info is not None and info.in_spec is not None:
-        tree = pytree.tree_unflatten(list(range(len(info.orig_args))), info.in_spec)
+        orig = list(info.orig_args)
+        tree = pytree.tree_unflatten(list(range(len(orig))), info.in_spec)
         args, kwargs = tree if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], dict) else (tree, {})
-        _, spec = pytree.tree_flatten((args, {**kwargs, ROUTE_INPUT: len(info.orig_args)}))
-        g._codegen.pytree_info = type(info)(list(info.orig_args) + [ROUTE_INPUT], spec, info.out_spec)
+        at = orig.index(after.target) + 1 if after.target in orig else len(orig)
+        new_kwargs = {}
+        for k, v in kwargs.items():
+            if v == at:
+                new_kwargs[ROUTE_INPUT] = at
+            new_kwargs[k] = v + 1 if v >= at else v
+        new_kwargs.setdefault(ROUTE_INPUT, at)
+        _, spec = pytree.tree_flatten((args, new_kwargs))
+        g._codegen.pytree_info = type(info)(orig[:at] + [ROUTE_INPUT] + orig[at:], spec, info.out_spec)
     return node
 
 
@@ -87,15 +100,22 @@ def sync_route_state(gm, routed: bool, slots: int) -> None:
         axis = next((ax[0] for ax in dims.values() if 0 in ax and ax[0] == "batch"), None)
         if axis is not None:
             dims[ROUTE_INPUT] = {0: axis}
+    changed = list(getattr(gm, "input_names", [])) != names
     gm.input_names = names
+    if changed and gm.__dict__.get("_call_signature") is not None:
+        gm.recompile()  # the call signature shown (and bound by torch.export) gains / loses adapter_ids
     if "_example_inputs" in gm.__dict__:
         gm._example_inputs = examples
     if "dynamic_dims" in gm.__dict__:
         gm.dynamic_dims = dims
 
 
-def route_slots(block) -> int:
-    return len(block.children)
+def with_route_parameter(sig: inspect.Signature) -> inspect.Signature:
+    """``sig`` with a keyword-only ``adapter_ids`` (before ``**kwargs``)."""
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+    new = inspect.Parameter(ROUTE_INPUT, inspect.Parameter.KEYWORD_ONLY, default=None)
+    return sig.replace(parameters=params[:at] + [new] + params[at:])
 
 
 def check_adapter_ids(ids, slots: int, batch: int | None, names) -> None:
@@ -250,5 +270,5 @@ class ResidualRoute(_Composition):
         return f"{super().extra_repr()}, selection"
 
 
-__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "route_input", "route_slots",
-           "sync_route_state"]
+__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "route_input", "sync_route_state",
+           "with_route_parameter"]
