@@ -20,6 +20,7 @@ import graphadapt as ga  # noqa: E402
 from graphadapt.composition.route import LinearRoute, ResidualRoute  # noqa: E402
 from graphadapt.contract import InputError  # noqa: E402
 from graphadapt.errors import GraphAdaptError, SpecError  # noqa: E402
+from graphadapt.generation import cached_twin  # noqa: E402
 from graphadapt.kvcache import onnx_io_names, past_input_name  # noqa: E402
 from helpers import text_inputs, tiny_bert, tiny_llama  # noqa: E402
 
@@ -181,7 +182,7 @@ LLAMA_NAMES = ("lora", "dora", "ia3", "seq")
 def llama():
     model = tiny_llama(causal_lm=True)
     spec = ga.Spec({n: ADAPTERS[n] for n in LLAMA_NAMES}, active=ga.Route(*LLAMA_NAMES))
-    adapted = ga.apply(model, spec, cache=True)
+    adapted = ga.apply(model, spec)  # generate and the decoder export go through its cached twin
     _perturb(adapted, seed=1)
     adapted.eval()
     return model, adapted
@@ -203,6 +204,8 @@ def test_llama_greedy_generate_with_mixed_ids(llama):
     for i, n in enumerate(LLAMA_NAMES):
         adapted.set_active(n)
         refs[i] = adapted.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    with pytest.raises(GraphAdaptError, match="leave adapter_ids out"):
+        adapted.generate(ids, mask, max_new_tokens=2, adapter_ids=torch.zeros(5, dtype=torch.long))
     adapted.set_active(ga.Route(*LLAMA_NAMES))
     refs[-1] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
@@ -230,7 +233,12 @@ def test_llama_forward_rows_in_pytorch_and_onnxruntime(llama, tmp_path):
     model, adapted = llama
     ids, mask = _prompt()
     route = torch.tensor([3, 0, -1, 2, 1])
-    layout = adapted.decoder_cache
+    path = tmp_path / "decoder.onnx"
+    report = ga.export_decoder_onnx(adapted, path, merge=False, verify=False)
+    assert "adapter_ids" in report.input_names
+    twin = cached_twin(adapted)  # the graph just exported, synced with adapted (Route kept)
+    assert twin.input_names[-1] == "adapter_ids"
+    layout = twin.decoder_cache
     b, past = ids.shape[0], 3
     g = torch.Generator().manual_seed(5)
     feed = {past_input_name(i, kv): torch.randn(b, layout["kv_heads"], past, layout["head_dim"], generator=g)
@@ -239,20 +247,17 @@ def test_llama_forward_rows_in_pytorch_and_onnxruntime(llama, tmp_path):
     feed.update(input_ids=ids, attention_mask=full,
                 position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:])
     with torch.no_grad():
-        out = adapted(**feed, adapter_ids=route)
+        out = twin(**feed, adapter_ids=route)
         refs = {}
         for i, n in enumerate(LLAMA_NAMES):
-            adapted.set_active(n)
-            refs[i] = adapted(**feed)["logits"]
-        adapted.set_active(None)
-        adapted.set_active([])
-        refs[-1] = adapted(**feed)["logits"]
-        adapted.set_active(ga.Route(*LLAMA_NAMES))
+            twin.set_active(n)
+            refs[i] = twin(**feed)["logits"]
+        twin.set_active([])
+        refs[-1] = twin(**feed)["logits"]
+        twin.set_active(ga.Route(*LLAMA_NAMES))
     for row, i in enumerate(route.tolist()):
         torch.testing.assert_close(out["logits"][row], refs[i][row], atol=1e-5, rtol=1e-5)
-    path = tmp_path / "decoder.onnx"
-    report = ga.export_decoder_onnx(adapted, path, merge=False, verify=False)
-    assert "adapter_ids" in report.input_names
+    assert (refs[0] - refs[-1]).abs().max() > 1e-2 and (refs[0] - refs[1]).abs().max() > 1e-2
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     rename = onnx_io_names(layout["num_layers"])
@@ -269,8 +274,8 @@ def test_bert_onnx_rows(bert, tmp_path):
 
     _, adapted, batch, refs = bert
     path = tmp_path / "bert.onnx"
-    report = ga.export_onnx(adapted, path, example_inputs={**batch, "adapter_ids": IDS})
-    assert report.verified and "adapter_ids" in report.input_names
+    report = ga.export_onnx(adapted, path, example_inputs={**batch, "adapter_ids": IDS}, verify=False)
+    assert "adapter_ids" in report.input_names
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     atol, rtol = DEFAULT_TOLERANCES[torch.float32]
     for ids in (IDS, torch.flip(IDS, [0])):
@@ -278,3 +283,19 @@ def test_bert_onnx_rows(bert, tmp_path):
                                                "adapter_ids": ids.numpy()})[0]
         for row, i in enumerate(ids.tolist()):
             torch.testing.assert_close(torch.from_numpy(got[row]), refs[i][row], atol=atol, rtol=rtol)
+
+
+def test_verification_inputs_draw_valid_ids():
+    from graphadapt.exporters.verify import _make_input
+
+    ids = _make_input("adapter_ids", (9,), torch.int64, IDS, None, torch.Generator())
+    assert ids.min() == -1 and ids.max() == len(NAMES) - 1
+
+
+def test_signature_variant_is_routed(bert):
+    """A call with an input the capture did not see (token_type_ids) is served by a variant, routed too."""
+    _, adapted, batch, refs = bert
+    with torch.no_grad():
+        out = adapted(**batch, token_type_ids=torch.zeros_like(batch["input_ids"]), adapter_ids=IDS).last_hidden_state
+    for row, i in enumerate(IDS.tolist()):
+        torch.testing.assert_close(out[row], refs[i][row], atol=1e-5, rtol=1e-5)
