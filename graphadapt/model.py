@@ -257,7 +257,7 @@ class AdaptedModel(CapturedModule):
     @exclusive
     def set_active(self, names) -> None:
         """Activate exactly ``names`` (``None``: all; inactive adapters pass their input through), or a
-        composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``).
+        composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``, ``Route``).
 
         A block — or leaving one — re-plans from the captured base graph (no re-capture): trained
         adapter weights (and fusion layers) are kept, composition modules rebuilt. A setup the plan
