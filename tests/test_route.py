@@ -136,6 +136,31 @@ def test_gradients_reach_only_the_rows_adapters(bert):
         adapted.eval()
 
 
+def test_routed_gradients_equal_the_single_adapter_gradients(bert):
+    """The gradient an adapter gets from its rows of a mixed batch is the one it gets alone on those rows."""
+    _, adapted, batch, _ = bert
+    ids = torch.tensor([2, -1, 0, 2, -1, 2, 0, 2])
+    rows = ids == 2
+
+    def grads(call):
+        adapted.zero_grad()
+        out = call()
+        out[rows].pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in adapted.named_parameters() if n.startswith("adapters.dora.")}
+
+    routed = grads(lambda: _routed(adapted, batch, ids))
+    adapted.set_active("dora")
+    try:
+        alone = grads(lambda: adapted(**batch).last_hidden_state)
+    finally:
+        adapted.zero_grad()
+        adapted.set_active(ga.Route(*NAMES))
+    assert routed.keys() == alone.keys() and routed
+    for n in routed:
+        assert alone[n].abs().max() > 0
+        torch.testing.assert_close(routed[n], alone[n], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("ids,match", [
     (None, "pass adapter_ids"),
     (torch.tensor([0.0, 1.0, 0, 0, 0, 0, 0, 0]), "integers"),
