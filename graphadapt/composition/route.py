@@ -56,19 +56,15 @@ def route_input(gm: fx.GraphModule) -> fx.Node:
     # inputs as input_names, then constants, and torch.export binds them in placeholder order
     tensors = [n for n in phs if isinstance(n.meta.get("val"), torch.Tensor)]
     after = tensors[-1] if tensors else phs[-1]
-    with g.inserting_after(after):
-        node = g.placeholder(ROUTE_INPUT)
-    ref = next((p.meta["val"] for p in tensors if p.meta["val"].dim() > 0), None)
-    mode = getattr(ref, "fake_mode", None)
-    if mode is not None:
-        with mode:
-            node.meta["val"] = torch.empty((ref.shape[0],), dtype=torch.int64, device=ref.device)
     info = getattr(g._codegen, "pytree_info", None)
+    spec = None
     if info is not None and info.in_spec is not None:
         orig = list(info.orig_args)
         tree = pytree.tree_unflatten(list(range(len(orig))), info.in_spec)
         args, kwargs = tree if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[1], dict) else (tree, {})
         at = orig.index(after.target) + 1 if after.target in orig else len(orig)
+        if at != len(orig) and at not in kwargs.values():  # the next input is positional: append at the end
+            after, at = phs[-1], len(orig)
         new_kwargs = {}
         for k, v in kwargs.items():
             if v == at:
@@ -76,7 +72,15 @@ def route_input(gm: fx.GraphModule) -> fx.Node:
             new_kwargs[k] = v + 1 if v >= at else v
         new_kwargs.setdefault(ROUTE_INPUT, at)
         _, spec = pytree.tree_flatten((args, new_kwargs))
+    with g.inserting_after(after):
+        node = g.placeholder(ROUTE_INPUT)
+    if spec is not None:
         g._codegen.pytree_info = type(info)(orig[:at] + [ROUTE_INPUT] + orig[at:], spec, info.out_spec)
+    ref = next((p.meta["val"] for p in tensors if p.meta["val"].dim() > 0), None)
+    mode = getattr(ref, "fake_mode", None)
+    if mode is not None:
+        with mode:
+            node.meta["val"] = torch.empty((ref.shape[0],), dtype=torch.int64, device=ref.device)
     return node
 
 
@@ -97,7 +101,8 @@ def sync_route_state(gm, routed: bool, slots: int) -> None:
         batch = next((v.shape[0] for k, v in examples.items() if isinstance(v, Tensor) and v.dim() > 0), 2)
         # every adapter and the base model appear among the example rows (export traces and verifies with them)
         examples[ROUTE_INPUT] = torch.arange(batch, dtype=torch.int64) % (slots + 1) - 1
-        axis = next((ax[0] for ax in dims.values() if 0 in ax and ax[0] == "batch"), None)
+        axis = next((ax[0] for ax in dims.values() if ax.get(0) == "batch"), None) or \
+            next((ax[0] for ax in dims.values() if 0 in ax), None)
         if axis is not None:
             dims[ROUTE_INPUT] = {0: axis}
     changed = list(getattr(gm, "input_names", [])) != names
@@ -203,18 +208,21 @@ class LinearRoute(_Composition):
         low = [f for f in live if f.A is not None]
         if low:
             r = max(f.A.shape[0] for f in low)
-            zero_a, zero_b = xv.new_zeros(r, in_f), xv.new_zeros(out_f, r)
-            a = torch.stack([zero_a if f is None or f.A is None else _pad_rank(f.A, r, 0) for f in forms] + [zero_a])
+            # stacked already transposed (Aᵀ: [in, r], (s·B)ᵀ: [r, out]), so the gathered operands feed bmm as
+            # they are (an exported graph folds the stacking of its initializers once)
+            zero_a, zero_b = xv.new_zeros(in_f, r), xv.new_zeros(r, out_f)
+            a = torch.stack([zero_a if f is None or f.A is None else _pad_rank(f.A, r, 0).t() for f in forms]
+                            + [zero_a])
             bs = []
             for f in forms:
                 if f is None or f.A is None:
                     bs.append(zero_b)
                     continue
                 coef = f.scale if f.factor is None else (f.factor * f.scale)[:, None]
-                bs.append(_pad_rank(f.B * coef, r, 1))
+                bs.append(_pad_rank(f.B * coef, r, 1).t())
             b = torch.stack(bs + [zero_b])
-            t = torch.bmm(xv, a.index_select(0, idx).transpose(1, 2))        # [B, T, r]
-            delta = torch.bmm(t, b.index_select(0, idx).transpose(1, 2))     # [B, T, out]
+            t = torch.bmm(xv, a.index_select(0, idx))          # [B, T, r]
+            delta = torch.bmm(t, b.index_select(0, idx))       # [B, T, out]
         if any(f.gain is not None for f in live):
             zero = xv.new_zeros(out_f)
             g = torch.stack([zero if f is None or f.gain is None else f.gain for f in forms] + [zero])
