@@ -11,7 +11,8 @@ A Llama from a config (fp32, GQA), 8 LoRA adapters (r=8, q/k/v/o, non-zero B, sa
 * ``peft``         PEFT ``model(..., adapter_names=[…])`` (its mixed-batch path: one sub-batch per adapter)
 
 and the same in onnxruntime (routed file vs one-adapter file vs one merged file run 8 times on 8 row groups).
-Prints medians and the ratios (throughput relative to ``one adapter``), the max difference between the routed
+Variants run interleaved, one call each per round; prints medians and the median per-round ratios
+(throughput relative to ``one adapter``), the max difference between the routed
 and PEFT outputs (a correctness check, not a timing), and file sizes: one routed ONNX file vs base + 8 adapter
 files vs 8 merged ONNX files.
 """
@@ -33,15 +34,26 @@ sys.path.insert(0, str(ROOT))
 N = 8
 
 
-def timeit(fn, reps: int) -> float:
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def interleaved(fns: dict, reps: int) -> tuple[dict, dict]:
+    """Every variant once per round (so a change in machine load hits all of them alike): the median seconds
+    per variant, and the median per-round throughput ratio to the first variant."""
+    for fn in fns.values():
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    ref = next(iter(fns))
+    return ({k: statistics.median(v) for k, v in ts.items()},
+            {k: statistics.median(a / b for a, b in zip(ts[ref], v)) for k, v in ts.items()})
+
+
+def report(title: str, t: dict, ratio: dict) -> None:
+    print(title)
+    for k, v in t.items():
+        print(f"  {k:20s} {v * 1e3:8.2f} ms   {ratio[k]:5.2f}x")
 
 
 def size(path: Path) -> int:
@@ -132,15 +144,13 @@ def main() -> None:
             m(**{k: v[rows[i]] for k, v in batch.items()})
 
     with torch.no_grad():
-        t = {
-            "one adapter": timeit(lambda: single(**batch), args.reps),
-            "routed": timeit(lambda: routed(**batch, adapter_ids=route), args.reps),
-            "8 merged": timeit(run_merged, args.reps),
-            "peft adapter_names": timeit(lambda: pm(**batch, adapter_names=peft_names), args.reps),
-        }
-    print("PyTorch (median s/batch; throughput ÷ one adapter):")
-    for k, v in t.items():
-        print(f"  {k:20s} {v * 1e3:8.2f} ms   {t['one adapter'] / v:5.2f}x")
+        t, ratio = interleaved({
+            "one adapter": lambda: single(**batch),
+            "routed": lambda: routed(**batch, adapter_ids=route),
+            "8 merged": run_merged,
+            "peft adapter_names": lambda: pm(**batch, adapter_names=peft_names),
+        }, args.reps)
+    report("PyTorch (median ms/batch; throughput ÷ one adapter, median of per-round ratios):", t, ratio)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -166,14 +176,13 @@ def main() -> None:
         parts = [{k: v[r.numpy()] for k, v in feed.items()} for r in rows]
         got = sess["routed"].run(["last_hidden_state"], {**feed, "adapter_ids": route.numpy()})[0]
         print(f"check: max |ORT routed - PyTorch routed| = {abs(got - out_r.numpy()).max():.2e}")
-        o = {
-            "one adapter": timeit(lambda: sess["single"].run(None, feed), args.reps),
-            "routed": timeit(lambda: sess["routed"].run(None, {**feed, "adapter_ids": route.numpy()}), args.reps),
-            "8 merged": timeit(lambda: [sess["merged"].run(None, p) for p in parts], args.reps),
-        }
-        print("onnxruntime (median s/batch; throughput ÷ one adapter; '8 merged' = one merged file on 8 row groups):")
-        for k, v in o.items():
-            print(f"  {k:20s} {v * 1e3:8.2f} ms   {o['one adapter'] / v:5.2f}x")
+        o, ratio = interleaved({
+            "one adapter": lambda: sess["single"].run(None, feed),
+            "routed": lambda: sess["routed"].run(None, {**feed, "adapter_ids": route.numpy()}),
+            "8 merged": lambda: [sess["merged"].run(None, p) for p in parts],
+        }, args.reps)
+        report("onnxruntime (median ms/batch; throughput ÷ one adapter; '8 merged' = one merged file on 8 row "
+               "groups):", o, ratio)
         r_size, m_size = size(tmp / "routed.onnx"), size(tmp / "merged.onnx")
         print("files:")
         print(f"  one routed ONNX (base + 8 adapters inside)  {r_size / 2**20:8.2f} MiB")
