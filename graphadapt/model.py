@@ -25,7 +25,7 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
-from .composition.route import ROUTE_INPUT, check_adapter_ids, with_route_parameter
+from .composition.route import ROUTE_INPUT, check_adapter_ids, example_ids, with_route_parameter
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .checkpoints.lifecycle import adapters_disabled
@@ -141,6 +141,15 @@ class AdaptedModel(CapturedModule):
                 if route is None or self.__dict__.get("_call_signature") is None:
                     raise
         return route(self, args, kwargs)
+
+    def example_inputs(self) -> dict:
+        """The capture's example inputs (and, for a ``Route``, example ``adapter_ids`` covering -1 and the adapters)."""
+        out = super().example_inputs()
+        block = self.spec.composition
+        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and block is not None:
+            batch = next((v.shape[0] for v in out.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 2)
+            out[ROUTE_INPUT] = example_ids(batch, len(block.children), self._compute_device)
+        return out
 
     def _check_routed_call(self, args, kwargs) -> None:
         """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route."""

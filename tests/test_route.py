@@ -8,6 +8,7 @@ ids equals each adapter's own generate.
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -191,9 +192,17 @@ def test_leaving_route_drops_the_input(bert):
     model = tiny_bert()
     adapted = ga.apply(model, ga.Spec({"a": ga.LoRA(), "b": ga.LoRA()}, active=ga.Route("a", "b")))
     assert "adapter_ids" in adapted.input_names
+    _perturb(adapted, seed=4)
+    batch, ids = text_inputs(2, 4), torch.tensor([1, 0])
+    buf = io.BytesIO()
+    torch.save(adapted, buf)  # rebuilt from source + spec (Route kept) + adapter tensors
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(**batch, adapter_ids=ids).last_hidden_state,
+                           adapted(**batch, adapter_ids=ids).last_hidden_state)
     adapted.set_active("a")
     assert "adapter_ids" not in adapted.input_names
-    batch = text_inputs(2, 4)
     adapted(**batch)  # the captured signature again
     adapted.set_active(ga.Route("b", "a"))
     adapted(**batch, adapter_ids=torch.tensor([0, 1]))

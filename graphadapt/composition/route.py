@@ -85,8 +85,9 @@ def route_input(gm: fx.GraphModule) -> fx.Node:
 
 
 def sync_route_state(gm, routed: bool, slots: int) -> None:
-    """Make ``gm``'s input bookkeeping (``input_names``, example inputs, dynamic axes, ``_in_spec``) match its graph:
-    ``adapter_ids`` listed iff the plan routes (``slots`` adapters)."""
+    """Make ``gm``'s input bookkeeping (``input_names``, dynamic axes, ``_in_spec``) match its graph: ``adapter_ids``
+    listed iff the plan routes (``slots`` adapters). The capture's example inputs stay the source's (re-captures
+    and pickles use them); ``AdaptedModel.example_inputs()`` adds example ids."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     if info is not None and info.in_spec is not None and "_in_spec" in gm.__dict__:
         gm._in_spec = info.in_spec
@@ -94,13 +95,9 @@ def sync_route_state(gm, routed: bool, slots: int) -> None:
     if names is None:
         return
     names = [n for n in names if n != ROUTE_INPUT]
-    examples = {k: v for k, v in (gm.__dict__.get("_example_inputs") or {}).items() if k != ROUTE_INPUT}
     dims = {k: v for k, v in (gm.__dict__.get("dynamic_dims") or {}).items() if k != ROUTE_INPUT}
     if routed:
         names.append(ROUTE_INPUT)
-        batch = next((v.shape[0] for k, v in examples.items() if isinstance(v, Tensor) and v.dim() > 0), 2)
-        # every adapter and the base model appear among the example rows (export traces and verifies with them)
-        examples[ROUTE_INPUT] = torch.arange(batch, dtype=torch.int64) % (slots + 1) - 1
         axis = next((ax[0] for ax in dims.values() if ax.get(0) == "batch"), None) or \
             next((ax[0] for ax in dims.values() if 0 in ax), None)
         if axis is not None:
@@ -109,10 +106,13 @@ def sync_route_state(gm, routed: bool, slots: int) -> None:
     gm.input_names = names
     if changed and gm.__dict__.get("_call_signature") is not None:
         gm.recompile()  # the call signature shown (and bound by torch.export) gains / loses adapter_ids
-    if "_example_inputs" in gm.__dict__:
-        gm._example_inputs = examples
     if "dynamic_dims" in gm.__dict__:
         gm.dynamic_dims = dims
+
+
+def example_ids(batch: int, slots: int, device=None) -> Tensor:
+    """Example ``adapter_ids``: ``-1, 0, 1, …`` cycling, so the base model and the adapters appear among the rows."""
+    return torch.arange(batch, dtype=torch.int64, device=device) % (slots + 1) - 1
 
 
 def with_route_parameter(sig: inspect.Signature) -> inspect.Signature:
@@ -278,5 +278,6 @@ class ResidualRoute(_Composition):
         return f"{super().extra_repr()}, selection"
 
 
-__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "route_input", "sync_route_state",
+__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "example_ids", "route_input",
+           "sync_route_state",
            "with_route_parameter"]
