@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .composition.route import ROUTE_INPUT, check_adapter_ids
 from .contract import check_generate
 from .errors import GraphAdaptError
 from .kvcache import seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
@@ -103,7 +104,12 @@ def _sync(twin, adapted) -> None:
         mod = twin.get_submodule(owner) if owner else twin
         mod._parameters[leaf] = p
     twin._apply(lambda t: t)  # re-target graph pins if the dtype/device changed
-    twin.set_active(adapted.active_adapters())
+    block = adapted.spec.composition
+    if block is not None and type(block).__name__ == "Route":  # keep the block (and its adapter_ids input)
+        if twin.spec.composition != block:
+            twin.set_active(block)
+    else:
+        twin.set_active(adapted.active_adapters())
     if adapted.is_merged:
         folded = set(adapted._merge_state["report"].folded)
         names = sorted({r.adapter for r in adapted.adapter_records if r.target in folded}
@@ -175,7 +181,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              pad_token_id: int | None = None, decoder_start_token_id: int | None = None,
              generator: torch.Generator | None = None, seed: int | None = None,
              num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float | None = None,
-             early_stopping: bool | str | None = None, output_scores: bool = False):
+             early_stopping: bool | str | None = None, output_scores: bool = False,
+             adapter_ids: torch.Tensor | None = None):
     """Decode ``max_new_tokens`` tokens with the KV cache; returns ids like transformers' ``generate``.
 
     ``model``: an :class:`~graphadapt.AdaptedModel` — a causal LM captured with ``cache=True`` or a
@@ -192,6 +199,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``early_stopping`` default to the generation config: 1.0 and ``False``; ``True``/``False``/
     ``"never"``), returning the best ``num_return_sequences`` per prompt (``[B * n, …]``); the flat
     cache is reordered by beam each step.
+    ``adapter_ids`` (a model whose active block is ``Route``): one id per prompt row (``-1``: base model); beams
+    and returned sequences of a prompt inherit its id.
     ``output_scores=True`` also returns the per-step logits ``[new, B, V]`` (before warping), or with
     beams the final beam scores ``[B * num_return_sequences]`` (transformers' ``sequences_scores``).
     """
@@ -224,8 +233,19 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     if do_sample and generator is None:
         generator = torch.Generator(device=dev).manual_seed(0 if seed is None else seed)
+    routed = ROUTE_INPUT in (getattr(cached, "input_names", None) or ())
+    if routed:
+        block = cached.spec.composition
+        check_adapter_ids(adapter_ids, len(block.children), ids.shape[0], block.children)
+        route = {ROUTE_INPUT: adapter_ids.to(dev)}
+    elif adapter_ids is not None:
+        raise GraphAdaptError("adapter_ids is for a model whose active block is Route (set_active(ga.Route(...))); "
+                              "this model runs one adapter setup for every row: leave adapter_ids out")
+    else:
+        route = {}
     if num_beams > 1:  # every prompt row repeated num_beams times, as transformers expands before the prefill
         ids, mask = ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
+        route = {k: v.repeat_interleave(num_beams, 0) for k, v in route.items()}
     b = ids.shape[0]
 
     if seq2seq:
@@ -237,11 +257,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if start is None:
             raise GraphAdaptError("pass decoder_start_token_id= (the config has none)")
         with torch.no_grad():
-            enc = twins[0](input_ids=ids, attention_mask=mask)["last_hidden_state"]
-        stepper = _Seq2SeqStepper(cached, enc, mask)
+            enc = twins[0](input_ids=ids, attention_mask=mask, **route)["last_hidden_state"]
+        stepper = _Seq2SeqStepper(cached, enc, mask, route)
         out_ids = torch.full((b, 1), int(start), dtype=ids.dtype, device=dev)
     else:
-        stepper = _CausalStepper(cached, mask)
+        stepper = _CausalStepper(cached, mask, route)
         out_ids = ids
     past = {past_input_name(i, kv): torch.zeros(b, layout["kv_heads"], 0, layout["head_dim"], device=dev, dtype=dt)
             for i in range(layout["num_layers"]) for kv in ("key", "value")}
@@ -294,12 +314,12 @@ def _presents(out, num_layers: int, order: torch.Tensor | None = None) -> dict[s
 class _CausalStepper:
     """One decoder-only step: mask grows by one column, positions ``cumsum(mask) - 1`` as transformers."""
 
-    def __init__(self, cached, mask):
-        self.cached, self.mask = cached, mask
+    def __init__(self, cached, mask, route=None):
+        self.cached, self.mask, self.route = cached, mask, route or {}
         self.pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
     def __call__(self, step_ids, past):
-        return self.cached(input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos, **past)
+        return self.cached(input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos, **past, **self.route)
 
     def advance(self):
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
@@ -309,12 +329,12 @@ class _CausalStepper:
 class _Seq2SeqStepper:
     """One decoder step of an encoder-decoder LM over a fixed encoder output and mask."""
 
-    def __init__(self, cached, enc, mask):
-        self.cached, self.enc, self.mask = cached, enc, mask
+    def __init__(self, cached, enc, mask, route=None):
+        self.cached, self.enc, self.mask, self.route = cached, enc, mask, route or {}
 
     def __call__(self, step_ids, past):
         return self.cached(decoder_input_ids=step_ids, encoder_hidden_states=self.enc, attention_mask=self.mask,
-                           **past)
+                           **past, **self.route)
 
     def advance(self):
         pass

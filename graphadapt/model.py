@@ -25,6 +25,7 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
+from .composition.route import ROUTE_INPUT, check_adapter_ids, example_ids, with_route_parameter
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .checkpoints.lifecycle import adapters_disabled
@@ -129,6 +130,8 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ calls
     def _call_impl(self, *args, **kwargs):
+        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()):
+            self._check_routed_call(args, kwargs)
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:
             try:
@@ -140,10 +143,31 @@ class AdaptedModel(CapturedModule):
                     raise
         return route(self, args, kwargs)
 
+    def example_inputs(self) -> dict:
+        """The capture's example inputs (and, for a ``Route``, example ``adapter_ids`` covering -1 and the adapters)."""
+        out = super().example_inputs()
+        block = self.spec.composition
+        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and block is not None:
+            batch = next((v.shape[0] for v in out.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 2)
+            out[ROUTE_INPUT] = example_ids(batch, len(block.children), self._compute_device)
+        return out
+
+    def _check_routed_call(self, args, kwargs) -> None:
+        """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route."""
+        names = list(self.input_names)
+        bound = {**dict(zip(names, args)), **kwargs}
+        ids = bound.get(ROUTE_INPUT)
+        ref = next((v for k, v in bound.items() if k != ROUTE_INPUT and isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        block = self.spec.composition
+        children = block.children if block is not None else ()
+        check_adapter_ids(ids, len(children), None if ref is None else ref.shape[0], children)
+
     def recompile(self):
         out = super().recompile()
         sig = self.__dict__.get("_call_signature")
         if sig is not None:  # inspect.signature(model.forward) shows the source's (transformers.Trainer reads it)
+            if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and ROUTE_INPUT not in sig.parameters:
+                sig = with_route_parameter(sig)  # Route: adapter_ids is a named input (torch.export binds it so)
             type(self).forward.__signature__ = sig
         return out
 
@@ -243,7 +267,7 @@ class AdaptedModel(CapturedModule):
     @exclusive
     def set_active(self, names) -> None:
         """Activate exactly ``names`` (``None``: all; inactive adapters pass their input through), or a
-        composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``).
+        composition block (``Stack``, ``Fuse``, ``Parallel``, ``BatchSplit``, ``Average``, ``Route``).
 
         A block — or leaving one — re-plans from the captured base graph (no re-capture): trained
         adapter weights (and fusion layers) are kept, composition modules rebuilt. A setup the plan

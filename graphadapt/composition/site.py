@@ -32,7 +32,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Protocol, Union, runtime
 import torch
 from torch import Tensor, nn
 
-from ..spec.composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
+from ..spec.composition import Average, BatchSplit, Fuse, Parallel, Route, Split, Stack
 
 
 # --------------------------------------------------------------------------- the typed tree
@@ -130,7 +130,16 @@ class SplitNode(_Inner):
         return out
 
 
-Tree = Union[Leaf, StackNode, FuseNode, AverageNode, SplitNode]
+@dataclass(frozen=True)
+class RouteNode(_Inner):
+    """Per-row routing: row ``j`` runs child ``adapter_ids[j]`` (``-1``: none). Children keep their Route position;
+    a child absent at the site is None (its rows pass through unchanged there). Evaluated by
+    :mod:`graphadapt.composition.route`."""
+
+    label = "Route"
+
+
+Tree = Union[Leaf, StackNode, FuseNode, AverageNode, SplitNode, RouteNode]
 
 
 def prune(node: Any, present: Iterable[str]) -> Optional[Tree]:
@@ -140,6 +149,8 @@ def prune(node: Any, present: Iterable[str]) -> Optional[Tree]:
     if isinstance(node, str):
         return Leaf(node) if node in present else None
     kids = [prune(c, present) for c in node.children]
+    if isinstance(node, Route):  # positions are the ids: keep every slot, even with one live child
+        return None if all(k is None for k in kids) else RouteNode(tuple(kids))
     if isinstance(node, (BatchSplit, Parallel, Split)):
         if all(k is None for k in kids):
             return None
@@ -418,5 +429,5 @@ class AttentionComposition(_Composition):
 
 
 __all__ = ["AttentionComposition", "AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
-           "ResidualState", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
+           "ResidualState", "RouteNode", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
            "attention_refusal", "prune", "tree_names"]

@@ -17,6 +17,11 @@ A pass never probes a module by a method's attribute names (``lora_A``, ``use_do
     evaluation (several adapters stacked, one selected per batch row) and an export taking adapter weights
     as graph inputs are built from (see docs/architecture.md, "Deployment extensions").
 
+  - optionally ``routed_form(W, b) → RoutedForm | None``: the module's effect as terms that per-row routing
+    (``Route``) stacks over adapters and gathers by row — live tensors (gradients flow), None when no such form
+    is exact right now (a fused slice, a gate, dropout in training): routing then runs the module on every row
+    and selects.
+
 Residual-point modules follow :class:`graphadapt.composition.site.ResidualSiteModule` (``pre``/``core``/``post``).
 """
 
@@ -37,6 +42,43 @@ class LowRankDelta:
     B: Tensor
     """``[out, r]`` (detached)."""
     scale: float
+
+
+@dataclass(frozen=True)
+class RoutedForm:
+    """A linear-site module's effect on the full ``[out, in]`` site, as terms stackable over adapters::
+
+        y' = y + gain ⊙ (y − b) + shift + (x Aᵀ) (factor ⊙ scale · B)ᵀ + (x ⊙ in_gain) Wᵀ
+
+    Every term is optional (None: absent). LoRA: ``A, B, scale``; DoRA: also ``factor = m/‖W + s·BA‖`` and
+    ``gain = factor − 1``; IA3 on outputs: ``gain = l − 1, shift = (l − 1) ⊙ b``; IA3 on inputs: ``in_gain = l − 1``.
+    """
+
+    A: Tensor | None = None
+    """``[r, in]``."""
+    B: Tensor | None = None
+    """``[out, r]``."""
+    scale: float = 1.0
+    factor: Tensor | None = None
+    """``[out]``: multiplies the low-rank term per output channel."""
+    gain: Tensor | None = None
+    """``[out]``: times ``y − b``."""
+    shift: Tensor | None = None
+    """``[out]``: added."""
+    in_gain: Tensor | None = None
+    """``[in]``: ``(x ⊙ in_gain) Wᵀ`` added."""
+
+
+@runtime_checkable
+class RoutableModule(Protocol):
+    """A linear-site module that offers a :class:`RoutedForm` (when it has one)."""
+
+    def routed_form(self, weight: Tensor, bias: Tensor | None = None) -> RoutedForm | None: ...
+
+
+def routed_form(mod, weight: Tensor, bias: Tensor | None = None) -> RoutedForm | None:
+    """The module's :class:`RoutedForm`, or None when it has none (or does not offer one)."""
+    return mod.routed_form(weight, bias) if isinstance(mod, RoutableModule) else None
 
 
 @runtime_checkable
@@ -69,4 +111,5 @@ def low_rank_delta(mod) -> LowRankDelta | None:
     return mod.low_rank_delta() if isinstance(mod, LowRankModule) else None
 
 
-__all__ = ["FoldableModule", "LinearSiteModule", "LowRankDelta", "LowRankModule", "low_rank_delta"]
+__all__ = ["FoldableModule", "LinearSiteModule", "LowRankDelta", "LowRankModule", "RoutableModule", "RoutedForm",
+           "low_rank_delta", "routed_form"]

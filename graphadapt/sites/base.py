@@ -64,6 +64,11 @@ class SiteKindPlugin:
     def refuse_composition(self, site, key: str, names: tuple[str, ...], tree: Tree, describe) -> bool:
         """Called by the plan when a block covers ``names`` at a site of a non-composable kind. Raise
         :class:`SpecError` to refuse; return False to apply a lone adapter as it is (inside any block)."""
+        from ..composition.site import RouteNode
+
+        if isinstance(tree, RouteNode):  # applied as it is, it would run on every row, whatever its id
+            raise SpecError(f"Route routes adapters at linear sites and residual points only; {list(names)} "
+                            f"sit at the {self.kind} site {key} — leave them out of the Route", field="active")
         if len(names) > 1:
             raise SpecError(f"adapters {list(names)} share the {self.kind} site {key}; composition blocks are "
                             f"defined at linear sites and residual points only, not at {self.kind} sites",

@@ -14,6 +14,8 @@ when the model is re-planned.
 from __future__ import annotations
 
 from ..composition.insert import COMPOSE, fusion_layer
+from ..composition.route import route_input
+from ..composition.site import RouteNode
 from ..passes import AdapterRecord, InsertContext, PassResult
 from ..vocab import ADAPTERS, adapter_target
 from .base import get_site_kind
@@ -32,6 +34,10 @@ def insert_compositions(gm, ctx: InsertContext, combos, sites: dict, seed: int, 
             return fusion_layer(gm, name, key, config, width, seed, dropout, ref)
 
         layer, role, fl = get_site_kind(c.kind).compose(gm, ctx, target, site, c.tree, mods, make)
+        if isinstance(c.tree, RouteNode):  # Route: the composition module also reads the row → adapter ids
+            ids = route_input(gm)
+            for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]:
+                node.args = (*node.args, ids)
         text = c.tree.describe()
         for name in fl:
             records.append(AdapterRecord(adapter=name, method="fusion", site=c.site, target=adapter_target(name, c.site),

@@ -18,7 +18,8 @@ offsets ``(x, y, W, b, routing)``. Composition blocks are not defined there yet.
 
 from __future__ import annotations
 
-from ..composition.site import LinearComposition, describe, fusions
+from ..composition.route import LinearRoute
+from ..composition.site import LinearComposition, RouteNode, describe, fusions
 from ..errors import SpecError
 from ..passes import linear as linear_pass
 from ..passes.select import select_linear_sites
@@ -59,7 +60,7 @@ class LinearKind(SiteKindPlugin):
     def compose(self, gm, ctx, target, site, tree, modules, fusion_layer):
         w = gm.get_parameter(site.weight)
         fl = {name: fusion_layer(name, cfg, site.total_out, w) for name, cfg in fusions(tree)}
-        gm.add_submodule(target, LinearComposition(tree, modules, fl))
+        gm.add_submodule(target, (LinearRoute if isinstance(tree, RouteNode) else LinearComposition)(tree, modules, fl))
         linear_pass.insert_call(gm, target, site)
         return site.layer, site.role, fl
 

@@ -13,7 +13,8 @@ The method protocol (:class:`graphadapt.methods.base.ResidualSiteMethod`): ``pos
 
 from __future__ import annotations
 
-from ..composition.site import ResidualComposition, fusions
+from ..composition.route import ResidualRoute
+from ..composition.site import ResidualComposition, RouteNode, fusions
 from ..passes import residual as residual_pass
 from ..vocab import CombinePolicy, SiteKind
 from .base import SiteKindPlugin, register_site_kind
@@ -44,7 +45,12 @@ class ResidualKind(SiteKindPlugin):
     def compose(self, gm, ctx, target, site, tree, modules, fusion_layer):
         ref = residual_pass.reference_parameter(gm, site)
         fl = {name: fusion_layer(name, cfg, site.hidden_size, ref) for name, cfg in fusions(tree)}
-        gm.add_submodule(target, ResidualComposition(tree, modules, fl))
+        if isinstance(tree, RouteNode):
+            norm = site.site.norm_after
+            mod = ResidualRoute(tree, modules, norm.kind if norm is not None else None, norm.eps if norm else 0.0)
+        else:
+            mod = ResidualComposition(tree, modules, fl)
+        gm.add_submodule(target, mod)
         residual_pass.wire_residual(gm, ctx, target, site)
         return site.layer.index, site.position, fl
 

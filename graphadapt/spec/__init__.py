@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ._frozen import FrozenMapping
 from .base import MethodSpec, register_method, registered_methods, registered_presets
-from .composition import Average, BatchSplit, Block, Fuse, Parallel, Split, Stack
+from .composition import Average, BatchSplit, Block, Fuse, Parallel, Route, Split, Stack
 from .spec import FORMAT_VERSION, Spec, as_spec
 from .targets import ALL_LINEAR, ROLES, TARGET_HELP, LinearTargets, expand_roles, selector_matches, target_kind
 
@@ -25,6 +25,7 @@ __all__ = [
     "Block",
     "Fuse",
     "Parallel",
+    "Route",
     "Stack",
     "FORMAT_VERSION",
     "FrozenMapping",

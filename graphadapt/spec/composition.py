@@ -6,6 +6,7 @@
     BatchSplit("a", "b", batch_sizes=[2, 3])   rows 0-1 go through a, rows 2-4 through b
     Split("a", "b", splits=[4, 6])             sequence positions 0-3 go through a, 4-9 through b
     Average("a", "b", weights=[.7, .3])        weighted average of the children's outputs
+    Route("a", "b")                    each row picks one adapter by the ``adapter_ids`` input (-1: none)
 
 Blocks nest (``Stack("unipelt", Fuse("a", "b"))``); :data:`ALLOWED_NESTINGS` says which
 nestings have a defined meaning. A block is checked against the adapters of a :class:`Spec`
@@ -44,6 +45,9 @@ def _children(kind: str, children: Iterable[Any]) -> tuple[Child, ...]:
         if isinstance(c, Mapping):
             c = block_from_dict(c)
         if isinstance(c, Block):
+            if not ALLOWED_NESTINGS[kind]:
+                raise SpecError(f"{label} children are adapter names only, got a {type(c).__name__} block",
+                                field="active")
             if type(c).__name__ not in ALLOWED_NESTINGS[kind]:
                 raise SpecError(f"{label} cannot contain a {type(c).__name__} block (allowed inside {label}: "
                                 f"{', '.join(ALLOWED_NESTINGS[kind])})", field="active")
@@ -273,7 +277,27 @@ class Fuse(Block):
         return out
 
 
-BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average, Split)}
+@dataclass(frozen=True, init=False, repr=False)
+class Route(Block):
+    """Per-row routing: the adapted model takes one more input, ``adapter_ids`` (int64 ``[batch]``); row ``j``
+    runs only adapter ``children[adapter_ids[j]]``, and ``-1`` runs the base model (no adapter).
+
+    Children are adapter names (no nested blocks), each named once. Linear-site adapters with a stacked form
+    (LoRA, DoRA, IA3) are evaluated as one gathered batched product; others run per row by selection
+    (graphadapt.composition.route).
+    """
+
+    kind: ClassVar[str] = "route"
+
+    def _validate(self) -> None:
+        names = list(self.children)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SpecError(f"Route names adapter {twice[0]!r} twice; each adapter gets one id (its position in "
+                            "the Route)", field="active")
+
+
+BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average, Split, Route)}
 ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {  # AdapterHub 1.3's ALLOWED_NESTINGS
     "stack": ("Stack", "Fuse", "Parallel", "BatchSplit", "Average", "Split"),
     "fuse": ("Stack",),
@@ -281,6 +305,7 @@ ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {  # AdapterHub 1.3's ALLOWED_NES
     "batch_split": ("Stack", "BatchSplit", "Average", "Split"),
     "average": ("Stack", "BatchSplit", "Split"),
     "split": ("Split", "Stack", "BatchSplit", "Average"),
+    "route": (),
 }
 
 
@@ -302,4 +327,4 @@ def block_from_dict(d: Mapping[str, Any]) -> Block:
 
 
 __all__ = ["ALLOWED_NESTINGS", "Average", "BLOCKS", "BatchSplit", "Block", "FUSION_OPTIONS", "FUSION_PRESETS", "Fuse",
-           "Parallel", "Split", "Stack", "block_from_dict"]
+           "Parallel", "Route", "Split", "Stack", "block_from_dict"]

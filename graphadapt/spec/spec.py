@@ -78,7 +78,7 @@ class Spec:
     )
     active: tuple[str, ...] | Block | None = spec_field(
         None, help="The adapters active in the forward pass: None (all), a list of names (several at one linear "
-        "site chain in spec order), or a composition block (Stack, Fuse, Parallel, BatchSplit, Average) over "
+        "site chain in spec order), or a composition block (Stack, Fuse, Parallel, BatchSplit, Average, Route) over "
         "adapter names."
     )
     seed: int | None = spec_field(

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from graphadapt.errors import MergeError, SpecError
 from graphadapt.methods.gates import InputGate
 from graphadapt.methods.sliced import SlicedSiteModule
+from graphadapt.passes.modules import RoutedForm
 
 __all__ = ["IA3Module"]
 
@@ -106,6 +107,16 @@ class IA3Module(SlicedSiteModule):
         rows = self._rows(weight)
         delta = F.linear(x * (l.flatten() - 1), rows.to(l.dtype))
         return self._replace_slice(y, self._own(y) + delta)
+
+    def routed_form(self, weight: Tensor, bias: Tensor | None = None) -> RoutedForm | None:
+        """Stackable terms for per-row routing (live tensors): output scaling ``gain = l − 1``, ``shift = (l − 1) ⊙ b``;
+        input scaling ``in_gain = l − 1``. None when gated or on a fused slice / ``[in, out]`` layout."""
+        if self.gate is not None or self.out_slice is not None or self.out_rows is not None or self.fan_in_fan_out:
+            return None
+        g = self._scale().flatten() - 1
+        if self.feedforward:
+            return RoutedForm(in_gain=g)
+        return RoutedForm(gain=g, shift=None if bias is None else g * bias)
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()

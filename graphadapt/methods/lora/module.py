@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from graphadapt.errors import CheckpointError, MergeError, SpecError
 from graphadapt.methods.gates import InputGate
 from graphadapt.methods.sliced import SlicedSiteModule
-from graphadapt.passes.modules import LowRankDelta
+from graphadapt.passes.modules import LowRankDelta, RoutedForm
 
 __all__ = ["LoRAGate", "LoRAModule"]
 
@@ -216,6 +216,19 @@ class LoRAModule(SlicedSiteModule):
                 or self.fan_in_fan_out or self.lora_bias is not None:
             return None
         return LowRankDelta(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+
+    def routed_form(self, weight: Tensor, bias: Tensor | None = None) -> RoutedForm | None:
+        """This module's effect as stackable terms for per-row routing (live tensors): plain/rsLoRA ``A, B, s``;
+        DoRA adds ``factor = m/‖W + s·BA‖`` (norm detached) and ``gain = factor − 1``. None where that is not
+        the forward exactly: gated, a fused slice or row set, ``[in, out]`` layout, dropout while training."""
+        if self.use_gating or self.out_slice is not None or self.out_rows is not None or self.fan_in_fan_out \
+                or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        if not self.use_dora:
+            return RoutedForm(A=self.lora_A, B=self.lora_B, scale=self.scaling)
+        lora_weight = (self.lora_B @ self.lora_A).to(weight.dtype)
+        factor = self._dora_factor(weight, lora_weight, self.scaling)
+        return RoutedForm(A=self.lora_A, B=self.lora_B, scale=self.scaling, factor=factor, gain=factor - 1)
 
     def adapterhub_tensors(self) -> dict[str, nn.Parameter]:
         """AdapterHub ``loras`` key → parameter (:mod:`graphadapt.methods.adapterhub_loras`)."""
