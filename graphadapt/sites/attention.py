@@ -447,6 +447,10 @@ class AttentionKind(SiteKindPlugin):
     def refuse_composition(self, site, key, names, tree, describe):
         """Stack, BatchSplit and Parallel compose prefixes as AdapterHub does; its prefix layer defines no other
         block (its ``Average`` raises ``NotImplementedError``), so neither does graphadapt."""
+        from ..composition.site import RouteNode
+
+        if isinstance(tree, RouteNode):  # a prefix applied as it is would run on every row, whatever its id
+            return super().refuse_composition(site, key, names, tree, describe)
         if len(names) == 1 and not _splits_rows(tree):
             return False  # a lone prefix inside a block that does not divide the batch applies as it is
         why = attention_refusal(tree)
