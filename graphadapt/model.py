@@ -27,6 +27,7 @@ from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
+from .hotswap import hot_swap, prepare_slots
 from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
 from .passes.portability import retarget
@@ -527,6 +528,29 @@ class AdaptedModel(CapturedModule):
         if self.is_merged:
             raise GraphAdaptError("unmerge() before loading adapters")
         return load_adapter_weights(self, directory, strict=strict)
+
+    # ------------------------------------------------------------------ hot-swap (graphadapt/hotswap.py)
+    @serialised
+    @exclusive
+    def prepare_hot_swap(self, max_rank: int | None = None, names=None) -> dict[str, int | None]:
+        """Make adapters ``names`` (default: all) swap slots of rank ``max_rank`` (zero-padded, exact; scaling
+        folded into the tensors): same outputs, and later :meth:`hot_swap` calls change no shape. Call it before
+        ``torch.compile``. Returns ``{adapter: slot rank}``. See docs/deployment.md, "Hot-swap"."""
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before preparing hot-swap slots")
+        return prepare_slots(self, max_rank, names)
+
+    @serialised
+    @exclusive
+    def hot_swap(self, name: str, source, adapter: str | None = None) -> dict[str, int]:
+        """Load another adapter into slot ``name`` in place, without changing the graph (a compiled model does
+        not recompile). ``source``: an adapted model of the same base (its adapter ``adapter``, default its only
+        one), a checkpoint directory (graphadapt or PEFT), or ``{"<site>.<param>": tensor}`` in slot form. Same
+        sites, method and options, rank at most the slot's; anything else raises and leaves the model as it was."""
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before hot-swapping an adapter (merged weights live in the base)")
+        return hot_swap(self, name, source, adapter, recapture=self.services.recapture,
+                        base=getattr(self, "_source_model", None))
 
     # ------------------------------------------------------------------ metadata
     def graphadapt_metadata(self) -> dict[str, str]:

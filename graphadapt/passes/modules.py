@@ -17,6 +17,15 @@ A pass never probes a module by a method's attribute names (``lora_A``, ``use_do
     evaluation (several adapters stacked, one selected per batch row) and an export taking adapter weights
     as graph inputs are built from (see docs/architecture.md, "Deployment extensions").
 
+* optionally, any module: the *swap slot* protocol (:class:`SwappableModule`), used by swappable ONNX exports
+  (``graphadapt.exporters.swappable``) and hot-swap (``graphadapt.hotswap``): ``swap_refusal`` (str or None),
+  ``swap_rank()`` (the size zero-padded up to a slot's ``max_rank``: LoRA's rank, a bottleneck's width; None
+  when there is none), ``swap_signature()`` (what must match between a slot and what goes into it),
+  ``swap_tensors(rank)`` (the module's tensors in *slot form*: constants that differ between adapters, such as
+  LoRA's ``alpha/r``, folded into them, rank-like dims zero-padded to ``rank``; keys are parameter names of the
+  module once in slot form) and ``make_swap_slot_(rank)`` (turn the module into its slot form in place: same
+  function, its parameters exactly ``swap_tensors(rank)``).
+
 Residual-point modules follow :class:`graphadapt.composition.site.ResidualSiteModule` (``pre``/``core``/``post``).
 """
 
@@ -69,4 +78,27 @@ def low_rank_delta(mod) -> LowRankDelta | None:
     return mod.low_rank_delta() if isinstance(mod, LowRankModule) else None
 
 
-__all__ = ["FoldableModule", "LinearSiteModule", "LowRankDelta", "LowRankModule", "low_rank_delta"]
+@runtime_checkable
+class SwappableModule(Protocol):
+    """A module whose weights can be replaced by another adapter's without changing the graph (see above)."""
+
+    swap_refusal: str | None
+
+    def swap_rank(self) -> int | None: ...
+
+    def swap_signature(self) -> tuple: ...
+
+    def swap_tensors(self, rank: int | None = None) -> dict[str, Tensor]: ...
+
+    def make_swap_slot_(self, rank: int | None = None) -> None: ...
+
+
+def swap_refusal(mod) -> str | None:
+    """Why ``mod`` has no swap slot form (None when it has one)."""
+    if not isinstance(mod, SwappableModule):
+        return f"{type(mod).__name__} does not offer the swap slot protocol (graphadapt.passes.modules.SwappableModule)"
+    return mod.swap_refusal
+
+
+__all__ = ["FoldableModule", "LinearSiteModule", "LowRankDelta", "LowRankModule", "SwappableModule", "low_rank_delta",
+           "swap_refusal"]
