@@ -243,12 +243,12 @@ def export_onnx_adapter(adapted: nn.Module, name: str, path: str | os.PathLike, 
     return path
 
 
-def verify_swappable(onnx_path: str | os.PathLike, reference: nn.Module, adapter_file: str | os.PathLike | None = None,
+def verify_swappable(onnx_path: str | os.PathLike, reference: nn.Module, adapter_file=None,
                      *, example_inputs: dict[str, Any] | None = None, inputs: dict[str, torch.Tensor] | None = None,
                      atol: float | None = None, rtol: float | None = None, providers: list[str] | None = None,
                      session=None) -> VerifyResult:
     """Compare a swappable export with PyTorch: run with its defaults (``adapter_file`` None) or with
-    ``adapter_file`` active (``RunOptions.add_active_adapter``), against ``reference`` (the adapted model whose
+    ``adapter_file`` (a path, or a list of paths: one per slot) active (``RunOptions.add_active_adapter``), against ``reference`` (the adapted model whose
     active adapter is the one expected). ``session``: reuse an ``InferenceSession`` of ``onnx_path`` (this is
     what serving does: one session, adapters switched per run). Raises :class:`VerificationError` past
     ``|onnx - torch| <= atol + rtol·|torch|`` (fp32 defaults)."""
@@ -263,22 +263,25 @@ def verify_swappable(onnx_path: str | os.PathLike, reference: nn.Module, adapter
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(onnx_path), opts, providers=verification_providers(providers))
     run_options = ort.RunOptions()
-    if adapter_file is not None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_file))
-        run_options.add_active_adapter(adapter)
+    files = [] if adapter_file is None else (
+        [adapter_file] if isinstance(adapter_file, (str, os.PathLike)) else list(adapter_file))
+    adapters = []  # RunOptions holds the adapters by raw pointer: they must outlive the run
+    for f in files:  # one file per slot; several slots may be swapped in one run
+        adapters.append(ort.LoraAdapter())
+        adapters[-1].Load(str(f))
+        run_options.add_active_adapter(adapters[-1])
     feeds = {i.name: inputs[i.name].cpu().numpy() for i in session.get_inputs()}
     try:
         outputs = session.run(None, feeds, run_options)
     except Exception as e:
         raise VerificationError(f"onnxruntime could not run {Path(onnx_path).name}"
-                                + (f" with adapter {adapter_file}" if adapter_file else "")
+                                + (f" with adapter(s) {[str(f) for f in files]}" if files else "")
                                 + f": {_model.one_line(e)}") from e
     with _model.inference_mode(reference), torch.no_grad():
         ref = [t.detach() for t in _model.flat_tensors(reference(**inputs))]
     names = [o.name for o in session.get_outputs()]
     shapes = {k: tuple(v.shape) for k, v in inputs.items()}
-    what = f" with {Path(adapter_file).name}" if adapter_file else " with its default adapter"
+    what = f" with {', '.join(Path(f).name for f in files)}" if files else " with its default adapters"
     max_abs, max_rel = compare(names, ref, outputs, atol, rtol, f" on inputs {shapes}{what}")
     return VerifyResult(max_abs_diff=max_abs, max_rel_diff=max_rel, atol=atol, rtol=rtol,
                         providers=session.get_providers(), input_shapes=shapes)
