@@ -41,8 +41,8 @@ def slot_modules(model, name: str, error=GraphAdaptError) -> dict[str, nn.Module
     for key, mod in mods.items():
         why = swap_refusal(mod)
         if why:
-            raise error(f"adapter {name!r} cannot be swapped at {key}: {why}. Swappable adapters: LoRA (plain, "
-                        "rsLoRA, DoRA, gated), IA3 and bottleneck adapters (not PHM)")
+            raise error(f"adapter {name!r} cannot be swapped at {key}: {why}. Only methods whose modules offer a "
+                        "swap slot form can be swapped (docs/deployment.md lists the built-in ones)")
     return mods
 
 
