@@ -56,8 +56,10 @@ def _load(args):
     from .zoo import default_model, load_model_with_report
 
     task, num_labels = getattr(args, "task", None), getattr(args, "num_labels", None)
-    if num_labels is None and getattr(args, "peft", None) and task in ("seq-cls", "token-cls"):
-        num_labels = _peft_num_labels(args.peft)
+    peft = getattr(args, "peft", None)
+    peft = peft[0] if isinstance(peft, list) else peft  # `pack` takes several (--peft is repeatable there)
+    if num_labels is None and peft and task in ("seq-cls", "token-cls"):
+        num_labels = _peft_num_labels(peft)
         if num_labels is not None:
             print(f"      --num-labels {num_labels} (the classifier the PEFT checkpoint trained)")
     args.new_params = []
