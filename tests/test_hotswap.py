@@ -98,7 +98,7 @@ def test_swap_into_compiled_model_does_not_recompile(setup):
         torch._dynamo.reset()
 
 
-def test_refused_swaps_leave_the_model_untouched(setup):
+def test_refused_swaps_leave_the_model_untouched(setup, tmp_path):
     model, bn_src, x, refs = setup
     m = copy.deepcopy(model)
     with pytest.raises(GraphAdaptError, match="prepare_hot_swap"):  # alpha/r is not folded yet
@@ -121,6 +121,12 @@ def test_refused_swaps_leave_the_model_untouched(setup):
     assert (_out(m, x) - refs["default"]).abs().max() < 1e-5
     with pytest.raises(GraphAdaptError, match="more than max_rank"):
         copy.deepcopy(model).prepare_hot_swap(max_rank=2, names=["lora"])
+    # a slot no longer matches its spec (padded, scaling folded): saving it under that spec is refused
+    with pytest.raises(GraphAdaptError, match="hot-swap slots"):
+        m.save_adapters(tmp_path / "slots")
+    with pytest.raises(GraphAdaptError, match="hot-swap slots"):
+        copy.deepcopy(m).to_peft(tmp_path / "peft", "lora")
+    m.save_adapters(tmp_path / "b1", names=["b1"])  # adapters that are not slots still save
 
 
 def test_hot_swap_from_checkpoint_directory(setup, tmp_path):
