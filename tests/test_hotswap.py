@@ -16,7 +16,7 @@ import graphadapt as ga
 from graphadapt.errors import GraphAdaptError
 from tests.helpers import perturb_adapters, text_inputs, tiny_bert, tiny_llama
 
-SLOTS = ["lora", "dora", "ia3", "bn"]
+SLOTS = ["lora", "dora", "ia3", "bn", "gated"]
 
 
 def _out(model, x):
@@ -37,6 +37,8 @@ def setup():
         "ia3_b": ga.IA3(targets=["k", "down"], feedforward=["down"]),
         "too_big": ga.LoRA(r=16, targets=["q", "v"]),
         "elsewhere": ga.LoRA(r=2, targets=["q"]),
+        "gated": ga.LoRA(r=2, targets=["up"], use_gating=True),     # the gate replaces alpha/r: B is not scaled
+        "gated_b": ga.LoRA(r=4, alpha=7, targets=["up"], use_gating=True),
     }, active=SLOTS)
     model = ga.apply(tiny_bert(), spec)
     perturb_adapters(model, seed=1, std=0.2)
@@ -46,7 +48,7 @@ def setup():
     bn_src.eval()
     x = text_inputs()
     refs = {}
-    for slot, alt in (("lora", "b1"), ("lora", "b2"), ("dora", "dora_b"), ("ia3", "ia3_b")):
+    for slot, alt in (("lora", "b1"), ("lora", "b2"), ("dora", "dora_b"), ("ia3", "ia3_b"), ("gated", "gated_b")):
         model.set_active([alt if s == slot else s for s in SLOTS])
         refs[alt] = _out(model, x)
     model.set_active(SLOTS)
@@ -57,9 +59,9 @@ def setup():
 def test_hot_swap_matches_independently_built_adapters(setup):
     model, bn_src, x, refs = setup
     m = copy.deepcopy(model)
-    assert m.prepare_hot_swap(max_rank=8, names=SLOTS) == {"lora": 8, "dora": 8, "ia3": None, "bn": 8}
+    assert m.prepare_hot_swap(max_rank=8, names=SLOTS) == {"lora": 8, "dora": 8, "ia3": None, "bn": 8, "gated": 8}
     assert (_out(m, x) - refs["default"]).abs().max() < 1e-5  # slot form (padded, scale folded): same model
-    for alt, slot in (("b1", "lora"), ("b2", "lora"), ("dora_b", "dora"), ("ia3_b", "ia3")):
+    for alt, slot in (("b1", "lora"), ("b2", "lora"), ("dora_b", "dora"), ("ia3_b", "ia3"), ("gated_b", "gated")):
         m.hot_swap(slot, model, adapter=alt)
         assert (_out(m, x) - refs[alt]).abs().max() < 1e-5, alt
         m.hot_swap(slot, model, adapter=slot)  # and back
