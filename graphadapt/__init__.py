@@ -28,6 +28,7 @@ from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fu
 
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
+         "export_onnx_adapter": "exporters", "verify_swappable": "exporters",
          "save_adapters": "checkpoints", "save_merged": "checkpoints.merged", "add_head": "heads"}
 
 
@@ -49,4 +50,5 @@ __all__ = [
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",
     "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
     "add_head",
+    "export_onnx_adapter", "verify_swappable",
 ]

@@ -1,4 +1,4 @@
-"""``graphadapt`` command line: inspect | apply | export | verify | demo.
+"""``graphadapt`` command line: inspect | apply | export | verify | pack | demo.
 
 Every stage prints one progress line (with steps or elapsed time on long stages); ``--json``
 prints one JSON object on stdout for machines (progress goes to stderr). A failed verification
@@ -56,8 +56,10 @@ def _load(args):
     from .zoo import default_model, load_model_with_report
 
     task, num_labels = getattr(args, "task", None), getattr(args, "num_labels", None)
-    if num_labels is None and getattr(args, "peft", None) and task in ("seq-cls", "token-cls"):
-        num_labels = _peft_num_labels(args.peft)
+    peft = getattr(args, "peft", None)
+    peft = peft[0] if isinstance(peft, list) else peft  # `pack` takes several (--peft is repeatable there)
+    if num_labels is None and peft and task in ("seq-cls", "token-cls"):
+        num_labels = _peft_num_labels(peft)
         if num_labels is not None:
             print(f"      --num-labels {num_labels} (the classifier the PEFT checkpoint trained)")
     args.new_params = []
@@ -335,6 +337,54 @@ def cmd_verify(args) -> int:
     return EXIT_OK
 
 
+def cmd_pack(args) -> int:
+    """Adapter checkpoints → onnxruntime adapter files for a swappable export (docs/cli.md, docs/deployment.md)."""
+    from .api import import_adapterhub, import_peft, load
+    from .errors import VerificationError
+    from .exporters.swappable import ADAPTER_SUFFIX, export_onnx_adapter, read_swappable, verify_swappable
+
+    sources = [("graphadapt", d) for d in args.adapters or []] + [("peft", d) for d in args.peft or []] + \
+        [("adapterhub", d) for d in args.adapterhub or []]
+    if not sources:
+        raise SystemExit("graphadapt pack: give at least one checkpoint (--adapters, --peft or --adapterhub DIR)")
+    meta, _ = read_swappable(args.onnx)  # not a swappable export: refused before the model is loaded
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    single = len(meta["slots"]) == 1
+    results = []
+    with _machine_output(args):
+        prog = _Progress(1 + len(sources))
+        with prog.stage("load model"):
+            name, model, how = _load(args)
+        _say_loaded(model, how)
+        readers = {"graphadapt": lambda d: load(model, d), "peft": lambda d: import_peft(model, d),
+                   "adapterhub": lambda d: import_adapterhub(model, d)}
+        for kind, d in sources:
+            with prog.stage(f"pack {kind} checkpoint {d}"):
+                adapted = readers[kind](d)
+                names = list(adapted.spec.adapters)
+                for adapter in names:
+                    stem = Path(d).name + (f".{adapter}" if len(names) > 1 else "")
+                    path = export_onnx_adapter(adapted, adapter, out / f"{stem}{ADAPTER_SUFFIX}",
+                                               onnx_model=args.onnx, slot=args.slot, overwrite=args.overwrite)
+                    row = {"checkpoint": str(d), "format": kind, "adapter": adapter, "file": str(path),
+                           "bytes": path.stat().st_size, "verified": False}
+                    if args.verify and single:  # with several slots the others keep the export's defaults
+                        adapted.set_active(adapter)
+                        try:
+                            res = verify_swappable(args.onnx, adapted, path)
+                        except VerificationError as e:
+                            print(f"verification FAILED for {path}: {e}", file=sys.stderr)
+                            return EXIT_VERIFY
+                        row.update(verified=True, max_abs_diff=res.max_abs_diff)
+                    results.append(row)
+                    print(f"      {path} ({row['bytes']:,} bytes)" + (
+                        f", verified: max abs diff {max(row['max_abs_diff'].values()):.2e}" if row["verified"] else ""))
+    if args.json:
+        _emit_json({"ok": True, "onnx": args.onnx, "files": results})
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import check_out_dir, run_demo, run_generate_demo
 
@@ -434,6 +484,22 @@ def build_parser() -> argparse.ArgumentParser:
     tolerances(s)
     s.add_argument("--json", action="store_true", help="machine-readable result on stdout (progress on stderr)")
     s.set_defaults(fn=cmd_verify)
+
+    s = command("pack", "pack adapter checkpoints (graphadapt, PEFT, AdapterHub) into onnxruntime adapter files for "
+                        "a swappable export (export_onnx(..., swappable=True))")
+    s.add_argument("onnx", help="the swappable ONNX export the files are for")
+    model_args(s)
+    s.add_argument("--adapters", action="append", metavar="DIR", help="graphadapt adapter checkpoint (repeatable)")
+    s.add_argument("--peft", action="append", metavar="DIR", help="PEFT checkpoint directory (repeatable)")
+    s.add_argument("--adapterhub", action="append", metavar="DIR",
+                   help="AdapterHub save_adapter directory (repeatable)")
+    s.add_argument("--slot", default=None, help="the export's slot the adapters go into (default: its only slot)")
+    s.add_argument("-o", "--output", default="adapters", help="directory for the <checkpoint>.onnx_adapter files")
+    s.add_argument("--overwrite", action="store_true", help="replace existing adapter files")
+    s.add_argument("--no-verify", dest="verify", action="store_false", default=True,
+                   help="skip the onnxruntime-vs-PyTorch check (done when the export has one slot)")
+    s.add_argument("--json", action="store_true", help="machine-readable result on stdout (progress on stderr)")
+    s.set_defaults(fn=cmd_pack)
 
     s = command("demo", "LoRA + adapter on the embedded model: train, merge, export, verify, time")
     s.add_argument("--task", default="classify", choices=["classify", "generate"],

@@ -28,6 +28,7 @@ from .composition.insert import COMPOSE
 from .composition.route import ROUTE_INPUT, check_adapter_ids, example_ids, with_route_parameter
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
+from .hotswap import hot_swap, prepare_slots
 from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
 from .arithmetic import add_weighted_adapter, to_low_rank
@@ -102,7 +103,7 @@ class AdaptedModel(CapturedModule):
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
         "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning",
-        "_call_signature", "_positional_names", "_route", "_checkpoint_options", "services")
+        "_call_signature", "_positional_names", "_route", "_checkpoint_options", "services", "_swap_slots")
 
     services: ModelServices = BASIC_SERVICES
     """The services this model delegates to (:class:`ModelServices`; set by ``graphadapt.api``)."""
@@ -182,6 +183,7 @@ class AdaptedModel(CapturedModule):
         return res
 
     def __reduce__(self):  # pickle / torch.save: rebuilt from source model + spec + adapters (graphadapt.pickling)
+        self._refuse_swap_slots("pickle")
         reduce = self.services.reduce
         return reduce(self) if reduce is not None else super().__reduce__()
 
@@ -545,6 +547,7 @@ class AdaptedModel(CapturedModule):
         """Write ``spec.json`` + ``adapters.safetensors`` (adapter weights only) to ``directory``."""
         if self.is_merged:
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
+        self._refuse_swap_slots("save", names)
         return save_adapters(self, directory, names, overwrite=overwrite)
 
     def save_pretrained(self, save_directory, names=None, state_dict=None, safe_serialization: bool = True,
@@ -568,12 +571,14 @@ class AdaptedModel(CapturedModule):
             raise GraphAdaptError("unmerge() before saving adapters (merged weights live in the base)")
         if not is_main_process:
             return None
+        self._refuse_swap_slots("save", names)
         return write_pretrained(self, save_directory, names, overwrite=overwrite)
 
     def to_peft(self, directory, name: str | None = None, overwrite: bool = False):
         """Write adapter ``name`` (default: the only one) and the ``modules_to_save`` in PEFT's format, for
         ``peft.PeftModel.from_pretrained(base, directory)``; LoRA (incl. rsLoRA, DoRA) and IA3 at whole
         linear layers. See :mod:`graphadapt.checkpoints.peft_export`."""
+        self._refuse_swap_slots("export to PEFT", None if name is None else [name])
         return write_peft(self, directory, name, overwrite=overwrite)
 
     def trainable_state_dict(self, enabled: bool = True) -> AdaptedModel:
@@ -591,6 +596,42 @@ class AdaptedModel(CapturedModule):
         if self.is_merged:
             raise GraphAdaptError("unmerge() before loading adapters")
         return load_adapter_weights(self, directory, strict=strict)
+
+    # ------------------------------------------------------------------ hot-swap (graphadapt/hotswap.py)
+    @serialised
+    @exclusive
+    def prepare_hot_swap(self, max_rank: int | None = None, names=None) -> dict[str, int | None]:
+        """Make adapters ``names`` (default: all) swap slots of rank ``max_rank`` (zero-padded, exact; scaling
+        folded into the tensors): same outputs, and later :meth:`hot_swap` calls change no shape. Call it before
+        ``torch.compile``. Returns ``{adapter: slot rank}``. See docs/deployment.md, "Hot-swap"."""
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before preparing hot-swap slots")
+        ranks = prepare_slots(self, max_rank, names)
+        self._swap_slots = {**(self.__dict__.get("_swap_slots") or {}), **ranks}
+        return ranks
+
+    def _refuse_swap_slots(self, what: str, names=None) -> None:
+        """Slots hold padded tensors with the scaling folded in (and, after a swap, another adapter's weights):
+        they no longer match their spec, so writing them under it would load wrongly."""
+        slots = self.__dict__.get("_swap_slots") or {}
+        names = list(self.spec.adapters) if names is None else ([names] if isinstance(names, str) else list(names))
+        hit = [n for n in names if n in slots]
+        if hit:
+            raise GraphAdaptError(f"cannot {what} adapter(s) {hit}: they are hot-swap slots (prepare_hot_swap: rank "
+                                  "padded, scaling folded into the tensors), which no longer match their spec; "
+                                  f"{what} the adapters you swap in from their own models or checkpoints instead")
+
+    @serialised
+    @exclusive
+    def hot_swap(self, name: str, source, adapter: str | None = None) -> dict[str, int]:
+        """Load another adapter into slot ``name`` in place, without changing the graph (a compiled model does
+        not recompile). ``source``: an adapted model of the same base (its adapter ``adapter``, default its only
+        one), a checkpoint directory (graphadapt or PEFT), or ``{"<site>.<param>": tensor}`` in slot form. Same
+        sites, method and options, rank at most the slot's; anything else raises and leaves the model as it was."""
+        if self.is_merged:
+            raise GraphAdaptError("unmerge() before hot-swapping an adapter (merged weights live in the base)")
+        return hot_swap(self, name, source, adapter, recapture=self.services.recapture,
+                        base=getattr(self, "_source_model", None))
 
     # ------------------------------------------------------------------ metadata
     def graphadapt_metadata(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from graphadapt.exporters.onnx import ExportReport, export_onnx
 from graphadapt.exporters.decoder import export_decoder_onnx, verify_decoder_onnx
+from graphadapt.exporters.swappable import export_onnx_adapter, read_swappable, verify_swappable
 from graphadapt.exporters.triton import export_triton, parse_config, triton_config
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, VerifyResult, fresh_inputs, verify_onnx
 
@@ -19,6 +20,9 @@ __all__ = [
     "VerifyResult",
     "export_decoder_onnx",
     "export_onnx",
+    "export_onnx_adapter",
+    "read_swappable",
+    "verify_swappable",
     "export_triton",
     "fresh_inputs",
     "parse_config",

@@ -30,6 +30,7 @@ from graphadapt.contract import check_export
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
 from graphadapt.exporters import _model, fusion
+from graphadapt.exporters import swappable as swappable_export
 from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
@@ -146,6 +147,8 @@ def export_onnx(
     verify_part_bytes: int | None = None,
     optimize: str | None = None,
     overwrite: bool = False,
+    swappable: bool = False,
+    max_rank: int | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -181,6 +184,12 @@ def export_onnx(
             written. ``ExportReport.fused_ops`` counts the fused ops (docs/export.md).
         overwrite: replace an existing ``path`` that graphadapt did not export (without it such a
             file is refused before any work; an earlier graphadapt export is replaced).
+        swappable: write the base graph with every active adapter as a *slot*: its tensors are graph inputs
+            with defaults (initializers of the same name, the exported adapter), so onnxruntime swaps in any
+            adapter file of the same sites and options (:func:`export_onnx_adapter`) in one session
+            (:mod:`graphadapt.exporters.swappable`, docs/deployment.md). fp32 only; implies ``merge=False``.
+        max_rank: with ``swappable``, the slots' rank (LoRA rank, bottleneck width): smaller adapters are
+            zero-padded to it, exactly. Default: each exported adapter's own rank.
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -200,6 +209,10 @@ def export_onnx(
         raise ExportError(f"directory {path.parent} does not exist; create it before exporting to {path.name}")
     _check_opset(opset)
     fusion.check_optimize(optimize)
+    if swappable and (tdtype != torch.float32 or optimize):
+        raise ExportError("swappable=True exports fp32 without optimize= for now; drop dtype/optimize")
+    if max_rank is not None and not swappable:
+        raise ExportError("max_rank is the rank of swappable slots; pass swappable=True with it")
     refuse_quantized(model, "ONNX export", "Int4 (MatMulNBits) export of packed weights is not built yet; export a "
                      "model loaded unquantized instead.", ExportError)
     check_writable(path.parent, ExportError, "output directory")
@@ -212,6 +225,12 @@ def export_onnx(
     primary, model = model, _model.for_inputs(model, inputs)
     axes = _model.dynamic_axes(model, inputs, dynamic)
     check_export(model, inputs, dynamic, ExportError)  # graphadapt.contract: missing inputs, fixed-batch compositions
+    traced, trace_inputs, lifted = model, inputs, None
+    if swappable:  # adapter tensors become static graph inputs (with defaults, added after the export)
+        lifted = swappable_export.lift(model, max_rank, list(inputs))
+        traced, trace_inputs, merge = lifted.module, {**inputs, **lifted.inputs}, False
+        axes = {**axes, **{k: {} for k in lifted.inputs}}
+        io_names = {**(io_names or {}), **lifted.io_names}
 
     memory = PeakRSS()
     # a graphadapt model is merged into the export copy, weight by weight, and never itself;
@@ -223,7 +242,7 @@ def export_onnx(
         # a custom verify_fn takes the export copy as its reference, which then needs real values
         t = time.perf_counter()
         with memory.phase("prepare"):
-            export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy,
+            export_model, export_inputs, names = _prepare(traced, trace_inputs, tdtype, into_copy,
                                                           lazy=into_copy and verify_fn is None)
         seconds["prepare"] = time.perf_counter() - t
 
@@ -234,7 +253,7 @@ def export_onnx(
                 # the exporter transformed a placeholder weight (constant folding): export from real values
                 del program, export_model
                 release_memory()
-                export_model, export_inputs, names = _prepare(model, inputs, tdtype, into_copy, lazy=False)
+                export_model, export_inputs, names = _prepare(traced, trace_inputs, tdtype, into_copy, lazy=False)
                 program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
             if optimize == "ort":
                 fusion.cancel_transpose_pairs(program.model)
@@ -244,6 +263,9 @@ def export_onnx(
                 for value in [*program.model.graph.inputs, *program.model.graph.outputs]:
                     value.name = io_names.get(value.name, value.name)
                 axes = {io_names.get(k, k): v for k, v in axes.items()}
+            if lifted is not None:
+                swappable_export.add_defaults(program, lifted)
+                axes = {k: v for k, v in axes.items() if k not in lifted.defaults}
         seconds["export"] = time.perf_counter() - t
 
         meta = _model.metadata(model)
@@ -299,7 +321,9 @@ def export_onnx(
                     # verify_onnx takes the reference from the box, runs it, and drops it before
                     # onnxruntime loads the file: the two copies of the weights never coexist
                     # (a lazily merged copy holds placeholders: the reference is then made from ``model``)
-                    box = [None if getattr(export_model, "graphadapt_lazy_folds", None) else export_model]
+                    # (a swappable export's reference is the model itself, not the copy with lifted slots)
+                    box = [None if getattr(export_model, "graphadapt_lazy_folds", None) or lifted is not None
+                           else export_model]
                     del export_model
                     release_memory()
                     with memory.phase("verify"):

@@ -170,7 +170,8 @@ def check_onnx_file(path: str | Path) -> None:
 
 
 def graph_io(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Inputs and outputs of an ONNX file as ``{"name", "elem_type", "dims"}`` (dims: int, str or None)."""
+    """Required inputs and outputs of an ONNX file as ``{"name", "elem_type", "dims"}`` (dims: int, str or
+    None); inputs with a default (an initializer of the same name) are left out."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
@@ -186,7 +187,9 @@ def graph_io(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
             out.append({"name": v.name, "elem_type": t.elem_type, "dims": dims})
         return out
 
-    return describe(proto.graph.input), describe(proto.graph.output)
+    # an input with an initializer of its name has a default (a swappable adapter tensor): not required
+    defaults = {t.name for t in proto.graph.initializer}
+    return describe([v for v in proto.graph.input if v.name not in defaults]), describe(proto.graph.output)
 
 
 def onnx_float_dtype(path: str | Path) -> torch.dtype:

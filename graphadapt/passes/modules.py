@@ -21,6 +21,14 @@ A pass never probes a module by a method's attribute names (``lora_A``, ``use_do
     (``Route``) stacks over adapters and gathers by row — live tensors (gradients flow), None when no such form
     is exact right now (a fused slice, a gate, dropout in training): routing then runs the module on every row
     and selects.
+* optionally, any module: the *swap slot* protocol (:class:`SwappableModule`), used by swappable ONNX exports
+  (``graphadapt.exporters.swappable``) and hot-swap (``graphadapt.hotswap``): ``swap_refusal`` (str or None),
+  ``swap_rank()`` (the size zero-padded up to a slot's ``max_rank``: LoRA's rank, a bottleneck's width; None
+  when there is none), ``swap_signature()`` (what must match between a slot and what goes into it),
+  ``swap_tensors(rank)`` (the module's tensors in *slot form*: constants that differ between adapters, such as
+  LoRA's ``alpha/r``, folded into them, rank-like dims zero-padded to ``rank``; keys are parameter names of the
+  module once in slot form) and ``make_swap_slot_(rank)`` (turn the module into its slot form in place: same
+  function, its parameters exactly ``swap_tensors(rank)``).
 
 Residual-point modules follow :class:`graphadapt.composition.site.ResidualSiteModule` (``pre``/``core``/``post``).
 """
@@ -111,5 +119,27 @@ def low_rank_delta(mod) -> LowRankDelta | None:
     return mod.low_rank_delta() if isinstance(mod, LowRankModule) else None
 
 
+@runtime_checkable
+class SwappableModule(Protocol):
+    """A module whose weights can be replaced by another adapter's without changing the graph (see above)."""
+
+    swap_refusal: str | None
+
+    def swap_rank(self) -> int | None: ...
+
+    def swap_signature(self) -> tuple: ...
+
+    def swap_tensors(self, rank: int | None = None) -> dict[str, Tensor]: ...
+
+    def make_swap_slot_(self, rank: int | None = None) -> None: ...
+
+
+def swap_refusal(mod) -> str | None:
+    """Why ``mod`` has no swap slot form (None when it has one)."""
+    if not isinstance(mod, SwappableModule):
+        return f"{type(mod).__name__} does not offer the swap slot protocol (graphadapt.passes.modules.SwappableModule)"
+    return mod.swap_refusal
+
+
 __all__ = ["FoldableModule", "LinearSiteModule", "LowRankDelta", "LowRankModule", "RoutableModule", "RoutedForm",
-           "low_rank_delta", "routed_form"]
+           "SwappableModule", "low_rank_delta", "routed_form", "swap_refusal"]

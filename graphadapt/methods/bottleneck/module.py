@@ -409,6 +409,62 @@ class BottleneckAdapter(nn.Module):
         y, _ = self.core(x, res)
         return self.post(y, h, residual, ln_weight, ln_bias)
 
+    # --------------------------------------------------------------- swap slots (passes.modules.SwappableModule)
+    @property
+    def swap_refusal(self) -> str | None:
+        if self.phm_layer:
+            return "PHM bottleneck adapter: its weights are Kronecker factors (possibly shared), not one slot"
+        return None
+
+    def swap_rank(self) -> int:
+        return self.bottleneck_size
+
+    def swap_signature(self) -> tuple:
+        """Everything but the bottleneck width and a constant scaling must match."""
+        return ("bottleneck", self.hidden_size, self.non_linearity, self.original_ln_before, self.original_ln_after,
+                self.residual_before_ln, self.adapter_residual_before_ln, self.ln_before, self.ln_after,
+                self.is_parallel, self.use_gating, self.scaling_kind,
+                self.norm_kind, self.norm_eps, self.phm_layer)
+
+    @torch.no_grad()
+    def swap_tensors(self, rank: int | None = None) -> dict[str, Tensor]:
+        """Slot form: a constant ``scaling`` folded into ``up`` (weight and bias); the bottleneck zero-padded to
+        ``rank`` (padded units: zero ``down`` rows and bias, zero ``up`` columns — they add exactly ``0``)."""
+        if self.swap_refusal:
+            raise ValueError(self.swap_refusal)
+        size = self.bottleneck_size
+        rank = size if rank is None else int(rank)
+        if rank < size:
+            raise ValueError(f"bottleneck size {size} does not fit a slot of rank {rank}")
+        s = self.scaling if self.scaling_kind == "float" else 1.0
+        out = {k: v.detach().clone() for k, v in self.named_parameters()}
+        down_w = self.adapter_down.weight.new_zeros(rank, self.hidden_size)
+        down_w[:size] = self.adapter_down.weight
+        down_b = self.adapter_down.bias.new_zeros(rank)
+        down_b[:size] = self.adapter_down.bias
+        up_w = self.adapter_up.weight.new_zeros(self.hidden_size, rank)
+        up_w[:, :size] = self.adapter_up.weight * s
+        out.update({"adapter_down.weight": down_w, "adapter_down.bias": down_b, "adapter_up.weight": up_w,
+                    "adapter_up.bias": self.adapter_up.bias * s})
+        return out
+
+    @torch.no_grad()
+    def make_swap_slot_(self, rank: int | None = None) -> None:
+        """In place: bottleneck ``rank`` (padded), constant scaling ``1`` folded into ``up``; the same function."""
+        tensors = self.swap_tensors(rank)
+        grad = self.adapter_down.weight.requires_grad
+        w = tensors["adapter_down.weight"]
+        down = AdapterLinear(self.hidden_size, w.shape[0], dtype=w.dtype, device=w.device)
+        up = AdapterLinear(w.shape[0], self.hidden_size, dtype=w.dtype, device=w.device)
+        for lin, key in ((down, "adapter_down"), (up, "adapter_up")):
+            lin.weight.copy_(tensors[f"{key}.weight"])
+            lin.bias.copy_(tensors[f"{key}.bias"])
+            lin.requires_grad_(grad)
+        self.adapter_down, self.adapter_up = down, up
+        self.bottleneck_size = w.shape[0]
+        if self.scaling_kind == "float":
+            self.scaling = 1.0
+
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "

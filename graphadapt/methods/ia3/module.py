@@ -153,6 +153,31 @@ class IA3Module(SlicedSiteModule):
         self._commit_rows(new_weight, rows)
         return new_weight, new_bias
 
+    # ------------------------------------------------------------------ swap slots (passes.modules.SwappableModule)
+    swap_refusal = None
+
+    def swap_rank(self) -> None:
+        return None  # a vector: nothing to pad
+
+    def swap_signature(self) -> tuple:
+        return ("ia3", self.in_features, self.out_features, self.feedforward, self.gate is not None,
+                self.fan_in_fan_out, self.out_slice, self.total_out, self.out_rows)
+
+    @torch.no_grad()
+    def swap_tensors(self, rank: int | None = None) -> dict[str, Tensor]:
+        """Slot form: ``alpha · l`` (``l`` when gated: the gate replaces ``alpha``), plus the gate."""
+        out = {"ia3_l": (self.ia3_l if self.gate is not None else self._scale()).detach().clone()}
+        if self.gate is not None:
+            out.update({f"gate.{k}": v.detach().clone() for k, v in self.gate.named_parameters()})
+        return out
+
+    @torch.no_grad()
+    def make_swap_slot_(self, rank: int | None = None) -> None:
+        """In place: ``alpha`` folded into ``l``; the same function."""
+        self.ia3_l = nn.Parameter(self.swap_tensors()["ia3_l"], requires_grad=self.ia3_l.requires_grad)
+        if self.gate is None:
+            self.alpha = 1.0
+
     def adapterhub_tensors(self) -> dict[str, nn.Parameter]:
         """AdapterHub ``loras`` key → parameter (its IA3 vector is ``lora_B`` [out, 1]; see
         :mod:`graphadapt.methods.adapterhub_loras`)."""

@@ -229,6 +229,45 @@ class LoRAModule(SlicedSiteModule):
         lora_weight = (self.lora_B @ self.lora_A).to(weight.dtype)
         factor = self._dora_factor(weight, lora_weight, self.scaling)
         return RoutedForm(A=self.lora_A, B=self.lora_B, scale=self.scaling, factor=factor, gain=factor - 1)
+    # ------------------------------------------------------------------ swap slots (passes.modules.SwappableModule)
+    swap_refusal = None
+
+    def swap_rank(self) -> int:
+        return self.r
+
+    def swap_signature(self) -> tuple:
+        """Everything but rank and scaling must match between a slot and the adapter swapped into it."""
+        return ("lora", self.in_features, self.out_features, self.use_dora, self.gate is not None,
+                self.fan_in_fan_out, self.out_slice, self.total_out, self.out_rows)
+
+    @torch.no_grad()
+    def swap_tensors(self, rank: int | None = None) -> dict[str, Tensor]:
+        """Slot form: ``A`` and ``s·B`` (the gate replaces ``s`` when gated: ``B``), zero-padded to ``rank``
+        rows of ``A`` / columns of ``B`` — exact, the padded directions add ``0``; DoRA's norm is unchanged."""
+        rank = self.r if rank is None else int(rank)
+        if rank < self.r:
+            raise ValueError(f"rank {self.r} does not fit a slot of rank {rank}")
+        a = self.lora_A.new_zeros(rank, self.in_features)
+        a[: self.r] = self.lora_A
+        b = self.lora_B.new_zeros(self.out_features, rank)
+        b[:, : self.r] = self.lora_B if self.gate is not None else self.lora_B * self.scaling
+        out = {"lora_A": a, "lora_B": b}
+        if self.lora_magnitude is not None:
+            out["lora_magnitude"] = self.lora_magnitude.detach().clone()
+        if self.gate is not None:
+            out.update({f"gate.{k}": v.detach().clone() for k, v in self.gate.named_parameters()})
+        return out
+
+    @torch.no_grad()
+    def make_swap_slot_(self, rank: int | None = None) -> None:
+        """In place: rank ``rank`` (padded), scaling ``1`` folded into ``B``; the same function."""
+        tensors = self.swap_tensors(rank)
+        grad = self.lora_A.requires_grad
+        self.lora_A = nn.Parameter(tensors["lora_A"], requires_grad=grad)
+        self.lora_B = nn.Parameter(tensors["lora_B"], requires_grad=grad)
+        self.r = tensors["lora_A"].shape[0]
+        if self.gate is None:
+            self.alpha, self.use_rslora, self.scaling = float(self.r), False, 1.0
 
     def adapterhub_tensors(self) -> dict[str, nn.Parameter]:
         """AdapterHub ``loras`` key → parameter (:mod:`graphadapt.methods.adapterhub_loras`)."""
