@@ -17,6 +17,8 @@ from .methods.prompt import PromptTuning
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
+from .inference import optimize_for_inference
+from .compiling import compile_module as compile
 from . import signatures  # noqa: F401,E402  (other call signatures, gradient checkpointing)
 from . import generation  # noqa: F401,E402  (public module; api hands its generate to every AdaptedModel)
 from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
@@ -43,4 +45,5 @@ __all__ = [
     "CheckpointError", "ExportError", "VerificationError",
     "export_onnx", "export_triton", "verify_onnx", "export_decoder_onnx", "verify_decoder_onnx", "generate", "load",
     "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
+    "compile", "optimize_for_inference",
 ]
