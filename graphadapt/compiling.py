@@ -55,6 +55,9 @@ class CompiledForward:
         return fn
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            # traced by torch.export / torch.onnx.export / an outer torch.compile: hand them the plain graph
+            return type(self.module).forward(self.module, *args, **kwargs)
         for name, axis in self._dynamic:
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor) and t.dim() > axis:
