@@ -32,11 +32,12 @@ class InferenceModule(CapturedModule):
 
 
 def optimize_for_inference(model, *, dropout: bool = True, low_rank: bool = True,
-                           concat: bool = True) -> InferenceModule:
+                           concat: bool = True, concat_up: bool = True) -> InferenceModule:
     """An eval-only copy of ``model`` (an adapted or captured model) with the inference passes applied.
 
     ``dropout``: remove the (identity) dropout nodes; ``low_rank``: replace low-rank adapter calls by explicit
-    GEMMs with the scaling folded into B; ``concat``: one down-projection GEMM for the sites sharing an input.
+    GEMMs with the scaling folded into B; ``concat``: one down-projection GEMM for the sites sharing an input, and
+    with ``concat_up`` one up-projection GEMM for them too (block-diagonal ``s·B``).
     ``info`` on the result says what each pass did. Call it with the same inputs as ``model``."""
     if not isinstance(model, CapturedModule):
         raise GraphAdaptError(f"optimize_for_inference takes a graphadapt model, got {type(model).__name__}")
@@ -53,7 +54,8 @@ def optimize_for_inference(model, *, dropout: bool = True, low_rank: bool = True
     if dropout:
         info["remove_eval_dropout"] = run_pass("remove_eval_dropout", remove_eval_dropout, inf).info
     if low_rank:
-        info["lower_low_rank"] = run_pass("lower_low_rank", lower_low_rank, inf, concat=concat).info
+        info["lower_low_rank"] = run_pass("lower_low_rank", lower_low_rank, inf, concat=concat,
+                                             concat_up=concat_up).info
     inf.delete_all_unused_submodules()
     inf.recompile()
     inf.info = info

@@ -57,7 +57,7 @@ def test_dropout_nodes_gone_in_eval():
 def test_scaling_folded_into_B_is_bitwise(llama):
     inf = ga.optimize_for_inference(llama, concat=False)
     sites = len(llama.adapter_records)
-    assert inf.info["lower_low_rank"] == {"lowered": sites, "identity": 0, "gemms": sites}
+    assert inf.info["lower_low_rank"] == {"lowered": sites, "identity": 0, "gemms": sites, "up_gemms": sites}
     assert not adapter_call_nodes(inf)  # every LoRA call became explicit GEMMs
     mod = llama.get_submodule(llama.adapter_records[0].target)
     assert torch.equal(inf._lowered_0_B0, mod.low_rank_delta().B * 2)
@@ -71,10 +71,17 @@ def test_one_gemm_for_down_projections_sharing_an_input(llama):
     layers = llama.config.num_hidden_layers
     # per layer: q/k/v share the normed stream, gate/up share the other one, o and down stand alone
     assert inf.info["lower_low_rank"]["gemms"] == 4 * layers
+    assert inf.info["lower_low_rank"]["up_gemms"] == 4 * layers
     widths = sorted(b.shape[0] for n, b in inf.named_buffers() if n.startswith(LOWERED_PREFIX) and n.endswith("_A"))
     assert widths == sorted([12, 4, 8, 4] * layers)
+    hidden, kv = llama.config.hidden_size, llama.config.hidden_size // 2  # 2 of 4 heads are kv heads
+    assert inf._lowered_0_B.shape == (hidden + 2 * kv, 12)  # block-diagonal s·B of q, k, v
+    assert not inf._lowered_0_B[:hidden, 4:].any()
     ref = _out(llama)
     assert (_out(inf) - ref).abs().max() <= 1e-6 * ref.abs().max()
+    separate = ga.optimize_for_inference(llama, concat_up=False)
+    assert separate.info["lower_low_rank"]["up_gemms"] == len(llama.adapter_records)
+    assert (_out(separate) - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
 def test_non_power_of_two_scale_and_inactive_adapters():
