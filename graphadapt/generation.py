@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 
+from .compiling import compiled_options
 from .concurrency import reading
 from .contract import check_generate
 from .errors import GraphAdaptError
+from .inference import optimize_for_inference
+from .vocab import ADAPTERS
 from .kvcache import seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
 
 __all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
@@ -132,6 +135,27 @@ def _merged_key(twin, adapted, backups, own) -> tuple:
             tuple(tied))
 
 
+def _decoding_graph(cached):
+    """What unmerged eval decoding runs: an inference copy of the cached graph (:mod:`graphadapt.inference`: low-rank
+    adapters as concatenated GEMMs with the scaling folded in, no dropout), built once and reused while the graph,
+    dtype/device, active adapters and every adapter tensor (identity, storage, in-place version) are unchanged —
+    an optimizer step or ``load_adapters`` rebuilds it. Merged, training or compiled models decode as they are."""
+    records = cached.__dict__.get("adapter_records")
+    if not records or cached.training or getattr(cached, "is_merged", True) or compiled_options(cached) is not None:
+        return cached
+    key = (cached._code, cached._compute_dtype, cached._compute_device,
+           tuple((n, id(p), p.data_ptr(), p._version) for n, p in cached.get_submodule(ADAPTERS).named_parameters()),
+           tuple(bool(getattr(cached.get_submodule(r.target), "active", True)) for r in records))
+    hit = cached.__dict__.get("_decoding_copy")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fast = optimize_for_inference(cached)
+    if not fast.info["lower_low_rank"]["lowered"] and not fast.info["remove_eval_dropout"]["removed"]:
+        fast = cached  # nothing the passes could do: keep the model's own graph
+    cached.__dict__["_decoding_copy"] = (key, fast)
+    return fast
+
+
 # --------------------------------------------------------------------------- generate
 def _generation_config(model):
     """The source model's ``generation_config`` (else its config): default eos/pad ids, as transformers."""
@@ -201,7 +225,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     input_ids, attention_mask = check_generate(model, input_ids, attention_mask, max_new_tokens)  # graphadapt.contract
     # a tuple of prepared twins (e.g. dtype-converted copies, as the ONNX verification builds) is taken as is
     twins = list(model) if isinstance(model, tuple) else generation_twins(model)
-    cached = twins[-1]
+    cached = _decoding_graph(twins[-1])
     layout = cached.decoder_cache
     seq2seq = bool(layout.get("encoder_decoder"))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():

@@ -127,3 +127,27 @@ def test_merged_graph_has_the_base_node_count(spec):
     a.merge(strict=True)
     assert len(a.graph.nodes) == base_nodes
     torch.testing.assert_close(_out(a), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerged_decoding_runs_the_inference_copy_and_follows_edits():
+    a = ga.apply(tiny_llama(causal_lm=True, num_hidden_layers=1), ga.LoRA(r=4, targets=("q", "k", "v")), cache=True)
+    perturb_adapters(a)
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def hf_tokens():
+        return a.to_base_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                          do_sample=False, pad_token_id=0)
+
+    out = a.generate(ids, max_new_tokens=6)
+    key, fast = a.__dict__["_decoding_copy"]
+    assert fast is not a and fast.info["lower_low_rank"]["lowered"] == 3
+    assert torch.equal(out, hf_tokens())
+    a.generate(ids, max_new_tokens=6)
+    assert a.__dict__["_decoding_copy"][1] is fast  # reused while nothing changed
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if n.startswith("adapters."):
+                p.mul_(-3)
+    out2 = a.generate(ids, max_new_tokens=6)  # an in-place edit rebuilds the copy
+    assert a.__dict__["_decoding_copy"][1] is not fast
+    assert torch.equal(out2, hf_tokens())
