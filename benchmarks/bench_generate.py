@@ -1,7 +1,7 @@
 """Decoding latency of an adapted causal LM, measured side by side in one run (ratios, not absolutes).
 
     python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10] [--beams 4]
-        [--clock wall|cpu]
+        [--clock wall|cpu] [--compiled]
 
 A seeded Llama-style model (GQA) built from a config, LoRA (r=8) on q/v with non-zero weights.
 Reports:
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--compiled", action="store_true",
+                    help="add a row: the merged cache=True model after adapted.compile() (inductor; compiles first)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -141,10 +143,20 @@ def main() -> None:
                 if n.startswith("adapters."):
                     theirs[n].copy_(p)
         other.merge()
+    if args.compiled:
+        import copy
+
+        compiled = copy.deepcopy(merged)  # a copy runs eagerly until compiled itself
+        compiled.compile()
+        t0 = time.perf_counter()
+        compiled.generate(ids, mask, max_new_tokens=args.new)
+        print(f"(compiled decoding: first generate, compiling included, {time.perf_counter() - t0:.0f} s)")
     rows = {"hf": hf_generate, "ga": ga_generate,
             "ga_merged": lambda: merged.generate(ids, mask, max_new_tokens=args.new),
             "plain": lambda: plain.generate(ids, mask, max_new_tokens=args.new),
             "plain_merged": lambda: plain_merged.generate(ids, mask, max_new_tokens=args.new)}
+    if args.compiled:
+        rows["ga_compiled"] = lambda: compiled.generate(ids, mask, max_new_tokens=args.new)
     try:
         import peft
 
@@ -170,7 +182,8 @@ def main() -> None:
     per = {k: (v[0] / args.new, v[1] / args.new) for k, v in r.items()}
     labels = {"hf": "HF generate (merged weights)", "ga": "graphadapt generate, unmerged LoRA",
               "ga_merged": "graphadapt generate, merged", "plain": "plain capture (twin), unmerged",
-              "plain_merged": "plain capture (twin), merged", "peft": "PEFT generate, unmerged LoRA"}
+              "plain_merged": "plain capture (twin), merged", "peft": "PEFT generate, unmerged LoRA",
+              "ga_compiled": "graphadapt, merged, adapted.compile()"}
     for k, label in labels.items():
         if k in per:
             tail = "" if k == "hf" else f"   ratio {per[k][0] / per['hf'][0]:.2f}   same tokens: {same[k]}"

@@ -22,6 +22,8 @@ from .methods.mtl_lora import MTLLoRA
 from .capture import capture
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
+from .inference import optimize_for_inference
+from .compiling import compile_module as compile
 from . import signatures  # noqa: F401,E402  (other call signatures, gradient checkpointing)
 from . import generation  # noqa: F401,E402  (public module; api hands its generate to every AdaptedModel)
 from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fusion, import_peft, inspect, load, merge, plan
@@ -51,4 +53,5 @@ __all__ = [
     "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
     "add_head",
     "export_onnx_adapter", "verify_swappable",
+    "compile", "optimize_for_inference",
 ]

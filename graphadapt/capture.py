@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .compiling import compile_module, uncompile_module
 from .contract import check_boundary, relax_derived_minimums
 from .errors import CaptureError
 from .passes import run_pass
@@ -338,6 +339,20 @@ class CapturedModule(fx.GraphModule):
 
     def eval(self):
         return self.train(False)
+
+    # -- compiled path (graphadapt/compiling.py)
+    def compile(self, **torch_compile_kwargs):
+        """Run the captured graph through ``torch.compile`` from now on (in place; returns the model).
+
+        Keyword arguments go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ``fullgraph`` — True by
+        default: the captured graph compiles as one graph or raises). The input checks stay eager; one compiled
+        graph is kept per graph this model runs (merge/unmerge, train/eval, a composition change), and batch
+        and sequence axes stay dynamic. :meth:`uncompile` goes back to eager. See docs/deployment.md."""
+        return compile_module(self, **torch_compile_kwargs)
+
+    def uncompile(self):
+        """Back to eager execution of the graph (drops the compiled code)."""
+        return uncompile_module(self)
 
     # -- moves
     def _apply(self, fn, recurse=True):

@@ -240,15 +240,19 @@ def check_export(model, inputs: dict, dynamic: bool, error: type[Exception]) -> 
 
 def _added_positions(model) -> int:
     """Positions active adapters prepend before the position embedding (an adapter module's ``added_positions``)."""
-    n = 0
-    for r in model.__dict__.get("adapter_records") or ():
-        try:
-            m = model.get_submodule(r.target)
-        except AttributeError:
-            continue
-        if getattr(m, "active", True):
-            n += int(getattr(m, "added_positions", 0) or 0)
-    return n
+    records = model.__dict__.get("adapter_records") or ()
+    cached = model.__dict__.get("_position_adders")
+    if cached is None or cached[0] is not records:  # resolved once per set of records, not on every call
+        adders = []
+        for r in records:
+            try:
+                m = model.get_submodule(r.target)
+            except AttributeError:
+                continue
+            if getattr(m, "added_positions", 0):
+                adders.append(m)
+        cached = model.__dict__["_position_adders"] = (records, adders)
+    return sum(int(getattr(m, "added_positions", 0) or 0) for m in cached[1] if getattr(m, "active", True))
 
 
 def check_call(model, kwargs: dict) -> dict:

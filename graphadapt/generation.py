@@ -18,8 +18,12 @@ from typing import Any
 import torch
 
 from .composition.route import ROUTE_INPUT, check_adapter_ids
+from .compiling import compiled_options
+from .concurrency import reading
 from .contract import check_generate
 from .errors import GraphAdaptError
+from .inference import optimize_for_inference
+from .vocab import ADAPTERS
 from .kvcache import seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
 
 __all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
@@ -137,6 +141,27 @@ def _merged_key(twin, adapted, backups, own) -> tuple:
             tuple(tied))
 
 
+def _decoding_graph(cached):
+    """What unmerged eval decoding runs: an inference copy of the cached graph (:mod:`graphadapt.inference`: low-rank
+    adapters as concatenated GEMMs with the scaling folded in, no dropout), built once and reused while the graph,
+    dtype/device, active adapters and every adapter tensor (identity, storage, in-place version) are unchanged —
+    an optimizer step or ``load_adapters`` rebuilds it. Merged, training or compiled models decode as they are."""
+    records = cached.__dict__.get("adapter_records")
+    if not records or cached.training or getattr(cached, "is_merged", True) or compiled_options(cached) is not None:
+        return cached
+    key = (cached._code, cached._compute_dtype, cached._compute_device,
+           tuple((n, id(p), p.data_ptr(), p._version) for n, p in cached.get_submodule(ADAPTERS).named_parameters()),
+           tuple(bool(getattr(cached.get_submodule(r.target), "active", True)) for r in records))
+    hit = cached.__dict__.get("_decoding_copy")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fast = optimize_for_inference(cached)
+    if not fast.info["lower_low_rank"]["lowered"] and not fast.info["remove_eval_dropout"]["removed"]:
+        fast = cached  # nothing the passes could do: keep the model's own graph
+    cached.__dict__["_decoding_copy"] = (key, fast)
+    return fast
+
+
 # --------------------------------------------------------------------------- generate
 def _generation_config(model):
     """The source model's ``generation_config`` (else its config): default eos/pad ids, as transformers."""
@@ -209,7 +234,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     input_ids, attention_mask = check_generate(model, input_ids, attention_mask, max_new_tokens)  # graphadapt.contract
     # a tuple of prepared twins (e.g. dtype-converted copies, as the ONNX verification builds) is taken as is
     twins = list(model) if isinstance(model, tuple) else generation_twins(model)
-    cached = twins[-1]
+    cached = _decoding_graph(twins[-1])
     layout = cached.decoder_cache
     seq2seq = bool(layout.get("encoder_decoder"))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -311,15 +336,29 @@ def _presents(out, num_layers: int, order: torch.Tensor | None = None) -> dict[s
             for i in range(num_layers) for kv in ("key", "value") for t in (out[f"present.{i}.{kv}"],)}
 
 
+def _step(cached, checked: bool, **inputs):
+    """One call of the cached graph. The first step goes through the model's input contract; later steps'
+    inputs are built by this loop from the first step's (same names, dtypes and device, one column longer), so
+    they run the graph's ``forward`` directly (still under the model's read lock, compiled if it is): the
+    per-step checks cost ≈ 10% of a decode step of a small model."""
+    if not checked:
+        return cached(**inputs)
+    with reading(cached):
+        return cached.forward(**inputs, **cached.constant_inputs)
+
+
 class _CausalStepper:
     """One decoder-only step: mask grows by one column, positions ``cumsum(mask) - 1`` as transformers."""
 
     def __init__(self, cached, mask, route=None):
-        self.cached, self.mask, self.route = cached, mask, route or {}
+        self.cached, self.mask, self.route, self.checked = cached, mask, route or {}, False
         self.pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
     def __call__(self, step_ids, past):
-        return self.cached(input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos, **past, **self.route)
+        out = _step(self.cached, self.checked, input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos,
+                    **past, **self.route)
+        self.checked = True
+        return out
 
     def advance(self):
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
@@ -330,11 +369,13 @@ class _Seq2SeqStepper:
     """One decoder step of an encoder-decoder LM over a fixed encoder output and mask."""
 
     def __init__(self, cached, enc, mask, route=None):
-        self.cached, self.enc, self.mask, self.route = cached, enc, mask, route or {}
+        self.cached, self.enc, self.mask, self.route, self.checked = cached, enc, mask, route or {}, False
 
     def __call__(self, step_ids, past):
-        return self.cached(decoder_input_ids=step_ids, encoder_hidden_states=self.enc, attention_mask=self.mask,
-                           **past, **self.route)
+        out = _step(self.cached, self.checked, decoder_input_ids=step_ids, encoder_hidden_states=self.enc,
+                    attention_mask=self.mask, **past, **self.route)
+        self.checked = True
+        return out
 
     def advance(self):
         pass
