@@ -156,3 +156,32 @@ def test_llama_hot_swap_lora_and_bottleneck():
     m.hot_swap("lora", model, adapter="b")
     assert (_out(m, x) - want).abs().max() < 1e-5
     assert (_out(m, x) - _out(model, x)).abs().max() > 1e-3
+
+
+def test_hot_swap_one_tenant_of_a_routed_model():
+    """A routed model replaces one tenant's adapter in place: that tenant's rows follow the new adapter,
+    the other tenant's rows and the base rows are unchanged."""
+    spec = ga.Spec({"a": ga.LoRA(r=4, alpha=8, targets=["q", "v"]), "b": ga.LoRA(r=2, targets=["q", "v"]),
+                    "c": ga.LoRA(r=8, alpha=5, targets=["q", "v"])}, active=ga.Route("a", "b"))
+    model = ga.apply(tiny_bert(), spec)
+    perturb_adapters(model, seed=3, std=0.2)
+    model.eval()
+    x = text_inputs(3, 6)
+    ids = torch.tensor([0, 1, -1])
+
+    def rows(active):
+        model.set_active(active)
+        out = _out(model, x)
+        model.set_active(ga.Route("a", "b"))
+        return out
+
+    want_c, want_b, base = rows("c"), rows("b"), rows([])
+    before = model(**x, adapter_ids=ids).last_hidden_state.detach()
+    assert not torch.allclose(before[0], want_c[0], atol=1e-3)  # tenant 0 runs "a" before the swap
+    model.prepare_hot_swap(max_rank=8, names=["a"])
+    model.hot_swap("a", model, adapter="c")
+    with torch.no_grad():
+        after = model(**x, adapter_ids=ids).last_hidden_state
+    torch.testing.assert_close(after[0], want_c[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after[1], want_b[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after[2], base[2], atol=1e-5, rtol=0)
