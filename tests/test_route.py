@@ -333,3 +333,31 @@ def test_signature_variant_is_routed(bert):
         out = adapted(**batch, token_type_ids=torch.zeros_like(batch["input_ids"]), adapter_ids=IDS).last_hidden_state
     for row, i in enumerate(IDS.tolist()):
         torch.testing.assert_close(out[row], refs[i][row], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_bottlenecks_of_other_widths_are_gathered_per_row(build, monkeypatch):
+    """Bottleneck adapters that share their placement (pre/post) are routed by one gathered down/up product,
+    widths zero-padded exactly; a ParBn (other placement) at the same point makes the site select instead.
+    Either way each row equals its adapter's own model."""
+    calls = []
+    real = ResidualRoute._stacked
+    monkeypatch.setattr(ResidualRoute, "_stacked", lambda self, *a: calls.append(1) or real(self, *a))
+    model = build()
+    for names, gathered in ((("s4", "s8"), True), (("s4", "s8", "par"), False)):
+        spec = ga.Spec({"s4": ga.SeqBn(reduction_factor=4), "s8": ga.SeqBn(reduction_factor=8, scaling=0.5),
+                        "par": ga.ParBn(reduction_factor=8)}, active=ga.Route(*names))
+        adapted = ga.apply(model, spec)
+        _perturb(adapted, seed=5)
+        adapted.eval()
+        batch = text_inputs(4, 5)
+        refs = _references(adapted, model, lambda m: m(**batch).last_hidden_state.detach(), names)
+        adapted.set_active(ga.Route(*names))
+        ids = torch.tensor([1, -1, 0, len(names) - 1])
+        calls.clear()
+        with torch.no_grad():
+            out = _routed(adapted, batch, ids)
+        assert bool(calls) == gathered
+        for row, i in enumerate(ids.tolist()):
+            torch.testing.assert_close(out[row], refs[i][row], atol=1e-5, rtol=1e-5)
+        assert (refs[0] - refs[1]).abs().max() > 1e-3

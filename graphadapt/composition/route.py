@@ -17,10 +17,16 @@ id and applied with two batched matmuls::
 No per-adapter branch; the cost is that of one adapter of the largest rank. Gradients reach each adapter
 only through the rows that selected it (the gather's backward scatters into its slot).
 
-**Otherwise (selection).** Modules without a stacked form (gated LoRA/IA3, fused slices, dropout while training)
-and residual-point adapters (bottleneck: ``SeqBn``, …) run on the whole batch, one after another, and each
-row keeps its own adapter's output (``torch.where`` on ``adapter_ids``): exact, N× the adapter cost; rows
-with ``-1`` keep the base result (at a residual point: the model's own ``LN(h + r)`` / ``h + r``).
+**Residual points, gathered.** Bottleneck adapters whose :class:`~graphadapt.composition.site.RoutedBranch`
+keys are equal (same placement, activation and norm; widths and scalings may differ) share ``pre``/``post``; their
+branches ``scale ⊙ (act(x Dᵀ + d) Uᵀ + u)`` are stacked (widths zero-padded: zero ``down`` rows and biases,
+zero ``up`` columns add exactly 0) and gathered per row the same way.
+
+**Otherwise (selection).** Modules without a stacked form (gated LoRA/IA3, fused slices, dropout while training,
+bottlenecks with their own layer norms, gates or PHM, or of different placements at one point) run on the whole
+batch, one after another, and each row keeps its own adapter's output (``torch.where`` on ``adapter_ids``):
+exact, N× the adapter cost; rows with ``-1`` keep the base result (at a residual point: the model's own
+``LN(h + r)`` / ``h + r``).
 
 :func:`route_input` adds the ``adapter_ids`` placeholder (and the call signature's key);
 :func:`check_adapter_ids` is the eager check of a call's ids at the model boundary.
@@ -267,6 +273,11 @@ class ResidualRoute(_Composition):
         batch = ids.shape[0]
         base = self._base(h, residual, ln_weight, ln_bias)
         out = _rows_view(base, batch)
+        mods = [None if k is None else self._mods[k.name] for k in self.tree.children]
+        forms = [None if m is None else getattr(m, "routed_branch", lambda: None)() for m in mods]
+        live = [(m, f) for m, f in zip(mods, forms) if m is not None]
+        if live and all(f is not None for _, f in live) and len({f.key for _, f in live}) == 1:
+            return self._stacked(h, residual, ln_weight, ln_bias, ids, out, base.shape, live[0][0], forms)
         for i, k in enumerate(self.tree.children):
             if k is None:
                 continue
@@ -274,8 +285,32 @@ class ResidualRoute(_Composition):
             out = torch.where((ids == i).view(batch, 1, 1), yi, out)
         return out.reshape(base.shape)
 
+    def _stacked(self, h, residual, ln_weight, ln_bias, ids, base_rows, shape, first, forms):
+        """Adapters sharing ``pre``/``post`` (equal keys): one gathered down/up product, zero-padded widths
+        (a padded unit has zero ``down`` row and bias and a zero ``up`` column: it adds exactly 0)."""
+        n, batch = len(forms), ids.shape[0]
+        idx = _slots(ids, n)
+        x, _, res = first.pre(h, residual, ln_weight, ln_bias)
+        xv = _rows_view(x, batch)
+        live = [f for f in forms if f is not None]
+        d, r = live[0].up_w.shape[0], max(f.down_w.shape[0] for f in live)
+        zd, zdb, zu, zv = xv.new_zeros(d, r), xv.new_zeros(r), xv.new_zeros(r, d), xv.new_zeros(d)
+        down = torch.stack([zd if f is None else _pad_rank(f.down_w, r, 0).t() for f in forms] + [zd])
+        down_b = torch.stack([zdb if f is None else _pad_rank(f.down_b, r, 0) for f in forms] + [zdb])
+        up = torch.stack([zu if f is None else _pad_rank(f.up_w, r, 1).t() for f in forms] + [zu])
+        up_b = torch.stack([zv if f is None else f.up_b for f in forms] + [zv])
+        scale = torch.stack([zv if f is None else (torch.as_tensor(f.scale, dtype=xv.dtype, device=xv.device)
+                                                   * torch.ones_like(zv)) for f in forms] + [zv])
+        z = torch.bmm(xv, down.index_select(0, idx)) + down_b.index_select(0, idx)[:, None, :]
+        y = torch.bmm(live[0].act(z), up.index_select(0, idx)) + up_b.index_select(0, idx)[:, None, :]
+        y = (y * scale.index_select(0, idx)[:, None, :]).reshape(x.shape)
+        if not live[0].parallel:
+            y = y + res
+        y = first.post(y, h, residual, ln_weight, ln_bias)
+        return torch.where((ids < 0).view(batch, 1, 1), base_rows, _rows_view(y, batch)).reshape(shape)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, selection"
+        return f"{super().extra_repr()}, gathered where the adapters share a RoutedBranch key, else selection"
 
 
 __all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "example_ids", "route_input",

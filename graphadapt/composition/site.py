@@ -213,6 +213,23 @@ class ResidualSiteModule(Protocol):
         """The residual point's output (the model's norm applied where the adapter's config puts it)."""
 
 
+class RoutedBranch(NamedTuple):
+    """A residual-site module's adapter branch as stackable terms for per-row routing (``Route``):
+    ``branch(x) = scale ⊙ (act(x Dᵀ + d) Uᵀ + u)`` with ``down_w [r, d]``, ``down_b [r]``, ``up_w [d, r]``,
+    ``up_b [d]``, ``scale`` a float or a ``[1]``/``[d]`` tensor (live tensors: gradients flow). ``key`` holds
+    everything else the module's ``pre``/``core``/``post`` depend on: adapters whose keys are equal share those
+    steps and differ only in these tensors; ``parallel`` says whether ``core`` adds the adapter residual."""
+
+    down_w: Tensor
+    down_b: Tensor
+    up_w: Tensor
+    up_b: Tensor
+    scale: Any
+    act: Any
+    key: tuple
+    parallel: bool
+
+
 class ResidualState(NamedTuple):
     """What flows between the steps of a residual-site composition."""
 
@@ -429,5 +446,5 @@ class AttentionComposition(_Composition):
 
 
 __all__ = ["AttentionComposition", "AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
-           "ResidualState", "RouteNode", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
+           "ResidualState", "RoutedBranch", "RouteNode", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
            "attention_refusal", "prune", "tree_names"]

@@ -409,6 +409,22 @@ class BottleneckAdapter(nn.Module):
         y, _ = self.core(x, res)
         return self.post(y, h, residual, ln_weight, ln_bias)
 
+    # --------------------------------------------------------------- per-row routing (composition.site.RoutedBranch)
+    def routed_branch(self):
+        """The branch as stackable terms (``Route`` gathers them per row), or None where the branch is more
+        than ``scale · up(act(down(x)))``: PHM factors, the adapter's own layer norms, gating, or dropout /
+        stochastic depth while training."""
+        from graphadapt.composition.site import RoutedBranch
+
+        if self.phm_layer or self.ln_before or self.ln_after or self.use_gating or \
+                (self.training and (self.dropout > 0 or self.stochastic_depth > 0)):
+            return None
+        key = ("bottleneck", self.hidden_size, self.non_linearity, self.original_ln_before, self.original_ln_after,
+               self.residual_before_ln, self.adapter_residual_before_ln, self.is_parallel, self.norm_kind,
+               self.norm_eps)
+        return RoutedBranch(self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight,
+                            self.adapter_up.bias, self.scaling, self._act, key, self.is_parallel)
+
     # --------------------------------------------------------------- swap slots (passes.modules.SwappableModule)
     @property
     def swap_refusal(self) -> str | None:
