@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .composition.route import ROUTE_INPUT, check_adapter_ids
+from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids
 from .compiling import compiled_options
 from .concurrency import reading
 from .contract import check_generate
@@ -261,6 +261,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     routed = ROUTE_INPUT in (getattr(cached, "input_names", None) or ())
     if routed:
         block = cached.spec.composition
+        adapter_ids = coerce_adapter_ids(adapter_ids)
         check_adapter_ids(adapter_ids, len(block.children), ids.shape[0], block.children)
         route = {ROUTE_INPUT: adapter_ids.to(dev)}
     elif adapter_ids is not None:

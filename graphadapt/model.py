@@ -25,7 +25,7 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
-from .composition.route import ROUTE_INPUT, check_adapter_ids, example_ids, with_route_parameter
+from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids, example_ids, with_route_parameter
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .hotswap import hot_swap, prepare_slots
@@ -132,6 +132,8 @@ class AdaptedModel(CapturedModule):
     # ------------------------------------------------------------------ calls
     def _call_impl(self, *args, **kwargs):
         if ROUTE_INPUT in (self.__dict__.get("input_names") or ()):
+            if ROUTE_INPUT in kwargs:
+                kwargs[ROUTE_INPUT] = coerce_adapter_ids(kwargs[ROUTE_INPUT])
             self._check_routed_call(args, kwargs)
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:

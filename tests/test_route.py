@@ -176,6 +176,18 @@ def test_bad_adapter_ids_are_named(bert, ids, match):
         adapted(**batch) if ids is None else _routed(adapted, batch, ids)
 
 
+def test_adapter_ids_as_a_list_or_numpy_array_are_converted(bert):
+    import numpy as np
+
+    _, adapted, batch, refs = bert
+    with torch.no_grad():
+        want = _routed(adapted, batch, IDS)
+        assert torch.equal(_routed(adapted, batch, IDS.tolist()), want)
+        assert torch.equal(_routed(adapted, batch, np.asarray(IDS.tolist())), want)
+    with pytest.raises(InputError, match="integers"):
+        _routed(adapted, batch, [0.5] * len(IDS))
+
+
 def test_route_spec_checks():
     with pytest.raises(SpecError, match="adapter names only"):
         ga.Route("a", ga.Stack("b", "c"))

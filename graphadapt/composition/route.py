@@ -129,6 +129,18 @@ def with_route_parameter(sig: inspect.Signature) -> inspect.Signature:
     return sig.replace(parameters=params[:at] + [new] + params[at:])
 
 
+def coerce_adapter_ids(ids):
+    """A list, tuple or numpy array of integer ids as an int64 tensor (as the input contract converts the other
+    inputs); anything else unchanged, for :func:`check_adapter_ids` to judge."""
+    if isinstance(ids, (list, tuple)) or type(ids).__module__ == "numpy":
+        try:
+            t = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError):
+            return ids
+        return t.to(torch.int64) if not (t.is_floating_point() or t.dtype == torch.bool) else t
+    return ids
+
+
 def check_adapter_ids(ids, slots: int, batch: int | None, names) -> None:
     """Eager check of a routed call's ``adapter_ids`` (InputError saying what is wrong and how to fix it)."""
     hint = f"one id per batch row: i selects the Route's i-th adapter {list(names)}, -1 the base model"
@@ -313,6 +325,6 @@ class ResidualRoute(_Composition):
         return f"{super().extra_repr()}, gathered where the adapters share a RoutedBranch key, else selection"
 
 
-__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "example_ids", "route_input",
+__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "coerce_adapter_ids", "example_ids", "route_input",
            "sync_route_state",
            "with_route_parameter"]
