@@ -373,3 +373,38 @@ def test_bottlenecks_of_other_widths_are_gathered_per_row(build, monkeypatch):
         for row, i in enumerate(ids.tolist()):
             torch.testing.assert_close(out[row], refs[i][row], atol=1e-5, rtol=1e-5)
         assert (refs[0] - refs[1]).abs().max() > 1e-3
+
+
+def test_every_wave4_linear_method_routes_per_row():
+    """The weight-delta and weight-transform plugins (no stacked form) route by per-row selection: in one
+    Route over all sixteen, each row equals the model with only its adapter active; -1 rows the base model."""
+    from graphadapt.methods import get_method
+
+    kw = {"loha": dict(r=2, init_weights=False), "lokr": dict(r=2, init_weights=False),
+          "vera": dict(r=4, init_weights=False, projection_prng_key=0),
+          "fourierft": dict(n_frequency=50, scaling=20.0, init_weights=False),
+          "shira": dict(r=2, init_weights=False, random_seed=5), "c3a": dict(block_size=8, init_weights="gaussian"),
+          "randlora": dict(r=4, alpha=8, init_weights=False), "vblora": dict(r=2, num_vectors=8, vector_length=8),
+          "gralora": dict(r=4, k=2, hybrid_r=2, init_weights=False),
+          "waveft": dict(n_frequency=60, init_weights=False, scaling=100.0),
+          "oft": dict(r=0, oft_block_size=8, init_weights=False), "miss": dict(r=8, init_weights=False),
+          "hra": dict(r=2, init_weights=False), "boft": dict(boft_block_size=4, init_weights=False),
+          "delora": dict(r=4, delora_lambda=2.0, init_weights=False),
+          "road": dict(variant="road_2", group_size=8, init_weights=False)}
+    specs = {n: get_method(n).spec_class(targets=("q", "v"), **k) for n, k in kw.items()}
+    model = tiny_bert(num_hidden_layers=1)
+    adapted = ga.apply(model, ga.Spec(specs, active=ga.Route(*specs)))
+    _perturb(adapted, seed=7)
+    adapted.eval()
+    n = len(specs)
+    batch = text_inputs(n + 1, 5)
+    ids = torch.arange(-1, n)
+    with torch.no_grad():
+        out = _routed(adapted, batch, ids)
+        base = model(**batch).last_hidden_state
+        torch.testing.assert_close(out[0], base[0], atol=1e-5, rtol=1e-5)
+        for i, name in enumerate(specs):
+            adapted.set_active(name)
+            ref = adapted(**batch).last_hidden_state
+            assert (ref - base).abs().max() > 1e-3, name  # the adapter does something
+            torch.testing.assert_close(out[i + 1], ref[i + 1], atol=1e-5, rtol=1e-5, msg=name)
