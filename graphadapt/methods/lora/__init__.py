@@ -58,7 +58,7 @@ class LoRAMethod(LinearSiteMethod):
             if getattr(spec, flag):
                 raise SpecError(f"adapter {adapter!r}: {what} is not available on the expert weights of {site.name}; "
                                 "target attention/dense roles with it, or drop the expert roles", field=flag)
-        r, alpha = spec.rank_alpha(site.name, site.module_path)
+        r, alpha = spec.rank_alpha(site.name, getattr(site, "module_path", None))
         mod = ExpertLoRAModule(site.num_experts, site.in_features, site.out_features, r=r, alpha=alpha,
                                dropout=spec.dropout, use_rslora=spec.use_rslora, transposed=site.layout == "conv1d",
                                out_slice=site.out_slice, total_out=site.total_out, dtype=weight.dtype,
