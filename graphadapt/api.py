@@ -203,21 +203,31 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
 
 def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-                      strict: bool = True, with_head: bool = True, **apply_kwargs) -> AdaptedModel:
+                      strict: bool = True, with_head: bool | None = None, **apply_kwargs) -> AdaptedModel:
     """Apply the adapter saved by AdapterHub ``model.save_adapter(dir, name)`` to ``model``, with its weights.
 
     ``name``: graphadapt adapter name (default: the saved name). ``strict``: every AdapterHub tensor
     must land in a graphadapt tensor and every graphadapt tensor must be filled. A head saved beside it
-    (``save_adapter(..., with_head=True)``) comes too unless ``with_head=False``: a flexible head wraps
-    ``model`` as :class:`graphadapt.heads.ModelWithHead` (outputs: the head's logits), a static head fills
-    ``model``'s own modules; either is trained whole (``Spec.modules_to_save``).
+    (``save_adapter(..., with_head=True)``) comes too: a flexible head wraps ``model`` as
+    :class:`graphadapt.heads.ModelWithHead` (outputs: the head's logits), a static head (e.g. the
+    ``classifier`` of a ``…ForSequenceClassification``) fills ``model``'s own modules; either is trained whole
+    (``Spec.modules_to_save``). ``with_head``: None (default) brings the head when ``model`` can take it and
+    otherwise warns and leaves it (a static head saved from a model with a head, imported into the bare
+    model); True requires it (:class:`CheckpointError` if ``model`` cannot take it); False leaves it.
     """
     from .checkpoints.adapterhub import read_adapterhub_adapter
     from .checkpoints.adapterhub_heads import read_adapterhub_head
 
     spec, saved, fill = read_adapterhub_adapter(directory)
     ours = name or saved
-    head = read_adapterhub_head(directory) if with_head else None
+    head = read_adapterhub_head(directory) if with_head is not False else None
+    if head is not None and with_head is None and not head.fits(model):
+        import warnings
+
+        warnings.warn(f"{directory} holds a head whose tensors {sorted(head.tensors)[:4]} are no parameters of "
+                      f"{type(model).__name__}: imported the adapter without it (pass with_head=True to require "
+                      "it, with the model class it was saved from)", UserWarning, stacklevel=2)
+        head = None
     modules: tuple[str, ...] = ()
     if head is not None:
         model, modules = head.attach(model, ours)

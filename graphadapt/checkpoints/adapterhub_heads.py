@@ -40,6 +40,14 @@ class AdapterHubHead:
     def flexible(self) -> bool:
         return self.config is not None
 
+    def fits(self, model: nn.Module) -> bool:
+        """Whether ``model`` can take the head: a flexible head always (it wraps the model), a static head when
+        ``model`` has every saved tensor as a parameter."""
+        if self.flexible:
+            return True
+        have = dict(model.named_parameters(remove_duplicate=False))
+        return all(k in have for k in self.tensors)
+
     def attach(self, model: nn.Module, name: str) -> tuple[nn.Module, tuple[str, ...]]:
         if self.flexible:
             self.name = name

@@ -121,4 +121,7 @@ def test_static_head_fills_the_models_own_classifier(tmp_path):
         torch.testing.assert_close(adapted(**x).logits, ah(**x).logits, atol=ATOL, rtol=RTOL)
     assert adapted.spec.modules_to_save == ("classifier",)
     with pytest.raises(CheckpointError, match="no parameters of BertModel"):
-        import_adapterhub(tiny_bert(seed=0), tmp_path)
+        import_adapterhub(tiny_bert(seed=0), tmp_path, with_head=True)  # required: the bare model cannot take it
+    with pytest.warns(UserWarning, match="without it"):  # by default the adapter comes alone, said aloud
+        bare = import_adapterhub(tiny_bert(seed=0), tmp_path)
+    assert bare.spec.modules_to_save == () and not any("classifier" in k for k in bare.state_dict())
