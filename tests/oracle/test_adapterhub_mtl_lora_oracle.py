@@ -1,6 +1,6 @@
 """AdapterHub ``adapters`` 1.3.0 MTL-LoRA checkpoints (``mtl_lora`` / ``MTLLoRAConfig``) → graphadapt ``MTLLoRA``
-(oracle venv), fp32 1e-5, BERT and Llama, one task's adapter active (AdapterHub's ``MultiTask`` block is not in
-graphadapt yet). Every tensor (A, the stacked up projections, the task-specific singular values, the mixing
+(oracle venv), fp32 1e-5, BERT and Llama: one task's adapter active, and several tasks under AdapterHub's
+``MultiTask`` block (rows routed by ``task_ids``, A and up projections shared by ``share_parameters``). Every tensor (A, the stacked up projections, the task-specific singular values, the mixing
 weights, the gate) is set non-zero random before ``save_adapter``; merge folds it exactly."""
 
 from __future__ import annotations
