@@ -135,9 +135,13 @@ def test_multitask_spec_checks(bert):
     assert ga.Spec(dict(ADAPTERS), active=block).to_dict()["active"] == {"multi_task": ["t0", "t1"]}
     assert ga.Spec.from_dict(ga.Spec(dict(ADAPTERS), active=block).to_dict()).composition == block
     adapted, batch, _, _ = bert
-    try:  # leaving MultiTask drops task_ids; Route brings adapter_ids instead
-        adapted.set_active(ga.Route(*TASKS))
+    adapted, batch, refs, _ = bert
+    try:  # leaving MultiTask drops task_ids; Route brings adapter_ids instead (a bottleneck left dormant beside it)
+        adapted.set_active(ga.Route("t0", "t1"))
         assert "adapter_ids" in adapted.input_names and "task_ids" not in adapted.input_names
+        with torch.no_grad():
+            out = adapted(**batch, adapter_ids=torch.zeros(len(IDS), dtype=torch.long)).last_hidden_state
+        torch.testing.assert_close(out, refs[0], atol=1e-5, rtol=1e-5)
     finally:
         adapted.set_active(ga.MultiTask(*TASKS))
     assert adapted.input_names[-1] == "task_ids"
