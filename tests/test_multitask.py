@@ -131,6 +131,8 @@ def test_multitask_spec_checks(bert):
         ga.MultiTask("a", ga.Stack("b", "c"))
     with pytest.raises(SpecError, match="cannot contain a MultiTask"):
         ga.Stack("a", ga.MultiTask("b", "c"))
+    with pytest.raises(SpecError, match="MultiTask routes adapters at linear sites and residual points only"):
+        ga.plan(tiny_bert(), ga.Spec({"t0": ADAPTERS["t0"], "p": ga.PrefixTuning()}, active=ga.MultiTask("t0", "p")))
     block = ga.MultiTask("t0", "t1")
     assert ga.Spec(dict(ADAPTERS), active=block).to_dict()["active"] == {"multi_task": ["t0", "t1"]}
     assert ga.Spec.from_dict(ga.Spec(dict(ADAPTERS), active=block).to_dict()).composition == block
