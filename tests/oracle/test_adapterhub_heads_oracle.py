@@ -161,22 +161,19 @@ def _two_heads(tmp_path, kind="bert"):
 
 def test_two_heads_batch_split_matches_adapterhub(tmp_path):
     """AdapterHub's ``set_active_adapters(BatchSplit("a", "b"))`` also splits the heads: a MultiHeadOutput, rows
-    [0, 1) through adapter+head ``a``, [1, 3) through ``b``; graphadapt: BatchSplit adapters, ``active_head`` a
-    BatchSplit of the heads. A list of heads (every head on the whole batch) likewise."""
-    from graphadapt import BatchSplit
+    [0, 1) through adapter+head ``a``, [1, 3) through ``b``; graphadapt: ``import_adapterhub`` of both directories
+    (``with_head=True``), BatchSplit adapters, ``active_head`` a BatchSplit of the heads. A list of heads (every head
+    on the whole batch) likewise."""
+    import graphadapt as ga
     from graphadapt.heads import MultiHeadOutput
 
-    ah, model, specs, fills, heads, apply, Spec = _two_heads(tmp_path)
+    ah = _two_heads(tmp_path)[0]
+    dirs = [tmp_path / "a", tmp_path / "b"]
     x = oracle_inputs("bert")
-    split = BatchSplit("a", "b", batch_sizes=[1, 2])
-    model.active_head = split
+    split = ga.BatchSplit("a", "b", batch_sizes=[1, 2])
     # the head split is the source model's (fixed row counts): captured at that batch size
-    adapted = apply(model, Spec(specs, active=split, modules_to_save=("heads",)), example_kwargs=x, dynamic=False)
-    for n, fill in fills:
-        fill(adapted, n)
-    for h in heads:
-        h.fill(adapted)
-    adapted.eval()
+    adapted = import_adapterhub(tiny_bert(seed=0), dirs, with_head=True, active=split, active_head=split,
+                                example_kwargs=x, dynamic=False).eval()
     import adapters.composition as ac
     ah.set_active_adapters(ac.BatchSplit("a", "b", batch_sizes=[1, 2]))
     with torch.no_grad():
@@ -186,16 +183,11 @@ def test_two_heads_batch_split_matches_adapterhub(tmp_path):
         torch.testing.assert_close(o.logits, w.logits, atol=ATOL, rtol=RTOL)
     assert (got[0].logits - got[1].logits[:1]).abs().max() > 1e-3  # the two heads differ
     # a list of heads: every head on the whole batch (adapter a active)
-    model.active_head = ["a", "b"]
     ah.set_active_adapters("a")
     ah.active_head = ["a", "b"]
-    adapted2 = apply(model, Spec(specs, active="a", modules_to_save=("heads",)))
-    for n, fill in fills:
-        fill(adapted2, n)
-    for h in heads:
-        h.fill(adapted2)
+    adapted = import_adapterhub(tiny_bert(seed=0), dirs, with_head=True, active="a", active_head=["a", "b"]).eval()
     with torch.no_grad():
-        want, got = ah(**x), adapted2.eval()(**x)
+        want, got = ah(**x), adapted(**x)
     assert len(got.head_outputs) == len(want.head_outputs) == 2
     for w, o in zip(want.head_outputs, got.head_outputs):
         torch.testing.assert_close(o.logits, w.logits, atol=ATOL, rtol=RTOL)

@@ -70,7 +70,6 @@ def test_preset():
 
 
 # --------------------------------------------------------------------------- MultiTask (rows routed by task_ids)
-from graphadapt.checkpoints.adapterhub import read_adapterhub_adapter  # noqa: E402
 from graphadapt.contract import InputError  # noqa: E402
 
 TASKS = ("t0", "t1", "t2")
@@ -115,15 +114,10 @@ def test_multitask_matches_adapterhub(kind, tmp_path):
                     p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
     ah.set_active_adapters(adapters.MultiTask(*TASKS))
     ah.eval()
-    readers = {}
     for t in TASKS:
         ah.save_adapter(str(tmp_path / t), t)
-        readers[t] = read_adapterhub_adapter(tmp_path / t)
     base = BUILD[kind](seed=0)
-    adapted = ga.apply(base, ga.Spec({t: r[0] for t, r in readers.items()}, active=ga.MultiTask(*TASKS)))
-    for t, (_, _, fill) in readers.items():
-        fill(adapted, t)
-    adapted.eval()
+    adapted = ga.import_adapterhub(base, [tmp_path / t for t in TASKS], active=ga.MultiTask(*TASKS)).eval()
     x = oracle_inputs(kind)
     rows = x["input_ids"].shape[0]
     for ids in (torch.tensor([2, 0, 1][:rows]), torch.tensor([1, 1, 0][:rows])):
