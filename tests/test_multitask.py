@@ -147,3 +147,38 @@ def test_multitask_spec_checks(bert):
     finally:
         adapted.set_active(ga.MultiTask(*TASKS))
     assert adapted.input_names[-1] == "task_ids"
+
+
+def test_several_heads_at_once_and_average_head():
+    """AdapterHub's flexible heads (no AdapterHub needed; parity: tests/oracle/test_adapterhub_heads_oracle.py): a
+    list of active heads or a BatchSplit of heads gives a MultiHeadOutput; average_head is Σ wᵢ·headᵢ."""
+    from graphadapt.heads import MultiHeadOutput, add_head, head_config
+
+    m = add_head(tiny_bert(), "classification", "h1", num_labels=3)
+    m.add_head("h2", head_config("classification", num_labels=3), seed=1)
+    m.add_head("tag", head_config("tagging", num_labels=5), seed=2)
+    m.eval()  # dropout off: the outputs are compared
+    x = text_inputs(3, 6)
+    with torch.no_grad():
+        single = {n: m.heads[n] for n in ("h1", "h2")}
+        outs = {}
+        for n in ("h1", "h2", "tag"):
+            m.active_head = n
+            outs[n] = m(**x).logits
+        m.active_head = ["h1", "tag"]
+        both = m(**x)
+        m.active_head = ga.BatchSplit("h1", "h2", batch_sizes=[1, 2])
+        split = m(**x)
+    assert isinstance(both, MultiHeadOutput) and isinstance(split, MultiHeadOutput)
+    torch.testing.assert_close(both[0].logits, outs["h1"])
+    torch.testing.assert_close(both[1].logits, outs["tag"])
+    torch.testing.assert_close(split.logits, torch.cat([outs["h1"][:1], outs["h2"][1:]]))
+    assert (outs["h1"] - outs["h2"]).abs().max() > 1e-4
+    m.average_head("avg", ["h1", "h2"], weights=[1, 3], set_active=True)
+    for k, v in m.heads["avg"].state_dict().items():
+        torch.testing.assert_close(v, 0.25 * single["h1"].state_dict()[k] + 0.75 * single["h2"].state_dict()[k])
+    with pytest.raises(SpecError, match="different configurations"):
+        m.average_head("bad", ["h1", "tag"])
+    m.active_head = ["h1", "nope"]
+    with pytest.raises(SpecError, match="names no head"):
+        m(**x)
