@@ -6,7 +6,7 @@ from .version import __version__
 
 from .errors import (CaptureError, CheckpointError, ExportError, GraphAdaptError, MergeError,
                      PassError, SpecError, StructureError, VerificationError)
-from .spec import Average, BatchSplit, Fuse, MethodSpec, Parallel, Route, Spec, Split, Stack, as_spec
+from .spec import Average, BatchSplit, Fuse, MethodSpec, MultiTask, Parallel, Route, Spec, Split, Stack, as_spec
 from . import methods  # noqa: F401  (registers the built-in method plugins)
 from .methods.bottleneck import AdapterPlus, Bottleneck, Compacter, CompacterPlusPlus, DoubleSeqBn, ParBn, SeqBn
 from .methods.ia3 import IA3
@@ -44,7 +44,7 @@ def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on firs
 
 __all__ = [
     "__version__", "apply", "merge", "inspect", "plan", "capture", "recognize", "AdaptedModel", "MergeReport",
-    "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Split", "Average", "Route", "LoRA", "IA3", "AdaLoRA", "Bottleneck", "SeqBn",
+    "Spec", "MethodSpec", "Stack", "Fuse", "Parallel", "BatchSplit", "Split", "Average", "Route", "MultiTask", "LoRA", "IA3", "AdaLoRA", "Bottleneck", "SeqBn",
     "DoubleSeqBn", "ParBn", "AdapterPlus", "Compacter", "CompacterPlusPlus", "PrefixTuning", "Union", "UniPELT", "MAM",
     "PromptTuning", "PTuning", "Reft", "LoReft", "NoReft", "DiReft", "InvertibleAdapter", "VeraHub", "MTLLoRA", "eject_prefix", "as_spec",
     "GraphAdaptError", "SpecError", "CaptureError", "StructureError", "PassError", "MergeError",

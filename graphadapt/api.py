@@ -214,26 +214,50 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     (``Spec.modules_to_save``). ``with_head``: None (default) brings the head when ``model`` can take it and
     otherwise warns and leaves it (a static head saved from a model with a head, imported into the bare
     model); True requires it (:class:`CheckpointError` if ``model`` cannot take it); False leaves it.
+
+    Several adapters at once (AdapterHub's multi-task and multi-head setups): ``directory`` a list of
+    ``save_adapter`` directories (each keeps its saved name; ``name`` must be None), ``active`` the spec's active
+    setup (e.g. ``ga.MultiTask("t0", "t1")``), ``active_head`` the heads model's active head (a name, a list, or a
+    ``BatchSplit`` of head names: :class:`graphadapt.heads.ModelWithHead`), set before capture.
     """
     from .checkpoints.adapterhub import read_adapterhub_adapter
     from .checkpoints.adapterhub_heads import read_adapterhub_head
 
-    spec, saved, fill = read_adapterhub_adapter(directory)
-    ours = name or saved
-    head = read_adapterhub_head(directory) if with_head is not False else None
-    if head is not None and with_head is None and not head.fits(model):
-        import warnings
+    many = isinstance(directory, (list, tuple))
+    if many and name is not None:
+        raise CheckpointError("import_adapterhub of several directories keeps each adapter's saved name; leave "
+                              "name=None")
+    active, active_head = apply_kwargs.pop("active", None), apply_kwargs.pop("active_head", None)
+    specs, fills, heads, modules = {}, [], [], []
+    for d in (directory if many else [directory]):
+        spec, saved, fill = read_adapterhub_adapter(d)
+        ours = name or saved
+        if ours in specs:
+            raise CheckpointError(f"two of the directories hold an adapter named {ours!r}; rename one with "
+                                  "AdapterHub's save_adapter(dir, new_name)")
+        head = read_adapterhub_head(d) if with_head is not False else None
+        if head is not None and with_head is None and not head.fits(model):
+            import warnings
 
-        warnings.warn(f"{directory} holds a head whose tensors {sorted(head.tensors)[:4]} are no parameters of "
-                      f"{type(model).__name__}: imported the adapter without it (pass with_head=True to require "
-                      "it, with the model class it was saved from)", UserWarning, stacklevel=2)
-        head = None
-    modules: tuple[str, ...] = ()
-    if head is not None:
-        model, modules = head.attach(model, ours)
-    adapted = apply(model, Spec({ours: spec}, modules_to_save=modules), **apply_kwargs)
-    fill(adapted, ours, strict)
-    if head is not None:
+            warnings.warn(f"{d} holds a head whose tensors {sorted(head.tensors)[:4]} are no parameters of "
+                          f"{type(model).__name__}: imported the adapter without it (pass with_head=True to require "
+                          "it, with the model class it was saved from)", UserWarning, stacklevel=2)
+            head = None
+        if head is not None:
+            model, mods = head.attach(model, ours)
+            modules.extend(m for m in mods if m not in modules)
+            heads.append(head)
+        specs[ours] = spec
+        fills.append((ours, fill))
+    if active_head is not None:
+        if not hasattr(model, "active_head"):
+            raise CheckpointError("active_head needs flexible heads (save_adapter(..., with_head=True) from an "
+                                  "AdapterHub …AdapterModel); these directories bring none")
+        model.active_head = active_head
+    adapted = apply(model, Spec(specs, active=active, modules_to_save=tuple(modules)), **apply_kwargs)
+    for ours, fill in fills:
+        fill(adapted, ours, strict)
+    for head in heads:
         head.fill(adapted, strict)
     return adapted
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids
+from .composition.multitask import check_task_ids, coerce_task_ids
+from .composition.route import ROUTE_INPUT, TASK_INPUT, check_adapter_ids, coerce_adapter_ids, routing_input
 from .compiling import compiled_options
 from .concurrency import reading
 from .contract import check_generate
@@ -109,7 +110,7 @@ def _sync(twin, adapted) -> None:
         mod._parameters[leaf] = p
     twin._apply(lambda t: t)  # re-target graph pins if the dtype/device changed
     block = adapted.spec.composition
-    if block is not None and type(block).__name__ == "Route":  # keep the block (and its adapter_ids input)
+    if block is not None and type(block).__name__ in ("Route", "MultiTask"):  # keep it (and its adapter_ids/task_ids)
         if twin.spec.composition != block:
             twin.set_active(block)
     else:
@@ -207,7 +208,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              generator: torch.Generator | None = None, seed: int | None = None,
              num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float | None = None,
              early_stopping: bool | str | None = None, output_scores: bool = False,
-             adapter_ids: torch.Tensor | None = None):
+             adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | list | None = None):
     """Decode ``max_new_tokens`` tokens with the KV cache; returns ids like transformers' ``generate``.
 
     ``model``: an :class:`~graphadapt.AdaptedModel` — a causal LM captured with ``cache=True`` or a
@@ -225,7 +226,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``"never"``), returning the best ``num_return_sequences`` per prompt (``[B * n, …]``); the flat
     cache is reordered by beam each step.
     ``adapter_ids`` (a model whose active block is ``Route``): one id per prompt row (``-1``: base model); beams
-    and returned sequences of a prompt inherit its id.
+    and returned sequences of a prompt inherit its id. ``task_ids`` likewise for a model whose active block is
+    ``MultiTask`` (one task id or task name per prompt row).
     ``output_scores=True`` also returns the per-step logits ``[new, B, V]`` (before warping), or with
     beams the final beam scores ``[B * num_return_sequences]`` (transformers' ``sequences_scores``).
     """
@@ -258,8 +260,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     if do_sample and generator is None:
         generator = torch.Generator(device=dev).manual_seed(0 if seed is None else seed)
-    routed = ROUTE_INPUT in (getattr(cached, "input_names", None) or ())
-    if routed:
+    routed = routing_input(getattr(cached, "input_names", None))
+    if routed == TASK_INPUT:
+        if adapter_ids is not None:
+            raise GraphAdaptError("adapter_ids is for a Route model; this model's block is MultiTask: pass task_ids")
+        block = cached.spec.composition
+        task_ids = coerce_task_ids(task_ids, block.children)
+        check_task_ids(task_ids, block.children, ids.shape[0])
+        route = {TASK_INPUT: task_ids.to(dev)}
+    elif task_ids is not None:
+        raise GraphAdaptError("task_ids is for a model whose active block is MultiTask (set_active(ga.MultiTask(...)));"
+                              " this model does not route rows by task: leave task_ids out")
+    elif routed == ROUTE_INPUT:
         block = cached.spec.composition
         adapter_ids = coerce_adapter_ids(adapter_ids)
         check_adapter_ids(adapter_ids, len(block.children), ids.shape[0], block.children)

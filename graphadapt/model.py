@@ -25,7 +25,9 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
-from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids, example_ids, with_route_parameter
+from .composition.multitask import check_task_ids, coerce_task_ids
+from .composition.route import (ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids, example_ids, routing_input,
+                                with_route_parameter)
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .hotswap import hot_swap, prepare_slots
@@ -131,10 +133,13 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ calls
     def _call_impl(self, *args, **kwargs):
-        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()):
-            if ROUTE_INPUT in kwargs:
-                kwargs[ROUTE_INPUT] = coerce_adapter_ids(kwargs[ROUTE_INPUT])
-            self._check_routed_call(args, kwargs)
+        routed = routing_input(self.__dict__.get("input_names"))
+        if routed is not None:  # Route's adapter_ids / MultiTask's task_ids
+            if routed in kwargs:
+                block = self.spec.composition
+                kwargs[routed] = (coerce_adapter_ids(kwargs[routed]) if routed == ROUTE_INPUT else
+                                  coerce_task_ids(kwargs[routed], block.children if block is not None else ()))
+            self._check_routed_call(args, kwargs, routed)
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:
             try:
@@ -147,30 +152,38 @@ class AdaptedModel(CapturedModule):
         return route(self, args, kwargs)
 
     def example_inputs(self) -> dict:
-        """The capture's example inputs (and, for a ``Route``, example ``adapter_ids`` covering -1 and the adapters)."""
+        """The capture's example inputs (and, for a ``Route``, example ``adapter_ids`` covering -1 and the adapters;
+        for a ``MultiTask``, ``task_ids`` covering the tasks)."""
         out = super().example_inputs()
         block = self.spec.composition
-        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and block is not None:
+        routed = routing_input(self.__dict__.get("input_names"))
+        if routed is not None and block is not None:
             batch = next((v.shape[0] for v in out.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 2)
-            out[ROUTE_INPUT] = example_ids(batch, len(block.children), self._compute_device)
+            out[routed] = example_ids(batch, len(block.children), self._compute_device, base=routed == ROUTE_INPUT)
         return out
 
-    def _check_routed_call(self, args, kwargs) -> None:
-        """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route."""
+    def _check_routed_call(self, args, kwargs, routed: str = ROUTE_INPUT) -> None:
+        """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route;
+        a MultiTask model's ``task_ids`` (each in ``[0, N)``): graphadapt.composition.multitask."""
         names = list(self.input_names)
         bound = {**dict(zip(names, args)), **kwargs}
-        ids = bound.get(ROUTE_INPUT)
-        ref = next((v for k, v in bound.items() if k != ROUTE_INPUT and isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        ids = bound.get(routed)
+        ref = next((v for k, v in bound.items() if k != routed and isinstance(v, torch.Tensor) and v.dim() > 0), None)
         block = self.spec.composition
         children = block.children if block is not None else ()
-        check_adapter_ids(ids, len(children), None if ref is None else ref.shape[0], children)
+        batch = None if ref is None else ref.shape[0]
+        if routed == ROUTE_INPUT:
+            check_adapter_ids(ids, len(children), batch, children)
+        else:
+            check_task_ids(ids, children, batch)
 
     def recompile(self):
         out = super().recompile()
         sig = self.__dict__.get("_call_signature")
         if sig is not None:  # inspect.signature(model.forward) shows the source's (transformers.Trainer reads it)
-            if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and ROUTE_INPUT not in sig.parameters:
-                sig = with_route_parameter(sig)  # Route: adapter_ids is a named input (torch.export binds it so)
+            routed = routing_input(self.__dict__.get("input_names"))
+            if routed is not None and routed not in sig.parameters:  # Route/MultiTask: adapter_ids/task_ids is a
+                sig = with_route_parameter(sig, routed)             # named input (torch.export binds it so)
             type(self).forward.__signature__ = sig
         return out
 
