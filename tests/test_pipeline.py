@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 TEXTS = ["t5 t6 t7 t8", "t9 t10 t11"]
 
 
-def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+def tiny_tokenizer(token_type_ids: bool = True) -> T.PreTrainedTokenizerFast:
     """A BERT-style WordPiece tokenizer built locally (no download) whose vocabulary ``t5 … t99`` covers every id
     of the tiny models: ``"t7 t8"`` → ``[CLS] 7 8 [SEP]``, and every generated id decodes to a word."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -35,7 +35,8 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
     tok.decoder = decoders.WordPiece()
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                      sep_token="[SEP]", mask_token="[MASK]",
-                                     model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+                                     model_input_names=["input_ids", "token_type_ids", "attention_mask"] if
+                                     token_type_ids else ["input_ids", "attention_mask"])
 
 
 @pytest.fixture(scope="module")
