@@ -144,4 +144,5 @@ def test_optimum_causal_lm_with_past_generates_the_adapted_models_tokens(exporte
     out = pipeline("text-generation", model=model, tokenizer=tok, accelerator="ort")(
         TEXTS[0], max_new_tokens=6, do_sample=False, return_full_text=False)
     new = want[0, enc["input_ids"].shape[1]:]
-    assert out[0]["generated_text"] == tok.decode(new, skip_special_tokens=True) != ""
+    # the pipeline cuts the decoded prompt off the decoded sequence: a space may stay in front
+    assert out[0]["generated_text"].strip() == tok.decode(new, skip_special_tokens=True).strip() != ""
