@@ -77,9 +77,15 @@ class PipelineInterface:
     ``generate`` (text generation, which hands a ``generation_config`` and generation keywords: see
     :func:`generate_options`)."""
 
-    main_input_name = "input_ids"
     input_modalities = ("text",)
     output_modalities = ("text",)
+
+    @property
+    def main_input_name(self) -> str:
+        """The source model's ``main_input_name`` (``input_ids``, ``pixel_values``, ...)."""
+        src = self.__dict__.get("_source_model")
+        names = self.__dict__.get("input_names") or ["input_ids"]
+        return getattr(src, "main_input_name", None) or names[0]
 
     @property
     def device(self):
