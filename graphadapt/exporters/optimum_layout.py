@@ -116,23 +116,28 @@ def export_optimum(model, directory: str | os.PathLike, *, tokenizer=None, task:
         raise ExportError(f"directory {directory.parent} does not exist; create it before exporting to "
                           f"{directory.name}")
     if task == "text-generation":
+        unknown = set(options) - {"max_new_tokens", "input_ids", "attention_mask", "external_data"}
+        if unknown:
+            raise ExportError(f"a causal LM's Optimum export does not take {', '.join(sorted(unknown))}")
+        if overwrite:  # the decoder exporter replaces an earlier graphadapt export, never a foreign file
+            raise ExportError("overwrite=True is not taken by a causal LM's Optimum export: an earlier graphadapt "
+                              f"export in {directory} is replaced anyway; remove another model.onnx there first")
         _check_decoder_layout(model, config)
+    created = not directory.exists()
     directory.mkdir(exist_ok=True)
     path = directory / "model.onnx"
     common = dict(dtype=dtype, merge=merge, verify=verify, opset=opset, providers=providers, atol=atol, rtol=rtol)
     if task == "text-generation":
-        unknown = set(options) - {"max_new_tokens", "input_ids", "attention_mask", "external_data"}
-        if unknown:
-            raise ExportError(f"a causal LM's Optimum export does not take {', '.join(sorted(unknown))}")
-        if overwrite:
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + ".data").unlink(missing_ok=True)
         report = export_decoder_onnx(model, path, **common, **options)
     else:
         report = export_onnx_file(model, path, overwrite=overwrite, **common, **options)
     want = OPTIMUM_TASKS[task][1]
     missing = [n for n in want if n not in report.output_names]
-    if missing:
+    if missing:  # the file is of no use to Optimum: take it back
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
         raise ExportError(f"model.onnx has outputs {report.output_names}, but Optimum's "
                           f"{OPTIMUM_TASKS[task][0]} reads {list(want)}: {task!r} does not fit this model "
                           f"({getattr(model, 'source_class', type(model).__name__)}); pass the task it has")
