@@ -110,3 +110,10 @@ def test_cli_layout_flags_are_checked_before_loading(monkeypatch, capsys):
                       (["--layout", "optimum", "-o", "d", "--triton", "r"], "leave out --triton")]:
         with pytest.raises(SystemExit, match=msg):
             main(["export", "--model", "tiny-bert", "--spec", "s.yaml", *argv])
+
+
+def test_a_task_whose_outputs_the_model_lacks_leaves_nothing_behind(cli_export, tmp_path):
+    _, adapted = cli_export
+    with pytest.raises(ExportError, match=r"reads \['start_logits', 'end_logits'\]"):
+        ga.export_onnx(adapted, tmp_path / "qa", layout="optimum", task="question-answering", verify=False)
+    assert not (tmp_path / "qa").exists()
