@@ -14,6 +14,7 @@ from torch import nn
 
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
+from .inference import generate_options
 from .init import isolated_rng
 from . import generation, pickling, signatures
 from .merging import Merger
@@ -91,8 +92,14 @@ def _reduce(model: AdaptedModel):
     return unpickle, (pickling.pickle_state(model),)
 
 
+def _generate(model, input_ids, attention_mask=None, **kwargs):
+    """``AdaptedModel.generate``: transformers-style keywords (a pipeline's ``generation_config``) mapped onto
+    :func:`graphadapt.generation.generate` (:func:`graphadapt.inference.generate_options`)."""
+    return generation.generate(model, input_ids, attention_mask, **generate_options(input_ids, kwargs))
+
+
 SERVICES = ModelServices(merger=Merger(), signature_of=signatures.signature_of, route_call=signatures.dispatch,
-                         set_checkpointing=signatures.set_checkpointing, generate=generation.generate, recapture=apply,
+                         set_checkpointing=signatures.set_checkpointing, generate=_generate, recapture=apply,
                          reduce=_reduce)
 """What every model built here delegates to: the layers above ``model`` hand their entry points in explicitly."""
 

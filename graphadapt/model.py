@@ -31,6 +31,7 @@ from .composition.route import (ROUTE_INPUT, check_adapter_ids, coerce_adapter_i
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .hotswap import hot_swap, prepare_slots
+from .inference import PipelineInterface
 from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
 from .arithmetic import add_weighted_adapter, to_low_rank
@@ -100,7 +101,7 @@ def fusion_dropout(gm) -> float:
     return 0.0
 
 
-class AdaptedModel(CapturedModule):
+class AdaptedModel(PipelineInterface, CapturedModule):
     """A captured model with adapters inserted. Create it with :func:`graphadapt.apply`."""
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
@@ -109,6 +110,17 @@ class AdaptedModel(CapturedModule):
 
     services: ModelServices = BASIC_SERVICES
     """The services this model delegates to (:class:`ModelServices`; set by ``graphadapt.api``)."""
+
+    def __new__(cls, *args, **kwargs):
+        # torch.fx gives every GraphModule its own subclass (it holds that instance's generated forward), named
+        # "GraphModuleImpl" in torch.fx.graph_module (GraphModule.__init__ renames it "GraphModule"): it is named
+        # after the class the user has in recompile. fx recognises its per-instance classes by that name, so a copy
+        # (deepcopy, copy) first steps back to the real class here.
+        real = next(t for t in cls.__mro__ if "_graphadapt_instance_class" not in t.__dict__)
+        obj = super().__new__(real)
+        if type(obj) is not real:  # fx's fresh per-instance subclass: only this instance uses it
+            type(obj)._graphadapt_instance_class = real
+        return obj
 
     __repr__ = __str__ = describe  # what the user has (graphadapt/console.py); adapted.code: the graph
     draw = draw_model  # adapted.draw("model.svg"): layers, roles, adapters, composition (graphadapt/draw.py)
@@ -178,6 +190,10 @@ class AdaptedModel(CapturedModule):
             check_task_ids(ids, children, batch)
 
     def recompile(self):
+        impl = type(self)
+        real = impl.__dict__.get("_graphadapt_instance_class")
+        if real is not None:  # type(adapted) / repr of the class say AdaptedModel (see __new__)
+            impl.__name__, impl.__qualname__, impl.__module__ = real.__name__, real.__qualname__, real.__module__
         out = super().recompile()
         sig = self.__dict__.get("_call_signature")
         if sig is not None:  # inspect.signature(model.forward) shows the source's (transformers.Trainer reads it)
