@@ -247,7 +247,7 @@ def _full_parameters(adapted: AdaptedModel, full: dict[str, torch.Tensor]) -> It
             owner._parameters[field] = p
 
 
-def save_sharded_adapters(model, directory: str | Path, **kwargs) -> list[Path] | None:
+def save_sharded_adapters(model, directory: str | Path, **kwargs) -> Path | None:
     """Gather the adapters of a sharded model and write them (rank 0) in graphadapt's safetensors adapter
     format (``AdaptedModel.save_adapters``), loadable into an unsharded model with ``load_adapters``.
     A collective: every rank calls it; ranks other than 0 return ``None``."""

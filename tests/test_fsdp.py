@@ -1,0 +1,171 @@
+"""FSDP2 sharded training of an adapted model (graphadapt.distributed): torchrun, 2 CPU processes, gloo.
+
+One run (module fixture) checks, on each rank and for both policies: three AdamW steps on half the batch
+each give gradients and adapter weights equal (fp32, 1e-6) to one process on the whole batch; the base
+weights are held as half-size shards and never change; adapters saved from the shards load into an
+unsharded model whose outputs equal the single-process model's and the sharded model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    sys.path.insert(0, {tests!r})
+    import graphadapt as ga
+    from helpers import randomize_lora, text_inputs, tiny_llama
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(1000 + rank)  # adapters must come from the seed only
+
+    def build():
+        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
+        randomize_lora(adapted)  # non-zero A and B: a do-nothing adapter would fail the load check
+        return adapted.train()
+
+    def loss_of(out, ids):  # mean over equal-sized halves: the mean of the halves' gradients is the whole's
+        logits = out.logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    batches = [text_inputs(4, 6, seed=s) for s in range(3)]
+    ref = build()
+    ref_opt = torch.optim.AdamW(list(ref.trainable_parameters().values()), lr=1e-2)
+    ref_grads = []
+    for x in batches:
+        ref_opt.zero_grad()
+        loss_of(ref(**x), x["input_ids"]).backward()
+        ref_grads.append({{n: p.grad.clone() for n, p in ref.trainable_parameters().items()}})
+        ref_opt.step()
+    probe = text_inputs(3, 5, seed=99)
+    with torch.no_grad():
+        ref_out = ref.eval()(**probe).logits
+
+    result = {{}}
+    for policy in ("layer", "separate"):
+        adapted = build()
+        init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
+        base = {{n: p.detach().clone() for n, p in adapted.named_parameters() if not p.requires_grad}}
+        sharded = ga.shard(adapted, policy=policy)
+        units = [m for m in sharded.modules() if isinstance(m, FSDPModule)]
+        params = dict(adapted.named_parameters())
+        local = sum(p.to_local().numel() for n, p in params.items() if n in base)
+        full = sum(p.numel() for n, p in params.items() if n in base)
+        r = result[policy] = {{"units": len(units), "dtensor": all(isinstance(p, DTensor) for p in params.values()),
+                              "local_fraction": local / full, "grad_diff": []}}
+        opt = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-2)
+        for step, x in enumerate(batches):
+            half = {{k: v[2 * rank:2 * rank + 2] for k, v in x.items()}}  # different data on each rank
+            opt.zero_grad()
+            loss_of(sharded(**half), half["input_ids"]).backward()
+            grads = {{n: p.grad.full_tensor() for n, p in adapted.trainable_parameters().items()}}
+            assert grads.keys() == ref_grads[step].keys()
+            r["grad_diff"].append(max((grads[n] - ref_grads[step][n]).abs().max().item() for n in grads))
+            r.setdefault("frozen_grads", 0)
+            r["frozen_grads"] += sum(p.grad is not None for n, p in adapted.named_parameters() if n in base)
+            opt.step()
+        final = ga.full_adapter_state(sharded)
+        r["weight_diff"] = max((final[n] - p).abs().max().item() for n, p in ref.trainable_parameters().items())
+        r["trained"] = min((final[n] - init[n]).abs().max().item() for n in init)
+        r["base_diff"] = max((p.full_tensor() - base[n]).abs().max().item()
+                             for n, p in adapted.named_parameters() if n in base)
+        sharded.eval()
+        with torch.no_grad():
+            sharded_out = sharded(**probe).logits
+        r["sharded_vs_ref"] = (sharded_out - ref_out).abs().max().item()
+        out_dir = {tmp!r} + "/" + policy
+        written = ga.save_sharded_adapters(sharded, out_dir)
+        r["written"] = None if written is None else sorted(p.name for p in Path(written).iterdir())
+        # the shards are installed again after saving: the sharded model still computes the same
+        with torch.no_grad():
+            r["after_save"] = (sharded(**probe).logits - sharded_out).abs().max().item()
+        if rank == 0:
+            fresh = build().eval()
+            with torch.no_grad():
+                r["untrained_vs_ref"] = (fresh(**probe).logits - ref_out).abs().max().item()
+                fresh.load_adapters(out_dir)
+                loaded = fresh(**probe).logits
+            r["loaded_vs_ref"] = (loaded - ref_out).abs().max().item()
+            r["loaded_vs_sharded"] = (loaded - sharded_out).abs().max().item()
+        dist.barrier()
+    with open({tmp!r} + f"/result{{rank}}.json", "w") as f:
+        json.dump(result, f)
+    print(f"rank {{rank}} ok", flush=True)
+    dist.barrier()  # both ranks reach teardown together (see test_ddp.py)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    tests = str(Path(__file__).parent)
+    script = tmp / "fsdp_run.py"
+    script.write_text(SCRIPT.format(tests=tests, tmp=str(tmp)))
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 2, proc.stdout
+    return [json.loads((tmp / f"result{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("policy", ["layer", "separate"])
+def test_sharded_training_equals_one_process(fsdp_run, policy):
+    for rank, result in enumerate(fsdp_run):
+        r = result[policy]
+        assert len(r["grad_diff"]) == 3 and max(r["grad_diff"]) <= 1e-6, (rank, r["grad_diff"])
+        assert r["weight_diff"] <= 1e-6, (rank, r["weight_diff"])
+        assert r["trained"] > 1e-4  # every adapter tensor moved
+        assert r["frozen_grads"] == 0 and r["base_diff"] == 0.0
+        assert r["sharded_vs_ref"] <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["layer", "separate"])
+def test_base_weights_are_sharded(fsdp_run, policy):
+    layers = 2  # tiny_llama: one unit per layer (+ the root)
+    adapter_modules = 7 * layers  # LoRA on all seven linears of each layer
+    expected = layers + 1 + (adapter_modules if policy == "separate" else 0)
+    for result in fsdp_run:
+        r = result[policy]
+        assert r["dtensor"] and r["units"] == expected
+        assert 0.45 <= r["local_fraction"] <= 0.55  # each rank holds half of every base weight
+
+
+@pytest.mark.parametrize("policy", ["layer", "separate"])
+def test_sharded_adapters_load_into_an_unsharded_model(fsdp_run, policy):
+    r0, r1 = fsdp_run[0][policy], fsdp_run[1][policy]
+    assert r0["written"] and r1["written"] is None  # rank 0 writes
+    assert r0["untrained_vs_ref"] > 1e-3  # loading has something to do
+    assert r0["loaded_vs_ref"] <= 1e-5 and r0["loaded_vs_sharded"] <= 1e-6
+    assert r0["after_save"] == 0.0 and r1["after_save"] == 0.0
+
+
+def test_shard_refuses_bad_calls():
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_llama
+
+    adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+    with pytest.raises(ga.GraphAdaptError, match="policy='rows'"):
+        ga.shard(adapted, policy="rows")
+    with pytest.raises(ga.GraphAdaptError, match="init_process_group"):
+        ga.shard(adapted)
+    with pytest.raises(ga.GraphAdaptError, match="adapted model"):
+        ga.shard(tiny_llama(), policy="layer")
