@@ -183,7 +183,10 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
     collective), so one all-gather per layer serves both. ``policy="separate"`` keeps each adapter module
     a unit of its own, as PEFT's ``fsdp_auto_wrap_policy`` does for FSDP1 (whose flat parameters need one
     ``requires_grad`` per unit); it costs one more all-gather per adapter module. Train the returned model;
-    the optimizer takes ``[p for p in sharded.parameters() if p.requires_grad]``."""
+    the optimizer takes ``[p for p in sharded.parameters() if p.requires_grad]``.
+
+    The adapted model lets go of its source model (whose weights share storage with it): drop your own
+    reference to the model you passed to ``apply`` too, or every rank keeps the full weights alive."""
     from torch.distributed.fsdp import fully_shard
 
     if policy not in POLICIES:
@@ -202,6 +205,10 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
         raise GraphAdaptError("this adapted model is already sharded")
     run, layer_subs = _layer_split(adapted)
     _rehome(run, adapted, layer_subs)
+    # the source model and captured call variants hold the full weights (shared storage): while sharded the
+    # adapted model is not callable, so they would only keep every rank's memory at the unsharded size
+    for attr in ("_source_model", "_signature_variants"):
+        adapted.__dict__.pop(attr, None)
     kw: dict[str, Any] = dict(fsdp_kwargs)
     if mesh is not None:
         kw["mesh"] = mesh
