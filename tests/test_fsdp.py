@@ -101,6 +101,52 @@ SCRIPT = textwrap.dedent("""
             r["loaded_vs_ref"] = (loaded - ref_out).abs().max().item()
             r["loaded_vs_sharded"] = (loaded - sharded_out).abs().max().item()
         dist.barrier()
+    # QLoRA: LoRA over a bitsandbytes NF4 base (graphadapt.quantized); the packed base stays replicated
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import warnings
+        import transformers as T
+        nf4_dir = {tmp!r} + "/nf4"
+        if rank == 0:
+            torch.manual_seed(0)
+            T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).save_pretrained(nf4_dir)
+        dist.barrier()
+
+        def build_nf4():
+            q = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = T.AutoModelForCausalLM.from_pretrained(nf4_dir, quantization_config=q, device_map="cpu",
+                                                              dtype=torch.float32).eval()
+            adapted = ga.apply(base, ga.LoRA(r=4, targets=("q", "v", "down")))
+            randomize_lora(adapted)
+            return adapted.train()
+
+        qref = build_nf4()
+        qopt = torch.optim.AdamW(list(qref.trainable_parameters().values()), lr=1e-2)
+        qgrads = []
+        for x in batches:
+            qopt.zero_grad()
+            loss_of(qref(**x), x["input_ids"]).backward()
+            qgrads.append({{n: p.grad.clone() for n, p in qref.trainable_parameters().items()}})
+            qopt.step()
+        adapted = build_nf4()
+        packed = {{n: b.clone() for n, b in adapted.named_buffers() if b.dtype == torch.uint8}}
+        sharded = ga.shard(adapted)
+        opt = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-2)
+        r = result["qlora"] = {{"grad_diff": [], "packed": len(packed)}}
+        for step, x in enumerate(batches):
+            half = {{k: v[2 * rank:2 * rank + 2] for k, v in x.items()}}
+            opt.zero_grad()
+            loss_of(sharded(**half), half["input_ids"]).backward()
+            grads = {{n: p.grad.full_tensor() for n, p in adapted.trainable_parameters().items()}}
+            r["grad_diff"].append(max((grads[n] - qgrads[step][n]).abs().max().item() for n in grads))
+            opt.step()
+        final = ga.full_adapter_state(sharded)
+        r["weight_diff"] = max((final[n] - p).abs().max().item() for n, p in qref.trainable_parameters().items())
+        now = dict(adapted.named_buffers())
+        r["packed_equal"] = all(torch.equal(now[n], b) for n, b in packed.items())
     with open({tmp!r} + f"/result{{rank}}.json", "w") as f:
         json.dump(result, f)
     print(f"rank {{rank}} ok", flush=True)
@@ -154,6 +200,16 @@ def test_sharded_adapters_load_into_an_unsharded_model(fsdp_run, policy):
     assert r0["untrained_vs_ref"] > 1e-3  # loading has something to do
     assert r0["loaded_vs_ref"] <= 1e-5 and r0["loaded_vs_sharded"] <= 1e-6
     assert r0["after_save"] == 0.0 and r1["after_save"] == 0.0
+
+
+def test_qlora_trains_sharded_equal_to_one_process(fsdp_run):
+    if "qlora" not in fsdp_run[0]:
+        pytest.skip("bitsandbytes is not installed")
+    for result in fsdp_run:
+        r = result["qlora"]
+        assert len(r["grad_diff"]) == 3 and max(r["grad_diff"]) <= 1e-6, r["grad_diff"]
+        assert r["weight_diff"] <= 1e-6
+        assert r["packed"] > 0 and r["packed_equal"]  # the 4-bit base: packed, replicated, untouched
 
 
 def test_shard_refuses_bad_calls():
