@@ -71,7 +71,9 @@ def worker(sharded: bool) -> None:
 
 def main() -> None:
     root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # large blocks from mmap, so a freed all-gather buffer leaves the resident set (glibc otherwise keeps
+    # freed heap memory, and the high-water mark counts it as if it were still live)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     runs = [[sys.executable, __file__, WORKER, "0"],
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, WORKER, "1"]]
     for cmd in runs:
