@@ -33,7 +33,8 @@ _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx"
          "export_onnx_adapter": "exporters", "verify_swappable": "exporters",
          "save_adapters": "checkpoints", "save_merged": "checkpoints.merged", "add_head": "heads",
          "shard": "distributed", "ShardedModel": "distributed", "full_adapter_state": "distributed",
-         "save_sharded_adapters": "distributed"}
+         "save_sharded_adapters": "distributed", "adapter_state_dict": "distributed",
+         "load_dcp_adapters": "distributed"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -56,5 +57,5 @@ __all__ = [
     "add_head",
     "export_onnx_adapter", "verify_swappable",
     "compile", "optimize_for_inference",
-    "shard", "ShardedModel", "full_adapter_state", "save_sharded_adapters",
+    "shard", "ShardedModel", "full_adapter_state", "save_sharded_adapters", "adapter_state_dict", "load_dcp_adapters",
 ]

@@ -33,7 +33,8 @@ from .errors import GraphAdaptError
 from .model import AdaptedModel
 from .signatures import _layer_paths
 
-__all__ = ["POLICIES", "ShardedModel", "full_adapter_state", "save_sharded_adapters", "shard"]
+__all__ = ["POLICIES", "ShardedModel", "adapter_state_dict", "full_adapter_state", "load_dcp_adapters",
+           "save_sharded_adapters", "shard"]
 
 #: ``"layer"`` (default): one FSDP unit per recognised layer holding its frozen base weights and its
 #: adapters; ``"separate"``: each adapter module is a unit of its own inside its layer's base unit
@@ -267,3 +268,32 @@ def save_sharded_adapters(model, directory: str | Path, **kwargs) -> Path | None
     if dist.is_initialized():
         dist.barrier()
     return written
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trainable (adapter) parameters under the adapted model's names, as this rank's ``DTensor`` shards:
+    ``torch.distributed.checkpoint.save(adapter_state_dict(sharded), checkpoint_id=dir)`` writes an
+    adapter-only sharded checkpoint, each rank its own shards (nothing is gathered)."""
+    return {n: p.detach() for n, p in _adapted(model).trainable_parameters().items()}
+
+
+def load_dcp_adapters(adapted: AdaptedModel, checkpoint_dir: str | Path) -> list[str]:
+    """Load an adapter-only ``torch.distributed.checkpoint`` (:func:`adapter_state_dict`) into an unsharded
+    adapted model built with the same spec, in one process (no process group needed). Returns the names."""
+    import torch.distributed.checkpoint as dcp
+
+    if any(isinstance(p, torch.distributed.tensor.DTensor) for p in adapted.parameters()):
+        raise GraphAdaptError("load_dcp_adapters loads into an unsharded model; a sharded one loads with "
+                              "torch.distributed.checkpoint.load(adapter_state_dict(sharded), checkpoint_id=...)")
+    params = adapted.trainable_parameters()
+    state = {n: torch.empty_like(p.detach()) for n, p in params.items()}
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    except Exception as e:  # a missing key or a shape mismatch: name the checkpoint and the remedy
+        raise GraphAdaptError(f"could not load the adapter checkpoint {str(checkpoint_dir)!r} into this model "
+                              f"({type(e).__name__}: {str(e)[:300]}); build the model with the spec it was "
+                              "trained with") from e
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+    return sorted(state)

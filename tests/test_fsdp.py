@@ -92,7 +92,13 @@ SCRIPT = textwrap.dedent("""
         # the shards are installed again after saving: the sharded model still computes the same
         with torch.no_grad():
             r["after_save"] = (sharded(**probe).logits - sharded_out).abs().max().item()
+        import torch.distributed.checkpoint as dcp
+        dcp.save(ga.adapter_state_dict(sharded), checkpoint_id=out_dir + "-dcp")  # each rank its own shards
         if rank == 0:
+            fresh = build().eval()
+            ga.load_dcp_adapters(fresh, out_dir + "-dcp")
+            with torch.no_grad():
+                r["dcp_loaded_vs_sharded"] = (fresh(**probe).logits - sharded_out).abs().max().item()
             fresh = build().eval()
             with torch.no_grad():
                 r["untrained_vs_ref"] = (fresh(**probe).logits - ref_out).abs().max().item()
@@ -200,6 +206,7 @@ def test_sharded_adapters_load_into_an_unsharded_model(fsdp_run, policy):
     assert r0["untrained_vs_ref"] > 1e-3  # loading has something to do
     assert r0["loaded_vs_ref"] <= 1e-5 and r0["loaded_vs_sharded"] <= 1e-6
     assert r0["after_save"] == 0.0 and r1["after_save"] == 0.0
+    assert r0["dcp_loaded_vs_sharded"] <= 1e-6  # the sharded (torch.distributed.checkpoint) save too
 
 
 def test_qlora_trains_sharded_equal_to_one_process(fsdp_run):
