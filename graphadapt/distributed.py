@@ -289,7 +289,7 @@ def load_dcp_adapters(adapted: AdaptedModel, checkpoint_dir: str | Path) -> list
     state = {n: torch.empty_like(p.detach()) for n, p in params.items()}
     try:
         dcp.load(state, checkpoint_id=str(checkpoint_dir), no_dist=True)
-    except Exception as e:  # a missing key or a shape mismatch: name the checkpoint and the remedy
+    except (Exception, dcp.api.CheckpointException) as e:  # a missing key or a shape mismatch (a BaseException)
         raise GraphAdaptError(f"could not load the adapter checkpoint {str(checkpoint_dir)!r} into this model "
                               f"({type(e).__name__}: {str(e)[:300]}); build the model with the spec it was "
                               "trained with") from e

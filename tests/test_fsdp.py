@@ -232,3 +232,23 @@ def test_shard_refuses_bad_calls():
         ga.shard(adapted)
     with pytest.raises(ga.GraphAdaptError, match="adapted model"):
         ga.shard(tiny_llama(), policy="layer")
+
+
+def test_load_dcp_adapters_names_a_mismatched_checkpoint(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import randomize_lora, tiny_llama
+
+    saved = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("q",)))
+    randomize_lora(saved)
+    dcp.save(ga.adapter_state_dict(saved), checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    same = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("q",)))
+    assert ga.load_dcp_adapters(same, tmp_path / "ckpt") == sorted(saved.trainable_parameters())
+    assert all(torch.equal(p, saved.get_parameter(n)) for n, p in same.trainable_parameters().items())
+    other = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+    with pytest.raises(ga.GraphAdaptError, match="spec it was trained with"):
+        ga.load_dcp_adapters(other, tmp_path / "ckpt")
