@@ -94,6 +94,12 @@ SCRIPT = textwrap.dedent("""
             r["after_save"] = (sharded(**probe).logits - sharded_out).abs().max().item()
         import torch.distributed.checkpoint as dcp
         dcp.save(ga.adapter_state_dict(sharded), checkpoint_id=out_dir + "-dcp")  # each rank its own shards
+        with torch.no_grad():  # resume sharded: wipe the adapters, load the shards back in place
+            for t in ga.adapter_state_dict(sharded).values():
+                t.to_local().zero_()
+            wiped = (sharded(**probe).logits - sharded_out).abs().max().item()
+            dcp.load(ga.adapter_state_dict(sharded), checkpoint_id=out_dir + "-dcp")
+            r["dcp_resumed"] = [wiped, (sharded(**probe).logits - sharded_out).abs().max().item()]
         if rank == 0:
             fresh = build().eval()
             ga.load_dcp_adapters(fresh, out_dir + "-dcp")
@@ -207,6 +213,9 @@ def test_sharded_adapters_load_into_an_unsharded_model(fsdp_run, policy):
     assert r0["loaded_vs_ref"] <= 1e-5 and r0["loaded_vs_sharded"] <= 1e-6
     assert r0["after_save"] == 0.0 and r1["after_save"] == 0.0
     assert r0["dcp_loaded_vs_sharded"] <= 1e-6  # the sharded (torch.distributed.checkpoint) save too
+    for r in (r0, r1):
+        wiped, resumed = r["dcp_resumed"]
+        assert wiped > 1e-3 and resumed == 0.0  # and loads back into the sharded model
 
 
 def test_qlora_trains_sharded_equal_to_one_process(fsdp_run):
