@@ -93,21 +93,24 @@ def _rehome(split: fx.GraphModule, adapted: AdaptedModel, layer_subs: list[str])
         owners[id(owner)] = owner
         units = {u.target if u.target in calls else "" for u in n.users} if n.users else {""}
         unit_of.setdefault(id(owner), set()).update(units)
+    def slot(n: fx.Node) -> int | None:  # the argument position of a read in its one layer call
+        (unit,) = unit_of[id(_owner(adapted, n.target)[0])]
+        call = calls[unit]
+        idx = [k for k, a in enumerate(call.args) if a is n]
+        return idx[0] if len(idx) == 1 and not call.kwargs else None
+
+    # an owner moves into its layer only if every one of its reads can (else all stay with the root)
+    for n in reads:
+        owner, _ = _owner(adapted, n.target)
+        if owner is not adapted and unit_of[id(owner)] != {""} and len(unit_of[id(owner)]) == 1 \
+                and "" not in unit_of[id(owner)] and slot(n) is None:
+            unit_of[id(owner)].add("")
     moved: dict[str, list[tuple[fx.Node, int]]] = {}
     for n in reads:
         owner, _ = _owner(adapted, n.target)
-        if owner is adapted:
-            continue
-        units = unit_of[id(owner)]
-        if len(units) == 1 and "" not in units:
-            (unit,) = units
-            call = calls[unit]
-            idx = [k for k, a in enumerate(call.args) if a is n]
-            if len(idx) != 1 or call.kwargs:
-                units.add("")  # unexpected wiring: keep it in the root
-            else:
-                moved.setdefault(unit, []).append((n, idx[0]))
-                continue
+        units = unit_of.get(id(owner), {""})
+        if owner is not adapted and len(units) == 1 and "" not in units:
+            moved.setdefault(next(iter(units)), []).append((n, slot(n)))
     # owners to attach: per graph module, one child per owner module
     def attach(gm: fx.GraphModule, owner: nn.Module, table: dict[int, str]) -> str:
         name = table.get(id(owner))
@@ -149,6 +152,24 @@ def _rehome(split: fx.GraphModule, adapted: AdaptedModel, layer_subs: list[str])
         if name not in used:
             delattr(split, name)
     split.recompile()
+
+
+def _check_disjoint(run: fx.GraphModule, layer_subs: list[str]) -> None:
+    """Each parameter belongs to one FSDP unit: a module called or read by two layers cannot be sharded per layer."""
+    seen: dict[int, str] = {}
+    for unit in layer_subs:
+        for name, p in getattr(run, unit).named_parameters(remove_duplicate=False):
+            other = seen.setdefault(id(p), unit)
+            if other != unit:
+                raise GraphAdaptError(f"the parameter {name!r} is used by two layers ({other}, {unit}; e.g. a module "
+                                      "shared across layers): shard() needs each layer's parameters to be its own")
+    for child_name, child in run.named_children():
+        if child_name in layer_subs:
+            continue
+        for name, p in child.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                raise GraphAdaptError(f"the parameter {name!r} of layer {seen[id(p)]} is also reachable outside the "
+                                      f"layers (through {child_name}); shard() cannot give it one unit")
 
 
 class ShardedModel(nn.Module):
@@ -206,6 +227,7 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
         raise GraphAdaptError("this adapted model is already sharded")
     run, layer_subs = _layer_split(adapted)
     _rehome(run, adapted, layer_subs)
+    _check_disjoint(run, layer_subs)
     # the source model and captured call variants hold the full weights (shared storage): while sharded the
     # adapted model is not callable, so they would only keep every rank's memory at the unsharded size
     for attr in ("_source_model", "_signature_variants"):
