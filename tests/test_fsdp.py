@@ -306,3 +306,35 @@ def test_one_rank_shard_is_exact_across_architectures_and_methods(tmp_path, make
     # (BERT's pooler gets no gradient from last_hidden_state: None on both sides)
     assert all((grads[n] is None) == (ref_grads[n] is None) for n in grads)
     assert all(torch.equal(grads[n], ref_grads[n]) for n in grads if grads[n] is not None)
+
+
+def test_shard_refuses_models_it_cannot_shard(tmp_path):
+    import torch.distributed as dist
+
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import randomize_lora, text_inputs, tiny_llama
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        merged = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+        randomize_lora(merged)
+        merged.merge()
+        with pytest.raises(ga.GraphAdaptError, match="unmerge"):
+            ga.shard(merged)
+        checkpointed = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+        checkpointed.gradient_checkpointing_enable()
+        with pytest.raises(ga.GraphAdaptError, match="gradient_checkpointing_disable"):
+            ga.shard(checkpointed)
+        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+        sharded = ga.shard(adapted)
+        with pytest.raises(ga.GraphAdaptError, match="already sharded"):
+            ga.shard(adapted)
+        x = text_inputs(2, 4)
+        with pytest.raises(ga.GraphAdaptError, match="labels"):
+            sharded(**x, labels=x["input_ids"])
+        with pytest.raises(ga.GraphAdaptError, match="unsharded model"):
+            ga.load_dcp_adapters(adapted, tmp_path)
+    finally:
+        dist.destroy_process_group()
