@@ -188,6 +188,8 @@ class ShardedModel(nn.Module):
         adapted = self.adapted
         names = list(adapted.input_names)
         call = {**dict(zip(names, args)), **kwargs}
+        baked = adapted.__dict__.get("baked_inputs") or {}  # bound into the graph at capture: drop if equal
+        call = {k: v for k, v in call.items() if not (k in baked and k not in names and v == baked[k])}
         unknown = [k for k in call if k not in names and k not in adapted.constant_inputs]
         if unknown:
             raise GraphAdaptError(f"a sharded model takes the inputs the adapted model was captured with, {names}; "
