@@ -85,14 +85,13 @@ def _rehome(split: fx.GraphModule, adapted: AdaptedModel, layer_subs: list[str])
     reads = [n for n in graph.nodes if n.op == "get_attr"]
     # which unit reads each owner: a module read by two units (tied weights) stays with the root
     unit_of: dict[int, set[str]] = {}
-    owners: dict[int, nn.Module] = {}
     for n in reads:
         owner, _ = _owner(adapted, n.target)
         if owner is adapted:
             continue  # the graph's own constants: not parameters of a module
-        owners[id(owner)] = owner
         units = {u.target if u.target in calls else "" for u in n.users} if n.users else {""}
         unit_of.setdefault(id(owner), set()).update(units)
+
     def slot(n: fx.Node) -> int | None:  # the argument position of a read in its one layer call
         (unit,) = unit_of[id(_owner(adapted, n.target)[0])]
         call = calls[unit]
@@ -111,6 +110,7 @@ def _rehome(split: fx.GraphModule, adapted: AdaptedModel, layer_subs: list[str])
         units = unit_of.get(id(owner), {""})
         if owner is not adapted and len(units) == 1 and "" not in units:
             moved.setdefault(next(iter(units)), []).append((n, slot(n)))
+
     # owners to attach: per graph module, one child per owner module
     def attach(gm: fx.GraphModule, owner: nn.Module, table: dict[int, str]) -> str:
         name = table.get(id(owner))
