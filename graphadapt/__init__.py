@@ -31,7 +31,10 @@ from .api import apply, from_pretrained, import_adapterhub, import_adapterhub_fu
 _LAZY = {"export_onnx": "exporters", "export_triton": "exporters", "verify_onnx": "exporters",
          "export_decoder_onnx": "exporters", "verify_decoder_onnx": "exporters", "generate": "generation",
          "export_onnx_adapter": "exporters", "verify_swappable": "exporters",
-         "save_adapters": "checkpoints", "save_merged": "checkpoints.merged", "add_head": "heads"}
+         "save_adapters": "checkpoints", "save_merged": "checkpoints.merged", "add_head": "heads",
+         "shard": "distributed", "ShardedModel": "distributed", "full_adapter_state": "distributed",
+         "save_sharded_adapters": "distributed", "adapter_state_dict": "distributed",
+         "load_dcp_adapters": "distributed"}
 
 
 def __getattr__(name):  # exporters pull in onnx/onnxscript: import them on first use only
@@ -54,4 +57,5 @@ __all__ = [
     "add_head",
     "export_onnx_adapter", "verify_swappable",
     "compile", "optimize_for_inference",
+    "shard", "ShardedModel", "full_adapter_state", "save_sharded_adapters", "adapter_state_dict", "load_dcp_adapters",
 ]
