@@ -140,7 +140,8 @@ NATIVE = {
 
 SIZES = {"c3a": dict(block_size=8), "shira": dict(r=4), "vblora": dict(num_vectors=16, vector_length=8),
          "waveft": dict(n_frequency=100)}  # what the defaults (sized for real models) need on the tiny ones
-PEFT_EXPORT = ("loha", "lokr", "fourierft", "c3a", "gralora", "waveft")  # AdaptedModel.to_peft
+PEFT_EXPORT = ("loha", "lokr", "fourierft", "c3a", "gralora", "waveft",  # AdaptedModel.to_peft
+               "vera", "randlora", "vblora", "shira")  # shared tensors / index buffers go along
 NOT_IDENTITY_BY_DEFAULT = {"fourierft", "c3a", "vblora"}  # PEFT's default init draws the coefficients
 
 
@@ -198,7 +199,7 @@ def test_native_seeded_identity_save_load(tmp_path):
     one.save_adapters(tmp_path / "ckpt")
     again = ga.load(tiny_bert(), tmp_path / "ckpt").eval()
     assert max_diff(_call(again, again, x), out) == 0
-    # to_peft (per-module methods): PEFT loads what graphadapt wrote and computes the same outputs
+    # to_peft (every method, shared tensors included): PEFT loads what graphadapt wrote and computes the same outputs
     for m in PEFT_EXPORT:
         one.set_active(f"{m}1")
         mine = _call(one, one, x)
