@@ -35,16 +35,25 @@ CASES = {
                   0.3),
     "loha-llama": ("loha", llama1, lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]),
                    0.3),
+    "loha-bert-patterns": ("loha", bert1, lambda: peft.LoHaConfig(
+        r=4, alpha=6, rank_pattern={"value": 2, "intermediate.dense": 3}, alpha_pattern={r"layer\.0\..*query": 9},
+        target_modules=["query", "value", "dense"]), 0.3),
     "lokr-bert": ("lokr", bert1, lambda: peft.LoKrConfig(r=4, alpha=6, target_modules=["query", "value", "dense"]),
                   0.3),
     "lokr-llama-decomposed": ("lokr", llama1, lambda: peft.LoKrConfig(
         r=1, alpha=2, decompose_both=True, target_modules=["q_proj", "k_proj", "up_proj"]), 0.3),
+    "lokr-llama-patterns": ("lokr", llama1, lambda: peft.LoKrConfig(
+        r=1, alpha=2, decompose_both=True, rank_pattern={"k_proj": 2}, alpha_pattern={"up_proj": 5},
+        target_modules=["q_proj", "k_proj", "up_proj"]), 0.3),
     "vera-bert": ("vera", bert1, lambda: peft.VeraConfig(r=8, target_modules=["query", "value", "dense"]), 0.5),
     "vera-llama": ("vera", llama1, lambda: peft.VeraConfig(r=4, target_modules=["k_proj", "down_proj"]), 0.5),
     "vera-gpt2-conv1d": ("vera", gpt2_1, lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_proj"],
                                                                     fan_in_fan_out=True), 0.5),
     "fourierft-bert": ("fourierft", bert1, lambda: peft.FourierFTConfig(
         n_frequency=40, scaling=50.0, target_modules=["query", "value", "dense"]), 1.0),
+    "fourierft-bert-pattern": ("fourierft", bert1, lambda: peft.FourierFTConfig(
+        n_frequency=40, scaling=50.0, n_frequency_pattern={"value": 12, r"intermediate\.dense": 70},
+        target_modules=["query", "value", "dense"]), 1.0),
     "fourierft-llama": ("fourierft", llama1, lambda: peft.FourierFTConfig(
         n_frequency=30, random_loc_seed=5, target_modules=["v_proj", "gate_proj"]), 1.0),
     "fourierft-gpt2-conv1d": ("fourierft", gpt2_1, lambda: peft.FourierFTConfig(
@@ -302,14 +311,14 @@ def test_clear_errors():
                                 weight=torch.zeros(16, 36))
     with pytest.raises(SpecError, match="expert weights"):
         get_method("loha").build(_spec("loha"), "a", _fake_site(num_experts=4), 0, weight=w)
-    refusals = {"loha": {"r": 4, "alpha": 8, "rank_pattern": {"query": 2}},
-                "vera": {"r": 4, "save_projection": False},
-                "randlora": {"r": 4, "randlora_alpha": 8, "save_projection": False},
-                "vblora": {"r": 4, "num_vectors": 8, "vector_length": 4, "save_only_topk_weights": True},
-                "waveft": {"n_frequency": 8, "wavelet_family": "db4"},
-                "fourierft": {"n_frequency": 8, "n_frequency_pattern": {"query": 4}},
-                "c3a": {"block_size": 8, "bias": "all"}}
-    for m, cfg in refusals.items():
+    refusals = [("vera", {"r": 4, "save_projection": False}),
+                ("randlora", {"r": 4, "randlora_alpha": 8, "save_projection": False}),
+                ("vblora", {"r": 4, "num_vectors": 8, "vector_length": 4, "save_only_topk_weights": True}),
+                ("waveft", {"n_frequency": 8, "wavelet_family": "db4"}),
+                ("waveft", {"n_frequency": 8, "n_frequency_pattern": {"query": 4}}),   # per-site sizes: not built
+                ("c3a", {"block_size": 8, "block_size_pattern": {"query": 4}}),
+                ("c3a", {"block_size": 8, "bias": "all"})]
+    for m, cfg in refusals:
         with pytest.raises(CheckpointError, match=next(k for k in cfg if k not in ("r", "alpha", "randlora_alpha",
                                                                                   "num_vectors", "vector_length",
                                                                                   "n_frequency", "block_size"))):
