@@ -63,6 +63,9 @@ CASES = {
                                                                   target_modules=["o_proj", "up_proj"]), 0.3),
     "c3a-bert": ("c3a", bert1, lambda: peft.C3AConfig(block_size=8, target_modules=["query", "value", "dense"]),
                  1.0),
+    "c3a-bert-pattern": ("c3a", bert1, lambda: peft.C3AConfig(
+        block_size=8, block_size_pattern={"value": 4, r"intermediate\.dense": 16},
+        target_modules=["query", "value", "dense"]), 1.0),
     "c3a-llama": ("c3a", llama1, lambda: peft.C3AConfig(block_size=4, target_modules=["k_proj", "down_proj"]), 1.0),
     "randlora-bert": ("randlora", bert1, lambda: peft.RandLoraConfig(
         r=8, randlora_alpha=16, target_modules=["query", "value", "dense"]), 0.3),
@@ -84,6 +87,9 @@ CASES = {
         r=4, alpha=8, gralora_k=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 0.3),
     "waveft-bert": ("waveft", bert1, lambda: peft.WaveFTConfig(
         n_frequency=60, scaling=5.0, target_modules=["query", "value", "dense"]), 0.3),
+    "waveft-bert-pattern": ("waveft", bert1, lambda: peft.WaveFTConfig(
+        n_frequency=60, scaling=5.0, n_frequency_pattern={"value": 20, "intermediate.dense": 90},
+        target_modules=["query", "value", "dense"]), 0.3),
     "waveft-llama-odd": ("waveft", lambda: tiny_llama(num_hidden_layers=1, intermediate_size=63),
                          lambda: peft.WaveFTConfig(
         n_frequency=40, random_loc_seed=3, target_modules=["k_proj", "up_proj", "down_proj"]), 0.3),  # odd sides
@@ -315,8 +321,7 @@ def test_clear_errors():
                 ("randlora", {"r": 4, "randlora_alpha": 8, "save_projection": False}),
                 ("vblora", {"r": 4, "num_vectors": 8, "vector_length": 4, "save_only_topk_weights": True}),
                 ("waveft", {"n_frequency": 8, "wavelet_family": "db4"}),
-                ("waveft", {"n_frequency": 8, "n_frequency_pattern": {"query": 4}}),   # per-site sizes: not built
-                ("c3a", {"block_size": 8, "block_size_pattern": {"query": 4}}),
+                ("waveft", {"n_frequency": 8, "proportional_parameters": True}),
                 ("c3a", {"block_size": 8, "bias": "all"})]
     for m, cfg in refusals:
         with pytest.raises(CheckpointError, match=next(k for k in cfg if k not in ("r", "alpha", "randlora_alpha",
