@@ -31,7 +31,8 @@ class C3AMethod(LinearSiteMethod):
 
     def build(self, spec: C3A, adapter, site, seed, weight=None):
         refuse_expert_site("C3A", adapter, site)
-        mod = C3AModule(site, block_size=spec.block_size_at(site.name, getattr(site, "module_path", None)), dtype=weight.dtype, device=weight.device)
+        block = spec.block_size_at(site.name, getattr(site, "module_path", None))
+        mod = C3AModule(site, block_size=block, dtype=weight.dtype, device=weight.device)
         g = adapter_generator(seed, adapter, site.name)
         k, init = mod.c3a_kernel, spec.init_weights
         with torch.no_grad():
@@ -54,7 +55,8 @@ class C3AMethod(LinearSiteMethod):
 
     def peft_export(self, spec: C3A, modules, records):
         return per_module_peft_export("C3A", {
-            "peft_type": "C3A", "block_size": spec.block_size, "block_size_pattern": dict(spec.block_size_pattern), "bias": "none",
+            "peft_type": "C3A", "block_size": spec.block_size, "block_size_pattern": dict(spec.block_size_pattern),
+            "bias": "none",
             "init_weights": "xavier_uniform"}, modules, records)
 
     def peft_key(self, key):

@@ -15,8 +15,8 @@ import torch
 from graphadapt.errors import CheckpointError
 from graphadapt.init import adapter_generator, kaiming_uniform_, normal_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, prepare_shared, refuse_expert_site,
-                                      refuse_peft_options)
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, prepare_shared,
+                                      refuse_expert_site, refuse_peft_options)
 from graphadapt.methods.registry import register
 
 from .module import RandLoRABases, RandLoRAModule, num_bases

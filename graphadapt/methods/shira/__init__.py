@@ -15,8 +15,7 @@ from graphadapt.errors import CheckpointError
 from graphadapt.init import adapter_generator, normal_
 from graphadapt.methods.base import LinearSiteMethod
 from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
-                                      refuse_peft_options,
-                                      resolve_module_path)
+                                      refuse_peft_options, resolve_module_path)
 from graphadapt.methods.registry import register
 from graphadapt.vocab import adapter_prefix
 

@@ -30,7 +30,8 @@ class WaveFTMethod(LinearSiteMethod):
 
     def build(self, spec: WaveFT, adapter, site, seed, weight=None):
         refuse_expert_site("WaveFT", adapter, site)
-        mod = WaveFTModule(site, n_frequency=spec.frequencies_at(site.name, getattr(site, "module_path", None)), scaling=spec.scaling,
+        n = spec.frequencies_at(site.name, getattr(site, "module_path", None))
+        mod = WaveFTModule(site, n_frequency=n, scaling=spec.scaling,
                            random_loc_seed=spec.random_loc_seed, use_idwt=spec.use_idwt, dtype=weight.dtype,
                            device=weight.device)
         if not spec.init_weights:
