@@ -194,3 +194,20 @@ def test_corda_init_equals_peft(method):
         assert max_diff(adapted(**x).last_hidden_state, tiny_llama()(**x).last_hidden_state) < 1e-4
     with pytest.raises(ga.GraphAdaptError, match="one example per call"):
         corda_init(adapted, "default", lambda: adapted(**text_inputs(2, 5)))
+
+
+def test_layer_replication_checkpoint_is_refused_with_the_reason(tmp_path):
+    """A real PEFT checkpoint with layer_replication (copies sharing base weights) is a CheckpointError that says why
+    and does not send the user to merge_and_unload (PEFT's merge folds every copy's delta into the shared weight)."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                               layer_replication=[[0, 2], [1, 2]]))
+    assert len(pm.base_model.model.layers) == 3
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(ga.CheckpointError, match=r"layer_replication=\[\[0, 2\], \[1, 2\]\].*share base weights"):
+        ga.import_peft(tiny_llama(), tmp_path)
