@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from .replication import MARK as REPLICATED, replicate_layers
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
 from .inference import generate_options
@@ -52,6 +53,8 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     from .checkpoints.trainable import with_task_heads
 
     spec = with_task_heads(model, as_spec(spec))  # Spec.task_type's heads join modules_to_save
+    if spec.layer_replication is not None and getattr(model, REPLICATED, None) != spec.layer_replication:
+        model = replicate_layers(model, spec.layer_replication)   # a new, deeper model sharing the weights
     target, axes = model, None
     if cache:
         from .kvcache import cached_decoder
@@ -200,11 +203,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     copies with the saved weights); ``ignore_modules_to_save=True`` skips them (the base's own modules stay). A pickled
     ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with ``weights_only=True``).
     """
-    from .checkpoints.peft import read_peft
+    from .checkpoints.peft import read_peft, read_peft_config
 
+    layer_map = read_peft_config(directory).get("layer_replication")
+    if layer_map:   # PEFT's keys name the replicated layers: read them against the deeper model
+        model = replicate_layers(model, layer_map)
     spec, fill, modules = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
                                     allow_pickle=allow_pickle)
-    adapted = apply(model, Spec({name: spec}, modules_to_save=modules), **apply_kwargs)
+    adapted = apply(model, Spec({name: spec}, modules_to_save=modules,
+                                layer_replication=layer_map or None), **apply_kwargs)
     fill(adapted)
     return adapted
 

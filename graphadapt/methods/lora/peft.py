@@ -39,13 +39,7 @@ def peft_key(key: str) -> tuple[str, str] | None:
 def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
     """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
     # options that change what the adapter computes: importing without them would give wrong numbers
-    if cfg.get("layer_replication"):
-        # PEFT's merge_and_unload is no way out here: it folds every copy's LoRA into the one shared weight
-        # (measured: merged outputs differ from unmerged), so the usual advice does not apply
-        raise CheckpointError(f"PEFT option layer_replication={cfg['layer_replication']!r} is not supported by the "
-                              "importer: its layer copies share base weights, which graphadapt's sites (named by "
-                              "weight) cannot tell apart. PEFT's merge_and_unload does not help either (it adds every "
-                              "copy's delta to the shared weight); re-train without layer_replication.")
+    # layer_replication is read by graphadapt.import_peft (Spec.layer_replication): the keys name replicated layers
     unsupported = {k: cfg.get(k) for k in ("trainable_token_indices", "megatron_config", "use_qalora",
                                             "alora_invocation_tokens") if cfg.get(k)}
     if cfg.get("bias", "none") not in ("none", None):
