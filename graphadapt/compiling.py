@@ -85,10 +85,10 @@ def static_step(module):
 
         graph, _ = decode_graph(module, module.decoder_cache["num_layers"], static=True)
         raw = bind_graph(module, graph, fast=False)
-        compiled = torch.compile(raw.__get__(module), **{**fwd.options, "dynamic": False})
 
-        def fn(**inputs):
-            return compiled(**inputs)[0]
+        def step(**inputs):
+            return raw(**inputs)[0]
+        fn = torch.compile(step, **{**fwd.options, "dynamic": False})
         fwd.static_by_code[key] = fn
     return fn
 

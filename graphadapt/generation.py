@@ -237,6 +237,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if cache_implementation not in (None, "dynamic", "static"):
         raise GraphAdaptError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
     static = cache_implementation == "static"
+    src_cfg = (model[-1] if isinstance(model, tuple) else model).__dict__.get("source_config")
+    if static and (num_beams > 1 or getattr(src_cfg, "is_encoder_decoder", False)):
+        raise GraphAdaptError("cache_implementation='static' decodes decoder-only models with num_beams=1; "
+                              "leave cache_implementation out for beam search and encoder-decoder models")
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams)
     _check_beam_args(num_beams, num_return_sequences, do_sample, early_stopping)
     input_ids, attention_mask = check_generate(model, input_ids, attention_mask, max_new_tokens)  # graphadapt.contract
@@ -253,8 +257,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if input_ids.shape[1] == 0:
         raise GraphAdaptError("input_ids needs at least one prompt token per sequence")
     dev, dt = cached._compute_device, cached._compute_dtype
-    ids = input_ids.to(dev)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev).long()
+    ids = input_ids.to(dev).contiguous()  # a sliced prompt would fail the compiled graph's stride guards
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev).long().contiguous()
     if mask.shape != ids.shape:
         raise GraphAdaptError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
     if not seq2seq and bool((mask[:, -1] == 0).any()):
@@ -386,7 +390,7 @@ def _dynamic_step(cached):
             raw = bind_graph(cached, graph, fast=True)
 
             def fn(**inputs):
-                return dict(zip(names, raw(cached, **inputs)))
+                return dict(zip(names, raw(**inputs)))
         except CaptureError:  # an unusual cached graph: run it as it is
             def fn(**inputs):
                 return cached.forward(**inputs, **cached.constant_inputs)
@@ -413,7 +417,7 @@ def _static_step(cached):
         raw = bind_graph(cached, graph, fast=True)
 
         def fn(**inputs):
-            return raw(cached, **inputs)[0]
+            return raw(**inputs)[0]
         fns["static"] = fn
     return fn
 
@@ -476,7 +480,7 @@ class _StaticCausalStepper:
                 for kv in ("key", "value"):
                     held["past"][past_input_name(i, kv)][:, :, :t0].copy_(out[f"present.{i}.{kv}"])
             held["mask"][:, :t0].copy_(self.mask)
-            self.held, self.pos = held, self.pos[:, -1:]
+            self.held, self.pos = held, self.pos[:, -1:].contiguous()  # the same strides every step (no recompile)
             self.step = _static_step(self.cached)
             return out
         held = self.held

@@ -331,6 +331,9 @@ def decode_graph(gm, num_layers: int, *, static: bool = False) -> tuple[torch.fx
     else:
         g.output(tuple(outs[k] for k in names))
     g.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("call_function", "get_attr") or n.is_impure())
+    for n in reversed(list(g.nodes)):  # fresh copies of constants nobody reads (detach_ counts as impure)
+        if not n.users and (_is_aten(n, "lift_fresh_copy", "detach_") or n.op == "get_attr"):
+            g.erase_node(n)
     g.lint()
     return g, names
 
@@ -342,7 +345,8 @@ def _operator():
 
 
 def bind_graph(gm, graph: torch.fx.Graph, *, fast: bool):
-    """The Python ``forward`` of ``graph`` as a function of ``gm`` (``fn(gm, **inputs)``): its ``get_attr`` and
+    """The Python ``forward`` of ``graph`` run on ``gm`` (``fn(**inputs)``; ``self`` is a global of the function,
+    so torch.compile traces a plain function rather than a GraphModule's forward): its ``get_attr`` and
     ``call_module`` names resolve on ``gm`` at every call, so weights swapped in later (merge, load) are read.
 
     ``fast``: ATen calls go straight to the operator's C++ entry (``OpOverload._op``, what
@@ -362,9 +366,13 @@ def bind_graph(gm, graph: torch.fx.Graph, *, fast: bool):
             glb[key] = op._op
             return key + "("
         src = re.sub(r"torch\.ops\.aten\.(\w+)\.(\w+)\(", repl, src)
-    ns: dict = {}
-    exec(compile(src, f"<graphadapt decode step {id(graph):x}>", "exec"), {**glb, "__builtins__": __builtins__}, ns)  # noqa: S102
-    return ns["forward"]
+    head = "def forward(self, "
+    if head not in src:
+        raise CaptureError("unexpected generated code for the decode graph (no `def forward(self, ...)`)")
+    src = src.replace(head, "def forward(*, ", 1)
+    glb.update(self=gm, __builtins__=__builtins__)
+    exec(compile(src, f"<graphadapt decode step {id(graph):x}>", "exec"), glb)  # noqa: S102
+    return glb["forward"]
 
 
 __all__ = ["bind_graph", "cached_decoder", "decode_graph", "kv_layout", "onnx_io_names", "past_input_name",
