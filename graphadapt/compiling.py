@@ -72,19 +72,17 @@ class CompiledForward:
         return self.compiled()(*args, **kwargs)
 
 
-def static_step(module):
+def static_step(module, build):
     """The compiled static-cache decode step of ``module``'s current graph (``fn(**inputs) -> logits``), compiled
-    on first use; None when ``module`` runs eagerly."""
+    on first use from ``build(module)`` (a plain function of the inputs returning ``(logits,)``; generation builds
+    it from :func:`graphadapt.kvcache.decode_graph`); None when ``module`` runs eagerly."""
     fwd = module.__dict__.get("forward")
     if not isinstance(fwd, CompiledForward):
         return None
     key = module._code
     fn = fwd.static_by_code.get(key)
     if fn is None:
-        from .kvcache import bind_graph, decode_graph
-
-        graph, _ = decode_graph(module, module.decoder_cache["num_layers"], static=True)
-        raw = bind_graph(module, graph, fast=False)
+        raw = build(module)
 
         def step(**inputs):
             return raw(**inputs)[0]

@@ -398,23 +398,27 @@ def _dynamic_step(cached):
     return fn
 
 
+def _static_graph(cached, *, fast: bool):
+    try:
+        graph, _ = decode_graph(cached, cached.decoder_cache["num_layers"], static=True)
+    except CaptureError as e:
+        raise GraphAdaptError(f"cache_implementation='static' cannot rewrite this cached graph: {e}") from e
+    return bind_graph(cached, graph, fast=fast)
+
+
 def _static_step(cached):
     """The fixed-shape decode step over a preallocated cache (:func:`graphadapt.kvcache.decode_graph` with
     ``static=True``): compiled once per graph with the model's compile options (shapes static) when the model is
     compiled, else the eager decode copy. Returns ``fn(**inputs) -> logits``."""
     from .compiling import static_step
 
-    compiled = static_step(cached)
+    compiled = static_step(cached, lambda m: _static_graph(m, fast=False))
     if compiled is not None:
         return compiled
     fns = _eager_fns(cached)
     fn = fns.get("static")
     if fn is None:
-        try:
-            graph, _ = decode_graph(cached, cached.decoder_cache["num_layers"], static=True)
-        except CaptureError as e:
-            raise GraphAdaptError(f"cache_implementation='static' cannot rewrite this cached graph: {e}") from e
-        raw = bind_graph(cached, graph, fast=True)
+        raw = _static_graph(cached, fast=True)
 
         def fn(**inputs):
             return raw(**inputs)[0]
