@@ -371,8 +371,9 @@ def _step(cached, checked, **inputs):
 def _eager_fns(cached) -> dict:
     """Decode functions of ``cached``'s current graph, built once per graph (keyed by its generated code)."""
     fns = cached.__dict__.get("_decode_fns")
-    if fns is None or fns[0] != cached._code:
-        fns = (cached._code, {})
+    key = (cached._code, id(cached))  # a deep copy carries the dict: its functions would run the original
+    if fns is None or fns[0] != key:
+        fns = (key, {})
         cached.__dict__["_decode_fns"] = fns
     return fns[1]
 

@@ -8,6 +8,7 @@ how often, not inductor's kernels.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_decode_copy_is_lean_and_exact(lm, monkeypatch):
                 adapted.unmerge()
         assert torch.equal(out, ref)
         assert torch.equal(scores, ref_scores)  # the same kernels on the same tensors: bit-identical logits
+    # a deep copy builds its own decode functions (the original's would read the original's weights)
+    step = generation._dynamic_step(adapted)
+    assert generation._dynamic_step(copy.deepcopy(adapted)) is not step
+    assert generation._dynamic_step(adapted) is step
 
 
 @pytest.mark.parametrize("merged", [False, True])
