@@ -368,13 +368,31 @@ def _step(cached, checked, **inputs):
         return checked(**inputs)
 
 
+class _Scratch(dict):
+    """Per-model decoding state (step functions bound to the model, static cache buffers): a copy or a pickle of the
+    model starts without it (its functions would run the original model)."""
+
+    def __deepcopy__(self, memo):
+        return _Scratch()
+
+    def __reduce__(self):
+        return _Scratch, ()
+
+
+def _scratch(cached) -> _Scratch:
+    held = cached.__dict__.get("_decoding_scratch")
+    if held is None:
+        held = cached.__dict__["_decoding_scratch"] = _Scratch()
+    return held
+
+
 def _eager_fns(cached) -> dict:
     """Decode functions of ``cached``'s current graph, built once per graph (keyed by its generated code)."""
-    fns = cached.__dict__.get("_decode_fns")
-    key = (cached._code, id(cached))  # a deep copy carries the dict: its functions would run the original
+    scratch = _scratch(cached)
+    fns = scratch.get("fns")
+    key = (cached._code, id(cached))
     if fns is None or fns[0] != key:
-        fns = (key, {})
-        cached.__dict__["_decode_fns"] = fns
+        fns = scratch["fns"] = (key, {})
     return fns[1]
 
 
@@ -459,7 +477,7 @@ class _StaticCausalStepper:
 
     def _buffers(self, b, dev, dt):
         lay, total = self.layout, self.total
-        held = self.cached.__dict__.get("_static_cache")
+        held = _scratch(self.cached).get("static_cache")
         if held is not None and held["batch"] == b and held["device"] == dev and held["dtype"] == dt and \
                 held["length"] >= total:
             for t in held["past"].values():
@@ -471,7 +489,7 @@ class _StaticCausalStepper:
         held = {"batch": b, "device": dev, "dtype": dt, "length": total, "past": past,
                 "mask": torch.zeros(b, total, dtype=torch.long, device=dev),
                 "position": torch.zeros(1, dtype=torch.long, device=dev)}
-        self.cached.__dict__["_static_cache"] = held
+        _scratch(self.cached)["static_cache"] = held
         return held
 
     def __call__(self, step_ids, past):

@@ -9,6 +9,7 @@ how often, not inductor's kernels.
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_decode_copy_is_lean_and_exact(lm, monkeypatch):
     step = generation._dynamic_step(adapted)
     assert generation._dynamic_step(copy.deepcopy(adapted)) is not step
     assert generation._dynamic_step(adapted) is step
+    assert pickle.loads(pickle.dumps(generation._scratch(adapted))) == {}
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -89,11 +91,11 @@ def test_static_cache_gives_the_dynamic_tokens(lm, merged):
         st, st_scores = adapted.generate(ids, mask, max_new_tokens=8, output_scores=True, eos_token_id=[],
                                          cache_implementation="static")
         runner = generation._decoding_graph(adapted)  # unmerged: the inference copy decodes
-        held = runner.__dict__["_static_cache"]
+        held = generation._scratch(runner)["static_cache"]
         # a shorter call reuses the buffers (zeroed) and still decodes the same tokens
         again = adapted.generate(ids[:, 1:], mask[:, 1:], max_new_tokens=4, eos_token_id=[],
                                  cache_implementation="static")
-        assert runner.__dict__["_static_cache"] is held
+        assert generation._scratch(runner)["static_cache"] is held
         short = adapted.generate(ids[:, 1:], mask[:, 1:], max_new_tokens=4, eos_token_id=[])
     finally:
         if merged:
