@@ -161,7 +161,8 @@ def main() -> None:
         print(f"(compiled decoding: first generate, compiling included, {time.perf_counter() - t0:.0f} s)")
         t0 = time.perf_counter()
         compiled.generate(ids, mask, max_new_tokens=args.new, cache_implementation="static")
-        print(f"(compiled static decoding: first generate, compiling the step included, {time.perf_counter() - t0:.0f} s)")
+        print(f"(compiled static decoding: first generate, compiling the step included, "
+              f"{time.perf_counter() - t0:.0f} s)")
         hf_static = copy.deepcopy(hf)
         hf_static.generation_config.cache_implementation = "static"
         hf_static.forward = torch.compile(hf_static.forward)

@@ -18,15 +18,14 @@ from typing import Any
 import torch
 
 from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids
-from .compiling import compiled_options
+from .compiling import compiled_options, static_step
 from .concurrency import reading
 from .contract import check_generate
-from .errors import GraphAdaptError
+from .errors import CaptureError, GraphAdaptError
 from .inference import optimize_for_inference
 from .vocab import ADAPTERS
 from .kvcache import (bind_graph, decode_graph, seq2seq_views, cached_decoder, kv_layout, onnx_io_names,
                       past_input_name)
-from .errors import CaptureError
 
 __all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
            "onnx_io_names"]
@@ -429,8 +428,6 @@ def _static_step(cached):
     """The fixed-shape decode step over a preallocated cache (:func:`graphadapt.kvcache.decode_graph` with
     ``static=True``): compiled once per graph with the model's compile options (shapes static) when the model is
     compiled, else the eager decode copy. Returns ``fn(**inputs) -> logits``."""
-    from .compiling import static_step
-
     compiled = static_step(cached, lambda m: _static_graph(m, fast=False))
     if compiled is not None:
         return compiled
