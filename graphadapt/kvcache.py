@@ -5,6 +5,9 @@ after:  ``view(input_ids, attention_mask, position_ids, past_key_values_{i}_key/
         (logits, present.{i}.key/value…)`` — capturable by torch.export with a dynamic past axis
         (possibly 0), so one graph prefills and decodes. ``graphadapt.apply(..., cache=True)`` uses it;
         :mod:`graphadapt.generation` decodes with it.
+
+:func:`decode_graph` derives the graphs the decode loop runs from that capture (a lean copy, and the
+static-cache step); :func:`bind_graph` turns one into a function of the model.
 """
 from __future__ import annotations
 
