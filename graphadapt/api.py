@@ -37,7 +37,7 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 @serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
-          cache: bool = False) -> AdaptedModel:
+          cache: bool = False, quantize: Any = None) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
 
     ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
@@ -47,6 +47,11 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 
     ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
     :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
+
+    ``quantize="nf4"`` / ``"fp4"`` (or a :class:`graphadapt.quantized.Quantize`): quantize the frozen
+    base linears inside the captured graph (QLoRA from an fp32/fp16/bf16 checkpoint; the same packed
+    bytes as transformers' ``BitsAndBytesConfig`` loading path; needs bitsandbytes). The caller's model
+    stays dense. See docs/big-models.md.
     """
     from .checkpoints.trainable import with_task_heads
 
@@ -63,6 +68,10 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
                      dynamic_axes=axes)
         if cache:
             gm.decoder_cache = dict(target.layout)
+        if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
+            from .quantized import Quantize, quantize_linears
+
+            quantize_linears(gm, Quantize.parse(quantize), source=model)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)
