@@ -20,6 +20,7 @@ from .methods.invertible import InvertibleAdapter
 from .methods.vera_hub import VeraHub
 from .methods.mtl_lora import MTLLoRA
 from .capture import capture
+from .quantized import Quantize
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
 from .inference import optimize_for_inference
@@ -53,5 +54,5 @@ __all__ = [
     "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
     "add_head",
     "export_onnx_adapter", "verify_swappable",
-    "compile", "optimize_for_inference",
+    "compile", "optimize_for_inference", "Quantize",
 ]

@@ -56,6 +56,10 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     from .checkpoints.trainable import with_task_heads
 
     spec = with_task_heads(model, as_spec(spec))  # Spec.task_type's heads join modules_to_save
+    if quantize is not None:
+        from .quantized import Quantize, quantize_linears
+
+        quantize = Quantize.parse(quantize)
     target, axes = model, None
     if cache:
         from .kvcache import cached_decoder
@@ -69,9 +73,7 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         if cache:
             gm.decoder_cache = dict(target.layout)
         if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
-            from .quantized import Quantize, quantize_linears
-
-            quantize_linears(gm, Quantize.parse(quantize), source=model)
+            quantize_linears(gm, quantize, source=model)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)

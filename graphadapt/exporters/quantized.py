@@ -120,17 +120,17 @@ def dequantize_matmulnbits(model, node) -> np.ndarray:
     return w.reshape(n, nb * bs)[:, :k]
 
 
-def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: str = "int4", *,
+def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: str = "int4", *, export,
                           block_size: int = 32, merge: bool = True, verify: bool = True,
                           example_inputs: dict[str, Any] | None = None, atol: float | None = None,
                           rtol: float | None = None, **kwargs):
     """``export_onnx(model, path, quantize="int4"|"int8")`` for a model over a bitsandbytes 4-bit base
     (module docstring). Returns the :class:`ExportReport` with ``quantization`` filled in: ``bits``,
     ``block_size``, ``nodes`` (MatMulNBits written), ``drift_max_abs`` / ``drift_rel_rms`` (against the
-    PyTorch model over its packed base) and ``verified_against`` (what the exact check compared)."""
+    PyTorch model over its packed base) and ``verified_against`` (what the exact check compared).
+    ``export``: :func:`graphadapt.exporters.onnx.export_onnx` (passed in: that module calls this one)."""
     import onnx
 
-    from graphadapt.exporters.onnx import export_onnx
     from graphadapt.exporters.verify import verify_onnx
 
     if quantize not in _BITS:
@@ -142,7 +142,7 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
         raise ExportError("quantize= exports fp32 activations without swappable=/optimize= for now; drop them")
     path = Path(path)
     with dense_base(model) as dense:
-        report = export_onnx(model, path, example_inputs=example_inputs, merge=merge, verify=False, **kwargs)
+        report = export(model, path, example_inputs=example_inputs, merge=merge, verify=False, **kwargs)
     bits = _BITS[quantize]
     named = quantize_onnx_matmuls(path, set(dense.paths), bits=bits, block_size=block_size)
     proto = onnx.load(str(path))
@@ -151,9 +151,9 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     info: dict[str, Any] = {"bits": bits, "block_size": block_size, "nodes": len(named), "symmetric": True,
                             "base": dense.quantize.quant_type if dense.quantize else None}
     if verify:
-        from graphadapt.exporters import _model
+        from graphadapt.exporters._model import example_inputs as resolve_inputs
 
-        inputs = _model.example_inputs(model, example_inputs)
+        inputs = resolve_inputs(model, example_inputs)
         result = _verify_against_int4(model, path, weights, merge, inputs, atol, rtol, verify_onnx)
         drift = _drift(model, path, inputs)
         info["drift_max_abs"], info["drift_rel_rms"] = drift
