@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import CaptureError
 
-__all__ = ["Packed4bitLinear", "opaque_quantized_linears", "install_quantized_weights", "quantized_modules",
+__all__ = ["Packed4bitLinear", "Packed8bitLinear", "PACKED", "opaque_quantized_linears", "install_quantized_weights", "quantized_modules",
            "has_quantized_weights", "refuse_quantized", "Quantize", "quantize_linears", "base_bytes",
            "dense_base", "dense_source_model", "requantize_linears"]
 
@@ -96,16 +96,22 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[dict[str, dict]]:
     saved: list[_Saved] = []
     facts: dict[str, dict] = {}
     try:
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        act_dtype = floats[0] if floats else torch.float32  # 8-bit linears compute in their input's dtype
         for path, m in found:
             w = m._parameters["weight"]
-            packed, qs = w.data, w.quant_state
-            cd = _compute_dtype(m, qs)
-            out_f, in_f = (int(s) for s in qs.shape)
+            if _is_bnb(w, "Int8Params"):
+                cd, (out_f, in_f) = act_dtype, (int(s) for s in w.shape)
+                facts[path] = {"int8": w.data, "scb": w.SCB, "compute_dtype": cd}
+            else:
+                packed, qs = w.data, w.quant_state
+                cd = _compute_dtype(m, qs)
+                out_f, in_f = (int(s) for s in qs.shape)
+                facts[path] = {"packed": packed, "quant_state": qs, "compute_dtype": cd}
             saved.append(_Saved(m, w, m.__dict__.get("forward")))
             standin = torch.zeros((), dtype=cd, device=w.device).expand(out_f, in_f)
             m._parameters["weight"] = nn.Parameter(standin, requires_grad=False)
             m.forward = _standin_forward(m, cd)
-            facts[path] = {"packed": packed, "quant_state": qs, "compute_dtype": cd}
         yield facts
     finally:
         for s in reversed(saved):
@@ -117,13 +123,12 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[dict[str, dict]]:
 
 
 def check_supported(found: list[tuple[str, nn.Module]]) -> None:
-    int8 = [p for p, m in found if _is_bnb(m._parameters["weight"], "Int8Params")]
-    if int8:
-        raise CaptureError(
-            f"{len(int8)} linear layer(s) have a bitsandbytes 8-bit base (e.g. `{int8[0]}`): graphadapt captures "
-            "4-bit (NF4/FP4) bitsandbytes bases only so far. Load the model with "
-            "BitsAndBytesConfig(load_in_4bit=True, ...) or unquantized.")
     for path, m in found:
+        if _is_bnb(m._parameters["weight"], "Int8Params"):
+            if getattr(m._parameters["weight"], "SCB", None) is None:
+                raise CaptureError(f"`{path}` has a bitsandbytes Int8Params weight that is not quantized yet (no SCB): "
+                                   "move the model to its device (bitsandbytes quantizes on the move) before apply.")
+            continue
         qs = getattr(m._parameters["weight"], "quant_state", None)
         if qs is None:
             raise CaptureError(f"`{path}` has a bitsandbytes Params4bit weight that is not quantized yet (no quant_state): "
@@ -206,6 +211,38 @@ class Packed4bitLinear(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
+class Packed8bitLinear(nn.Module):
+    """A captured bitsandbytes 8-bit (``Linear8bitLt``) linear: int8 rows and their absmax (``SCB``) as buffers,
+    and a ``weight`` property that dequantizes on read, ``int8 * SCB / 127`` in the compute dtype — the
+    formula of bitsandbytes' CPU matmul (``MatMul8bitFp``: dequantize, then a dense linear)."""
+
+    quant_type = "int8"
+    nested = False
+
+    def __init__(self, int8: torch.Tensor, scb: torch.Tensor, compute_dtype: torch.dtype, bias: nn.Parameter | None):
+        super().__init__()
+        self.register_buffer("weight_int8", int8)
+        self.register_buffer("weight_scb", scb)
+        self.compute_dtype = compute_dtype
+        self.bias = bias
+        self.out_features, self.in_features = (int(s) for s in int8.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.to(self.compute_dtype).mul_(self.weight_scb.unsqueeze(1).mul(1.0 / 127.0))
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return nn.Parameter(self.dequantize(), requires_grad=False)
+
+    _apply = Packed4bitLinear._apply
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, compute_dtype={self.compute_dtype}"
+
+
+PACKED = (Packed4bitLinear, Packed8bitLinear)
+
+
 def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
     """Replace each stand-in module of the captured ``gm`` (at the path it had in the caller's model)
     with a :class:`Packed4bitLinear` over the caller's packed bytes."""
@@ -217,7 +254,10 @@ def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
         except AttributeError:
             continue  # the linear is not used by forward: nothing was captured for it
         bias = old._parameters.get("bias")
-        new = Packed4bitLinear(f["packed"], f["quant_state"], f["compute_dtype"], bias)
+        if "int8" in f:
+            new = Packed8bitLinear(f["int8"], f["scb"], f["compute_dtype"], bias)
+        else:
+            new = Packed4bitLinear(f["packed"], f["quant_state"], f["compute_dtype"], bias)
         parent, _, leaf = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
     _use_packed_linears(gm, set(facts))
@@ -248,7 +288,7 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     call (dequantized, transient), ``module`` the packed owner that backward dequantizes from again.
     Structure recognition reads it as ``aten.linear(x, W, b)`` (``graphadapt.structure.patterns``).
     While :func:`dense_base` holds a dense module there instead, this is ``linear(x, W, b)``."""
-    if not isinstance(module, Packed4bitLinear):
+    if not isinstance(module, PACKED):
         return F.linear(x, weight, bias)
     return _Linear4bit.apply(x, weight, bias, module)
 
@@ -282,12 +322,12 @@ def _use_packed_linears(gm, paths: set[str]) -> None:
 
 
 def has_quantized_weights(gm: nn.Module) -> bool:
-    return any(isinstance(m, Packed4bitLinear) for m in gm.modules())
+    return any(isinstance(m, PACKED) for m in gm.modules())
 
 
 def refuse_quantized(gm: nn.Module, what: str, instead: str, error: type[Exception] = CaptureError) -> None:
     """Raise ``error`` naming the gap when ``gm`` has a packed 4-bit base that ``what`` cannot handle yet."""
-    paths = [n for n, m in gm.named_modules() if isinstance(m, Packed4bitLinear)]
+    paths = [n for n, m in gm.named_modules() if isinstance(m, PACKED)]
     if paths:
         raise error(
             f"{what} is not available for a model over a quantized (bitsandbytes 4-bit) base yet: "
@@ -383,7 +423,7 @@ def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None =
         if owner in skip or owner in paths:
             continue
         mod = gm.get_submodule(owner)
-        if isinstance(mod, Packed4bitLinear) or set(mod._parameters) - {"weight", "bias"} or mod._buffers \
+        if isinstance(mod, PACKED) or set(mod._parameters) - {"weight", "bias"} or mod._buffers \
                 or any(True for _ in mod.children()):
             continue
         if any(u.op != "call_function" or u.target is not torch.ops.aten.linear.default or u.args[1] is not w
@@ -417,7 +457,7 @@ def base_bytes(gm: nn.Module, prefix: str | None = None) -> dict[str, float]:
     qp = qb = 0
     quant_paths = set()
     for path, m in gm.named_modules():
-        if isinstance(m, Packed4bitLinear):
+        if isinstance(m, PACKED):
             quant_paths.add(path)
             qp += m.in_features * m.out_features
             qb += sum(b.numel() * b.element_size() for b in m._buffers.values() if b is not None)
@@ -501,12 +541,13 @@ def dense_base(gm: nn.Module, dtype: torch.dtype | None = None) -> Iterator[Dens
     of the quantized source model sharing those weights — so merge, ``to_base_model``, ``save_merged`` and
     ONNX export see an unquantized model whose base is exactly what the packed forward computes with.
     Memory: one dense copy of the quantized linears. Everything is restored on exit."""
-    found = [(p, m) for p, m in gm.named_modules() if isinstance(m, Packed4bitLinear)]
+    found = [(p, m) for p, m in gm.named_modules() if isinstance(m, PACKED)]
     if not found:
         yield DenseBase([], None)
         return
     first = found[0][1]
-    info = DenseBase([p for p, _ in found], Quantize(first.quant_type, first.nested, first.blocksize))
+    info = DenseBase([p for p, _ in found], Quantize(first.quant_type, first.nested, first.blocksize)
+                     if isinstance(first, Packed4bitLinear) else None)
     swapped, rewired = [], []
     src_before = gm.__dict__.get("_source_model", None)
     had_src = "_source_model" in gm.__dict__

@@ -149,7 +149,7 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     weights = {named[n.name]: dequantize_matmulnbits(proto, n) for n in proto.graph.node if n.name in named}
     del proto
     info: dict[str, Any] = {"bits": bits, "block_size": block_size, "nodes": len(named), "symmetric": True,
-                            "base": dense.quantize.quant_type if dense.quantize else None}
+                            "base": dense.quantize.quant_type if dense.quantize else "int8"}
     if verify:
         from graphadapt.exporters._model import example_inputs as resolve_inputs
 
@@ -157,7 +157,7 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
         result = _verify_against_int4(model, path, weights, merge, inputs, atol, rtol, verify_onnx)
         drift = _drift(model, path, inputs)
         info["drift_max_abs"], info["drift_rel_rms"] = drift
-        info["verified_against"] = "the PyTorch model over the int4 weights read back from the file"
+        info["verified_against"] = f"the PyTorch model over the int{bits} weights read back from the file"
         report.verified = True
         report.max_abs_diff, report.max_rel_diff = result.max_abs_diff, result.max_rel_diff
         report.atol, report.rtol = result.atol, result.rtol
