@@ -539,8 +539,8 @@ class AdaptedModel(CapturedModule):
             out = self.services.merger.to_base_model(self, names)
         if requantize:
             if requantize is True and dense.quantize is None:
-                raise MergeError("requantize=True repeats the base's 4-bit quantization; this base is 8-bit: pass "
-                                 "requantize='nf4' or 'fp4'")
+                raise MergeError(f"requantize=True repeats the base's 4-bit quantization; this base is {dense.kind}: "
+                                 "pass requantize='nf4' or 'fp4'")
             config = dense.quantize if requantize is True else Quantize.parse(requantize)
             out.graphadapt_requantization = requantize_linears(out, dense.paths, config)
         return out

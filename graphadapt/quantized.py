@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import CaptureError
 
-__all__ = ["Packed4bitLinear", "Packed8bitLinear", "PACKED", "opaque_quantized_linears", "install_quantized_weights", "quantized_modules",
+__all__ = ["Packed4bitLinear", "Packed8bitLinear", "PackedTorchaoLinear", "PACKED", "opaque_quantized_linears", "install_quantized_weights", "quantized_modules",
            "has_quantized_weights", "refuse_quantized", "Quantize", "quantize_linears", "base_bytes",
            "dense_base", "dense_source_model", "requantize_linears"]
 
@@ -47,12 +47,18 @@ def _is_bnb(p, cls_name: str) -> bool:
     return t.__name__ == cls_name and t.__module__.startswith("bitsandbytes")
 
 
+def _is_torchao(p) -> bool:
+    """A torchao quantized weight (``quantize_(model, Int8WeightOnlyConfig())`` and friends): a tensor
+    subclass from torchao that can dequantize itself."""
+    return type(p).__module__.startswith("torchao") and callable(getattr(p, "dequantize", None)) and p.dim() == 2
+
+
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(path, module)`` for every module whose own ``weight`` is a bitsandbytes 4-bit or 8-bit parameter."""
     out = []
     for path, m in model.named_modules():
         w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
-        if w is not None and (_is_bnb(w, "Params4bit") or _is_bnb(w, "Int8Params")):
+        if w is not None and (_is_bnb(w, "Params4bit") or _is_bnb(w, "Int8Params") or _is_torchao(w)):
             out.append((path, m))
     return out
 
@@ -100,7 +106,10 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[dict[str, dict]]:
         act_dtype = floats[0] if floats else torch.float32  # 8-bit linears compute in their input's dtype
         for path, m in found:
             w = m._parameters["weight"]
-            if _is_bnb(w, "Int8Params"):
+            if _is_torchao(w):
+                cd, (out_f, in_f) = w.dtype, (int(s) for s in w.shape)
+                facts[path] = {"torchao": w, "compute_dtype": cd}
+            elif _is_bnb(w, "Int8Params"):
                 cd, (out_f, in_f) = act_dtype, (int(s) for s in w.shape)
                 facts[path] = {"int8": w.data, "scb": w.SCB, "compute_dtype": cd}
             else:
@@ -124,6 +133,8 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[dict[str, dict]]:
 
 def check_supported(found: list[tuple[str, nn.Module]]) -> None:
     for path, m in found:
+        if _is_torchao(m._parameters["weight"]):
+            continue
         if _is_bnb(m._parameters["weight"], "Int8Params"):
             if getattr(m._parameters["weight"], "SCB", None) is None:
                 raise CaptureError(f"`{path}` has a bitsandbytes Int8Params weight that is not quantized yet (no SCB): "
@@ -240,7 +251,43 @@ class Packed8bitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, compute_dtype={self.compute_dtype}"
 
 
-PACKED = (Packed4bitLinear, Packed8bitLinear)
+class PackedTorchaoLinear(nn.Module):
+    """A captured linear whose weight is a torchao quantized tensor (kept as it is, shared with the caller's
+    model, never written); ``weight`` dequantizes it on read (the tensor's own ``dequantize()``)."""
+
+    quant_type = "torchao"
+    nested = False
+
+    def __init__(self, quantized: torch.Tensor, compute_dtype: torch.dtype, bias: nn.Parameter | None):
+        super().__init__()
+        self.register_buffer("weight_quantized", quantized.detach())
+        self.compute_dtype = compute_dtype
+        self.bias = bias
+        self.out_features, self.in_features = (int(s) for s in quantized.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.weight_quantized.dequantize()
+        return w if w.dtype == self.compute_dtype else w.to(self.compute_dtype)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return nn.Parameter(self.dequantize(), requires_grad=False)
+
+    _apply = Packed4bitLinear._apply
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{type(self.weight_quantized).__name__}, compute_dtype={self.compute_dtype}")
+
+
+PACKED = (Packed4bitLinear, Packed8bitLinear, PackedTorchaoLinear)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
@@ -254,7 +301,9 @@ def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
         except AttributeError:
             continue  # the linear is not used by forward: nothing was captured for it
         bias = old._parameters.get("bias")
-        if "int8" in f:
+        if "torchao" in f:
+            new = PackedTorchaoLinear(f["torchao"], f["compute_dtype"], bias)
+        elif "int8" in f:
             new = Packed8bitLinear(f["int8"], f["scb"], f["compute_dtype"], bias)
         else:
             new = Packed4bitLinear(f["packed"], f["quant_state"], f["compute_dtype"], bias)
@@ -460,7 +509,7 @@ def base_bytes(gm: nn.Module, prefix: str | None = None) -> dict[str, float]:
         if isinstance(m, PACKED):
             quant_paths.add(path)
             qp += m.in_features * m.out_features
-            qb += sum(b.numel() * b.element_size() for b in m._buffers.values() if b is not None)
+            qb += sum(_nbytes(b) for b in m._buffers.values() if b is not None)
     dp = db = 0
     seen = set()
     for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
@@ -531,6 +580,7 @@ class DenseBase:
 
     paths: list[str]
     quantize: Quantize | None
+    kind: str = ""  # "nf4", "fp4", "int8" (bitsandbytes 8-bit), "torchao"
 
 
 @contextlib.contextmanager
@@ -547,7 +597,7 @@ def dense_base(gm: nn.Module, dtype: torch.dtype | None = None) -> Iterator[Dens
         return
     first = found[0][1]
     info = DenseBase([p for p, _ in found], Quantize(first.quant_type, first.nested, first.blocksize)
-                     if isinstance(first, Packed4bitLinear) else None)
+                     if isinstance(first, Packed4bitLinear) else None, first.quant_type)
     swapped, rewired = [], []
     src_before = gm.__dict__.get("_source_model", None)
     had_src = "_source_model" in gm.__dict__

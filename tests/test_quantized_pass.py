@@ -171,3 +171,34 @@ def test_int4_export_refuses_a_dense_base_and_bad_bits(int4_export, base_dir, tm
         ga.export_onnx(adapted, tmp_path / "d.onnx", quantize="int4")
     with pytest.raises(GraphAdaptError, match="int4"):
         ga.export_onnx(int4_export[0], tmp_path / "b.onnx", quantize="int2")
+
+
+def test_torchao_int8_weight_only_base(base_dir):
+    """A torchao base (``quantize_(model, Int8WeightOnlyConfig())``): captured like a packed base, the
+    weight dequantized by the tensor's own ``dequantize()`` (torchao's matmul scales after the product:
+    equal to rounding)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from graphadapt.quantized import PackedTorchaoLinear
+
+    model = _dense(base_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, Int8WeightOnlyConfig())
+    qdata = {n: m.weight.qdata.clone() for n, m in model.named_modules() if hasattr(getattr(m, "weight", None), "qdata")}
+    x = text_inputs(2, 7, vocab=VOCAB)
+    with torch.no_grad():
+        ref = model(**x, use_cache=False)
+    adapted = ga.apply(model, ga.LoRA(r=4, targets=("q", "v")))
+    assert sum(isinstance(m, PackedTorchaoLinear) for m in adapted.modules()) == len(qdata) == 2 * 7 + 1
+    with torch.no_grad():
+        assert max_diff(adapted(**x), ref) < 1e-5
+    _nonzero(adapted).train()(**x).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.requires_grad)
+    assert all(torch.equal(m.weight.qdata, qdata[n]) for n, m in model.named_modules() if n in qdata)
+    with torch.no_grad():
+        got = adapted.eval()(**x)
+        assert max_diff(got, ref) > 1e-3
+        assert max_diff(adapted.to_base_model()(**x, use_cache=False), got) < 1e-5
+    assert base_bytes(adapted)["bytes_per_quantized_param"] < 1.2  # int8 + per-row scales

@@ -149,7 +149,7 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     weights = {named[n.name]: dequantize_matmulnbits(proto, n) for n in proto.graph.node if n.name in named}
     del proto
     info: dict[str, Any] = {"bits": bits, "block_size": block_size, "nodes": len(named), "symmetric": True,
-                            "base": dense.quantize.quant_type if dense.quantize else "int8"}
+                            "base": dense.kind}
     if verify:
         from graphadapt.exporters._model import example_inputs as resolve_inputs
 
