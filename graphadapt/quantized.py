@@ -1,4 +1,4 @@
-"""Quantized base weights (bitsandbytes 4-bit NF4/FP4) through capture, as ordinary linear sites.
+"""Quantized base weights (bitsandbytes 4-bit NF4/FP4 and 8-bit, torchao) through capture, as ordinary linear sites.
 
 torch.export cannot trace bitsandbytes' ``Linear4bit`` (its 4-bit matmul asserts on fake
 tensors), and graphadapt's passes expect a linear site's weight to be a dense ``[out, in]``
@@ -22,7 +22,10 @@ The dense weight exists only transiently (per linear, per call); at rest the bas
 packed bytes plus the block scales. ``weight`` is not a registered parameter: it is in no
 optimizer, no ``state_dict`` and receives no gradient (the input's gradient still flows).
 
-Not yet: 8-bit (``Int8Params``) bases, which are refused clearly by :func:`check_supported`.
+The same route serves bitsandbytes 8-bit (``Int8Params``: :class:`Packed8bitLinear`, ``int8 * SCB / 127``)
+and torchao weights that dequantize themselves (:class:`PackedTorchaoLinear`). Also here: the
+``quantize=`` pass of :func:`graphadapt.apply` (:func:`quantize_linears`), :func:`base_bytes`, and
+:func:`dense_base`, the dequantized stand-in merge and export run over (docs/big-models.md).
 """
 
 from __future__ import annotations
