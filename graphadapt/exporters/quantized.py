@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from graphadapt.errors import ExportError
-from graphadapt.quantized import DenseBaseLinear, dense_base, has_quantized_weights
+from graphadapt.quantized import dense_base, has_quantized_weights
 
 _BITS = {"int4": 4, "int8": 8}
 
