@@ -20,6 +20,7 @@ from .methods.invertible import InvertibleAdapter
 from .methods.vera_hub import VeraHub
 from .methods.mtl_lora import MTLLoRA
 from .capture import capture
+from .quantized import Quantize
 from .structure import recognize
 from .model import AdaptedModel, MergeReport
 from .inference import optimize_for_inference
@@ -56,6 +57,6 @@ __all__ = [
     "save_adapters", "from_pretrained", "import_peft", "import_adapterhub", "import_adapterhub_fusion", "save_merged",
     "add_head",
     "export_onnx_adapter", "verify_swappable",
-    "compile", "optimize_for_inference",
+    "compile", "optimize_for_inference", "Quantize",
     "shard", "ShardedModel", "full_adapter_state", "save_sharded_adapters", "adapter_state_dict", "load_dcp_adapters",
 ]

@@ -39,7 +39,7 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 @serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
-          cache: bool = False) -> AdaptedModel:
+          cache: bool = False, quantize: Any = None) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
 
     ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
@@ -49,12 +49,21 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 
     ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
     :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
+
+    ``quantize="nf4"`` / ``"fp4"`` (or a :class:`graphadapt.quantized.Quantize`): quantize the frozen
+    base linears inside the captured graph (QLoRA from an fp32/fp16/bf16 checkpoint; the same packed
+    bytes as transformers' ``BitsAndBytesConfig`` loading path; needs bitsandbytes). The caller's model
+    stays dense. See docs/big-models.md.
     """
     from .checkpoints.trainable import with_task_heads
 
     spec = with_task_heads(model, as_spec(spec))  # Spec.task_type's heads join modules_to_save
     if spec.layer_replication is not None and getattr(model, REPLICATED, None) != spec.layer_replication:
         model = replicate_layers(model, spec.layer_replication)   # a new, deeper model sharing the weights
+    if quantize is not None:
+        from .quantized import Quantize, quantize_linears
+
+        quantize = Quantize.parse(quantize)
     target, axes = model, None
     if cache:
         from .kvcache import cached_decoder
@@ -67,6 +76,8 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
                      dynamic_axes=axes)
         if cache:
             gm.decoder_cache = dict(target.layout)
+        if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
+            quantize_linears(gm, quantize, source=model)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)

@@ -41,7 +41,7 @@ from .spec.composition import Block, block_from_dict
 from .structure import recognize
 from .version import __version__
 from .vocab import ADAPTERS, adapter_prefix
-from .quantized import refuse_quantized
+from .quantized import Quantize, dense_base, has_quantized_weights, refuse_quantized, requantize_linears
 
 
 @dataclass(frozen=True)
@@ -535,8 +535,9 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
-        refuse_quantized(self, "merge", "Folding into packed 4-bit weights is not built (to_base_model and "
-                         "save_merged need it too); keep the adapters unmerged.", MergeError)
+        refuse_quantized(self, "merge", "Folding into packed 4-bit weights would change the quantized base; "
+                         "fold into a dense copy with to_base_model() (requantize=True to quantize it again) or "
+                         "save_merged(), or export_onnx(merge=True).", MergeError)
         return self.services.merger.merge(self, names, safe=safe, strict=strict, in_place=in_place,
                                           keep_backup=keep_backup)
 
@@ -546,13 +547,32 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         self.services.merger.unmerge(self)
 
-    def to_base_model(self, names: Iterable[str] | None = None) -> nn.Module:
+    def to_base_model(self, names: Iterable[str] | None = None, requantize=None) -> nn.Module:
         """A copy of the source Hugging Face model with merged weights (PEFT's ``merge_and_unload``).
 
         Every selected adapter must fold (raises :class:`MergeError` otherwise). The
         adapted model itself is left as it was. Memory: one full copy of the base model.
+
+        Over a quantized (bitsandbytes 4-bit) base the copy is dense: the dequantized base plus the
+        adapters' deltas, in the compute dtype. ``requantize=True`` (or ``"nf4"``/``"fp4"``/a
+        :class:`graphadapt.quantized.Quantize`) quantizes the merged linears again (bitsandbytes
+        ``Linear4bit``, the base's own quantization for ``True``) and attaches the error that adds
+        against the dense merge as ``model.graphadapt_requantization`` (``max_abs``, ``max_rel_fro``,
+        ``worst``).
         """
-        return self.services.merger.to_base_model(self, names)
+        if not has_quantized_weights(self):
+            if requantize:
+                raise MergeError("requantize= applies to a model over a quantized base; this base is dense")
+            return self.services.merger.to_base_model(self, names)
+        with dense_base(self) as dense:
+            out = self.services.merger.to_base_model(self, names)
+        if requantize:
+            if requantize is True and dense.quantize is None:
+                raise MergeError(f"requantize=True repeats the base's 4-bit quantization; this base is {dense.kind}: "
+                                 "pass requantize='nf4' or 'fp4'")
+            config = dense.quantize if requantize is True else Quantize.parse(requantize)
+            out.graphadapt_requantization = requantize_linears(out, dense.paths, config)
+        return out
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, **kwargs):
