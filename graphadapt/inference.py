@@ -132,9 +132,9 @@ class PipelineInterface:
 # generate() keywords graphadapt.generation.generate implements (the rest of a GenerationConfig must be unset)
 _GENERATE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
                   "decoder_start_token_id", "num_beams", "num_return_sequences", "length_penalty", "early_stopping",
-                  "generator", "seed", "output_scores", "adapter_ids")
+                  "generator", "seed", "output_scores", "adapter_ids", "task_ids", "cache_implementation")
 # set in generation configs (or by pipelines) without changing what the decoding computes
-_IGNORED = {"transformers_version", "bos_token_id", "use_cache", "_from_model_config", "cache_implementation",
+_IGNORED = {"transformers_version", "bos_token_id", "use_cache", "_from_model_config",
             "cache_config", "compile_config", "disable_compile", "low_memory", "prefill_chunk_size"}
 # options whose value here means "off"
 _NEUTRAL = {"return_dict_in_generate": False, "output_logits": False, "output_attentions": False,
@@ -161,6 +161,8 @@ def generate_options(input_ids, kwargs: dict) -> dict:
     for key, value in merged.items():
         if value is None or key in _IGNORED:
             continue
+        if key == "cache_implementation" and key not in kwargs:
+            continue   # a model's generation_config (Gemma's "hybrid"): decoding's own cache choice stands
         if key in _GENERATE_KEYS:
             opts[key] = value
         elif key == "max_length":
