@@ -37,7 +37,7 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 @serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
-          cache: bool = False) -> AdaptedModel:
+          cache: bool = False, program_cache: bool | None = None) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
 
     ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
@@ -47,6 +47,9 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 
     ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
     :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
+
+    ``program_cache=False``: trace the model even when the on-disk program cache has it, and store
+    nothing (the default, None, follows ``GRAPHADAPT_CACHE``; see :mod:`graphadapt.program_cache`).
     """
     from .checkpoints.trainable import with_task_heads
 
@@ -60,7 +63,7 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         target, example_kwargs, axes = cached_decoder(model, example_kwargs)
     with isolated_rng():
         gm = capture(target, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel,
-                     dynamic_axes=axes)
+                     dynamic_axes=axes, program_cache=program_cache)
         if cache:
             gm.decoder_cache = dict(target.layout)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
