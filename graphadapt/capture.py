@@ -537,7 +537,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
         if isinstance(key, str):
             programs.stats["uncacheable"] += 1
             key = None
-    ep = programs.load_program(root, *key, model) if key is not None else None
+    ep = programs.load_program(root, *key, model, export_kwargs) if key is not None else None
     quantized = {}
     if ep is None:
         ep, quantized = _export(model, export_kwargs, dyn_spec, baked, own_forward, was_training)

@@ -296,7 +296,7 @@ def _dumps(ep, model: nn.Module) -> bytes | None:
     return pickle.dumps(payload, protocol=4)
 
 
-def _loads(data: bytes, model: nn.Module):
+def _loads(data: bytes, model: nn.Module, example_inputs):
     from torch._export.serde import serialize as serde
 
     payload = _SchemaUnpickler(io.BytesIO(data)).load()
@@ -308,7 +308,8 @@ def _loads(data: bytes, model: nn.Module):
     constants = {k: mine[k] for k in payload["bound_constants"]}
     constants.update(torch.load(io.BytesIO(payload["own_constants"]), weights_only=True))
     with _fast_sympify(serde):
-        return serde.ExportedProgramDeserializer().deserialize(payload["program"], state_dict, constants, None)
+        return serde.ExportedProgramDeserializer().deserialize(payload["program"], state_dict, constants,
+                                                                 example_inputs)
 
 
 # --------------------------------------------------------------------------- tensors of the model
@@ -360,8 +361,11 @@ def _reject(entry: Path, why: str) -> None:
     log.info("graphadapt program cache: entry %s not used (%s); capturing again", entry, why)
 
 
-def load_program(root: Path, key: str, text: str, model: nn.Module) -> Any | None:
-    """The cached program for ``key`` with the model's own tensors bound in, or None (miss or rejected entry)."""
+def load_program(root: Path, key: str, text: str, model: nn.Module, kwargs: Mapping[str, Any]) -> Any | None:
+    """The cached program for ``key`` with the model's own tensors bound in, or None (miss or rejected entry).
+
+    ``kwargs`` are the example inputs the program would have been traced on (``ep.example_inputs``: the
+    unlifted module's input guards are generated from them, as after a trace)."""
     entry = root / key
     try:
         meta = json.loads((entry / _META).read_text(encoding="utf-8"))
@@ -378,7 +382,7 @@ def load_program(root: Path, key: str, text: str, model: nn.Module) -> Any | Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = _loads(data, model)
+            ep = _loads(data, model, ((), dict(kwargs)))
     except Exception as e:  # noqa: BLE001 - an unreadable program is recaptured
         _reject(entry, f"could not load: {type(e).__name__}: {e}")
         return None
