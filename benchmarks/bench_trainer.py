@@ -84,6 +84,9 @@ def main() -> None:
         return T.AutoModelForSequenceClassification.from_pretrained(str(d), num_labels=2, **off).eval()
 
     tmp = tempfile.mkdtemp()
+    # the program cache in a directory of this run: graphadapt's first run is cold (it traces the labels
+    # signature in its first step), later runs load it
+    os.environ["GRAPHADAPT_CACHE"] = os.path.join(tmp, "programs")
     peft_dir = os.path.join(tmp, "peft")
     torch.manual_seed(0)
     get_peft_model(base(), LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=["query", "value"],
