@@ -273,10 +273,32 @@ def _fast_sympify(serde):
         serde.sympy = real
 
 
+def _serialize_program(ep):
+    """torch's schema form of ``ep`` (what ``torch.export.save`` writes as JSON), weights left out; None when it
+    holds script objects. ``ExportedProgramSerializer.serialize`` does the same plus a ``canonicalize`` check
+    that deep-copies the whole program (two thirds of its time on MiniLM); its steps without that check are
+    done here, and any change of torch's private API falls back to it."""
+    from torch._export.serde import serialize as serde
+
+    try:
+        gms = serde.GraphModuleSerializer(ep.graph_signature, ep.module_call_graph)
+        graph_module = gms.serialize(ep.graph_module)
+        if gms.custom_objs:
+            return None
+        return serde.ExportedProgram(
+            graph_module=graph_module, opset_version=serde.ExportedProgramSerializer().opset_version,
+            range_constraints=serde.serialize_range_constraints(ep.range_constraints),
+            schema_version=serde.SchemaVersion(major=serde.SCHEMA_VERSION[0], minor=serde.SCHEMA_VERSION[1]),
+            verifiers=[v.dialect for v in ep.verifiers], torch_version=torch.__version__,
+            guards_code=ep._guards_code)
+    except (AttributeError, TypeError, ImportError):
+        ser = serde.ExportedProgramSerializer().serialize(ep, serialize_state_dict=False, serialize_constants=False,
+                                                          serialize_example_inputs=False)
+        return ser.exported_program
+
+
 def _dumps(ep, model: nn.Module) -> bytes | None:
     import pickle
-
-    from torch._export.serde.serialize import ExportedProgramSerializer
 
     mine = _model_tensors(model)
     if any(not isinstance(v, torch.Tensor) for v in ep.constants.values()):
@@ -284,12 +306,13 @@ def _dumps(ep, model: nn.Module) -> bytes | None:
     missing = [k for k in ep.state_dict if k not in mine]
     if missing:
         return None
-    ser = ExportedProgramSerializer().serialize(ep, serialize_state_dict=False, serialize_constants=False,
-                                                serialize_example_inputs=False)
+    program = _serialize_program(ep)
+    if program is None:
+        return None
     own = {k: v.detach().clone() for k, v in ep.constants.items() if k not in mine}
     buf = io.BytesIO()
     torch.save(own, buf)
-    payload = {"program": ser.exported_program,
+    payload = {"program": program,
                "state_dict": [[k, isinstance(v, nn.Parameter)] for k, v in ep.state_dict.items()],
                "bound_constants": sorted(k for k in ep.constants if k in mine),
                "own_constants": buf.getvalue()}
