@@ -163,3 +163,37 @@ def test_clear_and_leftovers(cache):
 def test_bad_flag():
     with pytest.raises(ga.errors.CaptureError, match="program_cache"):
         capture(tiny_bert(), program_cache="yes")
+
+
+class _Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x).relu()
+
+
+def test_writer_that_loses_the_race_keeps_the_entry_in_place(cache, monkeypatch):
+    """Two writers of one entry: the second rename fails (the first is in place); its copy is dropped, the
+    entry stays valid. A model without a config (its class from this file) is cached too."""
+    import os
+
+    m, x = _Small(), {"x": torch.randn(2, 4)}
+    capture(m, example_kwargs=x)
+    assert pc.stats["stored"] == 1
+    entry, = _entries(cache)
+    before = (entry / "program.pt2").read_bytes()
+
+    def lost(src, dst):
+        raise OSError("directory not empty")
+
+    ep = torch.export.export(m, (), x)
+    key, text = pc.program_key(m, x, {})
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", lost)
+        assert pc.store_program(cache, key, text, ep, m) is False
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
+    assert (entry / "program.pt2").read_bytes() == before
+    gm = capture(m, example_kwargs=x)
+    assert pc.stats["hit"] == 1 and torch.equal(gm(**x), m(**x))
