@@ -136,6 +136,9 @@ def _class_source(cls: type) -> str | None:
     digests = [_file_digest(f) for f in dict.fromkeys(files)]
     if any(d is None for d in digests):
         return None
+    if code is not None:  # a forward patched onto the class (same files, another function)
+        digests.append(f"{getattr(fwd, '__qualname__', '')}@{code.co_firstlineno}:"
+                       f"{hashlib.sha256(code.co_code).hexdigest()[:16]}")
     return ",".join(digests)
 
 
