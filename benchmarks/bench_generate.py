@@ -1,7 +1,7 @@
 """Decoding latency of an adapted causal LM, measured side by side in one run (ratios, not absolutes).
 
     python benchmarks/bench_generate.py [--hidden 256] [--layers 4] [--batch 1] [--new 64] [--runs 10] [--beams 4]
-        [--clock wall|cpu] [--compiled]
+        [--clock wall|cpu] [--compiled] [--repeat 1]
 
 A seeded Llama-style model (GQA) built from a config, LoRA (r=8) on q/v with non-zero weights.
 Reports:
@@ -11,8 +11,13 @@ Reports:
   * per-token latency of ``AdaptedModel.generate`` (unmerged and merged) ÷ Hugging Face
     ``generate`` on the same weights (``to_base_model()``), greedy, same prompts, same tokens;
   * the same for beam search (``--beams``, default 4; eos disabled on both sides so every beam
-    runs ``--new`` tokens).
-Median of --runs after warm-up, with the interquartile range.
+    runs ``--new`` tokens);
+  * ``--compiled``: graphadapt's merged ``cache=True`` model after ``adapted.compile()`` decoding with the dynamic
+    cache and with ``cache_implementation="static"``, against HF's anchor — the base model with
+    ``generation_config.cache_implementation = "static"`` and ``model.forward = torch.compile(model.forward)``
+    (inductor, default options on both sides; the first call of each compiles, outside the timing).
+Median of --runs after warm-up, with the interquartile range; ``--repeat N`` repeats the greedy table N times and
+prints the median ratio of each row over the repeats.
 """
 
 from __future__ import annotations
@@ -76,7 +81,10 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--compiled", action="store_true",
-                    help="add a row: the merged cache=True model after adapted.compile() (inductor; compiles first)")
+                    help="add rows: the merged cache=True model after adapted.compile() (dynamic and static cache) "
+                         "and HF's compiled static-cache generate (inductor; compiles first)")
+    ap.add_argument("--repeat", type=int, default=1, help="repeat the greedy table; report median ratios")
+    ap.add_argument("--no-beams", action="store_true", help="skip the beam-search table")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -151,12 +159,31 @@ def main() -> None:
         t0 = time.perf_counter()
         compiled.generate(ids, mask, max_new_tokens=args.new)
         print(f"(compiled decoding: first generate, compiling included, {time.perf_counter() - t0:.0f} s)")
+        t0 = time.perf_counter()
+        compiled.generate(ids, mask, max_new_tokens=args.new, cache_implementation="static")
+        print(f"(compiled static decoding: first generate, compiling the step included, "
+              f"{time.perf_counter() - t0:.0f} s)")
+        hf_static = copy.deepcopy(hf)
+        hf_static.generation_config.cache_implementation = "static"
+        hf_static.forward = torch.compile(hf_static.forward)
+
+        def hf_static_generate():
+            with torch.inference_mode():
+                return hf_static.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
+                                          min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        hf_static_generate()
+        print(f"(HF compiled static: first generate, compiling included, {time.perf_counter() - t0:.0f} s)")
     rows = {"hf": hf_generate, "ga": ga_generate,
             "ga_merged": lambda: merged.generate(ids, mask, max_new_tokens=args.new),
+            "ga_static": lambda: merged.generate(ids, mask, max_new_tokens=args.new, cache_implementation="static"),
             "plain": lambda: plain.generate(ids, mask, max_new_tokens=args.new),
             "plain_merged": lambda: plain_merged.generate(ids, mask, max_new_tokens=args.new)}
     if args.compiled:
         rows["ga_compiled"] = lambda: compiled.generate(ids, mask, max_new_tokens=args.new)
+        rows["hf_static"] = hf_static_generate
+        rows["ga_compiled_static"] = lambda: compiled.generate(ids, mask, max_new_tokens=args.new,
+                                                               cache_implementation="static")
     try:
         import peft
 
@@ -178,16 +205,36 @@ def main() -> None:
         print(f"(no PEFT row: {type(e).__name__}: {e})")
     ref = hf_generate()
     same = {k: torch.equal(ref, fn()) for k, fn in rows.items()}
-    r = timed_interleaved(rows, max(3, args.runs // 2))
-    per = {k: (v[0] / args.new, v[1] / args.new) for k, v in r.items()}
     labels = {"hf": "HF generate (merged weights)", "ga": "graphadapt generate, unmerged LoRA",
-              "ga_merged": "graphadapt generate, merged", "plain": "plain capture (twin), unmerged",
+              "ga_merged": "graphadapt generate, merged", "ga_static": "graphadapt, merged, static cache (eager)",
+              "plain": "plain capture (twin), unmerged",
               "plain_merged": "plain capture (twin), merged", "peft": "PEFT generate, unmerged LoRA",
-              "ga_compiled": "graphadapt, merged, adapted.compile()"}
-    for k, label in labels.items():
-        if k in per:
-            tail = "" if k == "hf" else f"   ratio {per[k][0] / per['hf'][0]:.2f}   same tokens: {same[k]}"
-            print(f"{label:>36} {per[k][0]:8.3f} ± {per[k][1]:.3f}{tail}")
+              "ga_compiled": "graphadapt, merged, adapted.compile()",
+              "hf_static": "HF static cache + torch.compile",
+              "ga_compiled_static": "graphadapt, merged, compile() + static"}
+    ratios: dict[str, list[float]] = {k: [] for k in rows}
+    for rep in range(args.repeat):
+        r = timed_interleaved(rows, max(3, args.runs // 2))
+        per = {k: (v[0] / args.new, v[1] / args.new) for k, v in r.items()}
+        if args.repeat > 1:
+            print(f"-- repeat {rep + 1}/{args.repeat}")
+        for k, label in labels.items():
+            if k in per:
+                ratios[k].append(per[k][0] / per["hf"][0])
+                tail = "" if k == "hf" else f"   ratio {per[k][0] / per['hf'][0]:.2f}   same tokens: {same[k]}"
+                print(f"{label:>40} {per[k][0]:8.3f} ± {per[k][1]:.3f}{tail}")
+    med = {k: statistics.median(v) for k, v in ratios.items() if v}
+    print(f"\nmedian over {args.repeat} repeat(s), per-token ratios measured side by side:")
+    print(f"  merged ÷ HF eager: {med['ga_merged']:.3f}   (static cache, eager: {med['ga_static']:.3f})")
+    if "peft" in med:
+        print(f"  unmerged ÷ HF eager: {med['ga']:.3f}   PEFT unmerged ÷ HF eager: {med['peft']:.3f}   "
+              f"graphadapt unmerged ÷ PEFT unmerged: {med['ga'] / med['peft']:.3f}")
+    if args.compiled:
+        print(f"  HF compiled static ÷ HF eager: {med['hf_static']:.3f}   graphadapt compiled static ÷ HF eager: "
+              f"{med['ga_compiled_static']:.3f}   graphadapt compiled static ÷ HF compiled static: "
+              f"{med['ga_compiled_static'] / med['hf_static']:.3f}")
+    if args.no_beams:
+        return
 
     beams = args.beams
     print(f"\nbeam search (num_beams={beams}, no eos), {args.new} new tokens: per-token ms")

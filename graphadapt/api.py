@@ -12,8 +12,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from .replication import MARK as REPLICATED, replicate_layers
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
+from .inference import generate_options
 from .init import isolated_rng
 from . import generation, pickling, signatures
 from .merging import Merger
@@ -37,7 +39,7 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 @serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
-          cache: bool = False, program_cache: bool | None = None) -> AdaptedModel:
+          cache: bool = False, quantize: Any = None, program_cache: bool | None = None) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
 
     ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
@@ -48,12 +50,23 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
     :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
 
+    ``quantize="nf4"`` / ``"fp4"`` (or a :class:`graphadapt.quantized.Quantize`): quantize the frozen
+    base linears inside the captured graph (QLoRA from an fp32/fp16/bf16 checkpoint; the same packed
+    bytes as transformers' ``BitsAndBytesConfig`` loading path; needs bitsandbytes). The caller's model
+    stays dense. See docs/big-models.md.
+
     ``program_cache=False``: trace the model even when the on-disk program cache has it, and store
     nothing (the default, None, follows ``GRAPHADAPT_CACHE``; see :mod:`graphadapt.program_cache`).
     """
     from .checkpoints.trainable import with_task_heads
 
     spec = with_task_heads(model, as_spec(spec))  # Spec.task_type's heads join modules_to_save
+    if spec.layer_replication is not None and getattr(model, REPLICATED, None) != spec.layer_replication:
+        model = replicate_layers(model, spec.layer_replication)   # a new, deeper model sharing the weights
+    if quantize is not None:
+        from .quantized import Quantize, quantize_linears
+
+        quantize = Quantize.parse(quantize)
     target, axes = model, None
     if cache:
         from .kvcache import cached_decoder
@@ -66,6 +79,8 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
                      dynamic_axes=axes, program_cache=program_cache)
         if cache:
             gm.decoder_cache = dict(target.layout)
+        if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
+            quantize_linears(gm, quantize, source=model)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)
@@ -94,8 +109,14 @@ def _reduce(model: AdaptedModel):
     return unpickle, (pickling.pickle_state(model),)
 
 
+def _generate(model, input_ids, attention_mask=None, **kwargs):
+    """``AdaptedModel.generate``: transformers-style keywords (a pipeline's ``generation_config``) mapped onto
+    :func:`graphadapt.generation.generate` (:func:`graphadapt.inference.generate_options`)."""
+    return generation.generate(model, input_ids, attention_mask, **generate_options(input_ids, kwargs))
+
+
 SERVICES = ModelServices(merger=Merger(), signature_of=signatures.signature_of, route_call=signatures.dispatch,
-                         set_checkpointing=signatures.set_checkpointing, generate=generation.generate, recapture=apply,
+                         set_checkpointing=signatures.set_checkpointing, generate=_generate, recapture=apply,
                          reduce=_reduce)
 """What every model built here delegates to: the layers above ``model`` hand their entry points in explicitly."""
 
@@ -196,11 +217,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     copies with the saved weights); ``ignore_modules_to_save=True`` skips them (the base's own modules stay). A pickled
     ``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then read with ``weights_only=True``).
     """
-    from .checkpoints.peft import read_peft
+    from .checkpoints.peft import read_peft, read_peft_config
 
+    layer_map = read_peft_config(directory).get("layer_replication")
+    if layer_map:   # PEFT's keys name the replicated layers: read them against the deeper model
+        model = replicate_layers(model, layer_map)
     spec, fill, modules = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
                                     allow_pickle=allow_pickle)
-    adapted = apply(model, Spec({name: spec}, modules_to_save=modules), **apply_kwargs)
+    adapted = apply(model, Spec({name: spec}, modules_to_save=modules,
+                                layer_replication=layer_map or None), **apply_kwargs)
     fill(adapted)
     return adapted
 
@@ -217,26 +242,50 @@ def import_adapterhub(model: nn.Module, directory: str | os.PathLike, name: str 
     (``Spec.modules_to_save``). ``with_head``: None (default) brings the head when ``model`` can take it and
     otherwise warns and leaves it (a static head saved from a model with a head, imported into the bare
     model); True requires it (:class:`CheckpointError` if ``model`` cannot take it); False leaves it.
+
+    Several adapters at once (AdapterHub's multi-task and multi-head setups): ``directory`` a list of
+    ``save_adapter`` directories (each keeps its saved name; ``name`` must be None), ``active`` the spec's active
+    setup (e.g. ``ga.MultiTask("t0", "t1")``), ``active_head`` the heads model's active head (a name, a list, or a
+    ``BatchSplit`` of head names: :class:`graphadapt.heads.ModelWithHead`), set before capture.
     """
     from .checkpoints.adapterhub import read_adapterhub_adapter
     from .checkpoints.adapterhub_heads import read_adapterhub_head
 
-    spec, saved, fill = read_adapterhub_adapter(directory)
-    ours = name or saved
-    head = read_adapterhub_head(directory) if with_head is not False else None
-    if head is not None and with_head is None and not head.fits(model):
-        import warnings
+    many = isinstance(directory, (list, tuple))
+    if many and name is not None:
+        raise CheckpointError("import_adapterhub of several directories keeps each adapter's saved name; leave "
+                              "name=None")
+    active, active_head = apply_kwargs.pop("active", None), apply_kwargs.pop("active_head", None)
+    specs, fills, heads, modules = {}, [], [], []
+    for d in (directory if many else [directory]):
+        spec, saved, fill = read_adapterhub_adapter(d)
+        ours = name or saved
+        if ours in specs:
+            raise CheckpointError(f"two of the directories hold an adapter named {ours!r}; rename one with "
+                                  "AdapterHub's save_adapter(dir, new_name)")
+        head = read_adapterhub_head(d) if with_head is not False else None
+        if head is not None and with_head is None and not head.fits(model):
+            import warnings
 
-        warnings.warn(f"{directory} holds a head whose tensors {sorted(head.tensors)[:4]} are no parameters of "
-                      f"{type(model).__name__}: imported the adapter without it (pass with_head=True to require "
-                      "it, with the model class it was saved from)", UserWarning, stacklevel=2)
-        head = None
-    modules: tuple[str, ...] = ()
-    if head is not None:
-        model, modules = head.attach(model, ours)
-    adapted = apply(model, Spec({ours: spec}, modules_to_save=modules), **apply_kwargs)
-    fill(adapted, ours, strict)
-    if head is not None:
+            warnings.warn(f"{d} holds a head whose tensors {sorted(head.tensors)[:4]} are no parameters of "
+                          f"{type(model).__name__}: imported the adapter without it (pass with_head=True to require "
+                          "it, with the model class it was saved from)", UserWarning, stacklevel=2)
+            head = None
+        if head is not None:
+            model, mods = head.attach(model, ours)
+            modules.extend(m for m in mods if m not in modules)
+            heads.append(head)
+        specs[ours] = spec
+        fills.append((ours, fill))
+    if active_head is not None:
+        if not hasattr(model, "active_head"):
+            raise CheckpointError("active_head needs flexible heads (save_adapter(..., with_head=True) from an "
+                                  "AdapterHub …AdapterModel); these directories bring none")
+        model.active_head = active_head
+    adapted = apply(model, Spec(specs, active=active, modules_to_save=tuple(modules)), **apply_kwargs)
+    for ours, fill in fills:
+        fill(adapted, ours, strict)
+    for head in heads:
         head.fill(adapted, strict)
     return adapted
 

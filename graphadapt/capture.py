@@ -70,6 +70,20 @@ def _forward_params(model: nn.Module) -> set[str]:
         return set()
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    """``forward`` takes ``use_cache``, by name or through ``**kwargs`` to a base model that names it (a cache in
+    the outputs would not capture)."""
+    if "use_cache" in _forward_params(model):
+        return True
+    try:
+        var_kw = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    base = getattr(model, "base_model", None)
+    return (var_kw and base is not None and base is not model and "use_cache" in _forward_params(base)
+            and bool(getattr(_config(model), "use_cache", False)))
+
+
 def synthesize_inputs(model: nn.Module, batch: int = 2, seq: int = 9, decoder_seq: int = 6,
                       seed: int = 1234) -> dict[str, Any]:
     """Example kwargs for ``model`` built from its config (no tokenizer, no download).
@@ -107,7 +121,7 @@ def synthesize_inputs(model: nn.Module, batch: int = 2, seq: int = 9, decoder_se
     if getattr(cfg, "is_encoder_decoder", False):
         vocab = getattr(cfg, "vocab_size", None) or 100
         kw["decoder_input_ids"] = torch.randint(0, vocab, (batch, decoder_seq), generator=g).to(dev)
-    if "use_cache" in params:
+    if _takes_use_cache(model):
         kw["use_cache"] = False
     return kw
 
@@ -510,7 +524,7 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
         kwargs = {**bound.arguments, **kwargs}
     if not kwargs:
         kwargs = synthesize_inputs(model)
-    elif "use_cache" in _forward_params(model) and "use_cache" not in kwargs:
+    elif "use_cache" not in kwargs and _takes_use_cache(model):
         kwargs["use_cache"] = False
     spec, dim_names = _dynamic_shapes(kwargs, dynamic)
     dynamic_axes = dynamic_axes if dynamic_axes is not None else getattr(model, "graphadapt_dynamic_axes", None)

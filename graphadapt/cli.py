@@ -258,6 +258,26 @@ def _triton_options(args) -> dict:
     return out
 
 
+def _optimum_options(args):
+    """The tokenizer for ``--layout optimum`` (loaded before the model: a bad path fails fast), or None."""
+    if args.layout != "optimum":
+        if args.tokenizer or args.optimum_task:
+            raise SystemExit("graphadapt export: --tokenizer/--optimum-task are for --layout optimum")
+        return None
+    if args.triton:
+        raise SystemExit("graphadapt export: --layout optimum writes -o DIR; leave out --triton (or the layout)")
+    if args.output == "model.onnx":
+        raise SystemExit("graphadapt export: --layout optimum writes a directory: give it with -o DIR")
+    if not args.tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"graphadapt export: cannot load the tokenizer at {args.tokenizer}: {e}") from None
+
+
 def cmd_export(args) -> int:
     from .errors import VerificationError
     from .exporters import export_onnx, export_triton
@@ -267,6 +287,7 @@ def cmd_export(args) -> int:
     if triton and not args.triton:
         raise SystemExit("graphadapt export: --dynamic-batching/--max-queue-delay-us/--preferred-batch-size/"
                          "--instances/--instance-kind configure a Triton model: add --triton DIR")
+    tokenizer = _optimum_options(args)
     if args.triton:  # refuse a bad name or option before seconds of model loading
         from .exporters.triton import check_scheduling, check_model_name
 
@@ -285,6 +306,10 @@ def cmd_export(args) -> int:
                     path, rep = export_triton(adapted, args.triton, args.name, max_batch_size=args.max_batch_size,
                                               dtype=args.dtype, merge=False, verify=args.verify, opset=args.opset,
                                               return_report=True, **triton, **tol)
+                elif args.layout == "optimum":
+                    path, rep = args.output, export_onnx(adapted, args.output, layout="optimum", tokenizer=tokenizer,
+                                                         task=args.optimum_task, dtype=args.dtype, merge=False,
+                                                         verify=args.verify, opset=args.opset, **tol)
                 else:
                     path, rep = args.output, export_onnx(adapted, args.output, dtype=args.dtype, merge=False,
                                                          verify=args.verify, opset=args.opset, **tol)
@@ -299,6 +324,8 @@ def cmd_export(args) -> int:
                                rep.providers))
         if args.triton:
             print(f"Triton model repository: {path}")
+        if args.layout == "optimum":
+            print(f"Optimum ONNX Runtime directory ({rep.metadata.get('graphadapt.optimum_task')}): {path}")
     if args.json:
         _emit_json({"ok": True, **_report_dict(rep), **({"triton_model_dir": str(path)} if args.triton else {})})
     return EXIT_OK
@@ -466,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     tolerances(s)
     s.add_argument("-o", "--output", default="model.onnx")
     s.add_argument("--json", action="store_true", help="machine-readable report on stdout (progress on stderr)")
+    o = s.add_argument_group("Optimum ONNX Runtime directory")
+    o.add_argument("--layout", choices=["file", "optimum"], default="file",
+                   help="optimum: write -o DIR as config.json + model.onnx (+ generation_config.json, tokenizer) "
+                        "for optimum.onnxruntime.ORTModelFor<Task>.from_pretrained")
+    o.add_argument("--tokenizer", metavar="DIR", help="with --layout optimum: a tokenizer directory (or hub id in "
+                                                       "the cache) saved into the export")
+    o.add_argument("--optimum-task", default=None,
+                   choices=["text-classification", "token-classification", "question-answering", "text-generation",
+                            "feature-extraction"], help="with --layout optimum: the task (default: from the model class)")
     t = s.add_argument_group("Triton model repository")
     t.add_argument("--triton", metavar="DIR", help="write a Triton model repository here instead of -o")
     t.add_argument("--name", default="model", help="Triton model name")

@@ -16,6 +16,12 @@ modules' ``active`` flag recompile once per combination seen (``torch._dynamo`` 
 
 Batch and sequence axes that were dynamic at capture are marked dynamic on every call
 (``maybe_mark_dynamic``), so new lengths do not recompile.
+
+Static-cache decoding (``generate(..., cache_implementation="static")`` on a compiled cached LM) compiles a
+second callable per graph: the fixed-shape decode step (:func:`graphadapt.kvcache.decode_graph` with
+``static=True``), with the model's options and ``dynamic=False`` — one compile per graph, batch and cache length,
+reused for every token (its cache buffers are updated in place, so ``mode="reduce-overhead"`` can replay it as a
+CUDA graph).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 
 from .errors import GraphAdaptError
 
-__all__ = ["CompiledForward", "compile_module", "uncompile_module", "compiled_options"]
+__all__ = ["CompiledForward", "compile_module", "uncompile_module", "compiled_options", "static_step"]
 
 _DEFAULTS = {"fullgraph": True}
 
@@ -38,6 +44,7 @@ class CompiledForward:
         self.module = module
         self.options = {**_DEFAULTS, **options}
         self.by_code: dict[str, Any] = {}
+        self.static_by_code: dict[str, Any] = {}
         self._dynamic = [(name, axis) for name, axes in (getattr(module, "dynamic_dims", None) or {}).items()
                          for axis in axes]
 
@@ -63,6 +70,25 @@ class CompiledForward:
             if isinstance(t, torch.Tensor) and t.dim() > axis:
                 torch._dynamo.maybe_mark_dynamic(t, axis)
         return self.compiled()(*args, **kwargs)
+
+
+def static_step(module, build):
+    """The compiled static-cache decode step of ``module``'s current graph (``fn(**inputs) -> logits``), compiled
+    on first use from ``build(module)`` (a plain function of the inputs returning ``(logits,)``; generation builds
+    it from :func:`graphadapt.kvcache.decode_graph`); None when ``module`` runs eagerly."""
+    fwd = module.__dict__.get("forward")
+    if not isinstance(fwd, CompiledForward):
+        return None
+    key = module._code
+    fn = fwd.static_by_code.get(key)
+    if fn is None:
+        raw = build(module)
+
+        def step(**inputs):
+            return raw(**inputs)[0]
+        fn = torch.compile(step, **{**fwd.options, "dynamic": False})
+        fwd.static_by_code[key] = fn
+    return fn
 
 
 def compile_module(module, **options):

@@ -17,14 +17,16 @@ from typing import Any
 
 import torch
 
-from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids
-from .compiling import compiled_options
+from .composition.multitask import check_task_ids, coerce_task_ids
+from .composition.route import ROUTE_INPUT, TASK_INPUT, check_adapter_ids, coerce_adapter_ids, routing_input
+from .compiling import compiled_options, static_step
 from .concurrency import reading
 from .contract import check_generate
-from .errors import GraphAdaptError
+from .errors import CaptureError, GraphAdaptError
 from .inference import optimize_for_inference
 from .vocab import ADAPTERS
-from .kvcache import seq2seq_views, cached_decoder, kv_layout, onnx_io_names, past_input_name
+from .kvcache import (bind_graph, decode_graph, seq2seq_views, cached_decoder, kv_layout, onnx_io_names,
+                      past_input_name)
 
 __all__ = ["cached_decoder", "cached_twin", "generate", "generation_twins", "kv_layout", "past_input_name",
            "onnx_io_names"]
@@ -109,7 +111,7 @@ def _sync(twin, adapted) -> None:
         mod._parameters[leaf] = p
     twin._apply(lambda t: t)  # re-target graph pins if the dtype/device changed
     block = adapted.spec.composition
-    if block is not None and type(block).__name__ == "Route":  # keep the block (and its adapter_ids input)
+    if block is not None and type(block).__name__ in ("Route", "MultiTask"):  # keep it (and its adapter_ids/task_ids)
         if twin.spec.composition != block:
             twin.set_active(block)
     else:
@@ -207,7 +209,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              generator: torch.Generator | None = None, seed: int | None = None,
              num_beams: int = 1, num_return_sequences: int = 1, length_penalty: float | None = None,
              early_stopping: bool | str | None = None, output_scores: bool = False,
-             adapter_ids: torch.Tensor | None = None):
+             adapter_ids: torch.Tensor | None = None, task_ids: torch.Tensor | list | None = None,
+             cache_implementation: str | None = None):
     """Decode ``max_new_tokens`` tokens with the KV cache; returns ids like transformers' ``generate``.
 
     ``model``: an :class:`~graphadapt.AdaptedModel` — a causal LM captured with ``cache=True`` or a
@@ -225,10 +228,21 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``"never"``), returning the best ``num_return_sequences`` per prompt (``[B * n, …]``); the flat
     cache is reordered by beam each step.
     ``adapter_ids`` (a model whose active block is ``Route``): one id per prompt row (``-1``: base model); beams
-    and returned sequences of a prompt inherit its id.
+    and returned sequences of a prompt inherit its id. ``task_ids`` likewise for a model whose active block is
+    ``MultiTask`` (one task id or task name per prompt row).
     ``output_scores=True`` also returns the per-step logits ``[new, B, V]`` (before warping), or with
     beams the final beam scores ``[B * num_return_sequences]`` (transformers' ``sequences_scores``).
+    ``cache_implementation="static"`` (decoder-only, ``num_beams=1``): decode steps after the prefill write into a
+    preallocated cache of ``prompt + max_new_tokens`` slots in place and run one fixed-shape graph per step
+    (compiled once under ``adapted.compile()``); ``None`` / ``"dynamic"``: the cache grows by one column a step.
     """
+    if cache_implementation not in (None, "dynamic", "static"):
+        raise GraphAdaptError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
+    static = cache_implementation == "static"
+    src_cfg = (model[-1] if isinstance(model, tuple) else model).__dict__.get("source_config")
+    if static and (num_beams > 1 or getattr(src_cfg, "is_encoder_decoder", False)):
+        raise GraphAdaptError("cache_implementation='static' decodes decoder-only models with num_beams=1; "
+                              "leave cache_implementation out for beam search and encoder-decoder models")
     _check_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams)
     _check_beam_args(num_beams, num_return_sequences, do_sample, early_stopping)
     input_ids, attention_mask = check_generate(model, input_ids, attention_mask, max_new_tokens)  # graphadapt.contract
@@ -237,13 +251,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     cached = _decoding_graph(twins[-1])
     layout = cached.decoder_cache
     seq2seq = bool(layout.get("encoder_decoder"))
+    if static and (seq2seq or num_beams > 1):
+        raise GraphAdaptError("cache_implementation='static' decodes decoder-only models with num_beams=1; "
+                              "leave cache_implementation out for beam search and encoder-decoder models")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise GraphAdaptError("input_ids must be an integer tensor [batch, prompt_length]")
     if input_ids.shape[1] == 0:
         raise GraphAdaptError("input_ids needs at least one prompt token per sequence")
     dev, dt = cached._compute_device, cached._compute_dtype
-    ids = input_ids.to(dev)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev).long()
+    ids = input_ids.to(dev).contiguous()  # a sliced prompt would fail the compiled graph's stride guards
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(dev).long().contiguous()
     if mask.shape != ids.shape:
         raise GraphAdaptError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
     if not seq2seq and bool((mask[:, -1] == 0).any()):
@@ -258,8 +275,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     if do_sample and generator is None:
         generator = torch.Generator(device=dev).manual_seed(0 if seed is None else seed)
-    routed = ROUTE_INPUT in (getattr(cached, "input_names", None) or ())
-    if routed:
+    routed = routing_input(getattr(cached, "input_names", None))
+    if routed == TASK_INPUT:
+        if adapter_ids is not None:
+            raise GraphAdaptError("adapter_ids is for a Route model; this model's block is MultiTask: pass task_ids")
+        block = cached.spec.composition
+        task_ids = coerce_task_ids(task_ids, block.children)
+        check_task_ids(task_ids, block.children, ids.shape[0])
+        route = {TASK_INPUT: task_ids.to(dev)}
+    elif task_ids is not None:
+        raise GraphAdaptError("task_ids is for a model whose active block is MultiTask (set_active(ga.MultiTask(...)));"
+                              " this model does not route rows by task: leave task_ids out")
+    elif routed == ROUTE_INPUT:
         block = cached.spec.composition
         adapter_ids = coerce_adapter_ids(adapter_ids)
         check_adapter_ids(adapter_ids, len(block.children), ids.shape[0], block.children)
@@ -286,6 +313,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             enc = twins[0](input_ids=ids, attention_mask=mask, **route)["last_hidden_state"]
         stepper = _Seq2SeqStepper(cached, enc, mask, route)
         out_ids = torch.full((b, 1), int(start), dtype=ids.dtype, device=dev)
+    elif static:
+        stepper = _StaticCausalStepper(cached, mask, route, layout, ids.shape[1] + max_new_tokens)
+        out_ids = ids
     else:
         stepper = _CausalStepper(cached, mask, route)
         out_ids = ids
@@ -323,7 +353,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             unfinished &= ~torch.isin(nxt, eos_t)
             if not bool(unfinished.any()):
                 break
-        past = _presents(out, layout["num_layers"])
+        if not static:
+            past = _presents(out, layout["num_layers"])
         stepper.advance()
         step_ids = nxt[:, None]
     if output_scores:
@@ -337,28 +368,105 @@ def _presents(out, num_layers: int, order: torch.Tensor | None = None) -> dict[s
             for i in range(num_layers) for kv in ("key", "value") for t in (out[f"present.{i}.{kv}"],)}
 
 
-def _step(cached, checked: bool, **inputs):
+def _step(cached, checked, **inputs):
     """One call of the cached graph. The first step goes through the model's input contract; later steps'
     inputs are built by this loop from the first step's (same names, dtypes and device, one column longer), so
-    they run the graph's ``forward`` directly (still under the model's read lock, compiled if it is): the
-    per-step checks cost ≈ 10% of a decode step of a small model."""
-    if not checked:
+    they run a decode copy of the graph (:func:`graphadapt.kvcache.decode_graph`: no input guards, no pytree
+    packing, ATen calls without a Python frame each) or, compiled, the graph's compiled ``forward`` — still under
+    the model's read lock. ``checked``: None for the first step, else the step function to run."""
+    if checked is None:
         return cached(**inputs)
     with reading(cached):
-        return cached.forward(**inputs, **cached.constant_inputs)
+        return checked(**inputs)
+
+
+class _Scratch(dict):
+    """Per-model decoding state (step functions bound to the model, static cache buffers): a copy or a pickle of the
+    model starts without it (its functions would run the original model)."""
+
+    def __deepcopy__(self, memo):
+        return _Scratch()
+
+    def __reduce__(self):
+        return _Scratch, ()
+
+
+def _scratch(cached) -> _Scratch:
+    held = cached.__dict__.get("_decoding_scratch")
+    if held is None:
+        held = cached.__dict__["_decoding_scratch"] = _Scratch()
+    return held
+
+
+def _eager_fns(cached) -> dict:
+    """Decode functions of ``cached``'s current graph, built once per graph (keyed by its generated code)."""
+    scratch = _scratch(cached)
+    fns = scratch.get("fns")
+    key = (cached._code, id(cached))
+    if fns is None or fns[0] != key:
+        fns = scratch["fns"] = (key, {})
+    return fns[1]
+
+
+def _dynamic_step(cached):
+    """What decode steps after the first call: the compiled ``forward`` when compiled, else the eager decode copy
+    (outputs as a dict, like the model's); the model's own ``forward`` if the graph has no decode copy."""
+    if compiled_options(cached) is not None:
+        return lambda **inputs: cached.forward(**inputs, **cached.constant_inputs)
+    fns = _eager_fns(cached)
+    fn = fns.get("dynamic")
+    if fn is None:
+        try:
+            graph, names = decode_graph(cached, cached.decoder_cache["num_layers"])
+            raw = bind_graph(cached, graph, fast=True)
+
+            def fn(**inputs):
+                return dict(zip(names, raw(**inputs)))
+        except CaptureError:  # an unusual cached graph: run it as it is
+            def fn(**inputs):
+                return cached.forward(**inputs, **cached.constant_inputs)
+        fns["dynamic"] = fn
+    return fn
+
+
+def _static_graph(cached, *, fast: bool):
+    try:
+        graph, _ = decode_graph(cached, cached.decoder_cache["num_layers"], static=True)
+    except CaptureError as e:
+        raise GraphAdaptError(f"cache_implementation='static' cannot rewrite this cached graph: {e}") from e
+    return bind_graph(cached, graph, fast=fast)
+
+
+def _static_step(cached):
+    """The fixed-shape decode step over a preallocated cache (:func:`graphadapt.kvcache.decode_graph` with
+    ``static=True``): compiled once per graph with the model's compile options (shapes static) when the model is
+    compiled, else the eager decode copy. Returns ``fn(**inputs) -> logits``."""
+    compiled = static_step(cached, lambda m: _static_graph(m, fast=False))
+    if compiled is not None:
+        return compiled
+    fns = _eager_fns(cached)
+    fn = fns.get("static")
+    if fn is None:
+        raw = _static_graph(cached, fast=True)
+
+        def fn(**inputs):
+            return raw(**inputs)[0]
+        fns["static"] = fn
+    return fn
 
 
 class _CausalStepper:
     """One decoder-only step: mask grows by one column, positions ``cumsum(mask) - 1`` as transformers."""
 
     def __init__(self, cached, mask, route=None):
-        self.cached, self.mask, self.route, self.checked = cached, mask, route or {}, False
+        self.cached, self.mask, self.route, self.checked = cached, mask, route or {}, None
         self.pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
     def __call__(self, step_ids, past):
         out = _step(self.cached, self.checked, input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos,
                     **past, **self.route)
-        self.checked = True
+        if self.checked is None:
+            self.checked = _dynamic_step(self.cached)
         return out
 
     def advance(self):
@@ -366,16 +474,72 @@ class _CausalStepper:
         self.pos = self.pos[:, -1:] + 1
 
 
+class _StaticCausalStepper:
+    """Prefill with the dynamic graph (through the input contract), then every step over a static cache: the
+    prefill's keys/values copied into ``[B, kv_heads, L, head_dim]`` buffers (kept on the model and reused by
+    later calls of the same batch, dtype and device with ``L`` large enough), a ``[B, L]`` mask with one more
+    slot set per step, and the step graph writing the new token's keys/values at ``cache_position``."""
+
+    def __init__(self, cached, mask, route, layout, total: int):
+        self.cached, self.mask, self.route, self.layout, self.total = cached, mask, route or {}, layout, total
+        self.pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        self.cur, self.step, self.held = mask.shape[1] - 1, None, None
+
+    def _buffers(self, b, dev, dt):
+        lay, total = self.layout, self.total
+        held = _scratch(self.cached).get("static_cache")
+        if held is not None and held["batch"] == b and held["device"] == dev and held["dtype"] == dt and \
+                held["length"] >= total:
+            for t in held["past"].values():
+                t.zero_()
+            held["mask"].zero_()
+            return held
+        past = {past_input_name(i, kv): torch.zeros(b, lay["kv_heads"], total, lay["head_dim"], device=dev, dtype=dt)
+                for i in range(lay["num_layers"]) for kv in ("key", "value")}
+        held = {"batch": b, "device": dev, "dtype": dt, "length": total, "past": past,
+                "mask": torch.zeros(b, total, dtype=torch.long, device=dev),
+                "position": torch.zeros(1, dtype=torch.long, device=dev)}
+        _scratch(self.cached)["static_cache"] = held
+        return held
+
+    def __call__(self, step_ids, past):
+        if self.step is None:  # the prefill: the dynamic graph over an empty past, through the input contract
+            out = _step(self.cached, None, input_ids=step_ids, attention_mask=self.mask, position_ids=self.pos,
+                        **past, **self.route)
+            first = out["present.0.key"]
+            held = self._buffers(first.shape[0], first.device, first.dtype)
+            t0 = self.mask.shape[1]
+            for i in range(self.layout["num_layers"]):
+                for kv in ("key", "value"):
+                    held["past"][past_input_name(i, kv)][:, :, :t0].copy_(out[f"present.{i}.{kv}"])
+            held["mask"][:, :t0].copy_(self.mask)
+            self.held, self.pos = held, self.pos[:, -1:].contiguous()  # the same strides every step (no recompile)
+            self.step = _static_step(self.cached)
+            return out
+        held = self.held
+        held["mask"][:, self.cur] = 1
+        held["position"].fill_(self.cur)
+        with reading(self.cached):
+            logits = self.step(input_ids=step_ids, attention_mask=held["mask"], position_ids=self.pos,
+                               **held["past"], cache_position=held["position"], **self.route)
+        return {"logits": logits}
+
+    def advance(self):
+        self.cur += 1
+        self.pos = self.pos + 1
+
+
 class _Seq2SeqStepper:
     """One decoder step of an encoder-decoder LM over a fixed encoder output and mask."""
 
     def __init__(self, cached, enc, mask, route=None):
-        self.cached, self.enc, self.mask, self.route, self.checked = cached, enc, mask, route or {}, False
+        self.cached, self.enc, self.mask, self.route, self.checked = cached, enc, mask, route or {}, None
 
     def __call__(self, step_ids, past):
         out = _step(self.cached, self.checked, decoder_input_ids=step_ids, encoder_hidden_states=self.enc,
                     attention_mask=self.mask, **past, **self.route)
-        self.checked = True
+        if self.checked is None:
+            self.checked = _dynamic_step(self.cached)
         return out
 
     def advance(self):

@@ -28,14 +28,17 @@ directory holds. Dropout runs only in training, as in AdapterHub.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .errors import SpecError
 from .methods.activations import get_activation
+from .spec.composition import BatchSplit
 
 #: head types AdapterHub 1.3 saves for text models, and the AdapterHub head classes they mirror
 HEAD_TYPES = ("classification", "multilabel_classification", "multiple_choice", "tagging", "question_answering",
@@ -162,7 +165,14 @@ def _bare(model: nn.Module) -> nn.Module:
 
 
 class ModelWithHead(nn.Module):
-    """``base`` (kept under its ``base_model_prefix``) plus the prediction head ``heads[name]``."""
+    """``base`` (kept under its ``base_model_prefix``) plus the prediction head ``heads[name]`` — and more heads
+    with :meth:`add_head` / :meth:`average_head`, as AdapterHub's flexible-head models hold several.
+
+    ``active_head`` (AdapterHub's): one head name (its output), a list of names (every head on the whole batch:
+    :class:`MultiHeadOutput`), or ``BatchSplit(h1, h2, batch_sizes=[m, n])`` (rows ``[0, m)`` through ``h1``,
+    ``[m, m+n)`` through ``h2``: :class:`MultiHeadOutput`). The captured graph follows the active head at
+    ``graphadapt.apply`` time: choose it before applying.
+    """
 
     def __init__(self, model: nn.Module, name: str, config: Mapping, seed: int | None = 0):
         super().__init__()
@@ -173,34 +183,98 @@ class ModelWithHead(nn.Module):
         self.add_module(self.base_model_prefix, base)
         self.config = base.config
         self.main_input_name = getattr(base, "main_input_name", "input_ids")
-        self.head_name = name
+        self.heads = nn.ModuleDict()
+        self._base_params = set(inspect.signature(base.forward).parameters)
+        self.active_head: Any = name
+        self.add_head(name, config, seed=seed)
+
+    def add_head(self, name: str, config: Mapping, seed: int | None = 0, set_active: bool = False) -> PredictionHead:
+        """Another head (``config``: a head config, e.g. :func:`head_config`) under ``heads[name]``."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise SpecError(f"head name must be a non-empty string without '.', got {name!r}", field="head")
+        if name in self.heads:
+            raise SpecError(f"the model already has a head {name!r}; choose another name", field="head")
+        base = self.base
         head = PredictionHead(config, base.config)
         if seed is not None:
             _init_head(head, base.config, seed)
-        self.heads = nn.ModuleDict({name: head})
-        self._base_params = set(inspect.signature(base.forward).parameters)
+        self.heads[name] = head
         if head.is_lm and getattr(base.config, "tie_word_embeddings", False):
             emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
             last = head[len(head) - 1]
             if emb is not None and tuple(emb.weight.shape) == tuple(last.weight.shape):
                 last.weight = emb.weight  # AdapterHub ties the vocabulary projection to the input embeddings
+        if set_active:
+            self.active_head = name
+        return head
+
+    @torch.no_grad()
+    def average_head(self, name: str, heads, weights=None, normalize_weights: bool = True,
+                     set_active: bool = False) -> PredictionHead:
+        """AdapterHub's ``average_head``: a new head ``name`` whose every tensor is ``Σ wᵢ·headᵢ`` over ``heads`` (a
+        list of names, or a dict name → weight); weights default to ``1/N`` and are divided by their sum with
+        ``normalize_weights``. The heads must share one config (``dropout_prob`` aside)."""
+        if isinstance(heads, Mapping):
+            heads, weights = list(heads), list(heads.values())
+        heads = list(heads)
+        missing = [h for h in heads if h not in self.heads]
+        if not heads or missing:
+            raise SpecError(f"average_head needs existing heads; unknown: {missing or heads} (have {list(self.heads)})",
+                            field="head")
+        strip = lambda c: {k: v for k, v in c.items() if k != "dropout_prob"}  # noqa: E731
+        if any(strip(self.heads[h].config) != strip(self.heads[heads[0]].config) for h in heads):
+            raise SpecError(f"cannot average heads with different configurations: {heads}", field="head")
+        if weights is None:
+            weights = [1.0 / len(heads)] * len(heads)
+        else:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(heads):
+                raise SpecError(f"average_head got {len(weights)} weights for {len(heads)} heads", field="weights")
+            total = sum(weights) if normalize_weights else 1.0
+            weights = [w / total for w in weights]
+        new = self.add_head(name, self.heads[heads[0]].config, seed=None, set_active=set_active)
+        avg: dict[str, torch.Tensor] = {}
+        for h, w in zip(heads, weights):
+            for k, v in self.heads[h].state_dict().items():
+                avg[k] = avg[k] + w * v if k in avg else w * v
+        new.load_state_dict(avg)
+        return new
 
     @property
     def base(self) -> nn.Module:
         return getattr(self, self.base_model_prefix)
 
     @property
+    def head_name(self) -> str:
+        names = self._active_names()
+        if len(names) != 1:
+            raise SpecError(f"several heads are active ({names}); head_name names one", field="head")
+        return names[0]
+
+    @property
     def head(self) -> PredictionHead:
         return self.heads[self.head_name]
+
+    def _active_names(self) -> list[str]:
+        act = self.active_head
+        names = [act] if isinstance(act, str) else list(act.children if isinstance(act, BatchSplit) else act)
+        unknown = [n for n in names if not isinstance(n, str) or n not in self.heads]
+        if not names or unknown:
+            raise SpecError(f"active_head {act!r} names no head of this model ({list(self.heads)}); set a head name, "
+                            "a list of names or a BatchSplit of names", field="head")
+        return names
 
     def get_input_embeddings(self):
         return self.base.get_input_embeddings()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, use_cache=None):
-        head = self.head
+        names = self._active_names()
+        head = self.heads[names[0]]
         choices = None
         if head.head_type == "multiple_choice" and input_ids is not None and input_ids.dim() == 3:
+            if len(names) > 1:
+                raise SpecError("a multiple-choice head reads [B, C, T] inputs; activate it alone", field="head")
             choices = input_ids.shape[1]
         flat = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                 "position_ids": position_ids}
@@ -210,7 +284,39 @@ class ModelWithHead(nn.Module):
               if v is not None and k in self._base_params}
         out = self.base(**kw, return_dict=True)
         hidden = out[0]
-        return _head_output(head, hidden, out, flat["input_ids"], self.config)
+        if len(names) == 1 and not isinstance(self.active_head, BatchSplit):
+            return _head_output(head, hidden, out, flat["input_ids"], self.config)
+        ids = flat["input_ids"]
+        if not isinstance(self.active_head, BatchSplit):  # every head on the whole batch (AdapterHub's list)
+            return MultiHeadOutput(head_outputs=[_head_output(self.heads[n], hidden, out, ids, self.config)
+                                                 for n in names])
+        sizes = list(self.active_head.batch_sizes)
+        if sum(sizes) != hidden.shape[0]:  # AdapterHub's ValueError, as an InputError-like message
+            raise ValueError(f"the active head BatchSplit has batch sizes {sizes} (sum {sum(sizes)}) but the batch "
+                             f"has {hidden.shape[0]} rows")
+        outs, a = [], 0
+        for n, m in zip(names, sizes):
+            part = {k: v[a:a + m] for k, v in out.items() if isinstance(v, torch.Tensor)}
+            outs.append(_head_output(self.heads[n], hidden[a:a + m], part, None if ids is None else ids[a:a + m],
+                                     self.config))
+            a += m
+        return MultiHeadOutput(head_outputs=outs)
+
+
+@dataclass
+class MultiHeadOutput(ModelOutput):
+    """AdapterHub's ``MultiHeadOutput``: one output per active head (``out[i]`` or ``out.head_outputs[i]``);
+    ``logits`` stacks the heads' logits along the batch axis."""
+
+    head_outputs: list | None = None
+    loss: torch.Tensor | None = None
+
+    @property
+    def logits(self):
+        return torch.vstack([o["logits"] for o in self.head_outputs])
+
+    def __getitem__(self, k):
+        return self.head_outputs[k] if isinstance(k, int) else super().__getitem__(k)
 
 
 def _cls(head: PredictionHead, hidden, out, input_ids, config):
@@ -274,4 +380,4 @@ def add_head(model: nn.Module, head_type: str, name: str = "head", seed: int | N
     return ModelWithHead(model, name, head_config(head_type, **options), seed=seed)
 
 
-__all__ = ["CLS_HEADS", "HEAD_TYPES", "ModelWithHead", "PredictionHead", "add_head", "head_config"]
+__all__ = ["CLS_HEADS", "HEAD_TYPES", "ModelWithHead", "MultiHeadOutput", "PredictionHead", "add_head", "head_config"]

@@ -5,6 +5,9 @@ after:  ``view(input_ids, attention_mask, position_ids, past_key_values_{i}_key/
         (logits, present.{i}.key/value…)`` — capturable by torch.export with a dynamic past axis
         (possibly 0), so one graph prefills and decodes. ``graphadapt.apply(..., cache=True)`` uses it;
         :mod:`graphadapt.generation` decodes with it.
+
+:func:`decode_graph` derives the graphs the decode loop runs from that capture (a lean copy, and the
+static-cache step); :func:`bind_graph` turns one into a function of the model.
 """
 from __future__ import annotations
 
@@ -230,7 +233,150 @@ def cached_decoder(model: nn.Module, example_kwargs: Mapping[str, Any] | None = 
     return view, kw, axes
 
 
-# --------------------------------------------------------------------------- twin
+# --------------------------------------------------------------------------- decode-step graphs
+_INT_MAX = 2 ** 62
 
 
-__all__ = ["cached_decoder", "kv_layout", "onnx_io_names", "past_input_name", "seq2seq_views"]
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _is_aten(node, *names) -> bool:
+    tgt = getattr(node, "target", None)
+    return (getattr(node, "op", None) == "call_function" and isinstance(tgt, torch._ops.OpOverload)
+            and tgt.namespace == "aten" and tgt._schema.name.split("::")[-1] in names)
+
+
+def _is_empty_1d(node) -> bool:
+    v = _val(node)
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == 0
+
+
+def decode_graph(gm, num_layers: int, *, static: bool = False) -> tuple[torch.fx.Graph, list[str]]:
+    """A copy of the cached graph of ``gm`` for the decode loop, and the names of its outputs.
+
+    before: ``forward(input_ids, attention_mask, position_ids, past…) → {logits, present.{i}.key/value}``
+            (pytree in/out, torch.export's ``_guards_fn`` call, ``cat([lifted empty, past])`` of the initial
+            ``DynamicCache``, full-range ``slice`` views)
+    after:  plain positional graph returning a tuple; the guard call, the empty concatenations and the no-op
+            slices gone (each returns its input's values: exact). Inputs are built by the decode loop, which
+            the model's input contract checked on the first step.
+
+    ``static=True`` (one new token per row over a preallocated cache of ``L`` slots): an extra input
+    ``cache_position [1]``; each ``present = cat([past, new], -2)`` becomes ``past.index_copy_(2, cache_position,
+    new)`` (in place: the caller's buffers are the cache) and every read of the past length ``P`` becomes
+    ``L - 1``, so the key length is ``L`` and the query sits at the last position: the causal part of the mask
+    admits every slot and ``attention_mask [B, L]`` (1 on filled slots) masks the rest. Outputs: ``logits``.
+    Raises :class:`CaptureError` naming the node when the graph uses its past in another way.
+    """
+    out_spec = gm.__dict__.get("_out_spec")
+    if out_spec is None:
+        raise CaptureError("the decode graph needs the captured output names (a graph from torch.export)")
+    import torch.utils._pytree as pytree
+
+    g = torch.fx.Graph()
+    env: dict = {}
+    flat_out = g.graph_copy(gm.graph, env)
+    flat_out = list(flat_out if isinstance(flat_out, (list, tuple)) else [flat_out])
+    index = pytree.tree_unflatten(list(range(len(flat_out))), out_spec)
+    if not isinstance(index, dict) or "logits" not in index:
+        raise CaptureError("the cached graph has no `logits` output")
+    names = list(index)
+    outs = {k: flat_out[i] for k, i in index.items()}
+    places = {n.target: n for n in g.nodes if n.op == "placeholder"}
+    pasts = {past_input_name(i, kv): places.get(past_input_name(i, kv)) for i in range(num_layers)
+             for kv in ("key", "value")}
+    for n in list(g.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+            g.erase_node(n)  # torch.export's input guards: the contract checked the first step's inputs
+        elif _is_aten(n, "cat") and len(n.args[0]) > 1:
+            keep = [a for a in n.args[0] if not _is_empty_1d(a)]  # cat skips 1-D empty tensors (legacy rule)
+            if len(keep) == 1:
+                n.replace_all_uses_with(keep[0])
+                g.erase_node(n)
+        elif (_is_aten(n, "slice") and len(n.args) >= 4 and n.args[2] in (0, None)
+              and isinstance(n.args[3], int) and n.args[3] >= _INT_MAX and (len(n.args) < 5 or n.args[4] == 1)
+              and not n.kwargs):
+            n.replace_all_uses_with(n.args[0])
+            g.erase_node(n)
+    if static:
+        last = next(n for n in reversed(g.nodes) if n.op == "placeholder")
+        with g.inserting_after(last):
+            pos = g.placeholder("cache_position")
+        for i in range(num_layers):
+            for kv in ("key", "value"):
+                name = past_input_name(i, kv)
+                past, present = pasts[name], outs.get(f"present.{i}.{kv}")
+                if past is None or present is None:
+                    raise CaptureError(f"static cache: the graph has no input {name} / output present.{i}.{kv}")
+                if not (_is_aten(present, "cat") and len(present.args[0]) == 2 and present.args[0][0] is past
+                        and (present.args[1] if len(present.args) > 1 else 0) in (2, -2)):
+                    raise CaptureError(f"static cache: present.{i}.{kv} is not cat([{name}, new], dim=-2) "
+                                       f"(got {present.format_node()})")
+                with g.inserting_before(present):
+                    upd = g.call_function(torch.ops.aten.index_copy_.default, (past, 2, pos, present.args[0][1]))
+                present.replace_all_uses_with(upd)
+                g.erase_node(present)
+                outs[f"present.{i}.{kv}"] = upd
+                for user in list(past.users):
+                    if user is upd or (user.op == "call_function" and user.target is torch.ops.aten.sym_size.int
+                                       and user.args[1] in (0, 1, 3)):
+                        continue
+                    if user.op == "call_function" and user.target is torch.ops.aten.sym_size.int and user.args[1] == 2:
+                        with g.inserting_after(user):
+                            less = g.call_function(_operator().sub, (user, 1))
+                        user.replace_all_uses_with(less, delete_user_cb=lambda u, less=less: u is not less)
+                        continue
+                    raise CaptureError(f"static cache: {name} is read by {user.format_node()}; only its sizes and "
+                                       "the cache concatenation are supported")
+        names = ["logits"]
+        g.output((outs["logits"],))
+    else:
+        g.output(tuple(outs[k] for k in names))
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("call_function", "get_attr") or n.is_impure())
+    for n in reversed(list(g.nodes)):  # fresh copies of constants nobody reads (detach_ counts as impure)
+        if not n.users and (_is_aten(n, "lift_fresh_copy", "detach_") or n.op == "get_attr"):
+            g.erase_node(n)
+    g.lint()
+    return g, names
+
+
+def _operator():
+    import operator
+
+    return operator
+
+
+def bind_graph(gm, graph: torch.fx.Graph, *, fast: bool):
+    """The Python ``forward`` of ``graph`` run on ``gm`` (``fn(**inputs)``; ``self`` is a global of the function,
+    so torch.compile traces a plain function rather than a GraphModule's forward): its ``get_attr`` and
+    ``call_module`` names resolve on ``gm`` at every call, so weights swapped in later (merge, load) are read.
+
+    ``fast``: ATen calls go straight to the operator's C++ entry (``OpOverload._op``, what
+    ``OpOverload.__call__`` calls) instead of through a Python frame per op: the same kernels, fewer host
+    cycles. Not for ``torch.compile`` (dynamo traces ``OpOverload`` targets)."""
+    import re
+
+    code = graph.python_code("self")
+    src, glb = code.src, dict(code.globals)
+    if fast:
+        def repl(m):
+            name, overload = m.group(1), m.group(2)
+            op = getattr(getattr(torch.ops.aten, name, None), overload, None)
+            if not isinstance(op, torch._ops.OpOverload):
+                return m.group(0)
+            key = f"_fast_aten_{name}_{overload}"
+            glb[key] = op._op
+            return key + "("
+        src = re.sub(r"torch\.ops\.aten\.(\w+)\.(\w+)\(", repl, src)
+    head = "def forward(self, "
+    if head not in src:
+        raise CaptureError("unexpected generated code for the decode graph (no `def forward(self, ...)`)")
+    src = src.replace(head, "def forward(*, ", 1)
+    glb.update(self=gm, __builtins__=__builtins__)
+    exec(compile(src, f"<graphadapt decode step {id(graph):x}>", "exec"), glb)  # noqa: S102
+    return glb["forward"]
+
+
+__all__ = ["bind_graph", "cached_decoder", "decode_graph", "kv_layout", "onnx_io_names", "past_input_name",
+           "seq2seq_views"]

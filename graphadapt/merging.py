@@ -100,6 +100,17 @@ class Merger:
 
     def _merge_in_place(self, model, plan, safe: bool, backups: dict | None) -> None:
         """Fold each chain into its weight's own storage, one weight at a time."""
+        by_storage: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(n)
+        for chain in plan.chains.values():
+            names = by_storage.get(model.get_parameter(chain.weight).untyped_storage().data_ptr(), [])
+            others = [n for n in names if n != chain.weight]
+            if others:   # tied weights, layer_replication copies: an in-place fold would change them too
+                raise MergeError(f"cannot merge in place into {chain.weight}: its storage is shared with "
+                                 f"{', '.join(others[:3])}{' …' if len(others) > 3 else ''} (tied weights or "
+                                 "layer_replication copies), which the fold would change too; nothing was changed. "
+                                 "merge(in_place=False) folds into a new tensor of its own.")
         done: list[str] = []
         scratch: dict = {}
         try:

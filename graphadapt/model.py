@@ -25,10 +25,13 @@ from .checkpoints.peft_export import write_peft
 from .checkpoints.pretrained import write_pretrained
 from .checkpoints.trainer import set_trainable_state_dict
 from .composition.insert import COMPOSE
-from .composition.route import ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids, example_ids, with_route_parameter
+from .composition.multitask import check_task_ids, coerce_task_ids
+from .composition.route import (ROUTE_INPUT, check_adapter_ids, coerce_adapter_ids, example_ids, routing_input,
+                                with_route_parameter)
 from .concurrency import exclusive, reading
 from .errors import GraphAdaptError, MergeError
 from .hotswap import hot_swap, prepare_slots
+from .inference import PipelineInterface
 from .checkpoints.lifecycle import adapters_disabled
 from .merging import Merger, MergeReport
 from .arithmetic import add_weighted_adapter, to_low_rank
@@ -38,7 +41,7 @@ from .spec.composition import Block, block_from_dict
 from .structure import recognize
 from .version import __version__
 from .vocab import ADAPTERS, adapter_prefix
-from .quantized import refuse_quantized
+from .quantized import Quantize, dense_base, has_quantized_weights, refuse_quantized, requantize_linears
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def fusion_dropout(gm) -> float:
     return 0.0
 
 
-class AdaptedModel(CapturedModule):
+class AdaptedModel(PipelineInterface, CapturedModule):
     """A captured model with adapters inserted. Create it with :func:`graphadapt.apply`."""
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
@@ -107,6 +110,17 @@ class AdaptedModel(CapturedModule):
 
     services: ModelServices = BASIC_SERVICES
     """The services this model delegates to (:class:`ModelServices`; set by ``graphadapt.api``)."""
+
+    def __new__(cls, *args, **kwargs):
+        # torch.fx gives every GraphModule its own subclass (it holds that instance's generated forward), named
+        # "GraphModuleImpl" in torch.fx.graph_module (GraphModule.__init__ renames it "GraphModule"): it is named
+        # after the class the user has in recompile. fx recognises its per-instance classes by that name, so a copy
+        # (deepcopy, copy) first steps back to the real class here.
+        real = next(t for t in cls.__mro__ if "_graphadapt_instance_class" not in t.__dict__)
+        obj = super().__new__(real)
+        if type(obj) is not real:  # fx's fresh per-instance subclass: only this instance uses it
+            type(obj)._graphadapt_instance_class = real
+        return obj
 
     __repr__ = __str__ = describe  # what the user has (graphadapt/console.py); adapted.code: the graph
     draw = draw_model  # adapted.draw("model.svg"): layers, roles, adapters, composition (graphadapt/draw.py)
@@ -131,10 +145,13 @@ class AdaptedModel(CapturedModule):
 
     # ------------------------------------------------------------------ calls
     def _call_impl(self, *args, **kwargs):
-        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()):
-            if ROUTE_INPUT in kwargs:
-                kwargs[ROUTE_INPUT] = coerce_adapter_ids(kwargs[ROUTE_INPUT])
-            self._check_routed_call(args, kwargs)
+        routed = routing_input(self.__dict__.get("input_names"))
+        if routed is not None:  # Route's adapter_ids / MultiTask's task_ids
+            if routed in kwargs:
+                block = self.spec.composition
+                kwargs[routed] = (coerce_adapter_ids(kwargs[routed]) if routed == ROUTE_INPUT else
+                                  coerce_task_ids(kwargs[routed], block.children if block is not None else ()))
+            self._check_routed_call(args, kwargs, routed)
         route = self.__dict__.get("_route")  # set while gradient checkpointing is enabled
         if route is None:
             try:
@@ -147,30 +164,42 @@ class AdaptedModel(CapturedModule):
         return route(self, args, kwargs)
 
     def example_inputs(self) -> dict:
-        """The capture's example inputs (and, for a ``Route``, example ``adapter_ids`` covering -1 and the adapters)."""
+        """The capture's example inputs (and, for a ``Route``, example ``adapter_ids`` covering -1 and the adapters;
+        for a ``MultiTask``, ``task_ids`` covering the tasks)."""
         out = super().example_inputs()
         block = self.spec.composition
-        if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and block is not None:
+        routed = routing_input(self.__dict__.get("input_names"))
+        if routed is not None and block is not None:
             batch = next((v.shape[0] for v in out.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 2)
-            out[ROUTE_INPUT] = example_ids(batch, len(block.children), self._compute_device)
+            out[routed] = example_ids(batch, len(block.children), self._compute_device, base=routed == ROUTE_INPUT)
         return out
 
-    def _check_routed_call(self, args, kwargs) -> None:
-        """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route."""
+    def _check_routed_call(self, args, kwargs, routed: str = ROUTE_INPUT) -> None:
+        """A Route model's ``adapter_ids`` (given, 1-D int, one per row, each in ``[-1, N)``): graphadapt.composition.route;
+        a MultiTask model's ``task_ids`` (each in ``[0, N)``): graphadapt.composition.multitask."""
         names = list(self.input_names)
         bound = {**dict(zip(names, args)), **kwargs}
-        ids = bound.get(ROUTE_INPUT)
-        ref = next((v for k, v in bound.items() if k != ROUTE_INPUT and isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        ids = bound.get(routed)
+        ref = next((v for k, v in bound.items() if k != routed and isinstance(v, torch.Tensor) and v.dim() > 0), None)
         block = self.spec.composition
         children = block.children if block is not None else ()
-        check_adapter_ids(ids, len(children), None if ref is None else ref.shape[0], children)
+        batch = None if ref is None else ref.shape[0]
+        if routed == ROUTE_INPUT:
+            check_adapter_ids(ids, len(children), batch, children)
+        else:
+            check_task_ids(ids, children, batch)
 
     def recompile(self):
+        impl = type(self)
+        real = impl.__dict__.get("_graphadapt_instance_class")
+        if real is not None:  # type(adapted) / repr of the class say AdaptedModel (see __new__)
+            impl.__name__, impl.__qualname__, impl.__module__ = real.__name__, real.__qualname__, real.__module__
         out = super().recompile()
         sig = self.__dict__.get("_call_signature")
         if sig is not None:  # inspect.signature(model.forward) shows the source's (transformers.Trainer reads it)
-            if ROUTE_INPUT in (self.__dict__.get("input_names") or ()) and ROUTE_INPUT not in sig.parameters:
-                sig = with_route_parameter(sig)  # Route: adapter_ids is a named input (torch.export binds it so)
+            routed = routing_input(self.__dict__.get("input_names"))
+            if routed is not None and routed not in sig.parameters:  # Route/MultiTask: adapter_ids/task_ids is a
+                sig = with_route_parameter(sig, routed)             # named input (torch.export binds it so)
             type(self).forward.__signature__ = sig
         return out
 
@@ -506,8 +535,9 @@ class AdaptedModel(CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
-        refuse_quantized(self, "merge", "Folding into packed 4-bit weights is not built (to_base_model and "
-                         "save_merged need it too); keep the adapters unmerged.", MergeError)
+        refuse_quantized(self, "merge", "Folding into packed 4-bit weights would change the quantized base; "
+                         "fold into a dense copy with to_base_model() (requantize=True to quantize it again) or "
+                         "save_merged(), or export_onnx(merge=True).", MergeError)
         return self.services.merger.merge(self, names, safe=safe, strict=strict, in_place=in_place,
                                           keep_backup=keep_backup)
 
@@ -517,13 +547,32 @@ class AdaptedModel(CapturedModule):
         """Restore the exact pre-merge weights and graph (kept, never recomputed by subtraction)."""
         self.services.merger.unmerge(self)
 
-    def to_base_model(self, names: Iterable[str] | None = None) -> nn.Module:
+    def to_base_model(self, names: Iterable[str] | None = None, requantize=None) -> nn.Module:
         """A copy of the source Hugging Face model with merged weights (PEFT's ``merge_and_unload``).
 
         Every selected adapter must fold (raises :class:`MergeError` otherwise). The
         adapted model itself is left as it was. Memory: one full copy of the base model.
+
+        Over a quantized (bitsandbytes 4-bit) base the copy is dense: the dequantized base plus the
+        adapters' deltas, in the compute dtype. ``requantize=True`` (or ``"nf4"``/``"fp4"``/a
+        :class:`graphadapt.quantized.Quantize`) quantizes the merged linears again (bitsandbytes
+        ``Linear4bit``, the base's own quantization for ``True``) and attaches the error that adds
+        against the dense merge as ``model.graphadapt_requantization`` (``max_abs``, ``max_rel_fro``,
+        ``worst``).
         """
-        return self.services.merger.to_base_model(self, names)
+        if not has_quantized_weights(self):
+            if requantize:
+                raise MergeError("requantize= applies to a model over a quantized base; this base is dense")
+            return self.services.merger.to_base_model(self, names)
+        with dense_base(self) as dense:
+            out = self.services.merger.to_base_model(self, names)
+        if requantize:
+            if requantize is True and dense.quantize is None:
+                raise MergeError(f"requantize=True repeats the base's 4-bit quantization; this base is {dense.kind}: "
+                                 "pass requantize='nf4' or 'fp4'")
+            config = dense.quantize if requantize is True else Quantize.parse(requantize)
+            out.graphadapt_requantization = requantize_linears(out, dense.paths, config)
+        return out
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, **kwargs):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .composition.insert import replicate_inputs
-from .composition.route import sync_route_state
+from .composition.route import ROUTE_INPUT, sync_route_state
 from .composition.site import Leaf, RouteNode, Tree, describe, prune
 from .errors import SpecError
 from .methods import Method, get_method
@@ -198,7 +198,8 @@ def execute_plan(gm, plan: Plan, dropout: float = 0.0, base_seed: int = 0) -> li
     if plan.parallel_channels > 1:
         run_pass("replicate_inputs", replicate_inputs, gm, plan.parallel_channels)
     routed = [c for c in plan.composed if isinstance(c.tree, RouteNode)]
-    sync_route_state(gm, bool(routed), len(routed[0].tree.children) if routed else 0)
+    sync_route_state(gm, bool(routed), len(routed[0].tree.children) if routed else 0,
+                     routed[0].tree.ids_input if routed else ROUTE_INPUT)
     return records
 
 

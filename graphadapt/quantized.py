@@ -1,4 +1,4 @@
-"""Quantized base weights (bitsandbytes 4-bit NF4/FP4) through capture, as ordinary linear sites.
+"""Quantized base weights (bitsandbytes 4-bit NF4/FP4 and 8-bit, torchao) through capture, as ordinary linear sites.
 
 torch.export cannot trace bitsandbytes' ``Linear4bit`` (its 4-bit matmul asserts on fake
 tensors), and graphadapt's passes expect a linear site's weight to be a dense ``[out, in]``
@@ -22,7 +22,10 @@ The dense weight exists only transiently (per linear, per call); at rest the bas
 packed bytes plus the block scales. ``weight`` is not a registered parameter: it is in no
 optimizer, no ``state_dict`` and receives no gradient (the input's gradient still flows).
 
-Not yet: 8-bit (``Int8Params``) bases, which are refused clearly by :func:`check_supported`.
+The same route serves bitsandbytes 8-bit (``Int8Params``: :class:`Packed8bitLinear`, ``int8 * SCB / 127``)
+and torchao weights that dequantize themselves (:class:`PackedTorchaoLinear`). Also here: the
+``quantize=`` pass of :func:`graphadapt.apply` (:func:`quantize_linears`), :func:`base_bytes`, and
+:func:`dense_base`, the dequantized stand-in merge and export run over (docs/big-models.md).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from torch import nn
 
 from .errors import CaptureError
 
-__all__ = ["Packed4bitLinear", "opaque_quantized_linears", "install_quantized_weights", "quantized_modules",
-           "has_quantized_weights", "refuse_quantized"]
+__all__ = ["Packed4bitLinear", "Packed8bitLinear", "PackedTorchaoLinear", "PACKED", "opaque_quantized_linears", "install_quantized_weights", "quantized_modules",
+           "has_quantized_weights", "refuse_quantized", "Quantize", "quantize_linears", "base_bytes",
+           "dense_base", "dense_source_model", "requantize_linears"]
 
 
 def _is_bnb(p, cls_name: str) -> bool:
@@ -46,12 +50,18 @@ def _is_bnb(p, cls_name: str) -> bool:
     return t.__name__ == cls_name and t.__module__.startswith("bitsandbytes")
 
 
+def _is_torchao(p) -> bool:
+    """A torchao quantized weight (``quantize_(model, Int8WeightOnlyConfig())`` and friends): a tensor
+    subclass from torchao that can dequantize itself."""
+    return type(p).__module__.startswith("torchao") and callable(getattr(p, "dequantize", None)) and p.dim() == 2
+
+
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(path, module)`` for every module whose own ``weight`` is a bitsandbytes 4-bit or 8-bit parameter."""
     out = []
     for path, m in model.named_modules():
         w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
-        if w is not None and (_is_bnb(w, "Params4bit") or _is_bnb(w, "Int8Params")):
+        if w is not None and (_is_bnb(w, "Params4bit") or _is_bnb(w, "Int8Params") or _is_torchao(w)):
             out.append((path, m))
     return out
 
@@ -95,16 +105,25 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[dict[str, dict]]:
     saved: list[_Saved] = []
     facts: dict[str, dict] = {}
     try:
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        act_dtype = floats[0] if floats else torch.float32  # 8-bit linears compute in their input's dtype
         for path, m in found:
             w = m._parameters["weight"]
-            packed, qs = w.data, w.quant_state
-            cd = _compute_dtype(m, qs)
-            out_f, in_f = (int(s) for s in qs.shape)
+            if _is_torchao(w):
+                cd, (out_f, in_f) = w.dtype, (int(s) for s in w.shape)
+                facts[path] = {"torchao": w, "compute_dtype": cd}
+            elif _is_bnb(w, "Int8Params"):
+                cd, (out_f, in_f) = act_dtype, (int(s) for s in w.shape)
+                facts[path] = {"int8": w.data, "scb": w.SCB, "compute_dtype": cd}
+            else:
+                packed, qs = w.data, w.quant_state
+                cd = _compute_dtype(m, qs)
+                out_f, in_f = (int(s) for s in qs.shape)
+                facts[path] = {"packed": packed, "quant_state": qs, "compute_dtype": cd}
             saved.append(_Saved(m, w, m.__dict__.get("forward")))
             standin = torch.zeros((), dtype=cd, device=w.device).expand(out_f, in_f)
             m._parameters["weight"] = nn.Parameter(standin, requires_grad=False)
             m.forward = _standin_forward(m, cd)
-            facts[path] = {"packed": packed, "quant_state": qs, "compute_dtype": cd}
         yield facts
     finally:
         for s in reversed(saved):
@@ -116,13 +135,14 @@ def opaque_quantized_linears(model: nn.Module) -> Iterator[dict[str, dict]]:
 
 
 def check_supported(found: list[tuple[str, nn.Module]]) -> None:
-    int8 = [p for p, m in found if _is_bnb(m._parameters["weight"], "Int8Params")]
-    if int8:
-        raise CaptureError(
-            f"{len(int8)} linear layer(s) have a bitsandbytes 8-bit base (e.g. `{int8[0]}`): graphadapt captures "
-            "4-bit (NF4/FP4) bitsandbytes bases only so far. Load the model with "
-            "BitsAndBytesConfig(load_in_4bit=True, ...) or unquantized.")
     for path, m in found:
+        if _is_torchao(m._parameters["weight"]):
+            continue
+        if _is_bnb(m._parameters["weight"], "Int8Params"):
+            if getattr(m._parameters["weight"], "SCB", None) is None:
+                raise CaptureError(f"`{path}` has a bitsandbytes Int8Params weight that is not quantized yet (no SCB): "
+                                   "move the model to its device (bitsandbytes quantizes on the move) before apply.")
+            continue
         qs = getattr(m._parameters["weight"], "quant_state", None)
         if qs is None:
             raise CaptureError(f"`{path}` has a bitsandbytes Params4bit weight that is not quantized yet (no quant_state): "
@@ -205,6 +225,74 @@ class Packed4bitLinear(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
+class Packed8bitLinear(nn.Module):
+    """A captured bitsandbytes 8-bit (``Linear8bitLt``) linear: int8 rows and their absmax (``SCB``) as buffers,
+    and a ``weight`` property that dequantizes on read, ``int8 * SCB / 127`` in the compute dtype — the
+    formula of bitsandbytes' CPU matmul (``MatMul8bitFp``: dequantize, then a dense linear)."""
+
+    quant_type = "int8"
+    nested = False
+
+    def __init__(self, int8: torch.Tensor, scb: torch.Tensor, compute_dtype: torch.dtype, bias: nn.Parameter | None):
+        super().__init__()
+        self.register_buffer("weight_int8", int8)
+        self.register_buffer("weight_scb", scb)
+        self.compute_dtype = compute_dtype
+        self.bias = bias
+        self.out_features, self.in_features = (int(s) for s in int8.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.to(self.compute_dtype).mul_(self.weight_scb.unsqueeze(1).mul(1.0 / 127.0))
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return nn.Parameter(self.dequantize(), requires_grad=False)
+
+    _apply = Packed4bitLinear._apply
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, compute_dtype={self.compute_dtype}"
+
+
+class PackedTorchaoLinear(nn.Module):
+    """A captured linear whose weight is a torchao quantized tensor (kept as it is, shared with the caller's
+    model, never written); ``weight`` dequantizes it on read (the tensor's own ``dequantize()``)."""
+
+    quant_type = "torchao"
+    nested = False
+
+    def __init__(self, quantized: torch.Tensor, compute_dtype: torch.dtype, bias: nn.Parameter | None):
+        super().__init__()
+        self.register_buffer("weight_quantized", quantized.detach())
+        self.compute_dtype = compute_dtype
+        self.bias = bias
+        self.out_features, self.in_features = (int(s) for s in quantized.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.weight_quantized.dequantize()
+        return w if w.dtype == self.compute_dtype else w.to(self.compute_dtype)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return nn.Parameter(self.dequantize(), requires_grad=False)
+
+    _apply = Packed4bitLinear._apply
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{type(self.weight_quantized).__name__}, compute_dtype={self.compute_dtype}")
+
+
+PACKED = (Packed4bitLinear, Packed8bitLinear, PackedTorchaoLinear)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
     """Replace each stand-in module of the captured ``gm`` (at the path it had in the caller's model)
     with a :class:`Packed4bitLinear` over the caller's packed bytes."""
@@ -216,7 +304,12 @@ def install_quantized_weights(gm: nn.Module, facts: dict[str, dict]) -> None:
         except AttributeError:
             continue  # the linear is not used by forward: nothing was captured for it
         bias = old._parameters.get("bias")
-        new = Packed4bitLinear(f["packed"], f["quant_state"], f["compute_dtype"], bias)
+        if "torchao" in f:
+            new = PackedTorchaoLinear(f["torchao"], f["compute_dtype"], bias)
+        elif "int8" in f:
+            new = Packed8bitLinear(f["int8"], f["scb"], f["compute_dtype"], bias)
+        else:
+            new = Packed4bitLinear(f["packed"], f["quant_state"], f["compute_dtype"], bias)
         parent, _, leaf = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
     _use_packed_linears(gm, set(facts))
@@ -245,7 +338,10 @@ class _Linear4bit(torch.autograd.Function):
 def linear_4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: Packed4bitLinear):
     """The captured graph's form of a 4-bit linear: ``weight`` is ``module.weight`` read just before the
     call (dequantized, transient), ``module`` the packed owner that backward dequantizes from again.
-    Structure recognition reads it as ``aten.linear(x, W, b)`` (``graphadapt.structure.patterns``)."""
+    Structure recognition reads it as ``aten.linear(x, W, b)`` (``graphadapt.structure.patterns``).
+    While :func:`dense_base` holds a dense module there instead, this is ``linear(x, W, b)``."""
+    if not isinstance(module, PACKED):
+        return F.linear(x, weight, bias)
     return _Linear4bit.apply(x, weight, bias, module)
 
 
@@ -278,13 +374,294 @@ def _use_packed_linears(gm, paths: set[str]) -> None:
 
 
 def has_quantized_weights(gm: nn.Module) -> bool:
-    return any(isinstance(m, Packed4bitLinear) for m in gm.modules())
+    return any(isinstance(m, PACKED) for m in gm.modules())
 
 
 def refuse_quantized(gm: nn.Module, what: str, instead: str, error: type[Exception] = CaptureError) -> None:
     """Raise ``error`` naming the gap when ``gm`` has a packed 4-bit base that ``what`` cannot handle yet."""
-    paths = [n for n, m in gm.named_modules() if isinstance(m, Packed4bitLinear)]
+    paths = [n for n, m in gm.named_modules() if isinstance(m, PACKED)]
     if paths:
         raise error(
             f"{what} is not available for a model over a quantized (bitsandbytes 4-bit) base yet: "
             f"{len(paths)} linear layer(s) keep packed 4-bit weights (e.g. `{paths[0]}`). {instead}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantization as a graph pass: apply(model, spec, quantize="nf4")
+
+_QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """How :func:`graphadapt.apply` quantizes the frozen base linears (``quantize="nf4"`` is
+    ``Quantize("nf4")``). The packed bytes are bitsandbytes' ``quantize_4bit`` of the weight as the
+    captured model holds it — what transformers' ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type=..., bnb_4bit_use_double_quant=...)`` loading path stores for the same weights.
+
+    quant_type: ``"nf4"`` or ``"fp4"`` (bitsandbytes' 4-bit codes; blocks of ``blocksize`` values share an
+        absmax scale).
+    double_quant: store the block scales in 8 bits (bitsandbytes' ``compress_statistics``).
+    blocksize: values per scale (64 is bitsandbytes' and transformers' default).
+    compute_dtype: dtype the dequantized weight is used in (default: the weight's own dtype).
+    skip: module paths left dense. By default (``None``) the output projection (``get_output_embeddings()``)
+        and weights tied to another parameter stay dense, as transformers leaves them.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    blocksize: int = 64
+    compute_dtype: torch.dtype | None = None
+    skip: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        from .errors import SpecError
+
+        if self.quant_type not in _QUANT_TYPES:
+            raise SpecError(f"quantize: quant_type must be one of {_QUANT_TYPES} (bitsandbytes 4-bit), got "
+                            f"{self.quant_type!r}; 8-bit (int8) bases are not built yet")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise SpecError(f"quantize: blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
+
+    @classmethod
+    def parse(cls, value) -> "Quantize":
+        from .errors import SpecError
+
+        if isinstance(value, Quantize):
+            return value
+        if isinstance(value, str):
+            return cls(value.lower())
+        if isinstance(value, dict):
+            return cls(**value)
+        raise SpecError(f"quantize must be 'nf4', 'fp4', a dict of Quantize fields or a Quantize, got {value!r}")
+
+
+def _default_skip(gm: nn.Module, source: nn.Module | None) -> set[str]:
+    skip: set[str] = set()
+    get_out = getattr(source, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        skip |= {p for p, m in source.named_modules() if m is out}
+    seen: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(name)
+    for names in seen.values():
+        if len(names) > 1:  # tied weights stay dense (quantizing one reader would change the other)
+            skip |= {n.rpartition(".")[0] for n in names}
+    return skip
+
+
+def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None = None) -> list[str]:
+    """``aten.linear(x, get_attr(P.weight), b)`` over a dense ``P`` → ``linear_4bit`` over a
+    :class:`Packed4bitLinear` holding ``quantize_4bit(P.weight)``; returns the quantized paths.
+
+    Only modules owning nothing but ``weight`` (and ``bias``) whose weight the graph reads only in linears
+    are quantized. ``gm``'s dense weights are dropped from ``gm`` (the caller's model keeps its own)."""
+    from bitsandbytes.functional import quantize_4bit
+
+    skip = set(config.skip) if config.skip is not None else _default_skip(gm, source)
+    readers: dict[str, list] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            readers.setdefault(n.target, []).extend(n.users)
+    paths: list[str] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.aten.linear.default:
+            continue
+        w = n.args[1]
+        if getattr(w, "op", None) != "get_attr" or not w.target.endswith(".weight"):
+            continue
+        owner = w.target.rpartition(".")[0]
+        if owner in skip or owner in paths:
+            continue
+        mod = gm.get_submodule(owner)
+        if isinstance(mod, PACKED) or set(mod._parameters) - {"weight", "bias"} or mod._buffers \
+                or any(True for _ in mod.children()):
+            continue
+        if any(u.op != "call_function" or u.target is not torch.ops.aten.linear.default or u.args[1] is not w
+               for u in readers.get(w.target, ())):
+            continue
+        weight = mod._parameters["weight"]
+        if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+            continue
+        paths.append(owner)
+    for owner in paths:
+        mod = gm.get_submodule(owner)
+        weight = mod._parameters["weight"]
+        packed, qs = quantize_4bit(weight.detach().contiguous(), blocksize=config.blocksize,
+                                   compress_statistics=config.double_quant, quant_type=config.quant_type,
+                                   quant_storage=torch.uint8)
+        cd = config.compute_dtype or weight.dtype
+        new = Packed4bitLinear(packed, qs, cd, mod._parameters.get("bias"))
+        parent, _, leaf = owner.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+    _use_packed_linears(gm, set(paths))
+    return paths
+
+
+def base_bytes(gm: nn.Module, prefix: str | None = None) -> dict[str, float]:
+    """Bytes the frozen base holds at rest: ``quantized_params`` / ``quantized_bytes`` (packed nibbles, block
+    scales and code tables of the 4-bit linears), ``dense_params`` / ``dense_bytes`` (every other base tensor),
+    and ``bytes_per_quantized_param`` / ``bytes_per_base_param``. Adapters (under ``prefix``) are not counted."""
+    from .vocab import adapter_prefix
+
+    prefix = adapter_prefix() if prefix is None else prefix
+    qp = qb = 0
+    quant_paths = set()
+    for path, m in gm.named_modules():
+        if isinstance(m, PACKED):
+            quant_paths.add(path)
+            qp += m.in_features * m.out_features
+            qb += sum(_nbytes(b) for b in m._buffers.values() if b is not None)
+    dp = db = 0
+    seen = set()
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name.startswith(prefix) or name.rpartition(".")[0] in quant_paths or id(t) in seen:
+            continue
+        seen.add(id(t))
+        dp += t.numel()
+        db += t.numel() * t.element_size()
+    return {"quantized_params": qp, "quantized_bytes": qb, "dense_params": dp, "dense_bytes": db,
+            "bytes_per_quantized_param": qb / qp if qp else float("nan"),
+            "bytes_per_base_param": (qb + db) / (qp + dp) if qp + dp else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# merge and export over a quantized base: a dense stand-in for the duration of a block
+
+class DenseBaseLinear(nn.Module):
+    """A dequantized base linear (frozen ``weight`` and ``bias``), installed by :func:`dense_base`."""
+
+    def __init__(self, weight: torch.Tensor, bias):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+
+def dense_source_model(src: nn.Module, dense: dict[str, torch.Tensor]) -> nn.Module:
+    """A dense Hugging Face model of ``src``'s class and config (without its ``quantization_config``) whose
+    quantized linears' weights are ``dense[path]`` (shared, not copied) and every other tensor ``src``'s own."""
+    import copy
+
+    cfg = copy.deepcopy(src.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    with torch.device("meta"):
+        out = type(src)(cfg)
+    qpaths = {p for p, _ in quantized_modules(src)}
+    state = {}
+    for name, t in [*src.named_parameters(remove_duplicate=False), *src.named_buffers(remove_duplicate=False)]:
+        owner, _, leaf = name.rpartition(".")
+        if owner in qpaths and leaf == "weight":
+            continue
+        state[name] = t.detach()
+    state.update({f"{p}.weight": w for p, w in dense.items()})
+    out.load_state_dict(state, strict=False, assign=True)
+    own_buffers = dict(src.named_buffers(remove_duplicate=False))
+    for name, b in list(out.named_buffers(remove_duplicate=False)):
+        if b.is_meta and name in own_buffers:  # non-persistent buffers (rotary tables) are not in state dicts
+            owner, _, leaf = name.rpartition(".")
+            out.get_submodule(owner)._buffers[leaf] = own_buffers[name]
+    if getattr(cfg, "tie_word_embeddings", False) and hasattr(out, "tie_weights"):
+        out.tie_weights()
+    left = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]
+    if left:
+        raise CaptureError(f"could not build a dense copy of {type(src).__name__}: no value for {left[:5]}")
+    for p in out.parameters():
+        p.requires_grad_(False)
+    if getattr(src, "generation_config", None) is not None:
+        out.generation_config = copy.deepcopy(src.generation_config)
+    out.train(src.training)
+    return out
+
+
+@dataclass
+class DenseBase:
+    """What :func:`dense_base` installed: the quantized paths and the quantization they had."""
+
+    paths: list[str]
+    quantize: Quantize | None
+    kind: str = ""  # "nf4", "fp4", "int8" (bitsandbytes 8-bit), "torchao"
+
+
+@contextlib.contextmanager
+def dense_base(gm: nn.Module, dtype: torch.dtype | None = None) -> Iterator[DenseBase]:
+    """For the duration of the block, every :class:`Packed4bitLinear` of ``gm`` is a
+    :class:`DenseBaseLinear` holding its dequantized weight (in its compute dtype, or ``dtype``), its
+    ``linear_4bit`` calls are plain ``aten.linear`` and ``gm._source_model`` (when present) is a dense copy
+    of the quantized source model sharing those weights — so merge, ``to_base_model``, ``save_merged`` and
+    ONNX export see an unquantized model whose base is exactly what the packed forward computes with.
+    Memory: one dense copy of the quantized linears. Everything is restored on exit."""
+    found = [(p, m) for p, m in gm.named_modules() if isinstance(m, PACKED)]
+    if not found:
+        yield DenseBase([], None)
+        return
+    first = found[0][1]
+    info = DenseBase([p for p, _ in found], Quantize(first.quant_type, first.nested, first.blocksize)
+                     if isinstance(first, Packed4bitLinear) else None, first.quant_type)
+    swapped, rewired = [], []
+    src_before = gm.__dict__.get("_source_model", None)
+    had_src = "_source_model" in gm.__dict__
+    try:
+        dense: dict[str, torch.Tensor] = {}
+        for path, m in found:
+            w = m.dequantize()
+            w = w if dtype is None or w.dtype == dtype else w.to(dtype)
+            dense[path] = w
+            parent, _, leaf = path.rpartition(".")
+            holder = gm.get_submodule(parent) if parent else gm
+            setattr(holder, leaf, DenseBaseLinear(w, m.bias))
+            swapped.append((holder, leaf, m))
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is linear_4bit:
+                rewired.append((n, n.args))
+                n.target, n.args = torch.ops.aten.linear.default, tuple(n.args[:3])
+        gm.recompile()
+        if src_before is not None and quantized_modules(src_before):
+            gm.__dict__["_source_model"] = dense_source_model(src_before, dense)
+        yield info
+    finally:
+        for n, args in reversed(rewired):
+            n.target, n.args = linear_4bit, args
+        for holder, leaf, m in reversed(swapped):
+            setattr(holder, leaf, m)
+        if rewired:
+            gm.recompile()
+        if had_src:
+            gm.__dict__["_source_model"] = src_before
+
+
+def requantize_linears(model: nn.Module, paths: list[str], config: Quantize) -> dict[str, float]:
+    """Replace each dense linear of ``model`` at ``paths`` with a bitsandbytes ``Linear4bit`` holding
+    ``quantize_4bit`` of its weight (as transformers' loading path would); returns the error the
+    re-quantisation adds: ``max_abs`` (max |dequantized − dense| over all weights), ``max_rel_fro``
+    (worst per-layer ‖dequantized − dense‖ / ‖dense‖) and ``worst`` (that layer's path)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    worst, max_abs, max_rel = "", 0.0, 0.0
+    for path in paths:
+        old = model.get_submodule(path)
+        w = old.weight.detach()
+        cd = config.compute_dtype or w.dtype
+        new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=cd,
+                                compress_statistics=config.double_quant, quant_type=config.quant_type,
+                                device="meta")
+        new.weight = bnb.nn.Params4bit(w.contiguous(), requires_grad=False, blocksize=config.blocksize,
+                                       compress_statistics=config.double_quant, quant_type=config.quant_type,
+                                       module=new)._quantize(w.device)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.detach(), requires_grad=False)
+        new.quant_state = new.weight.quant_state
+        back = dequantize_4bit(new.weight.data, new.weight.quant_state).to(w.dtype)
+        err = (back - w).float()
+        a = err.abs().max().item()
+        r = (err.norm() / w.float().norm().clamp_min(1e-30)).item()
+        max_abs = max(max_abs, a)
+        if r >= max_rel:
+            worst, max_rel = path, r
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return {"max_abs": max_abs, "max_rel_fro": max_rel, "worst": worst}

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .capture import GRAPH_LOCK, capture
 from .checkpointing import checkpointed_module
-from .composition.route import ROUTE_INPUT
+from .composition.route import ROUTING_INPUTS
 from .errors import GraphAdaptError
 from .model import AdaptedModel, SharedRefs, fusion_dropout
 from .passes import PassResult, run_pass
@@ -165,9 +165,9 @@ def _capture_variant(model: AdaptedModel, call: dict, key: tuple) -> AdaptedMode
         raise SignatureError(f"the source model is not available to capture the call {what}")
     order = {n: i for i, n in enumerate(model._call_signature.parameters)}  # the source's parameter order
     # distinct contiguous copies: torch.export guards on how example inputs alias (slices of one tensor)
-    # adapter_ids is the Route's own input (added by the plan), not the source's
+    # adapter_ids / task_ids is the Route's / MultiTask's own input (added by the plan), not the source's
     call = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-            for k, v in sorted(call.items(), key=lambda kv: order.get(kv[0], len(order))) if k != ROUTE_INPUT}
+            for k, v in sorted(call.items(), key=lambda kv: order.get(kv[0], len(order))) if k not in ROUTING_INPUTS}
     try:
         variant = capture(source, example_kwargs=call, cls=AdaptedModel, dynamic=bool(model.dynamic_dims))
     except GraphAdaptError as e:

@@ -11,12 +11,14 @@ from enum import StrEnum
 
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "up", "gate", "down",
                           "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down",
-                          "q_a", "q_b", "kv_a", "kv_b")
+                          "q_a", "q_b", "kv_a", "kv_b", "mixer_in", "mixer_inner", "mixer_out")
 """Linear-site roles found from dataflow: attention q/k/v/o, feed-forward up/gate/down (in a
 mixture-of-experts block: the shared expert's), and the mixture-of-experts roles: the top-k
 ``router``, the shared expert's scalar ``shared_expert_gate``, and the fused expert weights
 ``expert_up``/``expert_gate``/``expert_down`` (one low-rank update per expert); multi-head latent attention's
-low-rank projections ``q_a``/``q_b`` (query down/up) and ``kv_a``/``kv_b`` (key-value latent down/up)."""
+low-rank projections ``q_a``/``q_b`` (query down/up) and ``kv_a``/``kv_b`` (key-value latent down/up); a token
+mixer's (linear attention, state-space, convolution: ``structure.mixer``) ``mixer_in`` (reading the sub-block input),
+``mixer_inner`` (inside the mixer) and ``mixer_out`` (closing the residual add) projections."""
 
 ALL_LINEAR = "all-linear"
 """Target word meaning every role."""

@@ -31,6 +31,7 @@ SKIPPED = [
     ("docs/migration-adapterhub.md", _HUB),
     ("docs/migration-adapterhub.md",
      "imports the checkpoint the AdapterHub block wrote: run by tests/oracle/test_docs_adapterhub.py"),
+    ("docs/scale.md", "needs torchrun: tests/test_fsdp.py runs this path on 2 gloo ranks"),
 ]
 
 

@@ -194,3 +194,67 @@ def test_corda_init_equals_peft(method):
         assert max_diff(adapted(**x).last_hidden_state, tiny_llama()(**x).last_hidden_state) < 1e-4
     with pytest.raises(ga.GraphAdaptError, match="one example per call"):
         corda_init(adapted, "default", lambda: adapted(**text_inputs(2, 5)))
+
+
+def test_layer_replication_matches_peft_and_merges_each_copy(tmp_path):
+    """PEFT's layer_replication ([[0, 2], [1, 2]]: layers 0 1 1, the copies sharing base weights, each with its own
+    LoRA): import gives PEFT's logits; the caller's model is untouched; merge folds each copy into a weight of its
+    own (exact; PEFT's merge_and_unload adds both copies' deltas to the one shared weight), an in-place merge is
+    refused (it would write the shared storage); save/load and ONNX keep the replication."""
+    from graphadapt.exporters.onnx import export_onnx
+
+    base = tiny_llama(causal_lm=True).eval()
+    x = {"input_ids": torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))}
+    pm = _trained(lambda: tiny_llama(causal_lm=True), dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                           layer_replication=[[0, 2], [1, 2]]), tmp_path, scale=0.3)
+    assert len(pm.base_model.model.model.layers) == 3
+    with torch.no_grad():
+        ref = pm(**x).logits
+        plain = base(**x).logits
+    a = import_peft(base, tmp_path, example_kwargs=x)
+    assert a.spec.layer_replication == ((0, 2), (1, 2))
+    assert len(base.model.layers) == 2 and base.config.num_hidden_layers == 2          # the caller's model
+    sites = {r.target.removeprefix("adapters.default.") for r in a.adapter_records}
+    assert sites == {f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    l1, l2 = (a.get_submodule(f"adapters.default.model.layers.{i}.self_attn.q_proj") for i in (1, 2))
+    assert max_diff(l1.lora_B, l2.lora_B) > 1e-3                                        # one LoRA per copy
+    with torch.no_grad():
+        got = a(**x).logits
+        assert max_diff(got, ref) < 1e-5 and max_diff(got, plain) > 1e-2
+        l2.active = False
+        assert max_diff(a(**x).logits, got) > 1e-4                                     # the copy's LoRA acts
+        l2.active = True
+    with pytest.raises(ga.MergeError, match="shared with model.layers.2.self_attn.q_proj.weight.*in_place=False"):
+        a.merge(in_place=True)
+    w1 = a.get_parameter("model.layers.1.self_attn.q_proj.weight").detach().clone()
+    a.merge()
+    with torch.no_grad():
+        assert max_diff(a(**x).logits, ref) < 1e-5
+    assert max_diff(a.get_parameter("model.layers.1.self_attn.q_proj.weight"),
+                    a.get_parameter("model.layers.2.self_attn.q_proj.weight")) > 1e-4   # each copy its own fold
+    assert torch.equal(base.model.layers[1].self_attn.q_proj.weight, w1)                # shared storage untouched
+    a.unmerge()
+    a.save_adapters(tmp_path / "ours")
+    again = ga.load(tiny_llama(causal_lm=True).eval(), tmp_path / "ours", example_kwargs=x)
+    with torch.no_grad():
+        assert max_diff(again(**x).logits, ref) < 1e-5
+    rep = export_onnx(a, tmp_path / "rep.onnx", example_inputs=x, merge=False, verify=True)
+    assert rep.node_count > 0
+
+
+def test_layer_replication_spec_trains_each_copy_and_checks_ranges():
+    """Spec(layer_replication=...) from scratch: each copy draws its own adapter (seeded by site), the spec
+    round-trips through its dict; bad ranges are SpecErrors naming the field."""
+    base = tiny_llama(causal_lm=True).eval()
+    spec = ga.Spec({"l": ga.LoRA(r=2, targets=("q",))}, layer_replication=[[0, 2], [0, 1]])
+    assert ga.Spec.from_dict(spec.to_dict()) == spec
+    a = ga.apply(base, spec)
+    q = [a.get_submodule(f"adapters.l.model.layers.{i}.self_attn.q_proj") for i in range(3)]
+    assert max_diff(q[0].lora_A, q[2].lora_A) > 1e-3                                   # layer 0 twice, two LoRAs
+    loss = a(input_ids=torch.randint(0, 50, (2, 5))).logits.pow(2).mean()
+    loss.backward()
+    assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().max() > 0 for m in q)   # B = 0: A gets none yet
+    assert not any(p.requires_grad for n, p in a.named_parameters() if not n.startswith("adapters."))
+    for bad, msg in (([[1, 0]],  "0 <= start < end"), ([], "non-empty"), ([[0, 9]], "past the model's 2 layers")):
+        with pytest.raises(ga.SpecError, match=msg):
+            ga.apply(base, ga.Spec({"l": ga.LoRA(r=2, targets=("q",))}, layer_replication=bad))

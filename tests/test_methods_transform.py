@@ -50,6 +50,9 @@ def _cfg(method: str, targets):
         return peft.MissConfig(r=8, init_weights="mini", mini_r=4, target_modules=targets)
     if method == "delora":
         return peft.DeloraConfig(r=4, delora_lambda=3, target_modules=targets)
+    if method == "delora-patterns":
+        return peft.DeloraConfig(r=4, delora_lambda=3, rank_pattern={"v_proj": 2}, lambda_pattern={"q_proj": 7},
+                                 target_modules=targets)
     if method == "road":
         return peft.RoadConfig(variant="road_1", group_size=8, target_modules=targets)
     if method == "road-4":
@@ -64,7 +67,7 @@ CASES = [("oft", "bert"), ("oft", "llama"), ("oft-exact-coft-share", "llama"),
          ("boft", "bert"), ("boft", "llama"), ("boft-butterfly", "bert"),
          ("hra", "bert"), ("hra", "llama"), ("hra-gs", "llama"),
          ("miss", "bert"), ("miss", "llama"), ("miss-bat", "bert"), ("miss-mini", "llama"),
-         ("delora", "bert"), ("delora", "llama"),
+         ("delora", "bert"), ("delora", "llama"), ("delora-patterns", "llama"),
          ("road", "bert"), ("road", "llama"), ("road-4", "bert"), ("road-2", "llama")]
 
 

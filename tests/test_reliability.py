@@ -403,7 +403,7 @@ def test_adapter_name_shadowing_a_module_attribute_is_a_spec_error(name):
         ga.Spec({name: ga.LoRA(r=2)})
 
 
-@pytest.mark.parametrize("option", [{"init_lora_weights": "corda"}, {"bias": "all"}, {"layer_replication": [[0, 1]]},
+@pytest.mark.parametrize("option", [{"init_lora_weights": "corda"}, {"bias": "all"},
                                     {"trainable_token_indices": [1, 2]}])
 def test_unsupported_peft_options_are_named(tmp_path, option):
     import json

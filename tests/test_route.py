@@ -256,6 +256,8 @@ def test_llama_greedy_generate_with_mixed_ids(llama):
     refs[-1] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
     got = adapted.generate(ids, mask, max_new_tokens=6, eos_token_id=[], adapter_ids=route)
+    assert torch.equal(got, adapted.generate(ids, mask, max_new_tokens=6, eos_token_id=[], adapter_ids=route,
+                                             cache_implementation="static"))  # the static step routes rows too
     for row, i in enumerate(route.tolist()):
         assert torch.equal(got[row], refs[i][row]), (row, i)
     assert len({tuple(refs[i][0].tolist()) for i in refs}) > 2  # the adapters change the tokens

@@ -49,9 +49,16 @@ class AdapterHubHead:
         return all(k in have for k in self.tensors)
 
     def attach(self, model: nn.Module, name: str) -> tuple[nn.Module, tuple[str, ...]]:
+        """The model to capture (a flexible head wraps ``model`` as a :class:`ModelWithHead`, or joins the heads of
+        one: several adapters' heads import into one model, as AdapterHub's flexible-head models hold them) and the
+        ``modules_to_save`` that train the head."""
         if self.flexible:
             self.name = name
-            wrapped = ModelWithHead(model, name, self.config, seed=None)
+            if isinstance(model, ModelWithHead):  # a second adapter's head joins the heads already there
+                model.add_head(name, self.config, seed=None)
+                wrapped = model
+            else:
+                wrapped = ModelWithHead(model, name, self.config, seed=None)
             self.modules = (f"heads.{name}",)
             self.tied = {k for k in dict(wrapped.named_parameters(remove_duplicate=False))
                          if k.startswith(f"heads.{name}.") and _tied(wrapped, k)}

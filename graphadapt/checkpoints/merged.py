@@ -29,7 +29,7 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, MergeError
-from ..quantized import refuse_quantized
+from ..quantized import dense_base, has_quantized_weights
 from ..passes import merge as merge_pass   # attributes read at call time (tests instrument fold_chain)
 
 WEIGHTS_NAME = "model.safetensors"
@@ -68,8 +68,10 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
     ``overwrite``: replace files graphadapt did not write (a Hugging Face model folder's weights);
     without it such a folder is refused (:mod:`graphadapt.writes`).
     """
-    refuse_quantized(adapted, "save_merged", "Folding adapters into a dense (fp16/fp32) copy of a quantized base "
-                     "is not built yet; save the adapters (save_adapters) and keep the base as it is.", MergeError)
+    if has_quantized_weights(adapted):  # a packed 4-bit base: fold into its dequantized (dense) weights
+        with dense_base(adapted):
+            return save_merged(adapted, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe,
+                               overwrite=overwrite)
     src = adapted.__dict__.get("_source_model")
     config = getattr(src, "config", None)
     if src is None or config is None or not hasattr(config, "save_pretrained"):

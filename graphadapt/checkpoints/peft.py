@@ -42,6 +42,14 @@ def _read(directory: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, 
     return cfg, weights
 
 
+def read_peft_config(directory: str | os.PathLike) -> dict:
+    """The checkpoint's ``adapter_config.json`` (CheckpointError when the directory has none)."""
+    cfg_path = Path(directory) / "adapter_config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{directory} is not a PEFT checkpoint (no adapter_config.json)")
+    return read_json(cfg_path)
+
+
 def _resolve(ckpt_path: str, module_names: set[str]) -> str | None:
     """The module of ``model`` a checkpoint path names, allowing a wrapper prefix on either side."""
     if ckpt_path in module_names:

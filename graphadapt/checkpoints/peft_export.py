@@ -3,6 +3,8 @@ by ``peft.PeftModel.from_pretrained(base, dir)`` and back by :func:`graphadapt.i
 
 Generic over methods: the adapter's plugin translates its spec and tensors (``Method.peft_export``);
 methods without it (or options PEFT cannot express) raise :class:`CheckpointError`.
+A key the plugin returns under ``base_model.`` is an adapter-wide tensor and is written as is (PEFT's
+``base_model.vera_A``); the others are module paths and get PEFT's ``base_model.model.`` prefix.
 ``modules_to_save`` go along under PEFT's keys (``base_model.model.<path>.<tensor>``).
 """
 
@@ -20,6 +22,9 @@ from ..methods.base import Method
 from ..writes import MARK_KEY, check_overwrite_flag, claim_directory
 from .files import atomic_write, check_save_target
 from .trainable import trainable_module_tensors
+
+
+SHARED_PREFIX = "base_model."
 
 
 def write_peft(adapted, directory: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> Path:
@@ -45,7 +50,9 @@ def write_peft(adapted, directory: str | os.PathLike, name: str | None = None, o
     cfg = {"base_model_name_or_path": None, "revision": None, "task_type": None, "inference_mode": True,
            "auto_mapping": {"base_model_class": cls.rsplit(".", 1)[-1], "parent_library": cls.rsplit(".", 1)[0]},
            "modules_to_save": list(spec.modules_to_save) or None, **fields}
-    out = {f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # keys of adapter-wide tensors (VeRA's projections, a VB-LoRA bank) come as PEFT writes them ("base_model.<x>")
+    out = {(k if k.startswith(SHARED_PREFIX) else f"base_model.model.{k}"): v.detach().contiguous().cpu()
+           for k, v in tensors.items()}
     out.update({f"base_model.model.{k}": v.detach().contiguous().cpu()
                 for k, v in trainable_module_tensors(adapted).items()})
     claim_directory(directory, "peft", ["adapter_model.safetensors", "adapter_config.json"],

@@ -47,16 +47,23 @@ from ..passes.modules import RoutedForm, routed_form
 from .site import RouteNode, _Composition
 
 ROUTE_INPUT = "adapter_ids"
+TASK_INPUT = "task_ids"                      # MultiTask's (graphadapt.composition.multitask)
+ROUTING_INPUTS = (ROUTE_INPUT, TASK_INPUT)   # at most one is an input of a model
+
+
+def routing_input(input_names) -> str | None:
+    """Which per-row routing input (``adapter_ids`` for Route, ``task_ids`` for MultiTask) ``input_names`` holds."""
+    return next((n for n in ROUTING_INPUTS if n in (input_names or ())), None)
 
 
 # --------------------------------------------------------------------------- graph input
-def route_input(gm: fx.GraphModule) -> fx.Node:
-    """The ``adapter_ids`` placeholder of ``gm`` (added after the last input if absent, with the pytree
-    call signature — ``forward(**kwargs)`` — extended by that key)."""
+def route_input(gm: fx.GraphModule, name: str = ROUTE_INPUT) -> fx.Node:
+    """The ``adapter_ids`` (or ``name``: MultiTask's ``task_ids``) placeholder of ``gm`` (added after the last input
+    if absent, with the pytree call signature — ``forward(**kwargs)`` — extended by that key)."""
     g = gm.graph
     phs = [n for n in g.nodes if n.op == "placeholder"]
     for n in phs:
-        if n.target == ROUTE_INPUT:
+        if n.target == name:
             return n
     # after the last tensor input, before captured constants (use_cache=False): exporters order a call's
     # inputs as input_names, then constants, and torch.export binds them in placeholder order
@@ -74,14 +81,14 @@ def route_input(gm: fx.GraphModule) -> fx.Node:
         new_kwargs = {}
         for k, v in kwargs.items():
             if v == at:
-                new_kwargs[ROUTE_INPUT] = at
+                new_kwargs[name] = at
             new_kwargs[k] = v + 1 if v >= at else v
-        new_kwargs.setdefault(ROUTE_INPUT, at)
+        new_kwargs.setdefault(name, at)
         _, spec = pytree.tree_flatten((args, new_kwargs))
     with g.inserting_after(after):
-        node = g.placeholder(ROUTE_INPUT)
+        node = g.placeholder(name)
     if spec is not None:
-        g._codegen.pytree_info = type(info)(orig[:at] + [ROUTE_INPUT] + orig[at:], spec, info.out_spec)
+        g._codegen.pytree_info = type(info)(orig[:at] + [name] + orig[at:], spec, info.out_spec)
     ref = next((p.meta["val"] for p in tensors if p.meta["val"].dim() > 0), None)
     mode = getattr(ref, "fake_mode", None)
     if mode is not None:
@@ -90,9 +97,9 @@ def route_input(gm: fx.GraphModule) -> fx.Node:
     return node
 
 
-def sync_route_state(gm, routed: bool, slots: int) -> None:
+def sync_route_state(gm, routed: bool, slots: int, name: str = ROUTE_INPUT) -> None:
     """Make ``gm``'s input bookkeeping (``input_names``, dynamic axes, ``_in_spec``) match its graph: ``adapter_ids``
-    listed iff the plan routes (``slots`` adapters). The capture's example inputs stay the source's (re-captures
+    (``name``: MultiTask's ``task_ids``) listed iff the plan routes (``slots`` adapters), the other routing input never. The capture's example inputs stay the source's (re-captures
     and pickles use them); ``AdaptedModel.example_inputs()`` adds example ids."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     if info is not None and info.in_spec is not None and "_in_spec" in gm.__dict__:
@@ -100,14 +107,14 @@ def sync_route_state(gm, routed: bool, slots: int) -> None:
     names = getattr(gm, "input_names", None)
     if names is None:
         return
-    names = [n for n in names if n != ROUTE_INPUT]
-    dims = {k: v for k, v in (gm.__dict__.get("dynamic_dims") or {}).items() if k != ROUTE_INPUT}
+    names = [n for n in names if n not in ROUTING_INPUTS]
+    dims = {k: v for k, v in (gm.__dict__.get("dynamic_dims") or {}).items() if k not in ROUTING_INPUTS}
     if routed:
-        names.append(ROUTE_INPUT)
+        names.append(name)
         axis = next((ax[0] for ax in dims.values() if ax.get(0) == "batch"), None) or \
             next((ax[0] for ax in dims.values() if 0 in ax), None)
         if axis is not None:
-            dims[ROUTE_INPUT] = {0: axis}
+            dims[name] = {0: axis}
     changed = list(getattr(gm, "input_names", [])) != names
     gm.input_names = names
     if changed and gm.__dict__.get("_call_signature") is not None:
@@ -116,16 +123,19 @@ def sync_route_state(gm, routed: bool, slots: int) -> None:
         gm.dynamic_dims = dims
 
 
-def example_ids(batch: int, slots: int, device=None) -> Tensor:
-    """Example ``adapter_ids``: ``-1, 0, 1, …`` cycling, so the base model and the adapters appear among the rows."""
+def example_ids(batch: int, slots: int, device=None, base: bool = True) -> Tensor:
+    """Example ``adapter_ids``: ``-1, 0, 1, …`` cycling, so the base model and the adapters appear among the rows
+    (``base=False``, MultiTask's ``task_ids``: ``0, 1, …``)."""
+    if not base:
+        return torch.arange(batch, dtype=torch.int64, device=device) % max(slots, 1)
     return torch.arange(batch, dtype=torch.int64, device=device) % (slots + 1) - 1
 
 
-def with_route_parameter(sig: inspect.Signature) -> inspect.Signature:
-    """``sig`` with a keyword-only ``adapter_ids`` (before ``**kwargs``)."""
+def with_route_parameter(sig: inspect.Signature, name: str = ROUTE_INPUT) -> inspect.Signature:
+    """``sig`` with a keyword-only ``adapter_ids`` (or ``name``) (before ``**kwargs``)."""
     params = list(sig.parameters.values())
     at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
-    new = inspect.Parameter(ROUTE_INPUT, inspect.Parameter.KEYWORD_ONLY, default=None)
+    new = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
     return sig.replace(parameters=params[:at] + [new] + params[at:])
 
 
@@ -141,25 +151,33 @@ def coerce_adapter_ids(ids):
     return ids
 
 
-def check_adapter_ids(ids, slots: int, batch: int | None, names) -> None:
-    """Eager check of a routed call's ``adapter_ids`` (InputError saying what is wrong and how to fix it)."""
-    hint = f"one id per batch row: i selects the Route's i-th adapter {list(names)}, -1 the base model"
+def check_adapter_ids(ids, slots: int, batch: int | None, names, *, input: str = ROUTE_INPUT,
+                      base: bool = True) -> None:
+    """Eager check of a routed call's ``adapter_ids`` (``input``/``base=False``: MultiTask's ``task_ids``, no -1)
+    (InputError saying what is wrong and how to fix it)."""
+    if base:
+        hint = f"one id per batch row: i selects the Route's i-th adapter {list(names)}, -1 the base model"
+        what = "this model routes rows by adapter (Route)"
+    else:
+        hint = (f"one task id per batch row: i selects the MultiTask's i-th adapter {list(names)} (or pass the "
+                "task names as a list)")
+        what = "this model routes rows by task (MultiTask)"
     if ids is None:
-        raise InputError(f"this model routes rows by adapter (Route): pass adapter_ids=torch.tensor([...]) ({hint})")
+        raise InputError(f"{what}: pass {input}=torch.tensor([...]) ({hint})")
     if not isinstance(ids, Tensor):
-        raise InputError(f"adapter_ids must be an int64 tensor ({hint}), got {type(ids).__name__}")
+        raise InputError(f"{input} must be an int64 tensor ({hint}), got {type(ids).__name__}")
     if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
-        raise InputError(f"adapter_ids must hold integers (int64), got {ids.dtype}; {hint}")
+        raise InputError(f"{input} must hold integers (int64), got {ids.dtype}; {hint}")
     if ids.dim() != 1:
-        raise InputError(f"adapter_ids must be 1-D [batch], got shape {tuple(ids.shape)}; {hint}")
+        raise InputError(f"{input} must be 1-D [batch], got shape {tuple(ids.shape)}; {hint}")
     if batch is not None and ids.shape[0] != batch:
-        raise InputError(f"adapter_ids has {ids.shape[0]} entries but the batch has {batch} rows; {hint}")
+        raise InputError(f"{input} has {ids.shape[0]} entries but the batch has {batch} rows; {hint}")
     if _is_fake(ids) or ids.numel() == 0:
         return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < -1 or hi >= slots:
-        bad = lo if lo < -1 else hi
-        raise InputError(f"adapter_ids holds {bad}, outside [-1, {slots - 1}]; {hint}")
+    lo, hi, low = int(ids.min()), int(ids.max()), (-1 if base else 0)
+    if lo < low or hi >= slots:
+        bad = lo if lo < low else hi
+        raise InputError(f"{input} holds {bad}, outside [{low}, {slots - 1}]; {hint}")
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -325,6 +343,6 @@ class ResidualRoute(_Composition):
         return f"{super().extra_repr()}, gathered where the adapters share a RoutedBranch key, else selection"
 
 
-__all__ = ["LinearRoute", "ROUTE_INPUT", "ResidualRoute", "check_adapter_ids", "coerce_adapter_ids", "example_ids", "route_input",
+__all__ = ["LinearRoute", "ROUTE_INPUT", "ROUTING_INPUTS", "ResidualRoute", "TASK_INPUT", "routing_input", "check_adapter_ids", "coerce_adapter_ids", "example_ids", "route_input",
            "sync_route_state",
            "with_route_parameter"]

@@ -32,7 +32,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Protocol, Union, runtime
 import torch
 from torch import Tensor, nn
 
-from ..spec.composition import Average, BatchSplit, Fuse, Parallel, Route, Split, Stack
+from ..spec.composition import Average, BatchSplit, Fuse, MultiTask, Parallel, Route, Split, Stack
 
 
 # --------------------------------------------------------------------------- the typed tree
@@ -137,9 +137,21 @@ class RouteNode(_Inner):
     :mod:`graphadapt.composition.route`."""
 
     label = "Route"
+    ids_input = "adapter_ids"   # the graph input holding each row's child index
+    base_id = True              # whether -1 (no adapter) is a valid id
 
 
-Tree = Union[Leaf, StackNode, FuseNode, AverageNode, SplitNode, RouteNode]
+@dataclass(frozen=True)
+class MultiTaskNode(RouteNode):
+    """AdapterHub's ``MultiTask``: row ``j`` runs child ``task_ids[j]`` (every id in ``[0, N)``, no base id).
+    Evaluated by Route's per-row machinery (:mod:`graphadapt.composition.multitask`)."""
+
+    label = "MultiTask"
+    ids_input = "task_ids"
+    base_id = False
+
+
+Tree = Union[Leaf, StackNode, FuseNode, AverageNode, SplitNode, RouteNode, MultiTaskNode]
 
 
 def prune(node: Any, present: Iterable[str]) -> Optional[Tree]:
@@ -149,8 +161,9 @@ def prune(node: Any, present: Iterable[str]) -> Optional[Tree]:
     if isinstance(node, str):
         return Leaf(node) if node in present else None
     kids = [prune(c, present) for c in node.children]
-    if isinstance(node, Route):  # positions are the ids: keep every slot, even with one live child
-        return None if all(k is None for k in kids) else RouteNode(tuple(kids))
+    if isinstance(node, (Route, MultiTask)):  # positions are the ids: keep every slot, even with one live child
+        node_type = RouteNode if isinstance(node, Route) else MultiTaskNode
+        return None if all(k is None for k in kids) else node_type(tuple(kids))
     if isinstance(node, (BatchSplit, Parallel, Split)):
         if all(k is None for k in kids):
             return None
@@ -446,5 +459,5 @@ class AttentionComposition(_Composition):
 
 
 __all__ = ["AttentionComposition", "AverageNode", "FuseNode", "Leaf", "LinearComposition", "ResidualComposition", "ResidualSiteModule",
-           "ResidualState", "RoutedBranch", "RouteNode", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
+           "MultiTaskNode", "ResidualState", "RoutedBranch", "RouteNode", "SplitNode", "StackNode", "Tree", "describe", "first_name", "fusions", "last_name",
            "attention_refusal", "prune", "tree_names"]

@@ -4,11 +4,13 @@
     verify_onnx("model.onnx", model)                           # VerifyResult or VerificationError
     export_triton(model, "repo", "bert", max_batch_size=8)     # repo/bert/{config.pbtxt,1/model.onnx}
     export_decoder_onnx(lm, "decoder.onnx")                    # causal LM with past key/values in and out
+    export_onnx(model, "dir", layout="optimum", tokenizer=tok) # Optimum's ORTModelFor<Task> directory
 """
 
 from __future__ import annotations
 
-from graphadapt.exporters.onnx import ExportReport, export_onnx
+from graphadapt.exporters.onnx import ExportReport
+from graphadapt.exporters.optimum_layout import export_onnx, export_optimum
 from graphadapt.exporters.decoder import export_decoder_onnx, verify_decoder_onnx
 from graphadapt.exporters.swappable import export_onnx_adapter, read_swappable, verify_swappable
 from graphadapt.exporters.triton import export_triton, parse_config, triton_config
@@ -20,6 +22,7 @@ __all__ = [
     "VerifyResult",
     "export_decoder_onnx",
     "export_onnx",
+    "export_optimum",
     "export_onnx_adapter",
     "read_swappable",
     "verify_swappable",

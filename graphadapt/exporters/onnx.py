@@ -34,7 +34,7 @@ from graphadapt.exporters import swappable as swappable_export
 from graphadapt.exporters._memory import PeakRSS, release_memory
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
 from graphadapt.exporters.verify import DEFAULT_TOLERANCES, verify_onnx
-from graphadapt.quantized import refuse_quantized
+from graphadapt.quantized import dense_base, has_quantized_weights
 
 # Opsets below this need a lossy down-conversion of the dynamo exporter's graph (LayerNormalization is 17).
 MIN_OPSET = 17
@@ -85,6 +85,8 @@ class ExportReport:
     optimize: str | None = None  # export_onnx(optimize=...)
     # onnxruntime fused ops in the written graph ({"MultiHeadAttention": 12, "SkipLayerNormalization": 24, ...})
     fused_ops: dict[str, int] = field(default_factory=dict)
+    # export_onnx(quantize="int4"|"int8"): MatMulNBits facts and the drift against the packed PyTorch base
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peak_rss_delta(self) -> int | None:
@@ -149,6 +151,7 @@ def export_onnx(
     overwrite: bool = False,
     swappable: bool = False,
     max_rank: int | None = None,
+    quantize: str | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -190,6 +193,12 @@ def export_onnx(
             (:mod:`graphadapt.exporters.swappable`, docs/deployment.md). fp32 only; implies ``merge=False``.
         max_rank: with ``swappable``, the slots' rank (LoRA rank, bottleneck width): smaller adapters are
             zero-padded to it, exactly. Default: each exported adapter's own rank.
+        quantize: ``"int4"`` / ``"int8"`` for a model over a quantized (bitsandbytes 4-bit) base: its base
+            linears become onnxruntime ``MatMulNBits`` (block-affine re-quantization of the dequantized base;
+            adapters separate with ``merge=False``), verified against the PyTorch model over the file's int4
+            weights with these tolerances, the drift against the packed base reported in
+            ``report.quantization`` (:mod:`graphadapt.exporters.quantized`, docs/big-models.md). Without it,
+            such a model exports over its dequantized fp32 base.
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -213,8 +222,18 @@ def export_onnx(
         raise ExportError("swappable=True exports fp32 without optimize= for now; drop dtype/optimize")
     if max_rank is not None and not swappable:
         raise ExportError("max_rank is the rank of swappable slots; pass swappable=True with it")
-    refuse_quantized(model, "ONNX export", "Int4 (MatMulNBits) export of packed weights is not built yet; export a "
-                     "model loaded unquantized instead.", ExportError)
+    if quantize is not None:  # base linears as MatMulNBits (graphadapt.exporters.quantized)
+        from graphadapt.exporters.quantized import export_onnx_quantized
+
+        return export_onnx_quantized(model, path, quantize, export=export_onnx, merge=merge, verify=verify, example_inputs=example_inputs,
+                                     atol=atol, rtol=rtol, dynamic=dynamic, dtype=dtype, opset=opset,
+                                     external_data=external_data, io_names=io_names, overwrite=overwrite,
+                                     swappable=swappable, optimize=optimize)
+    if has_quantized_weights(model):  # a packed 4-bit base exports over its dequantized (dense) weights
+        with dense_base(model):
+            return export_onnx(model, path, example_inputs, dynamic, dtype, merge, opset, verify, providers, atol,
+                               rtol, external_data, io_names, verify_fn, rms_tol, verify_part_bytes, optimize,
+                               overwrite, swappable, max_rank)
     check_writable(path.parent, ExportError, "output directory")
     from graphadapt.writes import claim_export
 

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from graphadapt.capture import serialised
-from graphadapt.composition.route import ROUTE_INPUT
+from graphadapt.composition.route import ROUTE_INPUT, TASK_INPUT
 from graphadapt.errors import ExportError, VerificationError
 from graphadapt.exporters import _model
 from graphadapt.exporters.dtype import DTYPE_NAMES, cast_inputs, converted_copy, parse_dtype
@@ -280,6 +280,9 @@ def _make_input(name, shape, dtype, example, config, g) -> torch.Tensor:
     if name == ROUTE_INPUT and len(shape) == 1:  # Route: every id in the example's range, -1 (base model) included
         top = int(example.max()) + 1 if isinstance(example, torch.Tensor) and example.numel() else 1
         return (torch.arange(shape[0], dtype=torch.int64) % (top + 1) - 1).to(dtype)
+    if name == TASK_INPUT and len(shape) == 1:  # MultiTask: every task id in the example's range (no base id)
+        top = int(example.max()) + 1 if isinstance(example, torch.Tensor) and example.numel() else 1
+        return (torch.arange(shape[0], dtype=torch.int64) % top).to(dtype)
     if "position_ids" in lname and len(shape) >= 1:
         return torch.arange(shape[-1], dtype=dtype).expand(shape).contiguous()
     high = getattr(config, "vocab_size", None) if "ids" in lname else None

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from graphadapt.errors import CheckpointError, SpecError
 from graphadapt.methods.sliced import SlicedSiteModule
+from graphadapt.passes import submodule_or_none
+from graphadapt.vocab import adapter_target
 
 
 class DeltaSiteModule(SlicedSiteModule):
@@ -89,6 +91,22 @@ def refuse_expert_site(method: str, adapter: str, site) -> None:
     if getattr(site, "num_experts", None):
         raise SpecError(f"adapter {adapter!r}: {method} is not available on the expert weights of {site.name}; "
                         "target attention/dense roles or module paths instead", field="targets")
+
+
+def prepare_shared(gm, adapter: str, shared: str, sites, method: str, make) -> nn.Module:
+    """The adapter-wide module at ``adapters.<adapter>.<shared>`` (``Method.prepare`` of a method with shared tensors).
+
+    Re-planning (``set_active``) keeps the module already there, trained tensors included. Otherwise expert sites
+    are refused, ``make(ref_weight)`` builds and initialises the module (``ref_weight``: the first site's base weight,
+    for dtype/device) and it is registered once."""
+    kept = submodule_or_none(gm, adapter_target(adapter, shared))
+    if kept is not None:
+        return kept
+    for s in sites:
+        refuse_expert_site(method, adapter, s)
+    module = make(gm.get_parameter(sites[0].weight))
+    gm.add_submodule(adapter_target(adapter, shared), module)
+    return module
 
 
 class SharedRef:
@@ -163,5 +181,6 @@ def config_number(cfg: Mapping[str, Any], key: str, kind=float, default: Any = N
         raise CheckpointError(f"adapter_config.json: {key} must be a number, got {value!r}") from e
 
 
-__all__ = ["DeltaSiteModule", "SharedRef", "config_number", "peft_key_pattern", "per_module_peft_export", "refuse_expert_site",
+__all__ = ["DeltaSiteModule", "SharedRef", "config_number", "peft_key_pattern", "per_module_peft_export",
+           "prepare_shared", "refuse_expert_site",
            "refuse_peft_options", "resolve_module_path"]

@@ -36,8 +36,9 @@ def _weight_args(gm: fx.GraphModule, site: LinearSite) -> tuple[fx.Node, fx.Node
     return w, b
 
 
-def insert_call(gm: fx.GraphModule, target: str, site: LinearSite) -> fx.Node:
-    """Rewire ``site.output`` through the module registered at ``target``."""
+def insert_call(gm: fx.GraphModule, target: str, site: LinearSite, ctx: InsertContext | None = None) -> fx.Node:
+    """Rewire ``site.output`` through the module registered at ``target`` (``ctx``: the site's input as a
+    residual-point pass may have replaced it since the plan — a composition pass runs after those passes)."""
     kind = kind_of(site)
     w, b = _weight_args(gm, site)
     y = site.output
@@ -52,7 +53,8 @@ def insert_call(gm: fx.GraphModule, target: str, site: LinearSite) -> fx.Node:
     with gm.graph.inserting_after(y):
         # expert sites (mixture of experts) also pass which expert each row uses: (x, y, W, b, routing)
         extra = (site.routing,) if getattr(site, "routing", None) is not None else ()
-        node = gm.graph.call_module(target, args=(site.input, y, w, b) + extra)
+        x = site.input if ctx is None else ctx.live(site.input)
+        node = gm.graph.call_module(target, args=(x, y, w, b) + extra)
     y.replace_all_uses_with(node, delete_user_cb=lambda u: u is not node)
     annotate(node, site.name, kind)
     if "val" in y.meta:

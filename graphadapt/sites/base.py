@@ -67,8 +67,8 @@ class SiteKindPlugin:
         from ..composition.site import RouteNode
 
         if isinstance(tree, RouteNode):  # applied as it is, it would run on every row, whatever its id
-            raise SpecError(f"Route routes adapters at linear sites and residual points only; {list(names)} "
-                            f"sit at the {self.kind} site {key} — leave them out of the Route", field="active")
+            raise SpecError(f"{tree.label} routes adapters at linear sites and residual points only; {list(names)} "
+                            f"sit at the {self.kind} site {key} — leave them out of the {tree.label}", field="active")
         if len(names) > 1:
             raise SpecError(f"adapters {list(names)} share the {self.kind} site {key}; composition blocks are "
                             f"defined at linear sites and residual points only, not at {self.kind} sites",

@@ -35,7 +35,7 @@ def insert_compositions(gm, ctx: InsertContext, combos, sites: dict, seed: int, 
 
         layer, role, fl = get_site_kind(c.kind).compose(gm, ctx, target, site, c.tree, mods, make)
         if isinstance(c.tree, RouteNode):  # Route: the composition module also reads the row → adapter ids
-            ids = route_input(gm)
+            ids = route_input(gm, c.tree.ids_input)  # MultiTask: task_ids
             for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]:
                 node.args = (*node.args, ids)
         text = c.tree.describe()

@@ -210,6 +210,17 @@ class EmbeddingKind(SiteKindPlugin):
     def key(self, site) -> str:
         return site_key(site)
 
+    def refuse_composition(self, site, key, names, tree, describe):
+        from ..composition.site import RouteNode
+
+        if len(names) > 1 and not isinstance(tree, RouteNode):
+            raise SpecError(f"adapters {list(names)} all add tokens at the input embeddings inside {tree.describe()}; "
+                            "AdapterHub 1.3 composes no prompt-tuning adapters (its PromptTuningLayer runs only the "
+                            "block's first adapter, adapter_setup.first(), and ignores the others there); graphadapt "
+                            "refuses rather than drop some silently: activate at most one of them (AdapterHub's result is "
+                            "the block's first adapter if it is one of them, else none)", field="active")
+        return super().refuse_composition(site, key, names, tree, describe)
+
     def insert(self, gm, ctx, adapter, method, spec, sites, seed):
         extra = method.prepare(gm, adapter, spec, sites, seed)
         return insert_embedding_adapter(gm, ctx, adapter, method.name, sites[0], spec.insert_at,

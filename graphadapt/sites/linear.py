@@ -61,7 +61,7 @@ class LinearKind(SiteKindPlugin):
         w = gm.get_parameter(site.weight)
         fl = {name: fusion_layer(name, cfg, site.total_out, w) for name, cfg in fusions(tree)}
         gm.add_submodule(target, (LinearRoute if isinstance(tree, RouteNode) else LinearComposition)(tree, modules, fl))
-        linear_pass.insert_call(gm, target, site)
+        linear_pass.insert_call(gm, target, site, ctx)
         return site.layer, site.role, fl
 
 

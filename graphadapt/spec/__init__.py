@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ._frozen import FrozenMapping
 from .base import MethodSpec, register_method, registered_methods, registered_presets
-from .composition import Average, BatchSplit, Block, Fuse, Parallel, Route, Split, Stack
+from .composition import Average, BatchSplit, Block, Fuse, MultiTask, Parallel, Route, Split, Stack
 from .spec import FORMAT_VERSION, Spec, as_spec
 from .targets import ALL_LINEAR, ROLES, TARGET_HELP, LinearTargets, expand_roles, selector_matches, target_kind
 
@@ -26,6 +26,7 @@ __all__ = [
     "Fuse",
     "Parallel",
     "Route",
+    "MultiTask",
     "Stack",
     "FORMAT_VERSION",
     "FrozenMapping",

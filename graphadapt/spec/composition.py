@@ -7,6 +7,7 @@
     Split("a", "b", splits=[4, 6])             sequence positions 0-3 go through a, 4-9 through b
     Average("a", "b", weights=[.7, .3])        weighted average of the children's outputs
     Route("a", "b")                    each row picks one adapter by the ``adapter_ids`` input (-1: none)
+    MultiTask("a", "b")                each row goes through its task's adapter by the ``task_ids`` input
 
 Blocks nest (``Stack("unipelt", Fuse("a", "b"))``); :data:`ALLOWED_NESTINGS` says which
 nestings have a defined meaning. A block is checked against the adapters of a :class:`Spec`
@@ -297,7 +298,28 @@ class Route(Block):
                             "the Route)", field="active")
 
 
-BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average, Split, Route)}
+@dataclass(frozen=True, init=False, repr=False)
+class MultiTask(Block):
+    """AdapterHub's ``MultiTask``: the adapted model takes one more input, ``task_ids`` (int64 ``[batch]``, or a
+    list of the children's names); row ``j`` goes through ``children[task_ids[j]]`` only. Unlike ``Route`` there
+    is no base-model id (AdapterHub has none): every id is in ``[0, N)``.
+
+    Children are adapter names (AdapterHub also nests Stack/Average/Fuse here; graphadapt does not yet).
+    Evaluated by graphadapt.composition.multitask (Route's per-row machinery, its own input and ids).
+    """
+
+    kind: ClassVar[str] = "multi_task"
+
+    def _validate(self) -> None:
+        names = list(self.children)
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SpecError(f"MultiTask names adapter {twice[0]!r} twice; each task is one adapter (its task id is "
+                            "its position in the MultiTask)", field="active")
+
+
+BLOCKS: dict[str, type[Block]] = {b.kind: b for b in (Stack, Fuse, Parallel, BatchSplit, Average, Split, Route,
+                                                      MultiTask)}
 ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {  # AdapterHub 1.3's ALLOWED_NESTINGS
     "stack": ("Stack", "Fuse", "Parallel", "BatchSplit", "Average", "Split"),
     "fuse": ("Stack",),
@@ -306,6 +328,7 @@ ALLOWED_NESTINGS: dict[str, tuple[str, ...]] = {  # AdapterHub 1.3's ALLOWED_NES
     "average": ("Stack", "BatchSplit", "Split"),
     "split": ("Split", "Stack", "BatchSplit", "Average"),
     "route": (),
+    "multi_task": (),  # AdapterHub: Stack, Average, Fuse (not yet in graphadapt)
 }
 
 
@@ -327,4 +350,4 @@ def block_from_dict(d: Mapping[str, Any]) -> Block:
 
 
 __all__ = ["ALLOWED_NESTINGS", "Average", "BLOCKS", "BatchSplit", "Block", "FUSION_OPTIONS", "FUSION_PRESETS", "Fuse",
-           "Parallel", "Route", "Split", "Stack", "block_from_dict"]
+           "MultiTask", "Parallel", "Route", "Split", "Stack", "block_from_dict"]

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from graphadapt.errors import SpecError
+from graphadapt.replication import check_layer_map
 
 from ._frozen import FrozenMapping
 from .base import MethodSpec, check_seed, spec_field
@@ -98,6 +99,12 @@ class Spec:
         "modules_to_save when the spec is applied. None: only modules_to_save."
     )
 
+    layer_replication: tuple[tuple[int, int], ...] | None = spec_field(
+        None, help="PEFT's layer_replication: [start, end) ranges of the model's layers, stacked in order into a "
+        "deeper model whose copies share base weights (each copy gets its own adapters), e.g. [[0, 4], [2, 6]]. "
+        "Applied to a new model: the caller's is untouched. None: the model's own layers."
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.adapters, Mapping):
             raise SpecError(
@@ -151,6 +158,8 @@ class Spec:
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
         object.__setattr__(self, "modules_to_save", _check_modules_to_save(self.modules_to_save))
         object.__setattr__(self, "task_type", _check_task_type(self.task_type))
+        if self.layer_replication is not None:
+            object.__setattr__(self, "layer_replication", check_layer_map(self.layer_replication))
         # Not a field: excluded from equality, hashing and serialisation on purpose.
         object.__setattr__(self, "_fallback_seed", random.SystemRandom().randrange(2**31) if self.seed is None else self.seed)
 
@@ -204,6 +213,8 @@ class Spec:
             d["modules_to_save"] = list(self.modules_to_save)
         if self.task_type is not None:
             d["task_type"] = self.task_type
+        if self.layer_replication is not None:
+            d["layer_replication"] = [list(r) for r in self.layer_replication]
         return d
 
     @classmethod
@@ -215,7 +226,7 @@ class Spec:
         version = d.pop("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise SpecError(f"unsupported spec format version {version!r}; this graphadapt reads {FORMAT_VERSION}", field="version")
-        allowed = ("adapters", "active", "seed", "modules_to_save", "task_type")
+        allowed = ("adapters", "active", "seed", "modules_to_save", "task_type", "layer_replication")
         for key in d:
             if key not in allowed:
                 raise SpecError(f"unknown spec key {key!r}; keys: version, {', '.join(allowed)}", field=key)
@@ -230,6 +241,7 @@ class Spec:
             seed=d.get("seed", 0),
             modules_to_save=d.get("modules_to_save") or (),
             task_type=d.get("task_type"),
+            layer_replication=d.get("layer_replication"),
         )
 
     def to_json(self, indent: int | None = 2) -> str:

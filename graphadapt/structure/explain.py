@@ -24,10 +24,13 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "up": ("up",), "gate": ("gate",), "down": ("down",),
     "attention": ("attention",), "residual": ("residual",), "norm": ("residual",),
     "ffn": ("ffn", "up", "gate", "down"),
+    "mixer_in": ("mixer_in",), "mixer_inner": ("mixer_inner",), "mixer_out": ("mixer_out",),
+    "mixer": ("mixer_in", "mixer_inner", "mixer_out"),
 }
 WHY_ROLES = tuple(ROLE_GROUPS)
 _ATTN_ROLES = ("attention", "q", "k", "v", "o", "residual")
 _FFN_ROLES = ("ffn", "up", "gate", "down", "residual")
+_MIXER_ROLES = ("attention", "mixer_in", "mixer_inner", "mixer_out", "residual")   # structure.mixer
 
 
 def _value(pattern: str, v) -> str | None:
@@ -50,6 +53,8 @@ def _value(pattern: str, v) -> str | None:
         return "latent attention: " + ", ".join(f"{r} {s.name}" for r, s in v[0].items())
     if pattern == "attention_sinks":                        # structure.patterns: learned sink logits
         return "sink logits " + ", ".join(v[1])
+    if pattern == "token_mixer":                            # structure.mixer: (ins, inner, add, ...)
+        return "token mixer reading " + ", ".join(x.name for x in v[0]) + f", closing {v[2].name}"
     if pattern == "ffn_gate":
         return f"gate {v[0].name}, up {v[1].name}"
     return None
@@ -101,7 +106,8 @@ def explain_findings(sm: StructureMap) -> list[dict[str, Any]]:
         if L is None and c in position:
             missing = [f.role for f in by_core[c] if f.role in ("q", "k", "v") and not f.result]
             dropped = f"no projection found upstream of the core's {'/'.join(missing) or 'q/k/v'} argument"
-        blocks = [(kind, _ATTN_ROLES)]
+        mixer = L is not None and kind == "attention" and L.attention.form == "mixer"
+        blocks = [(kind, _MIXER_ROLES if mixer else _ATTN_ROLES)]
         if kind == "attention" and position.get(c) is not None:
             blocks.append(("ffn", _FFN_ROLES))
         for block, roles in blocks:
@@ -113,6 +119,8 @@ def explain_findings(sm: StructureMap) -> list[dict[str, Any]]:
                          "block": block, "core": c.name, "core_op": op_name(c), "core_module": module_path(c),
                          "role": role, "found": False, "site": None, "placement": None, "dropped": dropped,
                          "evidence": [_evidence(r) for r in ev]}
+                if mixer and block == kind:
+                    entry["mixer"] = True
                 _status(entry, L, block, role, c)
                 if entry["layer"] is None and role != "attention":
                     continue
@@ -126,6 +134,12 @@ def _status(entry: dict, L: Layer | None, block: str, role: str, core) -> None:
     blk = L.attention if block == "attention" else L.cross_attention if block == "cross_attention" else None
     if role == "attention":
         entry["found"], entry["site"] = True, core.name
+    elif blk is not None and role.startswith("mixer_"):
+        sites = [x for x in [blk.o, *blk.mixer] if x is not None and x.role == role]
+        if sites:
+            entry["found"], entry["site"] = True, ", ".join(x.name for x in sites)
+            entry["site_pattern"] = sites[0].pattern
+            entry["site_node"] = sites[0].node.name
     elif blk is not None and role in ("q", "k", "v", "o"):
         s = getattr(blk, role)
         if s is None and role in ("q", "k", "v"):      # MLA (structure.mla): the role's latent up-projection
@@ -191,6 +205,8 @@ def render_why(entries: list[dict], role: str, layer: int | None = None) -> str:
             last_head = head
             where = f", in {e['core_module']}" if e["core_module"] else ""
             blk = {"attention": "attention", "cross_attention": "cross-attention", "ffn": "feed-forward"}[e["block"]]
+            if e.get("mixer"):
+                blk = "token mixer"
             line = f"layer {e['layer']} {blk} (attention core {e['core']}: {e['core_op']}{where})"
             if e["recognised_layer"] is None:
                 line += " — not a recognised layer: " + (e["dropped"] or "dropped")

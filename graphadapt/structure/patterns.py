@@ -813,9 +813,16 @@ def stream_adds(stream_out: fx.Node, ctx) -> list[tuple[fx.Node, fx.Node]]:
             seen.add(u)
             if is_op(u, {aten.add.Tensor}) and all(isinstance(a, fx.Node) for a in u.args[:2]):
                 cands.append((u, n))
-            elif is_op(u, PASSTHROUGH | RESHAPES):
+            elif is_op(u, PASSTHROUGH | RESHAPES) or scalar_scale(u):
                 frontier.append(u)
     return sorted(cands, key=lambda c: ctx.order[c[0]])
+
+
+def scalar_scale(n) -> bool:
+    """``n`` multiplies a tensor by a Python number (a fixed residual scale, e.g. ``residual * alpha``)."""
+    return (is_op(n, {aten.mul.Tensor, aten.mul.Scalar}) and len(n.args) == 2
+            and sum(isinstance(a, fx.Node) for a in n.args) == 1 and all(isinstance(a, (fx.Node, int, float))
+                                                                        for a in n.args))
 
 
 def _ffn(p: Pattern, stream_out: fx.Node, ctx, used: set[int]) -> Match | MatchFailure:

@@ -22,6 +22,7 @@ import torch.fx as fx
 from .heads import output_heads
 from .linear import find_linear_sites
 from .mla import MLA, whole_latent
+from .mixer import TOKEN_MIXER, whole_sites
 from .moe import MOE, find_expert_sites, moe_entry
 from .ops import ACTIVATIONS as _ACTIVATIONS
 from .ops import node_args as _nodes, strip, strip_shape as _strip_shape
@@ -183,6 +184,7 @@ class _Recognizer:
                     used.add(id(s))
             blocks.append(blk)
 
+        blocks += self._mixers(used)
         blocks.sort(key=lambda b: self.order[b.core])
         layers: list[Layer] = []
         for blk in blocks:
@@ -239,6 +241,34 @@ class _Recognizer:
         return StructureMap(layers=layers, linear_sites=self.sites, unmatched=self.unmatched, stacks=stacks,
                             findings=self.findings, pattern_stats=self.matcher.stats,
                             output_heads=[m.value.name for m in heads.values()])
+
+    def _mixers(self, used: set[int]) -> list[AttentionBlock]:
+        """Token mixers without softmax (:mod:`.mixer`): each unused projection closing a residual add over a
+        body that mixes positions becomes a block of form ``"mixer"`` that starts a layer."""
+        out = []
+        experts = {id(s) for s in self.expert_sites}
+        for s in sorted(self.sites, key=lambda x: -self.order[x.node]):   # last first: inner mixers claim late
+            if id(s) in used or id(s) in experts or s.fused:
+                continue
+            found = self.matcher.run(TOKEN_MIXER, s, self, used)
+            if not found:
+                continue
+            ins, inner, add, branch, stream, entry = found.value
+            ins, inner = whole_sites(ins, self.sites), whole_sites(inner, self.sites)
+            core = s.input
+            blk = AttentionBlock(core=core, form="mixer", self_attention=True, o=s, mixer=ins + inner)
+            for role in ("attention", "mixer_in", "mixer_inner", "mixer_out"):
+                self._note(core, "attention", role, found)
+            blk.residual = ResidualSite(add=add, branch=branch, stream=stream)
+            self._place_norm(blk.residual, entry, core, "attention")
+            s.role = "mixer_out"
+            for role, group in (("mixer_in", ins), ("mixer_inner", inner)):
+                for x in group:
+                    x.role = role
+            for x in [s, *ins, *inner]:
+                used.add(id(x))
+            out.append(blk)
+        return out
 
     def _fused_rows(self, core: fx.Node, traced: dict, distinct):
         """q/k/v sharing one site: per-role channel index sets (pattern ``qkv_rows``), one new site per

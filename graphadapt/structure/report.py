@@ -42,8 +42,10 @@ def structure_report(sm: StructureMap) -> StructureReport:
         rows = []
 
         def add_attn(blk: AttentionBlock, tag: str):
-            for role, s in [(r, getattr(blk, r)) for r in ("q", "k", "v", "o")] + list(blk.latent.items()):
+            mixer = [(s.role, s) for s in blk.mixer]
+            for role, s in [(r, getattr(blk, r)) for r in ("q", "k", "v", "o")] + list(blk.latent.items()) + mixer:
                 if s is not None:
+                    role = s.role if blk.form == "mixer" else role
                     rows.append({"block": tag, "role": role, "module": s.name, "shape": _shape(s),
                                  "layout": s.layout, "fused": s.fused, "pattern": s.pattern})
             r = blk.residual

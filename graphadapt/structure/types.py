@@ -103,7 +103,7 @@ class ResidualSite:
 @dataclass
 class AttentionBlock:
     core: fx.Node                          # SDPA node, or the second matmul of the eager form
-    form: Literal["sdpa", "eager"]
+    form: Literal["sdpa", "eager", "mixer"]   # "mixer": a token mixer without softmax (structure.mixer)
     self_attention: bool
     q: LinearSite | None = None
     k: LinearSite | None = None
@@ -115,10 +115,12 @@ class AttentionBlock:
     num_heads: int | None = None
     num_kv_heads: int | None = None
     latent: dict[str, LinearSite] = field(default_factory=dict)   # MLA (structure.mla): q_a, q_b, kv_a, kv_b
+    # a token mixer (form "mixer", structure.mixer): its mixer_in / mixer_inner projections (``o`` is mixer_out)
+    mixer: list[LinearSite] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
-        return "self" if self.self_attention else "cross"
+        return "mixer" if self.form == "mixer" else "self" if self.self_attention else "cross"
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Layer:
         for blk in (self.attention, self.cross_attention):
             if blk is not None:
                 out += [s for s in (blk.q, blk.k, blk.v, blk.o) if s is not None] + list(blk.latent.values())
+                out += blk.mixer
         if self.ffn is not None:
             out += [s for s in (self.ffn.up, self.ffn.gate, self.ffn.down) if s is not None]
             out += [s for s in (self.ffn.router, self.ffn.shared_expert_gate) if s is not None]

@@ -125,3 +125,94 @@ def test_static_head_fills_the_models_own_classifier(tmp_path):
     with pytest.warns(UserWarning, match="without it"):  # by default the adapter comes alone, said aloud
         bare = import_adapterhub(tiny_bert(seed=0), tmp_path)
     assert bare.spec.modules_to_save == () and not any("classifier" in k for k in bare.state_dict())
+
+
+# --------------------------------------------------------------------------- several heads at once, average_head
+def _two_heads(tmp_path, kind="bert"):
+    """AdapterHub: adapters ``a``, ``b`` with classification heads ``a``, ``b`` (non-zero, distinct), each saved with
+    ``with_head=True``; graphadapt: both adapters and both heads read into one model."""
+    from graphadapt import Spec, apply
+    from graphadapt.checkpoints.adapterhub import read_adapterhub_adapter
+    from graphadapt.checkpoints.adapterhub_heads import read_adapterhub_head
+
+    build, cls = BUILD[kind]
+    base = build(seed=0)
+    ah = cls(base.config)
+    getattr(ah, ah.base_model_prefix).load_state_dict(base.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(5)
+    for i, n in enumerate("ab"):
+        ah.add_adapter(n, config="seq_bn")
+        ah.add_classification_head(n, num_labels=3)
+        assert randomize_adapterhub(ah, n, seed=1 + i) > 0
+    with torch.no_grad():
+        for p in ah.heads.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    ah.eval()
+    specs, fills, heads, model = {}, [], [], build(seed=0)
+    for n in "ab":
+        ah.save_adapter(str(tmp_path / n), n, with_head=True)
+        spec, saved, fill = read_adapterhub_adapter(tmp_path / n)
+        specs[saved], head = spec, read_adapterhub_head(tmp_path / n)
+        model, _ = head.attach(model, saved)
+        fills.append((saved, fill))
+        heads.append(head)
+    return ah, model, specs, fills, heads, apply, Spec
+
+
+def test_two_heads_batch_split_matches_adapterhub(tmp_path):
+    """AdapterHub's ``set_active_adapters(BatchSplit("a", "b"))`` also splits the heads: a MultiHeadOutput, rows
+    [0, 1) through adapter+head ``a``, [1, 3) through ``b``; graphadapt: ``import_adapterhub`` of both directories
+    (``with_head=True``), BatchSplit adapters, ``active_head`` a BatchSplit of the heads. A list of heads (every head
+    on the whole batch) likewise."""
+    import graphadapt as ga
+    from graphadapt.heads import MultiHeadOutput
+
+    ah = _two_heads(tmp_path)[0]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    x = oracle_inputs("bert")
+    split = ga.BatchSplit("a", "b", batch_sizes=[1, 2])
+    # the head split is the source model's (fixed row counts): captured at that batch size
+    adapted = import_adapterhub(tiny_bert(seed=0), dirs, with_head=True, active=split, active_head=split,
+                                example_kwargs=x, dynamic=False).eval()
+    import adapters.composition as ac
+    ah.set_active_adapters(ac.BatchSplit("a", "b", batch_sizes=[1, 2]))
+    with torch.no_grad():
+        want, got = ah(**x), adapted(**x)
+    assert isinstance(got, MultiHeadOutput) and len(got.head_outputs) == 2
+    for w, o in zip(want.head_outputs, got.head_outputs):
+        torch.testing.assert_close(o.logits, w.logits, atol=ATOL, rtol=RTOL)
+    assert (got[0].logits - got[1].logits[:1]).abs().max() > 1e-3  # the two heads differ
+    # a list of heads: every head on the whole batch (adapter a active)
+    ah.set_active_adapters("a")
+    ah.active_head = ["a", "b"]
+    adapted = import_adapterhub(tiny_bert(seed=0), dirs, with_head=True, active="a", active_head=["a", "b"]).eval()
+    with torch.no_grad():
+        want, got = ah(**x), adapted(**x)
+    assert len(got.head_outputs) == len(want.head_outputs) == 2
+    for w, o in zip(want.head_outputs, got.head_outputs):
+        torch.testing.assert_close(o.logits, w.logits, atol=ATOL, rtol=RTOL)
+
+
+def test_average_head_matches_adapterhub(tmp_path):
+    """AdapterHub 1.3 ``average_head("avg", ["a", "b"], weights=[1, 3])`` (normalised) and graphadapt's
+    ``ModelWithHead.average_head``: the same tensors, the same logits."""
+    ah, model, specs, fills, heads, apply, Spec = _two_heads(tmp_path)
+    for h in heads:  # the imported heads' tensors, before any adapter is applied
+        for k, t in h.tensors.items():
+            model.get_parameter(h._ours(k)).data.copy_(t)
+    ah.average_head("avg", ["a", "b"], weights=[1, 3], set_active=True)
+    model.average_head("avg", ["a", "b"], weights=[1, 3], set_active=True)
+    ours = dict(model.heads["avg"].state_dict())
+    theirs = {k.split("heads.avg.", 1)[1]: v for k, v in ah.state_dict().items() if k.startswith("heads.avg.")}
+    assert ours.keys() == theirs.keys() and ours
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-7, rtol=1e-6)
+    ah.set_active_adapters("a")
+    ah.active_head = "avg"
+    adapted = apply(model, Spec({"a": specs["a"]}, active="a", modules_to_save=("heads",)))
+    fills[0][1](adapted, "a")
+    x = oracle_inputs("bert")
+    with torch.no_grad():
+        want, got = ah(**x).logits, adapted.eval()(**x).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert (model.heads["avg"][1].weight - model.heads["a"][1].weight).abs().max() > 1e-3

@@ -76,3 +76,34 @@ def test_preset():
 
     assert from_adapterhub_config("prompt_tuning") == ga.PromptTuning()
     assert from_adapterhub_config(PromptTuningConfig().to_dict()) == ga.PromptTuning()
+
+
+def test_two_prompts_in_a_block_are_refused_with_adapterhubs_reason(tmp_path):
+    """AdapterHub 1.3 composes no prompt-tuning adapters: its PromptTuningLayer runs ``adapter_setup.first()`` only,
+    so ``Stack("a", "b")`` there gives ``a`` alone (checked here, non-zero prompts); graphadapt refuses the block
+    (SpecError naming that reason) instead of dropping ``b``."""
+    m = tiny_bert(seed=0, attn_implementation="eager")
+    adapters.init(m)
+    g = torch.Generator().manual_seed(1)
+    for n in ("a", "b"):
+        m.add_adapter(n, config=PromptTuningConfig(prompt_length=P))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "prompt_tunings." in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    m.eval()
+    x = text_inputs(3, 6, seed=7)
+    with torch.no_grad():
+        m.set_active_adapters(adapters.Stack("a", "b"))
+        stacked = m(**x).last_hidden_state
+        m.set_active_adapters("a")
+        alone = m(**x).last_hidden_state
+        m.set_active_adapters("b")
+        other = m(**x).last_hidden_state
+    torch.testing.assert_close(stacked, alone, atol=0, rtol=0)
+    assert (stacked - other).abs().max() > 1e-3
+    spec = {"a": ga.PromptTuning(prompt_length=P, insert_at="embedding_output"),
+            "b": ga.PromptTuning(prompt_length=P, insert_at="embedding_output")}
+    for block in (ga.Stack("a", "b"), ga.BatchSplit("a", "b", batch_sizes=[1, 2]), ga.Parallel("a", "b")):
+        with pytest.raises(ga.SpecError, match="first adapter"):
+            ga.apply(tiny_bert(seed=0, attn_implementation="eager"), ga.Spec(spec, active=block))

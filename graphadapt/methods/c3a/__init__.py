@@ -31,7 +31,8 @@ class C3AMethod(LinearSiteMethod):
 
     def build(self, spec: C3A, adapter, site, seed, weight=None):
         refuse_expert_site("C3A", adapter, site)
-        mod = C3AModule(site, block_size=spec.block_size, dtype=weight.dtype, device=weight.device)
+        block = spec.block_size_at(site.name, getattr(site, "module_path", None))
+        mod = C3AModule(site, block_size=block, dtype=weight.dtype, device=weight.device)
         g = adapter_generator(seed, adapter, site.name)
         k, init = mod.c3a_kernel, spec.init_weights
         with torch.no_grad():
@@ -46,14 +47,16 @@ class C3AMethod(LinearSiteMethod):
         return mod
 
     def peft_spec(self, config, targets):
-        refuse_peft_options(config, ("block_size_pattern",), "C3A")
+        refuse_peft_options(config, (), "C3A")
         init = config.get("init_weights", "xavier_uniform")
         return C3A(block_size=config_number(config, "block_size", int), targets=targets,
+                   block_size_pattern=dict(config.get("block_size_pattern") or {}),
                    init_weights=init if init in C3A_INITS else "xavier_uniform")
 
     def peft_export(self, spec: C3A, modules, records):
         return per_module_peft_export("C3A", {
-            "peft_type": "C3A", "block_size": spec.block_size, "block_size_pattern": {}, "bias": "none",
+            "peft_type": "C3A", "block_size": spec.block_size, "block_size_pattern": dict(spec.block_size_pattern),
+            "bias": "none",
             "init_weights": "xavier_uniform"}, modules, records)
 
     def peft_key(self, key):

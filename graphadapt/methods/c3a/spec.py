@@ -3,10 +3,13 @@ by one trainable length-``b`` kernel; ``y' = y + (block circular convolution of 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 from graphadapt.errors import SpecError
+from graphadapt.methods.patterns import FOURIERFT_RULE, check_pattern, pick
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.base import MethodSpec, check_int, check_layer_indices, register_method, spec_field
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
 
@@ -27,6 +30,9 @@ class C3A(LinearTargets, MethodSpec):
     init_weights: bool | str = spec_field(
         "xavier_uniform", help="Kernel init: True zeros (identity); 'xavier_uniform' (PEFT's default; also False) "
         "U(±√(6/(in+out))); 'gaussian' N(0, 1); 'kaiming_uniform' U(±√(1/in)).")
+    block_size_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's block_size_pattern: {regex: block size} overriding block_size at the sites whose "
+        "module path matches '.*\\.<regex>' whole (PEFT's C3A rule); the first matching key wins.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,6 +45,11 @@ class C3A(LinearTargets, MethodSpec):
         set_("targets", normalise_targets(self.targets))
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
+        set_("block_size_pattern", check_pattern("block_size_pattern", self.block_size_pattern, integer=True))
+
+    def block_size_at(self, *names: str) -> int:
+        """``block_size`` at a site known by ``names`` (site name, module path)."""
+        return pick(self.block_size_pattern, names, self.block_size, FOURIERFT_RULE)
 
 
 __all__ = ["C3A", "C3A_INITS"]

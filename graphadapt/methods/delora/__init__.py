@@ -31,7 +31,8 @@ class DeLoRAMethod(LinearSiteMethod):
 
     def build(self, spec: DeLoRA, adapter, site, seed, weight=None):
         check_plain_site("DeLoRA", adapter, site)
-        mod = DeLoRAModule(site.in_features, site.out_features, r=spec.r, dropout=spec.dropout,
+        r, lam = spec.rank_lambda(site.name, getattr(site, "module_path", None))
+        mod = DeLoRAModule(site.in_features, site.out_features, r=r, dropout=spec.dropout,
                            fan_in_fan_out=site.layout == "conv1d", out_slice=site.out_slice, total_out=site.total_out,
                            out_rows=getattr(site, "out_rows", None), dtype=weight.dtype, device=weight.device)
         g = adapter_generator(seed, adapter, site.name)
@@ -39,7 +40,7 @@ class DeLoRAMethod(LinearSiteMethod):
             kaiming_uniform_(mod.delora_A, math.sqrt(5), g)
             if not spec.init_weights:
                 kaiming_uniform_(mod.delora_B, math.sqrt(5), g)
-            mod.delora_lambda.fill_(spec.delora_lambda)
+            mod.delora_lambda.fill_(lam)
             mod.delora_w_norm.copy_(mod._rows(weight.detach()).norm(dim=0))
         return mod
 

@@ -9,9 +9,12 @@ learned ``λ``; the input is scaled by the base weight's column norms (fixed whe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from graphadapt.methods.patterns import check_pattern, pick
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.base import (MethodSpec, check_bool, check_int, check_layer_indices, check_real, register_method,
                                   spec_field)
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
@@ -32,6 +35,11 @@ class DeLoRA(LinearTargets, MethodSpec):
     leave_out: tuple[int, ...] = spec_field((), help="Layer indices (0-based) never adapted, even if listed in layers.")
     init_weights: bool = spec_field(True, help="True: kaiming-uniform A, zero B (no change at init, PEFT's default); "
                                     "False: kaiming-uniform A and B.")
+    rank_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's rank_pattern: {regex: r} overriding r at the sites whose module path the regex "
+        "matches at its end ('(.*\\.)?<regex>' whole, PEFT's rule); the first matching key wins.")
+    lambda_pattern: Mapping[str, float] = spec_field(
+        FrozenMapping(), help="PEFT's lambda_pattern: {regex: λ} overriding delora_lambda (the initial λ) the same way.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +51,12 @@ class DeLoRA(LinearTargets, MethodSpec):
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
         set_("init_weights", check_bool("init_weights", self.init_weights))
+        set_("rank_pattern", check_pattern("rank_pattern", self.rank_pattern, integer=True))
+        set_("lambda_pattern", check_pattern("lambda_pattern", self.lambda_pattern, integer=False))
+
+    def rank_lambda(self, *names: str) -> tuple[int, float]:
+        """``(r, initial λ)`` at a site known by ``names`` (site name, module path)."""
+        return pick(self.rank_pattern, names, self.r), pick(self.lambda_pattern, names, self.delora_lambda)
 
 
 __all__ = ["DeLoRA"]

@@ -29,7 +29,8 @@ class FourierFTMethod(LinearSiteMethod):
 
     def build(self, spec: FourierFT, adapter, site, seed, weight=None):
         refuse_expert_site("FourierFT", adapter, site)
-        mod = FourierFTModule(site, n_frequency=spec.n_frequency, scaling=spec.scaling,
+        n = spec.frequencies_at(site.name, getattr(site, "module_path", None))
+        mod = FourierFTModule(site, n_frequency=n, scaling=spec.scaling,
                               random_loc_seed=spec.random_loc_seed, dtype=weight.dtype, device=weight.device)
         if not spec.init_weights:
             with torch.no_grad():
@@ -37,8 +38,9 @@ class FourierFTMethod(LinearSiteMethod):
         return mod
 
     def peft_spec(self, config, targets):
-        refuse_peft_options(config, ("n_frequency_pattern",), "FourierFT")
+        refuse_peft_options(config, (), "FourierFT")
         return FourierFT(n_frequency=config_number(config, "n_frequency", int),
+                         n_frequency_pattern=dict(config.get("n_frequency_pattern") or {}),
                          scaling=config_number(config, "scaling", default=150.0),
                          random_loc_seed=config_number(config, "random_loc_seed", int, default=777), targets=targets)
 
@@ -46,7 +48,7 @@ class FourierFTMethod(LinearSiteMethod):
         return per_module_peft_export("FourierFT", {
             "peft_type": "FOURIERFT", "n_frequency": spec.n_frequency, "scaling": spec.scaling,
             "random_loc_seed": spec.random_loc_seed, "fan_in_fan_out": False, "init_weights": False,
-            "n_frequency_pattern": {}, "bias": "none"}, modules, records)
+            "n_frequency_pattern": dict(spec.n_frequency_pattern), "bias": "none"}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

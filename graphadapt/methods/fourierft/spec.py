@@ -3,11 +3,14 @@ at ``n_frequency`` fixed random entries, whose values train."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from graphadapt.methods.patterns import FOURIERFT_RULE, check_pattern, pick
 from graphadapt.spec.base import (MethodSpec, check_bool, check_int, check_layer_indices, check_real, register_method,
                                   spec_field)
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
 
 
@@ -27,6 +30,9 @@ class FourierFT(LinearTargets, MethodSpec):
     leave_out: tuple[int, ...] = spec_field((), help="Layer indices (0-based) never adapted, even if listed in layers.")
     init_weights: bool = spec_field(False, help="False: coefficients ~ N(0, 1) (PEFT's default: the output changes at "
                                                 "init); True: zeros (identity).")
+    n_frequency_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's n_frequency_pattern: {regex: n} overriding n_frequency at the sites whose module "
+        "path matches '.*\\.<regex>' whole (PEFT's FourierFT rule); the first matching key wins.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,6 +44,11 @@ class FourierFT(LinearTargets, MethodSpec):
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
         set_("init_weights", check_bool("init_weights", self.init_weights))
+        set_("n_frequency_pattern", check_pattern("n_frequency_pattern", self.n_frequency_pattern, integer=True))
+
+    def frequencies_at(self, *names: str) -> int:
+        """``n_frequency`` at a site known by ``names`` (site name, module path)."""
+        return pick(self.n_frequency_pattern, names, self.n_frequency, FOURIERFT_RULE)
 
 
 __all__ = ["FourierFT"]

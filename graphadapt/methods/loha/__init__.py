@@ -31,7 +31,8 @@ class LoHaMethod(LinearSiteMethod):
 
     def build(self, spec: LoHa, adapter, site, seed, weight=None):
         refuse_expert_site("LoHa", adapter, site)
-        mod = LoHaModule(site, r=spec.r, alpha=spec.alpha, rank_dropout=spec.rank_dropout,
+        r, alpha = spec.rank_alpha(site.name, getattr(site, "module_path", None))
+        mod = LoHaModule(site, r=r, alpha=alpha, rank_dropout=spec.rank_dropout,
                          module_dropout=spec.module_dropout, dtype=weight.dtype, device=weight.device)
         g = adapter_generator(seed, adapter, site.name)
         with torch.no_grad():
@@ -40,8 +41,10 @@ class LoHaMethod(LinearSiteMethod):
         return mod
 
     def peft_spec(self, config, targets):
-        refuse_peft_options(config, ("rank_pattern", "alpha_pattern"), "LoHa")
+        refuse_peft_options(config, (), "LoHa")
         return LoHa(r=config_number(config, "r", int), alpha=config_number(config, "alpha"),
+                    rank_pattern=dict(config.get("rank_pattern") or {}),
+                    alpha_pattern=dict(config.get("alpha_pattern") or {}),
                     rank_dropout=config_number(config, "rank_dropout", default=0.0),
                     module_dropout=config_number(config, "module_dropout", default=0.0), targets=targets)
 
@@ -49,7 +52,7 @@ class LoHaMethod(LinearSiteMethod):
         return per_module_peft_export("LoHa", {
             "peft_type": "LOHA", "r": spec.r, "alpha": spec.alpha, "rank_dropout": spec.rank_dropout,
             "module_dropout": spec.module_dropout, "init_weights": True, "use_effective_conv2d": False,
-            "rank_pattern": {}, "alpha_pattern": {}}, modules, records)
+            "rank_pattern": dict(spec.rank_pattern), "alpha_pattern": dict(spec.alpha_pattern)}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from graphadapt.methods.patterns import check_pattern, pick
 from graphadapt.spec.base import (MethodSpec, check_bool, check_int, check_layer_indices, check_real, register_method,
                                   spec_field)
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
 
 
@@ -28,6 +31,11 @@ class LoHa(LinearTargets, MethodSpec):
     leave_out: tuple[int, ...] = spec_field((), help="Layer indices (0-based) never adapted, even if listed in layers.")
     init_weights: bool = spec_field(True, help="True: W2b starts at zero (identity, PEFT's default); False: every "
                                                "factor Kaiming-uniform (the output changes at init).")
+    rank_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's rank_pattern: {regex: r} overriding r at the sites whose module path the regex "
+        "matches at its end ('(.*\\.)?<regex>' matches it whole, PEFT's rule); the first matching key wins.")
+    alpha_pattern: Mapping[str, float] = spec_field(
+        FrozenMapping(), help="PEFT's alpha_pattern: {regex: alpha} overriding alpha the same way.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,10 +48,16 @@ class LoHa(LinearTargets, MethodSpec):
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
         set_("init_weights", check_bool("init_weights", self.init_weights))
+        set_("rank_pattern", check_pattern("rank_pattern", self.rank_pattern, integer=True))
+        set_("alpha_pattern", check_pattern("alpha_pattern", self.alpha_pattern, integer=False))
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+    def rank_alpha(self, *names: str) -> tuple[int, float]:
+        """``(r, alpha)`` at a site known by ``names`` (site name, module path): the patterns, else ``r``/``alpha``."""
+        return pick(self.rank_pattern, names, self.r), pick(self.alpha_pattern, names, self.alpha)
 
 
 __all__ = ["LoHa"]

@@ -31,7 +31,8 @@ class LoKrMethod(LinearSiteMethod):
 
     def build(self, spec: LoKr, adapter, site, seed, weight=None):
         refuse_expert_site("LoKr", adapter, site)
-        mod = LoKrModule(site, r=spec.r, alpha=spec.alpha, decompose_both=spec.decompose_both,
+        r, alpha = spec.rank_alpha(site.name, getattr(site, "module_path", None))
+        mod = LoKrModule(site, r=r, alpha=alpha, decompose_both=spec.decompose_both,
                          decompose_factor=spec.decompose_factor, rank_dropout=spec.rank_dropout,
                          rank_dropout_scale=spec.rank_dropout_scale, module_dropout=spec.module_dropout,
                          dtype=weight.dtype, device=weight.device)
@@ -45,8 +46,10 @@ class LoKrMethod(LinearSiteMethod):
         return mod
 
     def peft_spec(self, config, targets):
-        refuse_peft_options(config, ("rank_pattern", "alpha_pattern"), "LoKr")
+        refuse_peft_options(config, (), "LoKr")
         return LoKr(r=config_number(config, "r", int), alpha=config_number(config, "alpha"),
+                    rank_pattern=dict(config.get("rank_pattern") or {}),
+                    alpha_pattern=dict(config.get("alpha_pattern") or {}),
                     rank_dropout=config_number(config, "rank_dropout", default=0.0),
                     rank_dropout_scale=bool(config.get("rank_dropout_scale", False)),
                     module_dropout=config_number(config, "module_dropout", default=0.0),
@@ -58,7 +61,8 @@ class LoKrMethod(LinearSiteMethod):
             "peft_type": "LOKR", "r": spec.r, "alpha": spec.alpha, "rank_dropout": spec.rank_dropout,
             "rank_dropout_scale": spec.rank_dropout_scale, "module_dropout": spec.module_dropout,
             "decompose_both": spec.decompose_both, "decompose_factor": spec.decompose_factor, "init_weights": True,
-            "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}}, modules, records)
+            "use_effective_conv2d": False, "rank_pattern": dict(spec.rank_pattern),
+            "alpha_pattern": dict(spec.alpha_pattern)}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

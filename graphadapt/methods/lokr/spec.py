@@ -3,12 +3,15 @@ is full or a rank-``r`` product, as PEFT decides from ``r`` and the factorised s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 from graphadapt.errors import SpecError
+from graphadapt.methods.patterns import check_pattern, pick
 from graphadapt.spec.base import (MethodSpec, check_bool, check_int, check_layer_indices, check_real, register_method,
                                   spec_field)
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
 
 
@@ -35,6 +38,11 @@ class LoKr(LinearTargets, MethodSpec):
     init_weights: bool | str = spec_field(True, help="True: W1 (or W1a) zero, the rest Kaiming-uniform (identity, "
                                                      "PEFT's default); 'lycoris': W2 (or W2b) zero instead; False: "
                                                      "every factor Kaiming-uniform.")
+    rank_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's rank_pattern: {regex: r} overriding r at the sites whose module path the regex "
+        "matches at its end ('(.*\\.)?<regex>' matches it whole, PEFT's rule); the first matching key wins.")
+    alpha_pattern: Mapping[str, float] = spec_field(
+        FrozenMapping(), help="PEFT's alpha_pattern: {regex: alpha} overriding alpha the same way.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +63,12 @@ class LoKr(LinearTargets, MethodSpec):
         set_("targets", normalise_targets(self.targets))
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
+        set_("rank_pattern", check_pattern("rank_pattern", self.rank_pattern, integer=True))
+        set_("alpha_pattern", check_pattern("alpha_pattern", self.alpha_pattern, integer=False))
+
+    def rank_alpha(self, *names: str) -> tuple[int, float]:
+        """``(r, alpha)`` at a site known by ``names`` (site name, module path): the patterns, else ``r``/``alpha``."""
+        return pick(self.rank_pattern, names, self.r), pick(self.alpha_pattern, names, self.alpha)
 
 
 __all__ = ["LoKr"]

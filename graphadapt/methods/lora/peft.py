@@ -39,8 +39,8 @@ def peft_key(key: str) -> tuple[str, str] | None:
 def peft_lora_spec(cfg: Mapping[str, Any], targets: tuple[str, ...]) -> LoRA:
     """The graphadapt :class:`LoRA` equivalent to a PEFT ``LoraConfig`` dict (for given module paths)."""
     # options that change what the adapter computes: importing without them would give wrong numbers
-    unsupported = {k: cfg.get(k) for k in ("layer_replication",
-                                            "trainable_token_indices", "megatron_config", "use_qalora",
+    # layer_replication is read by graphadapt.import_peft (Spec.layer_replication): the keys name replicated layers
+    unsupported = {k: cfg.get(k) for k in ("trainable_token_indices", "megatron_config", "use_qalora",
                                             "alora_invocation_tokens") if cfg.get(k)}
     if cfg.get("bias", "none") not in ("none", None):
         unsupported["bias"] = cfg["bias"]

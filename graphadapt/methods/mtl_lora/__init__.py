@@ -1,8 +1,9 @@
 """MTL-LoRA as a method plugin: spec (:mod:`.spec`), module (:mod:`.module`), AdapterHub interop below (the
 LoRA-family key format of :mod:`graphadapt.methods.adapterhub_loras`; config ``architecture="mtl_lora"``).
 
-before: ``y = linear(x, W, b)``  →  after: ``y' = MTLLoRAModule(x, y, W, b)``. One adapter is one task; AdapterHub's
-``MultiTask`` block (rows routed by ``task_ids``) is not implemented in graphadapt yet.
+before: ``y = linear(x, W, b)``  →  after: ``y' = MTLLoRAModule(x, y, W, b)``. One adapter is one task; several tasks
+run in one batch under AdapterHub's ``MultiTask`` block (rows routed by ``task_ids``:
+:mod:`graphadapt.composition.multitask`), gathered per row through the module's ``routed_form``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphadapt.passes.modules import RoutedForm
+
 
 class MTLLoRAModule(nn.Module):
     out_slice = None      # whole sites only; read by the AdapterHub LoRA-format loader
@@ -70,6 +72,14 @@ class MTLLoRAModule(nn.Module):
         else:
             h = h * self.scaling
         return y + h
+
+    def routed_form(self, weight: Tensor, bias: Tensor | None = None) -> RoutedForm | None:
+        """Stackable terms for per-row routing (Route / MultiTask; live tensors): ``A = Λ A``, ``B = Σ_k ŵ_k B_k``,
+        ``s = alpha / r``. None where that is not the forward exactly: gated, or dropout while training."""
+        if self.gate is not None or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        up = torch.einsum("k,kor->or", self._mix(), self.proj_up)
+        return RoutedForm(A=self.task_values[:, None] * self.proj_down, B=up, scale=self.scaling)
 
     @torch.no_grad()
     def fold(self, weight: Tensor, bias: Tensor | None = None):

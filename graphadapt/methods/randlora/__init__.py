@@ -15,10 +15,9 @@ import torch
 from graphadapt.errors import CheckpointError
 from graphadapt.init import adapter_generator, kaiming_uniform_, normal_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, prepare_shared,
+                                      refuse_expert_site, refuse_peft_options)
 from graphadapt.methods.registry import register
-from graphadapt.passes import submodule_or_none
-from graphadapt.vocab import adapter_target
 
 from .module import RandLoRABases, RandLoRAModule, num_bases
 from .spec import RandLoRA
@@ -34,28 +33,24 @@ class RandLoRAMethod(LinearSiteMethod):
     peft_type = "RANDLORA"
 
     def prepare(self, gm, adapter, spec: RandLoRA, sites, seed):
-        kept = submodule_or_none(gm, adapter_target(adapter, SHARED))
-        if kept is not None:   # re-planning (set_active): keep the adapter's bases
-            return {"bases": kept}
-        for s in sites:
-            refuse_expert_site("RandLoRA", adapter, s)
-        ref = gm.get_parameter(sites[0].weight)
-        bases = RandLoRABases(spec.r, max(s.in_features for s in sites), max(s.out_features for s in sites),
-                              dtype=ref.dtype, device=ref.device)
-        g = adapter_generator(seed, adapter, SHARED)
-        with torch.no_grad():
-            a = torch.empty(bases.randlora_A.shape)
-            kaiming_uniform_(a, math.sqrt(5), g)
-            parts = []
-            for _ in range(bases.randlora_B.shape[1]):
-                part = torch.empty(bases.randlora_B.shape[0], 1, spec.r)
-                kaiming_uniform_(part, math.sqrt(5), g)
-                parts.append(part)
-            b = torch.cat(parts, dim=1)
-            bases.randlora_A.copy_(a / a.std())
-            bases.randlora_B.copy_(b / b.std())
-        gm.add_submodule(adapter_target(adapter, SHARED), bases)
-        return {"bases": bases}
+        def make(ref):
+            bases = RandLoRABases(spec.r, max(s.in_features for s in sites), max(s.out_features for s in sites),
+                                  dtype=ref.dtype, device=ref.device)
+            g = adapter_generator(seed, adapter, SHARED)
+            with torch.no_grad():
+                a = torch.empty(bases.randlora_A.shape)
+                kaiming_uniform_(a, math.sqrt(5), g)
+                parts = []
+                for _ in range(bases.randlora_B.shape[1]):
+                    part = torch.empty(bases.randlora_B.shape[0], 1, spec.r)
+                    kaiming_uniform_(part, math.sqrt(5), g)
+                    parts.append(part)
+                b = torch.cat(parts, dim=1)
+                bases.randlora_A.copy_(a / a.std())
+                bases.randlora_B.copy_(b / b.std())
+            return bases
+
+        return {"bases": prepare_shared(gm, adapter, SHARED, sites, "RandLoRA", make)}
 
     def build(self, spec: RandLoRA, adapter, site, seed, weight=None, bases=None):
         refuse_expert_site("RandLoRA", adapter, site)
@@ -78,6 +73,15 @@ class RandLoRAMethod(LinearSiteMethod):
         # sparse / very_sparse only change how PEFT draws the bases, which the checkpoint holds
         return RandLoRA(r=config_number(config, "r", int), alpha=config_number(config, "randlora_alpha"),
                         dropout=config_number(config, "randlora_dropout", default=0.0), targets=targets)
+
+    def peft_export(self, spec: RandLoRA, modules, records):
+        """λ, γ per site and the shared bases (``save_projection=True``; the bases are written as drawn)."""
+        fields, tensors = per_module_peft_export("RandLoRA", {
+            "peft_type": "RANDLORA", "r": spec.r, "randlora_alpha": spec.alpha, "randlora_dropout": spec.dropout,
+            "projection_prng_key": 0, "save_projection": True, "sparse": False, "very_sparse": False,
+            "fan_in_fan_out": False, "bias": "none", "init_weights": True}, modules, records)
+        bases = next(iter(modules.values()))._shared.module
+        return fields, {**tensors, "base_model.randlora_A": bases.randlora_A, "base_model.randlora_B": bases.randlora_B}
 
     def peft_key(self, key):
         m = _KEY.match(key)

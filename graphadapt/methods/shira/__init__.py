@@ -14,8 +14,8 @@ import torch
 from graphadapt.errors import CheckpointError
 from graphadapt.init import adapter_generator, normal_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import (config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options,
-                                      resolve_module_path)
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, refuse_expert_site,
+                                      refuse_peft_options, resolve_module_path)
 from graphadapt.methods.registry import register
 from graphadapt.vocab import adapter_prefix
 
@@ -46,6 +46,14 @@ class SHiRAMethod(LinearSiteMethod):
     def peft_spec(self, config, targets):
         refuse_peft_options(config, (), "SHiRA")
         return SHiRA(r=config_number(config, "r", int), targets=targets)
+
+    def peft_export(self, spec: SHiRA, modules, records):
+        """Values and positions per site (PEFT reads ``<path>.shira_indices`` back into its index dict)."""
+        fields, tensors = per_module_peft_export("SHiRA", {
+            "peft_type": "SHIRA", "r": spec.r, "mask_type": "random",
+            "random_seed": spec.random_seed, "fan_in_fan_out": False, "init_weights": True}, modules, records)
+        tensors.update({f"{path}.shira_indices": m.shira_indices for path, m in modules.items()})
+        return fields, tensors
 
     def peft_key(self, key):
         m = _KEY.match(key)

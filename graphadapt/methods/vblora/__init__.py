@@ -11,10 +11,9 @@ import torch
 
 from graphadapt.init import adapter_generator, normal_, uniform_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, prepare_shared,
+                                      refuse_expert_site, refuse_peft_options)
 from graphadapt.methods.registry import register
-from graphadapt.passes import submodule_or_none
-from graphadapt.vocab import adapter_target
 
 from .module import VBLoRABank, VBLoRAModule, mix
 from .spec import VBLoRA
@@ -30,18 +29,14 @@ class VBLoRAMethod(LinearSiteMethod):
     peft_type = "VBLORA"
 
     def prepare(self, gm, adapter, spec: VBLoRA, sites, seed):
-        kept = submodule_or_none(gm, adapter_target(adapter, SHARED))
-        if kept is not None:   # re-planning (set_active): keep the trained bank
-            return {"bank": kept}
-        for s in sites:
-            refuse_expert_site("VB-LoRA", adapter, s)
-        ref = gm.get_parameter(sites[0].weight)
-        bank = VBLoRABank(spec.num_vectors, spec.vector_length, dtype=ref.dtype, device=ref.device)
-        with torch.no_grad():
-            b = spec.init_vector_bank_bound
-            uniform_(bank.vblora_vector_bank, -b, b, adapter_generator(seed, adapter, SHARED))
-        gm.add_submodule(adapter_target(adapter, SHARED), bank)
-        return {"bank": bank}
+        def make(ref):
+            bank = VBLoRABank(spec.num_vectors, spec.vector_length, dtype=ref.dtype, device=ref.device)
+            with torch.no_grad():
+                b = spec.init_vector_bank_bound
+                uniform_(bank.vblora_vector_bank, -b, b, adapter_generator(seed, adapter, SHARED))
+            return bank
+
+        return {"bank": prepare_shared(gm, adapter, SHARED, sites, "VB-LoRA", make)}
 
     def build(self, spec: VBLoRA, adapter, site, seed, weight=None, bank=None):
         refuse_expert_site("VB-LoRA", adapter, site)
@@ -59,6 +54,16 @@ class VBLoRAMethod(LinearSiteMethod):
                       vector_length=config_number(config, "vector_length", int),
                       topk=config_number(config, "topk", int, default=2),
                       dropout=config_number(config, "vblora_dropout", default=0.0), targets=targets)
+
+    def peft_export(self, spec: VBLoRA, modules, records):
+        """Logits per site and the shared bank (full logits: ``save_only_topk_weights=False``)."""
+        fields, tensors = per_module_peft_export("VB-LoRA", {
+            "peft_type": "VBLORA", "r": spec.r, "num_vectors": spec.num_vectors, "vector_length": spec.vector_length,
+            "topk": spec.topk, "vblora_dropout": spec.dropout, "save_only_topk_weights": False,
+            "init_vector_bank_bound": spec.init_vector_bank_bound, "init_logits_std": spec.init_logits_std,
+            "fan_in_fan_out": False, "bias": "none"}, modules, records)
+        bank = next(iter(modules.values()))._shared.module
+        return fields, {**tensors, "base_model.vblora_vector_bank": bank.vblora_vector_bank}
 
     def peft_key(self, key):
         m = _KEY.match(key)

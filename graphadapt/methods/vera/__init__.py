@@ -15,10 +15,9 @@ import torch
 from graphadapt.errors import CheckpointError
 from graphadapt.init import adapter_generator, normal_, ones_, uniform_
 from graphadapt.methods.base import LinearSiteMethod
-from graphadapt.methods.delta import config_number, peft_key_pattern, refuse_expert_site, refuse_peft_options
+from graphadapt.methods.delta import (config_number, peft_key_pattern, per_module_peft_export, prepare_shared,
+                                      refuse_expert_site, refuse_peft_options)
 from graphadapt.methods.registry import register
-from graphadapt.passes import submodule_or_none
-from graphadapt.vocab import adapter_target
 
 from .module import VeRAModule, VeRAProjections
 from .spec import VeRA
@@ -34,22 +33,18 @@ class VeRAMethod(LinearSiteMethod):
     peft_type = "VERA"
 
     def prepare(self, gm, adapter, spec: VeRA, sites, seed):
-        kept = submodule_or_none(gm, adapter_target(adapter, SHARED))
-        if kept is not None:   # re-planning (set_active): keep the adapter's projections
-            return {"projections": kept}
-        for s in sites:
-            refuse_expert_site("VeRA", adapter, s)
-        ref = gm.get_parameter(sites[0].weight)
-        proj = VeRAProjections(spec.r, max(s.in_features for s in sites), max(s.out_features for s in sites),
-                               dtype=ref.dtype, device=ref.device)
-        g = (torch.Generator().manual_seed(spec.projection_prng_key) if spec.projection_prng_key is not None
-             else adapter_generator(seed, adapter, SHARED))
-        with torch.no_grad():
-            for p in (proj.vera_A, proj.vera_B):   # PEFT's _kaiming_init: fan_in = size(1), gain √2
-                bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(p.shape[1])
-                uniform_(p, -bound, bound, g)
-        gm.add_submodule(adapter_target(adapter, SHARED), proj)
-        return {"projections": proj}
+        def make(ref):
+            proj = VeRAProjections(spec.r, max(s.in_features for s in sites), max(s.out_features for s in sites),
+                                   dtype=ref.dtype, device=ref.device)
+            g = (torch.Generator().manual_seed(spec.projection_prng_key) if spec.projection_prng_key is not None
+                 else adapter_generator(seed, adapter, SHARED))
+            with torch.no_grad():
+                for p in (proj.vera_A, proj.vera_B):   # PEFT's _kaiming_init: fan_in = size(1), gain √2
+                    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(p.shape[1])
+                    uniform_(p, -bound, bound, g)
+            return proj
+
+        return {"projections": prepare_shared(gm, adapter, SHARED, sites, "VeRA", make)}
 
     def build(self, spec: VeRA, adapter, site, seed, weight=None, projections=None):
         refuse_expert_site("VeRA", adapter, site)
@@ -70,6 +65,16 @@ class VeRAMethod(LinearSiteMethod):
         return VeRA(r=config_number(config, "r", int), dropout=config_number(config, "vera_dropout", default=0.0),
                     d_initial=config_number(config, "d_initial", default=0.1), targets=targets,
                     projection_prng_key=config_number(config, "projection_prng_key", int, default=0))
+
+    def peft_export(self, spec: VeRA, modules, records):
+        """λ_b, λ_d per site and the shared projections (``save_projection=True``). The projections are written as
+        they are, so the adapter need not have been drawn with PEFT's ``projection_prng_key``."""
+        fields, tensors = per_module_peft_export("VeRA", {
+            "peft_type": "VERA", "r": spec.r, "vera_dropout": spec.dropout, "d_initial": spec.d_initial,
+            "projection_prng_key": spec.projection_prng_key if spec.projection_prng_key is not None else 0,
+            "save_projection": True, "fan_in_fan_out": False, "bias": "none", "init_weights": True}, modules, records)
+        proj = next(iter(modules.values()))._shared.module
+        return fields, {**tensors, "base_model.vera_A": proj.vera_A, "base_model.vera_B": proj.vera_B}
 
     def peft_key(self, key):
         m = _KEY.match(key)

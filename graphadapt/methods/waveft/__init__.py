@@ -30,7 +30,8 @@ class WaveFTMethod(LinearSiteMethod):
 
     def build(self, spec: WaveFT, adapter, site, seed, weight=None):
         refuse_expert_site("WaveFT", adapter, site)
-        mod = WaveFTModule(site, n_frequency=spec.n_frequency, scaling=spec.scaling,
+        n = spec.frequencies_at(site.name, getattr(site, "module_path", None))
+        mod = WaveFTModule(site, n_frequency=n, scaling=spec.scaling,
                            random_loc_seed=spec.random_loc_seed, use_idwt=spec.use_idwt, dtype=weight.dtype,
                            device=weight.device)
         if not spec.init_weights:
@@ -39,12 +40,13 @@ class WaveFTMethod(LinearSiteMethod):
         return mod
 
     def peft_spec(self, config, targets):
-        refuse_peft_options(config, ("n_frequency_pattern", "proportional_parameters"), "WaveFT")
+        refuse_peft_options(config, ("proportional_parameters",), "WaveFT")
         family = config.get("wavelet_family", "db1")
         if config.get("use_idwt", True) and family not in WAVELETS:
             raise CheckpointError(f"PEFT WaveFT with wavelet_family={family!r}: the importer implements "
                                   f"{list(WAVELETS)} only")
         return WaveFT(n_frequency=config_number(config, "n_frequency", int),
+                      n_frequency_pattern=dict(config.get("n_frequency_pattern") or {}),
                       scaling=config_number(config, "scaling", default=25.0),
                       wavelet_family=family if family in WAVELETS else "db1",
                       use_idwt=bool(config.get("use_idwt", True)),
@@ -55,7 +57,7 @@ class WaveFTMethod(LinearSiteMethod):
             "peft_type": "WAVEFT", "n_frequency": spec.n_frequency, "scaling": spec.scaling,
             "wavelet_family": spec.wavelet_family, "use_idwt": spec.use_idwt, "random_loc_seed": spec.random_loc_seed,
             "fan_in_fan_out": False, "init_weights": True, "proportional_parameters": False,
-            "n_frequency_pattern": {}, "bias": "none"}, modules, records)
+            "n_frequency_pattern": dict(spec.n_frequency_pattern), "bias": "none"}, modules, records)
 
     def peft_key(self, key):
         m = _KEY.match(key)

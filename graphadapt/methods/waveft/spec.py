@@ -4,9 +4,12 @@ scaling · S`` without the transform)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from graphadapt.methods.patterns import check_pattern, pick
+from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.base import (MethodSpec, check_bool, check_choice, check_int, check_layer_indices, check_real,
                                   register_method, spec_field)
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
@@ -33,6 +36,9 @@ class WaveFT(LinearTargets, MethodSpec):
     leave_out: tuple[int, ...] = spec_field((), help="Layer indices (0-based) never adapted, even if listed in layers.")
     init_weights: bool = spec_field(True, help="True: coefficients zero (identity, PEFT's default); False: "
                                                "N(0, 0.01²).")
+    n_frequency_pattern: Mapping[str, int] = spec_field(
+        FrozenMapping(), help="PEFT's n_frequency_pattern: {regex: n} overriding n_frequency at the sites whose module "
+        "path the regex matches at its end ('(.*\\.)?<regex>' whole, PEFT's rule); the first matching key wins.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +52,11 @@ class WaveFT(LinearTargets, MethodSpec):
         set_("layers", check_layer_indices("layers", self.layers, allow_none=True))
         set_("leave_out", check_layer_indices("leave_out", self.leave_out, allow_none=False))
         set_("init_weights", check_bool("init_weights", self.init_weights))
+        set_("n_frequency_pattern", check_pattern("n_frequency_pattern", self.n_frequency_pattern, integer=True))
+
+    def frequencies_at(self, *names: str) -> int:
+        """``n_frequency`` at a site known by ``names`` (site name, module path)."""
+        return pick(self.n_frequency_pattern, names, self.n_frequency)
 
 
 __all__ = ["WAVELETS", "WaveFT"]

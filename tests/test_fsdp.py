@@ -1,0 +1,340 @@
+"""FSDP2 sharded training of an adapted model (graphadapt.distributed): torchrun, 2 CPU processes, gloo.
+
+One run (module fixture) checks, on each rank and for both policies: three AdamW steps on half the batch
+each give gradients and adapter weights equal (fp32, 1e-6) to one process on the whole batch; the base
+weights are held as half-size shards and never change; adapters saved from the shards load into an
+unsharded model whose outputs equal the single-process model's and the sharded model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    sys.path.insert(0, {tests!r})
+    import graphadapt as ga
+    from helpers import randomize_lora, text_inputs, tiny_llama
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(1000 + rank)  # adapters must come from the seed only
+
+    def build():
+        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
+        randomize_lora(adapted)  # non-zero A and B: a do-nothing adapter would fail the load check
+        return adapted.train()
+
+    def loss_of(out, ids):  # mean over equal-sized halves: the mean of the halves' gradients is the whole's
+        logits = out.logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    batches = [text_inputs(4, 6, seed=s) for s in range(3)]
+    ref = build()
+    ref_opt = torch.optim.AdamW(list(ref.trainable_parameters().values()), lr=1e-2)
+    ref_grads = []
+    for x in batches:
+        ref_opt.zero_grad()
+        loss_of(ref(**x), x["input_ids"]).backward()
+        ref_grads.append({{n: p.grad.clone() for n, p in ref.trainable_parameters().items()}})
+        ref_opt.step()
+    probe = text_inputs(3, 5, seed=99)
+    with torch.no_grad():
+        ref_out = ref.eval()(**probe).logits
+
+    result = {{}}
+    for policy in ("layer", "separate"):
+        adapted = build()
+        init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
+        base = {{n: p.detach().clone() for n, p in adapted.named_parameters() if not p.requires_grad}}
+        sharded = ga.shard(adapted, policy=policy)
+        units = [m for m in sharded.modules() if isinstance(m, FSDPModule)]
+        params = dict(adapted.named_parameters())
+        local = sum(p.to_local().numel() for n, p in params.items() if n in base)
+        full = sum(p.numel() for n, p in params.items() if n in base)
+        r = result[policy] = {{"units": len(units), "dtensor": all(isinstance(p, DTensor) for p in params.values()),
+                              "local_fraction": local / full, "grad_diff": []}}
+        opt = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-2)
+        for step, x in enumerate(batches):
+            half = {{k: v[2 * rank:2 * rank + 2] for k, v in x.items()}}  # different data on each rank
+            opt.zero_grad()
+            loss_of(sharded(**half), half["input_ids"]).backward()
+            grads = {{n: p.grad.full_tensor() for n, p in adapted.trainable_parameters().items()}}
+            assert grads.keys() == ref_grads[step].keys()
+            r["grad_diff"].append(max((grads[n] - ref_grads[step][n]).abs().max().item() for n in grads))
+            r.setdefault("frozen_grads", 0)
+            r["frozen_grads"] += sum(p.grad is not None for n, p in adapted.named_parameters() if n in base)
+            opt.step()
+        final = ga.full_adapter_state(sharded)
+        r["weight_diff"] = max((final[n] - p).abs().max().item() for n, p in ref.trainable_parameters().items())
+        r["trained"] = min((final[n] - init[n]).abs().max().item() for n in init)
+        r["base_diff"] = max((p.full_tensor() - base[n]).abs().max().item()
+                             for n, p in adapted.named_parameters() if n in base)
+        sharded.eval()
+        with torch.no_grad():
+            sharded_out = sharded(**probe).logits
+        r["sharded_vs_ref"] = (sharded_out - ref_out).abs().max().item()
+        out_dir = {tmp!r} + "/" + policy
+        written = ga.save_sharded_adapters(sharded, out_dir)
+        r["written"] = None if written is None else sorted(p.name for p in Path(written).iterdir())
+        # the shards are installed again after saving: the sharded model still computes the same
+        with torch.no_grad():
+            r["after_save"] = (sharded(**probe).logits - sharded_out).abs().max().item()
+        import torch.distributed.checkpoint as dcp
+        dcp.save(ga.adapter_state_dict(sharded), checkpoint_id=out_dir + "-dcp")  # each rank its own shards
+        with torch.no_grad():  # resume sharded: wipe the adapters, load the shards back in place
+            for t in ga.adapter_state_dict(sharded).values():
+                t.to_local().zero_()
+            wiped = (sharded(**probe).logits - sharded_out).abs().max().item()
+            dcp.load(ga.adapter_state_dict(sharded), checkpoint_id=out_dir + "-dcp")
+            r["dcp_resumed"] = [wiped, (sharded(**probe).logits - sharded_out).abs().max().item()]
+        if rank == 0:
+            fresh = build().eval()
+            ga.load_dcp_adapters(fresh, out_dir + "-dcp")
+            with torch.no_grad():
+                r["dcp_loaded_vs_sharded"] = (fresh(**probe).logits - sharded_out).abs().max().item()
+            fresh = build().eval()
+            with torch.no_grad():
+                r["untrained_vs_ref"] = (fresh(**probe).logits - ref_out).abs().max().item()
+                fresh.load_adapters(out_dir)
+                loaded = fresh(**probe).logits
+            r["loaded_vs_ref"] = (loaded - ref_out).abs().max().item()
+            r["loaded_vs_sharded"] = (loaded - sharded_out).abs().max().item()
+        dist.barrier()
+    # QLoRA: LoRA over a bitsandbytes NF4 base (graphadapt.quantized); the packed base stays replicated
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import warnings
+        import transformers as T
+        nf4_dir = {tmp!r} + "/nf4"
+        if rank == 0:
+            torch.manual_seed(0)
+            T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).save_pretrained(nf4_dir)
+        dist.barrier()
+
+        def build_nf4():
+            q = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base = T.AutoModelForCausalLM.from_pretrained(nf4_dir, quantization_config=q, device_map="cpu",
+                                                              dtype=torch.float32).eval()
+            adapted = ga.apply(base, ga.LoRA(r=4, targets=("q", "v", "down")))
+            randomize_lora(adapted)
+            return adapted.train()
+
+        qref = build_nf4()
+        qopt = torch.optim.AdamW(list(qref.trainable_parameters().values()), lr=1e-2)
+        qgrads = []
+        for x in batches:
+            qopt.zero_grad()
+            loss_of(qref(**x), x["input_ids"]).backward()
+            qgrads.append({{n: p.grad.clone() for n, p in qref.trainable_parameters().items()}})
+            qopt.step()
+        adapted = build_nf4()
+        packed = {{n: b.clone() for n, b in adapted.named_buffers() if b.dtype == torch.uint8}}
+        sharded = ga.shard(adapted)
+        opt = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-2)
+        r = result["qlora"] = {{"grad_diff": [], "packed": len(packed)}}
+        for step, x in enumerate(batches):
+            half = {{k: v[2 * rank:2 * rank + 2] for k, v in x.items()}}
+            opt.zero_grad()
+            loss_of(sharded(**half), half["input_ids"]).backward()
+            grads = {{n: p.grad.full_tensor() for n, p in adapted.trainable_parameters().items()}}
+            r["grad_diff"].append(max((grads[n] - qgrads[step][n]).abs().max().item() for n in grads))
+            opt.step()
+        final = ga.full_adapter_state(sharded)
+        r["weight_diff"] = max((final[n] - p).abs().max().item() for n, p in qref.trainable_parameters().items())
+        now = dict(adapted.named_buffers())
+        r["packed_equal"] = all(torch.equal(now[n], b) for n, b in packed.items())
+    with open({tmp!r} + f"/result{{rank}}.json", "w") as f:
+        json.dump(result, f)
+    print(f"rank {{rank}} ok", flush=True)
+    dist.barrier()  # both ranks reach teardown together (see test_ddp.py)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    tests = str(Path(__file__).parent)
+    script = tmp / "fsdp_run.py"
+    script.write_text(SCRIPT.format(tests=tests, tmp=str(tmp)))
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 2, proc.stdout
+    return [json.loads((tmp / f"result{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("policy", ["layer", "separate"])
+def test_sharded_training_equals_one_process(fsdp_run, policy):
+    for rank, result in enumerate(fsdp_run):
+        r = result[policy]
+        assert len(r["grad_diff"]) == 3 and max(r["grad_diff"]) <= 1e-6, (rank, r["grad_diff"])
+        assert r["weight_diff"] <= 1e-6, (rank, r["weight_diff"])
+        assert r["trained"] > 1e-4  # every adapter tensor moved
+        assert r["frozen_grads"] == 0 and r["base_diff"] == 0.0
+        assert r["sharded_vs_ref"] <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["layer", "separate"])
+def test_base_weights_are_sharded(fsdp_run, policy):
+    layers = 2  # tiny_llama: one unit per layer (+ the root)
+    adapter_modules = 7 * layers  # LoRA on all seven linears of each layer
+    expected = layers + 1 + (adapter_modules if policy == "separate" else 0)
+    for result in fsdp_run:
+        r = result[policy]
+        assert r["dtensor"] and r["units"] == expected
+        assert 0.45 <= r["local_fraction"] <= 0.55  # each rank holds half of every base weight
+
+
+@pytest.mark.parametrize("policy", ["layer", "separate"])
+def test_sharded_adapters_load_into_an_unsharded_model(fsdp_run, policy):
+    r0, r1 = fsdp_run[0][policy], fsdp_run[1][policy]
+    assert r0["written"] and r1["written"] is None  # rank 0 writes
+    assert r0["untrained_vs_ref"] > 1e-3  # loading has something to do
+    assert r0["loaded_vs_ref"] <= 1e-5 and r0["loaded_vs_sharded"] <= 1e-6
+    assert r0["after_save"] == 0.0 and r1["after_save"] == 0.0
+    assert r0["dcp_loaded_vs_sharded"] <= 1e-6  # the sharded (torch.distributed.checkpoint) save too
+    for r in (r0, r1):
+        wiped, resumed = r["dcp_resumed"]
+        assert wiped > 1e-3 and resumed == 0.0  # and loads back into the sharded model
+
+
+def test_qlora_trains_sharded_equal_to_one_process(fsdp_run):
+    if "qlora" not in fsdp_run[0]:
+        pytest.skip("bitsandbytes is not installed")
+    for result in fsdp_run:
+        r = result["qlora"]
+        assert len(r["grad_diff"]) == 3 and max(r["grad_diff"]) <= 1e-6, r["grad_diff"]
+        assert r["weight_diff"] <= 1e-6
+        assert r["packed"] > 0 and r["packed_equal"]  # the 4-bit base: packed, replicated, untouched
+
+
+def test_shard_refuses_bad_calls():
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_llama
+
+    adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+    with pytest.raises(ga.GraphAdaptError, match="policy='rows'"):
+        ga.shard(adapted, policy="rows")
+    with pytest.raises(ga.GraphAdaptError, match="init_process_group"):
+        ga.shard(adapted)
+    with pytest.raises(ga.GraphAdaptError, match="adapted model"):
+        ga.shard(tiny_llama(), policy="layer")
+
+
+def test_load_dcp_adapters_names_a_mismatched_checkpoint(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import randomize_lora, tiny_llama
+
+    saved = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("q",)))
+    randomize_lora(saved)
+    dcp.save(ga.adapter_state_dict(saved), checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    same = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("q",)))
+    assert ga.load_dcp_adapters(same, tmp_path / "ckpt") == sorted(saved.trainable_parameters())
+    assert all(torch.equal(p, saved.get_parameter(n)) for n, p in same.trainable_parameters().items())
+    other = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+    with pytest.raises(ga.GraphAdaptError, match="spec it was trained with"):
+        ga.load_dcp_adapters(other, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("make,spec", [("tiny_bert", "lora"), ("tiny_gpt2", "lora"), ("tiny_bert", "seqbn"),
+                                       ("tiny_llama", "prefix")])
+def test_one_rank_shard_is_exact_across_architectures_and_methods(tmp_path, make, spec):
+    """The cut per layer and the re-homed weight reads (BERT, GPT-2's Conv1D, Llama; weight-delta, residual
+    and attention sites): one rank, in process, so outputs and gradients are bit-equal to the unsharded model."""
+    import torch
+    import torch.distributed as dist
+
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import helpers
+
+    specs = {"lora": lambda: ga.LoRA(r=4, targets=("all-linear",)), "seqbn": ga.SeqBn,
+             "prefix": lambda: ga.PrefixTuning(prefix_length=3)}
+    x = helpers.text_inputs(2, 5)
+
+    def run(shard: bool):
+        adapted = ga.apply(getattr(helpers, make)(), specs[spec]())
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in adapted.trainable_parameters().values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)  # no adapter starts as a no-op
+        adapted.train()
+        model = ga.shard(adapted) if shard else adapted
+        torch.manual_seed(5)  # the same dropout masks
+        out = model(**x).last_hidden_state
+        out.pow(2).sum().backward()
+        grads = {n: p.grad for n, p in adapted.trainable_parameters().items()}
+        return out.detach(), {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        ref_out, ref_grads = run(False)
+        out, grads = run(True)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and grads
+    assert any(g is not None for g in grads.values())
+    # (BERT's pooler gets no gradient from last_hidden_state: None on both sides)
+    assert all((grads[n] is None) == (ref_grads[n] is None) for n in grads)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads if grads[n] is not None)
+
+
+def test_shard_refuses_models_it_cannot_shard(tmp_path):
+    import torch.distributed as dist
+
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import randomize_lora, text_inputs, tiny_llama
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        merged = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+        randomize_lora(merged)
+        merged.merge()
+        with pytest.raises(ga.GraphAdaptError, match="unmerge"):
+            ga.shard(merged)
+        checkpointed = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+        checkpointed.gradient_checkpointing_enable()
+        with pytest.raises(ga.GraphAdaptError, match="gradient_checkpointing_disable"):
+            ga.shard(checkpointed)
+        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)))
+        sharded = ga.shard(adapted)
+        with pytest.raises(ga.GraphAdaptError, match="already sharded"):
+            ga.shard(adapted)
+        x = text_inputs(2, 4)
+        with pytest.raises(ga.GraphAdaptError, match="labels"):
+            sharded(**x, labels=x["input_ids"])
+        with pytest.raises(ga.GraphAdaptError, match="unsharded model"):
+            ga.load_dcp_adapters(adapted, tmp_path)
+    finally:
+        dist.destroy_process_group()
