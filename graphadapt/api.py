@@ -39,7 +39,7 @@ def plan(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
 @serialised
 def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
           example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
-          cache: bool = False, quantize: Any = None) -> AdaptedModel:
+          cache: bool = False, quantize: Any = None, program_cache: bool | None = None) -> AdaptedModel:
     """Capture ``model`` and insert the adapters of ``spec``.
 
     ``spec``: a :class:`Spec`, one method (``LoRA(r=8)``), a dict, or a JSON/YAML path.
@@ -54,6 +54,9 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     base linears inside the captured graph (QLoRA from an fp32/fp16/bf16 checkpoint; the same packed
     bytes as transformers' ``BitsAndBytesConfig`` loading path; needs bitsandbytes). The caller's model
     stays dense. See docs/big-models.md.
+
+    ``program_cache=False``: trace the model even when the on-disk program cache has it, and store
+    nothing (the default, None, follows ``GRAPHADAPT_CACHE``; see :mod:`graphadapt.program_cache`).
     """
     from .checkpoints.trainable import with_task_heads
 
@@ -73,7 +76,7 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         target, example_kwargs, axes = cached_decoder(model, example_kwargs)
     with isolated_rng():
         gm = capture(target, example_inputs, example_kwargs, dynamic=dynamic, cls=AdaptedModel,
-                     dynamic_axes=axes)
+                     dynamic_axes=axes, program_cache=program_cache)
         if cache:
             gm.decoder_cache = dict(target.layout)
         if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph

@@ -34,7 +34,8 @@ from .contract import check_boundary, relax_derived_minimums
 from .errors import CaptureError
 from .passes import run_pass
 from .passes.portability import make_portable, retarget
-from .quantized import install_quantized_weights, opaque_quantized_linears
+from . import program_cache as programs
+from .quantized import install_quantized_weights, opaque_quantized_linears, quantized_modules
 
 __all__ = ["capture", "CapturedModule", "SignatureMiss", "synthesize_inputs", "retarget", "GRAPH_LOCK", "serialised"]
 
@@ -455,6 +456,28 @@ def _check_inputs_hook(module: CapturedModule, args, kwargs):
     return (), kwargs
 
 
+def _export(model: nn.Module, export_kwargs: dict, dyn_spec, baked: dict, own_forward, was_training: bool):
+    """``torch.export.export`` of ``model`` (eval mode, no grad, ``baked`` bound into forward): (program, quantized)."""
+    try:
+        model.eval()
+        if baked:  # non-tensor inputs landing in forward's **kwargs: bound, not exported as inputs
+            model.forward = functools.partial(own_forward or type(model).forward.__get__(model), **baked)
+        with torch.no_grad(), quiet_torch_logs(), opaque_quantized_linears(model) as quantized:
+            programs.stats["traced"] += 1
+            ep = torch.export.export(model, (), export_kwargs, dynamic_shapes=dyn_spec, strict=False)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one readable CaptureError
+        eager = _eager_failure(model, export_kwargs)
+        raise CaptureError(_describe_failure(model, eager or e, eager_fails=eager is not None)) from e
+    finally:
+        if baked:
+            if own_forward is None:
+                del model.forward
+            else:
+                model.forward = own_forward
+        model.train(was_training)
+    return ep, quantized
+
+
 def _rewrap_parameters(gm: fx.GraphModule) -> None:
     """Give the captured module its own Parameter objects over the same storage."""
     for mod in gm.modules():
@@ -467,7 +490,8 @@ def _rewrap_parameters(gm: fx.GraphModule) -> None:
 def capture(model: nn.Module, example_inputs: tuple | None = None,
             example_kwargs: Mapping[str, Any] | None = None, dynamic: bool = True,
             cls: type[CapturedModule] = CapturedModule,
-            dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> CapturedModule:
+            dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+            program_cache: bool | None = None) -> CapturedModule:
     """Capture ``model`` with torch.export into a :class:`CapturedModule`.
 
     Positional ``example_inputs`` are bound to names from the model's forward
@@ -476,6 +500,9 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     (``{input: {axis: name}}``, or the model's ``graphadapt_dynamic_axes``) replaces that
     default choice (e.g. a KV cache's past axis).
     Raises :class:`CaptureError` naming the failing module and what to try.
+
+    ``program_cache``: None (default) uses the on-disk program cache unless ``GRAPHADAPT_CACHE=off``;
+    False never reads or writes it (:mod:`graphadapt.program_cache`).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}.")
@@ -483,6 +510,8 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
         raise CaptureError(f"example_kwargs must be a dict of keyword inputs, got {type(example_kwargs).__name__}")
     if not isinstance(dynamic, bool):
         raise CaptureError(f"dynamic must be True or False, got {dynamic!r}")
+    if program_cache is not None and not isinstance(program_cache, bool):
+        raise CaptureError(f"program_cache must be True, False or None, got {program_cache!r}")
     kwargs: dict[str, Any] = dict(example_kwargs or {})
     if example_inputs is not None:
         if not isinstance(example_inputs, (tuple, list)):
@@ -510,26 +539,24 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     device = ref.device if ref is not None else torch.device("cpu")
     baked = _baked_inputs(model, kwargs)
     own_forward = model.__dict__.get("forward")
-    try:
-        model.eval()
-        if baked:  # non-tensor inputs landing in forward's **kwargs: bound, not exported as inputs
-            model.forward = functools.partial(own_forward or type(model).forward.__get__(model), **baked)
-        with torch.no_grad(), quiet_torch_logs(), opaque_quantized_linears(model) as quantized:
-            ep = torch.export.export(model, (), {k: v for k, v in kwargs.items() if k not in baked},
-                                     dynamic_shapes=_nest_var_keyword(model, {k: v for k, v in spec.items()
-                                                                              if k not in baked})
-                                     if dynamic else None,
-                                     strict=False)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one readable CaptureError
-        eager = _eager_failure(model, {k: v for k, v in kwargs.items() if k not in baked})
-        raise CaptureError(_describe_failure(model, eager or e, eager_fails=eager is not None)) from e
-    finally:
-        if baked:
-            if own_forward is None:
-                del model.forward
-            else:
-                model.forward = own_forward
-        model.train(was_training)
+    export_kwargs = {k: v for k, v in kwargs.items() if k not in baked}
+    dyn_spec = _nest_var_keyword(model, {k: v for k, v in spec.items() if k not in baked}) if dynamic else None
+    root = programs.cache_root(program_cache)
+    key = None
+    if root is not None and quantized_modules(model):  # packed weights are swapped during the trace: not cached
+        root = None
+    if root is not None:  # the key describes the model before capture touches it (forward, mode)
+        key = programs.program_key(model, export_kwargs, {"dynamic": dynamic, "dynamic_shapes": repr(dyn_spec),
+                                                               "baked": repr(baked)})
+        if isinstance(key, str):
+            programs.stats["uncacheable"] += 1
+            key = None
+    ep = programs.load_program(root, *key, model, export_kwargs) if key is not None else None
+    quantized = {}
+    if ep is None:
+        ep, quantized = _export(model, export_kwargs, dyn_spec, baked, own_forward, was_training)
+        if key is not None:
+            programs.store_program(root, *key, ep, model)
     relax_derived_minimums(ep)  # an axis derived from two dynamic ones must not inherit a minimum of 4
     unlifted = ep.module()
     gm = cls(unlifted, unlifted.graph)
