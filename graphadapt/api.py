@@ -55,8 +55,9 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     bytes as transformers' ``BitsAndBytesConfig`` loading path; needs bitsandbytes). The caller's model
     stays dense. See docs/big-models.md.
 
-    ``program_cache=False``: trace the model even when the on-disk program cache has it, and store
-    nothing (the default, None, follows ``GRAPHADAPT_CACHE``; see :mod:`graphadapt.program_cache`).
+    ``program_cache``: the on-disk cache of captured programs (opt-in): True uses it for this call, False never
+    reads or writes it, None (default) uses it only when ``GRAPHADAPT_CACHE`` names a directory
+    (:mod:`graphadapt.program_cache`).
     """
     from .checkpoints.trainable import with_task_heads
 

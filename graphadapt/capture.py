@@ -501,8 +501,9 @@ def capture(model: nn.Module, example_inputs: tuple | None = None,
     default choice (e.g. a KV cache's past axis).
     Raises :class:`CaptureError` naming the failing module and what to try.
 
-    ``program_cache``: None (default) uses the on-disk program cache unless ``GRAPHADAPT_CACHE=off``;
-    False never reads or writes it (:mod:`graphadapt.program_cache`).
+    ``program_cache``: None (default) uses the on-disk program cache only when ``GRAPHADAPT_CACHE`` names a
+    directory; True uses it (default directory unless the variable names one); False never reads or writes it
+    (:mod:`graphadapt.program_cache`).
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}.")

@@ -8,9 +8,10 @@ parameter and buffer replaced by a one-element placeholder: an entry holds the g
 On a hit the placeholders are replaced by the caller's own tensors (by name), so the loaded program
 computes with the weights the model has now.
 
-**Where**: ``$GRAPHADAPT_CACHE`` (a directory), else ``$XDG_CACHE_HOME/graphadapt/programs``, else
-``~/.cache/graphadapt/programs``. ``GRAPHADAPT_CACHE=off`` (or ``0``/``false``/``no``/``none``) disables it;
-``graphadapt.apply(..., program_cache=False)`` disables it for one call. Nothing is written outside that
+**Opt-in, where**: off unless asked for — ``$GRAPHADAPT_CACHE`` naming a directory turns it on there;
+``graphadapt.apply(..., program_cache=True)`` turns it on for one call (in ``$GRAPHADAPT_CACHE``, else
+``$XDG_CACHE_HOME/graphadapt/programs``, else ``~/.cache/graphadapt/programs``). ``GRAPHADAPT_CACHE=off`` (or
+``0``/``false``/``no``/``none``) or ``program_cache=False`` keeps it off. Nothing is written outside that
 directory. Clear it with :func:`clear` or by deleting the directory.
 
 **Key** (:func:`program_key`): everything the trace depends on — graphadapt, torch, transformers and
@@ -73,7 +74,10 @@ stats: collections.Counter = collections.Counter()
 
 
 def cache_root(flag: bool | None = None) -> Path | None:
-    """The cache directory, or None when caching is off (``flag=False``, or ``GRAPHADAPT_CACHE=off``)."""
+    """The cache directory, or None when caching is off. Opt-in (graphadapt writes nowhere the caller did not
+    name): on when ``GRAPHADAPT_CACHE`` names a directory, or for a call with ``program_cache=True`` (then
+    ``$XDG_CACHE_HOME/graphadapt/programs`` or ``~/.cache/graphadapt/programs`` unless the variable names one);
+    off with ``flag=False``, ``GRAPHADAPT_CACHE=off``, or neither set."""
     if flag is False:
         return None
     env = os.environ.get(ENV)
@@ -81,6 +85,8 @@ def cache_root(flag: bool | None = None) -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
+    if flag is not True:
+        return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "graphadapt" / "programs"
 

@@ -137,9 +137,12 @@ def test_opt_out_by_environment(tmp_path, monkeypatch):
     capture(m)
     capture(m)
     assert pc.stats["traced"] == 2 and not pc.stats["stored"] and not list(tmp_path.iterdir())
-    assert pc.cache_root() is None
+    assert pc.cache_root() is None and pc.cache_root(True) is None   # off wins over a per-call True
     monkeypatch.delenv(pc.ENV)
-    assert pc.cache_root() == tmp_path / "graphadapt" / "programs"
+    assert pc.cache_root() is None                                   # opt-in: nothing written unless asked
+    capture(m)
+    assert not list(tmp_path.iterdir())
+    assert pc.cache_root(True) == tmp_path / "graphadapt" / "programs"
 
 
 def test_models_it_cannot_describe_are_not_cached(cache):
