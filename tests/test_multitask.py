@@ -182,3 +182,26 @@ def test_several_heads_at_once_and_average_head():
     m.active_head = ["h1", "nope"]
     with pytest.raises(SpecError, match="names no head"):
         m(**x)
+
+
+def test_generate_routes_rows_by_task_ids():
+    """``adapted.generate(..., task_ids=...)`` decodes each prompt with its own task's adapter: the same tokens as
+    that task's adapter alone; a bad id is named."""
+    from helpers import perturb_adapters, tiny_llama
+
+    model = tiny_llama(causal_lm=True).eval()
+    spec = ga.Spec({"a": ga.MTLLoRA(r=2, targets=("q", "v")), "b": ga.MTLLoRA(r=2, targets=("q", "v"))},
+                   active=ga.MultiTask("a", "b"))
+    adapted = ga.apply(model, spec)
+    perturb_adapters(adapted, seed=3, std=0.5, replace=True)
+    ids = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = adapted.generate(ids, max_new_tokens=6, eos_token_id=[], task_ids=["b", "a"])
+    alone = {}
+    for name in ("a", "b"):
+        adapted.set_active([name])
+        alone[name] = adapted.generate(ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(out[0], alone["b"][0]) and torch.equal(out[1], alone["a"][1])
+    assert not torch.equal(alone["a"], alone["b"])                    # the tasks decode differently
+    adapted.set_active(ga.MultiTask("a", "b"))
+    with pytest.raises(InputError):
+        adapted.generate(ids, max_new_tokens=2, task_ids=[0, 5])
