@@ -1,0 +1,140 @@
+"""Out-of-core merge: base weights streamed from a sharded checkpoint, one tensor at a time (graphadapt.outofcore)."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import graphadapt as ga
+from graphadapt.errors import CheckpointError, MergeError
+from graphadapt.outofcore import Checkpoint, check_merged_against_in_memory, hollow_model, save_merged_from_checkpoint
+
+from helpers import text_inputs, tiny_llama
+
+SPEC = ga.LoRA(r=4, alpha=8, targets=("all-linear",))
+SMALL = 64  # the tiny model's linear weights (>= 32x32) stay hollow; norms are read
+
+
+def _nonzero_b(adapted, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _all_tensors(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny Llama saved in three shards (Hugging Face's layout), and an in-memory merge of it."""
+    root = tmp_path_factory.mktemp("ooc")
+    model = tiny_llama(causal_lm=True)
+    model.save_pretrained(root / "ckpt", max_shard_size="60KB")
+    shards = sorted((root / "ckpt").glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    # the in-memory reference: the whole model loaded, adapted, merged by save_merged
+    import transformers as T
+
+    loaded = T.AutoModelForCausalLM.from_pretrained(root / "ckpt").eval()
+    adapted = ga.apply(loaded, SPEC).eval()
+    _nonzero_b(adapted)
+    adapted.save_merged(root / "ref")
+    ga.save_adapters(adapted, root / "adapters")
+    return {"root": root, "dir": root / "ckpt", "ref": _all_tensors(root / "ref"), "base": _all_tensors(root / "ckpt"),
+            "adapted": adapted, "shards": [s.name for s in shards]}
+
+
+@pytest.fixture(scope="module")
+def streamed(ckpt):
+    hollow = hollow_model(ckpt["dir"], small=SMALL)
+    adapted = ga.apply(hollow, SPEC).eval()
+    with torch.no_grad():
+        own = dict(adapted.named_parameters())
+        for name, p in ckpt["adapted"].named_parameters():
+            if "lora_" in name:
+                own[name].copy_(p)
+    return hollow, adapted
+
+
+def test_streamed_merge_equals_in_memory_merge_bit_for_bit(ckpt, streamed, monkeypatch):
+    hollow, adapted = streamed
+    assert any("q_proj" in n for n in hollow.graphadapt_hollow)  # large weights were never read
+    assert not any("norm" in n for n in hollow.graphadapt_hollow)
+    live, peak, reads = [0], [0], [0]
+    orig = Checkpoint.read
+
+    def counting_read(self, name):  # how many checkpoint tensors are alive at once
+        t = orig(self, name)
+        reads[0] += 1
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(t, lambda: live.__setitem__(0, live[0] - 1))
+        return t
+
+    monkeypatch.setattr(Checkpoint, "read", counting_read)
+    out = ckpt["root"] / "streamed"
+    save_merged_from_checkpoint(ckpt["dir"], adapted, out)
+    monkeypatch.undo()
+    base, ref = ckpt["base"], ckpt["ref"]
+    assert reads[0] == len(base) and peak[0] <= 2  # each tensor read once, one (weight + bias) at a time
+    # same shard layout and index as the input
+    assert sorted(p.name for p in out.glob("model-*.safetensors")) == ckpt["shards"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((ckpt["dir"] / "model.safetensors.index.json").read_text())["weight_map"]
+    got = _all_tensors(out)
+    assert set(got) == set(ref) == set(base)
+    folded = [k for k in got if "proj" in k]
+    assert folded
+    for k in got:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    for k in folded:  # the adapter did something: a do-nothing merge would fail here
+        assert not torch.equal(got[k], base[k]), k
+    # and the per-shard check used by the benchmark agrees
+    counts = check_merged_against_in_memory(ckpt["dir"], adapted, out)
+    assert counts["tensors"] == len(base) and counts["folded"] == len(folded)
+    assert counts["shards"] == len(ckpt["shards"])
+
+
+def test_merged_checkpoint_loads_and_matches_the_adapted_model(ckpt, streamed):
+    import transformers as T
+
+    out = ckpt["root"] / "from_adapters"
+    save_merged_from_checkpoint(ckpt["dir"], ckpt["root"] / "adapters", out, dtype="fp16")  # an adapter folder
+    got = _all_tensors(out)
+    assert all(torch.equal(got[k], v.half()) for k, v in ckpt["ref"].items())
+    assert json.loads((out / "config.json").read_text()).get("dtype", "float16") == "float16"
+    merged = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    inputs = text_inputs(2, 7)
+    with torch.no_grad():
+        want = ckpt["adapted"](**inputs).logits
+        base = T.AutoModelForCausalLM.from_pretrained(ckpt["dir"]).eval()(**inputs).logits
+        have = merged(**inputs, use_cache=False).logits
+    assert (have - want).abs().max() < 5e-3 < (base - want).abs().max()
+
+
+def test_refusals(ckpt, streamed, tmp_path):
+    _, adapted = streamed
+    with pytest.raises(CheckpointError, match="checkpoint being read"):
+        save_merged_from_checkpoint(ckpt["dir"], adapted, ckpt["dir"])
+    foreign = tmp_path / "hf"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        save_merged_from_checkpoint(ckpt["dir"], adapted, foreign)
+    assert (foreign / "config.json").read_text() == "{}"
+    with pytest.raises(CheckpointError, match="neither model.safetensors"):
+        save_merged_from_checkpoint(tmp_path, adapted, tmp_path / "out")
+    bn = ga.apply(hollow_model(ckpt["dir"], small=SMALL), ga.SeqBn(reduction_factor=4))
+    with pytest.raises(MergeError, match="do not fold"):
+        save_merged_from_checkpoint(ckpt["dir"], bn, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
