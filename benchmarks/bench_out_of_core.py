@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only-generate", action="store_true")
+    ap.add_argument("--skip-merge", action="store_true", help="only the ONNX export (a checkpoint exists)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     args = ap.parse_args()
 
@@ -159,19 +160,20 @@ def main() -> None:
         for name, p in adapted.named_parameters():
             if name.endswith("lora_B"):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
-    step("save_merged_from_checkpoint (streamed)", lambda: save_merged_from_checkpoint(ckpt, adapted, merged_dir))
-    out_files = sorted(merged_dir.glob("*.safetensors"))
-    rows[-1] = (*rows[-1][:3], f"{len(out_files)} shards, {sum(f.stat().st_size for f in out_files) / GIB:.2f} GiB, "
-                "same layout as the input")
+    if not args.skip_merge:
+        step("save_merged_from_checkpoint (streamed)", lambda: save_merged_from_checkpoint(ckpt, adapted, merged_dir))
+        out_files = sorted(merged_dir.glob("*.safetensors"))
+        rows[-1] = (*rows[-1][:3], f"{len(out_files)} shards, {sum(f.stat().st_size for f in out_files) / GIB:.2f} "
+                    "GiB, same layout as the input")
 
-    if not args.skip_check:
+    if not args.skip_check and not args.skip_merge:
         from graphadapt.outofcore import check_merged_against_in_memory
 
         res = step("check: each merged shard == in-memory merge of that shard",
                    lambda: check_merged_against_in_memory(ckpt, adapted, merged_dir))
         rows[-1] = (*rows[-1][:3], f"{res['tensors']} tensors in {res['shards']} shards bit-identical; "
                     f"{res['folded']} folded (each differs from its base)")
-    shutil.rmtree(merged_dir)
+    shutil.rmtree(merged_dir, ignore_errors=True)
 
     if not args.skip_onnx:
         from graphadapt.exporters import export_onnx

@@ -395,6 +395,101 @@ def _write_config(ckpt: Checkpoint, tmp: Path, tdtype) -> list[str]:
     return written
 
 
+# ----------------------------------------------------------------------------- export support
+class WeightSource:
+    """Where a hollow model's base tensors are: its checkpoint. ``read_hollow(name)`` reads a hollow tensor
+    (None for the tensors the model holds itself); the exporter writes placeholders for the hollow ones and
+    reads each when the ONNX file's external data is written."""
+
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module):
+        self.checkpoint = checkpoint
+        self.hollow = frozenset(model.graphadapt_hollow)
+        params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n in self.hollow]
+        self.storages = {p.untyped_storage().data_ptr(): n for n, p in params}
+        for n, p in params:
+            e = checkpoint.entries.get(n)
+            if e is None or tuple(e.shape) != tuple(p.shape) or e.dtype != p.dtype:
+                got = "absent" if e is None else f"{e.shape} {e.dtype}"
+                raise CheckpointError(f"{checkpoint.directory}: {n} is {got}, the hollow model's is "
+                                      f"{tuple(p.shape)} {p.dtype}; give the checkpoint the model was built from")
+
+    def is_hollow(self, name: str) -> bool:
+        return name in self.hollow
+
+    def read_hollow(self, name: str) -> torch.Tensor | None:
+        return self.checkpoint.read(name) if name in self.hollow else None
+
+
+def weight_source(model, weights_from=None) -> WeightSource | None:
+    """The :class:`WeightSource` of an adapted model built on :func:`hollow_model` (None for an ordinary
+    model). ``weights_from`` (a checkpoint directory) overrides the checkpoint the hollow model remembers;
+    given for a model that is not hollow it is refused (its weights are in memory already)."""
+    src = model.__dict__.get("_source_model", model) if hasattr(model, "__dict__") else model
+    hollow = getattr(src, "graphadapt_hollow", None)
+    if hollow is None:
+        if weights_from is not None:
+            raise CheckpointError("weights_from reads the base weights of a model built by "
+                                  "graphadapt.outofcore.hollow_model(checkpoint); this model holds its weights "
+                                  "in memory: export it without weights_from")
+        return None
+    ckpt = src.graphadapt_checkpoint if weights_from is None else _resolve(model, weights_from)
+    return WeightSource(ckpt, src)
+
+
+class _LoadHollow:
+    """A dispatch mode giving every op that reads a hollow tensor (or a view of one) the checkpoint's value
+    instead, read just before the op; the two most recent are kept (a linear and its adapter read the same
+    weight), the rest freed."""
+
+    def __new__(cls, source: WeightSource):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.cache: dict[str, torch.Tensor] = {}
+
+            def _sub(self, x):
+                if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.is_sparse:
+                    return x
+                try:
+                    name = source.storages.get(x.untyped_storage().data_ptr())
+                except (RuntimeError, NotImplementedError):
+                    return x
+                if name is None:
+                    return x
+                t = self.cache.pop(name, None)
+                if t is None:
+                    t = source.checkpoint.read(name)
+                self.cache[name] = t
+                while len(self.cache) > 2:
+                    self.cache.pop(next(iter(self.cache)))
+                return t.as_strided(x.shape, x.stride(), x.storage_offset())
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                from torch.utils._pytree import tree_map
+
+                return func(*tree_map(self._sub, args), **tree_map(self._sub, kwargs or {}))
+
+        return Mode()
+
+
+class StreamedReference(nn.Module):
+    """``model`` (an adapted hollow model) computing real outputs: each hollow weight is read from the
+    checkpoint right before the op that uses it and dropped soon after, so a forward holds a couple of
+    weights, never the model. Slow (every weight read from disk per forward): it is the PyTorch reference
+    of a verified out-of-core export."""
+
+    def __init__(self, model: nn.Module, source: WeightSource):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not a submodule: its hollow parameters are not ours
+        self._source = source
+
+    def forward(self, *args, **kwargs):
+        with _LoadHollow(self._source):
+            return self._model(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- check
 def check_merged_against_in_memory(checkpoint_dir, adapted, merged_dir) -> dict:
     """Compare a streamed merged checkpoint with an in-memory merge, one input shard at a time.
@@ -455,5 +550,5 @@ def check_merged_against_in_memory(checkpoint_dir, adapted, merged_dir) -> dict:
     return counts
 
 
-__all__ = ["Checkpoint", "hollow_model", "save_merged_from_checkpoint", "merged_tensor", "merge_chains",
+__all__ = ["Checkpoint", "StreamedReference", "WeightSource", "weight_source", "hollow_model", "save_merged_from_checkpoint", "merged_tensor", "merge_chains",
            "check_merged_against_in_memory"]

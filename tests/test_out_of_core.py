@@ -138,3 +138,74 @@ def test_refusals(ckpt, streamed, tmp_path):
     with pytest.raises(MergeError, match="do not fold"):
         save_merged_from_checkpoint(ckpt["dir"], bn, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_in_memory_save_merged_refuses_a_hollow_model(streamed, tmp_path):
+    _, adapted = streamed
+    with pytest.raises(CheckpointError, match="save_merged_from_checkpoint"):
+        adapted.save_merged(tmp_path / "m")  # would write the hollow (unread) weights
+
+
+@pytest.fixture(scope="module")
+def fp16(tmp_path_factory):
+    """The same tiny Llama as an fp16 checkpoint (out-of-core export writes the checkpoint's dtype)."""
+    import transformers as T
+
+    root = tmp_path_factory.mktemp("ooc16")
+    tiny_llama(causal_lm=True).half().save_pretrained(root / "ckpt", max_shard_size="30KB")
+    loaded = T.AutoModelForCausalLM.from_pretrained(root / "ckpt", dtype=torch.float16).eval()
+    in_memory = ga.apply(loaded, SPEC).eval()
+    _nonzero_b(in_memory)
+    adapted = ga.apply(hollow_model(root / "ckpt", small=SMALL), SPEC).eval()
+    with torch.no_grad():
+        own = dict(adapted.named_parameters())
+        for name, p in in_memory.named_parameters():
+            if "lora_" in name:
+                own[name].copy_(p)
+    return {"root": root, "dir": root / "ckpt", "in_memory": in_memory, "adapted": adapted, "loaded": loaded}
+
+
+def test_streamed_reference_equals_the_in_memory_model(fp16):
+    from graphadapt.outofcore import StreamedReference, weight_source
+
+    inputs = text_inputs(2, 7)
+    ref = StreamedReference(fp16["adapted"], weight_source(fp16["adapted"]))
+    with torch.no_grad():
+        got = ref(**inputs).logits
+        want = fp16["in_memory"](**inputs).logits
+        hollow = fp16["adapted"](**inputs).logits  # without the checkpoint: not the model
+    assert torch.equal(got, want)
+    assert not torch.allclose(hollow.float(), want.float(), atol=1e-2)
+
+
+def test_out_of_core_onnx_export_verifies_and_matches_the_in_memory_merge(fp16):
+    import onnxruntime as ort
+
+    from graphadapt.exporters import export_onnx
+
+    path = fp16["root"] / "model.onnx"
+    inputs = text_inputs(2, 7)
+    reads = []
+    orig = Checkpoint.read
+    try:
+        Checkpoint.read = lambda self, name: reads.append(name) or orig(self, name)
+        rep = export_onnx(fp16["adapted"], path, dtype="fp16", example_inputs=inputs, weights_from=fp16["dir"])
+    finally:
+        Checkpoint.read = orig
+    assert rep.verified and rep.merged
+    assert any("q_proj" in n for n in reads)  # the hollow weights came from the checkpoint
+    # independent of the streamed reference: the file against the in-memory adapted model (fp16)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}
+    got = torch.from_numpy(sess.run(None, feeds)[0]).float()
+    with torch.no_grad():
+        want = fp16["in_memory"](**inputs).logits.float()
+        base = fp16["loaded"](**inputs).logits.float()
+    assert (got - want).abs().max() < 2e-2 < (base - want).abs().max()
+
+
+def test_out_of_core_export_refuses_another_dtype(fp16):
+    from graphadapt.exporters import export_onnx
+
+    with pytest.raises(ga.ExportError, match="checkpoint's tensors as they are"):
+        export_onnx(fp16["adapted"], fp16["root"] / "x.onnx", dtype="fp32", weights_from=fp16["dir"])
