@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only-generate", action="store_true")
     ap.add_argument("--skip-merge", action="store_true", help="only the ONNX export (a checkpoint exists)")
+    ap.add_argument("--check-dir", help="only check the merged shards in this folder (the temp folder of a running "
+                    "merge works: each shard is checked once complete)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
     args = ap.parse_args()
 
@@ -160,6 +162,9 @@ def main() -> None:
         for name, p in adapted.named_parameters():
             if name.endswith("lora_B"):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    if args.check_dir:
+        check_following(ckpt, adapted, Path(args.check_dir), step)
+        return
     if not args.skip_merge:
         step("save_merged_from_checkpoint (streamed)", lambda: save_merged_from_checkpoint(ckpt, adapted, merged_dir))
         out_files = sorted(merged_dir.glob("*.safetensors"))
@@ -200,6 +205,34 @@ def main() -> None:
         print(f"| {name} | {sec:.1f} | {peak:.2f} | {note} |")
     if not args.keep:
         shutil.rmtree(work)
+
+
+def check_following(ckpt_dir, adapted, merged: Path, step) -> None:
+    """Check each merged shard against an in-memory merge of its input shard as soon as it is complete."""
+    from graphadapt.outofcore import Checkpoint, _read_header, check_merged_shard
+
+    ckpt = Checkpoint(ckpt_dir)
+    total = {"shards": 0, "tensors": 0, "folded": 0}
+    for fname, entries in ckpt.shards.items():
+        want = None
+        while True:
+            f = merged / fname
+            if not f.exists() and (merged.parent / fname).exists():  # the merge finished and moved it
+                f = merged.parent / fname
+            if f.exists() and f.stat().st_size >= 8:
+                try:
+                    last = max(_read_header(f), key=lambda e: e.start)
+                    want = last.start + last.nbytes
+                except Exception:  # noqa: BLE001 - header not written yet
+                    want = None
+                if want is not None and f.stat().st_size >= want:
+                    break
+            time.sleep(10)
+        res = step(f"check {fname} == in-memory merge of that shard", lambda: check_merged_shard(ckpt, adapted, f))
+        for k in total:
+            total[k] += res[k]
+        print(f"  {res}", flush=True)
+    print(f"all shards bit-identical: {total}", flush=True)
 
 
 def math_prod(shape) -> int:

@@ -492,63 +492,82 @@ class StreamedReference(nn.Module):
 
 # ----------------------------------------------------------------------------- check
 def check_merged_against_in_memory(checkpoint_dir, adapted, merged_dir) -> dict:
-    """Compare a streamed merged checkpoint with an in-memory merge, one input shard at a time.
-
-    For each shard of the checkpoint: its tensors are loaded into ``adapted``'s base parameters (the shard
-    only), each weight an adapter folds into is merged by the ordinary in-memory path
-    (:func:`graphadapt.passes.merge.fold_chain` reading the model's own parameter), and every tensor of
-    the merged shard must be bit-identical to it (and a folded weight must differ from its base).
-    The parameters are put back as they were after each shard. Raises :class:`MergeError` on a mismatch;
-    returns counts. Memory: one input shard."""
-    from .passes import merge as merge_pass
-
+    """Compare a streamed merged checkpoint with an in-memory merge, one input shard at a time
+    (:func:`check_merged_shard` for each); returns counts. Raises :class:`MergeError` on a mismatch."""
     ckpt = Checkpoint(checkpoint_dir)
     out = Checkpoint(merged_dir)
-    chains = merge_chains(adapted, ckpt)
     if list(out.shards) != list(ckpt.shards):
         raise MergeError(f"{merged_dir} has shards {list(out.shards)}, the checkpoint {list(ckpt.shards)}")
+    counts = {"shards": 0, "tensors": 0, "folded": 0}
+    for fname in ckpt.shards:
+        for k, v in check_merged_shard(ckpt, adapted, out.directory / fname).items():
+            counts[k] += v
+    return counts
+
+
+def check_merged_shard(checkpoint: Checkpoint, adapted, merged_file) -> dict:
+    """One shard of a streamed merged checkpoint against an in-memory merge of the same input shard.
+
+    The input shard's tensors are loaded into ``adapted``'s base parameters (that shard only), each weight an
+    adapter folds into is merged by the ordinary in-memory path (:func:`graphadapt.passes.merge.fold_chain`
+    reading the model's own parameter), and every tensor of ``merged_file`` (same name as the input shard)
+    must be bit-identical to it; a folded weight must differ from its base. The parameters are put back
+    afterwards. Memory: one input shard."""
+    from .passes import merge as merge_pass
+
+    merged_file = Path(merged_file)
+    ckpt = checkpoint
+    chains = merge_chains(adapted, ckpt)
+    entries = ckpt.shards[merged_file.name]
+    out = {e.name: e for e in _read_header(merged_file)}
+    if list(out) != [e.name for e in entries]:
+        raise MergeError(f"{merged_file.name}: merged tensors differ in names or order from the checkpoint's")
+
+    def read_out(name):
+        e = out[name]
+        t = torch.empty(e.shape, dtype=e.dtype)
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return t
+
     owners = {}
     for n, _ in adapted.named_parameters(remove_duplicate=False):
         owner, _, leaf = n.rpartition(".")
         owners[n] = (adapted.get_submodule(owner) if owner else adapted, leaf)
-    counts = {"shards": 0, "tensors": 0, "folded": 0}
-    for fname, entries in ckpt.shards.items():
-        if [e.name for e in out.shards[fname]] != [e.name for e in entries]:
-            raise MergeError(f"{fname}: merged tensors differ in names or order from the checkpoint's")
-        saved = {}
-        try:
-            for e in entries:  # this shard, in memory, in the model
-                if e.name in owners:
-                    mod, leaf = owners[e.name]
-                    saved[e.name] = mod._parameters[leaf]
-                    mod._parameters[leaf] = nn.Parameter(ckpt.read(e.name), requires_grad=False)
-            for e in entries:
-                got = out.read(e.name)
-                chain = chains.get(e.name)
-                if chain is not None and chain.weight in saved and (chain.bias is None or chain.bias in saved
-                                                                    or chain.part is not None):
-                    w2, b2 = merge_pass.fold_chain(adapted, chain, safe=True)
-                    want = w2 if e.name == chain.weight else b2
-                    base = adapted.get_parameter(e.name)
-                    if e.name == chain.weight:
-                        if torch.equal(want, base):
-                            raise MergeError(f"{e.name}: the in-memory merge left it unchanged (adapter is zero?)")
-                        counts["folded"] += 1
-                elif chain is not None:  # its weight/bias lives in another shard: the streamed reader is the reference
-                    want = merged_tensor(adapted, ckpt, chains, e.name)
-                else:
-                    want = adapted.get_parameter(e.name) if e.name in saved else ckpt.read(e.name)
-                if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
-                    raise MergeError(f"{fname}: {e.name} of the streamed merge differs from the in-memory merge")
-                counts["tensors"] += 1
-                del got, want
-        finally:
-            for name, p in saved.items():
-                mod, leaf = owners[name]
-                mod._parameters[leaf] = p
-        counts["shards"] += 1
+    counts = {"shards": 1, "tensors": 0, "folded": 0}
+    saved = {}
+    try:
+        for e in entries:  # this shard, in memory, in the model
+            if e.name in owners:
+                mod, leaf = owners[e.name]
+                saved[e.name] = mod._parameters[leaf]
+                mod._parameters[leaf] = nn.Parameter(ckpt.read(e.name), requires_grad=False)
+        for e in entries:
+            got = read_out(e.name)
+            chain = chains.get(e.name)
+            if chain is not None and chain.weight in saved and (chain.bias is None or chain.bias in saved
+                                                                or chain.part is not None):
+                w2, b2 = merge_pass.fold_chain(adapted, chain, safe=True)
+                want = w2 if e.name == chain.weight else b2
+                if e.name == chain.weight:
+                    if torch.equal(want, adapted.get_parameter(e.name)):
+                        raise MergeError(f"{e.name}: the in-memory merge left it unchanged (adapter is zero?)")
+                    counts["folded"] += 1
+            elif chain is not None:  # its weight/bias lives in another shard: the streamed reader is the reference
+                want = merged_tensor(adapted, ckpt, chains, e.name)
+            else:
+                want = adapted.get_parameter(e.name) if e.name in saved else ckpt.read(e.name)
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+                raise MergeError(f"{merged_file.name}: {e.name} of the streamed merge differs from the in-memory merge")
+            counts["tensors"] += 1
+            del got, want
+    finally:
+        for name, p in saved.items():
+            mod, leaf = owners[name]
+            mod._parameters[leaf] = p
     return counts
 
 
 __all__ = ["Checkpoint", "StreamedReference", "WeightSource", "weight_source", "hollow_model", "save_merged_from_checkpoint", "merged_tensor", "merge_chains",
-           "check_merged_against_in_memory"]
+           "check_merged_against_in_memory", "check_merged_shard"]
