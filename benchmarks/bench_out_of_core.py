@@ -178,7 +178,8 @@ def main() -> None:
                    lambda: check_merged_against_in_memory(ckpt, adapted, merged_dir))
         rows[-1] = (*rows[-1][:3], f"{res['tensors']} tensors in {res['shards']} shards bit-identical; "
                     f"{res['folded']} folded (each differs from its base)")
-    shutil.rmtree(merged_dir, ignore_errors=True)
+    if not args.skip_merge:
+        shutil.rmtree(merged_dir, ignore_errors=True)
 
     if not args.skip_onnx:
         from graphadapt.exporters import export_onnx

@@ -186,8 +186,7 @@ def hollow_model(checkpoint_dir: str | os.PathLike, model_class=None, *, small: 
                 full = f"{mname}.{leaf}" if mname else leaf
                 if id(p) not in done:
                     entry = ckpt.entries.get(full)
-                    if entry is None:
-                        done[id(p)] = p  # tied (its twin is in the checkpoint) or absent: settled below
+                    if entry is None:  # tied (its twin is in the checkpoint) or absent: settled below
                         missing.append((full, mod, leaf, p))
                         continue
                     if tuple(entry.shape) != tuple(p.shape):
@@ -200,11 +199,10 @@ def hollow_model(checkpoint_dir: str | os.PathLike, model_class=None, *, small: 
                         hollow.add(full)
                     reads = ckpt.reads
                 mod._parameters[leaf] = done[id(p)]
-    unresolved = [full for full, mod, leaf, p in missing if mod._parameters[leaf].device.type == "meta"]
-    if unresolved:
-        # tied parameters were replaced with their twin above only if met after it; settle the rest
-        model.tie_weights()
-        unresolved = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    for full, mod, leaf, p in missing:  # a tied parameter met before its twin
+        if id(p) in done:
+            mod._parameters[leaf] = done[id(p)]
+    unresolved = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
     if unresolved:
         raise CheckpointError(f"the checkpoint in {ckpt.directory} lacks {unresolved[:5]} "
                               f"({len(unresolved)} parameter(s) of {model_class.__name__})")

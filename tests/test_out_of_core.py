@@ -209,3 +209,14 @@ def test_out_of_core_export_refuses_another_dtype(fp16):
 
     with pytest.raises(ga.ExportError, match="checkpoint's tensors as they are"):
         export_onnx(fp16["adapted"], fp16["root"] / "x.onnx", dtype="fp32", weights_from=fp16["dir"])
+
+
+def test_hollow_model_keeps_tied_weights_tied(tmp_path):
+    tiny_llama(causal_lm=True, tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    model = hollow_model(tmp_path / "tied", small=SMALL)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any(p.is_meta for p in model.parameters())
+    with pytest.raises(CheckpointError, match="lacks"):  # a checkpoint missing a weight is named
+        (tmp_path / "tied" / "config.json").write_text(
+            (tmp_path / "tied" / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+        hollow_model(tmp_path / "tied")
