@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only-generate", action="store_true")
     ap.add_argument("--skip-merge", action="store_true", help="only the ONNX export (a checkpoint exists)")
+    ap.add_argument("--check-from", type=int, default=1, help="with --check-dir: the first shard to check")
     ap.add_argument("--check-dir", help="only check the merged shards in this folder (the temp folder of a running "
                     "merge works: each shard is checked once complete)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
@@ -163,7 +164,7 @@ def main() -> None:
             if name.endswith("lora_B"):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
     if args.check_dir:
-        check_following(ckpt, adapted, Path(args.check_dir), step)
+        check_following(ckpt, adapted, Path(args.check_dir), step, args.check_from)
         return
     if not args.skip_merge:
         step("save_merged_from_checkpoint (streamed)", lambda: save_merged_from_checkpoint(ckpt, adapted, merged_dir))
@@ -208,13 +209,13 @@ def main() -> None:
         shutil.rmtree(work)
 
 
-def check_following(ckpt_dir, adapted, merged: Path, step) -> None:
+def check_following(ckpt_dir, adapted, merged: Path, step, first: int = 1) -> None:
     """Check each merged shard against an in-memory merge of its input shard as soon as it is complete."""
     from graphadapt.outofcore import Checkpoint, _read_header, check_merged_shard
 
     ckpt = Checkpoint(ckpt_dir)
     total = {"shards": 0, "tensors": 0, "folded": 0}
-    for fname, entries in ckpt.shards.items():
+    for fname in list(ckpt.shards)[first - 1:]:
         want = None
         while True:
             f = merged / fname
