@@ -75,7 +75,7 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {e}") from None
-            files = list(dict.fromkeys(weight_map.values()))
+            files = sorted(set(weight_map.values()))  # shard file order (index keys may be sorted by tensor)
         elif (self.directory / WEIGHTS_NAME).is_file():
             files = [WEIGHTS_NAME]
         else:
