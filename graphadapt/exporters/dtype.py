@@ -30,7 +30,7 @@ def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 
 def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: dict[str, Any],
-                   merge: bool = False, lazy_merge: bool = False) -> torch.nn.Module:
+                   merge: bool = False, lazy_merge: bool = False, weights_from=None) -> torch.nn.Module:
     """A copy of ``model`` in ``dtype`` (``model`` itself when already there and nothing to merge);
     never converts or merges ``model`` itself.
 
@@ -49,6 +49,11 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
     value on demand. The copy's forward is then *wrong* until those values are installed: it is
     for tracing (torch.onnx.export) and writing the values one at a time (see
     :func:`graphadapt.exporters.onnx.export_onnx`), never for computing outputs.
+
+    ``weights_from`` (a :class:`graphadapt.outofcore.WeightSource`: the model's base weights are hollow and
+    live in a checkpoint) makes every large hollow tensor a placeholder whose value (read from the
+    checkpoint, folded when an adapter merges into it) ``graphadapt_lazy_folds`` computes on demand; small
+    ones are read here. Needs ``dtype`` to be the checkpoint tensors' own dtype.
     """
     plan = None
     if merge and callable(getattr(model, "merge", None)) and not getattr(model, "is_merged", False) \
@@ -60,7 +65,7 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
             plan = None
     # grouped expert products (mixture of experts) have no ONNX form: the copy gets the portable lowering
     lower = isinstance(model, torch.fx.GraphModule) and has_grouped_experts(model)
-    if plan is None and not lower and _float_dtypes(model) <= {dtype}:
+    if plan is None and not lower and weights_from is None and _float_dtypes(model) <= {dtype}:
         return model
     src = _dominant_float_dtype(model)
     originals = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -75,7 +80,8 @@ def converted_copy(model: torch.nn.Module, dtype: torch.dtype, example_inputs: d
         # GraphModule's deepcopy re-registers it as a submodule: keep it a plain reference
         del clone._modules["_source_model"]
         object.__setattr__(clone, "_source_model", source)
-    lazy = _convert_tensors(model, clone, dtype, plan, lazy=lazy_merge and plan is not None)
+    lazy = _convert_tensors(model, clone, dtype, plan, lazy=(lazy_merge and plan is not None) or weights_from is not None,
+                            weights_from=weights_from)
     if lazy is not None:
         clone.graphadapt_lazy_folds = lazy
     if "_compute_dtype" in getattr(clone, "__dict__", {}):  # tensors converted directly, not through .to()
@@ -102,23 +108,39 @@ class LazyFold:
     folds the chain from the source model and converts it (a new tensor each call, so the
     caller can write it and let it go: memory bounded by one weight)."""
 
-    def __init__(self, model, chain, name: str, dtype: torch.dtype, placeholder: torch.Tensor, bias_cache: dict):
+    def __init__(self, model, chain, name: str, dtype: torch.dtype, placeholder: torch.Tensor, bias_cache: dict,
+                 read=None):
         self.model, self.chain, self.name, self.dtype = model, chain, name, dtype
-        self.placeholder, self._bias_cache = placeholder, bias_cache
+        self.placeholder, self._bias_cache, self.read = placeholder, bias_cache, read
 
     def value(self) -> torch.Tensor:
-        from graphadapt.passes.merge import fold_chain
-
         chain = self.chain
+        if chain is None:  # an unchanged base tensor read from a checkpoint (``weights_from``)
+            return self.read(self.name).to(self.dtype)
         if self.name == chain.bias and chain.bias in self._bias_cache:
             return self._bias_cache.pop(chain.bias)
         with torch.no_grad():
-            w2, b2 = fold_chain(self.model, chain, safe=True)
+            w2, b2 = _fold(self.model, chain, self.read)
             if self.name == chain.weight:
                 if chain.bias is not None and b2 is not None:  # biases are small: keep it for its own turn
                     self._bias_cache[chain.bias] = b2.detach().to(self.dtype)
                 return w2.detach().to(self.dtype)
             return b2.detach().to(self.dtype)
+
+
+def _fold(model, chain, read=None):
+    """``fold_chain`` of ``model``; with ``read`` (name → tensor or None) the base weight and bias it returns
+    replace the model's own (hollow) ones."""
+    from graphadapt.passes.merge import fold_chain
+
+    if read is None:
+        return fold_chain(model, chain, safe=True)
+    w = read(chain.weight)
+    b = read(chain.bias) if chain.bias is not None else None
+    w2, b2 = fold_chain(model, chain, safe=True, weight=w, bias=b)
+    if b is not None and b2 is b:  # an unchanged bias is the model's own, as without ``read``
+        b2 = model.get_parameter(chain.bias)
+    return w2, b2
 
 
 def lazy_min_elements() -> int | None:
@@ -140,21 +162,26 @@ def _placeholder(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torch.dtype, plan,
-                     lazy: bool = False) -> dict[str, LazyFold] | None:
+                     lazy: bool = False, weights_from=None) -> dict[str, LazyFold] | None:
     """Put converted (and, with ``plan``, merged) tensors into ``clone``, one at a time.
 
     ``clone`` shares ``model``'s tensor objects (tied weights stay tied: one conversion per tensor).
     With ``lazy``, large merged tensors that nothing else shares are placeholders and the returned
     dict says how to compute them; small ones (which the exporter may fold into other constants)
     are merged here."""
-    from graphadapt.passes.merge import fold_chain
-
     chains = {} if plan is None else {c.weight: c for c in plan.chains.values()}
+    read = None if weights_from is None else weights_from.read_hollow
     by_bias = {c.bias: c for c in chains.values() if c.bias is not None}
     pending: dict[str, torch.Tensor | None] = {}  # folded values not yet placed (a bias met after its weight)
     lazy_folds: dict[str, LazyFold] = {}
     bias_cache: dict[str, torch.Tensor] = {}
     min_elements = lazy_min_elements() if lazy else None
+    if weights_from is not None and min_elements is None:
+        from graphadapt.errors import ExportError
+
+        raise ExportError("exporting with weights_from needs onnxscript's constant-folding limit "
+                          "(onnxscript.optimizer._constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT), which "
+                          "this onnxscript does not state; upgrade onnxscript")
     uses: dict[int, int] = {}
     if min_elements is not None:
         for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -162,7 +189,7 @@ def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torc
 
     def folded(name: str, chain) -> torch.Tensor | None:
         if name not in pending:
-            w2, b2 = fold_chain(model, chain, safe=True)
+            w2, b2 = _fold(model, chain, read)
             base_b = model.get_parameter(chain.bias) if chain.bias is not None else None
             pending[chain.weight] = w2.to(dtype)
             del w2
@@ -173,12 +200,20 @@ def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torc
     def placeholder(name: str, chain, t: torch.Tensor) -> torch.Tensor | None:
         if name == chain.bias and chain.weight in lazy_folds:  # a small bias beside a lazy weight
             base_b = model.get_parameter(chain.bias)
-            b2 = fold_chain(model, chain, safe=True)[1]
+            b2 = _fold(model, chain, read)[1]
             return None if b2 is base_b else b2.to(dtype)
         if name in pending or t.numel() <= min_elements or uses.get(id(t), 0) != 1 or not t.is_contiguous():
             return folded(name, chain)
         ph = _placeholder(t, dtype)
-        lazy_folds[name] = LazyFold(model, chain, name, dtype, ph, bias_cache)
+        lazy_folds[name] = LazyFold(model, chain, name, dtype, ph, bias_cache, read)
+        return ph
+
+    def hollow(name: str, t: torch.Tensor) -> torch.Tensor:
+        """An unchanged base tensor that lives in the checkpoint: a placeholder, or its value when small."""
+        if t.numel() <= min_elements or uses.get(id(t), 0) != 1 or not t.is_contiguous():
+            return read(name).to(dtype)
+        ph = _placeholder(t, dtype)
+        lazy_folds[name] = LazyFold(model, None, name, dtype, ph, bias_cache, read)
         return ph
 
     done: dict[int, torch.Tensor] = {}
@@ -192,11 +227,13 @@ def _convert_tensors(model: torch.nn.Module, clone: torch.nn.Module, dtype: torc
                     if id(t) not in done:
                         chain = chains.get(full) or by_bias.get(full)
                         if chain is None:
-                            value = None
+                            value = hollow(full, t) if read is not None and weights_from.is_hollow(full) else None
                         elif min_elements is not None:
                             value = placeholder(full, chain, t)
                         else:
                             value = folded(full, chain)
+                        if value is None and chain is not None and read is not None and weights_from.is_hollow(full):
+                            value = hollow(full, t)  # an unchanged (hollow) bias of a folded weight
                         if value is None and t.is_floating_point() and t.dtype != dtype:
                             value = t.detach().to(dtype)
                         if value is None:

@@ -152,6 +152,7 @@ def export_onnx(
     swappable: bool = False,
     max_rank: int | None = None,
     quantize: str | None = None,
+    weights_from: str | os.PathLike | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -199,6 +200,11 @@ def export_onnx(
             weights with these tolerances, the drift against the packed base reported in
             ``report.quantization`` (:mod:`graphadapt.exporters.quantized`, docs/big-models.md). Without it,
             such a model exports over its dequantized fp32 base.
+        weights_from: out of core (:mod:`graphadapt.outofcore`): for a model built on
+            ``hollow_model(checkpoint)`` (whose checkpoint is the default), the checkpoint directory its base
+            weights are read from, one tensor at a time, while the external data is written (folded when
+            merged); the PyTorch reference of the verification reads them the same way. Export in the
+            checkpoint's dtype.
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -222,6 +228,9 @@ def export_onnx(
         raise ExportError("swappable=True exports fp32 without optimize= for now; drop dtype/optimize")
     if max_rank is not None and not swappable:
         raise ExportError("max_rank is the rank of swappable slots; pass swappable=True with it")
+    if quantize is not None and weights_from is not None:
+        raise ExportError("quantize= exports a model held in memory; weights_from= (out of core) streams fp16/fp32 "
+                          "weights: pass one of them")
     if quantize is not None:  # base linears as MatMulNBits (graphadapt.exporters.quantized)
         from graphadapt.exporters.quantized import export_onnx_quantized
 
@@ -238,6 +247,7 @@ def export_onnx(
     from graphadapt.writes import claim_export
 
     claim_export(path, overwrite, ExportError)
+    source = _weight_source(model, weights_from, tdtype, swappable, verify_fn)
     inputs = _model.example_inputs(model, example_inputs)
     # the module serving these inputs (an adapted model's signature variant) is exported; merging is
     # decided on ``primary``, whose merge state the variant follows
@@ -262,13 +272,16 @@ def export_onnx(
         t = time.perf_counter()
         with memory.phase("prepare"):
             export_model, export_inputs, names = _prepare(traced, trace_inputs, tdtype, into_copy,
-                                                          lazy=into_copy and verify_fn is None)
+                                                          lazy=into_copy and verify_fn is None, weights_from=source)
         seconds["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with memory.phase("export"):
             program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
             if not _install_lazy_folds(program, export_model):
+                if source is not None:
+                    raise ExportError("the exporter transformed a base weight read from the checkpoint (constant "
+                                      "folding), so it cannot be streamed; this model cannot be exported out of core")
                 # the exporter transformed a placeholder weight (constant folding): export from real values
                 del program, export_model
                 release_memory()
@@ -343,6 +356,10 @@ def export_onnx(
                     # (a swappable export's reference is the model itself, not the copy with lifted slots)
                     box = [None if getattr(export_model, "graphadapt_lazy_folds", None) or lifted is not None
                            else export_model]
+                    if source is not None:  # hollow base: the reference reads each weight from the checkpoint
+                        from graphadapt.outofcore import StreamedReference
+
+                        box = [StreamedReference(model, source)]
                     del export_model
                     release_memory()
                     with memory.phase("verify"):
@@ -399,11 +416,34 @@ def _check_opset(opset) -> None:
                           "leave it unset for torch's recommended opset")
 
 
-def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False):
+def _weight_source(model, weights_from, tdtype, swappable: bool, verify_fn):
+    """The out-of-core weight source of a hollow model (None for a model holding its weights)."""
+    from graphadapt.errors import CheckpointError
+    from graphadapt.outofcore import weight_source
+
+    try:
+        source = weight_source(model, weights_from)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if source is None:
+        return None
+    if swappable or verify_fn is not None:
+        raise ExportError("an out-of-core export (base weights read from a checkpoint) supports neither swappable=True "
+                          "nor a custom verify_fn yet")
+    dtypes = {source.checkpoint.entries[n].dtype for n in source.hollow}
+    if dtypes - {tdtype}:
+        raise ExportError(f"an out-of-core export writes the checkpoint's tensors as they are: export in "
+                          f"{sorted(DTYPE_NAMES.get(d, str(d)) for d in dtypes)} (dtype=...), not {DTYPE_NAMES[tdtype]}")
+    return source
+
+
+def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False, weights_from=None):
     """(model to export, its inputs, output names): converted (and merged) copy, one forward to name outputs
     (with ``lazy`` the merged weights are placeholders: the forward runs, its values are not used)."""
     try:
-        export_model = converted_copy(model, tdtype, inputs, merge=merge, lazy_merge=lazy)
+        export_model = converted_copy(model, tdtype, inputs, merge=merge, lazy_merge=lazy, weights_from=weights_from)
+    except ExportError:
+        raise
     except MergeError as e:
         raise ExportError(f"merging adapters before export failed ({_model.one_line(e)}); pass merge=False") from e
     except Exception as e:
