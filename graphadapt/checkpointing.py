@@ -83,11 +83,49 @@ def node_layers(gm: fx.GraphModule, layer_paths: list[str]) -> dict[fx.Node, int
     return out
 
 
+def _computed_reads_inside(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` (a copy of its graph when anything changes) with every ``get_attr`` of a *computed* tensor — a
+    property of a module rather than a registered parameter or buffer (a packed 4-bit base dequantizing its
+    weight) — rewritten as ``getattr(module, name)`` at its use. ``split_module`` passes tensor ``get_attr``s
+    into a segment as inputs, read by the parent before the checkpointed call: a checkpoint keeps its inputs,
+    so every computed weight would stay alive until the backward. Read inside, it is recomputed instead."""
+    import copy
+
+    def computed(target: str) -> bool:
+        owner, _, leaf = target.rpartition(".")
+        try:
+            mod = gm.get_submodule(owner) if owner else gm
+        except AttributeError:
+            return False
+        return (leaf not in mod._parameters and leaf not in mod._buffers and leaf not in mod._modules
+                and isinstance(getattr(type(mod), leaf, None), property))
+
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.target, str) and computed(n.target)]
+    if not reads:
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    order = {x: i for i, x in enumerate(graph.nodes)}
+    for n in [n for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str) and computed(n.target)]:
+        owner, _, leaf = n.target.rpartition(".")
+        first = min(n.users, key=order.get)      # one read per weight, right before its first use
+        with graph.inserting_before(first):
+            mod = graph.get_attr(owner)
+            read = graph.call_function(getattr, (mod, leaf))
+        read.meta = {k: v for k, v in first.meta.items() if k == "nn_module_stack"}   # in its user's layer
+        n.replace_all_uses_with(read)
+        graph.erase_node(n)
+    out = fx.GraphModule(gm, graph)
+    out.graph._codegen = gm.graph._codegen
+    out.recompile()
+    return out
+
+
 def checkpointed_module(gm: fx.GraphModule, layer_paths: list[str], options: dict | None = None) -> fx.GraphModule:
     """A module computing what ``gm`` computes, each layer recomputed in the backward pass."""
     if len(set(layer_paths)) != len(layer_paths) or not all(layer_paths):
         raise GraphAdaptError("gradient checkpointing needs one module per layer; this model's layers share "
                               f"module paths {layer_paths} (e.g. ALBERT's shared layers)")
+    gm = _computed_reads_inside(gm)
     layers = node_layers(gm, layer_paths)
     segment: dict[fx.Node, int] = {}
     current, seg, kinds = object(), -1, {}

@@ -237,9 +237,13 @@ def test_adapters_save_and_load_onto_a_fresh_nf4_model(base_dir, tmp_path):
     assert max_diff(loaded(**x), _reference(fresh, x)) > 1e-3  # the loaded adapters are really there
 
 
-def test_training_keeps_no_dense_base_weight_alive_until_backward(base_dir, monkeypatch):
-    """Each dense weight is read right before its linear and dropped after it: backward dequantizes again."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_keeps_no_dense_base_weight_alive_until_backward(base_dir, monkeypatch, checkpointing):
+    """Each dense weight is read right before its linear and dropped after it: backward dequantizes again. With
+    gradient checkpointing too: the reads sit inside each checkpointed layer (not passed in, which would keep them)."""
     adapted = ga.apply(_nf4_llama(base_dir), ga.LoRA(r=4, targets=("q", "v"))).train()
+    if checkpointing:
+        adapted.gradient_checkpointing_enable()
     with torch.no_grad():
         for p in adapted.parameters():
             if p.requires_grad:
@@ -253,6 +257,8 @@ def test_training_keeps_no_dense_base_weight_alive_until_backward(base_dir, monk
         return w
 
     monkeypatch.setattr(Packed4bitLinear, "weight", property(spy))
+    adapted(**text_inputs(2, 7, vocab=VOCAB))    # a first call builds what it builds (the checkpointed split)
+    made.clear()
     loss = adapted(**text_inputs(2, 7, vocab=VOCAB)).logits.square().mean()
     gc.collect()
     assert len(made) == 2 * 7
