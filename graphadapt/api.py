@@ -223,8 +223,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     layer_map = read_peft_config(directory).get("layer_replication")
     if layer_map:   # PEFT's keys name the replicated layers: read them against the deeper model
         model = replicate_layers(model, layer_map)
-    spec, fill, modules = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
-                                    allow_pickle=allow_pickle)
+    try:
+        spec, fill, modules = read_peft(model, directory, name, ignore_modules_to_save=ignore_modules_to_save,
+                                        allow_pickle=allow_pickle)
+    except CheckpointError as e:
+        if not layer_map:
+            raise
+        raise CheckpointError(f"{e} (read against the model with the checkpoint's layer_replication={layer_map} "
+                              "applied: is it the base model the adapter was trained on?)") from e
     adapted = apply(model, Spec({name: spec}, modules_to_save=modules,
                                 layer_replication=layer_map or None), **apply_kwargs)
     fill(adapted)

@@ -69,7 +69,7 @@ _PROGRAM, _META = "program.pt2", "meta.json"
 log = logging.getLogger("graphadapt.program_cache")
 
 #: What happened since the process started (or the last ``stats.clear()``): ``traced`` (torch.export
-#: ran), ``hit``, ``miss``, ``stored``, ``rejected`` (an entry found but not used), ``uncacheable``.
+#: ran), ``hit``, ``absent`` (no entry), ``stored``, ``rejected`` (an entry found but not used), ``uncacheable``.
 stats: collections.Counter = collections.Counter()
 
 
@@ -403,7 +403,7 @@ def load_program(root: Path, key: str, text: str, model: nn.Module, kwargs: Mapp
         meta = json.loads((entry / _META).read_text(encoding="utf-8"))
         data = (entry / _PROGRAM).read_bytes()
     except (OSError, ValueError):
-        stats["miss"] += 1
+        stats["absent"] += 1
         return None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("key_text") != text:
         _reject(entry, "key text differs")

@@ -57,7 +57,7 @@ def test_spec_validation_and_round_trip():
     assert ga.MethodSpec.from_dict(s.to_dict()) == s
     assert IA3(targets="all-linear", feedforward=("down",)).role_targets() == (
         "q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate", "expert_up", "expert_gate", "expert_down",
-        "q_a", "q_b", "kv_a", "kv_b")
+        "q_a", "q_b", "kv_a", "kv_b", "mixer_in", "mixer_inner", "mixer_out")
     with pytest.raises(SpecError) as e:
         IA3(targets=("k", "v"), feedforward=("down",))
     assert e.value.field == "feedforward"

@@ -123,7 +123,8 @@ def test_lora_targets_normalised_and_split():
     lora = LoRA(targets=["down", "all-linear", "*.attention.*.query", "re:.*\\.value$", "encoder.layer.0.output.dense"])
     # all-linear: every role, the mixture-of-experts and latent-attention ones included
     assert lora.role_targets() == ("q", "k", "v", "o", "up", "gate", "down", "router", "shared_expert_gate",
-                                   "expert_up", "expert_gate", "expert_down", "q_a", "q_b", "kv_a", "kv_b")
+                                   "expert_up", "expert_gate", "expert_down", "q_a", "q_b", "kv_a", "kv_b",
+                                   "mixer_in", "mixer_inner", "mixer_out")
     assert lora.path_targets() == ("*.attention.*.query", "re:.*\\.value$", "encoder.layer.0.output.dense")
     assert LoRA(targets=("v", "up", "q")).role_targets() == ("q", "v", "up")
     assert LoRA(targets=("*.dense",)).role_targets() == ()
