@@ -249,3 +249,26 @@ def test_ia3_checkpoint_and_export(tmp_path):
     merged = ga.export_onnx(adapted, tmp_path / "merged.onnx", example_inputs=ex, merge=True, verify=True)
     unmerged = ga.export_onnx(adapted, tmp_path / "unmerged.onnx", example_inputs=ex, merge=False, verify=True)
     assert merged.node_count == base.node_count < unmerged.node_count
+
+
+def test_training_reaches_only_the_scalings_and_lowers_the_loss():
+    """IA3 on k, v and (input-scaled) down of a tiny Llama LM: gradients reach the scaling vectors only, a few
+    AdamW steps lower the loss, the base weights are unchanged."""
+    model = tiny_llama(causal_lm=True)
+    adapted = ga.apply(model, IA3(targets=("k", "v", "down"), feedforward=("down",))).train()
+    before = _base_params(adapted)
+    batch = text_inputs(4, 8)
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("adapters.") for n, p in adapted.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=5e-2)
+    losses = []
+    for _ in range(6):
+        out = adapted(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable)
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    after = _base_params(adapted)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -31,15 +31,28 @@ KW = {"loha": dict(r=2, init_weights=False), "lokr": dict(r=2, init_weights=Fals
       "hra": dict(r=2, init_weights=False), "boft": dict(boft_block_size=4, init_weights=False),
       "delora": dict(r=4, delora_lambda=2.0, init_weights=False),
       "road": dict(variant="road_2", group_size=8, init_weights=False)}
-OUTPUT_SIDE = {"road", "boft"}   # act on y itself (RoAd's rotation, BOFT's output scale): Stack is not a sum
+# the LoRA family and IA3 (named variants of one method: name -> (method, options)); their parameters are perturbed
+# after apply (non-zero B, gates, scalings), so every adapter acts
+VARIANTS = {"dora": ("lora", dict(r=2, use_dora=True)), "gated": ("lora", dict(r=2, use_gating=True)),
+            "adalora": ("adalora", dict(init_r=4, target_r=2)), "ia3": ("ia3", dict(feedforward=())),
+            "verahub": ("vera_hub", dict(r=2))}
+KW.update({k: v[1] for k, v in VARIANTS.items()})
+OUTPUT_SIDE = {"road", "boft", "dora", "ia3"}   # act on y itself (RoAd's rotation, BOFT's output scale, DoRA's
+#                                                 magnitude, IA3's scaling): Stack is not a sum
 W = (0.25, 1.5)   # with normalize_weights=False: not a convex pair, Average scales y too, by definition
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_llama(causal_lm=True, num_hidden_layers=1, vocab_size=128).eval()
-    specs = {f"{m}{i}": get_method(m).spec_class(targets=("re:lm_head",), **k) for m, k in KW.items() for i in (1, 2)}
+    specs = {f"{m}{i}": get_method(VARIANTS[m][0] if m in VARIANTS else m).spec_class(targets=("re:lm_head",), **k)
+             for m, k in KW.items() for i in (1, 2)}
     adapted = ga.apply(model, ga.Spec(specs, active=["loha1"], seed=4)).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if any(n.startswith(f"adapters.{v}{i}.") for v in VARIANTS for i in (1, 2)):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
     x = text_inputs(2, 5)
     with torch.no_grad():
         h = model.model(**x, use_cache=False).last_hidden_state   # the site's input

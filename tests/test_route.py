@@ -379,7 +379,7 @@ def test_bottlenecks_of_other_widths_are_gathered_per_row(build, monkeypatch):
 
 def test_every_wave4_linear_method_routes_per_row():
     """The weight-delta and weight-transform plugins (no stacked form) route by per-row selection: in one
-    Route over all sixteen, each row equals the model with only its adapter active; -1 rows the base model."""
+    Route over all sixteen (and AdaLoRA, AdapterHub's VeRA), each row equals the model with only its adapter active; -1 rows the base model."""
     from graphadapt.methods import get_method
 
     kw = {"loha": dict(r=2, init_weights=False), "lokr": dict(r=2, init_weights=False),
@@ -392,7 +392,8 @@ def test_every_wave4_linear_method_routes_per_row():
           "oft": dict(r=0, oft_block_size=8, init_weights=False), "miss": dict(r=8, init_weights=False),
           "hra": dict(r=2, init_weights=False), "boft": dict(boft_block_size=4, init_weights=False),
           "delora": dict(r=4, delora_lambda=2.0, init_weights=False),
-          "road": dict(variant="road_2", group_size=8, init_weights=False)}
+          "road": dict(variant="road_2", group_size=8, init_weights=False),
+          "adalora": dict(init_r=4, target_r=2), "vera_hub": dict(r=2)}     # + AdaLoRA, AdapterHub's VeRA
     specs = {n: get_method(n).spec_class(targets=("q", "v"), **k) for n, k in kw.items()}
     model = tiny_bert(num_hidden_layers=1)
     adapted = ga.apply(model, ga.Spec(specs, active=ga.Route(*specs)))
