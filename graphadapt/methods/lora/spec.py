@@ -8,10 +8,9 @@ Where it goes is said with ``targets``: structural roles found in the graph
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from graphadapt.errors import SpecError
 from graphadapt.spec.base import (
@@ -28,6 +27,7 @@ from graphadapt.spec.base import (
 from graphadapt.spec._frozen import FrozenMapping
 from graphadapt.spec.targets import TARGET_HELP, LinearTargets, normalise_targets
 
+from ..patterns import check_pattern, pick
 from .init import LORA_INIT_SCHEMES as LORA_INITS
 
 DORA_FORMS = ("peft", "adapterhub")
@@ -84,8 +84,8 @@ class LoRA(LinearTargets, MethodSpec):
         set_("use_dora", check_bool("use_dora", self.use_dora))
         set_("use_gating", check_bool("use_gating", self.use_gating))
         set_("lora_bias", check_bool("lora_bias", self.lora_bias))
-        set_("rank_pattern", _pattern("rank_pattern", self.rank_pattern, integer=True))
-        set_("alpha_pattern", _pattern("alpha_pattern", self.alpha_pattern, integer=False))
+        set_("rank_pattern", check_pattern("rank_pattern", self.rank_pattern, integer=True))
+        set_("alpha_pattern", check_pattern("alpha_pattern", self.alpha_pattern, integer=False))
         check_choice("init", self.init, LORA_INITS)
         if self.lora_bias and (self.use_dora or self.use_gating):
             raise SpecError("lora_bias cannot be combined with use_dora or use_gating (PEFT has no such variant)",
@@ -107,34 +107,7 @@ class LoRA(LinearTargets, MethodSpec):
     def rank_alpha(self, *names: str) -> tuple[int, float]:
         """``(r, alpha)`` at a site known by ``names`` (its site name, then its module path), PEFT's rule: the
         first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-        def pick(pattern, default):
-            for key, value in pattern.items():
-                if any(re.match(rf"(.*\.)?({key})$", n) for n in names if n):
-                    return value
-            return default
-        return pick(self.rank_pattern, self.r), pick(self.alpha_pattern, self.alpha)
-
-
-def _pattern(name: str, value: Any, integer: bool) -> FrozenMapping:
-    if value is None:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{name} must be a mapping {{regex: value}}, got {value!r}", field=name)
-    out = {}
-    for key, v in value.items():
-        if not isinstance(key, str) or not key:
-            raise SpecError(f"{name} keys must be non-empty regex strings, got {key!r}", field=name)
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise SpecError(f"{name} key {key!r} is not a valid regex ({e})", field=name) from e
-        if integer:
-            out[key] = check_int(f"{name}[{key!r}]", v, minimum=1)
-        else:
-            if not is_real(v) or not math.isfinite(v) or v <= 0:
-                raise SpecError(f"{name}[{key!r}] must be a number > 0, got {v!r}", field=name)
-            out[key] = v
-    return FrozenMapping(out)
+        return pick(self.rank_pattern, names, self.r), pick(self.alpha_pattern, names, self.alpha)
 
 
 __all__ = ["DORA_FORMS", "LORA_INITS", "LoRA"]
