@@ -311,7 +311,7 @@ def save_merged_from_checkpoint(checkpoint_dir: str | os.PathLike, adapters, dir
     ``generation_config.json``. ``names``/``safe``/``overwrite`` as in :func:`graphadapt.save_merged`;
     ``dtype`` converts floating tensors as they are written. Returns the files written.
     Memory: one checkpoint tensor and its merged value (plus the adapters); never the model."""
-    from .checkpoints.merged import _write_safetensors
+    from .checkpoints.merged import _write_safetensors, publish, write_index
     from .dtypes import parse_dtype
     from .writes import check_overwrite_flag, claim_directory, writable_target
 
@@ -353,15 +353,8 @@ def save_merged_from_checkpoint(checkpoint_dir: str | os.PathLike, adapters, dir
                 weight_map[e.name] = fname
                 total += e.nbytes if dt_of(e) == e.dtype else e.nbytes // e.dtype.itemsize * dt_of(e).itemsize
         if ckpt.sharded:
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total, "graphadapt": "merged"},
-                                                      "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
-            written.append(INDEX_NAME)
-        for name in written:
-            os.replace(tmp / name, directory / name)
-        stale = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)")
-        for old in directory.iterdir():
-            if old.is_file() and stale.fullmatch(old.name) and old.name not in written:
-                old.unlink()
+            written.append(write_index(tmp, weight_map, total))
+        publish(tmp, directory, written, _STALE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created:
@@ -369,6 +362,9 @@ def save_merged_from_checkpoint(checkpoint_dir: str | os.PathLike, adapters, dir
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return [directory / n for n in written]
+
+
+_STALE = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json)")
 
 
 def _write_config(ckpt: Checkpoint, tmp: Path, tdtype) -> list[str]:

@@ -128,17 +128,8 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
                 for name, shape, dt, _ in shard:
                     weight_map[name] = fname
                     total += _nbytes(shape, dt)
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total, "graphadapt": "merged"},
-                                                      "weight_map": weight_map},
-                                                     indent=2, sort_keys=True) + "\n")
-            written.append(INDEX_NAME)
-        for name in written:
-            os.replace(tmp / name, directory / name)
-        stale = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
-                           r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json)")
-        for old in directory.iterdir():
-            if old.is_file() and stale.fullmatch(old.name) and old.name not in written:
-                old.unlink()
+            written.append(write_index(tmp, weight_map, total))
+        publish(tmp, directory, written, STALE_WEIGHTS)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created:
@@ -146,6 +137,28 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return [directory / n for n in written]
+
+
+#: weight files an earlier merged save may have left (safetensors and .bin, sharded or not)
+STALE_WEIGHTS = re.compile(r"(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+                           r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json)")
+
+
+def write_index(tmp: Path, weight_map: dict[str, str], total: int) -> str:
+    """Write the shards' ``model.safetensors.index.json`` into ``tmp``; returns its file name."""
+    (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total, "graphadapt": "merged"},
+                                              "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")
+    return INDEX_NAME
+
+
+def publish(tmp: Path, directory: Path, written: list[str], stale: re.Pattern) -> None:
+    """Move the files ``written`` from ``tmp`` into ``directory`` (one rename each), then remove the weight files
+    matching ``stale`` that this save did not write (an earlier save's other shard layout)."""
+    for name in written:
+        os.replace(tmp / name, directory / name)
+    for old in directory.iterdir():
+        if old.is_file() and stale.fullmatch(old.name) and old.name not in written:
+            old.unlink()
 
 
 # ----------------------------------------------------------------------------- planning
