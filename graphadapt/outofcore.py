@@ -436,7 +436,7 @@ class _LoadHollow:
     weight), the rest freed."""
 
     def __new__(cls, source: WeightSource):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
         class Mode(TorchDispatchMode):
             def __init__(self):
@@ -452,13 +452,16 @@ class _LoadHollow:
                     return x
                 if name is None:
                     return x
-                t = self.cache.pop(name, None)
-                if t is None:
-                    t = source.checkpoint.read(name)
-                self.cache[name] = t
-                while len(self.cache) > 2:
-                    self.cache.pop(next(iter(self.cache)))
-                return t.as_strided(x.shape, x.stride(), x.storage_offset())
+                # the read and the view are ours, not the model's: modes beneath this one (e.g. the
+                # verifier's fp32 upcast) must not turn the checkpoint's bytes into another dtype
+                with _disable_current_modes():
+                    t = self.cache.pop(name, None)
+                    if t is None:
+                        t = source.checkpoint.read(name)
+                    self.cache[name] = t
+                    while len(self.cache) > 2:
+                        self.cache.pop(next(iter(self.cache)))
+                    return t.as_strided(x.shape, x.stride(), x.storage_offset())
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 from torch.utils._pytree import tree_map

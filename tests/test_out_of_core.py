@@ -164,6 +164,13 @@ def test_streamed_reference_equals_the_in_memory_model(fp16):
         hollow = fp16["adapted"](**inputs).logits  # without the checkpoint: not the model
     assert torch.equal(got, want)
     assert not torch.allclose(hollow.float(), want.float(), atol=1e-2)
+    # under the verifier's fp32 upcast too: the checkpoint reads keep their dtype
+    from graphadapt.exporters.verify import _Upcast
+
+    with torch.no_grad(), _Upcast(torch.float16):
+        got32 = ref(**inputs).logits
+        want32 = fp16["in_memory"](**inputs).logits
+    assert got32.dtype == torch.float32 and torch.equal(got32, want32)
 
 
 def test_out_of_core_onnx_export_verifies_and_matches_the_in_memory_merge(fp16):
@@ -182,6 +189,9 @@ def test_out_of_core_onnx_export_verifies_and_matches_the_in_memory_merge(fp16):
         Checkpoint.read = orig
     assert rep.verified and rep.merged
     assert any("q_proj" in n for n in reads)  # the hollow weights came from the checkpoint
+    # fp16 is verified against fp32 compute over the same weights, with PyTorch fp16's own error as the
+    # noise floor, as for an in-memory model (the streamed reference once fell back to plain fp16 silently)
+    assert rep.reference_dtype == "fp16 weights, fp32 compute" and rep.noise_floor["logits"] > 0
     # independent of the streamed reference: the file against the in-memory adapted model (fp16)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}

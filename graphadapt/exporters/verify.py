@@ -13,6 +13,7 @@ also absorbs rounding of the weights).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,7 +520,10 @@ def _high_precision_outputs(ref_model, call_inputs: dict, low: torch.dtype) -> l
     try:
         with _Upcast(low):
             out = ref_model(**call_inputs)
-    except Exception:  # noqa: BLE001 - an op the upcast cannot serve: keep the plain reference
+    except Exception as e:  # noqa: BLE001 - an op the upcast cannot serve: keep the plain reference
+        logging.getLogger("graphadapt").warning(
+            "verification: the fp32-compute reference failed (%s); comparing with PyTorch %s instead",
+            _model.one_line(e), DTYPE_NAMES.get(low, str(low)))
         return None
     return [t.detach().clone() for t in _model.flat_tensors(out)]
 
