@@ -195,7 +195,9 @@ def main() -> None:
         rows[-1] = (*rows[-1][:3], f"s: {phases}; peak GiB: {peaks}; verified on "
                     f"{rep.verify_input_shapes.get('input_ids')} in {rep.verify_parts} parts, max abs diff "
                     f"{max(rep.max_abs_diff.values()):.2e}, rel RMS {max(rep.rel_rms_diff.values()):.1e} "
-                    f"(atol {rep.atol:g}, rtol {rep.rtol:g}, rms_tol {rep.rms_tol:g})")
+                    f"(atol {rep.atol:g}, rtol {rep.rtol:g}, rms_tol {rep.rms_tol:g}); reference: "
+                    f"{rep.reference_dtype}, PyTorch fp16's own max error "
+                    f"{max(rep.noise_floor.values(), default=float('nan')):.2e}")
         for f in work.glob("model.onnx*"):
             f.unlink()
 
