@@ -126,13 +126,16 @@ def _adapted(args, progress):
     with progress.stage("load model"):
         name, model, how = _load(args)
     _say_loaded(model, how)
+    base_q = getattr(args, "quantize_base", None)
+    qkw = {"quantize": base_q} if base_q else {}
+    what = f", base quantized to {base_q}" if base_q else ""
     if spec is None:
-        with progress.stage(f"capture + rewrite + import PEFT checkpoint {args.peft} ({name})"):
-            adapted = import_peft(model, args.peft)
+        with progress.stage(f"capture + rewrite + import PEFT checkpoint {args.peft} ({name}{what})"):
+            adapted = import_peft(model, args.peft, **qkw)
         _say_new_head(args, adapted, args.peft)
         return adapted
-    with progress.stage(f"capture + rewrite ({name})"):
-        adapted = apply(model, spec)
+    with progress.stage(f"capture + rewrite ({name}{what})"):
+        adapted = apply(model, spec, **qkw)
     if getattr(args, "adapters", None):
         with progress.stage(f"load adapters from {args.adapters}"):
             load_adapter_weights(adapted, args.adapters)
@@ -166,7 +169,7 @@ def _verify_line(max_abs: dict, max_rel: dict, atol, rtol, shapes, providers, se
 def _report_dict(rep) -> dict:
     keep = ("path", "dtype", "opset", "input_names", "output_names", "node_count", "file_size", "merged", "verified",
             "max_abs_diff", "max_rel_diff", "atol", "rtol", "verify_input_shapes", "reference_dtype", "providers",
-            "seconds")
+            "seconds", "quantization")
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in ((k, getattr(rep, k, None)) for k in keep)}
 
 
@@ -288,15 +291,26 @@ def cmd_export(args) -> int:
         raise SystemExit("graphadapt export: --dynamic-batching/--max-queue-delay-us/--preferred-batch-size/"
                          "--instances/--instance-kind configure a Triton model: add --triton DIR")
     tokenizer = _optimum_options(args)
+    quantize = getattr(args, "quantize", None)
+    if quantize and (args.triton or args.layout == "optimum" or args.dtype != "fp32"):
+        raise SystemExit("graphadapt export: --quantize writes one ONNX file with fp32 activations: drop "
+                         "--triton/--layout optimum/--dtype (export the quantized file, then lay it out yourself)")
     if args.triton:  # refuse a bad name or option before seconds of model loading
         from .exporters.triton import check_scheduling, check_model_name
 
         check_model_name(args.name)
         check_scheduling(triton.get("dynamic_batching", False), triton.get("instance_group"), args.max_batch_size)
     with _machine_output(args):
-        prog = _Progress(3 + (1 if args.adapters else 0) + (1 if args.merge else 0))
+        prog = _Progress(3 + (1 if args.adapters else 0) + (1 if args.merge and not quantize else 0))
         adapted = _adapted(args, prog)
-        if args.merge:
+        if quantize:
+            from .quantized import has_quantized_weights
+
+            if not has_quantized_weights(adapted):
+                raise SystemExit(f"graphadapt export: --quantize {quantize} writes a quantized base as MatMulNBits, "
+                                 "and this model's base is dense: add --quantize-base nf4 (or fp4) to quantize it "
+                                 "first, or load a bitsandbytes 4-bit model directory")
+        if args.merge and not quantize:  # a quantized export folds adapters itself, before quantizing the base
             with prog.stage("merge"):
                 report = adapted.merge()
             print(f"      {report}".replace("\n", "\n      "))
@@ -310,6 +324,9 @@ def cmd_export(args) -> int:
                     path, rep = args.output, export_onnx(adapted, args.output, layout="optimum", tokenizer=tokenizer,
                                                          task=args.optimum_task, dtype=args.dtype, merge=False,
                                                          verify=args.verify, opset=args.opset, **tol)
+                elif quantize:
+                    path, rep = args.output, export_onnx(adapted, args.output, quantize=quantize, merge=args.merge,
+                                                         verify=args.verify, opset=args.opset, **tol)
                 else:
                     path, rep = args.output, export_onnx(adapted, args.output, dtype=args.dtype, merge=False,
                                                          verify=args.verify, opset=args.opset, **tol)
@@ -322,6 +339,12 @@ def cmd_export(args) -> int:
         if rep.verified:
             print(_verify_line(rep.max_abs_diff, rep.max_rel_diff, rep.atol, rep.rtol, rep.verify_input_shapes,
                                rep.providers))
+        q = getattr(rep, "quantization", None)
+        if q:
+            print(f"quantized base: {q.get('nodes')} MatMulNBits (int{q.get('bits')}, blocks of {q.get('block_size')}); "
+                  + (f"drift against the PyTorch model over its {q.get('base')} base: max abs "
+                     f"{q['drift_max_abs']:.2e}, rel RMS {q['drift_rel_rms']:.2e}" if "drift_max_abs" in q
+                     else "not verified"))
         if args.triton:
             print(f"Triton model repository: {path}")
         if args.layout == "optimum":
@@ -488,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge", dest="merge", action="store_true", default=True, help="fold mergeable adapters (LoRA, IA3, …) into the weights (default)")
     s.add_argument("--no-merge", dest="merge", action="store_false")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    q = s.add_argument_group("quantized base (docs/big-models.md)")
+    q.add_argument("--quantize-base", choices=["nf4", "fp4"], default=None,
+                   help="quantize the frozen base to 4 bits when applying (apply(..., quantize=)), as QLoRA trains it")
+    q.add_argument("--quantize", choices=["int4", "int8"], default=None,
+                   help="write the quantized base linears as onnxruntime MatMulNBits (export_onnx(quantize=)); "
+                        "adapters are folded first unless --no-merge")
     s.add_argument("--opset", type=int, default=None)
     s.add_argument("--no-verify", dest="verify", action="store_false", default=True)
     tolerances(s)

@@ -112,3 +112,26 @@ def test_generate_demo_learns_to_count_and_onnx_agrees(tmp_path, capsys):
     before, after = (float(x) for x in re.search(r"before training (\d+)%, after (\d+)%", out).groups())
     assert after > before and after >= 75
     assert (tmp_path / "decoder.onnx").exists()
+
+
+def test_export_quantized_base_as_matmulnbits(tmp_path, capsys):
+    """`--quantize-base nf4 --quantize int4`: QLoRA's base written as MatMulNBits, adapters folded, verified."""
+    pytest.importorskip("bitsandbytes")
+    spec = ga.Spec({"task": ga.LoRA(r=4, alpha=8, targets=("q", "v"))})
+    spec_path = tmp_path / "spec.yaml"
+    spec.save(spec_path)
+    out = tmp_path / "q.onnx"
+    # a dense base cannot be written as MatMulNBits: say which flag quantizes it
+    with pytest.raises(SystemExit, match="--quantize-base nf4"):
+        main(["export", "--model", "tiny-llama", "--spec", str(spec_path), "--quantize", "int4", "-o", str(out)])
+    with pytest.raises(SystemExit, match="drop --triton"):
+        main(["export", "--model", "tiny-llama", "--spec", str(spec_path), "--quantize", "int4", "--dtype", "fp16"])
+    assert not out.exists()
+    capsys.readouterr()
+    assert main(["export", "--model", "tiny-llama", "--spec", str(spec_path), "--quantize-base", "nf4",
+                 "--quantize", "int4", "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    q = rep["quantization"]
+    assert rep["verified"] and q["bits"] == 4 and q["base"] and q["nodes"] > 0
+    ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == q["nodes"]
