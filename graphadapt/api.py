@@ -50,7 +50,7 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
     ``cache=True`` (causal LMs): capture with a KV cache as flat tensor inputs/outputs, for
     :meth:`AdaptedModel.generate` and decoder ONNX export; see :mod:`graphadapt.generation`.
 
-    ``quantize="nf4"`` / ``"fp4"`` (or a :class:`graphadapt.quantized.Quantize`): quantize the frozen
+    ``quantize="nf4"`` / ``"fp4"`` / ``"int8"`` (or a :class:`graphadapt.quantized.Quantize`): quantize the frozen
     base linears inside the captured graph (QLoRA from an fp32/fp16/bf16 checkpoint; the same packed
     bytes as transformers' ``BitsAndBytesConfig`` loading path; needs bitsandbytes). The caller's model
     stays dense. See docs/big-models.md.

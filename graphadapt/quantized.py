@@ -389,7 +389,7 @@ def refuse_quantized(gm: nn.Module, what: str, instead: str, error: type[Excepti
 # ---------------------------------------------------------------------------------------------------------
 # quantization as a graph pass: apply(model, spec, quantize="nf4")
 
-_QUANT_TYPES = ("nf4", "fp4")
+_QUANT_TYPES = ("nf4", "fp4", "int8")
 
 
 @dataclass(frozen=True)
@@ -400,7 +400,8 @@ class Quantize:
     bnb_4bit_quant_type=..., bnb_4bit_use_double_quant=...)`` loading path stores for the same weights.
 
     quant_type: ``"nf4"`` or ``"fp4"`` (bitsandbytes' 4-bit codes; blocks of ``blocksize`` values share an
-        absmax scale).
+        absmax scale), or ``"int8"``: each row as int8 with its absmax (LLM.int8's ``int8_vectorwise_quant`` of
+        the fp16 weight, what ``BitsAndBytesConfig(load_in_8bit=True)`` stores; ``blocksize`` is unused).
     double_quant: store the block scales in 8 bits (bitsandbytes' ``compress_statistics``).
     blocksize: values per scale (64 is bitsandbytes' and transformers' default).
     compute_dtype: dtype the dequantized weight is used in (default: the weight's own dtype).
@@ -418,8 +419,10 @@ class Quantize:
         from .errors import SpecError
 
         if self.quant_type not in _QUANT_TYPES:
-            raise SpecError(f"quantize: quant_type must be one of {_QUANT_TYPES} (bitsandbytes 4-bit), got "
-                            f"{self.quant_type!r}; 8-bit (int8) bases are not built yet")
+            raise SpecError(f"quantize: quant_type must be one of {_QUANT_TYPES} (bitsandbytes 4-bit codes, or "
+                            f"int8 rows with their absmax), got {self.quant_type!r}")
+        if self.quant_type == "int8" and self.double_quant:
+            raise SpecError("quantize: double_quant compresses 4-bit block scales; int8 keeps one fp32 scale per row")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise SpecError(f"quantize: blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
 
@@ -453,7 +456,8 @@ def _default_skip(gm: nn.Module, source: nn.Module | None) -> set[str]:
 
 def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None = None) -> list[str]:
     """``aten.linear(x, get_attr(P.weight), b)`` over a dense ``P`` → ``linear_4bit`` over a
-    :class:`Packed4bitLinear` holding ``quantize_4bit(P.weight)``; returns the quantized paths.
+    :class:`Packed4bitLinear` holding ``quantize_4bit(P.weight)`` (or, for ``int8``, a
+    :class:`Packed8bitLinear` holding its int8 rows and their absmax); returns the quantized paths.
 
     Only modules owning nothing but ``weight`` (and ``bias``) whose weight the graph reads only in linears
     are quantized. ``gm``'s dense weights are dropped from ``gm`` (the caller's model keeps its own)."""
@@ -488,15 +492,27 @@ def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None =
     for owner in paths:
         mod = gm.get_submodule(owner)
         weight = mod._parameters["weight"]
-        packed, qs = quantize_4bit(weight.detach().contiguous(), blocksize=config.blocksize,
-                                   compress_statistics=config.double_quant, quant_type=config.quant_type,
-                                   quant_storage=torch.uint8)
         cd = config.compute_dtype or weight.dtype
-        new = Packed4bitLinear(packed, qs, cd, mod._parameters.get("bias"))
+        if config.quant_type == "int8":
+            new = Packed8bitLinear(*_int8_rows(weight), cd, mod._parameters.get("bias"))
+        else:
+            packed, qs = quantize_4bit(weight.detach().contiguous(), blocksize=config.blocksize,
+                                       compress_statistics=config.double_quant, quant_type=config.quant_type,
+                                       quant_storage=torch.uint8)
+            new = Packed4bitLinear(packed, qs, cd, mod._parameters.get("bias"))
         parent, _, leaf = owner.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
     _use_packed_linears(gm, set(paths))
     return paths
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 rows, their absmax)`` as bitsandbytes' ``Int8Params`` quantizes a weight on load: the weight
+    in fp16, then ``int8_vectorwise_quant`` (round(127 · w / absmax(row)))."""
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    cb, scb, _ = int8_vectorwise_quant(weight.detach().contiguous().to(torch.float16))
+    return cb, scb
 
 
 def base_bytes(gm: nn.Module, prefix: str | None = None) -> dict[str, float]:

@@ -91,6 +91,38 @@ def test_quantize_pass_stores_the_bytes_transformers_loading_stores(base_dir, qu
     assert all(torch.equal(packed[k], m.weight_packed) for k, m in a.items())
 
 
+def test_int8_quantize_pass_stores_what_load_in_8bit_stores(base_dir):
+    """``quantize="int8"``: each row as int8 with its absmax, byte for byte what transformers'
+    ``BitsAndBytesConfig(load_in_8bit=True)`` stores, and the same outputs."""
+    from graphadapt.quantized import Packed8bitLinear
+    from test_quantized import _int8_llama
+
+    def packs(model):
+        return {n: m for n, m in model.named_modules() if isinstance(m, Packed8bitLinear)}
+
+    dense = _dense(base_dir)
+    ours = _nonzero(ga.apply(dense, ga.LoRA(r=4, targets=("q", "v")), quantize="int8"))
+    theirs = _nonzero(ga.apply(_int8_llama(base_dir), ga.LoRA(r=4, targets=("q", "v"))))
+    a, b = packs(ours), packs(theirs)
+    assert len(a) == 2 * 7 and a.keys() == b.keys()
+    for k in a:
+        assert a[k].weight_int8.dtype == torch.int8
+        assert torch.equal(a[k].weight_int8, b[k].weight_int8) and torch.equal(a[k].weight_scb, b[k].weight_scb), k
+    x = text_inputs(2, 7, vocab=VOCAB)
+    with torch.no_grad():
+        assert max_diff(ours(**x), theirs(**x)) == 0.0
+        assert max_diff(ours(**x), dense(**x, use_cache=False)) > 1e-4  # really quantized (and adapted)
+    stats = base_bytes(ours)
+    rows = sum(m.out_features for m in a.values())
+    assert stats["quantized_bytes"] == stats["quantized_params"] + 4 * rows  # 1 byte per weight + a scale per row
+    int8 = {k: m.weight_int8.clone() for k, m in a.items()}
+    ours.train()(**x).logits.square().mean().backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+    assert all(torch.equal(int8[k], m.weight_int8) for k, m in a.items())
+    with pytest.raises(SpecError, match="double_quant"):
+        ga.Quantize("int8", double_quant=True)
+
+
 @pytest.mark.parametrize("bad", ["int3", {"quant_type": "nf4", "blocksize": 48}, 4])
 def test_a_bad_quantize_argument_is_refused_naming_it(base_dir, bad):
     with pytest.raises(SpecError, match="quantize"):
