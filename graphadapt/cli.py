@@ -308,7 +308,7 @@ def cmd_export(args) -> int:
 
             if not has_quantized_weights(adapted):
                 raise SystemExit(f"graphadapt export: --quantize {quantize} writes a quantized base as MatMulNBits, "
-                                 "and this model's base is dense: add --quantize-base nf4 (or fp4) to quantize it "
+                                 "and this model's base is dense: add --quantize-base nf4 (or fp4, int8) to quantize it "
                                  "first, or load a bitsandbytes 4-bit model directory")
         if args.merge and not quantize:  # a quantized export folds adapters itself, before quantizing the base
             with prog.stage("merge"):
@@ -512,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-merge", dest="merge", action="store_false")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     q = s.add_argument_group("quantized base (docs/big-models.md)")
-    q.add_argument("--quantize-base", choices=["nf4", "fp4"], default=None,
-                   help="quantize the frozen base to 4 bits when applying (apply(..., quantize=)), as QLoRA trains it")
+    q.add_argument("--quantize-base", choices=["nf4", "fp4", "int8"], default=None,
+                   help="quantize the frozen base when applying (apply(..., quantize=)), as QLoRA trains it")
     q.add_argument("--quantize", choices=["int4", "int8"], default=None,
                    help="write the quantized base linears as onnxruntime MatMulNBits (export_onnx(quantize=)); "
                         "adapters are folded first unless --no-merge")
