@@ -15,6 +15,7 @@ from torch import nn
 from .replication import MARK as REPLICATED, replicate_layers
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
+from .hollow import HOLLOW_MARK, fill_hollow, held_hollow
 from .inference import generate_options
 from .init import isolated_rng
 from . import generation, pickling, signatures
@@ -81,7 +82,8 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         if cache:
             gm.decoder_cache = dict(target.layout)
         if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
-            quantize_linears(gm, quantize, source=model)
+            quantize_linears(gm, quantize, source=model)  # a hollow base: each weight read from its checkpoint
+            fill_hollow(gm, model)  # what was not quantized (embeddings, output projection) is read: none stays hollow
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)
@@ -95,6 +97,9 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph, SERVICES)
+        held = held_hollow(gm, model)
+        if held:  # unread base weights (graphadapt.outofcore.hollow_model): forward, merge, to_base_model refuse
+            setattr(gm, HOLLOW_MARK, frozenset(held))
         if spec.active is not None and spec.composition is None:
             gm._set_flags(spec.active_names)
         gm.train(model.training)

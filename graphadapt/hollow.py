@@ -1,0 +1,142 @@
+"""Hollow base weights (:func:`graphadapt.outofcore.hollow_model`): which tensors of a model hold no values.
+
+A hollow model's large parameters are untouched allocations whose values live in a checkpoint. The model
+says so itself: ``graphadapt_hollow`` (the hollow parameter names) and ``graphadapt_checkpoint`` (an object
+whose ``read(name)`` returns the checkpoint's tensor, and ``read_into(name, out)`` fills ``out``). A model
+captured from it (:func:`graphadapt.apply`) shares those storages, so a tensor is hollow when its storage is
+one of the hollow model's hollow storages, whatever its name in the captured graph.
+
+Here, below every layer that computes with weights:
+
+- :func:`hollow_storages` / :func:`held_hollow`: the hollow tensors of a source model / those a captured model
+  holds;
+- :func:`fill_hollow`: read the hollow tensors a captured model holds into place (the ``quantize=`` path of
+  ``apply``: what is not quantized from the checkpoint is read, so nothing stays hollow);
+- :func:`check_forward` / :func:`refuse`: the clear error of every operation that would compute with hollow
+  values (forward, training, ``merge``, ``to_base_model``, ``save_merged``) instead of silent garbage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+HOLLOW_MARK = "_hollow_base"
+"""Attribute of an adapted model (names of the hollow tensors it holds) set by ``apply``: its forward refuses."""
+
+INSTEAD = ("graphadapt.outofcore.save_merged_from_checkpoint(checkpoint, model, out_dir) for a merged checkpoint, "
+           "export_onnx(model, path) (weights read from the checkpoint while written; weights_from= for another "
+           "copy), graphadapt.outofcore.StreamedReference(model, weight_source(model)) for reference outputs, or "
+           "graphadapt.apply(hollow_model(checkpoint), spec, quantize='nf4') to train or run it (each weight read "
+           "from the checkpoint and quantized)")
+
+
+def _ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake / meta / tensor subclasses without a plain storage
+        return None
+
+
+def hollow_storages(source: nn.Module | None) -> dict[int, str]:
+    """``{storage data_ptr: parameter name}`` of the hollow parameters of ``source`` (empty for a model that
+    is not hollow)."""
+    names = getattr(source, "graphadapt_hollow", None) if source is not None else None
+    if not names:
+        return {}
+    out = {}
+    for n, p in source.named_parameters(remove_duplicate=False):
+        if n in names:
+            ptr = _ptr(p)
+            if ptr is not None:
+                out.setdefault(ptr, n)
+    return out
+
+
+def held_hollow(gm: nn.Module, source: nn.Module | None) -> dict[str, str]:
+    """``{name in gm: hollow name in source}`` for every parameter or buffer of ``gm`` whose storage is a
+    hollow storage of ``source``."""
+    storages = hollow_storages(source)
+    if not storages:
+        return {}
+    out = {}
+    for n, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        ptr = _ptr(t)
+        if ptr in storages:
+            out[n] = storages[ptr]
+    return out
+
+
+def fill_hollow(gm: nn.Module, source: nn.Module) -> list[str]:
+    """Read every hollow tensor ``gm`` holds from the checkpoint into its own storage (shared with
+    ``source``, whose hollow names then shrink); returns the source names read. Memory: those tensors."""
+    held = held_hollow(gm, source)
+    if not held:
+        return []
+    ckpt = source.graphadapt_checkpoint
+    by_name = dict(source.named_parameters(remove_duplicate=False))
+    done = []
+    with torch.no_grad():
+        for sname in dict.fromkeys(held.values()):
+            p = by_name[sname]
+            entry = ckpt.entries.get(sname)
+            if entry is None or tuple(entry.shape) != tuple(p.shape) or entry.dtype != p.dtype:
+                got = "absent" if entry is None else f"{tuple(entry.shape)} {entry.dtype}"
+                raise CheckpointError(f"{sname} is {got} in the checkpoint, the hollow model's is {tuple(p.shape)} "
+                                      f"{p.dtype}; build the model with hollow_model(checkpoint) from that checkpoint")
+            ckpt.read_into(sname, p.data)
+            done.append(sname)
+    source.graphadapt_hollow = frozenset(source.graphadapt_hollow) - set(done)
+    return done
+
+
+def unshadowed(gm: nn.Module, source: nn.Module | None) -> list[str]:
+    """Hollow parameters of ``source`` that ``gm`` has no tensor for under their name (or a tied twin's): a
+    copy of ``source`` with ``gm``'s values (``to_base_model``, ``save_merged``) would keep them unread."""
+    storages = hollow_storages(source)
+    if not storages:
+        return []
+    own = {n for n, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+    groups: dict[int, list[str]] = {}
+    for n, p in source.named_parameters(remove_duplicate=False):
+        ptr = _ptr(p)
+        if ptr in storages:
+            groups.setdefault(ptr, []).append(n)
+    return sorted(g[0] for g in groups.values() if not own.intersection(g))
+
+
+def _loading_hollow() -> bool:
+    """True inside graphadapt.outofcore's dispatch mode that gives each op the checkpoint's value of a hollow
+    tensor (``StreamedReference``), and while export traces the model (fake tensors: no value is read)."""
+    if torch.compiler.is_exporting():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(m, FakeTensorMode) or getattr(m, "graphadapt_loads_hollow", False)
+               or type(m).__module__ == "graphadapt.outofcore" for m in _get_current_dispatch_mode_stack())
+
+
+def check_forward(model: nn.Module) -> None:
+    """Refuse a forward of an adapted model that holds hollow base weights (its outputs would be garbage),
+    except under the checkpoint-reading dispatch mode or while tracing."""
+    held = model.__dict__.get(HOLLOW_MARK)
+    if held and not _loading_hollow():
+        raise CheckpointError(
+            f"this model was built on hollow_model(checkpoint): {len(held)} base weight(s) (e.g. {sorted(held)[0]}) "
+            f"were never read, so its outputs would be meaningless. Use {INSTEAD}")
+
+
+def refuse(model: nn.Module, what: str, source: nn.Module | None = None) -> None:
+    """Raise :class:`CheckpointError` when ``model`` holds hollow base weights that ``what`` would compute with
+    (with ``source``: also when a copy of ``source`` filled from ``model`` would keep unread weights)."""
+    held = model.__dict__.get(HOLLOW_MARK) or unshadowed(model, source)
+    if held:
+        raise CheckpointError(
+            f"{what} is not possible on a model built on hollow_model(checkpoint): {len(held)} base weight(s) "
+            f"(e.g. {sorted(held)[0]}) were never read. Use {INSTEAD}")
+
+
+__all__ = ["HOLLOW_MARK", "hollow_storages", "held_hollow", "fill_hollow", "unshadowed", "check_forward", "refuse"]
