@@ -18,6 +18,10 @@ Here, below every layer that computes with weights:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -107,10 +111,25 @@ def unshadowed(gm: nn.Module, source: nn.Module | None) -> list[str]:
     return sorted(g[0] for g in groups.values() if not own.intersection(g))
 
 
+_PLACEHOLDERS = contextvars.ContextVar("graphadapt_hollow_placeholders", default=False)
+
+
+@contextlib.contextmanager
+def placeholders_ok() -> Iterator[None]:
+    """Inside the block a hollow model's forward runs (for the exporter's own uses whose values are never read:
+    naming outputs of a copy whose weights are placeholders)."""
+    token = _PLACEHOLDERS.set(True)
+    try:
+        yield
+    finally:
+        _PLACEHOLDERS.reset(token)
+
+
 def _loading_hollow() -> bool:
     """True inside graphadapt.outofcore's dispatch mode that gives each op the checkpoint's value of a hollow
-    tensor (``StreamedReference``), and while export traces the model (fake tensors: no value is read)."""
-    if torch.compiler.is_exporting():
+    tensor (``StreamedReference``), while export traces the model (fake tensors: no value is read), and in
+    :func:`placeholders_ok`."""
+    if _PLACEHOLDERS.get() or torch.compiler.is_exporting():
         return True
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -139,4 +158,5 @@ def refuse(model: nn.Module, what: str, source: nn.Module | None = None) -> None
             f"(e.g. {sorted(held)[0]}) were never read. Use {INSTEAD}")
 
 
-__all__ = ["HOLLOW_MARK", "hollow_storages", "held_hollow", "fill_hollow", "unshadowed", "check_forward", "refuse"]
+__all__ = ["HOLLOW_MARK", "hollow_storages", "held_hollow", "fill_hollow", "unshadowed", "check_forward", "refuse",
+           "placeholders_ok"]
