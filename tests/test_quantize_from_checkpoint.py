@@ -17,7 +17,7 @@ import graphadapt as ga  # noqa: E402
 from graphadapt.errors import CheckpointError  # noqa: E402
 from graphadapt.hollow import HOLLOW_MARK  # noqa: E402
 from graphadapt.outofcore import hollow_model, weight_source  # noqa: E402
-from graphadapt.quantized import Packed4bitLinear, base_bytes  # noqa: E402
+from graphadapt.quantized import Packed4bitLinear, base_bytes, dense_base  # noqa: E402
 
 from helpers import text_inputs, tiny_llama  # noqa: E402
 
@@ -85,6 +85,8 @@ def test_quantizing_from_the_checkpoint_equals_quantizing_the_loaded_model(ckpt,
     assert len(before) == LINEARS + 2 and reads == len(before)
     assert hollow.graphadapt_hollow == {n for n in before if "proj" in n}  # the quantized ones stay unread there
     assert HOLLOW_MARK not in got.__dict__ and weight_source(got) is None  # nothing hollow left in the model
+    with dense_base(got):  # what merge and export see: dequantized weights, nothing read from the checkpoint
+        assert weight_source(got) is None
     a, b = _packs(got), _packs(ref)
     assert len(a) == LINEARS and a.keys() == b.keys()
     for k in a:  # packed nibbles, block scales (and their 8-bit state), code tables: bit-identical
@@ -159,6 +161,8 @@ def test_a_hollow_adapted_model_refuses_to_compute(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="save_merged_from_checkpoint"):
         adapted.save_merged(tmp_path / "m")
     assert not (tmp_path / "m").exists()
+    with pytest.raises(CheckpointError, match="optimize_for_inference"):
+        ga.optimize_for_inference(adapted)
     import copy
 
     with pytest.raises(CheckpointError, match="never read"):  # a copy keeps the mark
