@@ -15,7 +15,7 @@ from torch import nn
 from .replication import MARK as REPLICATED, replicate_layers
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
-from .hollow import HOLLOW_MARK, fill_hollow, held_hollow
+from .hollow import HOLLOW_MARK, fill_hollow, held_hollow, reading_checkpoint
 from .inference import generate_options
 from .init import isolated_rng
 from . import generation, pickling, signatures
@@ -89,11 +89,12 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         the_plan = build_plan(sm, spec)
         for p in gm.parameters():
             p.requires_grad_(False)
-        records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
-        if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
-            from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
+        with reading_checkpoint(gm, model):  # over a hollow base, inits that read W read the checkpoint's
+            records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
+            if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
+                from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
 
-            install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
+                install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph, SERVICES)

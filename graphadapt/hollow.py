@@ -96,6 +96,62 @@ def fill_hollow(gm: nn.Module, source: nn.Module) -> list[str]:
     return done
 
 
+@contextlib.contextmanager
+def reading_checkpoint(gm: nn.Module, source: nn.Module | None) -> Iterator[None]:
+    """Inside the block, an op that computes with a hollow tensor ``gm`` holds gets the checkpoint's value
+    instead (read then, the two most recent kept); views of it stay views (nothing read), and an op writing
+    into one is refused. For adapter insertion over a hollow base: initialisations that read the base weight
+    (DoRA's magnitude, PiSSA/OLoRA, a ``modules_to_save`` copy) see its real values, while plain LoRA reads
+    nothing. A no-op when ``gm`` holds no hollow tensor."""
+    storages = hollow_storages(source)
+    if not storages or not held_hollow(gm, source):
+        yield
+        return
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    ckpt = source.graphadapt_checkpoint
+
+    class ReadHollow(TorchDispatchMode):
+        graphadapt_loads_hollow = True
+
+        def __init__(self):
+            super().__init__()
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def _sub(self, x):
+            if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.is_sparse:
+                return x
+            name = storages.get(_ptr(x))
+            if name is None:
+                return x
+            t = self.cache.pop(name, None)
+            if t is None:
+                t = ckpt.read(name)
+            self.cache[name] = t
+            while len(self.cache) > 2:
+                self.cache.pop(next(iter(self.cache)))
+            return t.as_strided(x.shape, x.stride(), x.storage_offset())
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "is_view", False):  # an alias: still hollow, read when something computes with it
+                return func(*args, **kwargs)
+            for i, a in enumerate(func._schema.arguments):
+                if a.alias_info is None or not a.alias_info.is_write:
+                    continue
+                for t in tree_leaves(args[i] if i < len(args) else kwargs.get(a.name)):
+                    if isinstance(t, torch.Tensor) and _ptr(t) in storages:
+                        raise CheckpointError(
+                            f"{func} would write into the hollow base weight {storages[_ptr(t)]} (never read from "
+                            "the checkpoint); this adapter initialisation changes the base: apply it to a loaded "
+                            "model, or to hollow_model(checkpoint) with quantize='nf4'")
+            return func(*tree_map(self._sub, args), **tree_map(self._sub, kwargs))
+
+    with ReadHollow():
+        yield
+
+
 def unshadowed(gm: nn.Module, source: nn.Module | None) -> list[str]:
     """Hollow parameters of ``source`` that ``gm`` has no tensor for under their name (or a tied twin's): a
     copy of ``source`` with ``gm``'s values (``to_base_model``, ``save_merged``) would keep them unread."""
@@ -159,4 +215,4 @@ def refuse(model: nn.Module, what: str, source: nn.Module | None = None) -> None
 
 
 __all__ = ["HOLLOW_MARK", "hollow_storages", "held_hollow", "fill_hollow", "unshadowed", "check_forward", "refuse",
-           "placeholders_ok"]
+           "placeholders_ok", "reading_checkpoint"]

@@ -167,3 +167,20 @@ def test_a_hollow_adapted_model_refuses_to_compute(ckpt, tmp_path):
 
     with pytest.raises(CheckpointError, match="never read"):  # a copy keeps the mark
         copy.deepcopy(adapted)(**x)
+
+
+def test_initialisations_that_read_the_base_read_the_checkpoint(ckpt):
+    """Over a hollow base (no quantize=), DoRA's magnitude (the base weight's row norms) is computed from the
+    checkpoint's values, as over the loaded model, and plain LoRA reads nothing at all."""
+    dora = ga.LoRA(r=4, targets=("q", "v"), use_dora=True)
+    ref = ga.apply(_loaded(ckpt), dora)
+    hollow = hollow_model(ckpt, small=SMALL)
+    r0 = hollow.graphadapt_checkpoint.reads
+    got = ga.apply(hollow, dora)
+    assert hollow.graphadapt_checkpoint.reads - r0 == 4  # q and v of both layers, once each
+    mags = {n: p for n, p in got.named_parameters() if "magnitude" in n}
+    want = dict(ref.named_parameters())
+    assert len(mags) == 4 and all(torch.equal(p, want[n]) and p.abs().sum() > 0 for n, p in mags.items())
+    r0 = hollow.graphadapt_checkpoint.reads
+    ga.apply(hollow, SPEC)
+    assert hollow.graphadapt_checkpoint.reads == r0
