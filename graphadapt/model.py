@@ -41,7 +41,7 @@ from .spec.composition import Block, block_from_dict
 from .structure import recognize
 from .version import __version__
 from .vocab import ADAPTERS, adapter_prefix
-from .hollow import HOLLOW_MARK, check_forward as check_hollow_forward, refuse as refuse_hollow
+from .hollow import HOLLOW_MARK, check_forward as check_hollow_forward, reading_checkpoint, refuse as refuse_hollow
 from .quantized import Quantize, dense_base, has_quantized_weights, refuse_quantized, requantize_linears
 
 
@@ -353,7 +353,8 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         try:
             self.graph = self.snapshot_graph(self._planning.base_graph)
             the_plan = build_plan(recognize(self), spec)
-            records = execute_plan(self, the_plan, dropout=fusion_dropout(self), base_seed=spec.effective_seed(None))
+            with reading_checkpoint(self, self.__dict__.get("_source_model")):  # a hollow base: inits read W there
+                records = execute_plan(self, the_plan, dropout=fusion_dropout(self), base_seed=spec.effective_seed(None))
         except BaseException:
             holder = self.get_submodule(ADAPTERS)
             for name in list(holder._modules):

@@ -182,5 +182,9 @@ def test_initialisations_that_read_the_base_read_the_checkpoint(ckpt):
     want = dict(ref.named_parameters())
     assert len(mags) == 4 and all(torch.equal(p, want[n]) and p.abs().sum() > 0 for n, p in mags.items())
     r0 = hollow.graphadapt_checkpoint.reads
-    ga.apply(hollow, SPEC)
+    plain = ga.apply(hollow, SPEC)
     assert hollow.graphadapt_checkpoint.reads == r0
+    plain.add_adapter("d", ga.LoRA(r=4, targets=("q",), use_dora=True))  # re-planning reads it there too
+    assert hollow.graphadapt_checkpoint.reads - r0 == 2
+    mags = {n: p for n, p in plain.named_parameters() if "magnitude" in n}
+    assert len(mags) == 2 and all(torch.equal(p, want[n.replace(".d.", ".default.")]) for n, p in mags.items())
