@@ -188,3 +188,26 @@ def test_initialisations_that_read_the_base_read_the_checkpoint(ckpt):
     assert hollow.graphadapt_checkpoint.reads - r0 == 2
     mags = {n: p for n, p in plain.named_parameters() if "magnitude" in n}
     assert len(mags) == 2 and all(torch.equal(p, want[n.replace(".d.", ".default.")]) for n, p in mags.items())
+
+
+def test_generate_runs_the_packed_base_or_refuses(ckpt, pair):
+    """generate() re-captures a model built without cache=True from its (dense or hollow) source: over a
+    quantize= base that would decode with other weights, so it refuses; cache=True quantizes the cached graph
+    itself, from the checkpoint, and decodes exactly as the same model over the loaded checkpoint."""
+    from graphadapt.errors import GraphAdaptError
+
+    x = text_inputs(1, 5)
+    with pytest.raises(GraphAdaptError, match="cache=True"):
+        pair["got"].generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=2)
+    outs = []
+    for base in (hollow_model(ckpt, small=SMALL), _loaded(ckpt)):
+        cached = ga.apply(base, SPEC, quantize="nf4", cache=True).eval()
+        assert len(_packs(cached)) == LINEARS and HOLLOW_MARK not in cached.__dict__
+        own = dict(pair["got"].named_parameters())
+        with torch.no_grad():
+            for n, p in cached.named_parameters():
+                if "lora_" in n:
+                    p.copy_(own[n])
+        outs.append(cached.generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
+                                    do_sample=False))
+    assert outs[0].shape == (1, 9) and torch.equal(outs[0], outs[1])
