@@ -107,7 +107,7 @@ def reading_checkpoint(gm: nn.Module, source: nn.Module | None) -> Iterator[None
     if not storages or not held_hollow(gm, source):
         yield
         return
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
     from torch.utils._pytree import tree_leaves, tree_map
 
     ckpt = source.graphadapt_checkpoint
@@ -127,7 +127,8 @@ def reading_checkpoint(gm: nn.Module, source: nn.Module | None) -> Iterator[None
                 return x
             t = self.cache.pop(name, None)
             if t is None:
-                t = ckpt.read(name)
+                with _disable_current_modes():  # the read is plain tensor work, seen by no other mode
+                    t = ckpt.read(name)
             self.cache[name] = t
             while len(self.cache) > 2:
                 self.cache.pop(next(iter(self.cache)))
