@@ -12,8 +12,11 @@ Here, below every layer that computes with weights:
   holds;
 - :func:`fill_hollow`: read the hollow tensors a captured model holds into place (the ``quantize=`` path of
   ``apply``: what is not quantized from the checkpoint is read, so nothing stays hollow);
+- :func:`reading_checkpoint`: a dispatch mode under which ops computing with a hollow tensor get the
+  checkpoint's value (adapter initialisations that read the base weight, e.g. DoRA's magnitude);
 - :func:`check_forward` / :func:`refuse`: the clear error of every operation that would compute with hollow
-  values (forward, training, ``merge``, ``to_base_model``, ``save_merged``) instead of silent garbage.
+  values (forward, training, ``merge``, ``to_base_model``, ``save_merged``, ``optimize_for_inference``)
+  instead of silent garbage; :func:`placeholders_ok` lets the exporter's names-only forward through.
 """
 
 from __future__ import annotations
