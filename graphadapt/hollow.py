@@ -13,7 +13,7 @@ Here, below every layer that computes with weights:
 - :func:`fill_hollow`: read the hollow tensors a captured model holds into place (the ``quantize=`` path of
   ``apply``: what is not quantized from the checkpoint is read, so nothing stays hollow);
 - :func:`reading_checkpoint`: a dispatch mode under which ops computing with a hollow tensor get the
-  checkpoint's value (adapter initialisations that read the base weight, e.g. DoRA's magnitude);
+  checkpoint's value (adapter initialisations that read the base weight, e.g. a magnitude vector);
 - :func:`check_forward` / :func:`refuse`: the clear error of every operation that would compute with hollow
   values (forward, training, ``merge``, ``to_base_model``, ``save_merged``, ``optimize_for_inference``)
   instead of silent garbage; :func:`placeholders_ok` lets the exporter's names-only forward through.
@@ -104,8 +104,8 @@ def reading_checkpoint(gm: nn.Module, source: nn.Module | None) -> Iterator[None
     """Inside the block, an op that computes with a hollow tensor ``gm`` holds gets the checkpoint's value
     instead (read then, the two most recent kept); views of it stay views (nothing read), and an op writing
     into one is refused. For adapter insertion over a hollow base: initialisations that read the base weight
-    (DoRA's magnitude, PiSSA/OLoRA, a ``modules_to_save`` copy) see its real values, while plain LoRA reads
-    nothing. A no-op when ``gm`` holds no hollow tensor."""
+    (a weight-norm magnitude, an SVD-based init, a ``modules_to_save`` copy) see its real values, while inits
+    that only need its shape read nothing. A no-op when ``gm`` holds no hollow tensor."""
     storages = hollow_storages(source)
     if not storages or not held_hollow(gm, source):
         yield

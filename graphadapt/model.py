@@ -353,8 +353,9 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         try:
             self.graph = self.snapshot_graph(self._planning.base_graph)
             the_plan = build_plan(recognize(self), spec)
-            with reading_checkpoint(self, self.__dict__.get("_source_model")):  # a hollow base: inits read W there
-                records = execute_plan(self, the_plan, dropout=fusion_dropout(self), base_seed=spec.effective_seed(None))
+            with reading_checkpoint(self, self.__dict__.get("_source_model")):  # a hollow base: W read there
+                records = execute_plan(self, the_plan, dropout=fusion_dropout(self),
+                                       base_seed=spec.effective_seed(None))
         except BaseException:
             holder = self.get_submodule(ADAPTERS)
             for name in list(holder._modules):
