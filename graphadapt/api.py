@@ -84,6 +84,7 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
             quantize_linears(gm, quantize, source=model)  # a hollow base: each weight read from its checkpoint
             fill_hollow(gm, model)  # what was not quantized (embeddings, output projection) is read: none stays hollow
+            gm._quantize = quantize  # a pickle's rebuild quantizes again (graphadapt.pickling)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)

@@ -108,7 +108,7 @@ class AdaptedModel(PipelineInterface, CapturedModule):
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
         "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning",
         "_call_signature", "_positional_names", "_route", "_checkpoint_options", "services", "_swap_slots",
-        HOLLOW_MARK)
+        HOLLOW_MARK, "_quantize")
 
     services: ModelServices = BASIC_SERVICES
     """The services this model delegates to (:class:`ModelServices`; set by ``graphadapt.api``)."""

@@ -211,3 +211,18 @@ def test_generate_runs_the_packed_base_or_refuses(ckpt, pair):
         outs.append(cached.generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
                                     do_sample=False))
     assert outs[0].shape == (1, 9) and torch.equal(outs[0], outs[1])
+
+
+def test_a_pickled_quantize_model_comes_back_quantized(pair):
+    """pickle rebuilds an adapted model from its source + spec + adapters: a quantize= model must be rebuilt
+    quantized (before, it came back over the dense source: other outputs, no error)."""
+    import pickle
+
+    x = text_inputs(2, 7)
+    for m in (pair["ref"], pair["got"]):
+        back = pickle.loads(pickle.dumps(m))
+        a, b = _packs(back), _packs(m)
+        assert len(a) == LINEARS and a.keys() == b.keys()
+        assert all(torch.equal(a[k].weight_packed, b[k].weight_packed) for k in a)
+        with torch.no_grad():  # not bit-equal: the rebuild's .to(fp16) also casts the fp32 rotary buffer (any fp16 model)
+            assert torch.allclose(back(**x).logits, m(**x).logits, atol=2e-3, rtol=0)
