@@ -15,6 +15,7 @@ from torch import nn
 from .replication import MARK as REPLICATED, replicate_layers
 from .capture import capture, serialised
 from .errors import CaptureError, CheckpointError, SpecError
+from .hollow import HOLLOW_MARK, fill_hollow, held_hollow, reading_checkpoint
 from .inference import generate_options
 from .init import isolated_rng
 from . import generation, pickling, signatures
@@ -81,20 +82,26 @@ def apply(model: nn.Module, spec: Any, example_inputs: tuple | None = None,
         if cache:
             gm.decoder_cache = dict(target.layout)
         if quantize is not None:  # before the snapshot: re-planning starts from the quantized graph
-            quantize_linears(gm, quantize, source=model)
+            quantize_linears(gm, quantize, source=model)  # a hollow base: each weight read from its checkpoint
+            fill_hollow(gm, model)  # what was not quantized (embeddings, output projection) is read: none stays hollow
+            gm._quantize = quantize  # a pickle's rebuild quantizes again (graphadapt.pickling)
         base_graph = gm.snapshot_graph()  # set_active re-plans from here, without re-capture
         sm = recognize(gm)
         the_plan = build_plan(sm, spec)
         for p in gm.parameters():
             p.requires_grad_(False)
-        records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
-        if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
-            from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
+        with reading_checkpoint(gm, model):  # over a hollow base, inits that read W read the checkpoint's
+            records = execute_plan(gm, the_plan, dropout=fusion_dropout(gm), base_seed=spec.effective_seed(None))
+            if spec.modules_to_save:  # trainable copies of whole modules (checkpoints/trainable.py)
+                from .checkpoints.trainable import install_trainable_copies, resolve_modules_to_save
 
-            install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
+                install_trainable_copies(gm, resolve_modules_to_save(gm, spec.modules_to_save))
         # adapter modules were created trainable (or deliberately frozen, e.g. learn_phm=False);
         # the base was frozen before insertion, so nothing to flip here
         gm._init_adapted(spec, records, structure_report(sm), model, the_plan, base_graph, SERVICES)
+        held = held_hollow(gm, model)
+        if held:  # unread base weights (graphadapt.outofcore.hollow_model): forward, merge, to_base_model refuse
+            setattr(gm, HOLLOW_MARK, frozenset(held))
         if spec.active is not None and spec.composition is None:
             gm._set_flags(spec.active_names)
         gm.train(model.training)

@@ -24,6 +24,7 @@ from .concurrency import reading
 from .contract import check_generate
 from .errors import CaptureError, GraphAdaptError
 from .inference import optimize_for_inference
+from .quantized import has_quantized_weights, quantized_modules
 from .vocab import ADAPTERS
 from .kvcache import (bind_graph, decode_graph, seq2seq_views, cached_decoder, kv_layout, onnx_io_names,
                       past_input_name)
@@ -65,6 +66,11 @@ def _twins(adapted) -> list:
         if src is None:
             raise GraphAdaptError("this adapted model has no source model to re-capture with a KV cache; "
                                   "build it with graphadapt.apply(model, spec, cache=True)")
+        if has_quantized_weights(adapted) and not quantized_modules(src):  # apply(..., quantize=): a re-capture
+            # of the dense source would decode over the unquantized base, not this model's packed one
+            raise GraphAdaptError("generate() re-captures the source model with a KV cache, which would run its dense "
+                                  "weights, not this model's quantize= base; build the model with "
+                                  "graphadapt.apply(model, spec, cache=True, quantize=...) and generate with it")
         layout = kv_layout(src)
         apply = adapted.services.need("recapture", "graphadapt.api.apply")
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .capture import CapturedModule, _check_inputs_hook
 from .errors import GraphAdaptError
+from .hollow import refuse as refuse_hollow
 from .passes import run_pass
 from .passes.inference import lower_low_rank, remove_eval_dropout
 
@@ -41,6 +42,7 @@ def optimize_for_inference(model, *, dropout: bool = True, low_rank: bool = True
     ``info`` on the result says what each pass did. Call it with the same inputs as ``model``."""
     if not isinstance(model, CapturedModule):
         raise GraphAdaptError(f"optimize_for_inference takes a graphadapt model, got {type(model).__name__}")
+    refuse_hollow(model, "optimize_for_inference()")  # its copy's forward would compute with unread weights
     if model.training:
         raise GraphAdaptError("optimize_for_inference needs the model in eval mode (model.eval()): the inference "
                               "passes drop dropout and fold eval-mode adapter math")

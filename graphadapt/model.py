@@ -41,6 +41,7 @@ from .spec.composition import Block, block_from_dict
 from .structure import recognize
 from .version import __version__
 from .vocab import ADAPTERS, adapter_prefix
+from .hollow import HOLLOW_MARK, check_forward as check_hollow_forward, reading_checkpoint, refuse as refuse_hollow
 from .quantized import Quantize, dense_base, has_quantized_weights, refuse_quantized, requantize_linears
 
 
@@ -106,7 +107,8 @@ class AdaptedModel(PipelineInterface, CapturedModule):
 
     _graphadapt_attrs = CapturedModule._graphadapt_attrs + (
         "spec", "adapter_records", "structure_report", "_merge_state", "_source_model", "_planning",
-        "_call_signature", "_positional_names", "_route", "_checkpoint_options", "services", "_swap_slots")
+        "_call_signature", "_positional_names", "_route", "_checkpoint_options", "services", "_swap_slots",
+        HOLLOW_MARK, "_quantize")
 
     services: ModelServices = BASIC_SERVICES
     """The services this model delegates to (:class:`ModelServices`; set by ``graphadapt.api``)."""
@@ -145,6 +147,8 @@ class AdaptedModel(PipelineInterface, CapturedModule):
 
     # ------------------------------------------------------------------ calls
     def _call_impl(self, *args, **kwargs):
+        if HOLLOW_MARK in self.__dict__:  # unread base weights (graphadapt.outofcore.hollow_model): refuse
+            check_hollow_forward(self)
         routed = routing_input(self.__dict__.get("input_names"))
         if routed is not None:  # Route's adapter_ids / MultiTask's task_ids
             if routed in kwargs:
@@ -349,7 +353,9 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         try:
             self.graph = self.snapshot_graph(self._planning.base_graph)
             the_plan = build_plan(recognize(self), spec)
-            records = execute_plan(self, the_plan, dropout=fusion_dropout(self), base_seed=spec.effective_seed(None))
+            with reading_checkpoint(self, self.__dict__.get("_source_model")):  # a hollow base: W read there
+                records = execute_plan(self, the_plan, dropout=fusion_dropout(self),
+                                       base_seed=spec.effective_seed(None))
         except BaseException:
             holder = self.get_submodule(ADAPTERS)
             for name in list(holder._modules):
@@ -535,6 +541,7 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         merged before it stay merged, and the error names them).
         ``strict=True`` raises :class:`MergeError` if any selected adapter cannot fold.
         """
+        refuse_hollow(self, "merge()")
         refuse_quantized(self, "merge", "Folding into packed 4-bit weights would change the quantized base; "
                          "fold into a dense copy with to_base_model() (requantize=True to quantize it again) or "
                          "save_merged(), or export_onnx(merge=True).", MergeError)
@@ -560,11 +567,13 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         against the dense merge as ``model.graphadapt_requantization`` (``max_abs``, ``max_rel_fro``,
         ``worst``).
         """
+        refuse_hollow(self, "to_base_model()")
         if not has_quantized_weights(self):
             if requantize:
                 raise MergeError("requantize= applies to a model over a quantized base; this base is dense")
             return self.services.merger.to_base_model(self, names)
         with dense_base(self) as dense:
+            refuse_hollow(self, "to_base_model()", self.__dict__.get("_source_model"))
             out = self.services.merger.to_base_model(self, names)
         if requantize:
             if requantize is True and dense.quantize is None:

@@ -97,16 +97,25 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         e = self.entries[name]
-        t = torch.empty(e.shape, dtype=e.dtype)
+        return self.read_into(name, torch.empty(e.shape, dtype=e.dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``name`` into ``out`` (a contiguous CPU tensor of its shape and dtype, e.g. a hollow
+        parameter: its pages are mapped as they are written, no second copy); returns ``out``."""
+        e = self.entries[name]
+        if tuple(out.shape) != tuple(e.shape) or out.dtype != e.dtype or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise CheckpointError(f"{name} is {tuple(e.shape)} {e.dtype} in {e.file.name}; cannot read it into a "
+                                  f"{tuple(out.shape)} {out.dtype} tensor on {out.device}")
         if e.nbytes:
             with open(e.file, "rb") as f:
                 f.seek(e.start)
-                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
                 got = f.readinto(view)
             if got != e.nbytes:
                 raise CheckpointError(f"{e.file.name}: {name} is truncated ({got} of {e.nbytes} bytes)")
         self.reads += 1
-        return t
+        return out
 
 
 def _read_header(path: Path) -> list[TensorEntry]:
@@ -395,9 +404,9 @@ class WeightSource:
     (None for the tensors the model holds itself); the exporter writes placeholders for the hollow ones and
     reads each when the ONNX file's external data is written."""
 
-    def __init__(self, checkpoint: Checkpoint, model: nn.Module):
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module, names: Iterable[str] | None = None):
         self.checkpoint = checkpoint
-        self.hollow = frozenset(model.graphadapt_hollow)
+        self.hollow = frozenset(model.graphadapt_hollow if names is None else names)
         params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n in self.hollow]
         self.storages = {p.untyped_storage().data_ptr(): n for n, p in params}
         for n, p in params:
@@ -418,16 +427,21 @@ def weight_source(model, weights_from=None) -> WeightSource | None:
     """The :class:`WeightSource` of an adapted model built on :func:`hollow_model` (None for an ordinary
     model). ``weights_from`` (a checkpoint directory) overrides the checkpoint the hollow model remembers;
     given for a model that is not hollow it is refused (its weights are in memory already)."""
+    from .hollow import held_hollow
+
     src = model.__dict__.get("_source_model", model) if hasattr(model, "__dict__") else model
     hollow = getattr(src, "graphadapt_hollow", None)
-    if hollow is None:
+    # only the hollow tensors ``model`` itself holds: a base quantized from the checkpoint (apply(...,
+    # quantize=)) holds packed weights and read values, whatever its source still leaves unread
+    held = set(held_hollow(model, src).values()) if hollow and model is not src else hollow
+    if not held:
         if weights_from is not None:
             raise CheckpointError("weights_from reads the base weights of a model built by "
                                   "graphadapt.outofcore.hollow_model(checkpoint); this model holds its weights "
-                                  "in memory: export it without weights_from")
+                                  "in memory (or quantized from the checkpoint): export it without weights_from")
         return None
     ckpt = src.graphadapt_checkpoint if weights_from is None else _resolve(model, weights_from)
-    return WeightSource(ckpt, src)
+    return WeightSource(ckpt, src, held)
 
 
 class _LoadHollow:

@@ -70,7 +70,8 @@ def pickle_state(adapted) -> dict:
              "requires_grad": grads, "base": base, "merge": merge, "training": adapted.training,
              "example_kwargs": None if adapted.__dict__.get("decoder_cache") else adapted._example_inputs,
              "cache": bool(adapted.__dict__.get("decoder_cache")), "dynamic": bool(adapted.dynamic_dims),
-             "dtype": adapted._compute_dtype, "device": str(adapted._compute_device)}
+             "dtype": adapted._compute_dtype, "device": str(adapted._compute_device),
+             "quantize": adapted.__dict__.get("_quantize")}  # apply(..., quantize=): the rebuild quantizes again
     return state
 
 
@@ -88,7 +89,7 @@ def rebuild(state: dict, apply):
             for k, v in state["base"].items():
                 own[k].copy_(v)
     model = apply(src, Spec.from_dict(state["spec"]), example_kwargs=state["example_kwargs"],
-                  dynamic=state["dynamic"], cache=state["cache"])
+                  dynamic=state["dynamic"], cache=state["cache"], quantize=state.get("quantize"))
     model.to(device=torch.device(state["device"]), dtype=state["dtype"])
     own = model.state_dict(keep_vars=True)
     missing = sorted(set(state["tensors"]) - set(own))

@@ -460,8 +460,15 @@ def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None =
     :class:`Packed8bitLinear` holding its int8 rows and their absmax); returns the quantized paths.
 
     Only modules owning nothing but ``weight`` (and ``bias``) whose weight the graph reads only in linears
-    are quantized. ``gm``'s dense weights are dropped from ``gm`` (the caller's model keeps its own)."""
+    are quantized. ``gm``'s dense weights are dropped from ``gm`` (the caller's model keeps its own).
+
+    Over a hollow ``source`` (:func:`graphadapt.outofcore.hollow_model`), a weight whose storage is hollow is
+    read from the checkpoint, quantized and dropped, one at a time (the hollow allocation is never touched):
+    the packed bytes are those of the same weight loaded in memory. Memory: the packed linears so far plus
+    one dense weight (and bitsandbytes' temporaries for it)."""
     from bitsandbytes.functional import quantize_4bit
+
+    from .hollow import hollow_storages
 
     skip = set(config.skip) if config.skip is not None else _default_skip(gm, source)
     readers: dict[str, list] = {}
@@ -489,17 +496,21 @@ def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None =
         if weight is None or weight.dim() != 2 or not weight.is_floating_point():
             continue
         paths.append(owner)
+    hollow = hollow_storages(source)
     for owner in paths:
         mod = gm.get_submodule(owner)
         weight = mod._parameters["weight"]
+        name = hollow.get(weight.untyped_storage().data_ptr()) if hollow else None
+        dense = weight.detach() if name is None else _read_hollow(source, name, weight)
         cd = config.compute_dtype or weight.dtype
         if config.quant_type == "int8":
-            new = Packed8bitLinear(*_int8_rows(weight), cd, mod._parameters.get("bias"))
+            new = Packed8bitLinear(*_int8_rows(dense), cd, mod._parameters.get("bias"))
         else:
-            packed, qs = quantize_4bit(weight.detach().contiguous(), blocksize=config.blocksize,
+            packed, qs = quantize_4bit(dense.contiguous(), blocksize=config.blocksize,
                                        compress_statistics=config.double_quant, quant_type=config.quant_type,
                                        quant_storage=torch.uint8)
             new = Packed4bitLinear(packed, qs, cd, mod._parameters.get("bias"))
+        del dense
         parent, _, leaf = owner.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
     _use_packed_linears(gm, set(paths))
@@ -513,6 +524,20 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     cb, scb, _ = int8_vectorwise_quant(weight.detach().contiguous().to(torch.float16))
     return cb, scb
+
+
+def _read_hollow(source: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's value of the hollow parameter ``name`` of ``source`` (shape and dtype of ``like``)."""
+    from .errors import CheckpointError
+
+    ckpt = source.graphadapt_checkpoint
+    entry = ckpt.entries.get(name)
+    if entry is None or tuple(entry.shape) != tuple(like.shape) or entry.dtype != like.dtype:
+        got = "absent" if entry is None else f"{tuple(entry.shape)} {entry.dtype}"
+        raise CheckpointError(f"quantize: {name} is {got} in the checkpoint, the hollow model's is "
+                              f"{tuple(like.shape)} {like.dtype}; build the model with hollow_model(checkpoint) "
+                              "from that checkpoint")
+    return ckpt.read(name)
 
 
 def base_bytes(gm: nn.Module, prefix: str | None = None) -> dict[str, float]:

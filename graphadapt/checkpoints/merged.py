@@ -29,6 +29,7 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import CheckpointError, MergeError
+from ..hollow import refuse as refuse_hollow
 from ..quantized import dense_base, has_quantized_weights
 from ..passes import merge as merge_pass   # attributes read at call time (tests instrument fold_chain)
 
@@ -73,9 +74,7 @@ def save_merged(adapted, directory: str | os.PathLike, names: Iterable[str] | No
             return save_merged(adapted, directory, names, max_shard_size=max_shard_size, dtype=dtype, safe=safe,
                                overwrite=overwrite)
     src = adapted.__dict__.get("_source_model")
-    if getattr(src, "graphadapt_hollow", None):  # graphadapt.outofcore: its large weights live in a checkpoint
-        raise CheckpointError("this model was built by hollow_model(checkpoint): its base weights are not in memory; "
-                              "use graphadapt.outofcore.save_merged_from_checkpoint(checkpoint, model, directory)")
+    refuse_hollow(adapted, "save_merged()", src)  # graphadapt.outofcore: unread weights live in a checkpoint
     config = getattr(src, "config", None)
     if src is None or config is None or not hasattr(config, "save_pretrained"):
         raise CheckpointError("save_merged needs the source Hugging Face model (with a config) that "

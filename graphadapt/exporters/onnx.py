@@ -8,6 +8,7 @@ an earlier file at ``path`` untouched and no temporary files behind.
 
 from __future__ import annotations
 
+import contextlib
 import bisect
 import collections
 import json
@@ -29,6 +30,7 @@ from graphadapt._io import check_writable, signals_as_exceptions
 from graphadapt.contract import check_export
 from graphadapt.capture import serialised
 from graphadapt.errors import ExportError, MergeError, VerificationError
+from graphadapt.hollow import placeholders_ok
 from graphadapt.exporters import _model, fusion
 from graphadapt.exporters import swappable as swappable_export
 from graphadapt.exporters._memory import PeakRSS, release_memory
@@ -452,8 +454,8 @@ def _prepare(model, inputs, tdtype, merge: bool, lazy: bool = False, weights_fro
             "export in fp32 or convert the model before capture"
         ) from e
     export_inputs = cast_inputs(inputs, tdtype)
-    try:
-        with torch.no_grad():
+    try:  # over a hollow base the copy holds placeholders: this forward only names the outputs
+        with torch.no_grad(), (placeholders_ok() if weights_from is not None else contextlib.nullcontext()):
             outputs = export_model(**export_inputs)
     except Exception as e:
         raise ExportError(
