@@ -31,6 +31,7 @@ from torch.fx.passes.split_module import split_module
 from .checkpointing import node_layers
 from .errors import GraphAdaptError
 from .model import AdaptedModel
+from .quantized import Packed4bitLinear, Packed8bitLinear
 from .signatures import _layer_paths
 
 __all__ = ["POLICIES", "ShardedModel", "adapter_state_dict", "full_adapter_state", "load_dcp_adapters",
@@ -172,6 +173,27 @@ def _check_disjoint(run: fx.GraphModule, layer_subs: list[str]) -> None:
                                       f"layers (through {child_name}); shard() cannot give it one unit")
 
 
+def _packed_as_parameters(run: nn.Module) -> list[str]:
+    """Make the packed bytes, block scales and code tables of every bitsandbytes base linear frozen parameters,
+    so FSDP2 shards them with their layer (it shards parameters and replicates buffers). FSDP2 shards each
+    parameter on its own and all-gathers a unit's mixed dtypes as bytes; a non-float parameter is never cast
+    by a mixed-precision policy and a frozen one gets no gradient collective, so no float "quant storage" is
+    needed (that is FSDP1's constraint: one flat parameter of one dtype per unit). Only the 0-d double-quant
+    offset stays a replicated buffer. Returns the names."""
+    done, seen = [], set()
+    for path, m in run.named_modules():
+        if type(m) not in (Packed4bitLinear, Packed8bitLinear) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        for field, b in list(m._buffers.items()):
+            if b is None or b.dim() == 0:
+                continue
+            del m._buffers[field]
+            m._parameters[field] = nn.Parameter(b, requires_grad=False)
+            done.append(f"{path}.{field}")
+    return done
+
+
 class ShardedModel(nn.Module):
     """The FSDP root of a sharded adapted model: call it with the adapted model's captured inputs.
 
@@ -229,7 +251,14 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
         raise GraphAdaptError("this adapted model is already sharded")
     run, layer_subs = _layer_split(adapted)
     _rehome(run, adapted, layer_subs)
-    _check_disjoint(run, layer_subs)
+    packed = _packed_as_parameters(run)
+    try:
+        _check_disjoint(run, layer_subs)
+    except GraphAdaptError:  # leave the adapted model as it was: its packed tensors buffers again
+        for name in packed:
+            owner, field = _owner(run, name)
+            owner._buffers[field] = owner._parameters.pop(field).data
+        raise
     # the source model and captured call variants hold the full weights (shared storage): while sharded the
     # adapted model is not callable, so they would only keep every rank's memory at the unsharded size
     for attr in ("_source_model", "_signature_variants"):

@@ -113,7 +113,7 @@ SCRIPT = textwrap.dedent("""
             r["loaded_vs_ref"] = (loaded - ref_out).abs().max().item()
             r["loaded_vs_sharded"] = (loaded - sharded_out).abs().max().item()
         dist.barrier()
-    # QLoRA: LoRA over a bitsandbytes NF4 base (graphadapt.quantized); the packed base stays replicated
+    # QLoRA: LoRA over a bitsandbytes NF4 (and 8-bit) base; the packed bytes and block scales are sharded too
     import importlib.util
     if importlib.util.find_spec("bitsandbytes") is not None:
         import warnings
@@ -124,41 +124,60 @@ SCRIPT = textwrap.dedent("""
             T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).save_pretrained(nf4_dir)
         dist.barrier()
+        quant = {{"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                             bnb_4bit_use_double_quant=True),
+                  "int8": dict(load_in_8bit=True)}}
 
-        def build_nf4():
-            q = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        def build_q(kind):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                base = T.AutoModelForCausalLM.from_pretrained(nf4_dir, quantization_config=q, device_map="cpu",
-                                                              dtype=torch.float32).eval()
+                base = T.AutoModelForCausalLM.from_pretrained(nf4_dir, quantization_config=T.BitsAndBytesConfig(
+                    **quant[kind]), device_map="cpu", dtype=torch.float32).eval()
             adapted = ga.apply(base, ga.LoRA(r=4, targets=("q", "v", "down")))
             randomize_lora(adapted)
             return adapted.train()
 
-        qref = build_nf4()
-        qopt = torch.optim.AdamW(list(qref.trainable_parameters().values()), lr=1e-2)
-        qgrads = []
-        for x in batches:
-            qopt.zero_grad()
-            loss_of(qref(**x), x["input_ids"]).backward()
-            qgrads.append({{n: p.grad.clone() for n, p in qref.trainable_parameters().items()}})
-            qopt.step()
-        adapted = build_nf4()
-        packed = {{n: b.clone() for n, b in adapted.named_buffers() if b.dtype == torch.uint8}}
-        sharded = ga.shard(adapted)
-        opt = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-2)
-        r = result["qlora"] = {{"grad_diff": [], "packed": len(packed)}}
-        for step, x in enumerate(batches):
-            half = {{k: v[2 * rank:2 * rank + 2] for k, v in x.items()}}
-            opt.zero_grad()
-            loss_of(sharded(**half), half["input_ids"]).backward()
-            grads = {{n: p.grad.full_tensor() for n, p in adapted.trainable_parameters().items()}}
-            r["grad_diff"].append(max((grads[n] - qgrads[step][n]).abs().max().item() for n in grads))
-            opt.step()
-        final = ga.full_adapter_state(sharded)
-        r["weight_diff"] = max((final[n] - p).abs().max().item() for n, p in qref.trainable_parameters().items())
-        now = dict(adapted.named_buffers())
-        r["packed_equal"] = all(torch.equal(now[n], b) for n, b in packed.items())
+        for kind in quant:
+            qref = build_q(kind)
+            qopt = torch.optim.AdamW(list(qref.trainable_parameters().values()), lr=1e-2)
+            qgrads = []
+            for x in batches:  # one process, the batch in the ranks' two halves (gradient accumulation): AdamW
+                qopt.zero_grad()  # normalises each gradient element, so a ~1e-8 element's fp32 summation order
+                for k in range(2):  # (whole batch vs halves) would move its update by ~1e-5
+                    half = {{key: v[2 * k:2 * k + 2] for key, v in x.items()}}
+                    (loss_of(qref(**half), half["input_ids"]) * 0.5).backward()
+                qgrads.append({{n: p.grad.clone() for n, p in qref.trainable_parameters().items()}})
+                qopt.step()
+            adapted = build_q(kind)
+            init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
+            # every tensor of the packed base linears (bytes, block scales, code tables), before sharding
+            packed = {{f"{{path}}.{{n}}": b.clone() for path, m in adapted.named_modules()
+                      if type(m).__name__.startswith("Packed") for n, b in m.named_buffers(recurse=False)}}
+            sharded = ga.shard(adapted)
+            now = {{**dict(adapted.named_parameters()), **dict(adapted.named_buffers())}}
+            shards = {{n: now[n] for n in packed if isinstance(now[n], DTensor)}}
+            r = result[kind] = {{"grad_diff": [], "packed": len(packed), "sharded": sorted(shards),
+                                "frozen": all(not t.requires_grad for t in shards.values()),
+                                "local_bytes": sum(t.to_local().numel() * t.element_size() for t in shards.values()),
+                                "full_bytes": sum(t.numel() * t.element_size() for t in shards.values()),
+                                "replicated_bytes": sum(t.numel() * t.element_size() for n, t in now.items()
+                                                        if n in packed and n not in shards)}}
+            opt = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad], lr=1e-2)
+            assert not any(p.dtype in (torch.uint8, torch.int8) for g in opt.param_groups for p in g["params"])
+            for step, x in enumerate(batches):
+                half = {{k: v[2 * rank:2 * rank + 2] for k, v in x.items()}}
+                opt.zero_grad()
+                loss_of(sharded(**half), half["input_ids"]).backward()
+                grads = {{n: p.grad.full_tensor() for n, p in adapted.trainable_parameters().items()}}
+                r["grad_diff"].append(max((grads[n] - qgrads[step][n]).abs().max().item() for n in grads))
+                opt.step()
+            final = ga.full_adapter_state(sharded)
+            r["weight_diff"] = max((final[n] - p).abs().max().item() for n, p in qref.trainable_parameters().items())
+            r["trained"] = min((final[n] - init[n]).abs().max().item() for n in init)
+            now = {{**dict(adapted.named_parameters()), **dict(adapted.named_buffers())}}
+            full = {{n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in now.items() if n in packed}}
+            r["packed_equal"] = full.keys() == packed.keys() and all(
+                full[n].dtype == b.dtype and torch.equal(full[n], b) for n, b in packed.items())
     with open({tmp!r} + f"/result{{rank}}.json", "w") as f:
         json.dump(result, f)
     print(f"rank {{rank}} ok", flush=True)
@@ -218,14 +237,32 @@ def test_sharded_adapters_load_into_an_unsharded_model(fsdp_run, policy):
         assert wiped > 1e-3 and resumed == 0.0  # and loads back into the sharded model
 
 
-def test_qlora_trains_sharded_equal_to_one_process(fsdp_run):
-    if "qlora" not in fsdp_run[0]:
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_trains_sharded_equal_to_one_process(fsdp_run, kind):
+    if kind not in fsdp_run[0]:
         pytest.skip("bitsandbytes is not installed")
     for result in fsdp_run:
-        r = result["qlora"]
+        r = result[kind]
         assert len(r["grad_diff"]) == 3 and max(r["grad_diff"]) <= 1e-6, r["grad_diff"]
-        assert r["weight_diff"] <= 1e-6
-        assert r["packed"] > 0 and r["packed_equal"]  # the 4-bit base: packed, replicated, untouched
+        assert r["weight_diff"] <= 1e-6 and r["trained"] > 1e-4
+        assert r["packed"] > 0 and r["packed_equal"]  # the quantized base: bit-identical after training
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_packed_base_is_sharded(fsdp_run, kind):
+    """FSDP2 shards the packed bytes and block scales (frozen uint8/int8/float parameters of each layer's
+    unit); only the 0-d double-quant offsets stay replicated."""
+    if kind not in fsdp_run[0]:
+        pytest.skip("bitsandbytes is not installed")
+    fields = {"nf4": {"weight_packed", "weight_absmax", "weight_code", "weight_absmax2", "weight_code2"},
+              "int8": {"weight_int8", "weight_scb"}}[kind]
+    for result in fsdp_run:
+        r = result[kind]
+        assert r["frozen"] and {n.rpartition(".")[2] for n in r["sharded"]} == fields
+        assert len(r["sharded"]) == 2 * 7 * len(fields)  # the seven quantized linears of both layers
+        assert 0.49 <= r["local_bytes"] / r["full_bytes"] <= 0.51, r
+        assert r["replicated_bytes"] == (4 * 2 * 7 if kind == "nf4" else 0), r  # the 0-d double-quant offsets
+    assert fsdp_run[0][kind]["local_bytes"] + fsdp_run[1][kind]["local_bytes"] >= fsdp_run[0][kind]["full_bytes"]
 
 
 def test_shard_refuses_bad_calls():
