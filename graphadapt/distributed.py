@@ -18,6 +18,7 @@ callable while sharded (its parameters are ``DTensor`` shards); call the :class:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,16 @@ class ShardedModel(nn.Module):
         self.run = run
         object.__setattr__(self, "adapted", adapted)
         self.units, self.policy = units, policy
+        # ``inspect.signature(sharded.forward)`` names the captured inputs (transformers.Trainer keeps the dataset
+        # columns the forward takes; ``*args, **kwargs`` would make it drop them all)
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+                  for n in adapted.input_names]
+
+        def forward(*args, **kwargs):
+            return ShardedModel.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.Signature(params)
+        self.__dict__["forward"] = forward
 
     def forward(self, *args, **kwargs):
         adapted = self.adapted

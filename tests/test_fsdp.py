@@ -265,6 +265,138 @@ def test_packed_base_is_sharded(fsdp_run, kind):
     assert fsdp_run[0][kind]["local_bytes"] + fsdp_run[1][kind]["local_bytes"] >= fsdp_run[0][kind]["full_bytes"]
 
 
+TRAINER_SCRIPT = textwrap.dedent("""
+    # transformers.Trainer with fsdp="full_shard", fsdp_config={{"version": 2}} over a model sharded by ga.shard
+    # ("fsdp", 2 gloo ranks, 2 rows each) against one unsharded process ("ref", 2 rows x 2 accumulation steps:
+    # the same micro-batches, so the same fp32 sums)
+    import sys
+    import torch
+    import torch.distributed as dist
+    import transformers as T
+    sys.path.insert(0, {tests!r})
+    import graphadapt as ga
+    from helpers import randomize_lora, text_inputs, tiny_llama
+
+    mode = sys.argv[1]
+    prepared = []
+    sharded_run = mode == "fsdp"
+    if sharded_run:
+        dist.init_process_group("gloo")
+        # accelerate 1.16 selects FSDP only for accelerator devices (MULTI_GPU, MULTI_XPU, ...): its multi-CPU
+        # mode wraps in DDP. Emulate the branch it takes there (AcceleratorState.distributed_type = FSDP, with the
+        # plugin); everything downstream (Trainer's FSDP set-up, Accelerator.prepare's FSDP2 path, backward,
+        # gradient clipping, optimizer) is accelerate's and transformers' own code
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+        _init = AcceleratorState.__init__
+
+        def _fsdp_on_cpu(self, *a, fsdp_plugin=None, **kw):
+            _init(self, *a, fsdp_plugin=fsdp_plugin, **kw)
+            if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+                self.distributed_type = DistributedType.FSDP
+                self.fsdp_plugin = fsdp_plugin
+        AcceleratorState.__init__ = _fsdp_on_cpu
+        import accelerate.accelerator
+        from torch.distributed.fsdp import FSDPModule
+        _prepare = accelerate.accelerator.fsdp2_prepare_model
+
+        def _recorded(accelerator, m):  # accelerate's FSDP2 preparation: returns an FSDPModule as it is
+            out = _prepare(accelerator, m)
+            prepared.append(isinstance(m, FSDPModule) and out is m)
+            return out
+        accelerate.accelerator.fsdp2_prepare_model = _recorded
+    rank = dist.get_rank() if sharded_run else 0
+
+    adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
+    randomize_lora(adapted)
+    adapted.train()
+    init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
+    model = ga.shard(adapted) if sharded_run else adapted
+    x = text_inputs(12, 6, seed=3)
+    rows = [{{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": x["input_ids"][i]}}
+            for i in range(12)]
+
+    def loss_fn(out, labels, num_items_in_batch):  # summed over tokens / tokens of the global batch
+        logits = out.logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 reduction="sum") / num_items_in_batch
+
+    grads, seen = [], []
+
+    class Record(T.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # after Accelerator.prepare: not wrapped (no DDP)
+            seen.append(trainer.model_wrapped is model)
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):  # after Trainer's gradient clipping
+            grads.append({{n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+                          for n, p in adapted.trainable_parameters().items()}})
+
+    kw = dict(fsdp="full_shard", fsdp_config={{"version": 2}}) if sharded_run else {{}}
+    args = T.TrainingArguments({tmp!r} + "/trainer-" + mode, max_steps=3, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=1 if sharded_run else 2, train_sampling_strategy="sequential",
+                               learning_rate=1e-2, lr_scheduler_type="constant", label_names=["labels"], use_cpu=True,
+                               report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, **kw)
+    trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
+    trainer.train()
+    final = ga.full_adapter_state(model)
+    if rank == 0:
+        torch.save({{"grads": grads, "final": final, "init": init, "seen": seen, "prepared": prepared,
+                    "fsdp_enabled": trainer.is_fsdp_enabled}}, {tmp!r} + f"/trainer-{{mode}}.pt")
+    print(mode, rank, "ok", flush=True)
+    if sharded_run:
+        dist.barrier()
+        dist.destroy_process_group()
+""")
+
+
+def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
+    """``Trainer(model=ga.shard(adapted), args=TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2}))``:
+    accelerate's FSDP2 preparation leaves the already-sharded model alone, and three AdamW steps (gradient
+    clipping on) give the adapter gradients and weights of one unsharded process (accelerate's device choice
+    is emulated on CPU, see TRAINER_SCRIPT)."""
+    import torch
+
+    script = tmp_path / "trainer_run.py"
+    script.write_text(TRAINER_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path)))
+    root = str(Path(__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for cmd in ([sys.executable, str(script), "ref"],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "fsdp"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref, got = (torch.load(tmp_path / f"trainer-{m}.pt") for m in ("ref", "fsdp"))
+    assert got["fsdp_enabled"] and not ref["fsdp_enabled"]
+    assert got["prepared"] == [True] and ref["prepared"] == []  # accelerate's FSDP2 path, our model as it was
+    assert got["seen"] == ref["seen"] == [True]  # Trainer trains that model (not a DDP or FSDP wrapper of it)
+    assert len(ref["grads"]) == len(got["grads"]) == 3
+    for a, b in zip(ref["grads"], got["grads"]):
+        assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+    assert max((ref["final"][n] - got["final"][n]).abs().max().item() for n in ref["final"]) <= 1e-6
+    assert min((got["final"][n] - got["init"][n]).abs().max().item() for n in got["init"]) > 1e-4
+
+
+def test_sharded_model_signature_names_the_captured_inputs(tmp_path):
+    """Trainer keeps the dataset columns ``inspect.signature(model.forward)`` names (``*args, **kwargs`` would
+    drop them all)."""
+    import inspect
+
+    import torch.distributed as dist
+
+    import graphadapt as ga
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_llama
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        sharded = ga.shard(ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",))))
+        assert list(inspect.signature(sharded.forward).parameters) == list(sharded.adapted.input_names)
+        assert "input_ids" in sharded.adapted.input_names
+    finally:
+        dist.destroy_process_group()
+
+
 def test_shard_refuses_bad_calls():
     import graphadapt as ga
 
