@@ -301,47 +301,56 @@ TRAINER_SCRIPT = textwrap.dedent("""
         _prepare = accelerate.accelerator.fsdp2_prepare_model
 
         def _recorded(accelerator, m):  # accelerate's FSDP2 preparation: returns an FSDPModule as it is
+            was_sharded = isinstance(m, FSDPModule)
             out = _prepare(accelerator, m)
-            prepared.append(isinstance(m, FSDPModule) and out is m)
+            prepared.append([was_sharded, out is m])
             return out
         accelerate.accelerator.fsdp2_prepare_model = _recorded
     rank = dist.get_rank() if sharded_run else 0
 
-    adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
-    randomize_lora(adapted)
-    adapted.train()
-    init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
-    model = ga.shard(adapted) if sharded_run else adapted
-    x = text_inputs(12, 6, seed=3)
-    rows = [{{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": x["input_ids"][i]}}
-            for i in range(12)]
+    def train(shard):
+        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
+        randomize_lora(adapted)
+        adapted.train()
+        init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
+        model = ga.shard(adapted) if shard else adapted
+        x = text_inputs(12, 6, seed=3)
+        rows = [{{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": x["input_ids"][i]}}
+                for i in range(12)]
 
-    def loss_fn(out, labels, num_items_in_batch):  # summed over tokens / tokens of the global batch
-        logits = out.logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                                 reduction="sum") / num_items_in_batch
+        def loss_fn(out, labels, num_items_in_batch):  # summed over tokens / tokens of the global batch
+            logits = out.logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                     reduction="sum") / num_items_in_batch
 
-    grads, seen = [], []
+        grads, seen = [], []
 
-    class Record(T.TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):  # after Accelerator.prepare: not wrapped (no DDP)
-            seen.append(trainer.model_wrapped is model)
+        class Record(T.TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):  # after Accelerator.prepare: not wrapped (no DDP)
+                seen.append(trainer.model_wrapped is model)
 
-        def on_pre_optimizer_step(self, args, state, control, **kw):  # after Trainer's gradient clipping
-            grads.append({{n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
-                          for n, p in adapted.trainable_parameters().items()}})
+            def on_pre_optimizer_step(self, args, state, control, **kw):  # after Trainer's gradient clipping
+                grads.append({{n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+                              for n, p in adapted.trainable_parameters().items()}})
 
-    kw = dict(fsdp="full_shard", fsdp_config={{"version": 2}}) if sharded_run else {{}}
-    args = T.TrainingArguments({tmp!r} + "/trainer-" + mode, max_steps=3, per_device_train_batch_size=2,
-                               gradient_accumulation_steps=1 if sharded_run else 2, train_sampling_strategy="sequential",
-                               learning_rate=1e-2, lr_scheduler_type="constant", label_names=["labels"], use_cpu=True,
-                               report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, **kw)
-    trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
-    trainer.train()
-    final = ga.full_adapter_state(model)
+        kw = dict(fsdp="full_shard", fsdp_config={{"version": 2}}) if sharded_run else {{}}
+        args = T.TrainingArguments({tmp!r} + "/trainer-" + mode, max_steps=3, per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=1 if sharded_run else 2,
+                                   train_sampling_strategy="sequential", learning_rate=1e-2,
+                                   lr_scheduler_type="constant", label_names=["labels"], use_cpu=True, report_to=[],
+                                   save_strategy="no", logging_strategy="no", disable_tqdm=True, **kw)
+        trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
+        trainer.train()
+        units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in model.modules())
+        return {{"grads": grads, "final": ga.full_adapter_state(model), "init": init, "seen": seen, "units": units,
+                "fsdp_enabled": trainer.is_fsdp_enabled}}
+
+    result = {{"sharded": train(True)}} if sharded_run else {{"ref": train(False)}}
+    if sharded_run:  # an unsharded adapted model handed to accelerate: its layer containers are never called
+        result["whole"] = train(False)
+    result["prepared"] = prepared
     if rank == 0:
-        torch.save({{"grads": grads, "final": final, "init": init, "seen": seen, "prepared": prepared,
-                    "fsdp_enabled": trainer.is_fsdp_enabled}}, {tmp!r} + f"/trainer-{{mode}}.pt")
+        torch.save(result, {tmp!r} + f"/trainer-{{mode}}.pt")
     print(mode, rank, "ok", flush=True)
     if sharded_run:
         dist.barrier()
@@ -353,7 +362,8 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
     """``Trainer(model=ga.shard(adapted), args=TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2}))``:
     accelerate's FSDP2 preparation leaves the already-sharded model alone, and three AdamW steps (gradient
     clipping on) give the adapter gradients and weights of one unsharded process (accelerate's device choice
-    is emulated on CPU, see TRAINER_SCRIPT)."""
+    is emulated on CPU, see TRAINER_SCRIPT). An unsharded adapted model handed to the same Trainer becomes one
+    FSDP unit (exact, but the whole model is gathered for every step)."""
     import torch
 
     script = tmp_path / "trainer_run.py"
@@ -365,15 +375,20 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "fsdp"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ref, got = (torch.load(tmp_path / f"trainer-{m}.pt") for m in ("ref", "fsdp"))
-    assert got["fsdp_enabled"] and not ref["fsdp_enabled"]
-    assert got["prepared"] == [True] and ref["prepared"] == []  # accelerate's FSDP2 path, our model as it was
-    assert got["seen"] == ref["seen"] == [True]  # Trainer trains that model (not a DDP or FSDP wrapper of it)
-    assert len(ref["grads"]) == len(got["grads"]) == 3
-    for a, b in zip(ref["grads"], got["grads"]):
-        assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
-    assert max((ref["final"][n] - got["final"][n]).abs().max().item() for n in ref["final"]) <= 1e-6
-    assert min((got["final"][n] - got["init"][n]).abs().max().item() for n in got["init"]) > 1e-4
+    ref, run = (torch.load(tmp_path / f"trainer-{m}.pt") for m in ("ref", "fsdp"))
+    ref, got, whole = ref["ref"], run["sharded"], run["whole"]
+    # accelerate's FSDP2 path: our sharded model came back as it was (2 layers + root); the unsharded adapted
+    # model was sharded by accelerate as a single unit (its layer classes are not in the graph): whole-model
+    # all-gathers, exact too, but no per-layer memory saving
+    assert run["prepared"] == [[True, True], [False, True]] and got["units"] == 3 and whole["units"] == 1 and ref["units"] == 0
+    assert got["fsdp_enabled"] and whole["fsdp_enabled"] and not ref["fsdp_enabled"]
+    assert got["seen"] == ref["seen"] == [True]  # Trainer trains that model (not a DDP wrapper of it)
+    for r in (got, whole):
+        assert len(ref["grads"]) == len(r["grads"]) == 3
+        for a, b in zip(ref["grads"], r["grads"]):
+            assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+        assert max((ref["final"][n] - r["final"][n]).abs().max().item() for n in ref["final"]) <= 1e-6
+        assert min((r["final"][n] - r["init"][n]).abs().max().item() for n in r["init"]) > 1e-4
 
 
 def test_sharded_model_signature_names_the_captured_inputs(tmp_path):
