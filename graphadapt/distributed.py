@@ -174,20 +174,22 @@ def _check_disjoint(run: fx.GraphModule, layer_subs: list[str]) -> None:
                                       f"layers (through {child_name}); shard() cannot give it one unit")
 
 
-def _packed_as_parameters(run: nn.Module) -> list[str]:
+def _packed_as_parameters(run: nn.Module, cast_to: torch.dtype | None = None) -> list[str]:
     """Make the packed bytes, block scales and code tables of every bitsandbytes base linear frozen parameters,
     so FSDP2 shards them with their layer (it shards parameters and replicates buffers). FSDP2 shards each
     parameter on its own and all-gathers a unit's mixed dtypes as bytes; a non-float parameter is never cast
     by a mixed-precision policy and a frozen one gets no gradient collective, so no float "quant storage" is
     needed (that is FSDP1's constraint: one flat parameter of one dtype per unit). Only the 0-d double-quant
-    offset stays a replicated buffer. Returns the names."""
+    offset stays a replicated buffer. With a mixed-precision policy that casts floating parameters to ``cast_to``
+    the float block scales and code tables stay replicated buffers too: cast, they would change the weights
+    (bitsandbytes keeps them in float32). Returns the names."""
     done, seen = [], set()
     for path, m in run.named_modules():
         if type(m) not in (Packed4bitLinear, Packed8bitLinear) or id(m) in seen:
             continue
         seen.add(id(m))
         for field, b in list(m._buffers.items()):
-            if b is None or b.dim() == 0:
+            if b is None or b.dim() == 0 or (cast_to is not None and b.is_floating_point() and b.dtype != cast_to):
                 continue
             del m._buffers[field]
             m._parameters[field] = nn.Parameter(b, requires_grad=False)
@@ -262,7 +264,7 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
         raise GraphAdaptError("this adapted model is already sharded")
     run, layer_subs = _layer_split(adapted)
     _rehome(run, adapted, layer_subs)
-    packed = _packed_as_parameters(run)
+    packed = _packed_as_parameters(run, getattr(mp_policy, "param_dtype", None))
     try:
         _check_disjoint(run, layer_subs)
     except GraphAdaptError:  # leave the adapted model as it was: its packed tensors buffers again

@@ -522,3 +522,42 @@ def test_shard_refuses_models_it_cannot_shard(tmp_path):
             ga.load_dcp_adapters(adapted, tmp_path)
     finally:
         dist.destroy_process_group()
+
+
+def test_mixed_precision_keeps_the_block_scales_exact(tmp_path):
+    """Under ``mp_policy`` with bf16 parameters, FSDP2 casts floating parameters when it gathers them: the packed
+    bytes (uint8) are sharded, the float32 block scales and code tables stay replicated buffers, so a gathered
+    4-bit weight dequantizes to exactly the unsharded one."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+
+    import graphadapt as ga
+    from graphadapt.quantized import Packed4bitLinear
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import tiny_llama
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        for mp, float_sharded in ((None, True), (MixedPrecisionPolicy(param_dtype=torch.bfloat16), False)):
+            adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=2, targets=("q",)), quantize="nf4")
+            packed = {p: m for p, m in adapted.named_modules() if isinstance(m, Packed4bitLinear)}
+            dense = {p: m.dequantize() for p, m in packed.items()}
+            sharded = ga.shard(adapted, mp_policy=mp)
+            for p, m in packed.items():
+                assert isinstance(m.weight_packed, DTensor) and m.weight_packed.dtype == torch.uint8
+                assert isinstance(m.weight_absmax, DTensor) == float_sharded
+                assert m.weight_absmax.dtype == torch.float32
+            unit = getattr(sharded.run, sharded.units[0])
+            unit.unshard()  # gathered as for forward: under mp, floating parameters in bf16
+            try:
+                inside = [p for p, m in packed.items() if not isinstance(m.weight_packed, DTensor)]
+                assert inside  # this layer's packed linears are gathered
+                assert all(torch.equal(packed[p].dequantize(), dense[p]) for p in inside)
+            finally:
+                unit.reshard()
+    finally:
+        dist.destroy_process_group()
