@@ -13,6 +13,11 @@ into it. The submodules hold the adapted model's own parameter-owning modules (n
 ``fully_shard`` replaces a parameter by its shard, the adapted model sees the shard too, and the
 full weights are freed (per-rank memory shrinks with the world size). The adapted model is not
 callable while sharded (its parameters are ``DTensor`` shards); call the :class:`ShardedModel`.
+
+A bitsandbytes 4-bit/8-bit base (``graphadapt.quantized``) is sharded too: its packed bytes and scales
+become frozen parameters of their layer's unit (:func:`_packed_as_parameters`). ``transformers.Trainer``
+with ``fsdp_config={"version": 2}`` trains the returned model as it is (accelerate's FSDP2 preparation
+leaves an FSDP module alone); docs/scale.md has the recipe and what is tested.
 """
 
 from __future__ import annotations
@@ -243,6 +248,9 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
     a unit of its own, as PEFT's ``fsdp_auto_wrap_policy`` does for FSDP1 (whose flat parameters need one
     ``requires_grad`` per unit); it costs one more all-gather per adapter module. Train the returned model;
     the optimizer takes ``[p for p in sharded.parameters() if p.requires_grad]``.
+
+    A quantized base (bitsandbytes 4-bit/8-bit linears) is sharded with its layer: each rank holds ``1/world``
+    of the packed bytes (with an ``mp_policy`` that casts float parameters, the float scales stay replicated).
 
     The adapted model lets go of its source model (whose weights share storage with it): drop your own
     reference to the model you passed to ``apply`` too, or every rank keeps the full weights alive."""
