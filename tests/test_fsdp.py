@@ -283,17 +283,18 @@ TRAINER_SCRIPT = textwrap.dedent("""
     if sharded_run:
         dist.init_process_group("gloo")
         # accelerate 1.16 selects FSDP only for accelerator devices (MULTI_GPU, MULTI_XPU, ...): its multi-CPU
-        # mode wraps in DDP. Emulate the branch it takes there (AcceleratorState.distributed_type = FSDP, with the
-        # plugin); everything downstream (Trainer's FSDP set-up, Accelerator.prepare's FSDP2 path, backward,
-        # gradient clipping, optimizer) is accelerate's and transformers' own code
-        from accelerate.state import AcceleratorState
+        # mode wraps in DDP. Emulate the branch it takes there (distributed_type = FSDP, with the plugin, in
+        # AcceleratorState and copied to PartialState as AcceleratorState.__init__ does); everything downstream
+        # (Trainer's FSDP set-up, Accelerator.prepare's FSDP2 path, backward, gradient clipping, optimizer, the
+        # saved state dict) is accelerate's and transformers' own code
+        from accelerate.state import AcceleratorState, PartialState
         from accelerate.utils import DistributedType
         _init = AcceleratorState.__init__
 
         def _fsdp_on_cpu(self, *a, fsdp_plugin=None, **kw):
             _init(self, *a, fsdp_plugin=fsdp_plugin, **kw)
             if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-                self.distributed_type = DistributedType.FSDP
+                self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
                 self.fsdp_plugin = fsdp_plugin
         AcceleratorState.__init__ = _fsdp_on_cpu
         import accelerate.accelerator
@@ -341,9 +342,15 @@ TRAINER_SCRIPT = textwrap.dedent("""
                                    save_strategy="no", logging_strategy="no", disable_tqdm=True, **kw)
         trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
         trainer.train()
+        saved = None
+        if shard:  # Trainer.save_model under FSDP2: accelerate gathers a full state dict, rank 0 writes it
+            trainer.save_model({tmp!r} + "/trainer-saved")
+            if rank == 0:
+                from safetensors.torch import load_file
+                saved = load_file({tmp!r} + "/trainer-saved/model.safetensors")
         units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in model.modules())
         return {{"grads": grads, "final": ga.full_adapter_state(model), "init": init, "seen": seen, "units": units,
-                "fsdp_enabled": trainer.is_fsdp_enabled}}
+                "fsdp_enabled": trainer.is_fsdp_enabled, "saved": saved}}
 
     result = {{"sharded": train(True)}} if sharded_run else {{"ref": train(False)}}
     if sharded_run:  # an unsharded adapted model handed to accelerate: its layer containers are never called
@@ -383,6 +390,16 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
     assert run["prepared"] == [[True, True], [False, True]] and got["units"] == 3 and whole["units"] == 1 and ref["units"] == 0
     assert got["fsdp_enabled"] and whole["fsdp_enabled"] and not ref["fsdp_enabled"]
     assert got["seen"] == ref["seen"] == [True]  # Trainer trains that model (not a DDP wrapper of it)
+    # Trainer.save_model wrote every weight, gathered, under the sharded model's module names (run.submod_<k>....)
+    saved, final = got["saved"], got["final"]
+    assert len(saved) > len(final) and all(k.startswith("run.") for k in saved)
+    by_leaf = {n.replace(".", "_"): t for n, t in final.items()}  # split_module names a call_module target so
+    for k, t in saved.items():  # e.g. run.submod_1.adapters_default_model_..._q_proj.lora_A
+        mod, _, leaf = k.rpartition(".")
+        name = mod.split(".")[-1] + "_" + leaf
+        if name in by_leaf:
+            assert torch.equal(t, by_leaf.pop(name))
+    assert not by_leaf  # every adapter tensor is in the file, equal to the trained one
     for r in (got, whole):
         assert len(ref["grads"]) == len(r["grads"]) == 3
         for a, b in zip(ref["grads"], r["grads"]):
