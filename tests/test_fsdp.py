@@ -309,7 +309,7 @@ TRAINER_SCRIPT = textwrap.dedent("""
         accelerate.accelerator.fsdp2_prepare_model = _recorded
     rank = dist.get_rank() if sharded_run else 0
 
-    def train(shard):
+    def train(shard, resume=None):
         adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
         randomize_lora(adapted)
         adapted.train()
@@ -335,15 +335,17 @@ TRAINER_SCRIPT = textwrap.dedent("""
                               for n, p in adapted.trainable_parameters().items()}})
 
         kw = dict(fsdp="full_shard", fsdp_config={{"version": 2}}) if sharded_run else {{}}
-        args = T.TrainingArguments({tmp!r} + "/trainer-" + mode, max_steps=3, per_device_train_batch_size=2,
+        kw["save_strategy"], kw["save_steps"] = ("steps", 2) if shard else ("no", None)  # checkpoint-2
+        args = T.TrainingArguments({tmp!r} + "/trainer-" + mode + ("-resumed" if resume else ""), max_steps=3,
+                                   per_device_train_batch_size=2,
                                    gradient_accumulation_steps=1 if sharded_run else 2,
                                    train_sampling_strategy="sequential", learning_rate=1e-2,
                                    lr_scheduler_type="constant", label_names=["labels"], use_cpu=True, report_to=[],
-                                   save_strategy="no", logging_strategy="no", disable_tqdm=True, **kw)
+                                   logging_strategy="no", disable_tqdm=True, **kw)
         trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         saved = None
-        if shard:  # Trainer.save_model under FSDP2: accelerate gathers a full state dict, rank 0 writes it
+        if shard and not resume:  # Trainer.save_model under FSDP2: accelerate gathers a full state dict, rank 0 writes it
             trainer.save_model({tmp!r} + "/trainer-saved")
             if rank == 0:
                 from safetensors.torch import load_file
@@ -353,6 +355,8 @@ TRAINER_SCRIPT = textwrap.dedent("""
                 "fsdp_enabled": trainer.is_fsdp_enabled, "saved": saved}}
 
     result = {{"sharded": train(True)}} if sharded_run else {{"ref": train(False)}}
+    if sharded_run:  # a fresh sharded model resumed from Trainer's step-2 checkpoint (weights, AdamW state)
+        result["resumed"] = train(True, resume={tmp!r} + "/trainer-fsdp/checkpoint-2")
     if sharded_run:  # an unsharded adapted model handed to accelerate: its layer containers are never called
         result["whole"] = train(False)
     result["prepared"] = prepared
@@ -387,7 +391,7 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
     # accelerate's FSDP2 path: our sharded model came back as it was (2 layers + root); the unsharded adapted
     # model was sharded by accelerate as a single unit (its layer classes are not in the graph): whole-model
     # all-gathers, exact too, but no per-layer memory saving
-    assert run["prepared"] == [[True, True], [False, True]] and got["units"] == 3 and whole["units"] == 1 and ref["units"] == 0
+    assert run["prepared"] == [[True, True], [True, True], [False, True]] and got["units"] == 3 and whole["units"] == 1 and ref["units"] == 0
     assert got["fsdp_enabled"] and whole["fsdp_enabled"] and not ref["fsdp_enabled"]
     assert got["seen"] == ref["seen"] == [True]  # Trainer trains that model (not a DDP wrapper of it)
     # Trainer.save_model wrote every weight, gathered, under the sharded model's module names (run.submod_<k>....)
@@ -400,6 +404,8 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
         if name in by_leaf:
             assert torch.equal(t, by_leaf.pop(name))
     assert not by_leaf  # every adapter tensor is in the file, equal to the trained one
+    # resumed from checkpoint-2 and trained one more step: the uninterrupted run's adapters
+    assert len(run["resumed"]["grads"]) == 1 and all(torch.equal(run["resumed"]["final"][n], t) for n, t in final.items())
     for r in (got, whole):
         assert len(ref["grads"]) == len(r["grads"]) == 3
         for a, b in zip(ref["grads"], r["grads"]):
