@@ -269,6 +269,7 @@ TRAINER_SCRIPT = textwrap.dedent("""
     # transformers.Trainer with fsdp="full_shard", fsdp_config={{"version": 2}} over a model sharded by ga.shard
     # ("fsdp", 2 gloo ranks, 2 rows each) against one unsharded process ("ref", 2 rows x 2 accumulation steps:
     # the same micro-batches, so the same fp32 sums)
+    import importlib.util
     import sys
     import torch
     import torch.distributed as dist
@@ -309,8 +310,8 @@ TRAINER_SCRIPT = textwrap.dedent("""
         accelerate.accelerator.fsdp2_prepare_model = _recorded
     rank = dist.get_rank() if sharded_run else 0
 
-    def train(shard, resume=None):
-        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)))
+    def train(shard, resume=None, quantize=None):
+        adapted = ga.apply(tiny_llama(causal_lm=True), ga.LoRA(r=4, targets=("all-linear",)), quantize=quantize)
         randomize_lora(adapted)
         adapted.train()
         init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
@@ -335,8 +336,9 @@ TRAINER_SCRIPT = textwrap.dedent("""
                               for n, p in adapted.trainable_parameters().items()}})
 
         kw = dict(fsdp="full_shard", fsdp_config={{"version": 2}}) if sharded_run else {{}}
-        kw["save_strategy"], kw["save_steps"] = ("steps", 2) if shard else ("no", None)  # checkpoint-2
-        args = T.TrainingArguments({tmp!r} + "/trainer-" + mode + ("-resumed" if resume else ""), max_steps=3,
+        kw["save_strategy"], kw["save_steps"] = ("steps", 2) if shard and not quantize else ("no", None)  # checkpoint-2
+        args = T.TrainingArguments({tmp!r} + "/trainer-" + mode + ("-resumed" if resume else "") + (quantize or ""),
+                                   max_steps=3,
                                    per_device_train_batch_size=2,
                                    gradient_accumulation_steps=1 if sharded_run else 2,
                                    train_sampling_strategy="sequential", learning_rate=1e-2,
@@ -345,7 +347,7 @@ TRAINER_SCRIPT = textwrap.dedent("""
         trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
         trainer.train(resume_from_checkpoint=resume)
         saved = None
-        if shard and not resume:  # Trainer.save_model under FSDP2: accelerate gathers a full state dict, rank 0 writes it
+        if shard and not resume and not quantize:  # Trainer.save_model under FSDP2: accelerate gathers a full state dict, rank 0 writes it
             trainer.save_model({tmp!r} + "/trainer-saved")
             if rank == 0:
                 from safetensors.torch import load_file
@@ -355,6 +357,8 @@ TRAINER_SCRIPT = textwrap.dedent("""
                 "fsdp_enabled": trainer.is_fsdp_enabled, "saved": saved}}
 
     result = {{"sharded": train(True)}} if sharded_run else {{"ref": train(False)}}
+    if importlib.util.find_spec("bitsandbytes") is not None:  # QLoRA: NF4 base (packed bytes sharded too)
+        result["nf4"] = train(sharded_run, quantize="nf4")
     if sharded_run:  # a fresh sharded model resumed from Trainer's step-2 checkpoint (weights, AdamW state)
         result["resumed"] = train(True, resume={tmp!r} + "/trainer-fsdp/checkpoint-2")
     if sharded_run:  # an unsharded adapted model handed to accelerate: its layer containers are never called
@@ -386,12 +390,14 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "fsdp"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ref, run = (torch.load(tmp_path / f"trainer-{m}.pt") for m in ("ref", "fsdp"))
-    ref, got, whole = ref["ref"], run["sharded"], run["whole"]
-    # accelerate's FSDP2 path: our sharded model came back as it was (2 layers + root); the unsharded adapted
+    one, run = (torch.load(tmp_path / f"trainer-{m}.pt") for m in ("ref", "fsdp"))
+    ref, got, whole = one["ref"], run["sharded"], run["whole"]
+    qlora = "nf4" in one  # bitsandbytes installed: the same over an NF4 base
+    # accelerate's FSDP2 path: our sharded models came back as they were (2 layers + root); the unsharded adapted
     # model was sharded by accelerate as a single unit (its layer classes are not in the graph): whole-model
     # all-gathers, exact too, but no per-layer memory saving
-    assert run["prepared"] == [[True, True], [True, True], [False, True]] and got["units"] == 3 and whole["units"] == 1 and ref["units"] == 0
+    assert run["prepared"] == [[True, True]] * (3 if qlora else 2) + [[False, True]]
+    assert got["units"] == 3 and whole["units"] == 1 and ref["units"] == 0
     assert got["fsdp_enabled"] and whole["fsdp_enabled"] and not ref["fsdp_enabled"]
     assert got["seen"] == ref["seen"] == [True]  # Trainer trains that model (not a DDP wrapper of it)
     # Trainer.save_model wrote every weight, gathered, under the sharded model's module names (run.submod_<k>....)
@@ -405,13 +411,15 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
             assert torch.equal(t, by_leaf.pop(name))
     assert not by_leaf  # every adapter tensor is in the file, equal to the trained one
     # resumed from checkpoint-2 and trained one more step: the uninterrupted run's adapters
-    assert len(run["resumed"]["grads"]) == 1 and all(torch.equal(run["resumed"]["final"][n], t) for n, t in final.items())
-    for r in (got, whole):
-        assert len(ref["grads"]) == len(r["grads"]) == 3
-        for a, b in zip(ref["grads"], r["grads"]):
+    resumed = run["resumed"]
+    assert len(resumed["grads"]) == 1 and all(torch.equal(resumed["final"][n], t) for n, t in final.items())
+    pairs = [(ref, got), (ref, whole)] + ([(one["nf4"], run["nf4"])] if qlora else [])
+    for a_run, b_run in pairs:
+        assert len(a_run["grads"]) == len(b_run["grads"]) == 3
+        for a, b in zip(a_run["grads"], b_run["grads"]):
             assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
-        assert max((ref["final"][n] - r["final"][n]).abs().max().item() for n in ref["final"]) <= 1e-6
-        assert min((r["final"][n] - r["init"][n]).abs().max().item() for n in r["init"]) > 1e-4
+        assert max((a_run["final"][n] - b_run["final"][n]).abs().max().item() for n in a_run["final"]) <= 1e-6
+        assert min((b_run["final"][n] - b_run["init"][n]).abs().max().item() for n in b_run["init"]) > 1e-4
 
 
 def test_sharded_model_signature_names_the_captured_inputs(tmp_path):
