@@ -98,7 +98,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     q = "1" if "--qlora" in sys.argv else "0"
     runs = [[sys.executable, __file__, WORKER, "0", q],
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, WORKER, "1", q]]
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, WORKER,
+             "1", q]]
     for cmd in runs:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=1200)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]

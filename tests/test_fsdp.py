@@ -317,7 +317,8 @@ TRAINER_SCRIPT = textwrap.dedent("""
         init = {{n: p.detach().clone() for n, p in adapted.trainable_parameters().items()}}
         model = ga.shard(adapted) if shard else adapted
         x = text_inputs(12, 6, seed=3)
-        rows = [{{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": x["input_ids"][i]}}
+        rows = [{{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i],
+                 "labels": x["input_ids"][i]}}
                 for i in range(12)]
 
         def loss_fn(out, labels, num_items_in_batch):  # summed over tokens / tokens of the global batch
@@ -347,7 +348,7 @@ TRAINER_SCRIPT = textwrap.dedent("""
         trainer = T.Trainer(model=model, args=args, train_dataset=rows, compute_loss_func=loss_fn, callbacks=[Record()])
         trainer.train(resume_from_checkpoint=resume)
         saved = None
-        if shard and not resume and not quantize:  # Trainer.save_model under FSDP2: accelerate gathers a full state dict, rank 0 writes it
+        if shard and not resume and not quantize:  # Trainer.save_model under FSDP2: a gathered full state dict
             trainer.save_model({tmp!r} + "/trainer-saved")
             if rank == 0:
                 from safetensors.torch import load_file
@@ -387,7 +388,8 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     for cmd in ([sys.executable, str(script), "ref"],
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "fsdp"]):
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                 "fsdp"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, run = (torch.load(tmp_path / f"trainer-{m}.pt") for m in ("ref", "fsdp"))
