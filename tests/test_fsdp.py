@@ -3,7 +3,9 @@
 One run (module fixture) checks, on each rank and for both policies: three AdamW steps on half the batch
 each give gradients and adapter weights equal (fp32, 1e-6) to one process on the whole batch; the base
 weights are held as half-size shards and never change; adapters saved from the shards load into an
-unsharded model whose outputs equal the single-process model's and the sharded model's.
+unsharded model whose outputs equal the single-process model's and the sharded model's. The same run
+trains LoRA over bitsandbytes NF4 (double quant) and 8-bit bases, whose packed bytes are sharded too.
+A second run drives ``transformers.Trainer`` with FSDP2 over the sharded model (see TRAINER_SCRIPT).
 """
 
 from __future__ import annotations
