@@ -416,7 +416,8 @@ def test_trainer_fsdp2_over_a_sharded_model_equals_one_process(tmp_path):
     assert not by_leaf  # every adapter tensor is in the file, equal to the trained one
     # resumed from checkpoint-2 and trained one more step: the uninterrupted run's adapters
     resumed = run["resumed"]
-    assert len(resumed["grads"]) == 1 and all(torch.equal(resumed["final"][n], t) for n, t in final.items())
+    assert len(resumed["grads"]) == 1
+    assert max((resumed["final"][n] - t).abs().max().item() for n, t in final.items()) <= 1e-6
     pairs = [(ref, got), (ref, whole)] + ([(one["nf4"], run["nf4"])] if qlora else [])
     for a_run, b_run in pairs:
         assert len(a_run["grads"]) == len(b_run["grads"]) == 3
