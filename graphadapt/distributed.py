@@ -13,11 +13,17 @@ into it. The submodules hold the adapted model's own parameter-owning modules (n
 ``fully_shard`` replaces a parameter by its shard, the adapted model sees the shard too, and the
 full weights are freed (per-rank memory shrinks with the world size). The adapted model is not
 callable while sharded (its parameters are ``DTensor`` shards); call the :class:`ShardedModel`.
+
+A bitsandbytes 4-bit/8-bit base (``graphadapt.quantized``) is sharded too: its packed bytes and scales
+become frozen parameters of their layer's unit (:func:`_packed_as_parameters`). ``transformers.Trainer``
+with ``fsdp_config={"version": 2}`` trains the returned model as it is (accelerate's FSDP2 preparation
+leaves an FSDP module alone); docs/scale.md has the recipe and what is tested.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from torch.fx.passes.split_module import split_module
 from .checkpointing import node_layers
 from .errors import GraphAdaptError
 from .model import AdaptedModel
+from .quantized import Packed4bitLinear, Packed8bitLinear
 from .signatures import _layer_paths
 
 __all__ = ["POLICIES", "ShardedModel", "adapter_state_dict", "full_adapter_state", "load_dcp_adapters",
@@ -172,6 +179,29 @@ def _check_disjoint(run: fx.GraphModule, layer_subs: list[str]) -> None:
                                       f"layers (through {child_name}); shard() cannot give it one unit")
 
 
+def _packed_as_parameters(run: nn.Module, cast_to: torch.dtype | None = None) -> list[str]:
+    """Make the packed bytes, block scales and code tables of every bitsandbytes base linear frozen parameters,
+    so FSDP2 shards them with their layer (it shards parameters and replicates buffers). FSDP2 shards each
+    parameter on its own and all-gathers a unit's mixed dtypes as bytes; a non-float parameter is never cast
+    by a mixed-precision policy and a frozen one gets no gradient collective, so no float "quant storage" is
+    needed (that is FSDP1's constraint: one flat parameter of one dtype per unit). Only the 0-d double-quant
+    offset stays a replicated buffer. With a mixed-precision policy that casts floating parameters to ``cast_to``
+    the float block scales and code tables stay replicated buffers too: cast, they would change the weights
+    (bitsandbytes keeps them in float32). Returns the names."""
+    done, seen = [], set()
+    for path, m in run.named_modules():
+        if type(m) not in (Packed4bitLinear, Packed8bitLinear) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        for field, b in list(m._buffers.items()):
+            if b is None or b.dim() == 0 or (cast_to is not None and b.is_floating_point() and b.dtype != cast_to):
+                continue
+            del m._buffers[field]
+            m._parameters[field] = nn.Parameter(b, requires_grad=False)
+            done.append(f"{path}.{field}")
+    return done
+
+
 class ShardedModel(nn.Module):
     """The FSDP root of a sharded adapted model: call it with the adapted model's captured inputs.
 
@@ -183,6 +213,16 @@ class ShardedModel(nn.Module):
         self.run = run
         object.__setattr__(self, "adapted", adapted)
         self.units, self.policy = units, policy
+        # ``inspect.signature(sharded.forward)`` names the captured inputs (transformers.Trainer keeps the dataset
+        # columns the forward takes; ``*args, **kwargs`` would make it drop them all)
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+                  for n in adapted.input_names]
+
+        def forward(*args, **kwargs):
+            return ShardedModel.forward(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.Signature(params)
+        self.__dict__["forward"] = forward
 
     def forward(self, *args, **kwargs):
         adapted = self.adapted
@@ -209,6 +249,9 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
     ``requires_grad`` per unit); it costs one more all-gather per adapter module. Train the returned model;
     the optimizer takes ``[p for p in sharded.parameters() if p.requires_grad]``.
 
+    A quantized base (bitsandbytes 4-bit/8-bit linears) is sharded with its layer: each rank holds ``1/world``
+    of the packed bytes (with an ``mp_policy`` that casts float parameters, the float scales stay replicated).
+
     The adapted model lets go of its source model (whose weights share storage with it): drop your own
     reference to the model you passed to ``apply`` too, or every rank keeps the full weights alive."""
     from torch.distributed.fsdp import fully_shard
@@ -229,7 +272,14 @@ def shard(adapted: AdaptedModel, mesh=None, *, policy: str = "layer", reshard_af
         raise GraphAdaptError("this adapted model is already sharded")
     run, layer_subs = _layer_split(adapted)
     _rehome(run, adapted, layer_subs)
-    _check_disjoint(run, layer_subs)
+    packed = _packed_as_parameters(run, getattr(mp_policy, "param_dtype", None))
+    try:
+        _check_disjoint(run, layer_subs)
+    except GraphAdaptError:  # leave the adapted model as it was: its packed tensors buffers again
+        for name in packed:
+            owner, field = _owner(run, name)
+            owner._buffers[field] = owner._parameters.pop(field).data
+        raise
     # the source model and captured call variants hold the full weights (shared storage): while sharded the
     # adapted model is not callable, so they would only keep every rank's memory at the unsharded size
     for attr in ("_source_model", "_signature_variants"):
