@@ -73,14 +73,24 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--export", default=None, help="directory for the int4 ONNX export (off by default)")
+    ap.add_argument("--wait-for", default=None,
+                    help="after training, wait until this file exists before exporting (the exporter is imported "
+                         "only then, so a long build can start before the export code is final)")
     args = ap.parse_args()
+
+    import importlib.util
 
     import torch
 
     import graphadapt as ga
-    from graphadapt.exporters._memory import PeakRSS, release_memory, rss
     from graphadapt.quantized import base_bytes
 
+    # graphadapt/exporters/_memory.py on its own: importing the exporters package now would freeze its code
+    # for --wait-for.
+    spec = importlib.util.spec_from_file_location("_bench_memory", ROOT / "graphadapt" / "exporters" / "_memory.py")
+    _memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_memory)
+    PeakRSS, release_memory, rss = _memory.PeakRSS, _memory.release_memory, _memory.rss
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     rows: list[tuple[str, float, float, str]] = []
 
@@ -120,6 +130,15 @@ def main() -> None:
 
     loss = step(f"one training step (seq {args.seq}, gradient checkpointing, AdamW)", train_step)
     rows[-1] = (*rows[-1][:3], f"loss {loss:.3f}")
+    del opt
+    print(f"RSS after training {rss() / GIB:.2f} GiB", flush=True)
+    print(f"\n| phase ({args.layers} layers) | seconds | peak RSS GiB | notes |\n|---|---|---|---|")
+    for name, s, peak, note in rows:
+        print(f"| {name} | {s:.1f} | {peak:.2f} | {note} |", flush=True)
+    if args.export and args.wait_for:
+        print(f"waiting for {args.wait_for}", flush=True)
+        while not os.path.exists(args.wait_for):
+            time.sleep(10)
     if args.export:
         from graphadapt.exporters import export_onnx
 

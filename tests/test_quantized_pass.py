@@ -202,3 +202,72 @@ def test_torchao_int8_weight_only_base(base_dir):
         assert max_diff(got, ref) > 1e-3
         assert max_diff(adapted.to_base_model()(**x, use_cache=False), got) < 1e-5
     assert base_bytes(adapted)["bytes_per_quantized_param"] < 1.2  # int8 + per-row scales
+
+
+@pytest.fixture(scope="module")
+def streamed_int8_export(tmp_path_factory):
+    """A merged int8 export of a Llama whose base linears are all above onnxscript's constant-folding limit
+    (8192 elements), so every one is a placeholder traced and quantized lazily; dense weights counted."""
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from graphadapt.exporters.quantized import FileWeightLinear
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    adapted = _nonzero(ga.apply(LlamaForCausalLM(cfg).eval(), ga.LoRA(r=4, targets=("q", "v")), quantize="nf4"),
+                       0.02)
+    made, alive_max = [], [0]
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            w = fn(*a, **k)
+            alive_max[0] = max(alive_max[0], 1 + sum(r() is not None for r in made))
+            made.append(weakref.ref(w))
+            return w
+        return wrapped
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Packed4bitLinear, "dequantize", spy(Packed4bitLinear.dequantize))
+    mp.setattr(FileWeightLinear, "weight", property(spy(FileWeightLinear.weight.fget)))
+    try:
+        path = tmp_path_factory.mktemp("onnx8") / "model.onnx"
+        x = text_inputs(2, 9, vocab=VOCAB)
+        report = ga.export_onnx(adapted, path, example_inputs=dict(x), merge=True, quantize="int8")
+    finally:
+        mp.undo()
+    return adapted, path, report, len(made), alive_max[0]
+
+
+def test_int8_export_streams_the_base_one_linear_at_a_time_and_merges(streamed_int8_export):
+    import onnx
+
+    from graphadapt.exporters.quantized import _module_path, dequantize_matmulnbits
+
+    adapted, path, report, made, alive_max = streamed_int8_export
+    packs = _packs(adapted)
+    assert len(packs) == 7 and all(m.in_features * m.out_features > 8192 for m in packs.values())
+    # every dense weight (dequantized from the packed base, or read back from the file for the reference) is
+    # dropped before the next one is made: the export never holds the dense base
+    assert made >= 3 * 7 and alive_max <= 2, (made, alive_max)
+    q = report.quantization
+    assert report.verified and q["bits"] == 8 and q["nodes"] == 7 and report.merged
+    assert max(report.max_abs_diff.values()) <= report.atol + report.rtol * 10
+    assert 0.0 < q["drift_rel_rms"] < 0.05, q  # int8 over the NF4 values: small
+    proto = onnx.load(str(path))
+    inits = {i.name for i in proto.graph.initializer}
+    ops = [n.op_type for n in proto.graph.node]
+    over_weights = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert ops.count("MatMulNBits") == 7 and len(over_weights) == 1  # merged: no adapter MatMul; lm_head dense
+    # the file's int8 q_proj is the quantized *merged* weight: within half a step of the dense merge, and
+    # away from the unmerged base by the adapter's delta
+    node = next(n for n in proto.graph.node
+                if n.op_type == "MatMulNBits" and _module_path(n) == "model.layers.0.self_attn.q_proj")
+    got = torch.from_numpy(dequantize_matmulnbits(proto, node))
+    merged = dict(adapted.to_base_model().named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    base = packs["model.layers.0.self_attn.q_proj"].dequantize()
+    step = merged.abs().amax() / 127
+    assert (got - merged).abs().max() <= step
+    assert (got - base).abs().max() > 4 * step

@@ -153,6 +153,7 @@ def export_onnx(
     max_rank: int | None = None,
     quantize: str | None = None,
     weights_from: str | os.PathLike | None = None,
+    _packed_base: tuple[Any, Any] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -205,6 +206,9 @@ def export_onnx(
             weights are read from, one tensor at a time, while the external data is written (folded when
             merged); the PyTorch reference of the verification reads them the same way. Export in the
             checkpoint's dtype.
+        _packed_base: internal (``quantize=``): ``(weight source, rewrite)`` — base weights are placeholders
+            read from the source while the file is written, and ``rewrite(program)`` turns their ``MatMul``
+            nodes into ``MatMulNBits`` before it is saved (:mod:`graphadapt.exporters.quantized`).
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -247,7 +251,8 @@ def export_onnx(
     from graphadapt.writes import claim_export
 
     claim_export(path, overwrite, ExportError)
-    source = _weight_source(model, weights_from, tdtype, swappable, verify_fn)
+    source = _packed_base[0] if _packed_base is not None else _weight_source(model, weights_from, tdtype, swappable,
+                                                                              verify_fn)
     inputs = _model.example_inputs(model, example_inputs)
     # the module serving these inputs (an adapted model's signature variant) is exported; merging is
     # decided on ``primary``, whose merge state the variant follows
@@ -298,6 +303,8 @@ def export_onnx(
             if lifted is not None:
                 swappable_export.add_defaults(program, lifted)
                 axes = {k: v for k, v in axes.items() if k not in lifted.defaults}
+            if _packed_base is not None:
+                _packed_base[1](program)  # base MatMuls -> MatMulNBits over lazily quantized weights
         seconds["export"] = time.perf_counter() - t
 
         meta = _model.metadata(model)
@@ -356,7 +363,7 @@ def export_onnx(
                     # (a swappable export's reference is the model itself, not the copy with lifted slots)
                     box = [None if getattr(export_model, "graphadapt_lazy_folds", None) or lifted is not None
                            else export_model]
-                    if source is not None:  # hollow base: the reference reads each weight from the checkpoint
+                    if source is not None and _packed_base is None:  # hollow base: the reference reads each weight from the checkpoint
                         from graphadapt.outofcore import StreamedReference
 
                         box = [StreamedReference(model, source)]
