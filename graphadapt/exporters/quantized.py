@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -128,16 +129,23 @@ def dequantize_matmulnbits(model, node, base_dir: str | Path = "") -> np.ndarray
     """The dense ``[N, K]`` (PyTorch ``[out, in]``) weight a ``MatMulNBits`` node multiplies by:
     ``(q - zero_point) * scale`` per block along K (onnxruntime's contrib-op definition). Reads only this
     node's initializers (from external data beside ``base_dir`` when the model was loaded without it)."""
+    import onnx
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
+    def read(name):
+        init = next(i for i in model.graph.initializer if i.name == name)
+        if init.data_location == onnx.TensorProto.EXTERNAL:  # onnx loads external data into the proto it is
+            t = onnx.TensorProto()                           # given: read into a copy, keep the model light
+            t.CopyFrom(init)
+            init = t
+        return numpy_helper.to_array(init, str(base_dir))
+
     attrs = {a.name: a.i for a in node.attribute}
     zp = None
-    if len(node.input) > 3 and node.input[3] and node.input[3] in inits:
-        zp = numpy_helper.to_array(inits[node.input[3]], str(base_dir))
-    return _dequantize(attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"],
-                       numpy_helper.to_array(inits[node.input[1]], str(base_dir)),
-                       numpy_helper.to_array(inits[node.input[2]], str(base_dir)), zp)
+    if len(node.input) > 3 and node.input[3]:
+        zp = read(node.input[3])
+    return _dequantize(attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"], read(node.input[1]),
+                       read(node.input[2]), zp)
 
 
 # ----------------------------------------------------------------------------------------- streamed export
@@ -341,12 +349,16 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
         inputs = resolve_inputs(model, example_inputs)
         memory = PeakRSS()
         release_memory()
+        t = time.perf_counter()
         with memory.phase("verify"):
             ref = _int4_reference(model, path, named, merge, inputs)
             result = verify_onnx(path, model, example_inputs=inputs, atol=atol, rtol=rtol, reference=ref.pop)
+        report.seconds["verify"] = time.perf_counter() - t
         release_memory()
+        t = time.perf_counter()
         with memory.phase("drift"):
             drift = _drift(model, path, inputs)
+        report.seconds["drift"] = time.perf_counter() - t
         report.peak_rss.update(memory.peaks)
         info["drift_max_abs"], info["drift_rel_rms"] = drift
         info["verified_against"] = (f"the PyTorch model over the int{bits} weights read back from the file "
