@@ -241,7 +241,7 @@ def export_onnx(
         return export_onnx_quantized(model, path, quantize, export=export_onnx, merge=merge, verify=verify, example_inputs=example_inputs,
                                      atol=atol, rtol=rtol, dynamic=dynamic, dtype=dtype, opset=opset,
                                      external_data=external_data, io_names=io_names, overwrite=overwrite,
-                                     swappable=swappable, optimize=optimize)
+                                     swappable=swappable, max_rank=max_rank, optimize=optimize)
     if has_quantized_weights(model):  # a packed 4-bit base exports over its dequantized (dense) weights
         with dense_base(model):
             return export_onnx(model, path, example_inputs, dynamic, dtype, merge, opset, verify, providers, atol,
@@ -283,6 +283,8 @@ def export_onnx(
         t = time.perf_counter()
         with memory.phase("export"):
             program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
+            if _packed_base is not None:
+                _packed_base[1].identify(program, export_model)  # which initializer is which base weight
             if not _install_lazy_folds(program, export_model):
                 if source is not None:
                     raise ExportError("the exporter transformed a base weight read from the checkpoint (constant "

@@ -43,6 +43,7 @@ from graphadapt.quantized import PACKED, DenseBaseLinear, dense_source_model, ha
     quantized_modules
 
 _BITS = {"int4": 4, "int8": 8}
+_LIFTED = "model."  # the adapted model's attribute in a swappable export's traced wrapper
 
 
 def _module_path(node) -> str | None:
@@ -156,6 +157,8 @@ class _PackedSource:
 
     def __init__(self, packed: dict[str, torch.nn.Module]):
         self.packed = {f"{p}.weight": m for p, m in packed.items()}
+        # a swappable export traces the model inside a wrapper (swappable._LiftedModule) as ``model``
+        self.packed.update({f"{_LIFTED}{k}": m for k, m in list(self.packed.items())})
 
     def is_hollow(self, name: str) -> bool:
         return name in self.packed
@@ -213,6 +216,41 @@ class _ToMatMulNBits:
     def __init__(self, paths: set[str], bits: int, block_size: int, source: _PackedSource):
         self.paths, self.bits, self.block_size, self.source = paths, bits, block_size, source
         self.named: dict[str, str] = {}  # MatMulNBits node name -> module path
+        self.found: dict[str, str] = {}  # initializer name -> module path (identify)
+
+    def identify(self, program, export_model) -> None:
+        """Before the lazy folds replace them: name the initializers that hold a base weight (``W.T``, as the
+        exporter writes a linear's weight for ``MatMul``) — a view of the export copy's placeholder (large
+        weights), else equal to the copy's transposed value (small ones the exporter folded). The exporter's
+        ``name_scopes`` metadata names the same nodes where it is present; a swappable export's wrapper
+        loses it."""
+        from graphadapt.exporters.onnx import _buffer_view
+
+        params = dict(export_model.named_parameters(remove_duplicate=False))
+        spans, small = [], {}
+        for path in self.paths:
+            t = params.get(f"{path}.weight", params.get(f"{_LIFTED}{path}.weight"))
+            if t is None:
+                continue
+            spans.append((t.data_ptr(), t.data_ptr() + t.nbytes, path, tuple(t.shape[::-1])))
+            if t.numel() <= (1 << 16):
+                small.setdefault(tuple(t.shape[::-1]), []).append((path, t))
+        for value in program.model.graph.initializers.values():
+            const = value.const_value
+            if const is None or len(const.shape) != 2:
+                continue
+            shape = tuple(int(d) for d in const.shape)
+            view = _buffer_view(const)
+            if view is not None:
+                hit = next((path for start, end, path, tshape in spans if start <= view[0] < end), None)
+                if hit is not None:
+                    if shape == next(ts for _, _, p, ts in spans if p == hit):
+                        self.found[value.name] = hit
+                    continue
+            for path, t in small.get(shape, ()):
+                if np.array_equal(const.numpy(), t.detach().T.numpy()):
+                    self.found[value.name] = path
+                    break
 
     def quantizer(self):
         from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
@@ -234,8 +272,10 @@ class _ToMatMulNBits:
             w = node.inputs[1]
             if w is None or w.const_value is None or not w.is_initializer():
                 continue
-            scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-            mp = ast.literal_eval(scopes)[-2] if scopes and len(ast.literal_eval(scopes)) >= 2 else None
+            mp = self.found.get(w.name)
+            if mp is None:
+                scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+                mp = ast.literal_eval(scopes)[-2] if scopes and len(ast.literal_eval(scopes)) >= 2 else None
             if mp in self.paths and len(w.const_value.shape) == 2:
                 chosen.append((node, mp))
         missing = self.paths - {mp for _, mp in chosen}
@@ -328,9 +368,11 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     if not has_quantized_weights(model):
         raise ExportError("quantize= exports a model over a quantized base (graphadapt.apply(..., quantize='nf4') "
                           "or a bitsandbytes 4-bit model); this model's base is dense")
-    if kwargs.get("swappable") or kwargs.get("dtype", "fp32") not in ("fp32", torch.float32) or kwargs.get("optimize"):
-        raise ExportError("quantize= exports fp32 activations without swappable=/optimize= for now; drop them")
-    kwargs.pop("swappable", None)
+    if kwargs.get("dtype", "fp32") not in ("fp32", torch.float32) or kwargs.get("optimize"):
+        raise ExportError("quantize= exports fp32 activations without optimize= for now; drop dtype=/optimize=")
+    swappable = bool(kwargs.get("swappable"))
+    if swappable:
+        merge = False  # the adapters are graph inputs (swap slots) over the int4 base
     path = Path(path)
     bits = _BITS[quantize]
     with placeholder_base(model) as packed:
