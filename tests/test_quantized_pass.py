@@ -271,3 +271,40 @@ def test_int8_export_streams_the_base_one_linear_at_a_time_and_merges(streamed_i
     step = merged.abs().amax() / 127
     assert (got - merged).abs().max() <= step
     assert (got - base).abs().max() > 4 * step
+
+
+def test_int4_export_with_swappable_adapters(tmp_path):
+    """``quantize="int4", swappable=True``: the adapters are overridable graph inputs over the int4 base; fed
+    zeros they drop out, leaving exactly the file's int4 base (the reference over its weights, adapters off)."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from graphadapt.exporters import read_swappable
+    from graphadapt.exporters.quantized import _int4_reference
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    adapted = _nonzero(ga.apply(LlamaForCausalLM(cfg).eval(), ga.LoRA(r=4, targets=("q", "v")), quantize="nf4"), 0.02)
+    x = text_inputs(2, 9, vocab=VOCAB)
+    path = tmp_path / "swap.onnx"
+    report = ga.export_onnx(adapted, path, example_inputs=dict(x), quantize="int4", swappable=True, max_rank=8)
+    q = report.quantization
+    assert report.verified and q["nodes"] == 7 and max(report.max_abs_diff.values()) <= report.atol + report.rtol * 10
+    _, slots = read_swappable(path)
+    assert len(slots) == 4  # A and B of q and v
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in x.items()}
+    default = sess.run(None, feeds)[0]
+    zero = sess.run(None, {**feeds, **{k: np.zeros(s, np.float32) for k, s in slots.items()}})[0]
+    trained = [p for p in adapted.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trained]
+    with torch.no_grad():
+        for p in trained:
+            p.zero_()
+        ref = _int4_reference(adapted, path, q["linears"], False, dict(x))[0](**x)
+        for p, v in zip(trained, saved):
+            p.copy_(v)
+    assert max_diff(ref, torch.from_numpy(zero)) < 1e-4
+    assert np.abs(default - zero).max() > 1e-3  # the default slots are the exported adapter

@@ -358,8 +358,10 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     """``export_onnx(model, path, quantize="int4"|"int8")`` for a model over a quantized base (module
     docstring). Returns the :class:`ExportReport` with ``quantization`` filled in: ``bits``,
     ``block_size``, ``nodes`` (MatMulNBits written), ``drift_max_abs`` / ``drift_rel_rms`` (against the
-    PyTorch model over its packed base) and ``verified_against`` (what the exact check compared); the
-    report's ``peak_rss`` gains ``verify`` and ``drift``.
+    PyTorch model over its packed base), ``verified_against`` (what the exact check compared) and ``linears``
+    (``{MatMulNBits node name: module path}``); the report's ``peak_rss`` and ``seconds`` gain ``verify`` and
+    ``drift``. ``swappable=True`` (``max_rank=``) writes the adapters as swap slots over the int4 base
+    (:mod:`graphadapt.exporters.swappable`; implies ``merge=False``).
     ``export``: :func:`graphadapt.exporters.onnx.export_onnx` (passed in: that module calls this one)."""
     from graphadapt.exporters._memory import PeakRSS, release_memory
 
@@ -383,7 +385,7 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
                         _packed_base=(source, rewrite), **kwargs)
     named = rewrite.named
     info: dict[str, Any] = {"bits": bits, "block_size": block_size, "nodes": len(named), "symmetric": True,
-                            "base": kind}
+                            "base": kind, "linears": dict(named)}
     if verify:
         from graphadapt.exporters._model import example_inputs as resolve_inputs
         from graphadapt.exporters.verify import verify_onnx
