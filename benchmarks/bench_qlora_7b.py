@@ -9,8 +9,10 @@ bf16 and packed at once into a bitsandbytes NF4 ``Linear4bit`` (double quantisat
 compute) — the dense weight of one linear exists at a time; embeddings, norms and the output projection
 are bf16. Then ``graphadapt.apply`` (LoRA r=8 on all linears, captured over the packed base), one AdamW
 step on a ``--seq``-token batch with gradient checkpointing, and the bytes per base parameter.
-``--export DIR`` also writes the int4 ``MatMulNBits`` ONNX export (``export_onnx(quantize="int4")``): it
-first writes an fp32 graph over the dequantized base (≈27 GB for 32 layers), so it is off by default.
+``--export DIR`` also writes the int4 ``MatMulNBits`` ONNX export (``export_onnx(quantize="int4", merge=False)``,
+streamed: traced over placeholder base weights, each linear dequantized and packed while the external data is
+written), verified against the PyTorch model over the file's int4 weights (read back one linear at a time).
+``--wait-for FILE`` waits for FILE after training before exporting (the exporter is imported only then).
 Prints a markdown table (paste into benchmarks/RESULTS.md).
 """
 
@@ -147,7 +149,13 @@ def main() -> None:
                    lambda: export_onnx(adapted, path, merge=False, quantize="int4", external_data=True,
                                        example_inputs={"input_ids": ids[:, :8],
                                                        "attention_mask": torch.ones(1, 8, dtype=torch.long)}))
-        rows[-1] = (*rows[-1][:3], f"{rep.quantization}; max abs diff {max(rep.max_abs_diff.values()):.2e}")
+        q = rep.quantization
+        phases = ", ".join(f"{k} {v / GIB:.2f}" for k, v in rep.peak_rss.items())
+        rows[-1] = (*rows[-1][:3], f"{q['nodes']} MatMulNBits (int{q['bits']}, blocks of {q['block_size']}); exact part "
+                    f"max abs diff {max(rep.max_abs_diff.values()):.2e} (atol {rep.atol:g}) in {rep.verify_parts} "
+                    f"onnxruntime parts; drift vs NF4 rel RMS {q['drift_rel_rms']:.3f}; "
+                    f"{rep.file_size / GIB:.2f} GiB on disk; peak GiB per export phase: {phases}")
+        print(rep.summary(), flush=True)
     print(f"\n| phase ({args.layers} layers) | seconds | peak RSS GiB | notes |\n|---|---|---|---|")
     for name, s, peak, note in rows:
         print(f"| {name} | {s:.1f} | {peak:.2f} | {note} |")
