@@ -196,8 +196,9 @@ def export_onnx(
         max_rank: with ``swappable``, the slots' rank (LoRA rank, bottleneck width): smaller adapters are
             zero-padded to it, exactly. Default: each exported adapter's own rank.
         quantize: ``"int4"`` / ``"int8"`` for a model over a quantized (bitsandbytes 4-bit) base: its base
-            linears become onnxruntime ``MatMulNBits`` (block-affine re-quantization of the dequantized base;
-            adapters separate with ``merge=False``), verified against the PyTorch model over the file's int4
+            linears become onnxruntime ``MatMulNBits`` (block-affine re-quantization of the dequantized base,
+            streamed one linear at a time: no dense copy of the base; adapters separate with ``merge=False``,
+            as swap slots with ``swappable=True``), verified against the PyTorch model over the file's int4
             weights with these tolerances, the drift against the packed base reported in
             ``report.quantization`` (:mod:`graphadapt.exporters.quantized`, docs/big-models.md). Without it,
             such a model exports over its dequantized fp32 base.
