@@ -224,8 +224,6 @@ class _ToMatMulNBits:
         weights), else equal to the copy's transposed value (small ones the exporter folded). The exporter's
         ``name_scopes`` metadata names the same nodes where it is present; a swappable export's wrapper
         loses it."""
-        from graphadapt.exporters.onnx import _buffer_view
-
         params = dict(export_model.named_parameters(remove_duplicate=False))
         spans, small = [], {}
         for path in self.paths:
@@ -240,9 +238,9 @@ class _ToMatMulNBits:
             if const is None or len(const.shape) != 2:
                 continue
             shape = tuple(int(d) for d in const.shape)
-            view = _buffer_view(const)
-            if view is not None:
-                hit = next((path for start, end, path, tshape in spans if start <= view[0] < end), None)
+            ptr = _data_address(const)
+            if ptr is not None:
+                hit = next((path for start, end, path, tshape in spans if start <= ptr < end), None)
                 if hit is not None:
                     if shape == next(ts for _, _, p, ts in spans if p == hit):
                         self.found[value.name] = hit
@@ -318,6 +316,16 @@ class _ToMatMulNBits:
                 del graph.initializers[w.name]  # read by nothing else: its dense value is never written
             self.named[new.name] = mp
         program.model.opset_imports.setdefault("com.microsoft", 1)
+
+
+def _data_address(const) -> int | None:
+    """Address of the data of an initializer backed by a torch tensor or numpy array (a view's: its own start)."""
+    raw = getattr(const, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        return raw.data_ptr()
+    if isinstance(raw, np.ndarray):
+        return raw.__array_interface__["data"][0]
+    return None
 
 
 class _FileWeights:
