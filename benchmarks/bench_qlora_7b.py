@@ -154,7 +154,8 @@ def main() -> None:
         # export_onnx resets the kernel's high-water mark per phase of its own, so the step's reading holds only
         # the peak since its last phase began: the step's peak is the largest of them
         peak = max([rows[-1][2], *(v / GIB for v in rep.peak_rss.values())])
-        rows[-1] = (*rows[-1][:2], peak, f"{q['nodes']} MatMulNBits (int{q['bits']}, blocks of {q['block_size']}); exact part "
+        rows[-1] = (*rows[-1][:2], peak, f"{q['nodes']} MatMulNBits (int{q['bits']}, blocks of {q['block_size']}); "
+                    f"exact part "
                     f"max abs diff {max(rep.max_abs_diff.values()):.2e} (atol {rep.atol:g}) in {rep.verify_parts} "
                     f"onnxruntime parts; drift vs NF4 rel RMS {q['drift_rel_rms']:.3f}; "
                     f"{rep.file_size / GIB:.2f} GiB on disk; peak GiB per export phase: {phases}")

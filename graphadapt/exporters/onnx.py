@@ -366,7 +366,8 @@ def export_onnx(
                     # (a swappable export's reference is the model itself, not the copy with lifted slots)
                     box = [None if getattr(export_model, "graphadapt_lazy_folds", None) or lifted is not None
                            else export_model]
-                    if source is not None and _packed_base is None:  # hollow base: the reference reads each weight from the checkpoint
+                    # hollow base: the reference reads each weight from the checkpoint (quantize= verifies itself)
+                    if source is not None and _packed_base is None:
                         from graphadapt.outofcore import StreamedReference
 
                         box = [StreamedReference(model, source)]
