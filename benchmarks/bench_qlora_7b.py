@@ -13,6 +13,8 @@ step on a ``--seq``-token batch with gradient checkpointing, and the bytes per b
 streamed: traced over placeholder base weights, each linear dequantized and packed while the external data is
 written), verified against the PyTorch model over the file's int4 weights (read back one linear at a time).
 ``--wait-for FILE`` waits for FILE after training before exporting (the exporter is imported only then).
+The base is synthetic (one random matrix per shape, so ``q_proj`` equals ``k_proj``): memory and time are
+representative, the export's drift against the NF4 model is not (attention is near-hard; RESULTS.md).
 Prints a markdown table (paste into benchmarks/RESULTS.md).
 """
 
