@@ -9,8 +9,12 @@ bf16 and packed at once into a bitsandbytes NF4 ``Linear4bit`` (double quantisat
 compute) — the dense weight of one linear exists at a time; embeddings, norms and the output projection
 are bf16. Then ``graphadapt.apply`` (LoRA r=8 on all linears, captured over the packed base), one AdamW
 step on a ``--seq``-token batch with gradient checkpointing, and the bytes per base parameter.
-``--export DIR`` also writes the int4 ``MatMulNBits`` ONNX export (``export_onnx(quantize="int4")``): it
-first writes an fp32 graph over the dequantized base (≈27 GB for 32 layers), so it is off by default.
+``--export DIR`` also writes the int4 ``MatMulNBits`` ONNX export (``export_onnx(quantize="int4", merge=False)``,
+streamed: traced over placeholder base weights, each linear dequantized and packed while the external data is
+written), verified against the PyTorch model over the file's int4 weights (read back one linear at a time).
+``--wait-for FILE`` waits for FILE after training before exporting (the exporter is imported only then).
+The base is synthetic (one random matrix per shape, so ``q_proj`` equals ``k_proj``): memory and time are
+representative, the export's drift against the NF4 model is not (attention is near-hard; RESULTS.md).
 Prints a markdown table (paste into benchmarks/RESULTS.md).
 """
 
@@ -73,14 +77,24 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--export", default=None, help="directory for the int4 ONNX export (off by default)")
+    ap.add_argument("--wait-for", default=None,
+                    help="after training, wait until this file exists before exporting (the exporter is imported "
+                         "only then, so a long build can start before the export code is final)")
     args = ap.parse_args()
+
+    import importlib.util
 
     import torch
 
     import graphadapt as ga
-    from graphadapt.exporters._memory import PeakRSS, release_memory, rss
     from graphadapt.quantized import base_bytes
 
+    # graphadapt/exporters/_memory.py on its own: importing the exporters package now would freeze its code
+    # for --wait-for.
+    spec = importlib.util.spec_from_file_location("_bench_memory", ROOT / "graphadapt" / "exporters" / "_memory.py")
+    _memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_memory)
+    PeakRSS, release_memory, rss = _memory.PeakRSS, _memory.release_memory, _memory.rss
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     rows: list[tuple[str, float, float, str]] = []
 
@@ -120,6 +134,15 @@ def main() -> None:
 
     loss = step(f"one training step (seq {args.seq}, gradient checkpointing, AdamW)", train_step)
     rows[-1] = (*rows[-1][:3], f"loss {loss:.3f}")
+    del opt
+    print(f"RSS after training {rss() / GIB:.2f} GiB", flush=True)
+    print(f"\n| phase ({args.layers} layers) | seconds | peak RSS GiB | notes |\n|---|---|---|---|")
+    for name, s, peak, note in rows:
+        print(f"| {name} | {s:.1f} | {peak:.2f} | {note} |", flush=True)
+    if args.export and args.wait_for:
+        print(f"waiting for {args.wait_for}", flush=True)
+        while not os.path.exists(args.wait_for):
+            time.sleep(10)
     if args.export:
         from graphadapt.exporters import export_onnx
 
@@ -128,7 +151,17 @@ def main() -> None:
                    lambda: export_onnx(adapted, path, merge=False, quantize="int4", external_data=True,
                                        example_inputs={"input_ids": ids[:, :8],
                                                        "attention_mask": torch.ones(1, 8, dtype=torch.long)}))
-        rows[-1] = (*rows[-1][:3], f"{rep.quantization}; max abs diff {max(rep.max_abs_diff.values()):.2e}")
+        q = rep.quantization
+        phases = ", ".join(f"{k} {v / GIB:.2f}" for k, v in rep.peak_rss.items())
+        # export_onnx resets the kernel's high-water mark per phase of its own, so the step's reading holds only
+        # the peak since its last phase began: the step's peak is the largest of them
+        peak = max([rows[-1][2], *(v / GIB for v in rep.peak_rss.values())])
+        rows[-1] = (*rows[-1][:2], peak, f"{q['nodes']} MatMulNBits (int{q['bits']}, blocks of {q['block_size']}); "
+                    f"exact part "
+                    f"max abs diff {max(rep.max_abs_diff.values()):.2e} (atol {rep.atol:g}) in {rep.verify_parts} "
+                    f"onnxruntime parts; drift vs NF4 rel RMS {q['drift_rel_rms']:.3f}; "
+                    f"{rep.file_size / GIB:.2f} GiB on disk; peak GiB per export phase: {phases}")
+        print(rep.summary(), flush=True)
     print(f"\n| phase ({args.layers} layers) | seconds | peak RSS GiB | notes |\n|---|---|---|---|")
     for name, s, peak, note in rows:
         print(f"| {name} | {s:.1f} | {peak:.2f} | {note} |")

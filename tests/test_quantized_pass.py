@@ -234,3 +234,109 @@ def test_torchao_int8_weight_only_base(base_dir):
         assert max_diff(got, ref) > 1e-3
         assert max_diff(adapted.to_base_model()(**x, use_cache=False), got) < 1e-5
     assert base_bytes(adapted)["bytes_per_quantized_param"] < 1.2  # int8 + per-row scales
+
+
+@pytest.fixture(scope="module")
+def streamed_int8_export(tmp_path_factory):
+    """A merged int8 export of a Llama whose base linears are all above onnxscript's constant-folding limit
+    (8192 elements), so every one is a placeholder traced and quantized lazily; dense weights counted."""
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from graphadapt.exporters.quantized import FileWeightLinear
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    adapted = _nonzero(ga.apply(LlamaForCausalLM(cfg).eval(), ga.LoRA(r=4, targets=("q", "v")), quantize="nf4"),
+                       0.02)
+    made, alive_max = [], [0]
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            w = fn(*a, **k)
+            alive_max[0] = max(alive_max[0], 1 + sum(r() is not None for r in made))
+            made.append(weakref.ref(w))
+            return w
+        return wrapped
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Packed4bitLinear, "dequantize", spy(Packed4bitLinear.dequantize))
+    mp.setattr(FileWeightLinear, "weight", property(spy(FileWeightLinear.weight.fget)))
+    try:
+        path = tmp_path_factory.mktemp("onnx8") / "model.onnx"
+        x = text_inputs(2, 9, vocab=VOCAB)
+        report = ga.export_onnx(adapted, path, example_inputs=dict(x), merge=True, quantize="int8")
+    finally:
+        mp.undo()
+    return adapted, path, report, len(made), alive_max[0]
+
+
+def test_int8_export_streams_the_base_one_linear_at_a_time_and_merges(streamed_int8_export):
+    import onnx
+
+    from graphadapt.exporters.quantized import _module_path, dequantize_matmulnbits
+
+    adapted, path, report, made, alive_max = streamed_int8_export
+    packs = _packs(adapted)
+    assert len(packs) == 7 and all(m.in_features * m.out_features > 8192 for m in packs.values())
+    # every dense weight (dequantized from the packed base, or read back from the file for the reference) is
+    # dropped before the next one is made: the export never holds the dense base
+    assert made >= 3 * 7 and alive_max <= 2, (made, alive_max)
+    q = report.quantization
+    assert report.verified and q["bits"] == 8 and q["nodes"] == 7 and report.merged
+    assert max(report.max_abs_diff.values()) <= report.atol + report.rtol * 10
+    assert 0.0 < q["drift_rel_rms"] < 0.05, q  # int8 over the NF4 values: small
+    proto = onnx.load(str(path))
+    inits = {i.name for i in proto.graph.initializer}
+    ops = [n.op_type for n in proto.graph.node]
+    over_weights = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert ops.count("MatMulNBits") == 7 and len(over_weights) == 1  # merged: no adapter MatMul; lm_head dense
+    # the file's int8 q_proj is the quantized *merged* weight: within half a step of the dense merge, and
+    # away from the unmerged base by the adapter's delta
+    node = next(n for n in proto.graph.node
+                if n.op_type == "MatMulNBits" and _module_path(n) == "model.layers.0.self_attn.q_proj")
+    got = torch.from_numpy(dequantize_matmulnbits(proto, node))
+    merged = dict(adapted.to_base_model().named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    base = packs["model.layers.0.self_attn.q_proj"].dequantize()
+    step = merged.abs().amax() / 127
+    assert (got - merged).abs().max() <= step
+    assert (got - base).abs().max() > 4 * step
+
+
+def test_int4_export_with_swappable_adapters(tmp_path):
+    """``quantize="int4", swappable=True``: the adapters are overridable graph inputs over the int4 base; fed
+    zeros they drop out, leaving exactly the file's int4 base (the reference over its weights, adapters off)."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from graphadapt.exporters import read_swappable
+    from graphadapt.exporters.quantized import _int4_reference
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    adapted = _nonzero(ga.apply(LlamaForCausalLM(cfg).eval(), ga.LoRA(r=4, targets=("q", "v")), quantize="nf4"), 0.02)
+    x = text_inputs(2, 9, vocab=VOCAB)
+    path = tmp_path / "swap.onnx"
+    report = ga.export_onnx(adapted, path, example_inputs=dict(x), quantize="int4", swappable=True, max_rank=8)
+    q = report.quantization
+    assert report.verified and q["nodes"] == 7 and max(report.max_abs_diff.values()) <= report.atol + report.rtol * 10
+    _, slots = read_swappable(path)
+    assert len(slots) == 4  # A and B of q and v
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in x.items()}
+    default = sess.run(None, feeds)[0]
+    zero = sess.run(None, {**feeds, **{k: np.zeros(s, np.float32) for k, s in slots.items()}})[0]
+    trained = [p for p in adapted.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trained]
+    with torch.no_grad():
+        for p in trained:
+            p.zero_()
+        ref = _int4_reference(adapted, path, q["linears"], False, dict(x))[0](**x)
+        for p, v in zip(trained, saved):
+            p.copy_(v)
+    assert max_diff(ref, torch.from_numpy(zero)) < 1e-4
+    assert np.abs(default - zero).max() > 1e-3  # the default slots are the exported adapter

@@ -155,6 +155,7 @@ def export_onnx(
     max_rank: int | None = None,
     quantize: str | None = None,
     weights_from: str | os.PathLike | None = None,
+    _packed_base: tuple[Any, Any] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and (by default) verify it with onnxruntime.
 
@@ -197,8 +198,9 @@ def export_onnx(
         max_rank: with ``swappable``, the slots' rank (LoRA rank, bottleneck width): smaller adapters are
             zero-padded to it, exactly. Default: each exported adapter's own rank.
         quantize: ``"int4"`` / ``"int8"`` for a model over a quantized (bitsandbytes 4-bit) base: its base
-            linears become onnxruntime ``MatMulNBits`` (block-affine re-quantization of the dequantized base;
-            adapters separate with ``merge=False``), verified against the PyTorch model over the file's int4
+            linears become onnxruntime ``MatMulNBits`` (block-affine re-quantization of the dequantized base,
+            streamed one linear at a time: no dense copy of the base; adapters separate with ``merge=False``,
+            as swap slots with ``swappable=True``), verified against the PyTorch model over the file's int4
             weights with these tolerances, the drift against the packed base reported in
             ``report.quantization`` (:mod:`graphadapt.exporters.quantized`, docs/big-models.md). Without it,
             such a model exports over its dequantized fp32 base.
@@ -207,6 +209,9 @@ def export_onnx(
             weights are read from, one tensor at a time, while the external data is written (folded when
             merged); the PyTorch reference of the verification reads them the same way. Export in the
             checkpoint's dtype.
+        _packed_base: internal (``quantize=``): ``(weight source, rewrite)`` — base weights are placeholders
+            read from the source while the file is written, and ``rewrite(program)`` turns their ``MatMul``
+            nodes into ``MatMulNBits`` before it is saved (:mod:`graphadapt.exporters.quantized`).
 
     Raises:
         ExportError: with a one-line cause (full exception chained as ``__cause__``).
@@ -239,7 +244,7 @@ def export_onnx(
         return export_onnx_quantized(model, path, quantize, export=export_onnx, merge=merge, verify=verify, example_inputs=example_inputs,
                                      atol=atol, rtol=rtol, dynamic=dynamic, dtype=dtype, opset=opset,
                                      external_data=external_data, io_names=io_names, overwrite=overwrite,
-                                     swappable=swappable, optimize=optimize)
+                                     swappable=swappable, max_rank=max_rank, optimize=optimize)
     if has_quantized_weights(model):  # a packed 4-bit base exports over its dequantized (dense) weights
         with dense_base(model):
             return export_onnx(model, path, example_inputs, dynamic, dtype, merge, opset, verify, providers, atol,
@@ -249,7 +254,8 @@ def export_onnx(
     from graphadapt.writes import claim_export
 
     claim_export(path, overwrite, ExportError)
-    source = _weight_source(model, weights_from, tdtype, swappable, verify_fn)
+    source = _packed_base[0] if _packed_base is not None else _weight_source(model, weights_from, tdtype, swappable,
+                                                                              verify_fn)
     inputs = _model.example_inputs(model, example_inputs)
     # the module serving these inputs (an adapted model's signature variant) is exported; merging is
     # decided on ``primary``, whose merge state the variant follows
@@ -280,6 +286,8 @@ def export_onnx(
         t = time.perf_counter()
         with memory.phase("export"):
             program = _torch_onnx_export(export_model, export_inputs, axes, names, opset, optimize)
+            if _packed_base is not None:
+                _packed_base[1].identify(program, export_model)  # which initializer is which base weight
             if not _install_lazy_folds(program, export_model):
                 if source is not None:
                     raise ExportError("the exporter transformed a base weight read from the checkpoint (constant "
@@ -300,6 +308,8 @@ def export_onnx(
             if lifted is not None:
                 swappable_export.add_defaults(program, lifted)
                 axes = {k: v for k, v in axes.items() if k not in lifted.defaults}
+            if _packed_base is not None:
+                _packed_base[1](program)  # base MatMuls -> MatMulNBits over lazily quantized weights
         seconds["export"] = time.perf_counter() - t
 
         meta = _model.metadata(model)
@@ -358,7 +368,8 @@ def export_onnx(
                     # (a swappable export's reference is the model itself, not the copy with lifted slots)
                     box = [None if getattr(export_model, "graphadapt_lazy_folds", None) or lifted is not None
                            else export_model]
-                    if source is not None:  # hollow base: the reference reads each weight from the checkpoint
+                    # hollow base: the reference reads each weight from the checkpoint (quantize= verifies itself)
+                    if source is not None and _packed_base is None:
                         from graphadapt.outofcore import StreamedReference
 
                         box = [StreamedReference(model, source)]
