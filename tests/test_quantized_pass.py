@@ -340,3 +340,15 @@ def test_int4_export_with_swappable_adapters(tmp_path):
             p.copy_(v)
     assert max_diff(ref, torch.from_numpy(zero)) < 1e-4
     assert np.abs(default - zero).max() > 1e-3  # the default slots are the exported adapter
+
+
+def test_the_int4_quantizer_import_leaves_the_root_logger_alone():
+    """onnxruntime's quantizer module calls logging.basicConfig(level=INFO) at import: every INFO line of
+    the exporter's passes would then print in the user's process."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from graphadapt.exporters.quantized import _nbits_module; m = _nbits_module(); "
+            "r = logging.getLogger(); assert hasattr(m, 'DefaultWeightOnlyQuantizer'); "
+            "assert r.level == logging.WARNING and not r.handlers, (r.level, r.handlers)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -54,13 +54,35 @@ def _module_path(node) -> str | None:
     return None
 
 
+def _nbits_module():
+    """``onnxruntime.quantization.matmul_nbits_quantizer``, imported without its side effect: at import it
+    calls ``logging.basicConfig(level=INFO)``, which would make the root logger print every INFO line of
+    the ONNX exporter's passes in the caller's process. The root logger is put back as it was."""
+    import sys
+
+    name = "onnxruntime.quantization.matmul_nbits_quantizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    finally:
+        root.setLevel(level)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+
+
 def quantize_onnx_matmuls(path: str | Path, module_paths: set[str], bits: int = 4, block_size: int = 32,
                           symmetric: bool = True) -> dict[str, str]:
     """Rewrite the ``MatMul`` nodes of the ONNX file at ``path`` that run the linear layers ``module_paths``
     (found by the exporter's ``name_scopes`` metadata) as ``MatMulNBits``; returns ``{node name: module path}``."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    MatMulNBitsQuantizer = _nbits_module().MatMulNBitsQuantizer
     path = Path(path)
     model = onnx.load(str(path))
     inits = {i.name for i in model.graph.initializer}
@@ -251,10 +273,8 @@ class _ToMatMulNBits:
                     break
 
     def quantizer(self):
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     DefaultWeightOnlyQuantizer)
-
-        return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        mod = _nbits_module()
+        return mod.DefaultWeightOnlyQuantizer(mod.DefaultWeightOnlyQuantConfig(
             block_size=self.block_size, is_symmetric=True, bits=self.bits))
 
     def __call__(self, program) -> None:
