@@ -71,8 +71,16 @@ def pickle_state(adapted) -> dict:
              "example_kwargs": None if adapted.__dict__.get("decoder_cache") else adapted._example_inputs,
              "cache": bool(adapted.__dict__.get("decoder_cache")), "dynamic": bool(adapted.dynamic_dims),
              "dtype": adapted._compute_dtype, "device": str(adapted._compute_device),
-             "quantize": adapted.__dict__.get("_quantize")}  # apply(..., quantize=): the rebuild quantizes again
+             "quantize": adapted.__dict__.get("_quantize"),  # apply(..., quantize=): the rebuild quantizes again
+             # every floating tensor's own dtype (an fp16 model keeps fp32 rotary buffers): the rebuild
+             # restores each, instead of casting the whole model to one dtype
+             "dtypes": _float_dtypes(adapted)}
     return state
+
+
+def _float_dtypes(model) -> dict[str, torch.dtype]:
+    return {n: t.dtype for n, t in [*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False)] if t.is_floating_point()}
 
 
 def rebuild(state: dict, apply):
@@ -90,7 +98,18 @@ def rebuild(state: dict, apply):
                 own[k].copy_(v)
     model = apply(src, Spec.from_dict(state["spec"]), example_kwargs=state["example_kwargs"],
                   dynamic=state["dynamic"], cache=state["cache"], quantize=state.get("quantize"))
-    model.to(device=torch.device(state["device"]), dtype=state["dtype"])
+    dtypes = state.get("dtypes")
+    if dtypes is None:  # pickled before per-tensor dtypes were kept
+        model.to(device=torch.device(state["device"]), dtype=state["dtype"])
+    else:
+        model.to(device=torch.device(state["device"]))
+        with torch.no_grad():
+            for n, t in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+                want = dtypes.get(n)
+                if want is not None and t.is_floating_point() and t.dtype != want:
+                    t.data = t.data.to(want)
+        model._apply(lambda t: t)  # the graph's compute dtype follows its (restored) parameters
     own = model.state_dict(keep_vars=True)
     missing = sorted(set(state["tensors"]) - set(own))
     if missing:

@@ -16,7 +16,7 @@ import torch
 
 import graphadapt as ga
 from graphadapt.errors import CheckpointError, ExportError, GraphAdaptError, MergeError
-from helpers import max_diff, perturb_adapters, text_inputs, tiny_bert
+from helpers import max_diff, perturb_adapters, text_inputs, tiny_bert, tiny_llama
 
 
 def tree(root) -> dict[str, bytes]:
@@ -554,3 +554,27 @@ def test_generate_on_random_prompts_is_an_error_or_transformers_greedy(gpt2_lm, 
     ref = gpt2_lm.to_base_model().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                            do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_pickle_keeps_each_tensors_dtype(tmp_path):
+    """An fp16 checkpoint loads with fp32 rotary buffers (``inv_freq``); the unpickled model once cast the
+    whole model to fp16, rotary included, and its outputs moved by ~2e-4. Each tensor keeps its dtype, and
+    a model converted after apply (``.half()``) comes back converted."""
+    import transformers as T
+
+    tiny_llama(causal_lm=True).save_pretrained(tmp_path / "m")
+    x = text_inputs(2, 7)
+    for convert in (False, True):
+        src = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float16 if not convert else None)
+        adapted = ga.apply(src, ga.LoRA(r=4, alpha=8, targets=("q", "v"))).eval()
+        perturb_adapters(adapted, std=0.3)
+        if convert:
+            adapted.half()
+        dtypes = {n: t.dtype for n, t in adapted.named_buffers()}
+        # the fp16 checkpoint keeps fp32 rotary buffers; .half() converts them too
+        assert (torch.float16 if convert else torch.float32) in dtypes.values()
+        back = pickle.loads(pickle.dumps(adapted))
+        assert {n: t.dtype for n, t in back.named_buffers()} == dtypes
+        assert {n: p.dtype for n, p in back.named_parameters()} == {n: p.dtype for n, p in adapted.named_parameters()}
+        with torch.no_grad():
+            assert torch.equal(back(**x).logits, adapted(**x).logits)
