@@ -173,10 +173,32 @@ def _capture_variant(model: AdaptedModel, call: dict, key: tuple) -> AdaptedMode
     except GraphAdaptError as e:
         raise SignatureError(f"could not capture the call {what} (calls other than the captured one "
                              f"{model.input_names} are captured on first use): {e}") from e
+    if model.__dict__.get("_quantize") is not None:
+        _use_quantized_base(variant, model)
     base_graph = variant.snapshot_graph()
     _share_base(variant, model, what)
     variant._init_adapted(model.spec, [], model.structure_report, source, None, base_graph, model.services)
     return variant
+
+
+def _use_quantized_base(variant: AdaptedModel, model: AdaptedModel) -> None:
+    """A model built with ``apply(..., quantize=)`` holds packed linears its dense source lacks: the variant
+    (captured from that source) reads the primary's packed modules, through the same ``linear_4bit`` calls."""
+    from .quantized import PACKED, _use_packed_linears
+
+    paths = set()
+    for path, packed in model.named_modules():
+        if not isinstance(packed, PACKED):
+            continue
+        parent, _, leaf = path.rpartition(".")
+        try:
+            owner = variant.get_submodule(parent) if parent else variant
+        except AttributeError:
+            continue
+        if isinstance(getattr(owner, leaf, None), torch.nn.Module):
+            setattr(owner, leaf, packed)
+            paths.add(path)
+    _use_packed_linears(variant, paths)
 
 
 def _share_base(variant: AdaptedModel, model: AdaptedModel, what: str) -> None:

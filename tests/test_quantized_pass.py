@@ -352,3 +352,30 @@ def test_the_int4_quantizer_import_leaves_the_root_logger_alone():
             "r = logging.getLogger(); assert hasattr(m, 'DefaultWeightOnlyQuantizer'); "
             "assert r.level == logging.WARNING and not r.handlers, (r.level, r.handlers)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_other_calls_of_a_quantize_model_run_over_the_packed_base(base_dir, quant):
+    """A call other than the captured one (``labels=`` as Trainer passes them, no attention mask) is captured
+    on first use from the dense source; it must run over the same packed base (it was refused: "other
+    parameters under 'model'")."""
+    import torch.nn.functional as F
+
+    adapted = _nonzero(ga.apply(_dense(base_dir), ga.LoRA(r=4, targets=("q", "v")), quantize=quant))
+    x = text_inputs(2, 7, vocab=VOCAB)
+    x["attention_mask"] = torch.ones_like(x["attention_mask"])
+    with torch.no_grad():
+        want = adapted(**x).logits
+        assert torch.equal(adapted(input_ids=x["input_ids"]).logits, want)
+    out = adapted(**x, labels=x["input_ids"])
+    assert torch.equal(out.logits.detach(), want)
+    ce = F.cross_entropy(want[:, :-1].reshape(-1, want.shape[-1]), x["input_ids"][:, 1:].reshape(-1))
+    assert torch.allclose(out.loss.detach(), ce, atol=1e-6)
+    packs = {n: [b.clone() for b in m.buffers()] for n, m in adapted.named_modules()
+             if type(m).__name__.startswith("Packed")}
+    assert packs
+    out.loss.backward()
+    assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
+    for n, m in adapted.named_modules():
+        if n in packs:
+            assert all(torch.equal(a, b) for a, b in zip(packs[n], m.buffers()))
