@@ -66,10 +66,11 @@ def _twins(adapted) -> list:
         if src is None:
             raise GraphAdaptError("this adapted model has no source model to re-capture with a KV cache; "
                                   "build it with graphadapt.apply(model, spec, cache=True)")
-        if has_quantized_weights(adapted) and not quantized_modules(src):  # apply(..., quantize=): a re-capture
-            # of the dense source would decode over the unquantized base, not this model's packed one
+        quantize = adapted.__dict__.get("_quantize")
+        if has_quantized_weights(adapted) and not quantized_modules(src) and quantize is None:
+            # a re-capture of the dense source would decode over the unquantized base, not this model's packed one
             raise GraphAdaptError("generate() re-captures the source model with a KV cache, which would run its dense "
-                                  "weights, not this model's quantize= base; build the model with "
+                                  "weights, not this model's quantized base; build the model with "
                                   "graphadapt.apply(model, spec, cache=True, quantize=...) and generate with it")
         layout = kv_layout(src)
         apply = adapted.services.need("recapture", "graphadapt.api.apply")
@@ -80,7 +81,7 @@ def _twins(adapted) -> list:
                                                                                example_kwargs=step_kw)]
                 twins[1].decoder_cache = dict(layout)
             else:
-                twins = [apply(src, adapted.spec, cache=True)]
+                twins = [apply(src, adapted.spec, cache=True, **({"quantize": quantize} if quantize else {}))]
         except GraphAdaptError as e:
             raise GraphAdaptError(f"generate() could not re-capture {type(src).__name__} with a KV cache "
                                   f"for this spec: {e}") from e
@@ -91,10 +92,26 @@ def _twins(adapted) -> list:
                                   f"({sorted(mine ^ theirs)[:4]}); select sites by role or module path "
                                   "(not by layer index), or for decoder-only models generate with "
                                   "graphadapt.apply(model, spec, cache=True) and train that model")
+        if quantize is not None:  # apply(..., quantize=): the twins run this model's packed modules, not copies
+            _share_packed(twins, adapted)
         object.__setattr__(adapted, "_generation_twins", twins)
     for twin in twins:
         _sync(twin, adapted)
     return twins
+
+
+def _share_packed(twins, adapted) -> None:
+    from .quantized import PACKED
+
+    mine = {p: m for p, m in adapted.named_modules() if isinstance(m, PACKED)}
+    for twin in twins:
+        for path, m in list(twin.named_modules()):
+            if isinstance(m, PACKED):
+                if path not in mine or any(not torch.equal(a, b) for a, b in zip(m.buffers(), mine[path].buffers())):
+                    raise GraphAdaptError(f"generate(): the cached capture quantized {path} differently from this "
+                                          "model; build it with graphadapt.apply(model, spec, cache=True, quantize=...)")
+                parent, _, leaf = path.rpartition(".")
+                setattr(twin.get_submodule(parent) if parent else twin, leaf, mine[path])
 
 
 def _sync(twin, adapted) -> None:

@@ -190,16 +190,18 @@ def test_initialisations_that_read_the_base_read_the_checkpoint(ckpt):
     assert len(mags) == 2 and all(torch.equal(p, want[n.replace(".d.", ".default.")]) for n, p in mags.items())
 
 
-def test_generate_runs_the_packed_base_or_refuses(ckpt, pair):
+def test_generate_runs_the_packed_base(ckpt, pair):
     """generate() re-captures a model built without cache=True from its (dense or hollow) source: over a
-    quantize= base that would decode with other weights, so it refuses; cache=True quantizes the cached graph
-    itself, from the checkpoint, and decodes exactly as the same model over the loaded checkpoint."""
-    from graphadapt.errors import GraphAdaptError
-
+    quantize= base the re-capture quantizes too and then runs this model's own packed modules (it once
+    decoded over the dense base); cache=True quantizes the cached graph itself, from the checkpoint, and
+    decodes exactly as the same model over the loaded checkpoint."""
     x = text_inputs(1, 5)
-    with pytest.raises(GraphAdaptError, match="cache=True"):
-        pair["got"].generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=2)
-    outs = []
+    recaptured = pair["got"].generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
+                                      do_sample=False)
+    twin = pair["got"].__dict__["_generation_twins"][0]
+    mine = _packs(pair["got"])
+    assert len(mine) == len(_packs(twin)) == LINEARS and all(m is mine[n] for n, m in _packs(twin).items())
+    outs = [recaptured]
     for base in (hollow_model(ckpt, small=SMALL), _loaded(ckpt)):
         cached = ga.apply(base, SPEC, quantize="nf4", cache=True).eval()
         assert len(_packs(cached)) == LINEARS and HOLLOW_MARK not in cached.__dict__
@@ -210,7 +212,7 @@ def test_generate_runs_the_packed_base_or_refuses(ckpt, pair):
                     p.copy_(own[n])
         outs.append(cached.generate(x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=4,
                                     do_sample=False))
-    assert outs[0].shape == (1, 9) and torch.equal(outs[0], outs[1])
+    assert outs[0].shape == (1, 9) and torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_a_pickled_quantize_model_comes_back_quantized(pair):
