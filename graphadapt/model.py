@@ -249,7 +249,14 @@ class AdaptedModel(PipelineInterface, CapturedModule):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def base_parameter_count(self) -> int:
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(adapter_prefix()))
+        """Base weights, counted as the model's logical parameters: a quantized linear (packed bytes held as
+        buffers, or as frozen byte parameters once sharded) counts ``in_features × out_features``."""
+        from .quantized import PACKED
+
+        packed = {n: m for n, m in self.named_modules() if isinstance(m, PACKED)}
+        plain = sum(p.numel() for n, p in self.named_parameters() if not n.startswith(adapter_prefix())
+                    and not (n.rpartition(".")[0] in packed and n.rpartition(".")[2] != "bias"))
+        return plain + sum(m.in_features * m.out_features for m in packed.values())
 
     def adapter_parameter_count(self, name: str | None = None) -> int:
         prefix = adapter_prefix(name)

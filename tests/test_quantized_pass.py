@@ -379,3 +379,15 @@ def test_other_calls_of_a_quantize_model_run_over_the_packed_base(base_dir, quan
     for n, m in adapted.named_modules():
         if n in packs:
             assert all(torch.equal(a, b) for a, b in zip(packs[n], m.buffers()))
+
+
+def test_summary_counts_a_quantized_base_as_its_logical_parameters(base_dir):
+    dense = _dense(base_dir)
+    spec = ga.LoRA(r=4, targets=("q", "v"))
+    want = ga.apply(dense, spec).base_parameter_count()
+    assert want == sum(p.numel() for p in dense.parameters())
+    for quant in ("nf4", "int8"):
+        adapted = ga.apply(dense, spec, quantize=quant)
+        assert adapted.base_parameter_count() == want  # packed buffers counted as the weights they hold
+        row = next(line for line in adapted.summary(print_fn=None).splitlines() if line.startswith("(base)"))
+        assert f"{want:,}" in row
