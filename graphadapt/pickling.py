@@ -33,6 +33,10 @@ def check_picklable(adapted) -> None:
     if adapted.__dict__.get("_source_model") is None:
         raise GraphAdaptError("this model keeps no source model to rebuild from; save its adapters with "
                               "save_adapters() instead of pickling it")
+    from .hollow import refuse
+
+    # a hollow base would be written out whole as unread (meaningless) values: gigabytes of nothing
+    refuse(adapted, "pickling (torch.save of the model)")
 
 
 def pickle_state(adapted) -> dict:

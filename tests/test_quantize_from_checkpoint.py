@@ -163,6 +163,10 @@ def test_a_hollow_adapted_model_refuses_to_compute(ckpt, tmp_path):
     assert not (tmp_path / "m").exists()
     with pytest.raises(CheckpointError, match="optimize_for_inference"):
         ga.optimize_for_inference(adapted)
+    import pickle
+
+    with pytest.raises(CheckpointError, match="pickling"):  # not a file of unread weights
+        pickle.dumps(adapted)
     import copy
 
     with pytest.raises(CheckpointError, match="never read"):  # a copy keeps the mark
