@@ -642,15 +642,29 @@ def dense_base(gm: nn.Module, dtype: torch.dtype | None = None) -> Iterator[Dens
     first = found[0][1]
     info = DenseBase([p for p, _ in found], Quantize(first.quant_type, first.nested, first.blocksize)
                      if isinstance(first, Packed4bitLinear) else None, first.quant_type)
+
+    def dequantized(m):
+        w = m.dequantize()
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+    with dense_stand_ins(gm, found, dequantized):
+        yield info
+
+
+@contextlib.contextmanager
+def dense_stand_ins(gm: nn.Module, found: list[tuple[str, nn.Module]], weight_of) -> Iterator[dict[str, torch.Tensor]]:
+    """For the duration of the block, each packed module of ``found`` (``(path, module)``) is a
+    :class:`DenseBaseLinear` holding ``weight_of(module)``, ``gm``'s ``linear_4bit`` calls are plain
+    ``aten.linear``, and ``gm._source_model`` (when it holds quantized modules) is a dense copy of it sharing
+    those weights. Yields ``{path: weight}``; everything is restored on exit. :func:`dense_base` (dequantized
+    weights) and the quantized ONNX export's placeholders (untouched allocations) are its two uses."""
     swapped, rewired = [], []
     src_before = gm.__dict__.get("_source_model", None)
     had_src = "_source_model" in gm.__dict__
     try:
         dense: dict[str, torch.Tensor] = {}
         for path, m in found:
-            w = m.dequantize()
-            w = w if dtype is None or w.dtype == dtype else w.to(dtype)
-            dense[path] = w
+            w = dense[path] = weight_of(m)
             parent, _, leaf = path.rpartition(".")
             holder = gm.get_submodule(parent) if parent else gm
             setattr(holder, leaf, DenseBaseLinear(w, m.bias))
@@ -659,10 +673,11 @@ def dense_base(gm: nn.Module, dtype: torch.dtype | None = None) -> Iterator[Dens
             if n.op == "call_function" and n.target is linear_4bit:
                 rewired.append((n, n.args))
                 n.target, n.args = torch.ops.aten.linear.default, tuple(n.args[:3])
-        gm.recompile()
+        if rewired:
+            gm.recompile()
         if src_before is not None and quantized_modules(src_before):
             gm.__dict__["_source_model"] = dense_source_model(src_before, dense)
-        yield info
+        yield dense
     finally:
         for n, args in reversed(rewired):
             n.target, n.args = linear_4bit, args

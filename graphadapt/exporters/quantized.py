@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from graphadapt.errors import ExportError
-from graphadapt.quantized import PACKED, DenseBaseLinear, dense_source_model, has_quantized_weights, linear_4bit, \
-    quantized_modules
+from graphadapt.quantized import DenseBaseLinear, PACKED, dense_stand_ins, has_quantized_weights, linear_4bit
 
 _BITS = {"int4": 4, "int8": 8}
 _LIFTED = "model."  # the adapted model's attribute in a swappable export's traced wrapper
@@ -198,36 +197,8 @@ def placeholder_base(gm: torch.nn.Module) -> Iterator[dict[str, torch.nn.Module]
     ``aten.linear`` — a model to trace, never to compute with. Yields ``{path: packed module}``; everything
     is restored on exit. (:func:`graphadapt.quantized.dense_base` installs the dequantized weights instead.)"""
     found = [(p, m) for p, m in gm.named_modules() if isinstance(m, PACKED)]
-    swapped, rewired = [], []
-    src_before = gm.__dict__.get("_source_model", None)
-    had_src = "_source_model" in gm.__dict__
-    try:
-        holders: dict[str, torch.Tensor] = {}
-        for path, m in found:
-            w = torch.empty((m.out_features, m.in_features), dtype=m.compute_dtype)
-            holders[path] = w
-            parent, _, leaf = path.rpartition(".")
-            holder = gm.get_submodule(parent) if parent else gm
-            setattr(holder, leaf, DenseBaseLinear(w, m.bias))
-            swapped.append((holder, leaf, m))
-        for n in gm.graph.nodes:
-            if n.op == "call_function" and n.target is linear_4bit:
-                rewired.append((n, n.args))
-                n.target, n.args = torch.ops.aten.linear.default, tuple(n.args[:3])
-        if rewired:
-            gm.recompile()
-        if src_before is not None and quantized_modules(src_before):
-            gm.__dict__["_source_model"] = dense_source_model(src_before, holders)
+    with dense_stand_ins(gm, found, lambda m: torch.empty((m.out_features, m.in_features), dtype=m.compute_dtype)):
         yield dict(found)
-    finally:
-        for n, args in reversed(rewired):
-            n.target, n.args = linear_4bit, args
-        for holder, leaf, m in reversed(swapped):
-            setattr(holder, leaf, m)
-        if rewired:
-            gm.recompile()
-        if had_src:
-            gm.__dict__["_source_model"] = src_before
 
 
 class _ToMatMulNBits:
