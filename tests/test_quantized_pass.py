@@ -391,3 +391,26 @@ def test_summary_counts_a_quantized_base_as_its_logical_parameters(base_dir):
         assert adapted.base_parameter_count() == want  # packed buffers counted as the weights they hold
         row = next(line for line in adapted.summary(print_fn=None).splitlines() if line.startswith("(base)"))
         assert f"{want:,}" in row
+
+
+def test_a_failed_int4_check_leaves_the_path_as_it_was(int4_export, tmp_path, monkeypatch):
+    """Like every export, the quantized one is written and checked in a temp folder and moved into place only
+    once verified: a failed check leaves no file (or the earlier export, byte for byte) and no temp folder."""
+    from graphadapt.errors import VerificationError
+    from graphadapt.exporters import verify as verify_mod
+
+    adapted, first, report, x = int4_export
+    assert report.path == first and first.exists()
+    assert not [p for p in first.parent.iterdir() if ".tmp-" in p.name]
+    earlier = first.read_bytes()
+
+    def failing(*a, **k):
+        raise VerificationError("forced mismatch")
+
+    monkeypatch.setattr(verify_mod, "verify_onnx", failing)
+    fresh = tmp_path / "new.onnx"
+    for path, kw in ((fresh, {}), (first, {"overwrite": True})):
+        with pytest.raises(VerificationError, match="Nothing was written"):
+            ga.export_onnx(adapted, path, example_inputs=dict(x), merge=False, quantize="int4", **kw)
+    assert not fresh.exists() and first.read_bytes() == earlier
+    assert not [p for p in (*tmp_path.iterdir(), *first.parent.iterdir()) if ".tmp-" in p.name]

@@ -241,7 +241,7 @@ def export_onnx(
     if quantize is not None:  # base linears as MatMulNBits (graphadapt.exporters.quantized)
         from graphadapt.exporters.quantized import export_onnx_quantized
 
-        return export_onnx_quantized(model, path, quantize, export=export_onnx, merge=merge, verify=verify, example_inputs=example_inputs,
+        return export_onnx_quantized(model, path, quantize, export=export_onnx, commit=_commit, merge=merge, verify=verify, example_inputs=example_inputs,
                                      atol=atol, rtol=rtol, dynamic=dynamic, dtype=dtype, opset=opset,
                                      external_data=external_data, io_names=io_names, overwrite=overwrite,
                                      swappable=swappable, max_rank=max_rank, optimize=optimize)

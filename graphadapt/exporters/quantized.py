@@ -350,7 +350,7 @@ class FileWeightLinear(torch.nn.Module):
         return w if w.dtype == self._dtype else w.to(self._dtype)
 
 
-def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: str = "int4", *, export,
+def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: str = "int4", *, export, commit,
                           block_size: int = 32, merge: bool = True, verify: bool = True,
                           example_inputs: dict[str, Any] | None = None, atol: float | None = None,
                           rtol: float | None = None, **kwargs):
@@ -361,8 +361,8 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     (``{MatMulNBits node name: module path}``); the report's ``peak_rss`` and ``seconds`` gain ``verify`` and
     ``drift``. ``swappable=True`` (``max_rank=``) writes the adapters as swap slots over the int4 base
     (:mod:`graphadapt.exporters.swappable`; implies ``merge=False``).
-    ``export``: :func:`graphadapt.exporters.onnx.export_onnx` (passed in: that module calls this one)."""
-    from graphadapt.exporters._memory import PeakRSS, release_memory
+    ``export``: :func:`graphadapt.exporters.onnx.export_onnx`, ``commit``: its move-into-place step (passed in:
+    that module calls this one)."""
 
     if quantize not in _BITS:
         raise ExportError(f"quantize must be one of {sorted(_BITS)} (MatMulNBits bits), got {quantize!r}")
@@ -374,8 +374,44 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
     swappable = bool(kwargs.get("swappable"))
     if swappable:
         merge = False  # the adapters are graph inputs (swap slots) over the int4 base
+    import shutil
+    import tempfile
+
+    from graphadapt._io import signals_as_exceptions
+    from graphadapt.errors import VerificationError
+    from graphadapt.writes import claim_export
+
     path = Path(path)
     bits = _BITS[quantize]
+    # written and checked in a temp folder beside ``path``, moved into place only once verified (as every
+    # export): a failed check leaves ``path`` as it was
+    claim_export(path, kwargs.pop("overwrite", False), ExportError)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with signals_as_exceptions():
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            tmp = tmpdir / path.name
+            report, info = _export_and_check(model, tmp, bits, block_size, merge, verify, example_inputs, atol, rtol,
+                                             export, kwargs)
+            commit(tmp, path, True)
+        except VerificationError as e:
+            e.args = (f"{e.args[0] if e.args else e} Nothing was written to {path}.", *e.args[1:])
+            raise
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    report.path = path
+    if report.external_data is not None:
+        report.external_data = path.with_name(path.name + ".data")
+    report.quantization = info
+    report.file_size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
+    return report
+
+
+def _export_and_check(model, path: Path, bits: int, block_size: int, merge: bool, verify: bool, example_inputs,
+                      atol, rtol, export, kwargs):
+    """The export to ``path`` (a temp location) and its two-part check; returns ``(report, quantization info)``."""
+    from graphadapt.exporters._memory import PeakRSS, release_memory
+
     with placeholder_base(model) as packed:
         source = _PackedSource(packed)
         rewrite = _ToMatMulNBits(set(packed), bits, block_size, source)
@@ -411,9 +447,7 @@ def export_onnx_quantized(model: torch.nn.Module, path: str | Path, quantize: st
         report.atol, report.rtol = result.atol, result.rtol
         report.providers, report.verify_input_shapes = result.providers, result.input_shapes
         report.verify_parts = getattr(result, "parts", 1)
-    report.quantization = info
-    report.file_size = path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
-    return report
+    return report, info
 
 
 def _int4_reference(model, path: Path, named: dict[str, str], merge: bool, inputs) -> list:
