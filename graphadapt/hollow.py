@@ -76,27 +76,63 @@ def held_hollow(gm: nn.Module, source: nn.Module | None) -> dict[str, str]:
     return out
 
 
+def read_hollow(source: nn.Module, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The checkpoint's value of ``source``'s hollow parameter ``name``, into ``out`` (or a new tensor); the
+    checkpoint entry must have the hollow parameter's shape and dtype."""
+    ckpt = source.graphadapt_checkpoint
+    like = dict(source.named_parameters(remove_duplicate=False))[name]
+    entry = ckpt.entries.get(name)
+    if entry is None or tuple(entry.shape) != tuple(like.shape) or entry.dtype != like.dtype:
+        got = "absent" if entry is None else f"{tuple(entry.shape)} {entry.dtype}"
+        raise CheckpointError(f"{name} is {got} in the checkpoint, the hollow model's is {tuple(like.shape)} "
+                              f"{like.dtype}; build the model with hollow_model(checkpoint) from that checkpoint")
+    return ckpt.read(name) if out is None else ckpt.read_into(name, out)
+
+
 def fill_hollow(gm: nn.Module, source: nn.Module) -> list[str]:
     """Read every hollow tensor ``gm`` holds from the checkpoint into its own storage (shared with
     ``source``, whose hollow names then shrink); returns the source names read. Memory: those tensors."""
     held = held_hollow(gm, source)
     if not held:
         return []
-    ckpt = source.graphadapt_checkpoint
     by_name = dict(source.named_parameters(remove_duplicate=False))
     done = []
     with torch.no_grad():
         for sname in dict.fromkeys(held.values()):
-            p = by_name[sname]
-            entry = ckpt.entries.get(sname)
-            if entry is None or tuple(entry.shape) != tuple(p.shape) or entry.dtype != p.dtype:
-                got = "absent" if entry is None else f"{tuple(entry.shape)} {entry.dtype}"
-                raise CheckpointError(f"{sname} is {got} in the checkpoint, the hollow model's is {tuple(p.shape)} "
-                                      f"{p.dtype}; build the model with hollow_model(checkpoint) from that checkpoint")
-            ckpt.read_into(sname, p.data)
+            read_hollow(source, sname, by_name[sname].data)
             done.append(sname)
     source.graphadapt_hollow = frozenset(source.graphadapt_hollow) - set(done)
     return done
+
+
+class CheckpointReads:
+    """``sub(x)``: for a CPU tensor whose storage is one of ``storages`` (``{storage data_ptr: checkpoint name}``),
+    the checkpoint's value in ``x``'s shape, strides and offset (read with ``read(name)``, the two most recent
+    kept: a linear and its adapter read the same weight); any other value unchanged. The read and the view run
+    with the dispatch modes disabled: they are plain tensor work that no mode (e.g. a verifier's fp32 upcast)
+    may alter. Shared by the modes that compute with hollow weights (:func:`reading_checkpoint`,
+    ``graphadapt.outofcore.StreamedReference``)."""
+
+    def __init__(self, storages: dict[int, str], read):
+        self.storages, self.read = storages, read
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def sub(self, x):
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.is_sparse:
+            return x
+        name = self.storages.get(_ptr(x))
+        if name is None:
+            return x
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            t = self.cache.pop(name, None)
+            if t is None:
+                t = self.read(name)
+            self.cache[name] = t
+            while len(self.cache) > 2:
+                self.cache.pop(next(iter(self.cache)))
+            return t.as_strided(x.shape, x.stride(), x.storage_offset())
 
 
 @contextlib.contextmanager
@@ -110,32 +146,13 @@ def reading_checkpoint(gm: nn.Module, source: nn.Module | None) -> Iterator[None
     if not storages or not held_hollow(gm, source):
         yield
         return
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves, tree_map
 
-    ckpt = source.graphadapt_checkpoint
+    reads = CheckpointReads(storages, source.graphadapt_checkpoint.read)
 
     class ReadHollow(TorchDispatchMode):
         graphadapt_loads_hollow = True
-
-        def __init__(self):
-            super().__init__()
-            self.cache: dict[str, torch.Tensor] = {}
-
-        def _sub(self, x):
-            if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.is_sparse:
-                return x
-            name = storages.get(_ptr(x))
-            if name is None:
-                return x
-            t = self.cache.pop(name, None)
-            if t is None:
-                with _disable_current_modes():  # the read is plain tensor work, seen by no other mode
-                    t = ckpt.read(name)
-            self.cache[name] = t
-            while len(self.cache) > 2:
-                self.cache.pop(next(iter(self.cache)))
-            return t.as_strided(x.shape, x.stride(), x.storage_offset())
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -150,7 +167,7 @@ def reading_checkpoint(gm: nn.Module, source: nn.Module | None) -> Iterator[None
                             f"{func} would write into the hollow base weight {storages[_ptr(t)]} (never read from "
                             "the checkpoint); this adapter initialisation changes the base: apply it to a loaded "
                             "model, or to hollow_model(checkpoint) with quantize='nf4'")
-            return func(*tree_map(self._sub, args), **tree_map(self._sub, kwargs))
+            return func(*tree_map(reads.sub, args), **tree_map(reads.sub, kwargs))
 
     with ReadHollow():
         yield
@@ -195,7 +212,7 @@ def _loading_hollow() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return any(isinstance(m, FakeTensorMode) or getattr(m, "graphadapt_loads_hollow", False)
-               or type(m).__module__ == "graphadapt.outofcore" for m in _get_current_dispatch_mode_stack())
+               for m in _get_current_dispatch_mode_stack())
 
 
 def check_forward(model: nn.Module) -> None:
@@ -218,5 +235,5 @@ def refuse(model: nn.Module, what: str, source: nn.Module | None = None) -> None
             f"(e.g. {sorted(held)[0]}) were never read. Use {INSTEAD}")
 
 
-__all__ = ["HOLLOW_MARK", "hollow_storages", "held_hollow", "fill_hollow", "unshadowed", "check_forward", "refuse",
+__all__ = ["HOLLOW_MARK", "hollow_storages", "held_hollow", "read_hollow", "fill_hollow", "CheckpointReads", "unshadowed", "check_forward", "refuse",
            "placeholders_ok", "reading_checkpoint"]

@@ -450,37 +450,18 @@ class _LoadHollow:
     weight), the rest freed."""
 
     def __new__(cls, source: WeightSource):
-        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_map
+
+        from .hollow import CheckpointReads
+
+        reads = CheckpointReads(source.storages, source.checkpoint.read)
 
         class Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.cache: dict[str, torch.Tensor] = {}
-
-            def _sub(self, x):
-                if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.is_sparse:
-                    return x
-                try:
-                    name = source.storages.get(x.untyped_storage().data_ptr())
-                except (RuntimeError, NotImplementedError):
-                    return x
-                if name is None:
-                    return x
-                # the read and the view are ours, not the model's: modes beneath this one (e.g. the
-                # verifier's fp32 upcast) must not turn the checkpoint's bytes into another dtype
-                with _disable_current_modes():
-                    t = self.cache.pop(name, None)
-                    if t is None:
-                        t = source.checkpoint.read(name)
-                    self.cache[name] = t
-                    while len(self.cache) > 2:
-                        self.cache.pop(next(iter(self.cache)))
-                    return t.as_strided(x.shape, x.stride(), x.storage_offset())
+            graphadapt_loads_hollow = True  # an adapted hollow model's forward may run under it
 
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                from torch.utils._pytree import tree_map
-
-                return func(*tree_map(self._sub, args), **tree_map(self._sub, kwargs or {}))
+                return func(*tree_map(reads.sub, args), **tree_map(reads.sub, kwargs or {}))
 
         return Mode()
 

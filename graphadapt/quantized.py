@@ -468,7 +468,7 @@ def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None =
     one dense weight (and bitsandbytes' temporaries for it)."""
     from bitsandbytes.functional import quantize_4bit
 
-    from .hollow import hollow_storages
+    from .hollow import hollow_storages, read_hollow
 
     skip = set(config.skip) if config.skip is not None else _default_skip(gm, source)
     readers: dict[str, list] = {}
@@ -501,7 +501,7 @@ def quantize_linears(gm: nn.Module, config: Quantize, source: nn.Module | None =
         mod = gm.get_submodule(owner)
         weight = mod._parameters["weight"]
         name = hollow.get(weight.untyped_storage().data_ptr()) if hollow else None
-        dense = weight.detach() if name is None else _read_hollow(source, name, weight)
+        dense = weight.detach() if name is None else read_hollow(source, name)
         cd = config.compute_dtype or weight.dtype
         if config.quant_type == "int8":
             new = Packed8bitLinear(*_int8_rows(dense), cd, mod._parameters.get("bias"))
@@ -524,20 +524,6 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     cb, scb, _ = int8_vectorwise_quant(weight.detach().contiguous().to(torch.float16))
     return cb, scb
-
-
-def _read_hollow(source: nn.Module, name: str, like: torch.Tensor) -> torch.Tensor:
-    """The checkpoint's value of the hollow parameter ``name`` of ``source`` (shape and dtype of ``like``)."""
-    from .errors import CheckpointError
-
-    ckpt = source.graphadapt_checkpoint
-    entry = ckpt.entries.get(name)
-    if entry is None or tuple(entry.shape) != tuple(like.shape) or entry.dtype != like.dtype:
-        got = "absent" if entry is None else f"{tuple(entry.shape)} {entry.dtype}"
-        raise CheckpointError(f"quantize: {name} is {got} in the checkpoint, the hollow model's is "
-                              f"{tuple(like.shape)} {like.dtype}; build the model with hollow_model(checkpoint) "
-                              "from that checkpoint")
-    return ckpt.read(name)
 
 
 def base_bytes(gm: nn.Module, prefix: str | None = None) -> dict[str, float]:
