@@ -366,7 +366,8 @@ def test_other_calls_of_a_quantize_model_run_over_the_packed_base(base_dir, quan
     x["attention_mask"] = torch.ones_like(x["attention_mask"])
     with torch.no_grad():
         want = adapted(**x).logits
-        assert torch.equal(adapted(input_ids=x["input_ids"]).logits, want)
+        # no mask is another attention path than an all-ones mask (kernel choice may differ by CPU): fp32 parity
+        assert (adapted(input_ids=x["input_ids"]).logits - want).abs().max() < 1e-5
     out = adapted(**x, labels=x["input_ids"])
     assert torch.equal(out.logits.detach(), want)
     ce = F.cross_entropy(want[:, :-1].reshape(-1, want.shape[-1]), x["input_ids"][:, 1:].reshape(-1))
